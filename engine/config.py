@@ -1,0 +1,132 @@
+"""The engine's one frozen, composite configuration, built once at an entry point.
+
+Inner components receive plain values taken from it; nothing mutates it after construction. Build it with
+:func:`EngineConfig.create`, which resolves the model (bundled name, local directory or dummy preset) and fills the
+values that depend on it, such as ``max_model_len``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to run and how.
+
+    ``model`` is what the user typed (a bundled short name, a local Hugging Face directory, or a shape preset
+    with ``load_format="dummy"``); ``path`` is the resolved local directory (None for dummy weights).
+    """
+
+    model: str = DEFAULT_MODEL
+    load_format: str = "auto"  # "auto" (safetensors / bundled) | "dummy" (random weights, exact shapes)
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU; or "float32" | "bfloat16" | "float16"
+    max_model_len: int = 2048
+    seed: int = 0
+    served_model_name: str = DEFAULT_MODEL
+    path: str | None = None
+    tokenizer_path: str | None = None
+    # The Hugging Face config object (architecture, sizes). Not compared: it is derived from the fields above.
+    hf_config: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return self.hf_config.architectures[0] if self.hf_config is not None else "unknown"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # KV cache size. On CPU the pool is sized from ``cpu_kv_cache_bytes``; on GPU from free memory after a
+    # profiling run times ``gpu_memory_utilization``. ``num_blocks`` overrides both (tests use it).
+    num_blocks: int | None = None
+    cpu_kv_cache_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8_e4m3"
+    enable_prefix_caching: bool = True
+    hash_algo: str = DEFAULT_HASH_ALGO
+    hash_seed: int = DEFAULT_HASH_SEED
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # the per-step token budget
+    max_num_seqs: int = 128
+    # Long prompts are split into chunks that fit the budget; when False a prompt must fit in one step.
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
+    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    enforce_eager: bool = False  # no CUDA graphs
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """Prefill/decode disaggregation: which connector moves KV blocks, and this engine's role."""
+
+    role: str = "both"  # "both" | "prefill" | "decode"
+    connector: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+
+    @classmethod
+    def create(cls, model: str = DEFAULT_MODEL, **kwargs: Any) -> "EngineConfig":
+        """Build a config from flat keyword arguments (the names of the sub-configs' fields).
+
+        Resolves the model, so an unknown name or a missing directory fails here with a clear error.
+        """
+        from pdserve.engine.model_loader import resolve_model
+
+        groups: dict[type, dict[str, Any]] = {c: {} for c in (ModelConfig, CacheConfig, SchedulerConfig,
+                                                              ParallelConfig, DeviceConfig, KVTransferConfig)}
+        for key, value in kwargs.items():
+            if value is None:
+                continue
+            owner = next((c for c in groups if key in {f.name for f in dataclasses.fields(c)}), None)
+            if owner is None:
+                raise TypeError(f"unknown engine option {key!r}")
+            groups[owner][key] = value
+        model_kw = groups[ModelConfig]
+        load_format = model_kw.get("load_format", "auto")
+        resolved = resolve_model(model, load_format)
+        model_max = getattr(resolved.hf_config, "max_position_embeddings", 2048)
+        max_model_len = model_kw.pop("max_model_len", None) or model_max
+        if max_model_len > model_max:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {model_max}")
+        model_kw.setdefault("served_model_name", model)
+        model_cfg = ModelConfig(model=model, max_model_len=max_model_len, path=resolved.path,
+                                tokenizer_path=resolved.tokenizer_path, hf_config=resolved.hf_config, **model_kw)
+        sched_kw = groups[SchedulerConfig]
+        if not sched_kw.get("enable_chunked_prefill", True):
+            sched_kw.setdefault("max_num_batched_tokens", max(max_model_len, 2048))
+        return cls(model=model_cfg, cache=CacheConfig(**groups[CacheConfig]),
+                   scheduler=SchedulerConfig(**sched_kw), parallel=ParallelConfig(**groups[ParallelConfig]),
+                   device=DeviceConfig(**groups[DeviceConfig]), kv_transfer=KVTransferConfig(**groups[KVTransferConfig]))

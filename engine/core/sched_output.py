@@ -1,0 +1,64 @@
+"""What the scheduler hands to the model runner each step, and what comes back. Plain data, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One request's slice of a step.
+
+    ``token_ids`` are the tokens whose KV is computed this step, at positions ``start_pos ..
+    start_pos + len(token_ids) - 1``; ``block_ids`` is the request's whole block table (covering at least
+    ``start_pos + len(token_ids)`` slots). When ``sample`` is set the chunk reaches the end of the request's known
+    tokens and the runner returns a logits row for its last position.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens the attention of this chunk's last position sees (cached prefix + this chunk)."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """A step: decode chunks first, then prefill chunks, all in one flattened batch."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Requests that left the running set since the last step (finished, aborted or preempted): a runner that
+    # keeps per-request state drops it.
+    finished_request_ids: set[str] = field(default_factory=set)
+    preempted_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics and load reports."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use, in [0, 1]
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int  # of which found (cumulative)
+    num_preemptions: int  # cumulative

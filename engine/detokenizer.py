@@ -1,0 +1,81 @@
+"""Incremental detokenization and stop-string matching for one sequence.
+
+Decoding one token at a time is wrong for byte-level BPE (a character can span tokens) and for tokenizers that
+add a space before a word depending on the previous token, so the text of the new tokens is taken as the
+difference between decoding a short window with and without them. A replacement character at the end means the
+UTF-8 sequence is incomplete; the text then waits for the next token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# How many earlier tokens to decode alongside new ones so word boundaries come out right.
+_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text, and finds stop strings in it."""
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str] | None = None,
+                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop or [])
+        self.include_stop = include_stop_str_in_output
+        self.skip_special = skip_special_tokens
+        self.token_ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self.token_ids)
+        self.text = ""
+        self._emitted = 0  # characters of `text` already handed out as deltas
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
+    def append(self, new_token_ids: list[int]) -> str | None:
+        """Add tokens; returns the stop string if one now appears in the text (the text is cut there)."""
+        if self.tokenizer is None:
+            return None
+        for tok in new_token_ids:
+            self.token_ids.append(tok)
+            prefix = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
+            full = self._decode(self.token_ids[self._prefix_offset:])
+            if full.endswith("\ufffd") or len(full) <= len(prefix):
+                continue  # incomplete character (or nothing visible yet): wait for more tokens
+            self.text += full[len(prefix):]
+            self._prefix_offset = max(self._read_offset - 1, len(self.token_ids) - _CONTEXT_TOKENS)
+            self._read_offset = len(self.token_ids)
+            stop = self._find_stop(len(full) - len(prefix))
+            if stop is not None:
+                return stop
+        return None
+
+    def _find_stop(self, new_chars: int) -> str | None:
+        if not self.stop:
+            return None
+        # Only the tail can hold a new match: the new characters plus the longest stop string's length.
+        window_start = max(0, len(self.text) - new_chars - max(len(s) for s in self.stop) + 1)
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            idx = self.text.find(s, window_start)
+            if idx >= 0 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return None
+        idx, s = best
+        self.text = self.text[:idx + len(s)] if self.include_stop else self.text[:idx]
+        return s
+
+    def take_delta(self) -> str:
+        """Text produced since the last call. Holds back a tail that might be the start of a stop string."""
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        end = max(self._emitted, len(self.text) - hold)
+        delta = self.text[self._emitted:end]
+        self._emitted = end
+        return delta
+
+    def flush(self) -> str:
+        """All remaining text (call when the sequence is finished)."""
+        delta = self.text[self._emitted:]
+        self._emitted = len(self.text)
+        return delta

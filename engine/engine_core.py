@@ -1,0 +1,141 @@
+"""The engine core: scheduler + model runner + sampler, stepping in one loop.
+
+It works on token ids only; tokenization, detokenization and stop strings live in the front end
+(:mod:`pdserve.engine.output_processor`), so the core can run in its own process (the async engine) and CPU
+work on text never stalls the model step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.scheduler import Scheduler
+from pdserve.engine.core.sched_output import SchedulerStats
+from pdserve.engine.outputs import EngineCoreOutput
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreRequest:
+    """A request as the core receives it (already tokenized and validated by the front end)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
+    eos_token_id: int | None = None
+
+
+class EngineCore:
+    """Owns the scheduler, the model runner and the sampler; :meth:`step` runs one batch."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from pdserve.engine.sampler import Sampler
+        from pdserve.engine.worker.model_runner import ModelRunner
+
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.vocab_size = self.runner.vocab_size
+        self.max_model_len = config.model.max_model_len
+        cache, sched = config.cache, config.scheduler
+        self.scheduler = Scheduler(
+            block_size=cache.block_size,
+            num_blocks=self.runner.num_blocks,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_num_seqs=sched.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=cache.enable_prefix_caching,
+            enable_chunked_prefill=sched.enable_chunked_prefill,
+            hash_seed=cache.hash_seed,
+            hash_algo=cache.hash_algo,
+        )
+        self.sampler = Sampler(self.runner.device)
+        self.num_steps = 0
+        self.num_computed_tokens_total = 0  # tokens the model actually ran (prefix hits excluded)
+        logger.info("engine core ready: model=%s blocks=%d x %d tokens, device=%s", config.model.model,
+                    self.runner.num_blocks, cache.block_size, self.runner.device)
+
+    # ------------------------------------------------------------------ requests
+    def validate(self, req: EngineCoreRequest) -> None:
+        """Raise ``ValueError`` with a clear message if the request can never be served."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens but the model's context is {self.max_model_len} tokens "
+                             f"(at least one token must be left to generate)")
+        bad = next((t for t in req.prompt_token_ids if not (0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        params = req.sampling_params
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {self.max_model_len} tokens")
+        if self.scheduler.get_request(req.request_id) is not None:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self.validate(req)
+        request = Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
+                          sampling_params=req.sampling_params, eos_token_id=req.eos_token_id,
+                          arrival_time=req.arrival_time or time.time())
+        self.sampler.add_request(request)
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Finish requests from outside the step (aborts, stop strings found by the front end)."""
+        self.scheduler.finish_requests(list(request_ids), status)
+        for rid in request_ids:
+            self.sampler.remove_request(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.get_stats()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule one batch, run the model, sample, and report what each request got."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return self._drain_finished_without_step()
+        logits = self.runner.execute_model(sched_out)
+        sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
+        requests = [self.scheduler.get_request(rid) for rid in sample_ids]
+        result = self.sampler.sample(logits, requests)
+        sampled = dict(zip(sample_ids, result.token_ids))
+        updated = self.scheduler.update_from_output(sched_out, sampled)
+        self.num_steps += 1
+        self.num_computed_tokens_total += sched_out.total_num_tokens
+        row_of = {rid: i for i, rid in enumerate(sample_ids)}
+        outputs = []
+        for req in updated:
+            row_lp = result.logprobs[row_of[req.request_id]] if result.logprobs is not None else None
+            lp = [row_lp] if row_lp is not None else None
+            outputs.append(EngineCoreOutput(
+                request_id=req.request_id, new_token_ids=[req.output_token_ids[-1]], new_logprobs=lp,
+                finish_reason=req.status.finish_reason, stop_reason=getattr(req, "stop_reason", None),
+                num_cached_tokens=req.num_cached_tokens))
+            if req.is_finished:
+                self.sampler.remove_request(req.request_id)
+        return outputs + self._drain_finished_without_step()
+
+    def _drain_finished_without_step(self) -> list[EngineCoreOutput]:
+        """Requests the scheduler finished on its own (e.g. one that can never fit the KV pool)."""
+        outs = []
+        for req in self.scheduler.take_finished_without_output():
+            self.sampler.remove_request(req.request_id)
+            outs.append(EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
+                                         finish_reason=req.status.finish_reason,
+                                         stop_reason=getattr(req, "stop_reason", None)))
+        return outs

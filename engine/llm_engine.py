@@ -1,0 +1,108 @@
+"""An in-process engine: tokenizer + output processor in front of an :class:`EngineCore`.
+
+This is what the offline :class:`~pdserve.engine.llm.LLM` drives. The async engine of the servers splits the same
+two halves across processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine_core import EngineCore, EngineCoreRequest
+from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.request import RequestStatus
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import load_tokenizer
+
+PromptType = str | list[int]
+
+
+def eos_token_id_of(tokenizer: Any, hf_config: Any) -> int | None:
+    """The id that ends generation: the tokenizer's EOS, else the model config's."""
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    eos = getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos
+
+
+def child_ids(request_id: str, n: int) -> list[str]:
+    """Core-side ids of the ``n`` sequences of one request."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Each of ``n`` sequences gets its own seed (seed + index) so seeded ``n > 1`` differs yet repeats."""
+    import dataclasses
+
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+class LLMEngine:
+    """Adds requests, steps the core, and returns per-sequence :class:`RequestOutput` updates."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model.tokenizer_path)
+        self.core = EngineCore(config)
+        self.processor = OutputProcessor(self.tokenizer)
+        self.eos_token_id = eos_token_id_of(self.tokenizer, config.model.hf_config)
+        self._counter = itertools.count()
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "LLMEngine":
+        return cls(EngineConfig.create(model, **kwargs))
+
+    def tokenize(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of text")
+            return list(self.tokenizer(prompt).input_ids)
+        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
+                    stream: bool = False) -> str:
+        """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input (nothing queued)."""
+        request_id = request_id if request_id is not None else str(next(self._counter))
+        token_ids = self.tokenize(prompt)
+        text = prompt if isinstance(prompt, str) else None
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            import dataclasses
+
+            params = dataclasses.replace(params, max_tokens=max(1, self.config.model.max_model_len - len(token_ids)))
+        added: list[str] = []
+        try:
+            for index, seq_id in enumerate(child_ids(request_id, params.n)):
+                p = child_params(params, index)
+                self.core.add_request(EngineCoreRequest(seq_id, token_ids, p, eos_token_id=self.eos_token_id))
+                added.append(seq_id)
+                self.processor.add_sequence(seq_id, request_id, index, text, token_ids, p, stream=stream)
+        except Exception:
+            self.abort_request_ids(added)
+            raise
+        return request_id
+
+    def abort_request_ids(self, seq_ids: list[str]) -> None:
+        self.core.abort_requests(seq_ids)
+        for sid in seq_ids:
+            self.processor.remove(sid)
+
+    def abort_request(self, request_id: str, n: int = 1) -> None:
+        self.abort_request_ids(child_ids(request_id, n))
+
+    def step(self) -> list[RequestOutput]:
+        processed = self.processor.process(self.core.step())
+        if processed.stop_string_finished:
+            self.core.finish_requests(processed.stop_string_finished, RequestStatus.FINISHED_STOPPED)
+        return processed.request_outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()

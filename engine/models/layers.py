@@ -1,0 +1,157 @@
+"""Building blocks shared by the decoder models: norms, rotary embedding, fused linears, attention.
+
+Tensors are flattened over the tokens of a step (no batch dimension): ``T`` tokens, ``D`` hidden size.
+Parameters are created with ``torch.empty`` under the caller's device and default-dtype context (see
+:func:`pdserve.engine.model_loader.load_model`), so building an 8B model never spends time on a throwaway init.
+
+Fused projections (``qkv_proj``, ``gate_up_proj``) give their parameters a ``weight_loader(param, tensor,
+shard_id)`` that copies a checkpoint's separate ``q_proj`` / ``k_proj`` / ... tensor into its rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    """Copy a whole checkpoint tensor into ``param`` (shapes must match exactly)."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter of shape "
+                         f"{tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, then scaled in the input dtype (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``x: [..., D]``. With ``residual``: adds it first and returns ``(normed, new_residual)``."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(dtype)
+        return out if residual is None else (out, residual)
+
+
+def rope_parameters(config) -> tuple[float, dict[str, Any]]:
+    """``(theta, scaling)`` from a HF config; transformers 5 moved both into ``config.rope_parameters``."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"]), dict(params)
+    theta = float(getattr(config, "rope_theta", 10000.0))
+    return theta, dict(getattr(config, "rope_scaling", None) or {})
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent scaling: long wavelengths divided by ``factor``, short ones kept,
+    a smooth blend in between."""
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (rotate halves), as Hugging Face Llama/Qwen apply it.
+
+    cos/sin are computed per step from the positions in float32 (cheap: ``[T, head_dim / 2]``) rather than
+    cached for the whole context, which for 128k-context models would be a large buffer.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any]) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif rope_type == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif rope_type not in ("default", None):
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, linear, llama3)")
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """``positions: [T]``, ``q: [T, Hq, Dh]``, ``k: [T, Hkv, Dh]`` -> rotated ``(q, k)``."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, Dh]
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)`` with uninitialised parameters (the loader fills them)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
+    """Several projections of the same input stacked along the output dim (``qkv_proj``, ``gate_up_proj``).
+
+    ``shards`` maps a shard id (``"q"``, ``0``, ...) to its output width; one matmul replaces several and the
+    loader writes each checkpoint tensor into its rows.
+    """
+
+    def __init__(self, in_features: int, shards: dict[Any, int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(shards.values()), bias)
+        self.offsets: dict[Any, tuple[int, int]] = {}
+        start = 0
+        for shard_id, width in shards.items():
+            self.offsets[shard_id] = (start, width)
+            start += width
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any) -> None:
+        start, width = self.offsets[shard_id]
+        dest = param.data.narrow(0, start, width)
+        if dest.shape != loaded.shape:
+            raise ValueError(f"shard {shard_id!r}: checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
+        dest.copy_(loaded)
+
+
+class Embedding(nn.Module):
+    """Token embedding table ``[V, D]``; also serves as the output head when embeddings are tied."""
+
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)  # [T] -> [T, D]
+
+
+class SiluAndMul(nn.Module):
+    """``silu(gate) * up`` over a fused ``[T, 2I]`` input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up

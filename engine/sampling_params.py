@@ -1,0 +1,95 @@
+"""Per-request sampling parameters, validated at construction so bad input fails before it reaches the engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Bounds that keep a single request from asking for unbounded work.
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request (the vLLM/OpenAI parameter set).
+
+    ``temperature == 0`` means greedy. ``max_tokens=None`` means "until the context is full". Stop strings are
+    matched on the detokenized text and are not included in the output unless ``include_stop_str_in_output``.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per generated token (0: only the sampled token's)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        def check(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
+
+        check(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N, "n",
+              f"must be an integer in [1, {MAX_N}]")
+        check(_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+              "temperature", "must be a finite number >= 0")
+        check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0, "top_k",
+              "must be an integer >= 0 (or -1 to disable)")
+        check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
+              "must be an integer or None")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "must be in [-2, 2]")
+        check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2, "repetition_penalty",
+              "must be in (0, 2]")
+        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+                                          and self.max_tokens >= 1), "max_tokens", "must be an integer >= 1")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+                raise ValueError(f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} "
+                                 f"characters, got {s!r}")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -1,0 +1,315 @@
+"""Paged attention: one Triton kernel for prefill, chunked prefill and decode.
+
+Layout of the work (why it is shaped this way):
+
+* **GQA packing.** A program owns one KV head and a tile of ``BLOCK_M`` rows, where row ``r`` is query token
+  ``r // G`` of the tile and query head ``r % G`` of that KV head's group (``G = Hq // Hkv``). Every K/V tile it
+  loads therefore serves all ``G`` query heads at once: decode reads each KV byte once, not ``G`` times, and
+  a decode step (one token, ``G`` heads) still fills the ``M >= 16`` rows a tensor-core dot needs.
+* **Static grid.** The grid is ``(T // BLOCK_Q + B, Hkv, num_splits)``, fixed by tensor shapes alone, so the
+  launch can be captured in a CUDA graph and replayed with new metadata. Sequence ``b`` owns the programs
+  ``[qsl[b] // BLOCK_Q + b, qsl[b+1] // BLOCK_Q + b + 1)`` -- a range at least as long as its number of
+  query tiles -- and each program finds its sequence by a binary search over ``query_start_loc``.
+  Programs with nothing to do return at once.
+* **Causal varlen over a cached prefix.** Queries of sequence ``b`` sit at positions ``seq_len - q_len ..
+  seq_len - 1``; a row attends to keys ``<= its position``. KV tiles wholly below the tile's first query
+  position run without masks; only the diagonal tiles pay for them.
+* **Split-KV (flash-decoding).** With few (sequence, KV head) pairs the GPU would idle, so the KV range is
+  cut into ``num_splits`` pieces, each program writes a normalised partial output and its log-sum-exp,
+  and a second kernel combines them.
+* **FP8 cache.** K/V stored as ``float8_e4m3fn`` are widened in registers; the K scale folds into the
+  softmax scale and the V scale into the final output, so dequantisation costs two multiplies per row.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 32
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile shape and launch parameters of one paged-attention launch."""
+
+    block_m: int  # rows of the query tile: query tokens x heads of one KV group
+    block_n: int  # keys per inner-loop tile (any power of two; it may span several cache blocks)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, q_pos, kv_end,
+                  stride_cb, stride_cs, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over KV tiles [tile_lo, tile_hi); scores in log2 units."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_ctx = offs_n < kv_end
+            blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=in_ctx, other=0)
+        else:
+            blk = tl.load(bt_row + offs_n // BLOCK_SIZE)
+        # int64: block * stride overflows int32 on caches of more than 2**31 elements.
+        kv_off = blk.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs
+        kv_ptrs = kv_off[:, None] + offs_d[None, :]
+        if MASKED:
+            # Masked so that never-written cache slots (NaN bit patterns, fp8 0x7f) cannot reach 0 * NaN.
+            k = tl.load(k_base + kv_ptrs, mask=in_ctx[:, None], other=0.0)
+            v = tl.load(v_base + kv_ptrs, mask=in_ctx[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + kv_ptrs)
+            v = tl.load(v_base + kv_ptrs)
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        if MASKED:
+            visible = (offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, ws_out_ptr, ws_lse_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    num_seqs, qk_scale, v_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Find the sequence whose program range holds pid: the last b with qsl[b] // BLOCK_Q + b <= pid.
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= pid, mid, lo)
+        hi = tl.where(first <= pid, hi, mid - 1)
+    seq = lo
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = pid - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + (q_start + q_idx)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = prefix + q_idx
+
+    # This tile's keys: [0, kv_end); those below its first query position need no causal mask.
+    kv_end = prefix + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
+    n_tiles = tl.cdiv(kv_end, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    tile_lo = tl.minimum(split * per_split, n_tiles)
+    tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
+    n_full = tl.minimum(kv_end, prefix + q_tile * BLOCK_Q + 1) // BLOCK_N
+    tile_mid = tl.maximum(tile_lo, tl.minimum(tile_hi, n_full))
+
+    k_base = k_ptr + kv_head * stride_ch
+    v_base = v_ptr + kv_head * stride_ch
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) NaN-free for rows that see no key in a split.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_lo, tile_mid, q_pos, kv_end,
+                                  stride_cb, stride_cs, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, False)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_mid, tile_hi, q_pos, kv_end,
+                                  stride_cb, stride_cs, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, True)
+
+    has_keys = l_i > 0.0
+    out = acc * (v_scale / tl.where(has_keys, l_i, 1.0))[:, None]
+    token = (q_start + q_idx).to(tl.int64)
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # Workspace [T, Hq, NUM_SPLITS, (D)], float32; an empty split records lse = -inf and weighs nothing.
+        row = (token * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split
+        tl.store(ws_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(ws_lse_ptr + row, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(ws_out_ptr, ws_lse_ptr, out_ptr, num_heads, stride_ot, stride_oh,
+                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row0 = (token.to(tl.int64) * num_heads + head) * NUM_SPLITS
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(ws_lse_ptr + row0 + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    parts = tl.load(ws_out_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=(w > 0.0)[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(group: int, head_dim: int, max_query_len: int, device: torch.device) -> AttentionConfig:
+    """Tile shape for a launch: small query tiles for decode-like batches, large ones for prefill."""
+    if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
+        return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16)
+    rows = group * max_query_len
+    if rows <= 64:  # decode and short speculative chunks: memory-bound, keep M small
+        return AttentionConfig(block_m=max(16, triton.next_power_of_2(rows)), block_n=64, num_warps=4, num_stages=3)
+    if head_dim <= 64:
+        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
+                       block_n: int, device: torch.device) -> int:
+    """KV splits so that decode-like launches put about two programs on every multiprocessor."""
+    if device.type != "cuda" or max_query_len > 16:
+        return 1
+    busy = num_seqs * num_kv_heads
+    splits = min(_MAX_SPLITS, triton.cdiv(2 * _num_sms(device.index or 0), busy))
+    # A split shorter than a few tiles costs more in the combine step than it gains.
+    splits = min(splits, max(1, max_seq_len // (4 * block_n)))
+    return max(1, triton.next_power_of_2(splits) if splits > 1 else 1)
+
+
+def _check(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be one of {dtypes}, got {t.dtype}")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    sm_scale: float | None = None,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_kv_splits: int | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of varlen queries over a paged KV cache; the contract of ``paged_attention_ref``.
+
+    Args:
+        q: ``[T, Hq, D]`` queries of all sequences, flattened (rows past ``query_start_loc[-1]`` are padding
+            and their outputs are left unwritten).
+        kv_cache: ``[2, num_blocks, block_size, Hkv, D]``; float16/bfloat16/float32, or float8_e4m3fn with
+            ``k_scale``/``v_scale`` (the real value is ``stored * scale``).
+        query_start_loc: ``[B + 1]`` int32 cumulative query lengths.
+        seq_lens: ``[B]`` int32 context lengths including this step's queries.
+        block_tables: ``[B, max_blocks]`` int32 physical block ids.
+        sm_scale: softmax scale, ``1 / sqrt(D)`` by default.
+        out: optional ``[T, Hq, D]`` output (may be a strided view).
+        max_query_len: host-side bound on any sequence's query length; picks the tile shape. Defaults to the
+            static bound ``T - B + 1``, which is 1 for a pure decode batch. Never read from the device.
+        max_seq_len: host-side bound on ``seq_lens``, only used to cap the number of KV splits.
+        num_kv_splits: force the split-KV factor (1 disables the second kernel); chosen from shapes if None.
+        config: force a tile shape (tuning and tests).
+    """
+    _check("q", q, 3, (torch.float16, torch.bfloat16, torch.float32))
+    _check("kv_cache", kv_cache, 5, (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn))
+    _check("query_start_loc", query_start_loc, 1, (torch.int32,))
+    _check("seq_lens", seq_lens, 1, (torch.int32,))
+    _check("block_tables", block_tables, 2, (torch.int32,))
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if kv_cache.shape[0] != 2 or cache_dim != head_dim:
+        raise ValueError(f"kv_cache {tuple(kv_cache.shape)} does not match q {tuple(q.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
+        raise ValueError("query_start_loc must be [B + 1] and block_tables [B, max_blocks] for seq_lens [B]")
+    if q.stride(2) != 1 or kv_cache.stride(4) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("q, kv_cache and block_tables need a contiguous last dimension")
+    if kv_cache.dtype != torch.float8_e4m3fn and (k_scale != 1.0 or v_scale != 1.0):
+        raise ValueError("k_scale/v_scale apply to an fp8 cache only")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if max_query_len is None:
+        max_query_len = num_tokens - num_seqs + 1
+    cfg = config or default_config(group, head_dim, max_query_len, q.device)
+    if cfg.block_m < group:
+        raise ValueError(f"block_m {cfg.block_m} is smaller than the GQA group {group}")
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * block_size
+    splits = num_kv_splits or default_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len,
+                                                 cfg.block_n, q.device)
+    block_q = cfg.block_m // group
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    if splits > 1:
+        ws_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
+    else:
+        ws_out = ws_lse = out  # unused by the kernel
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, ws_out, ws_lse,
+        query_start_loc, seq_lens, block_tables,
+        num_seqs, sm_scale * k_scale * _LOG2E, v_scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            ws_out, ws_lse, out, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,50 @@
+"""Engine flags shared by every command that runs an engine (generate, serve, prefill, decode, bench)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pdserve.engine.config import DEFAULT_MODEL
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="bundled short name, local Hugging Face directory, or shape preset with --load-format dummy")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="'dummy': random weights in the model's exact shapes")
+    g.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU")
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step token budget")
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", type=int, default=1)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Flat keyword arguments for :meth:`EngineConfig.create` (plus ``model``)."""
+    kw: dict[str, Any] = dict(
+        model=args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+        seed=args.seed, device=args.device, attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager, block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_cache_dtype=args.kv_cache_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+        cpu_kv_cache_bytes=int(args.cpu_kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size)
+    if args.served_model_name:
+        kw["served_model_name"] = args.served_model_name
+    return kw

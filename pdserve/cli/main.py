@@ -1,0 +1,51 @@
+"""The ``pdserve`` command: one entry point, one subcommand per role.
+
+Each subcommand lives in its own module, imported only when used (the operator must not import torch, the
+engine must not import kopf). A module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("pdserve.cli.generate", "generate text offline with a model"),
+    "bench": ("pdserve.cli.bench", "benchmarks: throughput, latency, serve, kv-transfer, kernels"),
+    "serve": ("pdserve.services.api.cli", "run a monolithic OpenAI-compatible HTTP + gRPC server"),
+    "prefill": ("pdserve.services.prefill.cli", "run a prefill server (disaggregated serving)"),
+    "decode": ("pdserve.services.decode.cli", "run a decode server (disaggregated serving)"),
+    "router": ("pdserve.services.router.cli", "run the router in front of prefill and decode servers"),
+    "up": ("pdserve.cli.up", "start the whole stack (router, prefill, decode) on this machine"),
+    "operator": ("pdserve.operator.cli", "the Kubernetes operator: run it, or render what it would create"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # subcommand not built into this installation
+            raise
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        sub.choices[name].set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
