@@ -56,6 +56,10 @@ class Request:
     num_preemptions: int = 0
     # Chained hashes of this request's full blocks, extended as tokens are appended.
     block_hashes: list[int] = field(default_factory=list)
+    # The stop token id (or stop string) that finished the request; None for EOS, length and aborts.
+    stop_reason: int | str | None = None
+    # Why the engine itself aborted the request (e.g. it can never fit the KV cache), for logs and errors.
+    abort_reason: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -120,9 +120,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rmsnorm(x + residual) * weight, x + residual)``; without ``residual``: ``(rmsnorm(x) * weight, None)``.
 
-    The sum is rounded to ``x``'s dtype before normalising, as the fused kernel stores it.
+    Rounding follows transformers: the sum is rounded to ``x``'s dtype, normalised in float32, rounded again,
+    then multiplied by the weight.
     """
     h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
     hf = h.float()
-    normed = hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
-    return normed.to(x.dtype), (None if residual is None else h)
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return (normed.float() * weight.float()).to(x.dtype), (None if residual is None else h)

@@ -135,14 +135,16 @@ class BlockPool:
         events, self._events = self._events, []
         return events
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ inspection (tests, debugging)
     def free_block_ids(self) -> list[int]:
-        """Free block ids in eviction order (head first). O(n): for tests and debugging."""
+        """Free block ids in eviction order (head first). O(n)."""
         return [b.block_id for b in self._free]
 
     def is_free(self, block: KVCacheBlock) -> bool:
+        """Whether the block sits in the free queue (O(1))."""
         return block in self._free
 
+    # ------------------------------------------------------------------ internals
     def _evict(self, block: KVCacheBlock) -> int:
         block_hash = block.block_hash
         assert block_hash is not None and self._cached.get(block_hash) is block

@@ -47,11 +47,9 @@ def make_hf_config(architecture: str, **fields: Any):
 
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                   "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[architecture]
-    fields = dict(fields)
-    rope_scaling = fields.pop("rope_scaling", None)
-    cfg = transformers.AutoConfig.for_model(model_type, architectures=[architecture], torch_dtype="bfloat16",
-                                            rope_scaling=rope_scaling, **fields)
-    return cfg
+    # rope_theta / rope_scaling are the 4.x names; 5.x folds them into rope_parameters and still accepts them.
+    fields = {"torch_dtype": "bfloat16", **fields}
+    return transformers.AutoConfig.for_model(model_type, architectures=[architecture], **fields)
 
 
 def preset_config(name: str):

@@ -10,6 +10,7 @@ shard_id)`` that copies a checkpoint's separate ``q_proj`` / ``k_proj`` / ... te
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -78,7 +79,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any]) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # Computed on the CPU, as transformers does, so every device gets bit-identical frequencies.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        inv_freq = 1.0 / (theta ** exponents)
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
@@ -86,7 +89,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / scaling["factor"]
         elif rope_type not in ("default", None):
             raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, linear, llama3)")
-        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device(), torch.float32), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """``positions: [T]``, ``q: [T, Hq, Dh]``, ``k: [T, Hkv, Dh]`` -> rotated ``(q, k)``."""
@@ -128,14 +131,18 @@ class FusedLinear(Linear):
             self.offsets[shard_id] = (start, width)
             start += width
         for p in self.parameters():
-            p.weight_loader = self.weight_loader
+            # A partial over the offsets, not a bound method: a parameter pointing back at its module would make
+            # a reference cycle that keeps a freed model's GPU memory alive until the garbage collector runs.
+            p.weight_loader = functools.partial(_load_shard, dict(self.offsets))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any) -> None:
-        start, width = self.offsets[shard_id]
-        dest = param.data.narrow(0, start, width)
-        if dest.shape != loaded.shape:
-            raise ValueError(f"shard {shard_id!r}: checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
-        dest.copy_(loaded)
+
+def _load_shard(offsets: dict[Any, tuple[int, int]], param: nn.Parameter, loaded: torch.Tensor,
+                shard_id: Any) -> None:
+    start, width = offsets[shard_id]
+    dest = param.data.narrow(0, start, width)
+    if dest.shape != loaded.shape:
+        raise ValueError(f"shard {shard_id!r}: checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
+    dest.copy_(loaded)
 
 
 class Embedding(nn.Module):

@@ -79,20 +79,24 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         flat.index_copy_(0, slot_mapping, x)
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick a backend: ``"torch"``, ``"triton"``, or ``"auto"`` (Triton on CUDA when it imports, else torch)."""
+def get_attention_backend(name: str, device: torch.device, head_dim: int | None = None,
+                          block_size: int | None = None) -> AttentionBackend:
+    """Pick a backend: ``"torch"``, ``"triton"``, or ``"auto"``: Triton on CUDA when it imports and supports the
+    shapes (power-of-two ``head_dim >= 16`` and ``block_size``), else torch."""
     from pdserve.engine.worker.torch_attention import TorchAttentionBackend
 
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown attention backend {name!r} (choose auto, torch or triton)")
     if name == "torch":
         return TorchAttentionBackend()
-    if name in ("triton", "auto"):
-        try:
-            from pdserve.kernels.attention_backend import TritonAttentionBackend  # type: ignore[import-not-found]
-        except ImportError as e:
-            if name == "triton":
-                raise ValueError(f"the triton attention backend is not available: {e}") from e
+    if name == "auto":
+        pow2 = all(x is None or (x & (x - 1) == 0) for x in (head_dim, block_size))
+        if device.type != "cuda" or not pow2 or (head_dim is not None and head_dim < 16):
             return TorchAttentionBackend()
-        if device.type != "cuda" and name == "auto":
-            return TorchAttentionBackend()
-        return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch or triton)")
+    try:
+        from pdserve.engine.worker.triton_attention import TritonAttentionBackend
+    except ImportError as e:
+        if name == "triton":
+            raise ValueError(f"the triton attention backend is not available: {e}") from e
+        return TorchAttentionBackend()
+    return TritonAttentionBackend()

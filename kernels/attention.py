@@ -49,8 +49,11 @@ class AttentionConfig:
 def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, q_pos, kv_end,
                   stride_cb, stride_cs, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) over KV tiles [tile_lo, tile_hi); scores in log2 units."""
+                  MASKED: tl.constexpr, KV_FP8: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over KV tiles [tile_lo, tile_hi); scores in log2 units.
+
+    With an FP8 cache ``q`` arrives pre-scaled and in float16, the type e4m3 widens to in one instruction.
+    """
     offs_d = tl.arange(0, HEAD_DIM)
     for tile in range(tile_lo, tile_hi):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,7 +72,10 @@ def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, q_
         else:
             k = tl.load(k_base + kv_ptrs)
             v = tl.load(v_base + kv_ptrs)
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        if KV_FP8:
+            s = tl.dot(q, tl.trans(k.to(tl.float16)))
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :]
             s = tl.where(visible, s, float("-inf"))
@@ -82,17 +88,20 @@ def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, q_
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, ws_out_ptr, ws_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    num_seqs, qk_scale, v_scale,
+    num_seqs, num_splits, qk_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # Highest query tiles first: under a causal mask they have the most keys, and starting the longest work
+    # first shortens the tail of the launch.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -120,12 +129,15 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_ptr + (q_start + q_idx)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if KV_FP8:
+        # Scaling first keeps float16 clear of overflow (|q| would need to exceed ~1e5 x the scale).
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
     q_pos = prefix + q_idx
 
     # This tile's keys: [0, kv_end); those below its first query position need no causal mask.
     kv_end = prefix + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
     n_tiles = tl.cdiv(kv_end, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    per_split = tl.cdiv(n_tiles, num_splits)
     tile_lo = tl.minimum(split * per_split, n_tiles)
     tile_hi = tl.minimum(tile_lo + per_split, n_tiles)
     n_full = tl.minimum(kv_end, prefix + q_tile * BLOCK_Q + 1) // BLOCK_N
@@ -139,33 +151,33 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_lo, tile_mid, q_pos, kv_end,
-                                  stride_cb, stride_cs, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, False)
+                                  stride_cb, stride_cs, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, False, KV_FP8)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, tile_mid, tile_hi, q_pos, kv_end,
-                                  stride_cb, stride_cs, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, True)
+                                  stride_cb, stride_cs, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_SIZE, True, KV_FP8)
 
     has_keys = l_i > 0.0
     out = acc * (v_scale / tl.where(has_keys, l_i, 1.0))[:, None]
     token = (q_start + q_idx).to(tl.int64)
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        # Workspace [T, Hq, NUM_SPLITS, (D)], float32; an empty split records lse = -inf and weighs nothing.
-        row = (token * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split
+        # Workspace [T, Hq, num_splits, (D)], float32; an empty split records lse = -inf and weighs nothing.
+        row = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split
         tl.store(ws_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(ws_lse_ptr + row, lse, mask=row_ok)
 
 
-@triton.jit
-def _combine_splits_kernel(ws_out_ptr, ws_lse_ptr, out_ptr, num_heads, stride_ot, stride_oh,
-                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _combine_splits_kernel(ws_out_ptr, ws_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
+                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     token = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    row0 = (token.to(tl.int64) * num_heads + head) * NUM_SPLITS
-    s_ok = offs_s < NUM_SPLITS
+    row0 = (token.to(tl.int64) * num_heads + head) * num_splits
+    s_ok = offs_s < num_splits
     lse = tl.load(ws_lse_ptr + row0 + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -183,28 +195,38 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_config(group: int, head_dim: int, max_query_len: int, device: torch.device) -> AttentionConfig:
-    """Tile shape for a launch: small query tiles for decode-like batches, large ones for prefill."""
+def default_config(group: int, head_dim: int, max_query_len: int, device: torch.device,
+                   kv_fp8: bool = False) -> AttentionConfig:
+    """Tile shape for a launch: small query tiles for decode-like batches, large ones for prefill.
+
+    Picked from a sweep on an H200 (``python -m pdserve.kernels.bench --sweep``).
+    """
     if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16)
     rows = group * max_query_len
     if rows <= 64:  # decode and short speculative chunks: memory-bound, keep M small
-        return AttentionConfig(block_m=max(16, triton.next_power_of_2(rows)), block_n=64, num_warps=4, num_stages=3)
+        # One-byte elements: twice the keys per tile keeps as many bytes in flight as a 16-bit cache.
+        block_n = 128 if kv_fp8 else 64
+        return AttentionConfig(block_m=max(16, triton.next_power_of_2(rows)), block_n=block_n, num_warps=4,
+                               num_stages=3)
     if head_dim <= 64:
         return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
                        block_n: int, device: torch.device) -> int:
-    """KV splits so that decode-like launches put about two programs on every multiprocessor."""
+    """KV splits so that a decode-like launch has about one program per multiprocessor.
+
+    Only shapes and host-side bounds enter, so a CUDA graph captured for a batch size keeps its grid.
+    """
     if device.type != "cuda" or max_query_len > 16:
         return 1
     busy = num_seqs * num_kv_heads
-    splits = min(_MAX_SPLITS, triton.cdiv(2 * _num_sms(device.index or 0), busy))
-    # A split shorter than a few tiles costs more in the combine step than it gains.
-    splits = min(splits, max(1, max_seq_len // (4 * block_n)))
-    return max(1, triton.next_power_of_2(splits) if splits > 1 else 1)
+    splits = min(_MAX_SPLITS, triton.cdiv(_num_sms(device.index or 0), busy))
+    # Each split should loop over several tiles, or the software pipeline never fills and the combine step
+    # costs more than the split gains.
+    return max(1, min(splits, max_seq_len // (8 * block_n)))
 
 
 def _check(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -279,13 +301,15 @@ def paged_attention(
     group = num_heads // num_kv_heads
     if max_query_len is None:
         max_query_len = num_tokens - num_seqs + 1
-    cfg = config or default_config(group, head_dim, max_query_len, q.device)
+    cfg = config or default_config(group, head_dim, max_query_len, q.device, kv_cache.dtype == torch.float8_e4m3fn)
     if cfg.block_m < group:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the GQA group {group}")
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
     splits = num_kv_splits or default_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len,
                                                  cfg.block_n, q.device)
+    if not 1 <= splits <= _MAX_SPLITS:
+        raise ValueError(f"num_kv_splits must be in [1, {_MAX_SPLITS}], got {splits}")
     block_q = cfg.block_m // group
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
@@ -299,17 +323,18 @@ def paged_attention(
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, ws_out, ws_lse,
         query_start_loc, seq_lens, block_tables,
-        num_seqs, sm_scale * k_scale * _LOG2E, v_scale,
+        num_seqs, splits, sm_scale * k_scale * _LOG2E, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, SPLIT_KV=splits > 1,
+        KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
-            ws_out, ws_lse, out, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            ws_out, ws_lse, out, num_heads, splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=_MAX_SPLITS,
             num_warps=4,
         )
     return out

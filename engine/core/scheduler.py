@@ -1,0 +1,288 @@
+"""The scheduler: one loop in which every request's computed tokens chase its known tokens.
+
+There is no prefill or decode mode. Each step has a token budget (``max_num_batched_tokens``) and a sequence
+limit (``max_num_seqs``). Running requests go first, in admission order: a decode needs one token, a prompt
+being prefilled in chunks needs the rest of its prompt (cut to the budget). Waiting requests are then admitted
+first come, first served while budget, sequence slots and blocks last; a prefix-cache hit simply starts them
+with some tokens already computed. A chunk that reaches the end of its request's known tokens samples one.
+In the output, one-token chunks (decodes) come first, then the others, each group in scheduling order.
+
+When a running request needs a block and none is free, the most recently admitted running request is preempted
+(its blocks are freed and it later recomputes everything, helped by the prefix cache) until one is.
+
+Usage per step (synchronous: call ``update_from_output`` before the next ``schedule``)::
+
+    out = scheduler.schedule()
+    sampled = run_model_and_sample(out)          # {request_id: token} for chunks with sample=True
+    updated = scheduler.update_from_output(out, sampled)
+    aborted = scheduler.take_finished_without_output()
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections import deque
+from collections.abc import Iterable
+
+from pdserve.engine.core.kv_cache_manager import KVCacheManager
+from pdserve.engine.core.kv_events import KVCacheEvent
+from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput, SchedulerStats
+from pdserve.engine.core.stop import check_stop
+from pdserve.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Decides, step by step, which tokens of which requests the model computes."""
+
+    def __init__(self, *, block_size: int, num_blocks: int, max_num_batched_tokens: int, max_num_seqs: int,
+                 max_model_len: int, enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 hash_seed: int = 0, hash_algo: str = "sha256", enable_kv_events: bool = False) -> None:
+        for name, value in (("block_size", block_size), ("num_blocks", num_blocks), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", max_model_len)):
+            # numbers.Integral also admits numpy integers, which a runner may compute num_blocks as.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.block_size = int(block_size)
+        self.num_blocks = int(num_blocks)
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
+        self.max_num_seqs = int(max_num_seqs)
+        self.max_model_len = int(max_model_len)
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.kv_cache_manager = KVCacheManager(self.block_size, self.num_blocks, enable_prefix_caching, hash_seed,
+                                               hash_algo, self.max_model_len, enable_kv_events)
+        self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # admission order: the tail is the newest
+        self._left_running: set[str] = set()  # finished since the last schedule(), for the runner
+        self._finished_without_output: list[Request] = []
+        self._num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises ``ValueError`` for a duplicate id, an empty or over-long prompt."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {rid!r} has an empty prompt")
+        if request.num_prompt_tokens > self.max_model_len:
+            raise ValueError(f"request {rid!r} has {request.num_prompt_tokens} prompt tokens, more than "
+                             f"max_model_len {self.max_model_len}")
+        request.status = RequestStatus.WAITING
+        self._requests[rid] = request
+        self._waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish requests from outside the step (client aborts, stop strings): free blocks, leave the queues.
+
+        Unknown or already finished ids are ignored, so a late abort is harmless.
+        """
+        if not status.finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status}")
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for rid in ids:
+            request = self._requests.get(rid)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self._running.remove(request)
+            else:
+                self._waiting.remove(request)
+            self._retire(request, status)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """An unfinished request by id (None once it has finished)."""
+        return self._requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks and advance each scheduled request's ``num_computed_tokens``."""
+        chunks: list[ScheduledChunk] = []
+        preempted: set[str] = set()
+        budget = self._schedule_running(chunks, preempted)
+        # After a preemption memory is tight: admitting someone now would only get it (or others) preempted.
+        if not preempted:
+            self._schedule_waiting(chunks, budget)
+        # The runner's contract: one-token chunks (decodes) lead the batch, so it can hand them to a decode
+        # kernel as one group. Order does not matter otherwise: the runner writes the whole step's KV before
+        # any attention reads it.
+        chunks = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens != 1]
+        out = SchedulerOutput(chunks=chunks, finished_request_ids=self._left_running,
+                              preempted_request_ids=preempted)
+        self._left_running = set()
+        return out
+
+    def update_from_output(self, sched_out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Append each sampled token, apply stop conditions, free the blocks of requests that finished.
+
+        ``sampled`` maps the id of every chunk with ``sample=True`` to its new token. Returns the requests that
+        got a token this step, in chunk order; finished ones carry a finished status (and ``stop_reason``).
+        Requests finished or aborted between ``schedule()`` and now are skipped.
+        """
+        todo = [self._requests.get(c.request_id) for c in sched_out.chunks if c.sample]
+        todo = [r for r in todo if r is not None and r.status == RequestStatus.RUNNING]
+        missing = [r.request_id for r in todo if r.request_id not in sampled]
+        if missing:
+            raise ValueError(f"no sampled token for requests {missing} whose chunks asked for one")
+        finished = False
+        for request in todo:
+            request.append_output_token(sampled[request.request_id])
+            decision = check_stop(request, self.max_model_len)
+            if decision is not None:
+                request.stop_reason = decision.stop_reason
+                self._retire(request, decision.status)
+                finished = True
+        if finished:
+            self._running = [r for r in self._running if not r.is_finished]
+        return todo
+
+    def take_finished_without_output(self) -> list[Request]:
+        """Requests the scheduler aborted itself since the last call (see ``abort_reason``); they got no token."""
+        done, self._finished_without_output = self._finished_without_output, []
+        return done
+
+    # ------------------------------------------------------------------ stats and cache
+    def get_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(num_running=len(self._running), num_waiting=len(self._waiting),
+                              kv_cache_usage=kv.usage, num_free_blocks=kv.get_num_free_blocks(),
+                              num_total_blocks=self.num_blocks, prefix_cache_queries=kv.prefix_cache_queries,
+                              prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self._num_preemptions)
+
+    def take_kv_events(self) -> list[KVCacheEvent]:
+        """Prefix-cache events since the last call (empty unless ``enable_kv_events``)."""
+        return self.kv_cache_manager.take_events()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached blocks; refused (False) while requests hold blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ internals
+    def _schedule_running(self, chunks: list[ScheduledChunk], preempted: set[str]) -> int:
+        """Give each running request its next chunk, preempting the newest on a block shortage.
+
+        Returns the budget left. The newest running request is at the tail, after the one being scheduled,
+        so a preemption never takes back a chunk already given out this step.
+        """
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self._running) and budget > 0:
+            request = self._running[i]
+            remaining = request.num_tokens - request.num_computed_tokens
+            if remaining <= 0 or (not self.enable_chunked_prefill and remaining > budget):
+                i += 1
+                continue
+            if not self._fits_pool(request):
+                del self._running[i]
+                self._abort_by_engine(request, self._pool_too_small(request))
+                continue
+            num_new = min(remaining, budget)
+            block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            while block_ids is None:
+                victim = self._running.pop()
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is request:
+                    break
+                block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            if block_ids is None:
+                break  # it preempted itself, and it was the last running request
+            chunks.append(self._make_chunk(request, num_new, block_ids))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        """Admit waiting requests in order until the budget, the sequence slots or the blocks run out."""
+        kv = self.kv_cache_manager
+        while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+            request = self._waiting[0]
+            if not self._fits_pool(request):
+                self._waiting.popleft()
+                self._abort_by_engine(request, self._pool_too_small(request))
+                continue
+            computed_blocks, num_cached = kv.get_computed_blocks(request)
+            remaining = request.num_tokens - num_cached
+            if not self.enable_chunked_prefill:
+                if remaining > self.max_num_batched_tokens:
+                    self._waiting.popleft()
+                    self._abort_by_engine(request, f"{remaining} tokens to prefill exceed max_num_batched_tokens "
+                                                   f"{self.max_num_batched_tokens} and chunked prefill is off")
+                    continue
+                if remaining > budget:
+                    break  # first come, first served: nobody overtakes the head of the queue
+            num_new = min(remaining, budget)
+            block_ids = kv.allocate_slots(request, num_new, computed_blocks, num_cached)
+            if block_ids is None:
+                break
+            self._waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            self._running.append(request)
+            chunks.append(self._make_chunk(request, num_new, block_ids))
+            budget -= num_new
+
+    def _make_chunk(self, request: Request, num_new: int, block_ids: list[int]) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        end = start + num_new
+        request.num_computed_tokens = end  # advanced now, so the next schedule() continues after this chunk
+        return ScheduledChunk(request_id=request.request_id, token_ids=_token_slice(request, start, end),
+                              start_pos=start, block_ids=block_ids, sample=end == request.num_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: free the blocks, forget progress, wait at the front of the queue."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self._waiting.appendleft(request)
+
+    def _fits_pool(self, request: Request) -> bool:
+        # Blocks are never released mid-request, so the whole known sequence must fit in the pool at once.
+        return self.kv_cache_manager.num_blocks_needed(request.num_tokens) <= self.num_blocks
+
+    def _pool_too_small(self, request: Request) -> str:
+        need = self.kv_cache_manager.num_blocks_needed(request.num_tokens)
+        return (f"{request.num_tokens} tokens need {need} KV cache blocks of {self.block_size} tokens, "
+                f"but the pool has only {self.num_blocks}")
+
+    def _abort_by_engine(self, request: Request, reason: str) -> None:
+        """Finish a request that can never be scheduled, instead of letting it block the queue forever."""
+        logger.warning("aborting request %s: %s", request.request_id, reason)
+        request.abort_reason = reason
+        self._retire(request, RequestStatus.FINISHED_ABORTED)
+        self._finished_without_output.append(request)
+
+    def _retire(self, request: Request, status: RequestStatus) -> None:
+        """Final bookkeeping for a request already taken out of its queue (or about to be, in bulk)."""
+        if request.status == RequestStatus.RUNNING:
+            self._left_running.add(request.request_id)
+        self.kv_cache_manager.free(request)
+        request.status = status
+        del self._requests[request.request_id]
+
+
+def _token_slice(request: Request, start: int, end: int) -> list[int]:
+    """``request.all_token_ids[start:end]`` without concatenating the whole sequence (decode is one token)."""
+    prompt, n = request.prompt_token_ids, request.num_prompt_tokens
+    if end <= n:
+        return prompt[start:end]
+    if start >= n:
+        return request.output_token_ids[start - n:end - n]
+    return prompt[start:] + request.output_token_ids[:end - n]

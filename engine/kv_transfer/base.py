@@ -1,0 +1,274 @@
+"""The KV connector interface: a scheduler half and a worker half, and the plain data that flows between them.
+
+A connector moves KV blocks between engines (prefill pods save, decode pods load). It is split the way the engine
+is split::
+
+    scheduler half (no torch)                       worker half (owns no state the scheduler needs)
+    ─────────────────────────                       ───────────────────────────────────────────────
+    get_num_new_matched_tokens(request)  ─┐         register_kv_caches(kv_caches)
+    update_state_after_alloc(request)     │ meta    bind_connector_metadata(meta)
+    build_connector_meta(sched_out) ──────┴───────▶ start_load_kv()            before the forward pass
+    request_finished(request) -> hold?              wait_for_layer_load(i)     before layer i
+    update_connector_output(out) ◀───────┐          save_kv_layer(i, kv)       after layer i wrote its KV
+    take_released() -> free these blocks │ output   wait_for_save()            after the forward pass
+                                         └───────── get_finished()             every step
+
+Loads are asynchronous: the scheduler allocates blocks for the external tokens, the request waits while the worker
+fills them (other requests keep running), and ``get_finished`` reports it loaded (or failed, then the
+``load_failure_policy`` decides: ``recompute`` the missing tokens locally, or ``fail`` the request). A producer may
+ask to keep a finished request's blocks (``request_finished`` returns ``hold=True``) until its saves are written
+or its peer acknowledges a pull, under a lease; ``take_released`` hands them back to the scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.engine.kv_transfer.block_format import KVDescriptor
+from pdserve.engine.kv_transfer.metrics import KVTransferStats
+
+ROLES = ("both", "prefill", "decode")
+LOAD_FAILURE_POLICIES = ("recompute", "fail")
+
+
+class KVLoadError(RuntimeError):
+    """A request's KV could not be loaded and the policy is ``fail``: the request ends with this message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class KVConnectorContext:
+    """Plain values a connector is built from (taken from the engine config and the allocated KV cache)."""
+
+    role: str
+    descriptor: KVDescriptor
+    engine_id: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown KV transfer role {self.role!r}; choose one of {', '.join(ROLES)}")
+        if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
+            raise ValueError(f"unknown kv load failure policy {self.load_failure_policy!r}; choose "
+                             f"{' or '.join(LOAD_FAILURE_POLICIES)}")
+
+    @property
+    def is_producer(self) -> bool:
+        """Saves the KV it computes (prefill pods; a monolithic engine with a shared store)."""
+        return self.role in ("both", "prefill")
+
+    @property
+    def is_consumer(self) -> bool:
+        """Loads KV computed elsewhere (decode pods; a monolithic engine with a shared store)."""
+        return self.role in ("both", "decode")
+
+    @property
+    def load_failure_policy(self) -> str:
+        return str(self.options.get("load_failure_policy", "recompute"))
+
+    def option(self, key: str, default: Any = None) -> Any:
+        value = self.options.get(key)
+        return default if value is None else value
+
+
+@dataclass(frozen=True)
+class KVTransferParams:
+    """The transfer handle: what a prefill returns and a decode request carries (as a dict on the wire).
+
+    ``block_hashes`` are the chained hashes of the prompt's full blocks, then, when ``num_tokens`` is not a
+    multiple of the block size, the hash of the last, partial block. ``kv_server`` is the prefill pod's KV server
+    (grpc connector); ``transfer_id`` names the prefill's blocks there (its request id).
+    """
+
+    connector: str
+    transfer_id: str
+    num_tokens: int
+    block_hashes: tuple[int, ...]
+    descriptor: dict[str, Any]
+    engine_id: str = ""
+    kv_server: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["block_hashes"] = [f"{h:016x}" for h in self.block_hashes]  # JSON numbers lose 64-bit precision
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "KVTransferParams":
+        """Parse a handle; ``ValueError`` with a clear message for a malformed one."""
+        if not isinstance(data, Mapping):
+            raise ValueError("kv_transfer_params must be an object")
+        try:
+            hashes = tuple(int(h, 16) if isinstance(h, str) else int(h) for h in data["block_hashes"])
+            params = cls(connector=str(data["connector"]), transfer_id=str(data["transfer_id"]),
+                         num_tokens=int(data["num_tokens"]), block_hashes=hashes,
+                         descriptor=dict(data["descriptor"]), engine_id=str(data.get("engine_id") or ""),
+                         kv_server=data.get("kv_server") or None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed kv_transfer_params: {exc!r}") from None
+        if params.num_tokens <= 0:
+            raise ValueError("kv_transfer_params.num_tokens must be positive")
+        return params
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block of a transfer: where it lives in this engine's cache and what it holds."""
+
+    block_id: int  # in this engine's KV cache
+    block_hash: int  # chained hash (store key; partial blocks hash their tokens so far)
+    num_tokens: int  # block_size, or fewer for a prompt's last partial block
+    index: int  # position of the block in its request's block table
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Fill ``blocks`` of a request with KV from outside; ``source`` is connector-specific (e.g. a KV server)."""
+
+    request_id: str
+    blocks: tuple[BlockRef, ...]
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b.num_tokens for b in self.blocks)
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """Blocks of a request whose KV this step completes (or that a store lacks): save them."""
+
+    request_id: str
+    blocks: tuple[BlockRef, ...]
+
+
+@dataclass
+class KVConnectorMetadata:
+    """What the scheduler half tells the worker half for one step."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    # Transfers the worker should stop serving (lease over, request aborted): connector-specific ids.
+    revoked: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.loads or self.saves or self.revoked)
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A load that did not (fully) happen. The first ``num_valid_blocks`` blocks of the spec did load."""
+
+    reason: str  # metrics label: missing | checksum | incompatible | store_unavailable | timeout | peer_gone ...
+    message: str
+    num_valid_blocks: int = 0
+
+
+@dataclass
+class KVConnectorOutput:
+    """What the worker half finished since the last call (see :meth:`KVConnectorWorker.get_finished`)."""
+
+    finished_loading: set[str] = field(default_factory=set)
+    failed_loading: dict[str, LoadFailure] = field(default_factory=dict)
+    # request id -> number of its SaveSpecs now fully written
+    finished_saving: dict[str, int] = field(default_factory=dict)
+    # transfer ids the peer acknowledged (grpc: pulled and released)
+    released: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.finished_loading or self.failed_loading or self.finished_saving or self.released)
+
+
+class KVConnectorScheduler(ABC):
+    """The scheduler half. Torch-free; called from the scheduler's thread only."""
+
+    def __init__(self, ctx: KVConnectorContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+        """Prompt tokens beyond ``num_computed_tokens`` (local prefix hits) that can be loaded from outside.
+
+        ``None`` means "ask again later" (e.g. the blocks are still being written): the request stays waiting.
+        Raises :class:`KVLoadError` when the load cannot happen and the policy is ``fail``. Never more than
+        ``request.num_tokens - 1`` tokens in all: the last one is computed so that the step has logits.
+        """
+
+    @abstractmethod
+    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        """Blocks are allocated for a newly admitted request (``num_external_tokens`` of them to be loaded)."""
+
+    @abstractmethod
+    def build_connector_meta(self, sched_out: Any) -> KVConnectorMetadata:
+        """The worker's instructions for the step just scheduled (consumes what was queued since last time)."""
+
+    @abstractmethod
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """A request ends. Returns ``(hold, kv_transfer_params)``: when ``hold``, the scheduler keeps its blocks
+        until :meth:`take_released` names it."""
+
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        """Digest what the worker finished (saves written, pulls acknowledged)."""
+
+    def take_released(self) -> list[str]:
+        """Held requests whose blocks can be freed now (saves done, peer acknowledged, or lease expired)."""
+        return []
+
+    def has_pending_work(self) -> bool:
+        """True while held blocks or in-flight transfers need the engine to keep stepping."""
+        return False
+
+    def request_aborted(self, request_id: str) -> None:
+        """A waiting request left before it was admitted; drop any state kept for it."""
+
+    @property
+    def stats(self) -> KVTransferStats | None:
+        """Cumulative counters for metrics (shared with the worker half when both live in one process)."""
+        return None
+
+
+class KVConnectorWorker(ABC):
+    """The worker half: moves bytes between the KV cache tensors and the outside."""
+
+    def __init__(self, ctx: KVConnectorContext) -> None:
+        self.ctx = ctx
+        self.kv_caches: list[Any] = []
+        self._meta = KVConnectorMetadata()
+
+    def register_kv_caches(self, kv_caches: list[Any]) -> None:
+        """The per-layer caches ``[2, num_blocks, block_size, Hkv, D]`` (called once, before any step)."""
+        self.kv_caches = list(kv_caches)
+
+    def bind_connector_metadata(self, meta: KVConnectorMetadata | None) -> None:
+        self._meta = meta if meta is not None else KVConnectorMetadata()
+
+    def start_load_kv(self) -> None:
+        """Begin the loads of this step's metadata (asynchronously)."""
+
+    def wait_for_layer_load(self, layer_idx: int) -> None:
+        """Block until layer ``layer_idx`` of any load this forward pass depends on is in place."""
+
+    def save_kv_layer(self, layer_idx: int, kv_layer: Any) -> None:
+        """Layer ``layer_idx`` has written this step's KV into ``kv_layer``: start saving it."""
+
+    def wait_for_save(self) -> None:
+        """After the forward pass: every layer's save was started (writes may complete later)."""
+
+    @abstractmethod
+    def get_finished(self) -> KVConnectorOutput:
+        """Loads, saves and acknowledgements completed since the last call."""
+
+    def has_pending_work(self) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        """Stop threads and servers; pending work is abandoned."""

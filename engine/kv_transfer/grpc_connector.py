@@ -1,0 +1,168 @@
+"""The ``grpc`` connector: decode pods pull blocks from the prefill pod's KV server over a gRPC stream.
+
+Producer (prefill pod): nothing is copied during the forward pass; when a request finishes, its blocks stay in
+the KV cache under a lease (``kv_lease_s``, default 60 s), registered with the pod's KV server, and the transfer
+handle names the server (``kv_server``). They are freed when the decode pod acknowledges (``Release``) or when the
+lease runs out, whichever comes first.
+
+Consumer (decode pod): the handle says where the blocks are; a loader thread pulls the blocks the pod lacks
+(after its own prefix-cache hits), checks each header and checksum, copies them into the request's blocks and
+releases the transfer. A dead peer, an expired lease, a deadline or a bad block is reported as a failed load.
+
+The scheduler and worker halves share the transfer registry and the server address: they live in one process
+(the engine core). The KV server binds ``kv_host:kv_port`` (default all interfaces, a free port) and announces
+``kv_advertise_host`` (default 127.0.0.1; a pod sets its own IP).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
+                                             KVTransferParams, LoadFailure, LoadSpec)
+from pdserve.engine.kv_transfer.block_format import KVFormatError
+from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
+from pdserve.engine.kv_transfer.grpc_kv_server import (KVPullClient, KVTransferServicer, PullError,
+                                                       TransferRegistry, start_kv_server)
+from pdserve.engine.kv_transfer.metrics import KVTransferStats
+from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks
+
+logger = logging.getLogger(__name__)
+
+
+class GrpcConnectorScheduler(BlockConnectorScheduler):
+    """Holds finished prefills for their peers; turns handles into pull specs on the decode side."""
+
+    saves_blocks = False
+    loads_without_handle = False  # blocks live in some prefill pod: only a handle says which
+
+    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, registry: TransferRegistry,
+                 address: str | None) -> None:
+        super().__init__(ctx, "grpc", stats)
+        self.registry = registry
+        self.address = address
+        self.lease_s = float(ctx.option("kv_lease_s", 60.0))
+
+    def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
+                ) -> tuple[int, dict[str, Any]]:
+        if handle is None or not handle.kv_server:
+            raise KVFormatError("the transfer handle names no KV server")
+        # Trust the handle: asking the peer now would cost a round trip per admission; the pull will tell.
+        return len(wanted), {"kv_server": handle.kv_server, "transfer_id": handle.transfer_id}
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        hold, params = super().request_finished(request, block_ids)
+        if params is not None:
+            blocks = prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
+            refs = [BlockRef(block_ids[b.index], b.block_hash, b.num_tokens, b.index) for b in blocks]
+            self.registry.add(request.request_id, refs, self.lease_s)
+            self._held[request.request_id] = len(block_ids)
+            self._stats.set_blocks_held(sum(self._held.values()))
+            hold = True
+        return hold, params
+
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        super().update_connector_output(output)
+        for transfer_id in output.released:
+            self._maybe_release(transfer_id)
+
+    def take_released(self) -> list[str]:
+        for transfer_id in self.registry.expire():
+            logger.warning("KV transfer %s: lease of %.0f s expired before a decode pod released it; freeing "
+                           "its blocks", transfer_id, self.lease_s)
+            self._stats.record_failure("lease_expired")
+            self._maybe_release(transfer_id)
+        return super().take_released()
+
+    def has_pending_work(self) -> bool:
+        return super().has_pending_work() or len(self.registry) > 0
+
+    def _is_held_elsewhere(self, request_id: str) -> bool:
+        return request_id in self.registry
+
+    def _kv_server_address(self) -> str | None:
+        return self.address
+
+
+class GrpcConnectorWorker(KVConnectorWorker):
+    """Runs the KV server (producer) and pulls transfers in loader threads (consumer)."""
+
+    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, registry: TransferRegistry) -> None:
+        super().__init__(ctx)
+        self.stats = stats
+        self.registry = registry
+        self.timeout_s = float(ctx.option("kv_load_timeout_s", 10.0))
+        self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._client = KVPullClient(ctx.descriptor, int(ctx.option("kv_chunk_bytes", 1 << 20)))
+        self._loader = ThreadPoolExecutor(max_workers=int(ctx.option("kv_load_threads", 2)),
+                                          thread_name_prefix="kv-pull")
+        self.server, self.address = None, None
+        if ctx.is_producer:
+            servicer = KVTransferServicer(registry, ctx.descriptor, lambda: self.kv_caches,
+                                          on_sent=lambda n, b: stats.record_transfer("save", n, b, None))
+            self.server, port = start_kv_server(servicer, str(ctx.option("kv_host", "0.0.0.0")),
+                                                int(ctx.option("kv_port", 0)))
+            self.address = f"{ctx.option('kv_advertise_host', '127.0.0.1')}:{port}"
+            logger.info("KV server listening on port %d (announced as %s)", port, self.address)
+
+    def start_load_kv(self) -> None:
+        for spec in self._meta.loads:
+            with self._lock:
+                self._inflight += 1
+            self._loader.submit(self._pull, spec, time.perf_counter())
+
+    def _pull(self, spec: LoadSpec, t0: float) -> None:
+        from pdserve.engine.kv_transfer import kv_layout
+
+        address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
+
+        def on_block(ref: BlockRef, payload: memoryview) -> None:
+            kv_layout.write_block(self.kv_caches, ref.block_id,
+                                  kv_layout.payload_tensor(payload, self.ctx.descriptor, ref.num_tokens))
+
+        try:
+            nbytes = self._client.pull(address, transfer_id, spec.blocks, self.timeout_s, on_block)
+            kv_layout.synchronize(self.kv_caches)
+            self.stats.record_transfer("load", len(spec.blocks), nbytes, time.perf_counter() - t0)
+            self._client.release(address, transfer_id)
+            self._results.put(lambda out: out.finished_loading.add(spec.request_id))
+        except PullError as exc:
+            kv_layout.synchronize(self.kv_caches)
+            self.stats.record_failure(exc.reason)
+            if exc.reason not in ("peer_gone", "lease_expired"):
+                self._client.release(address, transfer_id)  # let the peer free its blocks now
+            failure = LoadFailure(exc.reason, str(exc), exc.num_valid_blocks)
+            self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
+        except Exception as exc:  # never leave a request waiting on a load that died
+            logger.exception("KV pull of request %s failed", spec.request_id)
+            self.stats.record_failure("error")
+            failure = LoadFailure("error", f"{type(exc).__name__}: {exc}", 0)
+            self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def get_finished(self) -> KVConnectorOutput:
+        out = KVConnectorOutput(released=self.registry.take_released())
+        while True:
+            try:
+                self._results.get_nowait()(out)
+            except queue.Empty:
+                return out
+
+    def has_pending_work(self) -> bool:
+        with self._lock:
+            return self._inflight > 0
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=1.0)
+        self._loader.shutdown(wait=True, cancel_futures=True)
+        self._client.close()

@@ -1,0 +1,88 @@
+"""A real ``redis-server`` child process on a free loopback port: for tests, benchmarks and local stacks.
+
+    with LocalRedis() as redis_server:
+        url = redis_server.url            # redis://127.0.0.1:<port>/0
+
+Nothing is persisted (no RDB, no AOF); the working directory is a fresh temporary one. ``stop`` ends the
+process it started, and only that one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (another process may still take it before we do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalRedis:
+    """Start ``redis-server`` (Debian package ``redis-server``) on 127.0.0.1."""
+
+    def __init__(self, port: int = 0, maxmemory: str | None = None, executable: str = "redis-server") -> None:
+        self.executable = shutil.which(executable)
+        if self.executable is None:
+            raise FileNotFoundError(f"{executable} not found: install Redis (Debian/Ubuntu: apt-get install "
+                                    f"redis-server)")
+        self.port = port or free_port()
+        self.maxmemory = maxmemory
+        self.proc: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "LocalRedis":
+        self._dir = tempfile.TemporaryDirectory(prefix="pdserve-redis-")
+        args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning"]
+        if self.maxmemory:
+            args += ["--maxmemory", self.maxmemory]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server exited at start-up (port {self.port}): {err.strip()}")
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"redis-server did not answer on port {self.port} within {timeout_s} s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> "LocalRedis":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,133 @@
+"""The ``redis`` connector: an LMCache-style block store in a Redis server shared by every pod.
+
+Any prefill pod writes block hash -> block object; any decode pod (or prefill pod, for its own misses) reads
+it, so a prefix computed once anywhere is reused everywhere. Each value has a TTL that a read renews, and the
+namespace has a size budget enforced by this client, atomically, in Lua scripts::
+
+    pdkv:<ns>:<block hash>   the block object (SET ... EX ttl; GETEX renews)
+    pdkv:<ns>:lru            sorted set: key -> last write/read time (ms, Redis clock)
+    pdkv:<ns>:sizes          hash: key -> bytes
+    pdkv:<ns>:bytes          total bytes of live keys
+
+A write over the budget deletes the least recently used keys first; entries whose TTL ran out are dropped from
+the accounting by the next write. A down or unreachable server raises :class:`StoreUnavailableError` quickly
+(short socket timeouts, no retries): the engine then computes the KV itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pdserve.engine.kv_transfer.store import BlockStore, StoreUnavailableError
+
+# KEYS: block key, lru, sizes, total. ARGV: value, ttl s, budget bytes (0: none). Returns the total bytes.
+_PUT = """
+local key, lru, sizes, total = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local value, ttl, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function forget(k)
+  local s = redis.call('HGET', sizes, k)
+  if s then redis.call('DECRBY', total, s) end
+  redis.call('HDEL', sizes, k)
+  redis.call('ZREM', lru, k)
+end
+forget(key)
+if ttl > 0 then
+  redis.call('SET', key, value, 'EX', ttl)
+  for _, k in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now - ttl * 1000)) do forget(k) end
+else
+  redis.call('SET', key, value)
+end
+redis.call('ZADD', lru, now, key)
+redis.call('HSET', sizes, key, string.len(value))
+local n = redis.call('INCRBY', total, string.len(value))
+while budget > 0 and n > budget do
+  local oldest = redis.call('ZRANGE', lru, 0, 0)
+  if #oldest == 0 or oldest[1] == key then break end
+  forget(oldest[1])
+  redis.call('DEL', oldest[1])
+  n = tonumber(redis.call('GET', total))
+end
+return n
+"""
+
+# KEYS: block key, lru. ARGV: ttl s. Returns the value (nil when absent) and renews its TTL and LRU rank.
+_GET = """
+local ttl = tonumber(ARGV[1])
+local v
+if ttl > 0 then v = redis.call('GETEX', KEYS[1], 'EX', ttl) else v = redis.call('GET', KEYS[1]) end
+if v then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), KEYS[1])
+end
+return v
+"""
+
+
+class RedisStore(BlockStore):
+    """Block objects in Redis under ``pdkv:<namespace>:``, with a TTL (seconds, 0: none) and a byte budget."""
+
+    name = "redis"
+
+    def __init__(self, url: str, namespace: str, ttl_s: int = 3600, max_bytes: int = 0,
+                 timeout_s: float = 2.0) -> None:
+        if not url:
+            raise ValueError("the redis connector needs a server URL (--redis-url redis://host:port/db)")
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        # Fail fast: a down server must cost a request milliseconds (then it recomputes), not a retry loop.
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self.url = url
+        self.prefix = f"pdkv:{namespace}:"
+        self.ttl_s = int(ttl_s)
+        self.max_bytes = int(max_bytes)
+        self._lru, self._sizes, self._total = (self.prefix + "lru", self.prefix + "sizes", self.prefix + "bytes")
+        self._put = self._client.register_script(_PUT)
+        self._get = self._client.register_script(_GET)
+
+    def put(self, key: str, blob: bytes | bytearray | memoryview) -> None:
+        self._call(self._put, keys=[self.prefix + key, self._lru, self._sizes, self._total],
+                   args=[bytes(blob), self.ttl_s, self.max_bytes])
+
+    def get(self, key: str) -> bytes | None:
+        return self._call(self._get, keys=[self.prefix + key, self._lru], args=[self.ttl_s])
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            self._get(keys=[self.prefix + key, self._lru], args=[self.ttl_s], client=pipe)
+        return self._wrap(pipe.execute)
+
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        if not keys:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self.prefix + key)
+        return [bool(n) for n in self._wrap(pipe.execute)]
+
+    def delete(self, key: str) -> None:
+        self._wrap(lambda: self._client.delete(self.prefix + key))
+
+    def total_bytes(self) -> int:
+        return int(self._wrap(lambda: self._client.get(self._total)) or 0)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        return self._wrap(lambda: script(keys=keys, args=args))
+
+    def _wrap(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except self._errors as exc:
+            raise StoreUnavailableError(f"Redis at {self.url} is unavailable: {exc}") from exc

@@ -1,0 +1,80 @@
+"""Connectors by name: the engine config's ``kv_transfer.connector`` string picks one.
+
+Built-in names map to factories imported only when used (the redis client, grpc). A third-party connector is
+named by its import path, ``"package.module:factory"``; the factory takes a :class:`KVConnectorContext` and returns
+the ``(scheduler half, worker half)`` pair. No registration step, hence no global mutable registry.
+
+Options every built-in connector reads (``KVTransferConfig.options``; CLI flags in parentheses)::
+
+    load_failure_policy   recompute | fail                   (--kv-load-failure-policy)
+    kv_load_timeout_s     wait for blocks being written / a pull's deadline (--kv-load-timeout)
+    kv_path, kv_max_bytes                           shared-fs (--kv-path, --kv-max-bytes)
+    redis_url, redis_ttl_s, kv_max_bytes            redis     (--redis-url, --redis-ttl, --kv-max-bytes)
+    kv_host, kv_port, kv_advertise_host, kv_lease_s grpc      (--kv-port, --kv-advertise-host, --kv-lease)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from pdserve.engine.kv_transfer.base import KVConnectorContext, KVConnectorScheduler, KVConnectorWorker
+from pdserve.engine.kv_transfer.metrics import KVTransferStats
+
+ConnectorPair = tuple[KVConnectorScheduler, KVConnectorWorker]
+
+BUILTIN_CONNECTORS: dict[str, str] = {
+    "shared-fs": "pdserve.engine.kv_transfer.registry:_shared_fs",
+    "redis": "pdserve.engine.kv_transfer.registry:_redis",
+    "grpc": "pdserve.engine.kv_transfer.registry:_grpc",
+}
+
+
+def create_connector(name: str, ctx: KVConnectorContext) -> ConnectorPair:
+    """Build both halves of connector ``name`` (a built-in name or ``"module:factory"``)."""
+    return resolve_factory(name)(ctx)
+
+
+def resolve_factory(name: str) -> Callable[[KVConnectorContext], ConnectorPair]:
+    target = BUILTIN_CONNECTORS.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"unknown KV connector {name!r}; built-in connectors: "
+                         f"{', '.join(BUILTIN_CONNECTORS)} (or give 'package.module:factory')")
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load KV connector {name!r}: {exc}") from exc
+    return factory
+
+
+def _store_pair(ctx: KVConnectorContext, name: str, store: Any) -> ConnectorPair:
+    from pdserve.engine.kv_transfer.store_connector import StoreConnectorScheduler, StoreConnectorWorker
+
+    stats = KVTransferStats(connector=name)
+    return StoreConnectorScheduler(ctx, name, stats, store), StoreConnectorWorker(ctx, stats, store)
+
+
+def _shared_fs(ctx: KVConnectorContext) -> ConnectorPair:
+    from pdserve.engine.kv_transfer.shared_fs import SharedFSStore
+
+    store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)))
+    return _store_pair(ctx, "shared-fs", store)
+
+
+def _redis(ctx: KVConnectorContext) -> ConnectorPair:
+    from pdserve.engine.kv_transfer.redis_connector import RedisStore
+
+    store = RedisStore(ctx.option("redis_url", ""), ctx.descriptor.namespace, int(ctx.option("redis_ttl_s", 3600)),
+                       int(ctx.option("kv_max_bytes", 0)), float(ctx.option("redis_timeout_s", 2.0)))
+    return _store_pair(ctx, "redis", store)
+
+
+def _grpc(ctx: KVConnectorContext) -> ConnectorPair:
+    from pdserve.engine.kv_transfer.grpc_connector import GrpcConnectorScheduler, GrpcConnectorWorker
+    from pdserve.engine.kv_transfer.grpc_kv_server import TransferRegistry
+
+    stats = KVTransferStats(connector="grpc")
+    registry = TransferRegistry()
+    worker = GrpcConnectorWorker(ctx, stats, registry)
+    return GrpcConnectorScheduler(ctx, stats, registry, worker.address), worker

@@ -1,0 +1,60 @@
+"""The key-value block store that the ``shared-fs`` and ``redis`` connectors write to and read from.
+
+Keys are block hashes (hex) inside a namespace derived from the KV descriptor (model and tensor-parallel shard);
+values are block objects in the format of :mod:`.block_format`. Stores are content-addressed caches: writing a key
+twice writes the same bytes, anything may be evicted at any time, and a reader validates whatever it gets back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+
+class StoreUnavailableError(RuntimeError):
+    """The backing store cannot be reached (Redis down, volume not mounted). Callers treat it as a miss."""
+
+    reason = "store_unavailable"
+
+
+def block_key(block_hash: int) -> str:
+    """The store key of a block: its chained hash as 16 hex digits."""
+    return f"{block_hash & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+class BlockStore(ABC):
+    """A shared cache of block objects. Implementations are thread-safe (a loader and a writer use one)."""
+
+    name = "abstract"
+
+    @abstractmethod
+    def put(self, key: str, blob: bytes | bytearray | memoryview) -> None:
+        """Store ``blob`` under ``key`` atomically: a reader sees the whole object or nothing."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The object under ``key``, or None when absent (evicted, expired, never written)."""
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """``get`` for several keys (stores with a network round trip batch them)."""
+        return [self.get(k) for k in keys]
+
+    @abstractmethod
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is present now (it may still vanish before it is read)."""
+
+    def count_prefix(self, keys: Sequence[str]) -> int:
+        """How many leading keys are present."""
+        n = 0
+        for present in self.contains(keys):
+            if not present:
+                break
+            n += 1
+        return n
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key`` if present (tests and repair; eviction is the store's own business)."""
+
+    def close(self) -> None:
+        """Release connections and files."""

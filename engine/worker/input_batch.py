@@ -1,0 +1,84 @@
+"""Flatten a :class:`SchedulerOutput` into the model's inputs and the attention metadata of one step.
+
+Everything is built with numpy on the CPU and reaches the device in a single copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pdserve.engine.core.sched_output import SchedulerOutput
+from pdserve.engine.worker.attention import AttentionMetadata
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn_metadata: AttentionMetadata
+
+
+def build_inputs(sched_out: SchedulerOutput, block_size: int, device: torch.device,
+                 num_blocks: int | None = None) -> ModelInputs:
+    """The step's flattened batch. Chunks keep their order; decode rows must come first (the scheduler's
+    contract), and ``num_decodes`` counts the leading one-token chunks. With ``num_blocks``, block ids are
+    checked against the cache size (an out-of-range id would otherwise fault on the device)."""
+    chunks = sched_out.chunks
+    if not chunks:
+        raise ValueError("cannot run an empty step")
+    B = len(chunks)
+    query_lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=B)
+    if (query_lens <= 0).any():
+        raise ValueError("every scheduled chunk needs at least one token")
+    context_lens = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=B)
+    seq_lens = context_lens + query_lens
+    query_start_loc = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    T = int(query_start_loc[-1])
+
+    max_blocks = max(len(c.block_ids) for c in chunks)
+    block_tables = np.zeros((B, max_blocks), dtype=np.int64)
+    for i, c in enumerate(chunks):
+        if len(c.block_ids) * block_size < seq_lens[i]:
+            raise ValueError(f"request {c.request_id}: {len(c.block_ids)} blocks cannot hold {seq_lens[i]} tokens")
+        block_tables[i, : len(c.block_ids)] = c.block_ids
+    if num_blocks is not None and (block_tables.max() >= num_blocks or block_tables.min() < 0):
+        raise ValueError(f"a block id is outside the KV cache's {num_blocks} blocks")
+
+    input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=T)
+    seq_of_token = np.repeat(np.arange(B), query_lens)  # [T]
+    positions = np.arange(T) - query_start_loc[seq_of_token] + context_lens[seq_of_token]  # [T]
+    slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    sampled = np.fromiter((c.sample for c in chunks), dtype=bool, count=B)
+    logits_indices = query_start_loc[1:][sampled] - 1  # last row of each sampled chunk
+    num_decodes = int(np.argmin(query_lens == 1)) if (query_lens != 1).any() else B
+
+    # One host-to-device copy of everything, sliced apart on the device.
+    parts = [input_ids, positions, slot_mapping, logits_indices, query_start_loc, seq_lens, context_lens,
+             block_tables.reshape(-1)]
+    packed = torch.from_numpy(np.concatenate(parts))
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    views = torch.split(packed, [len(p) for p in parts])
+    i32 = [v.to(torch.int32) for v in views[4:]]
+    md = AttentionMetadata(
+        num_tokens=T,
+        query_start_loc=i32[0],
+        seq_lens=i32[1],
+        context_lens=i32[2],
+        block_tables=i32[3].view(B, max_blocks),
+        slot_mapping=views[2],
+        max_query_len=int(query_lens.max()),
+        max_seq_len=int(seq_lens.max()),
+        num_decodes=num_decodes,
+        logits_indices=views[3],
+        query_start_loc_cpu=query_start_loc.tolist(),
+        seq_lens_cpu=seq_lens.tolist(),
+        context_lens_cpu=context_lens.tolist(),
+    )
+    return ModelInputs(input_ids=views[0], positions=views[1], attn_metadata=md)

@@ -1,0 +1,96 @@
+"""The model runner: owns the model and its KV cache, and runs one scheduled step at a time."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
+from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtype
+from pdserve.engine.worker.attention import get_attention_backend
+from pdserve.engine.worker.input_batch import build_inputs
+from pdserve.engine.worker.kv_cache import (
+    allocate_kv_caches,
+    gpu_kv_cache_bytes,
+    kv_cache_spec,
+    num_blocks_for_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Loads the model (dtype ``"auto"``: float32 on CPU, bfloat16 on CUDA), sizes and allocates the paged KV
+    cache, and turns each :class:`SchedulerOutput` into logits.
+
+    Public attributes: ``device``, ``dtype``, ``model``, ``vocab_size``, ``num_blocks``, ``block_size``,
+    ``kv_spec`` and ``kv_caches`` (one ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer, for connectors).
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.block_size = config.cache.block_size
+        hf_config = config.model.hf_config
+        self.vocab_size: int = hf_config.vocab_size
+        self.kv_spec = kv_cache_spec(hf_config, self.block_size, self.dtype, config.cache.kv_cache_dtype)
+        self.attn_backend = get_attention_backend(config.device.attention_backend, self.device,
+                                                  self.kv_spec.head_dim, self.block_size)
+        self.model = load_model(config.model, self.device, self.dtype, self.attn_backend)
+        self.num_blocks = self._decide_num_blocks()
+        self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, backend %s)", self.num_blocks,
+                    self.block_size, self.num_blocks * self.kv_spec.bytes_per_block / 2**30, self.kv_spec.dtype,
+                    self.attn_backend.name)
+
+    @torch.inference_mode()
+    def execute_model(self, sched_out: SchedulerOutput) -> torch.Tensor:
+        """Run one step; returns float32 logits ``[S, V]``, one row per chunk with ``sample`` set, in chunk
+        order. Writes the step's K/V into the cache slots of each chunk's block table."""
+        return self._run(sched_out, self.kv_caches)
+
+    def _run(self, sched_out: SchedulerOutput, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        inputs = build_inputs(sched_out, self.block_size, self.device, num_blocks=kv_caches[0].shape[1])
+        md = inputs.attn_metadata
+        hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, md)  # [T, D]
+        return self.model.compute_logits(hidden[md.logits_indices]).float()  # [S, V]
+
+    # ------------------------------------------------------------------ KV cache sizing
+    def _decide_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if self.device.type != "cuda":
+            return num_blocks_for_bytes(self.kv_spec, cache.cpu_kv_cache_bytes)
+        self.profile_run()
+        budget = gpu_kv_cache_bytes(self.device, cache.gpu_memory_utilization)
+        if budget <= 0:
+            raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                             f"{cache.gpu_memory_utilization}: the model and its activations take it all")
+        return num_blocks_for_bytes(self.kv_spec, budget)
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """One forward pass at the largest step the scheduler can build: its token budget, spread as one long
+        prefill plus single-token rows up to ``max_num_seqs``, every row sampled (so the logits are at their
+        largest too). Its peak memory is what the KV cache must leave room for."""
+        sched = self.config.scheduler
+        num_tokens = sched.max_num_batched_tokens
+        num_seqs = max(1, min(sched.max_num_seqs, num_tokens))
+        long_len = max(1, min(num_tokens - (num_seqs - 1), self.config.model.max_model_len))
+        bs = self.block_size
+        long_blocks = (long_len + bs - 1) // bs
+        chunks = [ScheduledChunk(f"profile-{i}", [0], 0, [long_blocks + i], True) for i in range(num_seqs - 1)]
+        chunks.append(ScheduledChunk("profile-long", [0] * long_len, 0, list(range(long_blocks)), True))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # the peak from here on: weights + this step
+        scratch = allocate_kv_caches(self.kv_spec, long_blocks + num_seqs - 1, self.device)
+        self._run(SchedulerOutput(chunks=chunks), scratch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        del scratch
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,1 +1,0 @@
-"""pdserve.operator."""

@@ -1,0 +1,48 @@
+"""Names every part of the operator (and the Helm chart, and the router's discovery) agrees on."""
+
+from __future__ import annotations
+
+GROUP = "pdserve.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+SHORT_NAME = "pdis"
+
+# Roles that run as Deployments. "redis" only exists when the spec asks for a managed Redis.
+ENGINE_ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "router")
+
+# Labels. The first two select a role's pods (Deployment selectors, Services, the router's discovery) and so
+# must never change for an existing object: Deployment selectors are immutable.
+LABEL_SERVICE = "pdserve.io/service"
+LABEL_ROLE = "pdserve.io/role"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_METRICS = "pdserve.io/metrics"
+MANAGED_BY = "pdserve-operator"
+
+# Annotations.
+ANNOTATION_CONFIG_HASH = "pdserve.io/config-hash"  # on pod templates: a config change rolls the pods
+ANNOTATION_LAST_APPLIED = "pdserve.io/last-applied"  # on children: what the operator last wrote, for diffs
+
+# Ports and paths inside the pods.
+HTTP_PORT = 8000
+GRPC_PORT = 50051
+REDIS_PORT = 6379
+CONFIG_DIR = "/etc/pdserve"
+KV_DIR = "/var/lib/pdserve/kv"
+MODEL_DIR = "/models"
+TMP_DIR = "/tmp"
+
+# The user the image runs as (see the Dockerfile); pods run as this user, never as root.
+RUN_AS_USER = 10001
+REDIS_RUN_AS_USER = 999  # the official redis image's "redis" user
+
+DEFAULT_IMAGE = "ghcr.io/pdserve/pdserve:0.1.0"
+DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
+
+# Longest InferenceService name: "<name>-prefill" must fit a 63-character DNS label (Service names), with room.
+MAX_NAME_LENGTH = 50

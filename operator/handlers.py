@@ -1,0 +1,170 @@
+"""Thin kopf handlers: parse, render, apply; and a per-object status loop.
+
+The handlers are registered on a fresh :class:`kopf.OperatorRegistry` by :func:`build_registry`, so nothing is
+global and a test can run two operators side by side.
+
+Why a status loop of our own instead of ``@kopf.timer``: kopf puts a finalizer on every object that has a timer
+or a daemon, and a finalizer blocks ``kubectl delete`` whenever the operator is not running (for instance after
+``helm uninstall``). Nothing outside Kubernetes needs cleaning here -- owner references cascade the deletion -- so
+the operator keeps no finalizer: a watch handler (no finalizer needed) starts one small loop per object and stops
+it when the object is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client import ApiException
+
+from pdserve.operator import constants as c
+from pdserve.operator import kube, render, spec, status
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """How one operator process behaves; built once from the command line."""
+
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    peering: str | None = "pdserve"  # kopf peering object that elects one active replica; None: standalone
+    priority: int | None = None  # peering priority; None: a random one (the highest live replica is active)
+    default_image: str = c.DEFAULT_IMAGE
+    status_interval: float = 10.0
+    liveness_port: int | None = None
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sync_status(api: kubernetes.client.ApiClient, namespace: str, name: str, options: OperatorOptions) -> bool:
+    """Recompute the status of ``namespace/name`` from its children and write it if it changed.
+
+    Returns False when the object is gone or being deleted, so its status loop can stop.
+    """
+    body = kube.read_inference_service(api, namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    meta = body.get("metadata") or {}
+    try:
+        parsed: spec.ServiceSpec | None = spec.parse(name, namespace, body.get("spec"),
+                                                      default_image=options.default_image)
+        error, reason = None, "InvalidSpec"
+    except spec.SpecError as exc:
+        parsed, error, reason = None, str(exc), exc.reason
+    deployments = {role: kube.read_deployment(api, namespace, f"{name}-{role}") for role in c.ROLES}
+    desired = ({"prefill": parsed.prefill.replicas, "decode": parsed.decode.replicas,
+                "router": parsed.router.replicas} if parsed else None)
+    new = status.compute(generation=meta.get("generation") or 0, desired=desired, deployments=deployments,
+                         spec_error=error, spec_error_reason=reason,
+                         served_model=parsed.model.served_name if parsed else None,
+                         url=render.router_url(parsed) if parsed else None,
+                         previous=body.get("status"), now=now_rfc3339())
+    if not status.same_status(body.get("status"), new):
+        kube.patch_status(api, namespace, name, new)
+    return True
+
+
+def reconcile(api: kubernetes.client.ApiClient, body: kopf.Body, options: OperatorOptions,
+              logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """Bring the children of ``body`` in line with its spec; an invalid spec becomes Degraded plus an Event."""
+    name, namespace, uid = body.metadata.name, body.metadata.namespace, body.metadata.uid
+    try:
+        parsed = spec.parse(name, namespace, body.spec, default_image=options.default_image)
+    except spec.SpecError as exc:
+        # Not an exception for kopf: retrying cannot fix a spec, only the user's next edit can (which calls us again).
+        logger.warning("invalid spec: %s", exc)
+        kopf.warn(body, reason=exc.reason, message=str(exc))
+        sync_status(api, namespace, name, options)
+        return
+    objs = render.render(parsed)
+    kopf.adopt(objs, owner=body)
+    outcome: dict[str, list[str]] = {"created": [], "patched": [], "unchanged": []}
+    try:
+        for obj in objs:
+            outcome[kube.apply(api, obj, uid)].append(f"{obj['kind']}/{obj['metadata']['name']}")
+        wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objs}
+        deleted = kube.prune(api, [k for k in render.child_keys(name) if k not in wanted], namespace, uid)
+    except kube.ChildConflict as exc:
+        kopf.warn(body, reason="ChildConflict", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=60) from exc
+    except ApiException as exc:
+        if exc.status in (400, 422):  # the API server refused what we rendered: a bug or a too-old cluster
+            kopf.warn(body, reason="ApplyRejected", message=f"{exc.status} {exc.reason}: {exc.body}"[:1000])
+        raise kopf.TemporaryError(f"applying children failed: {exc.status} {exc.reason}", delay=15) from exc
+    changes = {k: v for k, v in (("created", outcome["created"]), ("patched", outcome["patched"]),
+                                 ("deleted", deleted)) if v}
+    if changes:
+        message = "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items())
+        logger.info("applied: %s", message)
+        kopf.info(body, reason="Applied", message=message[:1000])
+    sync_status(api, namespace, name, options)
+
+
+async def status_loop(api: kubernetes.client.ApiClient, namespace: str, name: str, options: OperatorOptions,
+                      logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """Refresh one object's status every ``status_interval`` seconds until the object is gone."""
+    while True:
+        try:
+            # The kubernetes client is synchronous: keep it off the event loop that serves every other object.
+            if not await asyncio.to_thread(sync_status, api, namespace, name, options):
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an API hiccup must not end the loop; the next round retries
+            logger.warning("status refresh of %s/%s failed: %s", namespace, name, exc)
+        await asyncio.sleep(options.status_interval)
+
+
+def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
+    """A registry with every handler of the operator, bound to ``options``."""
+    registry = kopf.OperatorRegistry()
+    resource = (c.GROUP, c.VERSION, c.PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # The same credentials as the kubernetes client below: in-cluster service account, else kubeconfig.
+        return kube.connection_info(kube.load_configuration())
+
+    @kopf.on.startup(registry=registry)
+    def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+        memo.api = kube.new_api_client()
+        memo.loops = {}
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
+        loops: dict[str, asyncio.Task[None]] = memo.get("loops") or {}
+        for task in loops.values():
+            task.cancel()
+        await asyncio.gather(*loops.values(), return_exceptions=True)
+        if memo.get("api") is not None:
+            memo.api.close()
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    def reconcile_handler(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+        reconcile(memo.api, body, options, logger)
+
+    @kopf.on.event(*resource, registry=registry)
+    async def track_status(*, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
+                           **_: Any) -> None:
+        uid = body.metadata.uid
+        loops: dict[str, asyncio.Task[None]] = memo.loops
+        if event["type"] == "DELETED":
+            task = loops.pop(uid, None)
+            if task is not None:
+                task.cancel()
+            return
+        if uid not in loops or loops[uid].done():
+            namespace, name = body.metadata.namespace, body.metadata.name
+            loops[uid] = asyncio.create_task(status_loop(memo.api, namespace, name, options, logger),
+                                             name=f"pdserve status {namespace}/{name}")
+
+    return registry
+

@@ -1,0 +1,241 @@
+"""Pure builders of the pod templates: engine (prefill/decode), router and the managed Redis.
+
+Every pod runs as a non-root user with a read-only root filesystem; what must be writable (``/tmp`` for caches,
+``/dev/shm`` for tensor-parallel NCCL, a downloaded model) is an ``emptyDir``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pdserve.operator import constants as c
+from pdserve.operator.spec import RoleSpec, RouterSpec, ServiceSpec
+
+Obj = dict[str, Any]
+
+# The image carries huggingface_hub (a transformers dependency); its Python API is stabler than its CLI's name.
+HF_DOWNLOAD = ("import sys\nfrom huggingface_hub import snapshot_download\n"
+               "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2] or None, local_dir=sys.argv[3])\n")
+
+
+def selector_labels(name: str, role: str) -> dict[str, str]:
+    """The labels that select one role's pods; immutable for the life of a Deployment."""
+    return {c.LABEL_SERVICE: name, c.LABEL_ROLE: role}
+
+
+def selector_string(name: str, role: str) -> str:
+    """The same labels as a label-selector string, as the router's ``--prefill-selector`` takes them."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name, role).items())
+
+
+def labels(name: str, role: str) -> dict[str, str]:
+    """All labels of a child object or pod of ``role``."""
+    return {**selector_labels(name, role), c.LABEL_NAME: "pdserve", c.LABEL_INSTANCE: name,
+            c.LABEL_COMPONENT: role, c.LABEL_MANAGED_BY: c.MANAGED_BY}
+
+
+def model_arg(s: ServiceSpec) -> str:
+    """What the engines get as ``--model``: a bundled name or a directory inside the pod."""
+    src = s.model.source
+    if src.kind == "bundled":
+        return src.name
+    if src.kind == "huggingFace":
+        return f"{c.MODEL_DIR}/{src.name}"
+    if src.kind == "pvc" and src.path:
+        return f"{c.MODEL_DIR}/{src.path}"
+    return c.MODEL_DIR
+
+
+def redis_url(s: ServiceSpec) -> str | None:
+    if s.kv.type != "redis":
+        return None
+    return s.kv.redis_url or f"redis://{s.name}-redis.{s.namespace}.svc:{c.REDIS_PORT}/0"
+
+
+def engine_args(s: ServiceSpec, role: str) -> list[str]:
+    """The ``pdserve prefill|decode`` command line of one engine role."""
+    r, e = s.role(role), s.engine
+    args = [role, "--model", model_arg(s), "--served-model-name", s.model.served_name,
+            "--port", str(c.HTTP_PORT), "--grpc-port", str(c.GRPC_PORT), "--kv-connector", s.kv.type]
+    if s.kv.type == "shared-fs":
+        args += ["--kv-path", c.KV_DIR]
+    url = redis_url(s)
+    if url:
+        args += ["--redis-url", url]
+    args += ["--dtype", s.model.dtype]
+    if s.model.max_model_len:
+        args += ["--max-model-len", str(s.model.max_model_len)]
+    args += ["--block-size", str(e.block_size), "--kv-cache-dtype", e.kv_cache_dtype,
+             "--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}", "--max-num-seqs", str(e.max_num_seqs),
+             "--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+    if not e.enable_prefix_caching:
+        args.append("--no-enable-prefix-caching")
+    args += ["--tensor-parallel-size", str(r.tensor_parallel), "--pipeline-parallel-size", str(r.pipeline_parallel)]
+    return args + list(e.extra_args) + list(r.extra_args)
+
+
+def router_args(s: ServiceSpec) -> list[str]:
+    return ["router", "--port", str(c.HTTP_PORT), "--discovery", "kubernetes", "--namespace", s.namespace,
+            "--prefill-selector", selector_string(s.name, "prefill"),
+            "--decode-selector", selector_string(s.name, "decode"),
+            "--routing-config", f"{c.CONFIG_DIR}/routing.json"] + list(s.router.extra_args)
+
+
+def pod_security_context(user: int = c.RUN_AS_USER) -> Obj:
+    return {"runAsNonRoot": True, "runAsUser": user, "runAsGroup": user, "fsGroup": user,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> Obj:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _resources(requests: dict[str, Any], limits: dict[str, Any], gpus: int = 0, gpu_resource: str = "") -> Obj:
+    # Quantities as strings: the canonical form, and what typed clients insist on.
+    limits = {k: str(v) for k, v in limits.items()}
+    if gpus:
+        # Extended resources are requested through limits alone; requests default to the same number.
+        limits[gpu_resource] = str(gpus)
+    out: Obj = {}
+    if requests:
+        out["requests"] = {k: str(v) for k, v in requests.items()}
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(defaults: list[Obj], user: list[Obj]) -> list[Obj]:
+    """Defaults first, then the user's variables; a user variable replaces a default of the same name."""
+    names = {e["name"] for e in user}
+    return [e for e in defaults if e["name"] not in names] + copy.deepcopy(user)
+
+
+def _http_probe(period: int, failures: int, timeout: int = 5) -> Obj:
+    return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period, "timeoutSeconds": timeout,
+            "failureThreshold": failures}
+
+
+def _placement(spec: Obj, r: RoleSpec | RouterSpec) -> None:
+    if r.node_selector:
+        spec["nodeSelector"] = dict(r.node_selector)
+    if r.tolerations:
+        spec["tolerations"] = copy.deepcopy(r.tolerations)
+    if r.affinity:
+        spec["affinity"] = copy.deepcopy(r.affinity)
+
+
+def _image_fields(s: ServiceSpec, spec: Obj) -> None:
+    if s.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
+
+
+def _model_volume(s: ServiceSpec) -> Obj | None:
+    src = s.model.source
+    if src.kind == "huggingFace":
+        return {"name": "model", "emptyDir": {}}
+    if src.kind == "pvc":
+        return {"name": "model", "persistentVolumeClaim": {"claimName": src.name, "readOnly": True}}
+    if src.kind == "hostPath":
+        return {"name": "model", "hostPath": {"path": src.name, "type": "Directory"}}
+    return None
+
+
+def _hf_init_container(s: ServiceSpec) -> Obj:
+    src = s.model.source
+    env: list[Obj] = [{"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}]
+    if src.token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret.name,
+                                                                      "key": src.token_secret.key}}})
+    return {"name": "fetch-model", "image": s.image, "imagePullPolicy": s.image_pull_policy,
+            "command": ["python", "-c", HF_DOWNLOAD, src.name, src.revision or "", model_arg(s)],
+            "env": env, "securityContext": container_security_context(),
+            "volumeMounts": [{"name": "model", "mountPath": c.MODEL_DIR}, {"name": "tmp", "mountPath": c.TMP_DIR}]}
+
+
+def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
+    """The pod template of the prefill or decode Deployment."""
+    r = s.role(role)
+    mounts: list[Obj] = [{"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": c.TMP_DIR}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes: list[Obj] = [{"name": "config", "configMap": {"name": f"{s.name}-config"}},
+                          {"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    model_volume = _model_volume(s)
+    if model_volume:
+        volumes.append(model_volume)
+        mounts.append({"name": "model", "mountPath": c.MODEL_DIR,
+                       "readOnly": s.model.source.kind != "huggingFace"})
+    if s.kv.type == "shared-fs":
+        volumes.append({"name": "kv", "persistentVolumeClaim": {"claimName": s.kv.shared_fs_claim}})
+        mounts.append({"name": "kv", "mountPath": c.KV_DIR})
+    # Caches of torch, Triton and Hugging Face land in /tmp: the root filesystem is read-only.
+    env = _env([{"name": "HOME", "value": c.TMP_DIR}, {"name": "XDG_CACHE_HOME", "value": f"{c.TMP_DIR}/.cache"},
+                {"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}], r.env)
+    container: Obj = {
+        "name": "engine", "image": s.image, "imagePullPolicy": s.image_pull_policy,
+        "command": ["pdserve"], "args": engine_args(s, role), "env": env,
+        "ports": [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"},
+                  {"name": "grpc", "containerPort": c.GRPC_PORT, "protocol": "TCP"}],
+        # Loading and warming a large model can take many minutes; the startup probe gives it 30.
+        "startupProbe": _http_probe(period=10, failures=180),
+        "readinessProbe": _http_probe(period=5, failures=3),
+        "livenessProbe": _http_probe(period=10, failures=6),
+        "resources": _resources(r.requests, r.limits, r.gpu_count, r.gpu_resource),
+        "securityContext": container_security_context(), "volumeMounts": mounts,
+    }
+    spec: Obj = {"automountServiceAccountToken": False, "securityContext": pod_security_context(),
+                 "terminationGracePeriodSeconds": 60, "containers": [container], "volumes": volumes}
+    if s.model.source.kind == "huggingFace":
+        spec["initContainers"] = [_hf_init_container(s)]
+    if s.service_account_name:
+        spec["serviceAccountName"] = s.service_account_name
+    _placement(spec, r)
+    _image_fields(s, spec)
+    return {"metadata": {"labels": labels(s.name, role), "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash}},
+            "spec": spec}
+
+
+def router_pod(s: ServiceSpec, config_hash: str) -> Obj:
+    """The router's pod template: it watches the engine pods, so it gets its own ServiceAccount."""
+    r = s.router
+    env_defaults: list[Obj] = [{"name": "HOME", "value": c.TMP_DIR}]
+    if r.api_key_secret:
+        env_defaults.append({"name": "PDSERVE_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": r.api_key_secret.name, "key": r.api_key_secret.key}}})
+    container: Obj = {
+        "name": "router", "image": s.image, "imagePullPolicy": s.image_pull_policy,
+        "command": ["pdserve"], "args": router_args(s), "env": _env(env_defaults, r.env),
+        "ports": [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"}],
+        "readinessProbe": _http_probe(period=5, failures=3),
+        "livenessProbe": _http_probe(period=10, failures=6),
+        "resources": _resources(r.requests, r.limits),
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": c.TMP_DIR}],
+    }
+    spec: Obj = {"serviceAccountName": f"{s.name}-router", "securityContext": pod_security_context(),
+                 "terminationGracePeriodSeconds": 30, "containers": [container],
+                 "volumes": [{"name": "config", "configMap": {"name": f"{s.name}-config"}},
+                             {"name": "tmp", "emptyDir": {}}]}
+    _placement(spec, r)
+    _image_fields(s, spec)
+    return {"metadata": {"labels": labels(s.name, "router"), "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash}},
+            "spec": spec}
+
+
+def redis_pod(s: ServiceSpec) -> Obj:
+    """A cache-only Redis (no persistence): losing it costs recomputed prefills, never wrong answers."""
+    container: Obj = {
+        "name": "redis", "image": s.kv.redis_image, "imagePullPolicy": "IfNotPresent",
+        "args": ["--save", "", "--appendonly", "no", "--maxmemory", s.kv.redis_max_memory,
+                 "--maxmemory-policy", "allkeys-lru"],
+        "ports": [{"name": "redis", "containerPort": c.REDIS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10},
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    return {"metadata": {"labels": labels(s.name, "redis")},
+            "spec": {"automountServiceAccountToken": False,
+                     "securityContext": pod_security_context(c.REDIS_RUN_AS_USER),
+                     "containers": [container], "volumes": [{"name": "data", "emptyDir": {}}]}}

@@ -1,0 +1,342 @@
+"""Parse and validate an InferenceService ``spec`` into frozen dataclasses.
+
+The CRD's OpenAPI schema and CEL rules reject most bad specs at admission, but the operator checks again here:
+``pdserve operator render`` runs without an API server, old clusters may not enforce CEL, and a spec that slips
+through must end as a ``Degraded`` condition with a reason, not as a crash loop. The defaults below equal the CRD's
+(``tests/operator/test_crd.py`` checks that), so a spec means the same thing with or without the API server's
+defaulting.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pdserve.operator import constants as c
+
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+CONNECTORS = ("shared-fs", "grpc", "redis")
+MODEL_SOURCES = ("bundled", "huggingFace", "pvc", "hostPath")
+DEFAULT_BUNDLED_MODEL = "smollm2-135m-instruct"
+DEFAULT_PLUGINS = (("prefix-cache", 2.0), ("load", 1.0))
+
+
+class SpecError(ValueError):
+    """An invalid spec. ``reason`` is a CamelCase word for conditions and Events; ``path`` names the field."""
+
+    def __init__(self, path: str, message: str, reason: str = "InvalidSpec") -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from. ``kind`` is one of :data:`MODEL_SOURCES`."""
+
+    kind: str
+    name: str  # bundled name | Hugging Face id | PVC claim name | host path
+    path: str = ""  # sub-path inside the PVC
+    revision: str | None = None
+    token_secret: SecretKeyRef | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: ModelSource
+    served_name: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    block_size: int = 16
+    kv_cache_dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One engine role (prefill or decode). Pass-through Kubernetes fields are plain data, treated as read-only."""
+
+    replicas: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    gpus: int | None = None  # None: one GPU per model shard (tensor x pipeline)
+    gpu_resource: str = "nvidia.com/gpu"
+    requests: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] = field(default_factory=dict)
+    env: list[dict[str, Any]] = field(default_factory=list)
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def gpu_count(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel if self.gpus is None else self.gpus
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    replicas: int = 1
+    plugins: tuple[tuple[str, float], ...] = DEFAULT_PLUGINS
+    pd_threshold: int = 256
+    api_key_secret: SecretKeyRef | None = None
+    requests: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] = field(default_factory=dict)
+    env: list[dict[str, Any]] = field(default_factory=list)
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KVConnectorSpec:
+    type: str = "grpc"
+    shared_fs_claim: str | None = None
+    redis_url: str | None = None
+    redis_deploy: bool = False
+    redis_image: str = c.DEFAULT_REDIS_IMAGE
+    redis_max_memory: str = "2gb"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A whole, valid InferenceService: the one input of the pure rendering functions."""
+
+    name: str
+    namespace: str
+    model: ModelSpec
+    engine: EngineSpec
+    prefill: RoleSpec
+    decode: RoleSpec
+    router: RouterSpec
+    kv: KVConnectorSpec
+    image: str
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account_name: str | None = None
+    service_monitor: bool = False
+    scrape_interval: str = "15s"
+
+    def role(self, role: str) -> RoleSpec:
+        return self.prefill if role == "prefill" else self.decode
+
+
+class _Fields:
+    """Typed access to one object of the spec that names the field in every error and refuses unknown keys."""
+
+    def __init__(self, obj: Any, path: str, known: tuple[str, ...]) -> None:
+        if obj is None:
+            obj = {}
+        if not isinstance(obj, Mapping):
+            raise SpecError(path, "must be an object")
+        unknown = sorted(set(obj) - set(known))
+        if unknown:
+            raise SpecError(path, f"unknown field(s) {', '.join(unknown)}")
+        self.obj, self.path = obj, path
+
+    def _get(self, key: str, types: tuple[type, ...], default: Any) -> Any:
+        value = self.obj.get(key, default)
+        # bool is an int subclass in Python; a YAML "true" must not pass as a replica count.
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            names = "/".join(t.__name__ for t in types)
+            raise SpecError(f"{self.path}.{key}", f"must be {names}, got {value!r}")
+        return value
+
+    def int(self, key: str, default: int | None, minimum: int | None = None, maximum: int | None = None) -> Any:
+        value = self._get(key, (int,), default)
+        if value is not None and minimum is not None and value < minimum:
+            raise SpecError(f"{self.path}.{key}", f"must be >= {minimum}, got {value}")
+        if value is not None and maximum is not None and value > maximum:
+            raise SpecError(f"{self.path}.{key}", f"must be <= {maximum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        return float(self._get(key, (int, float), default))
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._get(key, (bool,), default)
+
+    def str(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> Any:
+        value = self._get(key, (str,), default)
+        if value is not None and choices and value not in choices:
+            raise SpecError(f"{self.path}.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def sub(self, key: str, known: tuple[str, ...]) -> "_Fields":
+        return _Fields(self.obj.get(key), f"{self.path}.{key}", known)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self._get(key, (list,), [])
+        if not all(isinstance(v, str) for v in value):
+            raise SpecError(f"{self.path}.{key}", "must be a list of strings")
+        return tuple(value)
+
+    def data(self, key: str, kind: type) -> Any:
+        """A pass-through Kubernetes structure (tolerations, affinity, env, ...), copied so callers own it."""
+        return copy.deepcopy(self._get(key, (kind,), kind()))
+
+    def has(self, key: str) -> bool:
+        return self.obj.get(key) is not None
+
+
+def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_image: str = c.DEFAULT_IMAGE
+          ) -> ServiceSpec:
+    """Validate ``spec`` of the InferenceService ``namespace/name``; raise :class:`SpecError` on the first problem."""
+    if not isinstance(name, str) or not DNS_LABEL.match(name) or len(name) > c.MAX_NAME_LENGTH:
+        raise SpecError("metadata.name", f"must be a DNS label (a-z, 0-9, '-', starting with a letter) of at most "
+                                         f"{c.MAX_NAME_LENGTH} characters, got {name!r}")
+    f = _Fields(spec, "spec", ("model", "engine", "prefill", "decode", "router", "kvConnector", "image",
+                               "imagePullPolicy", "imagePullSecrets", "serviceAccountName", "monitoring"))
+    pull_secrets = f.data("imagePullSecrets", list)
+    if not all(isinstance(s, Mapping) and isinstance(s.get("name"), str) for s in pull_secrets):
+        raise SpecError("spec.imagePullSecrets", "must be a list of {name: ...}")
+    monitoring = f.sub("monitoring", ("serviceMonitor", "interval"))
+    return ServiceSpec(
+        name=name, namespace=namespace, model=_model(f.sub("model", ("source", "servedName", "dtype", "maxModelLen"))),
+        engine=_engine(f.sub("engine", ("blockSize", "kvCacheDtype", "gpuMemoryUtilization", "maxNumSeqs",
+                                        "maxNumBatchedTokens", "enablePrefixCaching", "extraArgs"))),
+        prefill=_role(f.sub("prefill", _ROLE_FIELDS)), decode=_role(f.sub("decode", _ROLE_FIELDS)),
+        router=_router(f.sub("router", _ROUTER_FIELDS)), kv=_kv(f.sub("kvConnector", ("type", "sharedFs", "redis"))),
+        image=f.str("image") or default_image,
+        image_pull_policy=f.str("imagePullPolicy", "IfNotPresent", ("Always", "IfNotPresent", "Never")),
+        image_pull_secrets=tuple(s["name"] for s in pull_secrets),
+        service_account_name=f.str("serviceAccountName"),
+        service_monitor=monitoring.bool("serviceMonitor", False),
+        scrape_interval=monitoring.str("interval", "15s"))
+
+
+def _model(f: _Fields) -> ModelSpec:
+    src = f.sub("source", MODEL_SOURCES)
+    chosen = [k for k in MODEL_SOURCES if src.has(k)] if f.has("source") else ["bundled"]
+    if len(chosen) != 1:
+        raise SpecError(src.path, f"set exactly one of {', '.join(MODEL_SOURCES)}")
+    kind = chosen[0]
+    if kind == "bundled":
+        source = ModelSource("bundled", src.str("bundled", DEFAULT_BUNDLED_MODEL))
+    elif kind == "huggingFace":
+        hf = src.sub("huggingFace", ("id", "revision", "tokenSecretRef"))
+        hf_id = hf.str("id")
+        if not hf_id or not HF_ID.match(hf_id):
+            raise SpecError(f"{hf.path}.id", f"must look like 'org/name', got {hf_id!r}")
+        token = _secret_ref(hf.sub("tokenSecretRef", ("name", "key")), "token") if hf.has("tokenSecretRef") else None
+        source = ModelSource("huggingFace", hf_id, revision=hf.str("revision"), token_secret=token)
+    elif kind == "pvc":
+        pvc = src.sub("pvc", ("claimName", "path"))
+        source = ModelSource("pvc", _required(pvc, "claimName"), path=(pvc.str("path", "") or "").strip("/"))
+    else:
+        host = src.sub("hostPath", ("path",))
+        path = _required(host, "path")
+        if not path.startswith("/"):
+            raise SpecError(f"{host.path}.path", f"must be an absolute path, got {path!r}")
+        source = ModelSource("hostPath", path)
+    default_served = {"bundled": source.name, "huggingFace": source.name,
+                      "pvc": source.path.rsplit("/", 1)[-1] or source.name,
+                      "hostPath": source.name.rstrip("/").rsplit("/", 1)[-1] or "model"}[kind]
+    return ModelSpec(source=source, served_name=f.str("servedName") or default_served,
+                     dtype=f.str("dtype", "auto", DTYPES), max_model_len=f.int("maxModelLen", None, minimum=1))
+
+
+def _engine(f: _Fields) -> EngineSpec:
+    util = f.number("gpuMemoryUtilization", 0.9)
+    if not 0.0 < util <= 1.0:
+        raise SpecError(f"{f.path}.gpuMemoryUtilization", f"must be in (0, 1], got {util}")
+    return EngineSpec(block_size=f.int("blockSize", 16, minimum=1, maximum=1024),
+                      kv_cache_dtype=f.str("kvCacheDtype", "auto", KV_CACHE_DTYPES), gpu_memory_utilization=util,
+                      max_num_seqs=f.int("maxNumSeqs", 128, minimum=1),
+                      max_num_batched_tokens=f.int("maxNumBatchedTokens", 2048, minimum=1),
+                      enable_prefix_caching=f.bool("enablePrefixCaching", True), extra_args=f.strings("extraArgs"))
+
+
+_POD_FIELDS = ("replicas", "resources", "nodeSelector", "tolerations", "affinity", "env", "extraArgs")
+_ROLE_FIELDS = _POD_FIELDS + ("parallelism",)
+_ROUTER_FIELDS = _POD_FIELDS + ("plugins", "pdThreshold", "apiKeySecretRef")
+
+
+def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
+    res = f.sub("resources", ("gpus", "gpuResource", "requests", "limits") if gpus else ("requests", "limits"))
+    out = dict(replicas=f.int("replicas", 1, minimum=0), requests=res.data("requests", dict),
+               limits=res.data("limits", dict), node_selector=f.data("nodeSelector", dict),
+               tolerations=f.data("tolerations", list), affinity=f.data("affinity", dict),
+               env=f.data("env", list), extra_args=f.strings("extraArgs"))
+    if not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in out["env"]):
+        raise SpecError(f"{f.path}.env", "must be a list of environment variables with a name")
+    if gpus:
+        out.update(gpus=res.int("gpus", None, minimum=0), gpu_resource=res.str("gpuResource", "nvidia.com/gpu"))
+    return out
+
+
+def _role(f: _Fields) -> RoleSpec:
+    par = f.sub("parallelism", ("tensor", "pipeline"))
+    role = RoleSpec(tensor_parallel=par.int("tensor", 1, minimum=1), pipeline_parallel=par.int("pipeline", 1, minimum=1),
+                    **_pod_fields(f, gpus=True))
+    if role.gpus is not None and 0 < role.gpus < role.tensor_parallel * role.pipeline_parallel:
+        raise SpecError(f"{f.path}.resources.gpus", f"{role.gpus} GPU(s) cannot hold tensor x pipeline = "
+                                                    f"{role.tensor_parallel * role.pipeline_parallel} model shards")
+    return role
+
+
+def _router(f: _Fields) -> RouterSpec:
+    plugins = f.data("plugins", list) if f.has("plugins") else [{"name": n, "weight": w} for n, w in DEFAULT_PLUGINS]
+    parsed: list[tuple[str, float]] = []
+    for i, item in enumerate(plugins):
+        p = _Fields(item, f"{f.path}.plugins[{i}]", ("name", "weight"))
+        name = _required(p, "name")
+        weight = p.number("weight", 1.0)
+        if weight < 0:
+            raise SpecError(f"{p.path}.weight", f"must be >= 0, got {weight}")
+        if name in {n for n, _ in parsed}:
+            raise SpecError(f"{p.path}.name", f"plugin {name!r} is listed twice")
+        parsed.append((name, weight))
+    api_key = _secret_ref(f.sub("apiKeySecretRef", ("name", "key")), "api-key") if f.has("apiKeySecretRef") else None
+    return RouterSpec(plugins=tuple(parsed), pd_threshold=f.int("pdThreshold", 256, minimum=0),
+                      api_key_secret=api_key, **_pod_fields(f, gpus=False))
+
+
+def _kv(f: _Fields) -> KVConnectorSpec:
+    kind = f.str("type", "grpc", CONNECTORS)
+    shared = f.sub("sharedFs", ("claimName",))
+    redis = f.sub("redis", ("url", "deploy", "image", "maxMemory"))
+    spec = KVConnectorSpec(type=kind, shared_fs_claim=shared.str("claimName"), redis_url=redis.str("url"),
+                           redis_deploy=redis.bool("deploy", False),
+                           redis_image=redis.str("image", c.DEFAULT_REDIS_IMAGE),
+                           redis_max_memory=redis.str("maxMemory", "2gb"))
+    if kind == "shared-fs" and not spec.shared_fs_claim:
+        raise SpecError(f"{f.path}.sharedFs.claimName", "the shared-fs connector needs a ReadWriteMany PVC")
+    if kind == "redis" and not (spec.redis_url or spec.redis_deploy):
+        raise SpecError(f"{f.path}.redis", "the redis connector needs redis.url or redis.deploy: true")
+    if spec.redis_url and spec.redis_deploy:
+        raise SpecError(f"{f.path}.redis", "set redis.url or redis.deploy: true, not both")
+    if spec.redis_url and not spec.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise SpecError(f"{f.path}.redis.url", f"must start with redis://, rediss:// or unix://, got {spec.redis_url!r}")
+    return spec
+
+
+def _required(f: _Fields, key: str) -> str:
+    value = f.str(key)
+    if not value:
+        raise SpecError(f"{f.path}.{key}", "is required")
+    return value
+
+
+def _secret_ref(f: _Fields, default_key: str) -> SecretKeyRef:
+    return SecretKeyRef(name=_required(f, "name"), key=f.str("key", default_key))

@@ -1,0 +1,132 @@
+"""``pdserve bench latency``: batch-1 decode speed, prefill time and MFU, with the transformers peer.
+
+Decode tokens/s = (output_len - 1) / (time to generate output_len tokens - time to generate 1 token), so the
+prefill is not counted in the decode rate. The roofline share compares the bytes a decode step reads with the
+memory copy bandwidth measured in the same run; MFU compares prefill FLOPs with the measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
+
+
+@dataclass
+class LatencyResult:
+    engine: str
+    prompt_len: int
+    output_len: int
+    prefill_s: float
+    total_s: float
+    decode_tokens_per_s: float
+    roofline_share: float | None = None
+    prefill_mfu: float | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=3, help="repetitions; the median is reported")
+    parser.add_argument("--peer", choices=["none", "hf"], default="none")
+    parser.add_argument("--json-out", default=None)
+    add_engine_arguments(parser)
+
+
+def _median_time(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_pdserve(llm, prompt: list[int], output_len: int, iters: int) -> tuple[float, float]:
+    from pdserve.engine.sampling_params import SamplingParams
+
+    def gen(n: int) -> None:
+        llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+    gen(2)  # warm-up
+    # A different prompt each time would defeat prefix caching; instead turn the cache off for this bench
+    # (see run()), so every iteration really computes the prefill.
+    return _median_time(lambda: gen(1), iters), _median_time(lambda: gen(output_len), iters)
+
+
+def run_hf(cfg, prompt: list[int], output_len: int, iters: int) -> tuple[float, float]:
+    import torch
+
+    from pdserve.bench.hf_peer import engine_device_dtype, load_hf_model
+
+    device, dtype = engine_device_dtype(cfg)
+    model = load_hf_model(cfg, device, dtype)
+    ids = torch.tensor([prompt], device=device)
+    kw = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if device.type == "cuda":
+        kw["cache_implementation"] = "static"
+
+    def gen(n: int) -> None:
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    gen(2)
+    return _median_time(lambda: gen(1), iters), _median_time(lambda: gen(output_len), iters)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pdserve.bench import roofline
+    from pdserve.engine.llm import LLM
+
+    kw = engine_kwargs(args)
+    kw["enable_prefix_caching"] = False
+    llm = LLM(**kw)
+    cfg = llm.config
+    runner = llm.engine.core.runner
+    rng = random.Random(0)
+    prompt = [rng.randint(100, cfg.model.hf_config.vocab_size - 1) for _ in range(args.input_len)]
+    device = runner.device
+    bandwidth = roofline.measure_copy_bandwidth(device)
+    peak = roofline.measure_matmul_flops(device)
+    model = runner.model
+    weights = roofline.weight_bytes(model)
+    num_params = sum(p.numel() for p in model.parameters())
+    kv_elem = 1 if cfg.cache.kv_cache_dtype == "fp8_e4m3" else next(model.parameters()).element_size()
+    avg_ctx = args.input_len + args.output_len // 2
+    step_bytes = roofline.decode_step_bytes(weights, cfg.model.hf_config, kv_elem, avg_ctx, False)
+    flops = roofline.prefill_flops(num_params, cfg.model.hf_config, args.input_len)
+
+    def result(name: str, prefill: float, total: float) -> LatencyResult:
+        decode_rate = (args.output_len - 1) / max(total - prefill, 1e-9)
+        return LatencyResult(name, args.input_len, args.output_len, prefill, total, decode_rate,
+                             roofline_share=step_bytes * decode_rate / bandwidth,
+                             prefill_mfu=flops / prefill / peak)
+
+    results = [result("pdserve", *run_pdserve(llm, prompt, args.output_len, args.iters))]
+    if args.peer == "hf":
+        del llm, model, runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results.append(result("hf", *run_hf(cfg, prompt, args.output_len, args.iters)))
+    print(f"model={cfg.model.model} device={device} weights={weights / 1e9:.2f} GB "
+          f"copy bandwidth={bandwidth / 1e12:.2f} TB/s matmul peak={peak / 1e12:.1f} TFLOP/s")
+    print(f"{'engine':<9} {'prefill ms':>10} {'decode tok/s':>12} {'roofline':>9} {'prefill MFU':>11}")
+    for r in results:
+        print(f"{r.engine:<9} {r.prefill_s * 1e3:>10.1f} {r.decode_tokens_per_s:>12.1f} "
+              f"{r.roofline_share:>8.1%} {r.prefill_mfu:>10.1%}")
+    if len(results) > 1:
+        print(f"pdserve / hf decode ratio: {results[0].decode_tokens_per_s / results[1].decode_tokens_per_s:.2f}x")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"device": str(device), "bandwidth": bandwidth, "matmul_peak": peak,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+    return 0

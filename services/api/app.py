@@ -1,0 +1,245 @@
+"""The OpenAI-compatible HTTP app, built around any :class:`EngineClient`.
+
+``build_app(engine, settings, metrics)`` is what every serving role mounts (the monolithic server, the decode
+service, the router). Every failure leaves as OpenAI's error body with the right status; the body-size limit and
+the API key are enforced by a small ASGI middleware before anything is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from pdserve.services.api.engine_client import EngineClient
+from pdserve.services.api.errors import ApiError, bad_request, from_exception
+from pdserve.services.api.metrics import CONTENT_TYPE, ServingMetrics
+from pdserve.services.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                           TokenizeRequest)
+from pdserve.services.api.serving_chat import ChatServing, render_chat
+from pdserve.services.api.serving_completion import CompletionServing
+from pdserve.services.api.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+# Paths that need the API key when one is set (health and metrics stay open for probes and scrapers).
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Refuses oversized bodies (413) and requests without the API key (401) before the app parses them."""
+
+    def __init__(self, app: Any, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        limit = self.settings.max_body_bytes
+        err = None
+        if self.settings.api_key and scope["path"].startswith(_PROTECTED_PREFIXES):
+            given = headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {self.settings.api_key}".encode()):
+                err = ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                               code="invalid_api_key")
+        length = headers.get("content-length")
+        if err is None and length is not None and (not length.isdigit() or int(length) > limit):
+            err = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        if err is not None:
+            return await JSONResponse(err.body(), err.status, headers=err.headers())(scope, receive, send)
+
+        received = 0
+
+        async def limited_receive() -> dict:
+            # Chunked bodies carry no Content-Length: count as they arrive.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that always closes its engine streams, even if the body never started."""
+
+    def __init__(self, events: Any) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
+    """The first problem pydantic found, naming the field."""
+    first = exc.errors()[0]
+    # Drop union-member tags ("str", "list[int]") pydantic adds to the location.
+    loc = [str(p) for p in first.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in ("str", "int",
+                                                                                                 "float", "bool")))]
+    param = ".".join(loc) or None
+    return bad_request(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work`` unless the client goes away first; then cancel it (which aborts the engine request)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled():
+        return None  # nobody is listening any more
+    return task.result()
+
+
+def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMetrics | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``: OpenAI endpoints, health, metrics and the tokenizer endpoints."""
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    completion = CompletionServing(engine, settings)
+    chat = ChatServing(engine, settings)
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers())
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
+        err = ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes",
+                       code="request_too_large")
+        return JSONResponse(err.body(), err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(exc)
+        return JSONResponse(err.body(), err.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        err = from_exception(exc, settings.retry_after_s)
+        if err.status >= 500 and err.status != 503:
+            logger.exception("request failed: %s %s", request.method, request.url.path)
+        return JSONResponse(err.body(), err.status, headers=err.headers())
+
+    async def _serve(request: Request, result: Any) -> Response:
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return _EventStream(result)
+
+    async def _run(request: Request, create: Callable[[Any], Awaitable[Any]], body: Any) -> Response:
+        try:
+            result = await _until_disconnect(request, create(body))
+        except (ApiError, asyncio.TimeoutError) as exc:
+            err = from_exception(exc, settings.retry_after_s)
+            return JSONResponse(err.body(), err.status, headers=err.headers())
+        if result is None:
+            return Response(status_code=499)  # client closed the request; nothing will read this
+        return await _serve(request, result)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _run(request, completion.create, await _parse(request, CompletionRequest))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _run(request, chat.create, await _parse(request, ChatCompletionRequest))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "pdserve", "root": engine.model_name,
+             "max_model_len": engine.max_model_len} for name in settings.served_model_names]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_ready:
+            return JSONResponse({"status": "ok"})
+        dead = engine.dead_error
+        err = ApiError(503, str(dead) if dead else "the engine is starting", retry_after=settings.retry_after_s,
+                       code="engine_dead" if dead else "engine_not_ready")
+        return JSONResponse(err.body(), 503, headers=err.headers())
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body = metrics.render() if metrics is not None else b""
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await _parse(request, TokenizeRequest)
+        completion.check_model(req.model)
+        tok = engine.tokenizer
+        if tok is None:
+            raise bad_request("this model has no tokenizer", param="prompt")
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of 'prompt' and 'messages'", param="prompt")
+        if req.messages is not None:
+            tokens = render_chat(tok, req.messages, req.add_generation_prompt).token_ids
+        else:
+            tokens = list(tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+        return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await _parse(request, DetokenizeRequest)
+        completion.check_model(req.model)
+        tok = engine.tokenizer
+        if tok is None:
+            raise bad_request("this model has no tokenizer", param="tokens")
+        vocab = len(tok)
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    return app
+
+
+def with_guard(app: FastAPI, settings: ServerSettings) -> GuardMiddleware:
+    """The ASGI application to serve: ``app`` behind the size and API-key guard."""
+    return GuardMiddleware(app, settings)

@@ -1,0 +1,138 @@
+"""``pdserve serve``: one monolithic engine behind the OpenAI HTTP API (and, with ``--grpc-port``, gRPC).
+
+    pdserve serve --model smollm2-135m-instruct --port 8000 [--grpc-port 50051] [--api-key KEY] [--max-waiting N]
+
+The engine core runs in a child process; this process serves HTTP/gRPC, tokenizes and detokenizes. Ctrl-C or
+SIGTERM stops both cleanly; if the engine core dies, the server stops with exit code 1 (a supervisor restarts it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+from typing import Any, Iterator
+
+from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
+
+logger = logging.getLogger("pdserve.serve")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Front-end flags (shared with the other serving roles)."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port")
+    g.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC server)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and gRPC calls")
+    g.add_argument("--max-waiting", type=int, default=0,
+                   help="refuse new requests (429 + Retry-After) while this many sequences wait (0: no limit)")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest accepted request body")
+    g.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
+    g.add_argument("--request-timeout", type=float, default=0.0,
+                   help="abort requests running longer than this many seconds (0: no limit)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_arguments(parser)
+    add_engine_arguments(parser)
+
+
+def settings_from_args(args: argparse.Namespace, served_name: str) -> Any:
+    from pdserve.services.api.settings import ServerSettings
+
+    return ServerSettings(served_model_names=(served_name,), api_key=args.api_key,
+                          max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
+                          request_timeout_s=args.request_timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Uvicorn without its own signal handling: it re-raises SIGINT after serving, which would interrupt the
+        engine's shutdown; :func:`serve` handles the signals instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+        def request_exit(self) -> None:
+            if self.should_exit:  # a second signal: stop without waiting for open connections
+                self.force_exit = True
+            self.should_exit = True
+
+    return Server
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Start the engine, then HTTP (and gRPC) until a signal or the engine's death; returns the exit code."""
+    import asyncio
+
+    import uvicorn
+
+    from pdserve.engine.async_engine.client import AsyncLLM
+    from pdserve.engine.config import EngineConfig
+    from pdserve.services.api.app import build_app, with_guard
+    from pdserve.services.api.metrics import ServingMetrics
+
+    _Server = _server_class()
+
+    kwargs = engine_kwargs(args)
+    try:
+        config = EngineConfig.create(kwargs.pop("model"), **kwargs)
+    except (ValueError, TypeError) as exc:
+        logger.error("bad engine configuration: %s", exc)
+        return 2
+    name = config.model.served_model_name
+    settings = settings_from_args(args, name)
+    metrics = ServingMetrics(name)
+    engine = AsyncLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting)
+    logger.info("starting the engine core for %s (loading the model)", config.model.model)
+    try:
+        await engine.start()
+    except Exception as exc:
+        logger.error("the engine failed to start: %s", exc)
+        return 1
+    app = with_guard(build_app(engine, settings, metrics), settings)
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           lifespan="off", timeout_graceful_shutdown=5, access_log=False))
+    grpc_server = None
+    if args.grpc_port is not None:
+        from pdserve.services.api.grpc_server import start_grpc_server
+
+        grpc_server = await start_grpc_server(engine, settings, args.host, args.grpc_port)
+        logger.info("gRPC on %s:%d", args.host, grpc_server.port)
+
+    async def stop_when_engine_dies() -> None:
+        while engine.dead_error is None:
+            await asyncio.sleep(0.5)
+        logger.error("stopping the server: %s", engine.dead_error)
+        server.should_exit = True
+
+    watchdog = asyncio.create_task(stop_when_engine_dies())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_exit)
+    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    try:
+        await server.serve()
+    finally:
+        watchdog.cancel()
+        if grpc_server is not None:
+            await grpc_server.stop(2.0)
+        dead = engine.dead_error is not None
+        await engine.shutdown()
+    return 1 if dead or not server.started else 0

@@ -1,0 +1,201 @@
+"""The gRPC API (``pdserve.v1.Generation``) plus the standard ``grpc.health.v1`` service, over any EngineClient.
+
+Requests are converted into the HTTP API's request models and go through the same handlers' checks, so both
+front ends accept and refuse exactly the same things; :data:`~.errors.GRPC_CODES` maps the HTTP status of an
+:class:`ApiError` to a gRPC status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any, AsyncIterator, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
+from pdserve.proto.pdserve.v1 import generate_pb2 as pb
+from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
+from pdserve.services.api.app import validation_error
+from pdserve.services.api.engine_client import EngineClient
+from pdserve.services.api.errors import GRPC_CODES, ApiError, bad_request, from_exception
+from pdserve.services.api.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.services.api.serving_chat import ChatServing, render_chat
+from pdserve.services.api.serving_common import Prompt, merge_streams, new_id
+from pdserve.services.api.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "pdserve.v1.Generation"
+_PARAM_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "max_tokens", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens",
+                 "include_stop_str_in_output")
+
+
+def request_fields(req: pb.GenerateRequest) -> dict[str, Any]:
+    """The request as the HTTP API's JSON fields (only those the client set)."""
+    sp = req.sampling_params
+    fields: dict[str, Any] = {name: getattr(sp, name) for name in _PARAM_FIELDS if sp.HasField(name)}
+    if sp.stop:
+        fields["stop"] = list(sp.stop)
+    if sp.stop_token_ids:
+        fields["stop_token_ids"] = list(sp.stop_token_ids)
+    if req.model:
+        fields["model"] = req.model
+    if req.user:
+        fields["user"] = req.user
+    return fields
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    """Implements ``pdserve.v1.Generation`` on an :class:`EngineClient`."""
+
+    def __init__(self, engine: EngineClient, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.serving = ChatServing(engine, settings)  # its ServingBase checks serve both prompt kinds
+
+    async def _abort(self, context: grpc.aio.ServicerContext, err: ApiError) -> NoReturn:
+        """End the call with the error's status code (``context.abort`` raises)."""
+        if err.retry_after is not None:
+            context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
+        await context.abort(getattr(grpc.StatusCode, GRPC_CODES.get(err.status, "INTERNAL")), err.message)
+
+    def _check_auth(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.settings.api_key:
+            return
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
+            raise ApiError(401, "invalid or missing API key (metadata 'authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    def _prepare(self, req: pb.GenerateRequest) -> tuple[Prompt, Any]:
+        fields = request_fields(req)
+        kind = req.WhichOneof("prompt")
+        try:
+            if kind == "chat":
+                messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+                gen_prompt = req.chat.add_generation_prompt if req.chat.HasField("add_generation_prompt") else True
+                model = ChatCompletionRequest.model_validate({**fields, "messages": messages,
+                                                              "add_generation_prompt": gen_prompt})
+            elif kind in ("text", "token_ids"):
+                prompt = req.text if kind == "text" else list(req.token_ids.ids)
+                model = CompletionRequest.model_validate({**fields, "prompt": prompt})
+            else:
+                raise bad_request("the request has no prompt (set text, token_ids or chat)", param="prompt")
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        self.serving.check_common(model)
+        if isinstance(model, ChatCompletionRequest):
+            if self.engine.tokenizer is None:
+                raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
+            prompt_obj = render_chat(self.engine.tokenizer, model.messages, model.add_generation_prompt)
+            max_tokens = model.max_tokens
+        else:
+            try:
+                prompt_obj = Prompt(self.engine.tokenize(model.prompt), model.prompt
+                                    if isinstance(model.prompt, str) else None)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise bad_request(str(exc), param="prompt") from None
+            max_tokens = model.max_tokens
+        logprobs = fields.get("logprobs")
+        return prompt_obj, self.serving.sampling_params(model, max_tokens, logprobs)
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            self._check_auth(context)
+            prompt, params = self._prepare(request)
+            request_id = request.request_id or new_id("grpc")
+            streams = self.serving.start([prompt], params, request_id, stream=True)
+        except Exception as exc:
+            await self._abort(context, from_exception(exc, self.settings.retry_after_s))
+            return
+        completion_tokens = 0
+        try:
+            async for _, out in merge_streams(streams):
+                comp = out.outputs[0]
+                completion_tokens += len(comp.token_ids)
+                yield pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
+                    index=comp.index, text=comp.text, token_ids=comp.token_ids,
+                    logprobs=[self._token_logprob(row) for row in comp.logprobs or []],
+                    finish_reason=comp.finish_reason or "",
+                    stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
+        except Exception as exc:
+            await self._abort(context, from_exception(exc, self.settings.retry_after_s))
+            return
+        finally:
+            for s in streams:
+                s.close()
+        n_prompt = len(prompt.token_ids)
+        yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(
+            prompt_tokens=n_prompt, completion_tokens=completion_tokens, total_tokens=n_prompt + completion_tokens))
+
+    def _token_logprob(self, row: list[Any]) -> pb.TokenLogprob:
+        head = row[0]
+        return pb.TokenLogprob(token_id=head.token_id, token=self.serving.token_text(head), logprob=head.logprob,
+                               rank=head.rank, top_logprobs=[pb.TopLogprob(
+                                   token_id=lp.token_id, token=self.serving.token_text(lp), logprob=lp.logprob)
+                                   for lp in row[1:]])
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            self._check_auth(context)
+            self.serving.check_model(request.model or None)
+            tok = self.engine.tokenizer
+            if tok is None:
+                raise bad_request("this model has no tokenizer", param="text")
+            special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = list(tok(request.text, add_special_tokens=special).input_ids)
+        except Exception as exc:
+            await self._abort(context, from_exception(exc, self.settings.retry_after_s))
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            self._check_auth(context)
+        except ApiError as exc:
+            await self._abort(context, exc)
+        tok = self.engine.tokenizer
+        return pb.ModelInfo(model_name=self.settings.model_name,
+                            served_model_names=list(self.settings.served_model_names),
+                            max_model_len=self.engine.max_model_len, vocab_size=len(tok) if tok is not None else 0)
+
+
+class GrpcServer:
+    """A started ``grpc.aio`` server with the generation and health services; :meth:`stop` shuts it down."""
+
+    def __init__(self, server: grpc.aio.Server, health_task: asyncio.Task, port: int) -> None:
+        self.server = server
+        self.port = port
+        self._health_task = health_task
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._health_task.cancel()
+        await self.server.stop(grace_s)
+
+
+async def start_grpc_server(engine: EngineClient, settings: ServerSettings, host: str, port: int) -> GrpcServer:
+    """Bind and start; ``port=0`` picks a free port (see :attr:`GrpcServer.port`)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+
+    async def track_health() -> None:
+        # The health service answers from a table; keep it in step with the engine.
+        last = None
+        while True:
+            status = health_pb2.HealthCheckResponse.SERVING if engine.is_ready \
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            if status != last:
+                for name in ("", SERVICE_NAME):
+                    await health_servicer.set(name, status)
+                last = status
+            await asyncio.sleep(0.5)
+
+    return GrpcServer(server, asyncio.create_task(track_health()), bound)

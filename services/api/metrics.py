@@ -1,0 +1,105 @@
+"""Prometheus metrics, named ``pdserve:*`` after the vLLM metrics that dashboards already chart.
+
+One :class:`ServingMetrics` per server, on its own registry (no global state, so tests and several servers in one
+process never collide). It is a stat logger of the async engine: the engine calls :meth:`record` after every
+step, and the app exposes :meth:`render` at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from pdserve.engine.async_engine.stats import IterationStats
+from pdserve.engine.core.sched_output import SchedulerStats
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Bucket edges in seconds: from a fast GPU's decode step to a long CPU request.
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+         80.0, 160.0, 640.0, 2560.0)
+_ITL = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+        1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LONG = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+         960.0, 1920.0, 7680.0)
+_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class ServingMetrics:
+    """The metric set of one served model (label ``model_name``)."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.model_name = model_name
+        r, labels = self.registry, ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"pdserve:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"pdserve:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"pdserve:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Sequences in model execution batches.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.num_preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
+        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Generation tokens processed.")
+        success = Counter("pdserve:request_success", "Finished sequences, by finish reason.",
+                          ["model_name", "finished_reason"], registry=r)
+        self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        self._success = success
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.", _TTFT)
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between two tokens.", _ITL)
+        self.time_per_output_token = histogram("time_per_output_token_seconds",
+                                               "Mean time per output token of a request.", _ITL)
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _LONG)
+        self.request_queue_time = histogram("request_queue_time_seconds", "Time waiting before scheduling.", _LONG)
+        self.request_prefill_time = histogram("request_prefill_time_seconds", "Time in prefill.", _LONG)
+        self.request_decode_time = histogram("request_decode_time_seconds", "Time in decode.", _LONG)
+        self.iteration_tokens = histogram("iteration_tokens_total", "Tokens computed per engine step.", _TOKENS)
+        # The engine reports cumulative counts; counters take the increments.
+        self._last_queries = self._last_hits = self._last_preemptions = 0
+
+    def record(self, stats: SchedulerStats | None, it: IterationStats) -> None:
+        """Take one engine step's snapshot and iteration stats (the async engine's stat-logger interface)."""
+        if stats is not None:
+            self.num_requests_running.set(stats.num_running)
+            self.num_requests_waiting.set(stats.num_waiting)
+            self.kv_cache_usage_perc.set(stats.kv_cache_usage)
+            self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - self._last_queries))
+            self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - self._last_hits))
+            self.num_preemptions.inc(max(0, stats.num_preemptions - self._last_preemptions))
+            self._last_queries, self._last_hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+            self._last_preemptions = stats.num_preemptions
+        if it.num_step_tokens:
+            self.iteration_tokens.observe(it.num_step_tokens)
+        self.prompt_tokens.inc(it.num_prompt_tokens)
+        self.generation_tokens.inc(it.num_generation_tokens)
+        for v in it.time_to_first_tokens:
+            self.time_to_first_token.observe(v)
+        for v in it.inter_token_latencies:
+            self.inter_token_latency.observe(v)
+        for f in it.finished:
+            counter = self.request_success.get(f.finish_reason)
+            if counter is None:
+                counter = self.request_success[f.finish_reason] = self._success.labels(self.model_name,
+                                                                                       f.finish_reason)
+            counter.inc()
+            self.e2e_request_latency.observe(f.e2e_latency)
+            for value, hist in ((f.queue_time, self.request_queue_time), (f.prefill_time, self.request_prefill_time),
+                                (f.decode_time, self.request_decode_time),
+                                (f.mean_time_per_output_token, self.time_per_output_token)):
+                if value is not None:
+                    hist.observe(max(0.0, value))
+
+    def render(self) -> bytes:
+        """The text exposition format for ``/metrics``."""
+        return generate_latest(self.registry)

@@ -1,0 +1,84 @@
+"""``POST /v1/chat/completions``: a conversation, rendered with the tokenizer's chat template, to a reply."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from pdserve.engine.outputs import CompletionOutput, Logprob
+from pdserve.engine.tokenizer import apply_chat_template
+from pdserve.services.api.engine_client import OutputStream
+from pdserve.services.api.errors import bad_request
+from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
+from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage, merge_streams,
+                                                 new_id, sse)
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+    """The prompt that the model sees for a conversation (the same rendering as the offline ``LLM.chat``)."""
+    conv = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = apply_chat_template(tokenizer, conv, add_generation_prompt)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from None
+    return Prompt(list(tokenizer(text, add_special_tokens=False).input_ids), text)
+
+
+class ChatServing(ServingBase):
+    """Builds chat completion responses; ``create`` returns a dict, or an SSE event iterator when streaming."""
+
+    async def create(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        self.check_common(req)
+        if len(req.messages) > self.settings.max_messages:
+            raise bad_request(f"at most {self.settings.max_messages} messages are allowed", param="messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if self.engine.tokenizer is None:
+            raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
+        prompt = render_chat(self.engine.tokenizer, req.messages, req.add_generation_prompt)
+        params = self.sampling_params(req, max_tokens, logprobs)
+        request_id, created = new_id("chatcmpl"), int(time.time())
+        streams = self.start([prompt], params, request_id, req.stream)
+        if req.stream:
+            events = self._events(req, prompt, streams, request_id, created)
+            return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
+        (outs,) = await self.collect(streams)
+        usage = Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=sum(len(c.token_ids) for c in outs))
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(c.logprobs) if req.logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in outs]
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name(),
+                "choices": choices, "usage": usage.as_dict()}
+
+    async def _events(self, req: ChatCompletionRequest, prompt: Prompt, streams: list[OutputStream],
+                      request_id: str, created: int) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        usage = Usage(prompt_tokens=len(prompt.token_ids))
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name()}
+        # OpenAI sends the role first, in a chunk of its own, for every choice.
+        for index in range(req.n):
+            yield sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for _, out in merge_streams(streams):
+            comp = out.outputs[0]
+            usage.completion_tokens += len(comp.token_ids)
+            if not comp.text and not comp.finished and not comp.logprobs:
+                continue
+            yield sse({**head, "choices": [self._delta(comp, req.logprobs)]})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage.as_dict()})
+        yield DONE
+
+    def _delta(self, comp: CompletionOutput, logprobs: bool) -> dict[str, Any]:
+        return {"index": comp.index, "delta": {"content": comp.text} if comp.text else {},
+                "logprobs": self._logprobs(comp.logprobs) if logprobs else None,
+                "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
+
+    def _logprobs(self, rows: list[list[Logprob]] | None) -> dict[str, Any]:
+        def entry(lp: Logprob) -> dict[str, Any]:
+            text = self.token_text(lp)
+            return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(row[0]), "top_logprobs": [entry(lp) for lp in row[1:]]} for row in rows or []]}

@@ -1,0 +1,34 @@
+"""Front-end settings of one server: names, auth and the limits that keep every request bounded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Built once by the CLI (or a test); the app and the gRPC server only read it.
+
+    ``served_model_names``: names clients may use in ``model`` (the first one is reported back).
+    ``api_key``: when set, HTTP requests under ``/v1`` and the tokenizer endpoints need ``Authorization: Bearer
+    <key>``, and gRPC calls need the ``authorization`` metadata. ``request_timeout_s``: a request still running
+    after this long is aborted (0: no limit).
+    """
+
+    served_model_names: tuple[str, ...]
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    max_prompts_per_request: int = 32  # a completions "prompt" may be a batch
+    max_messages: int = 512
+    max_n: int = MAX_N
+    max_logprobs: int = MAX_LOGPROBS
+    max_stop: int = MAX_STOP_STRINGS
+    max_tokens_limit: int | None = None  # cap on max_tokens besides the context (None: the context only)
+    request_timeout_s: float = 0.0
+    retry_after_s: int = 1
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]

@@ -1,0 +1,180 @@
+"""How the router talks to engine pods: token ids in, token ids out, over each pod's gRPC ``Generation`` service.
+
+The router tokenizes, detokenizes and applies stop strings itself (as the async engine's front end does), so
+pods only ever see token ids and return token ids: a stream can move to another pod mid-way without the text
+changing. Failures are sorted into two kinds, because the router treats them differently:
+
+* :class:`PodError` -- the pod could not serve (unreachable, dying, overloaded, stream cut): retry elsewhere,
+  or resume the stream on another pod;
+* :class:`PodRejected` -- the pod refused the request itself (a bad parameter): retrying cannot help, the client
+  gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.engine.outputs import Logprob
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.proto.pdserve.v1 import generate_pb2 as pb
+from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
+from pdserve.services.router.types import Endpoint
+
+# gRPC codes that mean "this pod, now" rather than "this request": the router may try another pod.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+              grpc.StatusCode.ABORTED, grpc.StatusCode.UNIMPLEMENTED}
+# HTTP status the client sees for a refusal, by gRPC code (the inverse of the API's table).
+_HTTP_OF = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+            grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.FAILED_PRECONDITION: 400,
+            grpc.StatusCode.OUT_OF_RANGE: 400}
+
+
+class PodError(Exception):
+    """The pod failed to serve; another pod may succeed."""
+
+    def __init__(self, pod: str, message: str) -> None:
+        super().__init__(f"pod {pod}: {message}")
+        self.pod = pod
+
+
+class PodRejected(Exception):
+    """The pod refused the request as invalid; ``status`` is the HTTP status the client should get."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class TokenDelta:
+    """New tokens of one sequence from a pod (one stream message)."""
+
+    token_ids: list[int]
+    logprobs: list[list[Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    """One sequence as sent to a pod. ``params`` has ``n == 1`` and a concrete ``max_tokens``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    kv_transfer_params: dict[str, Any] | None = None  # set when decoding KV that a prefill pod computed
+
+
+class PodBackend(Protocol):
+    """What the router needs from pods; tests swap in an in-process fake."""
+
+    def generate(self, pod: Endpoint, req: BackendRequest) -> AsyncIterator[TokenDelta]:
+        """Stream a sequence's tokens; raise :class:`PodError` / :class:`PodRejected`."""
+
+    async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, dict[str, Any] | None]:
+        """Compute the prompt on a prefill pod: its first token, and the KV transfer handle for the decode pod."""
+
+    async def check_health(self, pod: Endpoint, timeout_s: float) -> bool:
+        """True when the pod answers its health check as serving."""
+
+    async def close(self) -> None: ...
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
+    """The router's parameters for one sequence, field by field (``n`` is always 1 at the pod)."""
+    return pb.SamplingParams(
+        n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+        seed=params.seed, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens, min_tokens=params.min_tokens,
+        ignore_eos=params.ignore_eos, logprobs=params.logprobs, skip_special_tokens=params.skip_special_tokens,
+        include_stop_str_in_output=params.include_stop_str_in_output)
+
+
+def _logprobs_of(choice: Any) -> list[list[Logprob]] | None:
+    if not choice.logprobs:
+        return None
+    rows = []
+    for lp in choice.logprobs:
+        row = [Logprob(int(lp.token_id), float(lp.logprob), int(lp.rank), lp.token or None)]
+        row.extend(Logprob(int(t.token_id), float(t.logprob), i + 1, t.token or None)
+                   for i, t in enumerate(lp.top_logprobs))
+        rows.append(row)
+    return rows
+
+
+def _stop_reason(text: str) -> int | str | None:
+    if not text:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+class GrpcPodBackend:
+    """Talks to pods over their gRPC ``pdserve.v1.Generation`` service, one channel per pod target."""
+
+    def __init__(self, connect_timeout_s: float = 5.0, max_message_bytes: int = 64 << 20) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes),
+                         # Notice a dead peer mid-stream within seconds, not at the OS's TCP timeout.
+                         ("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
+                         ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, pod: Endpoint) -> grpc.aio.Channel:
+        if not pod.grpc_target:
+            raise PodError(pod.name, "has no gRPC address")
+        ch = self._channels.get(pod.grpc_target)
+        if ch is None:
+            ch = self._channels[pod.grpc_target] = grpc.aio.insecure_channel(pod.grpc_target, options=self._options)
+        return ch
+
+    async def forget(self, pod: Endpoint) -> None:
+        """Close the channel of a pod that left (a later pod at the same address gets a fresh one)."""
+        ch = self._channels.pop(pod.grpc_target or "", None)
+        if ch is not None:
+            await ch.close()
+
+    def _error(self, pod: Endpoint, exc: grpc.aio.AioRpcError) -> Exception:
+        code = exc.code()
+        if code in _RETRYABLE or code not in _HTTP_OF:
+            return PodError(pod.name, f"{code.name}: {exc.details()}")
+        return PodRejected(_HTTP_OF[code], exc.details() or code.name)
+
+    async def generate(self, pod: Endpoint, req: BackendRequest) -> AsyncIterator[TokenDelta]:
+        stub = pb_grpc.GenerationStub(self._channel(pod))
+        message = pb.GenerateRequest(request_id=req.request_id, token_ids=pb.TokenIds(ids=req.prompt_token_ids),
+                                     sampling_params=sampling_to_pb(req.params))
+        call = stub.Generate(message, wait_for_ready=False)
+        try:
+            async for resp in call:
+                for choice in resp.choices:
+                    yield TokenDelta(list(choice.token_ids), _logprobs_of(choice), choice.finish_reason or None,
+                                     _stop_reason(choice.stop_reason))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(pod, exc) from None
+        finally:
+            call.cancel()  # a no-op when finished; aborts the pod's request when the router gives up early
+
+    async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, dict[str, Any] | None]:
+        raise PodError(pod.name, "remote prefill is not available through the Generation service")
+
+    async def check_health(self, pod: Endpoint, timeout_s: float) -> bool:
+        stub = health_pb2_grpc.HealthStub(self._channel(pod))
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()

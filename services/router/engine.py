@@ -1,0 +1,244 @@
+"""``RouterEngine``: the router as an :class:`~pdserve.services.api.engine_client.EngineClient`.
+
+The HTTP and gRPC front ends of a monolithic server (``services/api``) run unchanged on top of it, so clients
+cannot tell a router from a server. Where ``AsyncLLM`` sends sequences to its engine core, this sends each one
+through a :class:`~pdserve.services.router.sequence.SequenceRunner` to the pods, and feeds the token deltas that
+come back into the same :class:`~pdserve.engine.output_processor.OutputProcessor` (detokenization, stop strings),
+so the text is made in one place even when a stream moves from one pod to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any, Iterable
+
+from pdserve.engine.async_engine.stats import IterationStats, SequenceTimes, StatLogger
+from pdserve.engine.llm_engine import child_ids, child_params
+from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.outputs import EngineCoreOutput, RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.services.api.errors import ApiError
+from pdserve.services.router.backend import PodRejected, TokenDelta
+from pdserve.services.router.sequence import SequenceFailed, SequenceRunner, SequenceSpec
+
+logger = logging.getLogger(__name__)
+
+# Session key of the request being handled (set by the HTTP middleware from a header or the ``user`` field).
+SESSION_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("pdserve_router_session", default=None)
+_END = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the router must know about the served model to validate requests like an engine would."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_id: int | None
+
+
+class RouterEngine:
+    """Serves requests by routing each sequence to pods; see the module docstring."""
+
+    def __init__(self, model: ModelInfo, tokenizer: Any, runner: SequenceRunner,
+                 stat_loggers: Iterable[StatLogger] = ()) -> None:
+        self.model = model
+        self.model_name = model.name
+        self.max_model_len = model.max_model_len
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.stat_loggers = list(stat_loggers)
+        self._processor = OutputProcessor(tokenizer)
+        self._streams: dict[str, RouterStream] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ EngineClient
+    @property
+    def is_ready(self) -> bool:
+        return not self._closed and self.runner.router.has_decode_pod()
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return None  # pods come and go; the router itself never dies for good
+
+    def get_stats(self) -> None:
+        return None  # each engine reports its own scheduler stats
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of text")
+            return list(self.tokenizer(prompt).input_ids)
+        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        return list(prompt)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        # The same rules and messages as EngineCore.validate, checked here so a bad request never reaches a pod.
+        n, limit = len(token_ids), self.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens but the model's context is {limit} tokens "
+                             f"(at least one token must be left to generate)")
+        bad = next((t for t in token_ids if not 0 <= t < self.model.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.model.vocab_size})")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {limit} tokens")
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
+                 stream: bool = True, prompt_text: str | None = None) -> "RouterStream":
+        """Validate and start a request now (errors raise here); iterate the stream for its outputs."""
+        if self._closed:
+            raise ApiError(503, "the router is shutting down", code="shutting_down", retry_after=1)
+        if not self.runner.router.has_decode_pod():
+            raise ApiError(503, "no decode pod is ready", code="no_pod_available", retry_after=1)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self._validate(token_ids, params)
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
+        text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
+        result = RouterStream(self, request_id, stream, params.n)
+        self._streams[request_id] = result
+        now = time.time()
+        session = SESSION_KEY.get()
+        for index, seq_id in enumerate(child_ids(request_id, params.n)):
+            seq_params = child_params(params, index)
+            self._processor.add_sequence(seq_id, request_id, index, text, token_ids, seq_params, stream=stream)
+            times = SequenceTimes(arrival=now, num_prompt_tokens=len(token_ids))
+            spec = SequenceSpec(seq_id, token_ids, seq_params, session)
+            result.tasks[seq_id] = asyncio.get_running_loop().create_task(
+                self._run(result, spec, times), name=f"router-seq-{seq_id}")
+        return result
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.close()
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        for stream in list(self._streams.values()):
+            stream.close()
+
+    # ------------------------------------------------------------------ sequences
+    async def _run(self, result: "RouterStream", spec: SequenceSpec, times: SequenceTimes) -> None:
+        finished = False
+
+        def emit(delta: TokenDelta) -> None:
+            nonlocal finished
+            it = IterationStats(timestamp=time.time())
+            times.on_tokens(it.timestamp, len(delta.token_ids), it)
+            out = EngineCoreOutput(spec.seq_id, list(delta.token_ids), delta.logprobs, delta.finish_reason,
+                                   delta.stop_reason)
+            processed = self._processor.process([out])
+            for ro in processed.request_outputs:
+                comp = ro.outputs[0]
+                if comp.finished:
+                    finished = True
+                    it.finished.append(times.finish(comp.finish_reason or "stop", it.timestamp))
+                if result.stream or comp.finished:
+                    result.queue.put_nowait(ro)
+            self._log(it)
+            if processed.stop_string_finished:
+                raise _StopString()  # ends the pod stream: the router found a stop string first
+
+        try:
+            await self.runner.run(spec, emit)
+        except _StopString:
+            pass
+        except asyncio.CancelledError:
+            self._processor.remove(spec.seq_id)
+            if not finished:
+                self._log_finish(times, "abort")
+            raise
+        except (SequenceFailed, PodRejected) as exc:
+            self._processor.remove(spec.seq_id)
+            self._log_finish(times, "error")
+            result.queue.put_nowait(_as_api_error(exc))
+        except Exception as exc:  # a router bug must fail the request, not hang it
+            logger.exception("sequence %s failed", spec.seq_id)
+            self._processor.remove(spec.seq_id)
+            self._log_finish(times, "error")
+            result.queue.put_nowait(ApiError(500, f"internal router error: {type(exc).__name__}",
+                                             code="internal_error"))
+        finally:
+            result.tasks.pop(spec.seq_id, None)
+
+    def _log_finish(self, times: SequenceTimes, reason: str) -> None:
+        it = IterationStats(timestamp=time.time())
+        it.finished.append(times.finish(reason, it.timestamp))
+        self._log(it)
+
+    def _log(self, it: IterationStats) -> None:
+        for stat_logger in self.stat_loggers:
+            try:
+                stat_logger.record(None, it)
+            except Exception:  # metrics must never break serving
+                logger.exception("stat logger %r failed", stat_logger)
+
+
+class _StopString(Exception):
+    pass
+
+
+def _as_api_error(exc: Exception) -> ApiError:
+    if isinstance(exc, PodRejected):
+        return ApiError(exc.status, str(exc), code="rejected_by_pod")
+    return ApiError(503, f"the request could not be served: {exc}", code="no_pod_available", retry_after=1)
+
+
+class RouterStream:
+    """One request's outputs (an ``OutputStream``); :meth:`close` cancels its sequences on the pods."""
+
+    def __init__(self, engine: RouterEngine, request_id: str, stream: bool, num_sequences: int) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.stream = stream
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._remaining = num_sequences
+        self._closed = False
+
+    def __aiter__(self) -> "RouterStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._remaining == 0 or self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.outputs[0].finished:
+            self._remaining -= 1
+            if self._remaining == 0:
+                self.close()
+        return item
+
+    def close(self) -> None:
+        """Stop: cancel what still runs (which cancels the pod streams and so aborts them on the pods)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.engine._streams.pop(self.request_id, None)
+        for task in list(self.tasks.values()):
+            task.cancel()
+
+    async def aclose(self) -> None:
+        self.close()

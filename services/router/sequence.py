@@ -1,0 +1,160 @@
+"""One sequence through the router: route, (prefill), decode; retry before the first token, resume after it.
+
+::
+
+    attempt ─▶ route ─▶ [prefill pod: first token + KV handle] ─▶ decode pod: stream tokens ─▶ done
+       ▲                         │ PodError                              │ PodError
+       └──── exclude the pod ◀───┴───────────────────────────────────────┘
+             before any token: a retry; after some: a resume from prompt + tokens already sent
+
+A resumed attempt is a new request whose prompt is the original prompt plus every token the client already
+got, with ``max_tokens`` and ``min_tokens`` reduced by that many, so the client sees one unbroken stream. (Under
+sampling, the continuation is a fresh sample; presence and frequency penalties restart counting at the resume.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.services.router.backend import BackendRequest, PodBackend, PodError, TokenDelta
+from pdserve.services.router.pipeline import NoPodAvailable
+from pdserve.services.router.router import Router
+from pdserve.services.router.types import PodState, RoutingContext, RoutingDecision
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceFailed(Exception):
+    """A sequence could not be served (no pod left, or too many failed attempts)."""
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, pod: PodState, stage: str, error: PodError) -> None:
+        super().__init__(str(error))
+        self.pod, self.stage, self.error = pod, stage, error
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 4  # attempts per sequence, first one included
+    backoff_s: float = 0.05  # pause before a retry (doubles each time), so a dying pod's peers can notice
+    no_pod_wait_s: float = 5.0  # how long to wait for a pod to come back before failing with "no pod"
+
+
+@dataclass
+class SequenceSpec:
+    """What the router must produce for one sequence (one of a request's ``n``)."""
+
+    seq_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # n == 1, concrete max_tokens
+    session_key: str | None = None
+
+
+Emit = Callable[[TokenDelta], None]
+
+
+class SequenceRunner:
+    """Runs sequences to completion over pods, retrying and resuming as the module docstring describes."""
+
+    def __init__(self, router: Router, backend: PodBackend, policy: RetryPolicy = RetryPolicy()) -> None:
+        self.router = router
+        self.backend = backend
+        self.policy = policy
+
+    async def run(self, spec: SequenceSpec, emit: Emit) -> None:
+        """Emit the sequence's tokens until a delta carries a finish reason; raise :class:`SequenceFailed`."""
+        generated: list[int] = []  # every token the client has been sent, across attempts
+        excluded: set[str] = set()
+        last_error = "no attempt made"
+        metrics = self.router.metrics
+
+        def emit_and_track(delta: TokenDelta) -> None:
+            generated.extend(delta.token_ids)
+            emit(delta)
+
+        for attempt in range(self.policy.max_attempts):
+            if attempt:
+                await asyncio.sleep(self.policy.backoff_s * (2 ** (attempt - 1)))
+            remaining = spec.params.max_tokens - len(generated)
+            if remaining <= 0:  # the pod died right after the last token, before saying "length"
+                emit(TokenDelta([], finish_reason="length"))
+                return
+            prompt = spec.prompt_token_ids + generated
+            ctx = self.router.context(spec.seq_id, prompt, spec.session_key, excluded)
+            decision = await self._route(ctx)
+            params = dataclasses.replace(spec.params, max_tokens=remaining,
+                                         min_tokens=max(0, spec.params.min_tokens - len(generated)))
+            try:
+                await self._attempt(decision, BackendRequest(f"{spec.seq_id}-a{attempt}", prompt, params),
+                                    emit_and_track, ctx)
+                return
+            except _AttemptFailed as failure:
+                last_error = str(failure.error)
+                logger.warning("sequence %s attempt %d failed on pod %s: %s", spec.seq_id, attempt + 1,
+                               failure.pod.name, failure.error)
+                excluded.add(failure.pod.name)
+                if metrics is not None:
+                    if generated:
+                        metrics.resumes.inc()
+                    else:
+                        metrics.retries.labels(failure.stage).inc()
+        if metrics is not None:
+            metrics.failures.labels("attempts").inc()
+        raise SequenceFailed(f"gave up after {self.policy.max_attempts} attempts; last error: {last_error}")
+
+    async def _attempt(self, decision: RoutingDecision, req: BackendRequest, emit: Emit,
+                       ctx: RoutingContext) -> None:
+        """Serve one attempt on the decided pods; raise :class:`_AttemptFailed` naming the pod that failed."""
+        self.router.started(ctx, decision)
+        open_pods = [p for p in (decision.prefill, decision.decode) if p is not None]
+        current, stage, failed = decision.decode, "decode", None
+        try:
+            if decision.prefill is not None:
+                current, stage = decision.prefill, "prefill"
+                first, handle = await self.backend.prefill(current.endpoint, req)
+                self.router.finished(current)
+                open_pods.remove(current)
+                emit(first)
+                if first.finish_reason is not None:
+                    return
+                # The decode pod continues after the prefill's token(s), loading the prompt's KV by the handle.
+                req = dataclasses.replace(
+                    req, prompt_token_ids=req.prompt_token_ids + first.token_ids, kv_transfer_params=handle,
+                    params=dataclasses.replace(req.params, max_tokens=req.params.max_tokens - len(first.token_ids),
+                                               min_tokens=max(0, req.params.min_tokens - len(first.token_ids))))
+                current, stage = decision.decode, "decode"
+            # aclosing: leaving the loop early (finish, stop string, cancel) cancels the pod's stream at once.
+            async with contextlib.aclosing(self.backend.generate(current.endpoint, req)) as deltas:
+                async for delta in deltas:
+                    emit(delta)
+                    if delta.finish_reason is not None:
+                        return
+            raise PodError(current.name, "the stream ended without a finish reason")
+        except PodError as exc:
+            failed = current
+            self.router.failed(current, str(exc))
+            raise _AttemptFailed(current, stage, exc) from None
+        finally:
+            for pod in open_pods:
+                self.router.finished(pod, ok=pod is not failed)
+
+    async def _route(self, ctx: RoutingContext) -> RoutingDecision:
+        """Route, waiting a little for a pod to come back when none is ready (a restart takes seconds)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.policy.no_pod_wait_s
+        while True:
+            try:
+                return self.router.route(ctx)
+            except NoPodAvailable as exc:
+                if loop.time() >= deadline:
+                    if self.router.metrics is not None:
+                        self.router.metrics.failures.labels("no-pod").inc()
+                    raise SequenceFailed(str(exc)) from None
+                await asyncio.sleep(0.1)

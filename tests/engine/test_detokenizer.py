@@ -1,0 +1,52 @@
+"""Incremental detokenization equals a one-shot decode; stop strings cut the text."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pdserve.engine.model_loader import resolve_model
+    from pdserve.engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model("smollm2-135m-instruct", "auto").tokenizer_path)
+
+
+TEXTS = ["Hello, world! Ünïcödé — 東京 🙂 fine.", "  leading spaces and\nnew lines\n\n", "def f(x):\n    return x**2"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_by_token_equals_full_decode(tokenizer, text: str) -> None:
+    prompt = tokenizer("Say:").input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    d = IncrementalDetokenizer(tokenizer, prompt)
+    streamed = ""
+    for t in ids:
+        assert d.append([t]) is None
+        streamed += d.take_delta()
+    streamed += d.flush()
+    assert streamed == d.text == tokenizer.decode(ids)
+
+
+def test_stop_string_cuts_text_and_is_held_back_while_streaming(tokenizer) -> None:
+    ids = tokenizer(" one two three four", add_special_tokens=False).input_ids
+    d = IncrementalDetokenizer(tokenizer, [], stop=["three"])
+    deltas, stop = [], None
+    for t in ids:
+        stop = d.append([t])
+        deltas.append(d.take_delta())
+        if stop:
+            break
+    assert stop == "three"
+    assert d.text == " one two "
+    assert "".join(deltas) + d.flush() == " one two "
+
+
+def test_include_stop_string(tokenizer) -> None:
+    ids = tokenizer("a b STOP c", add_special_tokens=False).input_ids
+    d = IncrementalDetokenizer(tokenizer, [], stop=["STOP"], include_stop_str_in_output=True)
+    assert d.append(ids) == "STOP"
+    assert d.text == "a b STOP"

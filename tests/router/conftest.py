@@ -1,0 +1,6 @@
+"""Router tests import their builders as a sibling module."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
