@@ -124,7 +124,7 @@ class EngineCore:
             lp = [row_lp] if row_lp is not None else None
             outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[req.output_token_ids[-1]], new_logprobs=lp,
-                finish_reason=req.status.finish_reason, stop_reason=getattr(req, "stop_reason", None),
+                finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens))
             if req.is_finished:
                 self.sampler.remove_request(req.request_id)
@@ -137,5 +137,5 @@ class EngineCore:
             self.sampler.remove_request(req.request_id)
             outs.append(EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
                                          finish_reason=req.status.finish_reason,
-                                         stop_reason=getattr(req, "stop_reason", None)))
+                                         stop_reason=req.abort_reason or req.stop_reason))
         return outs

@@ -17,8 +17,9 @@ Layout of the work (why it is shaped this way):
 * **Split-KV (flash-decoding).** With few (sequence, KV head) pairs the GPU would idle, so the KV range is
   cut into ``num_splits`` pieces, each program writes a normalised partial output and its log-sum-exp,
   and a second kernel combines them.
-* **FP8 cache.** K/V stored as ``float8_e4m3fn`` are widened in registers; the K scale folds into the
-  softmax scale and the V scale into the final output, so dequantisation costs two multiplies per row.
+* **FP8 cache.** K/V stored as ``float8_e4m3fn`` are widened to float16 in registers (one conversion
+  instruction per pair); ``q`` is scaled by the softmax and K scales and rounded to float16 once per program,
+  and the V scale multiplies the final output, so dequantisation adds no per-key multiply.
 """
 
 from __future__ import annotations
@@ -196,37 +197,43 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_config(group: int, head_dim: int, max_query_len: int, device: torch.device,
-                   kv_fp8: bool = False) -> AttentionConfig:
+                   kv_fp8: bool = False, num_seqs: int = 1, num_kv_heads: int = 1) -> AttentionConfig:
     """Tile shape for a launch: small query tiles for decode-like batches, large ones for prefill.
 
-    Picked from a sweep on an H200 (``python -m pdserve.kernels.bench --sweep``).
+    Picked from sweeps on an H200 (``python -m pdserve.kernels.bench --sweep``).
     """
     if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16)
     rows = group * max_query_len
     if rows <= 64:  # decode and short speculative chunks: memory-bound, keep M small
-        # One-byte elements: twice the keys per tile keeps as many bytes in flight as a 16-bit cache.
-        block_n = 128 if kv_fp8 else 64
+        # Key tiles of 128 keep the most bytes in flight per program, which small batches (few programs,
+        # even after splitting) need; from about half a program per multiprocessor on, 64 wins: it leaves
+        # room for two programs per multiprocessor. One-byte FP8 elements halve a tile's bytes, so FP8
+        # always takes 128.
+        many = 2 * num_seqs * num_kv_heads >= _num_sms(device.index or 0)
+        block_n = 64 if many and not kv_fp8 else 128
+        block_n = min(block_n, 16384 // head_dim)  # head_dim 256+: keep a K + V stage within ~64 KB of smem
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(rows)), block_n=block_n, num_warps=4,
                                num_stages=3)
     if head_dim <= 64:
-        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+        return AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)  # untuned: fits shared memory
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
                        block_n: int, device: torch.device) -> int:
-    """KV splits so that a decode-like launch has about one program per multiprocessor.
+    """KV splits so that a decode-like launch has about four programs per multiprocessor.
 
-    Only shapes and host-side bounds enter, so a CUDA graph captured for a batch size keeps its grid.
+    Only shapes and host-side bounds enter, so a CUDA graph captured for a batch size keeps its grid. Splits
+    beyond a sequence's tiles cost little (an empty split stores one log-sum-exp), so a graph captured with
+    a generous ``max_seq_len`` stays fast for short contexts.
     """
     if device.type != "cuda" or max_query_len > 16:
         return 1
-    busy = num_seqs * num_kv_heads
-    splits = min(_MAX_SPLITS, triton.cdiv(_num_sms(device.index or 0), busy))
-    # Each split should loop over several tiles, or the software pipeline never fills and the combine step
-    # costs more than the split gains.
-    return max(1, min(splits, max_seq_len // (8 * block_n)))
+    splits = (4 * _num_sms(device.index or 0)) // (num_seqs * num_kv_heads)
+    return max(1, min(_MAX_SPLITS, splits, triton.cdiv(max_seq_len, block_n)))
 
 
 def _check(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -255,8 +262,8 @@ def paged_attention(
     """Causal attention of varlen queries over a paged KV cache; the contract of ``paged_attention_ref``.
 
     Args:
-        q: ``[T, Hq, D]`` queries of all sequences, flattened (rows past ``query_start_loc[-1]`` are padding
-            and their outputs are left unwritten).
+        q: ``[T, Hq, D]`` queries of all sequences, flattened (rows past ``query_start_loc[-1]`` are padding;
+            their outputs are undefined).
         kv_cache: ``[2, num_blocks, block_size, Hkv, D]``; float16/bfloat16/float32, or float8_e4m3fn with
             ``k_scale``/``v_scale`` (the real value is ``stored * scale``).
         query_start_loc: ``[B + 1]`` int32 cumulative query lengths.
@@ -264,8 +271,8 @@ def paged_attention(
         block_tables: ``[B, max_blocks]`` int32 physical block ids.
         sm_scale: softmax scale, ``1 / sqrt(D)`` by default.
         out: optional ``[T, Hq, D]`` output (may be a strided view).
-        max_query_len: host-side bound on any sequence's query length; picks the tile shape. Defaults to the
-            static bound ``T - B + 1``, which is 1 for a pure decode batch. Never read from the device.
+        max_query_len: host-side bound on any sequence's query length; only picks the tile shape (any value
+            gives correct results). Defaults to the static bound ``T - B + 1``, 1 for a pure decode batch.
         max_seq_len: host-side bound on ``seq_lens``, only used to cap the number of KV splits.
         num_kv_splits: force the split-KV factor (1 disables the second kernel); chosen from shapes if None.
         config: force a tile shape (tuning and tests).
@@ -301,7 +308,8 @@ def paged_attention(
     group = num_heads // num_kv_heads
     if max_query_len is None:
         max_query_len = num_tokens - num_seqs + 1
-    cfg = config or default_config(group, head_dim, max_query_len, q.device, kv_cache.dtype == torch.float8_e4m3fn)
+    cfg = config or default_config(group, head_dim, max_query_len, q.device, kv_cache.dtype == torch.float8_e4m3fn,
+                                   num_seqs, num_kv_heads)
     if cfg.block_m < group:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the GQA group {group}")
     if max_seq_len is None:

@@ -30,7 +30,8 @@ from .reference import quantize_fp8
 _PREFILL_SWEEP = [AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 4, 3), AttentionConfig(128, 128, 8, 3),
                   AttentionConfig(128, 32, 4, 3), AttentionConfig(64, 64, 4, 3), AttentionConfig(64, 64, 4, 4),
                   AttentionConfig(128, 64, 8, 4), AttentionConfig(64, 128, 4, 3)]
-_DECODE_SWEEP_N = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)]
+_DECODE_SWEEP_N = [(64, 4, 3), (128, 4, 3), (128, 4, 2)]  # (block_n, num_warps, num_stages)
+_SWEEP_SPLITS = (None, 1, 4, 8, 16, 32)
 
 
 @dataclass
@@ -205,7 +206,7 @@ def _sweep(args, mode: str, problems: list[dict]) -> list[tuple[str, float]]:
         results = []
         for block_n, warps, stages in _DECODE_SWEEP_N:
             cfg = AttentionConfig(block_m, block_n, warps, stages)
-            for splits in (None, 1, 4, 16):
+            for splits in _SWEEP_SPLITS:
                 results.append(timed(f"{cfg} splits={splits or 'auto'}", config=cfg, num_kv_splits=splits))
     return sorted(results, key=lambda r: r[1])
 
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         row, sweep = _measure(args, mode, batch, q_len, context)
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
-        for name, ms in sweep[:4]:
+        for name, ms in sweep:
             print(f"    sweep {ms:9.4f} ms  {name}", flush=True)
     print()
     print(format_table(rows))

@@ -62,10 +62,10 @@ def _rotary_kernel(pos_ptr, cos_sin_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cac
                 k_dst = k_cache_ptr + row + offs[None, :]
                 # Through k's own dtype first: the cache then holds exactly what an unfused rotate + write
                 # would store.
-                k1 = k1.to(k_ptr.dtype.element_ty)
-                k2 = k2.to(k_ptr.dtype.element_ty)
-                tl.store(k_dst, quantize_to_cache(k1, inv_k_scale, k_cache_ptr, IS_FP8), mask=rot_ok)
-                tl.store(k_dst + HALF, quantize_to_cache(k2, inv_k_scale, k_cache_ptr, IS_FP8), mask=rot_ok)
+                k1_out = k1.to(k_ptr.dtype.element_ty)
+                k2_out = k2.to(k_ptr.dtype.element_ty)
+                tl.store(k_dst, quantize_to_cache(k1_out, inv_k_scale, k_cache_ptr, IS_FP8), mask=rot_ok)
+                tl.store(k_dst + HALF, quantize_to_cache(k2_out, inv_k_scale, k_cache_ptr, IS_FP8), mask=rot_ok)
                 # V whole, and the dims of K that rotary leaves alone (none unless rot_dim < head_dim).
                 offs_d = tl.arange(0, HEAD_DIM)
                 v = tl.load(v_ptr + token.to(tl.int64) * stride_vt + heads[:, None] * stride_vh + offs_d[None, :],

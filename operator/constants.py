@@ -31,6 +31,8 @@ ANNOTATION_LAST_APPLIED = "pdserve.io/last-applied"  # on children: what the ope
 # Ports and paths inside the pods.
 HTTP_PORT = 8000
 GRPC_PORT = 50051
+KV_PORT = 50052  # the grpc connector: a prefill pod's KV block server, pulled by decode pods
+KV_EVENTS_PORT = 5557  # an engine's KV event publisher; the router finds it by the port name "kv-events"
 REDIS_PORT = 6379
 CONFIG_DIR = "/etc/pdserve"
 KV_DIR = "/var/lib/pdserve/kv"

@@ -165,14 +165,16 @@ def spec_schema() -> Schema:
     }, "Engine settings shared by prefill and decode.", default={})
     router_props = _pod_props(gpus=False)
     router_props.update({
-        "plugins": {"type": "array", "description": "Routing plugins and their weights.", "maxItems": 32,
+        "plugins": {"type": "array", "description": "Scorers that rank pods, with their weights.", "maxItems": 32,
                     "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
                     "default": [{"name": n, "weight": w} for n, w in router.plugins],
-                    "items": obj({"name": string("Plugin name.", pattern="^[a-z][a-z0-9-]*$"),
+                    "items": obj({"name": string("A scorer of the router.", enum=s.ROUTER_SCORERS),
                                   "weight": {**number("Weight of the plugin's score.", 1.0), "minimum": 0}},
                                  required=("name",))},
-        "pdThreshold": integer("Prompts with fewer uncached tokens than this skip remote prefill.",
+        "pdThreshold": integer("Prompts shorter than this many tokens skip remote prefill (decode computes them).",
                                router.pd_threshold, minimum=0),
+        "maxWaiting": integer("Decode pods with more waiting requests than this are skipped while others have room.",
+                              router.max_waiting, minimum=1),
         "apiKeySecretRef": secret_ref("Secret with the API key clients must send.", "api-key"),
     })
     kv_schema = obj({

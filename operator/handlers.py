@@ -74,6 +74,11 @@ def reconcile(api: kubernetes.client.ApiClient, body: kopf.Body, options: Operat
               logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     """Bring the children of ``body`` in line with its spec; an invalid spec becomes Degraded plus an Event."""
     name, namespace, uid = body.metadata.name, body.metadata.namespace, body.metadata.uid
+    live = kube.read_inference_service(api, namespace, name)
+    if live is None or live["metadata"].get("uid") != uid or live["metadata"].get("deletionTimestamp"):
+        # A stale event of an object deleted meanwhile: children created now would only be garbage-collected.
+        logger.info("%s/%s is gone; nothing to reconcile", namespace, name)
+        return
     try:
         parsed = spec.parse(name, namespace, body.spec, default_image=options.default_image)
     except spec.SpecError as exc:

@@ -16,7 +16,11 @@ Obj = dict[str, Any]
 
 # The image carries huggingface_hub (a transformers dependency); its Python API is stabler than its CLI's name.
 HF_DOWNLOAD = ("import sys\nfrom huggingface_hub import snapshot_download\n"
-               "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2] or None, local_dir=sys.argv[3])\n")
+               "patterns = sys.argv[4].split(',') if len(sys.argv) > 4 else None\n"
+               "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2] or None, local_dir=sys.argv[3], "
+               "allow_patterns=patterns)\n")
+# What the router needs of a model: its tokenizer and config, not its weights.
+TOKENIZER_FILES = "*.json,*.txt,*.model,*.tiktoken"
 
 
 def selector_labels(name: str, role: str) -> dict[str, str]:
@@ -56,8 +60,11 @@ def redis_url(s: ServiceSpec) -> str | None:
 def engine_args(s: ServiceSpec, role: str) -> list[str]:
     """The ``pdserve prefill|decode`` command line of one engine role."""
     r, e = s.role(role), s.engine
-    args = [role, "--model", model_arg(s), "--served-model-name", s.model.served_name,
-            "--port", str(c.HTTP_PORT), "--grpc-port", str(c.GRPC_PORT), "--kv-connector", s.kv.type]
+    args = [role, "--host", "0.0.0.0", "--port", str(c.HTTP_PORT), "--grpc-port", str(c.GRPC_PORT),
+            "--model", model_arg(s), "--served-model-name", s.model.served_name, "--kv-connector", s.kv.type]
+    if s.kv.type == "grpc":
+        # Decode pods pull from this address; $(POD_IP) is expanded by the kubelet from the env below.
+        args += ["--kv-port", str(c.KV_PORT), "--kv-advertise-host", "$(POD_IP)"]
     if s.kv.type == "shared-fs":
         args += ["--kv-path", c.KV_DIR]
     url = redis_url(s)
@@ -76,10 +83,19 @@ def engine_args(s: ServiceSpec, role: str) -> list[str]:
 
 
 def router_args(s: ServiceSpec) -> list[str]:
-    return ["router", "--port", str(c.HTTP_PORT), "--discovery", "kubernetes", "--namespace", s.namespace,
-            "--prefill-selector", selector_string(s.name, "prefill"),
-            "--decode-selector", selector_string(s.name, "decode"),
-            "--routing-config", f"{c.CONFIG_DIR}/routing.json"] + list(s.router.extra_args)
+    """The ``pdserve router`` command line: model and block size must equal the engines' (prefix hashing)."""
+    args = ["router", "--host", "0.0.0.0", "--port", str(c.HTTP_PORT),
+            "--model", model_arg(s), "--served-model-name", s.model.served_name]
+    if s.model.max_model_len:
+        args += ["--max-model-len", str(s.model.max_model_len)]
+    args += ["--block-size", str(s.engine.block_size), "--discovery", "kubernetes", "--namespace", s.namespace,
+             "--prefill-selector", selector_string(s.name, "prefill"),
+             "--decode-selector", selector_string(s.name, "decode"),
+             "--pod-grpc-port", str(c.GRPC_PORT), "--pod-kv-events-port", str(c.KV_EVENTS_PORT),
+             "--routing-config", f"{c.CONFIG_DIR}/routing.json"]
+    if s.router.api_key_secret:
+        args += ["--api-key", "$(PDSERVE_API_KEY)"]
+    return args + list(s.router.extra_args)
 
 
 def pod_security_context(user: int = c.RUN_AS_USER) -> Obj:
@@ -141,16 +157,28 @@ def _model_volume(s: ServiceSpec) -> Obj | None:
     return None
 
 
-def _hf_init_container(s: ServiceSpec) -> Obj:
+def _hf_init_container(s: ServiceSpec, tokenizer_only: bool = False) -> Obj:
     src = s.model.source
     env: list[Obj] = [{"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}]
     if src.token_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret.name,
                                                                       "key": src.token_secret.key}}})
+    command = ["python", "-c", HF_DOWNLOAD, src.name, src.revision or "", model_arg(s)]
     return {"name": "fetch-model", "image": s.image, "imagePullPolicy": s.image_pull_policy,
-            "command": ["python", "-c", HF_DOWNLOAD, src.name, src.revision or "", model_arg(s)],
+            "command": command + ([TOKENIZER_FILES] if tokenizer_only else []),
             "env": env, "securityContext": container_security_context(),
             "volumeMounts": [{"name": "model", "mountPath": c.MODEL_DIR}, {"name": "tmp", "mountPath": c.TMP_DIR}]}
+
+
+def _model_mounts(s: ServiceSpec, spec: Obj, mounts: list[Obj], tokenizer_only: bool) -> None:
+    """Add the model's volume (and, from the Hub, the init container that fills it) to a pod spec."""
+    volume = _model_volume(s)
+    if volume is None:
+        return
+    spec["volumes"].append(volume)
+    mounts.append({"name": "model", "mountPath": c.MODEL_DIR, "readOnly": s.model.source.kind != "huggingFace"})
+    if s.model.source.kind == "huggingFace":
+        spec["initContainers"] = [_hf_init_container(s, tokenizer_only)]
 
 
 def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
@@ -158,35 +186,33 @@ def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
     r = s.role(role)
     mounts: list[Obj] = [{"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": c.TMP_DIR}, {"name": "dshm", "mountPath": "/dev/shm"}]
-    volumes: list[Obj] = [{"name": "config", "configMap": {"name": f"{s.name}-config"}},
-                          {"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    model_volume = _model_volume(s)
-    if model_volume:
-        volumes.append(model_volume)
-        mounts.append({"name": "model", "mountPath": c.MODEL_DIR,
-                       "readOnly": s.model.source.kind != "huggingFace"})
+    spec: Obj = {"automountServiceAccountToken": False, "securityContext": pod_security_context(),
+                 "terminationGracePeriodSeconds": 60,
+                 "volumes": [{"name": "config", "configMap": {"name": f"{s.name}-config"}},
+                             {"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]}
+    _model_mounts(s, spec, mounts, tokenizer_only=False)
     if s.kv.type == "shared-fs":
-        volumes.append({"name": "kv", "persistentVolumeClaim": {"claimName": s.kv.shared_fs_claim}})
+        spec["volumes"].append({"name": "kv", "persistentVolumeClaim": {"claimName": s.kv.shared_fs_claim}})
         mounts.append({"name": "kv", "mountPath": c.KV_DIR})
+    ports = [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"},
+             {"name": "grpc", "containerPort": c.GRPC_PORT, "protocol": "TCP"},
+             {"name": "kv-events", "containerPort": c.KV_EVENTS_PORT, "protocol": "TCP"}]
+    if s.kv.type == "grpc":
+        ports.append({"name": "kv", "containerPort": c.KV_PORT, "protocol": "TCP"})
     # Caches of torch, Triton and Hugging Face land in /tmp: the root filesystem is read-only.
-    env = _env([{"name": "HOME", "value": c.TMP_DIR}, {"name": "XDG_CACHE_HOME", "value": f"{c.TMP_DIR}/.cache"},
+    env = _env([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "HOME", "value": c.TMP_DIR}, {"name": "XDG_CACHE_HOME", "value": f"{c.TMP_DIR}/.cache"},
                 {"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}], r.env)
-    container: Obj = {
+    spec["containers"] = [{
         "name": "engine", "image": s.image, "imagePullPolicy": s.image_pull_policy,
-        "command": ["pdserve"], "args": engine_args(s, role), "env": env,
-        "ports": [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"},
-                  {"name": "grpc", "containerPort": c.GRPC_PORT, "protocol": "TCP"}],
+        "command": ["pdserve"], "args": engine_args(s, role), "env": env, "ports": ports,
         # Loading and warming a large model can take many minutes; the startup probe gives it 30.
         "startupProbe": _http_probe(period=10, failures=180),
         "readinessProbe": _http_probe(period=5, failures=3),
         "livenessProbe": _http_probe(period=10, failures=6),
         "resources": _resources(r.requests, r.limits, r.gpu_count, r.gpu_resource),
         "securityContext": container_security_context(), "volumeMounts": mounts,
-    }
-    spec: Obj = {"automountServiceAccountToken": False, "securityContext": pod_security_context(),
-                 "terminationGracePeriodSeconds": 60, "containers": [container], "volumes": volumes}
-    if s.model.source.kind == "huggingFace":
-        spec["initContainers"] = [_hf_init_container(s)]
+    }]
     if s.service_account_name:
         spec["serviceAccountName"] = s.service_account_name
     _placement(spec, r)
@@ -196,27 +222,29 @@ def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
 
 
 def router_pod(s: ServiceSpec, config_hash: str) -> Obj:
-    """The router's pod template: it watches the engine pods, so it gets its own ServiceAccount."""
+    """The router's pod template. It watches the engine pods (its own ServiceAccount) and tokenizes prompts as
+    the engines do (the model's tokenizer, mounted like the engines' weights)."""
     r = s.router
-    env_defaults: list[Obj] = [{"name": "HOME", "value": c.TMP_DIR}]
+    env_defaults: list[Obj] = [{"name": "HOME", "value": c.TMP_DIR}, {"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}]
     if r.api_key_secret:
         env_defaults.append({"name": "PDSERVE_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": r.api_key_secret.name, "key": r.api_key_secret.key}}})
-    container: Obj = {
+    mounts: list[Obj] = [{"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": c.TMP_DIR}]
+    spec: Obj = {"serviceAccountName": f"{s.name}-router", "securityContext": pod_security_context(),
+                 "terminationGracePeriodSeconds": 30,
+                 "volumes": [{"name": "config", "configMap": {"name": f"{s.name}-config"}},
+                             {"name": "tmp", "emptyDir": {}}]}
+    _model_mounts(s, spec, mounts, tokenizer_only=True)
+    spec["containers"] = [{
         "name": "router", "image": s.image, "imagePullPolicy": s.image_pull_policy,
         "command": ["pdserve"], "args": router_args(s), "env": _env(env_defaults, r.env),
         "ports": [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"}],
         "readinessProbe": _http_probe(period=5, failures=3),
         "livenessProbe": _http_probe(period=10, failures=6),
         "resources": _resources(r.requests, r.limits),
-        "securityContext": container_security_context(),
-        "volumeMounts": [{"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
-                         {"name": "tmp", "mountPath": c.TMP_DIR}],
-    }
-    spec: Obj = {"serviceAccountName": f"{s.name}-router", "securityContext": pod_security_context(),
-                 "terminationGracePeriodSeconds": 30, "containers": [container],
-                 "volumes": [{"name": "config", "configMap": {"name": f"{s.name}-config"}},
-                             {"name": "tmp", "emptyDir": {}}]}
+        "securityContext": container_security_context(), "volumeMounts": mounts,
+    }]
     _placement(spec, r)
     _image_fields(s, spec)
     return {"metadata": {"labels": labels(s.name, "router"), "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash}},

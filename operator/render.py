@@ -84,15 +84,22 @@ def engine_config(s: ServiceSpec) -> Obj:
 
 
 def routing_config(s: ServiceSpec) -> Obj:
-    """The router's ``--routing-config`` file. Model and block size let it hash prompts as the engines do."""
-    return {"model": pods.model_arg(s), "servedModelName": s.model.served_name, "blockSize": s.engine.block_size,
-            "plugins": [{"name": n, "weight": w} for n, w in s.router.plugins], "pdThreshold": s.router.pd_threshold,
-            "prefillSelector": pods.selector_string(s.name, "prefill"),
-            "decodeSelector": pods.selector_string(s.name, "decode")}
+    """The router's ``--routing-config`` file (the format of services/router/routing_config.py).
+
+    The spec's plugins are the decode profile's scorers; prefill picks by the same scorers except session
+    affinity (a session sticks to its decode pod, where its KV cache lives). ``pdThreshold`` is the P/D decider's
+    minimum prompt length for a remote prefill.
+    """
+    scorers = [{"type": n, "weight": w} for n, w in s.router.plugins]
+    picker = {"type": "max-score"}
+    return {"decode": {"filters": [{"type": "queue-threshold", "max_waiting": s.router.max_waiting}],
+                       "scorers": scorers, "picker": picker},
+            "prefill": {"scorers": [p for p in scorers if p["type"] != "session-affinity"], "picker": picker},
+            "pd_decider": {"type": "prefix-aware", "min_prompt_tokens": s.router.pd_threshold}}
 
 
 def role_config_hash(s: ServiceSpec, role: str) -> str:
-    """The hash a role's pod template carries: it changes exactly when that role's configuration changes."""
+    """The hash a role's pod template carries: it changes exactly when a file that role reads changes."""
     if role == "router":
         return config_hash(routing_config(s))
     cfg = engine_config(s)

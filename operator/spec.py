@@ -23,7 +23,9 @@ KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 CONNECTORS = ("shared-fs", "grpc", "redis")
 MODEL_SOURCES = ("bundled", "huggingFace", "pvc", "hostPath")
 DEFAULT_BUNDLED_MODEL = "smollm2-135m-instruct"
-DEFAULT_PLUGINS = (("prefix-cache", 2.0), ("load", 1.0))
+# The router's scorers (services/router/plugins/scorers.py) and the weights of its "prefix-load" preset.
+ROUTER_SCORERS = ("prefix-cache", "load", "queue", "kv-usage", "session-affinity")
+DEFAULT_PLUGINS = (("prefix-cache", 3.0), ("load", 1.0), ("session-affinity", 1.0))
 
 
 class SpecError(ValueError):
@@ -98,6 +100,7 @@ class RouterSpec:
     replicas: int = 1
     plugins: tuple[tuple[str, float], ...] = DEFAULT_PLUGINS
     pd_threshold: int = 256
+    max_waiting: int = 64
     api_key_secret: SecretKeyRef | None = None
     requests: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
@@ -257,37 +260,40 @@ def _model(f: _Fields) -> ModelSpec:
 
 
 def _engine(f: _Fields) -> EngineSpec:
-    util = f.number("gpuMemoryUtilization", 0.9)
+    util = f.number("gpuMemoryUtilization", EngineSpec.gpu_memory_utilization)
     if not 0.0 < util <= 1.0:
         raise SpecError(f"{f.path}.gpuMemoryUtilization", f"must be in (0, 1], got {util}")
-    return EngineSpec(block_size=f.int("blockSize", 16, minimum=1, maximum=1024),
-                      kv_cache_dtype=f.str("kvCacheDtype", "auto", KV_CACHE_DTYPES), gpu_memory_utilization=util,
-                      max_num_seqs=f.int("maxNumSeqs", 128, minimum=1),
-                      max_num_batched_tokens=f.int("maxNumBatchedTokens", 2048, minimum=1),
-                      enable_prefix_caching=f.bool("enablePrefixCaching", True), extra_args=f.strings("extraArgs"))
+    d = EngineSpec()
+    return EngineSpec(block_size=f.int("blockSize", d.block_size, minimum=1, maximum=1024),
+                      kv_cache_dtype=f.str("kvCacheDtype", d.kv_cache_dtype, KV_CACHE_DTYPES),
+                      gpu_memory_utilization=util, max_num_seqs=f.int("maxNumSeqs", d.max_num_seqs, minimum=1),
+                      max_num_batched_tokens=f.int("maxNumBatchedTokens", d.max_num_batched_tokens, minimum=1),
+                      enable_prefix_caching=f.bool("enablePrefixCaching", d.enable_prefix_caching),
+                      extra_args=f.strings("extraArgs"))
 
 
 _POD_FIELDS = ("replicas", "resources", "nodeSelector", "tolerations", "affinity", "env", "extraArgs")
 _ROLE_FIELDS = _POD_FIELDS + ("parallelism",)
-_ROUTER_FIELDS = _POD_FIELDS + ("plugins", "pdThreshold", "apiKeySecretRef")
+_ROUTER_FIELDS = _POD_FIELDS + ("plugins", "pdThreshold", "maxWaiting", "apiKeySecretRef")
 
 
 def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
     res = f.sub("resources", ("gpus", "gpuResource", "requests", "limits") if gpus else ("requests", "limits"))
-    out = dict(replicas=f.int("replicas", 1, minimum=0), requests=res.data("requests", dict),
+    out = dict(replicas=f.int("replicas", RoleSpec.replicas, minimum=0), requests=res.data("requests", dict),
                limits=res.data("limits", dict), node_selector=f.data("nodeSelector", dict),
                tolerations=f.data("tolerations", list), affinity=f.data("affinity", dict),
                env=f.data("env", list), extra_args=f.strings("extraArgs"))
     if not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in out["env"]):
         raise SpecError(f"{f.path}.env", "must be a list of environment variables with a name")
     if gpus:
-        out.update(gpus=res.int("gpus", None, minimum=0), gpu_resource=res.str("gpuResource", "nvidia.com/gpu"))
+        out.update(gpus=res.int("gpus", None, minimum=0), gpu_resource=res.str("gpuResource", RoleSpec.gpu_resource))
     return out
 
 
 def _role(f: _Fields) -> RoleSpec:
     par = f.sub("parallelism", ("tensor", "pipeline"))
-    role = RoleSpec(tensor_parallel=par.int("tensor", 1, minimum=1), pipeline_parallel=par.int("pipeline", 1, minimum=1),
+    role = RoleSpec(tensor_parallel=par.int("tensor", RoleSpec.tensor_parallel, minimum=1),
+                    pipeline_parallel=par.int("pipeline", RoleSpec.pipeline_parallel, minimum=1),
                     **_pod_fields(f, gpus=True))
     if role.gpus is not None and 0 < role.gpus < role.tensor_parallel * role.pipeline_parallel:
         raise SpecError(f"{f.path}.resources.gpus", f"{role.gpus} GPU(s) cannot hold tensor x pipeline = "
@@ -300,26 +306,30 @@ def _router(f: _Fields) -> RouterSpec:
     parsed: list[tuple[str, float]] = []
     for i, item in enumerate(plugins):
         p = _Fields(item, f"{f.path}.plugins[{i}]", ("name", "weight"))
-        name = _required(p, "name")
-        weight = p.number("weight", 1.0)
+        name = p.str("name", None, ROUTER_SCORERS)
+        if not name:
+            raise SpecError(f"{p.path}.name", "is required")
+        weight = p.number("weight", 1.0)  # the CRD's default too
         if weight < 0:
             raise SpecError(f"{p.path}.weight", f"must be >= 0, got {weight}")
         if name in {n for n, _ in parsed}:
             raise SpecError(f"{p.path}.name", f"plugin {name!r} is listed twice")
         parsed.append((name, weight))
     api_key = _secret_ref(f.sub("apiKeySecretRef", ("name", "key")), "api-key") if f.has("apiKeySecretRef") else None
-    return RouterSpec(plugins=tuple(parsed), pd_threshold=f.int("pdThreshold", 256, minimum=0),
-                      api_key_secret=api_key, **_pod_fields(f, gpus=False))
+    return RouterSpec(plugins=tuple(parsed), pd_threshold=f.int("pdThreshold", RouterSpec.pd_threshold, minimum=0),
+                      max_waiting=f.int("maxWaiting", RouterSpec.max_waiting, minimum=1), api_key_secret=api_key,
+                      **_pod_fields(f, gpus=False))
 
 
 def _kv(f: _Fields) -> KVConnectorSpec:
-    kind = f.str("type", "grpc", CONNECTORS)
+    d = KVConnectorSpec()
+    kind = f.str("type", d.type, CONNECTORS)
     shared = f.sub("sharedFs", ("claimName",))
     redis = f.sub("redis", ("url", "deploy", "image", "maxMemory"))
     spec = KVConnectorSpec(type=kind, shared_fs_claim=shared.str("claimName"), redis_url=redis.str("url"),
-                           redis_deploy=redis.bool("deploy", False),
-                           redis_image=redis.str("image", c.DEFAULT_REDIS_IMAGE),
-                           redis_max_memory=redis.str("maxMemory", "2gb"))
+                           redis_deploy=redis.bool("deploy", d.redis_deploy),
+                           redis_image=redis.str("image", d.redis_image),
+                           redis_max_memory=redis.str("maxMemory", d.redis_max_memory))
     if kind == "shared-fs" and not spec.shared_fs_claim:
         raise SpecError(f"{f.path}.sharedFs.claimName", "the shared-fs connector needs a ReadWriteMany PVC")
     if kind == "redis" and not (spec.redis_url or spec.redis_deploy):

@@ -137,7 +137,10 @@ class AsyncLLM:
         self._in_sock = self._sync_ctx.socket(zmq.PUSH)
         self._in_sock.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
         self._in_sock.setsockopt(zmq.LINGER, 0)
-        self._in_sock.bind(in_addr)
+        self._in_sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the core binds only after loading the model
+        # Each side binds the socket it reads and connects the one it writes: a connecting PUSH has its queue
+        # from connect() on, so nothing sent before the peer is up (or after it died) blocks or gets lost.
+        self._in_sock.connect(in_addr)
         self._async_ctx = zmq.asyncio.Context()
         self._out_sock = self._async_ctx.socket(zmq.PULL)
         self._out_sock.setsockopt(zmq.RCVHWM, 0)

@@ -57,7 +57,11 @@ class EngineCoreProc:
         self._unscheduled: set[str] = set()  # added, not yet seen scheduled
         self._rejected: list[tuple[str, str]] = []
         self._stop = False
-        self._in_thread = threading.Thread(target=self._input_loop, args=(input_addr,), daemon=True,
+        # Bound here, before the ready message, so the client's queued messages flow in right away; the socket
+        # is then used only by the input thread.
+        in_sock = self._ctx.socket(zmq.PULL)
+        in_sock.bind(input_addr)
+        self._in_thread = threading.Thread(target=self._input_loop, args=(in_sock,), daemon=True,
                                            name="core-input")
         self._out_sock = self._ctx.socket(zmq.PUSH)
         self._out_sock.setsockopt(zmq.LINGER, 2000)
@@ -65,9 +69,7 @@ class EngineCoreProc:
         self._out_thread = threading.Thread(target=self._output_loop, daemon=True, name="core-output")
 
     # ------------------------------------------------------------------ threads
-    def _input_loop(self, addr: str) -> None:
-        sock = self._ctx.socket(zmq.PULL)
-        sock.connect(addr)
+    def _input_loop(self, sock: zmq.Socket) -> None:
         decoder = core_decoder()
         while True:
             try:

@@ -117,6 +117,25 @@ class KVTransferParams:
             raise ValueError("kv_transfer_params.num_tokens must be positive")
         return params
 
+    def to_proto(self) -> Any:
+        """As a ``pdserve.v1.KVTransferHandle`` message (disagg.proto)."""
+        from pdserve.engine.kv_transfer.block_format import KVDescriptor
+        from pdserve.proto.pdserve.v1 import disagg_pb2
+
+        return disagg_pb2.KVTransferHandle(
+            connector=self.connector, transfer_id=self.transfer_id, num_tokens=self.num_tokens,
+            block_hashes=list(self.block_hashes), descriptor=KVDescriptor.from_dict(self.descriptor).to_proto(),
+            engine_id=self.engine_id, kv_server=self.kv_server or "")
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> "KVTransferParams":
+        from pdserve.engine.kv_transfer.block_format import KVDescriptor
+
+        desc = {f.name: getattr(msg.descriptor, f.name) for f in dataclasses.fields(KVDescriptor)}
+        return cls.from_dict({"connector": msg.connector, "transfer_id": msg.transfer_id,
+                              "num_tokens": msg.num_tokens, "block_hashes": list(msg.block_hashes),
+                              "descriptor": desc, "engine_id": msg.engine_id, "kv_server": msg.kv_server or None})
+
 
 @dataclass(frozen=True)
 class BlockRef:

@@ -125,7 +125,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
 
         def on_block(ref: BlockRef, payload: memoryview) -> None:
             kv_layout.write_block(self.kv_caches, ref.block_id,
-                                  kv_layout.payload_tensor(payload, self.ctx.descriptor, ref.num_tokens))
+                                  kv_layout.payload_array(payload, self.ctx.descriptor, ref.num_tokens))
 
         try:
             nbytes = self._client.pull(address, transfer_id, spec.blocks, self.timeout_s, on_block)

@@ -131,7 +131,7 @@ class KVTransferServicer:
                 group = wanted[start:start + _BLOCKS_PER_GATHER]
                 stage = kv_layout.gather_blocks(self._get_kv_caches(), [b.block_id for b in group])
                 for j, ref in enumerate(group):
-                    payload = kv_layout.payload_view(stage[j], ref.num_tokens)
+                    payload = memoryview(kv_layout.payload_from_stage(stage, j, ref.num_tokens))
                     header = header_to_proto(make_header(self.descriptor, ref.block_hash, ref.num_tokens, payload))
                     for offset in range(0, payload.nbytes, chunk):
                         yield pb.KVChunk(block_index=ref.index, header=header if offset == 0 else None,

@@ -1,9 +1,9 @@
 """Moving blocks between the paged KV cache tensors and block payloads (the only torch code of the connectors).
 
 The cache of layer ``l`` is ``[2, num_blocks, block_size, Hkv, D]``; a block payload is ``[L, 2, n, Hkv, D]``
-(``n`` tokens, see :mod:`.block_format`). Gathering stages several blocks at once into a host tensor
-``[num_blocks_to_save, L, 2, block_size, Hkv, D]`` whose row ``j`` is block ``j``'s payload (padded to a full
-block), filled one layer at a time so that a GPU copies a layer out while it computes the next one.
+(``n`` tokens, see :mod:`.block_format`). Saving stages several blocks at once into a host tensor
+``[L, 2, num_blocks_to_save, block_size, Hkv, D]`` (as bytes), filled one layer at a time so that a GPU copies a
+layer out while it computes the next one; each block's payload is then gathered from it on the host.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from pdserve.engine.kv_transfer.block_format import DTYPE_SIZES, KVDescriptor
@@ -52,58 +53,67 @@ def descriptor_for(kv_caches: Sequence[torch.Tensor], *, model_fingerprint: str,
                         hash_seed=hash_seed, tp_rank=tp_rank, tp_size=tp_size)
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 view (last axis times the element size): one code path for every dtype, fp8 included."""
+    return t.view(torch.uint8)
+
+
 def new_stage(num_blocks: int, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A host staging tensor for ``num_blocks`` whole blocks (pinned when the cache is on a GPU)."""
+    """A host staging tensor (bytes) for ``num_blocks`` whole blocks: ``[L, 2, n, block_size, Hkv, D * elem]``.
+
+    Layer-major so that staging one layer is one gather into a contiguous slice; pinned for a GPU cache so the
+    device-to-host copy is asynchronous.
+    """
     _, _, bs, heads, dim = kv_caches[0].shape
-    pin = kv_caches[0].is_cuda
-    return torch.empty((num_blocks, len(kv_caches), 2, bs, heads, dim), dtype=kv_caches[0].dtype,
-                       pin_memory=pin)
+    width = dim * kv_caches[0].element_size()
+    return torch.empty((len(kv_caches), 2, num_blocks, bs, heads, width), dtype=torch.uint8,
+                       pin_memory=kv_caches[0].is_cuda)
 
 
 def stage_layer(stage: torch.Tensor, layer_idx: int, kv_layer: torch.Tensor, block_ids: torch.Tensor) -> None:
-    """Copy blocks ``block_ids`` (on the cache's device) of one layer into ``stage[:, layer_idx]``."""
-    src = kv_layer.index_select(1, block_ids) if kv_layer.element_size() > 1 else \
-        kv_layer.view(torch.uint8).index_select(1, block_ids).view(kv_layer.dtype)  # no fp8 index kernels
-    stage[:, layer_idx].copy_(src.transpose(0, 1), non_blocking=True)  # [2, n, bs, H, D] -> [n, 2, bs, H, D]
+    """Copy blocks ``block_ids`` (a tensor on the cache's device) of one layer into ``stage[layer_idx]``."""
+    if kv_layer.is_cuda:
+        stage[layer_idx].copy_(as_bytes(kv_layer).index_select(1, block_ids), non_blocking=True)
+    else:
+        torch.index_select(as_bytes(kv_layer), 1, block_ids, out=stage[layer_idx])
 
 
 def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int]) -> torch.Tensor:
-    """Every layer of ``block_ids`` staged on the host: ``[len(block_ids), L, 2, block_size, Hkv, D]``."""
+    """Every layer of ``block_ids`` staged on the host (see :func:`new_stage`)."""
     stage = new_stage(len(block_ids), kv_caches)
     ids = torch.tensor(list(block_ids), dtype=torch.long, device=kv_caches[0].device)
     for layer_idx, kv_layer in enumerate(kv_caches):
         stage_layer(stage, layer_idx, kv_layer, ids)
-    if kv_caches[0].is_cuda:
-        torch.cuda.current_stream(kv_caches[0].device).synchronize()
+    synchronize(kv_caches)
     return stage
 
 
-def payload_view(stage_row: torch.Tensor, num_tokens: int) -> memoryview:
-    """The payload bytes of one staged block ``[L, 2, block_size, H, D]`` holding ``num_tokens`` tokens."""
-    t = stage_row[:, :, :num_tokens].contiguous()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+def payload_from_stage(stage: torch.Tensor, row: int, num_tokens: int) -> bytes:
+    """The payload ``[L, 2, num_tokens, H, D]`` of staged block ``row``, as bytes.
+
+    numpy does this strided gather: it runs in the calling (writer) thread alone, where a torch copy would
+    compete with the forward pass for torch's intra-op thread pool.
+    """
+    return stage.numpy()[:, :, row, :num_tokens].tobytes()
 
 
-def payload_tensor(payload: Any, desc: KVDescriptor, num_tokens: int) -> torch.Tensor:
-    """A block payload (bytes-like) as ``[L, 2, num_tokens, Hkv, D]`` in the cache dtype, on the host."""
-    view = memoryview(payload)
-    if view.readonly:  # torch.frombuffer wants a writable buffer; one copy is cheaper than a warning per block
-        view = memoryview(bytearray(view))
-    raw = torch.frombuffer(view, dtype=torch.uint8)
-    dtype = getattr(torch, desc.dtype)
-    return raw.view(dtype).view(desc.num_layers, 2, num_tokens, desc.num_kv_heads, desc.head_dim)
+def payload_array(payload: Any, desc: KVDescriptor, num_tokens: int) -> np.ndarray:
+    """A block payload (bytes-like) as a uint8 array ``[L, 2, num_tokens, Hkv, D * elem]`` (no copy)."""
+    arr = np.frombuffer(payload, dtype=np.uint8)
+    return arr.reshape(desc.num_layers, 2, num_tokens, desc.num_kv_heads, desc.head_dim * desc.element_size)
 
 
-def write_block(kv_caches: Sequence[torch.Tensor], block_id: int, payload: torch.Tensor) -> None:
-    """Copy a payload ``[L, 2, n, H, D]`` into block ``block_id`` of every layer (its first ``n`` slots)."""
+def write_block(kv_caches: Sequence[torch.Tensor], block_id: int, payload: np.ndarray) -> None:
+    """Copy a payload array (see :func:`payload_array`) into the first slots of block ``block_id``, every layer."""
     n = payload.shape[2]
-    src = payload.to(kv_caches[0].device, non_blocking=True)  # one host-to-device copy per block
+    if kv_caches[0].is_cuda:
+        host = payload if payload.flags.writeable else payload.copy()  # torch wants writable memory
+        src = torch.from_numpy(host).to(kv_caches[0].device)  # one host-to-device copy per block
+        for layer_idx, kv_layer in enumerate(kv_caches):
+            as_bytes(kv_layer)[:, block_id, :n].copy_(src[layer_idx])
+        return
     for layer_idx, kv_layer in enumerate(kv_caches):
-        dst = kv_layer[:, block_id, :n]
-        if kv_layer.element_size() == 1:
-            dst.view(torch.uint8).copy_(src[layer_idx].view(torch.uint8))
-        else:
-            dst.copy_(src[layer_idx])
+        as_bytes(kv_layer).numpy()[:, block_id, :n] = payload[layer_idx]
 
 
 def synchronize(kv_caches: Sequence[torch.Tensor]) -> None:

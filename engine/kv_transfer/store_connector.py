@@ -64,6 +64,7 @@ class StoreConnectorWorker(KVConnectorWorker):
         self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        self._saves: list[SaveSpec] = []
         self._stage: Any = None
         self._staged_layers: set[int] = set()
         self._save_ids: Any = None
@@ -89,7 +90,7 @@ class StoreConnectorWorker(KVConnectorWorker):
                         raise _Missing(f"KV block {block_key(ref.block_hash)} is not in the {self.store.name} "
                                        f"store (evicted or never written)")
                     header, payload = decode_block(blob, self.desc, ref.block_hash, ref.num_tokens)
-                    kv_layout.write_block(self.kv_caches, ref.block_id, kv_layout.payload_tensor(
+                    kv_layout.write_block(self.kv_caches, ref.block_id, kv_layout.payload_array(
                         payload, self.desc, header.num_tokens))
                     done += 1
                     nbytes += header.payload_bytes
@@ -115,24 +116,28 @@ class StoreConnectorWorker(KVConnectorWorker):
         self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
 
     # ------------------------------------------------------------------ saving
+    def bind_connector_metadata(self, meta: Any) -> None:
+        super().bind_connector_metadata(meta)
+        self._saves = list(self._meta.saves)  # consumed by wait_for_save: a step saves once
+
     def save_kv_layer(self, layer_idx: int, kv_layer: Any) -> None:
-        if not self._meta.saves:
+        if not self._saves:
             return
         from pdserve.engine.kv_transfer import kv_layout
 
         if self._stage is None:
-            self._begin_stage()
+            self._begin_stage(self._saves)
         kv_layout.stage_layer(self._stage, layer_idx, kv_layer, self._save_ids)
         self._staged_layers.add(layer_idx)
 
     def wait_for_save(self) -> None:
-        saves = self._meta.saves
+        saves, self._saves = self._saves, []
         if not saves:
             return
         from pdserve.engine.kv_transfer import kv_layout
 
         if self._stage is None:
-            self._begin_stage()
+            self._begin_stage(saves)
         for layer_idx, kv_layer in enumerate(self.kv_caches):  # layers the forward pass did not report
             if layer_idx not in self._staged_layers:
                 kv_layout.stage_layer(self._stage, layer_idx, kv_layer, self._save_ids)
@@ -145,15 +150,14 @@ class StoreConnectorWorker(KVConnectorWorker):
         stage, t0 = self._stage, self._save_t0
         self._stage, self._staged_layers, self._save_ids = None, set(), None
         self._track(+1)
-        self._writer.submit(self._write, stage, list(saves), event, t0)
-        self._meta.saves = []  # a second call for the same step must not save twice
+        self._writer.submit(self._write, stage, saves, event, t0)
 
-    def _begin_stage(self) -> None:
+    def _begin_stage(self, saves: list[SaveSpec]) -> None:
         import torch
 
         from pdserve.engine.kv_transfer import kv_layout
 
-        ids = [ref.block_id for spec in self._meta.saves for ref in spec.blocks]
+        ids = [ref.block_id for spec in saves for ref in spec.blocks]
         self._save_ids = torch.tensor(ids, dtype=torch.long, device=self.kv_caches[0].device)
         self._stage = kv_layout.new_stage(len(ids), self.kv_caches)
         self._save_t0 = time.perf_counter()
@@ -182,7 +186,7 @@ class StoreConnectorWorker(KVConnectorWorker):
 
         nblocks, nbytes = 0, 0
         for j, ref in enumerate(spec.blocks):
-            payload = kv_layout.payload_view(stage[row + j], ref.num_tokens)
+            payload = kv_layout.payload_from_stage(stage, row + j, ref.num_tokens)
             try:
                 self.store.put(block_key(ref.block_hash),
                                encode_block(self.desc, ref.block_hash, ref.num_tokens, payload))
@@ -192,7 +196,7 @@ class StoreConnectorWorker(KVConnectorWorker):
                 self.stats.record_failure(exc.reason)
                 break
             nblocks += 1
-            nbytes += payload.nbytes
+            nbytes += len(payload)
         self.stats.record_transfer("save", nblocks, nbytes, time.perf_counter() - t0)
 
     def _report_saved(self, rid: str) -> None:

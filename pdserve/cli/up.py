@@ -38,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="router address (engines stay on 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="router HTTP port")
     parser.add_argument("--grpc-port", type=int, default=None, help="router gRPC port (default: none)")
-    parser.add_argument("--kv-connector", default="shared-fs", help="KV connector: shared-fs, grpc, redis")
-    parser.add_argument("--kv-path", default=None, help="shared-fs directory (default: a fresh temp dir)")
-    parser.add_argument("--redis-url", default=None, help="redis connector: server URL (default: start one)")
+    # The connector flags of `pdserve prefill|decode`, passed on to every engine. Here --kv-path defaults to a
+    # fresh temp dir and --redis-url to a redis-server started for the stack.
+    from pdserve.engine.kv_transfer.options import add_kv_transfer_arguments
+
+    add_kv_transfer_arguments(parser)
     parser.add_argument("--block-size", type=int, default=16, help="KV block size (engines and router)")
     parser.add_argument("--routing-preset", default="prefix-load", help="router plugins preset")
     parser.add_argument("--routing-config", default=None, help="router plugins file (YAML/JSON)")
@@ -89,6 +91,7 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
         kv_opts = ["--redis-url", url]
     elif args.kv_connector == "shared-fs":
         kv_opts = ["--kv-path", args.kv_path or kv_path or ""]
+    kv_opts += _other_kv_flags(args)
     engine_extra = shlex.split(args.engine_args)
     py = sys.executable
     routes: dict[str, list[str]] = {}
@@ -122,6 +125,22 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     parts.append(Part("router", router, ("http", f"http://{host}:{args.port}/health")))
     return parts
+
+
+def _other_kv_flags(args: argparse.Namespace) -> list[str]:
+    """Connector flags the user set (besides connector, path and URL), to repeat for every engine."""
+    from pdserve.engine.kv_transfer.options import add_kv_transfer_arguments
+
+    scratch = argparse.ArgumentParser()
+    add_kv_transfer_arguments(scratch)
+    out = []
+    for action in scratch._actions:
+        if action.dest in ("help", "kv_connector", "kv_path", "redis_url"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value != action.default:
+            out += [action.option_strings[0], str(value)]
+    return out
 
 
 def _accepts(command: str, flag: str) -> bool:

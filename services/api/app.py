@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import ApiError, bad_request, from_exception
@@ -152,6 +153,11 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
         err = ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes",
                        code="request_too_large")
         return JSONResponse(err.body(), err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ApiError(exc.status_code, str(exc.detail))  # unknown path, wrong method
+        return JSONResponse(err.body(), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -63,7 +63,9 @@ def from_value_error(exc: ValueError, default_param: str | None = None) -> ApiEr
     message = str(exc)
     m = _PARAM_RE.match(message)
     param = m.group(1) if m and m.group(1) in _KNOWN_PARAMS else default_param
-    if "prompt" in message and param is None:
+    if param is None and "max_tokens" in message:
+        param = "max_tokens"  # "the prompt plus max_tokens exceeds the context": lowering max_tokens fixes it
+    elif param is None and "prompt" in message:
         param = "prompt"
     code = "context_length_exceeded" if "context" in message else None
     return ApiError(400, message, param=param, code=code)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.engine.outputs import Logprob
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.router.types import Endpoint
@@ -37,11 +38,13 @@ _HTTP_OF = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 40
 
 
 class PodError(Exception):
-    """The pod failed to serve; another pod may succeed."""
+    """The pod failed to serve; another pod may succeed. ``pod_healthy``: the pod itself is fine (e.g. a decode
+    pod that could not load KV from a dead prefill pod), so it stays in rotation."""
 
-    def __init__(self, pod: str, message: str) -> None:
+    def __init__(self, pod: str, message: str, pod_healthy: bool = False) -> None:
         super().__init__(f"pod {pod}: {message}")
         self.pod = pod
+        self.pod_healthy = pod_healthy
 
 
 class PodRejected(Exception):
@@ -69,7 +72,7 @@ class BackendRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    kv_transfer_params: dict[str, Any] | None = None  # set when decoding KV that a prefill pod computed
+    kv_transfer_params: Any = None  # the prefill pod's transfer handle (opaque to the router), for Decode
 
 
 class PodBackend(Protocol):
@@ -78,8 +81,9 @@ class PodBackend(Protocol):
     def generate(self, pod: Endpoint, req: BackendRequest) -> AsyncIterator[TokenDelta]:
         """Stream a sequence's tokens; raise :class:`PodError` / :class:`PodRejected`."""
 
-    async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, dict[str, Any] | None]:
-        """Compute the prompt on a prefill pod: its first token, and the KV transfer handle for the decode pod."""
+    async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, Any]:
+        """Compute the prompt on a prefill pod: its first token, and the KV transfer handle for the decode pod
+        (None when the request already ended at that token)."""
 
     async def check_health(self, pod: Endpoint, timeout_s: float) -> bool:
         """True when the pod answers its health check as serving."""
@@ -108,6 +112,11 @@ def _logprobs_of(choice: Any) -> list[list[Logprob]] | None:
                    for i, t in enumerate(lp.top_logprobs))
         rows.append(row)
     return rows
+
+
+def _delta(choice: Any) -> TokenDelta:
+    return TokenDelta(list(choice.token_ids), _logprobs_of(choice), choice.finish_reason or None,
+                      _stop_reason(choice.stop_reason))
 
 
 def _stop_reason(text: str) -> int | str | None:
@@ -142,29 +151,47 @@ class GrpcPodBackend:
         if ch is not None:
             await ch.close()
 
-    def _error(self, pod: Endpoint, exc: grpc.aio.AioRpcError) -> Exception:
+    def _error(self, pod: Endpoint, exc: grpc.aio.AioRpcError, decoding_kv: bool = False) -> Exception:
         code = exc.code()
+        if decoding_kv and code == grpc.StatusCode.FAILED_PRECONDITION:
+            # The decode pod could not load the prefill's KV (its "fail" policy): retry the whole attempt; the
+            # decode pod is not to blame.
+            return PodError(pod.name, f"KV load failed: {exc.details()}", pod_healthy=True)
         if code in _RETRYABLE or code not in _HTTP_OF:
             return PodError(pod.name, f"{code.name}: {exc.details()}")
         return PodRejected(_HTTP_OF[code], exc.details() or code.name)
 
+    @staticmethod
+    def _request(req: BackendRequest) -> pb.GenerateRequest:
+        return pb.GenerateRequest(request_id=req.request_id, token_ids=pb.TokenIds(ids=req.prompt_token_ids),
+                                  sampling_params=sampling_to_pb(req.params))
+
     async def generate(self, pod: Endpoint, req: BackendRequest) -> AsyncIterator[TokenDelta]:
-        stub = pb_grpc.GenerationStub(self._channel(pod))
-        message = pb.GenerateRequest(request_id=req.request_id, token_ids=pb.TokenIds(ids=req.prompt_token_ids),
-                                     sampling_params=sampling_to_pb(req.params))
-        call = stub.Generate(message, wait_for_ready=False)
+        """``Decode`` with the handle after a remote prefill, else the plain ``Generate`` stream."""
+        channel = self._channel(pod)
+        decoding_kv = req.kv_transfer_params is not None
+        if decoding_kv:
+            call = disagg_pb2_grpc.DecodeStub(channel).Decode(
+                disagg_pb2.DecodeRequest(request=self._request(req), kv_transfer_params=req.kv_transfer_params))
+        else:
+            call = pb_grpc.GenerationStub(channel).Generate(self._request(req))
         try:
             async for resp in call:
                 for choice in resp.choices:
-                    yield TokenDelta(list(choice.token_ids), _logprobs_of(choice), choice.finish_reason or None,
-                                     _stop_reason(choice.stop_reason))
+                    yield _delta(choice)
         except grpc.aio.AioRpcError as exc:
-            raise self._error(pod, exc) from None
+            raise self._error(pod, exc, decoding_kv) from None
         finally:
             call.cancel()  # a no-op when finished; aborts the pod's request when the router gives up early
 
-    async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, dict[str, Any] | None]:
-        raise PodError(pod.name, "remote prefill is not available through the Generation service")
+    async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, Any]:
+        stub = disagg_pb2_grpc.PrefillStub(self._channel(pod))
+        try:
+            resp = await stub.Prefill(disagg_pb2.PrefillRequest(request=self._request(req)))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(pod, exc) from None
+        handle = resp.kv_transfer_params if resp.HasField("kv_transfer_params") else None
+        return _delta(resp.choice), handle
 
     async def check_health(self, pod: Endpoint, timeout_s: float) -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel(pod))

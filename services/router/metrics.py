@@ -38,6 +38,8 @@ class RouterMetrics:
                                registry=r)
         self.failures = Counter("pdserve:router_request_failures", "Sequences that failed after all retries.",
                                 ["reason"], registry=r)
+        self.pod_requests = Counter("pdserve:router_pod_requests", "Attempts sent to each pod.", ["pod"],
+                                    registry=r)
         self.pod_in_flight_gauge = Gauge("pdserve:router_pod_in_flight", "Requests in flight per pod.", ["pod"],
                                    registry=r)
         self.pod_ready_gauge = Gauge("pdserve:router_pod_ready", "1 when the pod is in rotation.", ["pod", "role"],
@@ -71,7 +73,7 @@ class RouterMetrics:
 
     def pod_removed(self, pod: str) -> None:
         """Drop a departed pod's series so dashboards do not show ghosts."""
-        for gauge, labels in ((self.pod_in_flight_gauge, (pod,)),
+        for gauge, labels in ((self.pod_in_flight_gauge, (pod,)), (self.pod_requests, (pod,)),
                               (self.pod_ready_gauge, (pod, self._roles.pop(pod, "")))):
             try:
                 gauge.remove(*labels)

@@ -69,6 +69,7 @@ class Router:
             self.deps.prefix.on_routed(pod.name, ctx.block_hashes, now)
             if self.metrics is not None:
                 self.metrics.in_flight(pod.name, pod.in_flight)
+                self.metrics.pod_requests.labels(pod.name).inc()
         self.deps.sessions.set(ctx.session_key, decision.decode.name, now)
 
     def finished(self, pod: PodState, ok: bool = True) -> None:

@@ -138,6 +138,9 @@ class SequenceRunner:
                         return
             raise PodError(current.name, "the stream ended without a finish reason")
         except PodError as exc:
+            if exc.pod_healthy:
+                # Not this pod's fault (e.g. KV from a dead prefill pod): retry, but keep it in rotation.
+                raise _AttemptFailed(decision.prefill or current, "kv-load", exc) from None
             failed = current
             self.router.failed(current, str(exc))
             raise _AttemptFailed(current, stage, exc) from None

@@ -63,7 +63,7 @@ TINY_CONFIGS = {
     "default": {},
     "chunked-16": {"max_num_batched_tokens": 16},
     "no-prefix-cache": {"enable_prefix_caching": False},
-    "preemption": {"num_blocks": 12, "block_size": 4, "max_num_batched_tokens": 32},
+    "preemption": {"num_blocks": 14, "block_size": 4, "max_num_batched_tokens": 32},
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.kernels import (fused_add_rms_norm, rms_norm, rotary_embedding, rotary_embedding_and_write_kv,
+from pdserve.kernels.ops import (fused_add_rms_norm, rms_norm, rotary_embedding, rotary_embedding_and_write_kv,
                              write_kv_cache)
 from pdserve.kernels import reference as ref
 

@@ -79,3 +79,9 @@ def test_transfer_params_round_trip_keeps_64_bit_hashes(descriptor):
     assert KVTransferParams.from_dict(params.to_dict()) == params
     with pytest.raises(ValueError, match="malformed"):
         KVTransferParams.from_dict({"connector": "grpc"})
+
+
+def test_transfer_params_as_protobuf(descriptor):
+    params = KVTransferParams(connector="redis", transfer_id="r2", num_tokens=5, block_hashes=(2**63 + 5, 1),
+                              descriptor=descriptor.to_dict(), engine_id="e")
+    assert KVTransferParams.from_proto(params.to_proto()) == params

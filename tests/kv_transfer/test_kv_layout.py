@@ -23,9 +23,9 @@ def test_gather_encode_decode_write_round_trip(dtype, descriptor):
     assert kv_layout.descriptor_for(src, model_fingerprint="test-model", hash_algo="sha256", hash_seed=0) == desc
     stage = kv_layout.gather_blocks(src, [4, 1])
     for row, (block, n) in enumerate([(4, 4), (1, 3)]):
-        blob = encode_block(desc, 9, n, kv_layout.payload_view(stage[row], n))
+        blob = encode_block(desc, 9, n, kv_layout.payload_from_stage(stage, row, n))
         header, payload = decode_block(blob, desc)
-        kv_layout.write_block(dst, 5 - row, kv_layout.payload_tensor(payload, desc, n))
+        kv_layout.write_block(dst, 5 - row, kv_layout.payload_array(payload, desc, n))
         for a, b in zip(src, dst):
             assert torch.equal(a[:, block, :n].view(torch.uint8), b[:, 5 - row, :n].view(torch.uint8))
 

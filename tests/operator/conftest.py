@@ -153,6 +153,18 @@ class Cluster:
         await asyncio.to_thread(custom.delete_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace,
                                 c.PLURAL, name)
 
+    async def create_peering(self, name: str) -> None:
+        """The ClusterKopfPeering object the chart creates; replicas register in its status."""
+        custom = kubernetes.client.CustomObjectsApi(self.api)
+        await asyncio.to_thread(custom.create_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings",
+                                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                                 "metadata": {"name": name}})
+
+    def peers(self, name: str) -> list[str]:
+        """Identities of the live replicas registered in a peering object."""
+        obj = self.get("kopf.dev/v1/clusterkopfpeerings", name, None) or {}
+        return [k for k, v in (obj.get("status") or {}).items() if v and v.get("lifetime", 1) > 0]
+
     async def roll_out(self) -> None:
         """Play the Deployment controller: every Deployment has all its pods updated and ready."""
         apps = kubernetes.client.AppsV1Api(self.api)

@@ -17,9 +17,8 @@ EXPECTED = {
 }
 
 
-def template_hash(cluster, role: str) -> str:
-    dep = cluster.children()[("Deployment", f"chat-{role}")]
-    return dep["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+def template(cluster, role: str) -> dict:
+    return cluster.children()[("Deployment", f"chat-{role}")]["spec"]["template"]
 
 
 def phase(cluster, name: str = "chat") -> str | None:
@@ -55,7 +54,7 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
         assert st["servedModel"] == "smollm2-135m-instruct"
 
         # scale prefill -> exactly one merge patch of exactly spec.replicas; the pods do not roll
-        hashes = {role: template_hash(cluster, role) for role in c.ROLES}
+        templates = {role: template(cluster, role) for role in c.ROLES}
         mark = cluster.mark()
         await cluster.patch_isvc("chat", {"spec": {"prefill": {"replicas": 3}}})
         await cluster.wait_for(lambda: cluster.children()[("Deployment", "chat-prefill")]["spec"]["replicas"] == 3,
@@ -66,7 +65,7 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
         body = writes[0][3]
         assert body["spec"] == {"replicas": 3}
         assert set(body["metadata"]) == {"annotations"}  # only the operator's last-applied record
-        assert {role: template_hash(cluster, role) for role in c.ROLES} == hashes
+        assert {role: template(cluster, role) for role in c.ROLES} == templates
         await cluster.roll_out()
         await cluster.wait_for(lambda: phase(cluster) == "Ready", what="Ready after scale")
         assert cluster.isvc("chat")["status"]["prefill"]["ready"] == "3/3"
@@ -75,12 +74,16 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
         mark = cluster.mark()
         await cluster.patch_isvc("chat", {"spec": {"model": {"source": {"bundled": None, "hostPath": {
             "path": "/models/qwen3-0.6b"}}}}})
-        await cluster.wait_for(lambda: template_hash(cluster, "router") != hashes["router"], what="router rolled")
+        await cluster.wait_for(lambda: template(cluster, "router") != templates["router"], what="router rolled")
         await asyncio.sleep(0.3)
         patched = sorted((plural, name) for _, plural, name, _ in cluster.writes(mark))
         assert patched == [("configmaps", "chat-config"), ("deployments", "chat-decode"),
                            ("deployments", "chat-prefill"), ("deployments", "chat-router")]
-        assert all(template_hash(cluster, role) != hashes[role] for role in c.ROLES)
+        for role in c.ENGINE_ROLES:  # the engines read the changed engine.json: a new config hash
+            assert (template(cluster, role)["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+                    != templates[role]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH])
+        router_args = template(cluster, "router")["spec"]["containers"][0]["args"]
+        assert router_args[router_args.index("--model") + 1] == "/models"  # it tokenizes with the new model
         engine = json.loads(cluster.children()[("ConfigMap", "chat-config")]["data"]["engine.json"])
         assert engine["model"]["model"] == "/models"
         prefill = cluster.children()[("Deployment", "chat-prefill")]["spec"]["template"]["spec"]
@@ -100,3 +103,94 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
         assert cluster.writes(mark) == []
         late_reads = [r for r in list(cluster.server)[mark + 2:] if r.name == "chat"]
         assert late_reads == [], "the status loop of a deleted object must stop"
+
+
+async def test_restart_resumes_without_duplicates(cluster, operator_running) -> None:
+    async with operator_running():
+        await cluster.create_isvc("chat", SPEC)
+        await cluster.wait_for(lambda: set(cluster.children()) == EXPECTED, what="all children")
+        await cluster.roll_out()
+        await cluster.wait_for(lambda: phase(cluster) == "Ready", what="Ready")
+
+    # restarted with nothing changed: resume finds everything in place and writes nothing
+    mark = cluster.mark()
+    async with operator_running():
+        # the resume handler compares every child (only it reads the ConfigMap)
+        await cluster.wait_for(lambda: [r for r in list(cluster.server)[mark:] if r.method.value == "GET"
+                                        and r.name == "chat-config"], what="the resume handler")
+        await asyncio.sleep(0.5)
+    assert cluster.writes(mark) == []
+    assert set(cluster.children()) == EXPECTED
+
+    # changed while the operator was down: the restart applies exactly that change, and creates nothing
+    await cluster.patch_isvc("chat", {"spec": {"decode": {"replicas": 2}}})
+    mark = cluster.mark()
+    async with operator_running():
+        await cluster.wait_for(lambda: cluster.isvc("chat")["status"]["decode"]["replicas"] == 2,
+                               what="decode scaled")
+        await asyncio.sleep(0.3)
+    assert [(m, p, n) for m, p, n, _ in cluster.writes(mark)] == [("PATCH", "deployments", "chat-decode")]
+    assert set(cluster.children()) == EXPECTED
+
+
+async def test_invalid_spec_degrades_and_recovers(cluster, operator_running) -> None:
+    async with operator_running():
+        # redis chosen without url or deploy: Degraded with a reason and an Event, no children, no crash
+        await cluster.create_isvc("chat", {**SPEC, "kvConnector": {"type": "redis"}})
+        await cluster.wait_for(lambda: phase(cluster) == "Degraded", what="Degraded")
+        degraded = condition(cluster, "Degraded")
+        assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+        assert "redis.url or redis.deploy" in degraded["message"]
+        assert condition(cluster, "Ready")["status"] == "False"
+        (event,) = await cluster.wait_for(lambda: cluster.events("InvalidSpec"), what="an InvalidSpec Event")
+        assert event["type"] == "Warning" and "redis" in event["message"]
+        assert event["involvedObject"]["name"] == "chat"
+        assert cluster.children() == {}
+
+        # fixed: a managed Redis comes with the rest, and the engines are pointed at it
+        await cluster.patch_isvc("chat", {"spec": {"kvConnector": {"redis": {"deploy": True}}}})
+        redis = {("Deployment", "chat-redis"), ("Service", "chat-redis")}
+        await cluster.wait_for(lambda: set(cluster.children()) == EXPECTED | redis, what="children and Redis")
+        await cluster.wait_for(lambda: condition(cluster, "Degraded")["status"] == "False", what="not Degraded")
+        args = cluster.children()[("Deployment", "chat-decode")]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--redis-url") + 1] == "redis://chat-redis.default.svc:6379/0"
+
+        # broken again by an update: Degraded, and the running children are left exactly as they were
+        mark = cluster.mark()
+        await cluster.patch_isvc("chat", {"spec": {"prefill": {"replicas": -1}}})
+        await cluster.wait_for(lambda: phase(cluster) == "Degraded", what="Degraded again")
+        assert "spec.prefill.replicas" in condition(cluster, "Degraded")["message"]
+        await asyncio.sleep(0.3)
+        assert cluster.writes(mark) == []
+
+        # an option turned off takes its objects with it
+        await cluster.patch_isvc("chat", {"spec": {"prefill": {"replicas": 1}, "kvConnector": {
+            "type": "grpc", "redis": None}}})
+        await cluster.wait_for(lambda: set(cluster.children()) == EXPECTED, what="Redis removed")
+        await cluster.wait_for(lambda: phase(cluster) == "Progressing", what="healthy again")
+
+
+async def test_two_replicas_elect_one_leader(cluster, operator_running) -> None:
+    await cluster.create_peering("pdserve")
+    leader = operator_running(peering="pdserve", priority=200)
+    await leader.__aenter__()
+    try:
+        async with operator_running(peering="pdserve", priority=100):
+            await cluster.wait_for(lambda: len(cluster.peers("pdserve")) == 2, what="both replicas in the peering")
+            mark = cluster.mark()
+            await cluster.create_isvc("chat", SPEC)
+            await cluster.wait_for(lambda: set(cluster.children()) == EXPECTED, what="all children")
+            await asyncio.sleep(0.5)
+            creates = [n for m, _, n, _ in cluster.writes(mark) if m == "POST"]
+            assert sorted(creates) == sorted(n for _, n in EXPECTED), "only the leader creates, once each"
+
+            # the leader goes away: the standby takes over and applies the next change
+            await leader.__aexit__(None, None, None)
+            leader = None
+            await cluster.wait_for(lambda: len(cluster.peers("pdserve")) == 1, what="the leader to leave")
+            await cluster.patch_isvc("chat", {"spec": {"router": {"replicas": 2}}})
+            await cluster.wait_for(lambda: cluster.children()[("Deployment", "chat-router")]["spec"]["replicas"] == 2,
+                                   what="the standby to take over")
+    finally:
+        if leader is not None:
+            await leader.__aexit__(None, None, None)

@@ -186,3 +186,29 @@ async def test_client_abort_cancels_the_pod_stream():
         assert all(p.in_flight == 0 for p in running.pods.all())
     finally:
         await running.stop()
+
+
+async def test_grpc_generate_through_the_router():
+    import grpc
+
+    from pdserve.proto.pdserve.v1 import generate_pb2 as pb
+    from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
+
+    backend = FakePodBackend()
+    running = await started(backend, prefill=0)
+    try:
+        port = await running.start_grpc("127.0.0.1", 0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT[:8]),
+                                         sampling_params=pb.SamplingParams(max_tokens=5, temperature=0.0))
+            tokens, usage = [], None
+            async for resp in stub.Generate(request):
+                for choice in resp.choices:
+                    tokens.extend(choice.token_ids)
+                if resp.HasField("usage"):
+                    usage = resp.usage
+        assert tokens == expected_tokens(PROMPT[:8], 5)
+        assert (usage.prompt_tokens, usage.completion_tokens) == (8, 5)
+    finally:
+        await running.stop()

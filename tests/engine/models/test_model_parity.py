@@ -56,7 +56,7 @@ def test_tiny_model_matches_transformers(arch: str, tmp_path) -> None:
 def test_bundled_model_matches_transformers() -> None:
     path = resolve_model("smollm2-135m-instruct", "auto").path
     ours, ref, hf_config = ours_and_hf(path)
-    prompts = [[1, 4093, 28, 2114, 3459, 314, 4649, 30, 2], list(range(200, 240))]
+    prompts = [list(range(200, 232))]  # one prompt: transformers' first forward on 2 cores costs seconds
     for p, got in zip(prompts, full_logits(ours, hf_config, prompts)):
         with torch.inference_mode():
             want = ref(torch.tensor([p])).logits[0]

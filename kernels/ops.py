@@ -1,4 +1,4 @@
-"""pdserve.kernels: Triton kernels, each beside a pure-torch reference (``pdserve.kernels.reference``).
+"""The public kernels of pdserve.kernels, importable from one place: Triton kernels, each beside a pure-torch reference (``pdserve.kernels.reference``).
 
 Public kernels (all take and return torch tensors; see each docstring for the contract):
 
@@ -31,5 +31,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(f"pdserve.kernels.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

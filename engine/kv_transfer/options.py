@@ -1,0 +1,51 @@
+"""Command-line flags of the KV connectors, shared by ``pdserve prefill``, ``pdserve decode`` and ``pdserve up``.
+
+They become the engine config's :class:`~pdserve.engine.config.KVTransferConfig` (``role``, ``connector`` and
+``options``, a sorted tuple of pairs so the config stays frozen and hashable).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pdserve.engine.kv_transfer.base import LOAD_FAILURE_POLICIES
+from pdserve.engine.kv_transfer.registry import BUILTIN_CONNECTORS
+
+
+def add_kv_transfer_arguments(parser: argparse.ArgumentParser, default_connector: str | None = "shared-fs") -> None:
+    g = parser.add_argument_group("KV transfer")
+    g.add_argument("--kv-connector", default=default_connector,
+                   help=f"how KV blocks move between pods: {', '.join(BUILTIN_CONNECTORS)} (or package.module:factory)")
+    g.add_argument("--kv-path", default=None, help="shared-fs: the directory every pod mounts")
+    g.add_argument("--kv-max-bytes", type=int, default=0,
+                   help="shared-fs / redis: size cap of the stored blocks, least recently used go first (0: none)")
+    g.add_argument("--redis-url", default=None, help="redis: the server, e.g. redis://redis:6379/0")
+    g.add_argument("--redis-ttl", type=int, default=3600, help="redis: seconds a block lives unread")
+    g.add_argument("--kv-port", type=int, default=0, help="grpc: port of this prefill pod's KV server (0: any)")
+    g.add_argument("--kv-advertise-host", default="127.0.0.1",
+                   help="grpc: the address decode pods reach this pod's KV server at (a pod's IP)")
+    g.add_argument("--kv-lease", type=float, default=60.0,
+                   help="grpc: seconds a prefill pod keeps a finished prompt's blocks for a decode pod")
+    g.add_argument("--kv-load-timeout", type=float, default=10.0,
+                   help="seconds a decode pod waits for blocks still being written, and the deadline of a pull")
+    g.add_argument("--kv-load-failure-policy", default="recompute", choices=list(LOAD_FAILURE_POLICIES),
+                   help="when KV cannot be loaded (missing, corrupt, incompatible, peer down): compute it here "
+                        "(recompute) or fail the request (fail)")
+
+
+def kv_transfer_kwargs(args: argparse.Namespace, role: str) -> dict[str, Any]:
+    """``EngineConfig.create`` keyword arguments (``role``, ``connector``, ``options``) for an engine role."""
+    connector = getattr(args, "kv_connector", None)
+    if connector == "shared-fs" and not args.kv_path:
+        raise ValueError("--kv-connector shared-fs needs --kv-path (a directory shared by prefill and decode pods)")
+    if connector == "redis" and not args.redis_url:
+        raise ValueError("--kv-connector redis needs --redis-url")
+    options = {
+        "load_failure_policy": args.kv_load_failure_policy, "kv_load_timeout_s": args.kv_load_timeout,
+        "kv_path": args.kv_path, "kv_max_bytes": args.kv_max_bytes, "redis_url": args.redis_url,
+        "redis_ttl_s": args.redis_ttl, "kv_port": args.kv_port, "kv_advertise_host": args.kv_advertise_host,
+        "kv_lease_s": args.kv_lease,
+    }
+    return {"role": role, "connector": connector,
+            "options": tuple(sorted((k, v) for k, v in options.items() if v is not None))}

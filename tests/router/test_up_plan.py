@@ -1,0 +1,84 @@
+"""``pdserve up``: the processes it would start, table-driven over flag combinations (nothing is started)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+
+from pdserve.cli import up
+
+
+def args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def plan(*argv: str):
+    ports = itertools.count(20000)
+    return up.plan(args(*argv), port_of=lambda: next(ports), kv_path="/tmp/kv")
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+CASES = [
+    # (id, argv, expected part names, connector flag expectations on engines)
+    ("default", [], ["prefill-0", "decode-0", "router"], {"--kv-connector": "shared-fs", "--kv-path": "/tmp/kv"}),
+    ("two-two", ["--prefill", "2", "--decode", "2"], ["prefill-0", "prefill-1", "decode-0", "decode-1", "router"],
+     {"--kv-connector": "shared-fs"}),
+    ("decode-only", ["--prefill", "0", "--decode", "2"], ["decode-0", "decode-1", "router"], {}),
+    ("redis-url", ["--kv-connector", "redis", "--redis-url", "redis://h:1/0"], ["prefill-0", "decode-0", "router"],
+     {"--kv-connector": "redis", "--redis-url": "redis://h:1/0"}),
+    ("grpc", ["--kv-connector", "grpc"], ["prefill-0", "decode-0", "router"], {"--kv-connector": "grpc"}),
+    ("connector-options-forwarded", ["--kv-load-failure-policy", "fail", "--kv-lease", "5"],
+     ["prefill-0", "decode-0", "router"], {"--kv-load-failure-policy": "fail", "--kv-lease": "5.0"}),
+]
+
+
+@pytest.mark.parametrize("argv,names,engine_flags", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_plan(argv, names, engine_flags):
+    parts = plan(*argv)
+    assert [p.name for p in parts] == names
+    for part in parts[:-1]:
+        assert part.argv[3] in ("prefill", "decode")
+        assert part.health[0] == "grpc"
+        for key, value in engine_flags.items():
+            assert flag(part.argv, key) == value
+    router = parts[-1]
+    assert router.health == ("http", "http://127.0.0.1:8000/health")
+    # Every engine is known to the router by its gRPC address, under its own name.
+    for part in parts[:-1]:
+        role = part.name.split("-")[0]
+        entries = router.argv[router.argv.index(f"--{role}") + 1:]
+        assert any(e.startswith(f"grpc://127.0.0.1:{flag(part.argv, '--grpc-port')}") and e.endswith(part.name)
+                   for e in entries)
+
+
+def test_local_redis_is_started_first_when_no_url(monkeypatch):
+    monkeypatch.setattr(up.shutil, "which", lambda name: "/usr/bin/redis-server")
+    parts = plan("--kv-connector", "redis")
+    assert parts[0].name == "redis" and parts[0].health[0] == "tcp"
+    port = flag(parts[0].argv, "--port")
+    assert flag(parts[1].argv, "--redis-url") == f"redis://127.0.0.1:{port}/0"
+
+
+def test_redis_without_server_or_url_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(up.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="apt-get install redis-server"):
+        plan("--kv-connector", "redis")
+
+
+def test_monolithic_engines_carry_no_connector():
+    parts = plan("--prefill", "0", "--decode", "2", "--decode-command", "serve")
+    assert all("--kv-connector" not in p.argv for p in parts[:-1])
+    assert "--both" in parts[-1].argv
+
+
+@pytest.mark.parametrize("argv", [["--decode", "0"], ["--prefill", "-1"]])
+def test_bad_counts(argv):
+    with pytest.raises(ValueError):
+        plan(*argv)
