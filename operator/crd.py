@@ -83,7 +83,7 @@ def string_map(description: str) -> Schema:
 
 def quantity_map(description: str) -> Schema:
     quantity = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True,
-                "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"}
+                "pattern": s.QUANTITY.pattern}
     return {"type": "object", "description": description, "additionalProperties": quantity}
 
 

@@ -92,7 +92,14 @@ def reconcile(api: kubernetes.client.ApiClient, body: kopf.Body, options: Operat
     outcome: dict[str, list[str]] = {"created": [], "patched": [], "unchanged": []}
     try:
         for obj in objs:
-            outcome[kube.apply(api, obj, uid)].append(f"{obj['kind']}/{obj['metadata']['name']}")
+            try:
+                outcome[kube.apply(api, obj, uid)].append(f"{obj['kind']}/{obj['metadata']['name']}")
+            except ApiException as exc:
+                if exc.status != 404 or obj["kind"] != "ServiceMonitor":
+                    raise
+                # Monitoring is optional: without the Prometheus operator, say so once per change and go on.
+                kopf.warn(body, reason="ServiceMonitorUnavailable", message="monitoring.serviceMonitor is set, but "
+                          "this cluster serves no ServiceMonitor resource (is the Prometheus operator installed?)")
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objs}
         deleted = kube.prune(api, [k for k in render.child_keys(name) if k not in wanted], namespace, uid)
     except kube.ChildConflict as exc:

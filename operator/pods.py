@@ -176,7 +176,7 @@ def _model_mounts(s: ServiceSpec, spec: Obj, mounts: list[Obj], tokenizer_only: 
     if volume is None:
         return
     spec["volumes"].append(volume)
-    mounts.append({"name": "model", "mountPath": c.MODEL_DIR, "readOnly": s.model.source.kind != "huggingFace"})
+    mounts.append({"name": "model", "mountPath": c.MODEL_DIR, "readOnly": True})  # only fetch-model writes
     if s.model.source.kind == "huggingFace":
         spec["initContainers"] = [_hf_init_container(s, tokenizer_only)]
 

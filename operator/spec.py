@@ -18,6 +18,9 @@ from pdserve.operator import constants as c
 
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Kubernetes resource quantity (1, 500m, 8Gi, 1e3), as the API server's own pattern has it.
+QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                      r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 CONNECTORS = ("shared-fs", "grpc", "redis")
@@ -283,6 +286,10 @@ def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
                limits=res.data("limits", dict), node_selector=f.data("nodeSelector", dict),
                tolerations=f.data("tolerations", list), affinity=f.data("affinity", dict),
                env=f.data("env", list), extra_args=f.strings("extraArgs"))
+    for key in ("requests", "limits"):
+        for resource, amount in out[key].items():
+            if isinstance(amount, bool) or not (isinstance(amount, int) or QUANTITY.match(str(amount))):
+                raise SpecError(f"{res.path}.{key}.{resource}", f"must be a quantity like 4, 500m or 8Gi, got {amount!r}")
     if not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in out["env"]):
         raise SpecError(f"{f.path}.env", "must be a list of environment variables with a name")
     if gpus:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: CPU tests (Triton kernels run in the interpreter); GPU tests are skipped without CUDA.
+# The test suite. Without CUDA, Triton kernels run in the interpreter (tests/conftest.py) and tests marked gpu
+# are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=1
 exec .venv/bin/python -m pytest -q "$@"

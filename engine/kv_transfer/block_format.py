@@ -141,15 +141,30 @@ class BlockHeader:
 
 
 def checksum(payload: Any) -> int:
-    """CRC-32 of a bytes-like payload (zlib's: fast, in the standard library, enough against corruption)."""
+    """CRC-32 of a payload given as one bytes-like object or a sequence of them (in order).
+
+    zlib's CRC-32: in the standard library, enough against corruption, and it releases the GIL on large
+    buffers, so several I/O threads checksum in parallel.
+    """
+    if isinstance(payload, (list, tuple)):
+        crc = 0
+        for part in payload:
+            crc = zlib.crc32(part, crc)
+        return crc & 0xFFFFFFFF
     return zlib.crc32(payload) & 0xFFFFFFFF
 
 
+def _nbytes(payload: Any) -> int:
+    if isinstance(payload, (list, tuple)):
+        return sum(memoryview(p).nbytes for p in payload)
+    return memoryview(payload).nbytes
+
+
 def make_header(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any) -> BlockHeader:
-    """The header of ``payload`` (checks its size against the descriptor)."""
+    """The header of ``payload`` (one buffer or a sequence of buffers); checks its size against the descriptor."""
     if not 0 < num_tokens <= desc.block_size:
         raise ValueError(f"a block holds 1..{desc.block_size} tokens, got {num_tokens}")
-    size = memoryview(payload).nbytes
+    size = _nbytes(payload)
     if size != desc.payload_bytes(num_tokens):
         raise ValueError(f"payload of {size} bytes does not match {num_tokens} tokens of this KV cache "
                          f"({desc.payload_bytes(num_tokens)} bytes)")
@@ -167,10 +182,16 @@ def header_from_proto(msg: Any) -> BlockHeader:
                        msg.payload_bytes, msg.checksum)
 
 
-def encode_block(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any) -> bytes:
-    """One block object: prefix, header and payload (``payload`` is any bytes-like object)."""
+def encode_block_parts(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any) -> list[Any]:
+    """One block object as a list of buffers: prefix and header, then the payload's parts (no copy of them)."""
     header = header_to_proto(make_header(desc, block_hash, num_tokens, payload)).SerializeToString()
-    return b"".join((_PREFIX.pack(MAGIC, len(header)), header, payload))
+    parts = list(payload) if isinstance(payload, (list, tuple)) else [payload]
+    return [_PREFIX.pack(MAGIC, len(header)) + header, *parts]
+
+
+def encode_block(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any) -> bytes:
+    """One block object in one bytes object (``payload``: a buffer or a sequence of buffers)."""
+    return b"".join(encode_block_parts(desc, block_hash, num_tokens, payload))
 
 
 def decode_block(blob: Any, expected: KVDescriptor, block_hash: int | None = None,

@@ -88,13 +88,20 @@ def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int]) -
     return stage
 
 
-def payload_from_stage(stage: torch.Tensor, row: int, num_tokens: int) -> bytes:
-    """The payload ``[L, 2, num_tokens, H, D]`` of staged block ``row``, as bytes.
+def stage_segments(stage: torch.Tensor, row: int, num_tokens: int) -> list[memoryview]:
+    """The payload ``[L, 2, num_tokens, H, D]`` of staged block ``row`` as its ``2 L`` contiguous pieces, in order.
 
-    numpy does this strided gather: it runs in the calling (writer) thread alone, where a torch copy would
-    compete with the forward pass for torch's intra-op thread pool.
+    No copy: writers checksum and write the pieces as they are (``writev``); numpy views keep the work in the
+    calling thread instead of torch's intra-op pool, which the forward pass is using.
     """
-    return stage.numpy()[:, :, row, :num_tokens].tobytes()
+    arr = stage.numpy()
+    return [memoryview(arr[layer, kv, row, :num_tokens]).cast("B")
+            for layer in range(arr.shape[0]) for kv in range(2)]
+
+
+def payload_from_stage(stage: torch.Tensor, row: int, num_tokens: int) -> bytes:
+    """The payload of staged block ``row`` as one bytes object."""
+    return b"".join(stage_segments(stage, row, num_tokens))
 
 
 def payload_array(payload: Any, desc: KVDescriptor, num_tokens: int) -> np.ndarray:
@@ -105,15 +112,29 @@ def payload_array(payload: Any, desc: KVDescriptor, num_tokens: int) -> np.ndarr
 
 def write_block(kv_caches: Sequence[torch.Tensor], block_id: int, payload: np.ndarray) -> None:
     """Copy a payload array (see :func:`payload_array`) into the first slots of block ``block_id``, every layer."""
-    n = payload.shape[2]
-    if kv_caches[0].is_cuda:
-        host = payload if payload.flags.writeable else payload.copy()  # torch wants writable memory
-        src = torch.from_numpy(host).to(kv_caches[0].device)  # one host-to-device copy per block
-        for layer_idx, kv_layer in enumerate(kv_caches):
-            as_bytes(kv_layer)[:, block_id, :n].copy_(src[layer_idx])
+    write_blocks(kv_caches, [block_id], [payload])
+
+
+def write_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], payloads: Sequence[np.ndarray]
+                 ) -> None:
+    """Copy several payloads into their blocks. On a GPU: one pinned staging tensor, one host-to-device copy and
+    one ``index_copy_`` per layer for the whole batch (a partial block's unused slots get stale bytes, which is
+    harmless: they belong to the same request and are written when their tokens are computed)."""
+    if not kv_caches[0].is_cuda:
+        for block_id, payload in zip(block_ids, payloads):
+            n = payload.shape[2]
+            for layer_idx, kv_layer in enumerate(kv_caches):
+                as_bytes(kv_layer).numpy()[:, block_id, :n] = payload[layer_idx]
         return
+    stage = new_stage(len(block_ids), kv_caches)
+    host = stage.numpy()
+    for j, payload in enumerate(payloads):
+        host[:, :, j, :payload.shape[2]] = payload
+    device = kv_caches[0].device
+    src = stage.to(device, non_blocking=True)
+    ids = torch.tensor(list(block_ids), dtype=torch.long, device=device)
     for layer_idx, kv_layer in enumerate(kv_caches):
-        as_bytes(kv_layer).numpy()[:, block_id, :n] = payload[layer_idx]
+        as_bytes(kv_layer).index_copy_(1, ids, src[layer_idx])
 
 
 def synchronize(kv_caches: Sequence[torch.Tensor]) -> None:

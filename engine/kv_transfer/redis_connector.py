@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pdserve.engine.kv_transfer.store import BlockStore, StoreUnavailableError
+from pdserve.engine.kv_transfer.store import Blob, BlockStore, StoreUnavailableError, join_blob
 
 # KEYS: block key, lru, sizes, total. ARGV: value, ttl s, budget bytes (0: none). Returns the total bytes.
 _PUT = """
@@ -91,9 +91,9 @@ class RedisStore(BlockStore):
         self._put = self._client.register_script(_PUT)
         self._get = self._client.register_script(_GET)
 
-    def put(self, key: str, blob: bytes | bytearray | memoryview) -> None:
+    def put(self, key: str, blob: Blob) -> None:
         self._call(self._put, keys=[self.prefix + key, self._lru, self._sizes, self._total],
-                   args=[bytes(blob), self.ttl_s, self.max_bytes])
+                   args=[bytes(join_blob(blob)), self.ttl_s, self.max_bytes])
 
     def get(self, key: str) -> bytes | None:
         return self._call(self._get, keys=[self.prefix + key, self._lru], args=[self.ttl_s])

@@ -17,13 +17,14 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from pdserve.engine.kv_transfer.store import BlockStore, StoreUnavailableError
+from pdserve.engine.kv_transfer.store import Blob, BlockStore, StoreUnavailableError, blob_size
 
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".kv"
 _TMP_MARK = ".tmp-"
 _STALE_TMP_S = 60.0
+_IOV_MAX = 512  # buffers per writev (Linux allows 1024)
 
 
 class SharedFSStore(BlockStore):
@@ -46,29 +47,34 @@ class SharedFSStore(BlockStore):
     def path_of(self, key: str) -> str:
         return os.path.join(self.dir, key[:2], key + _SUFFIX)
 
-    def put(self, key: str, blob: bytes | bytearray | memoryview) -> None:
+    def put(self, key: str, blob: Blob) -> None:
         final = self.path_of(key)
         tmp = f"{final}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        parts = list(blob) if isinstance(blob, (list, tuple)) else [blob]
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(blob)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, parts)
+            finally:
+                os.close(fd)
             os.replace(tmp, final)
         except OSError as exc:
             _unlink_quietly(tmp)
             raise StoreUnavailableError(f"cannot write KV block {final}: {exc}") from exc
         if self.max_bytes:
             with self._lock:
-                self._estimate += memoryview(blob).nbytes
+                self._estimate += blob_size(blob)
                 over = self._estimate > self.max_bytes
             if over:
                 self.evict()
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> bytearray | None:
         path = self.path_of(key)
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = bytearray(os.fstat(f.fileno()).st_size)  # writable: loaders wrap it without a copy
+                f.readinto(data)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -134,6 +140,23 @@ class SharedFSStore(BlockStore):
                     out.append((st.st_mtime, st.st_size, entry.path))
                     total += st.st_size
         return out, total
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """Write buffers with as few system calls as possible (``writev``), handling short writes."""
+    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        while written:
+            n = batch[0].nbytes
+            if written >= n:
+                written -= n
+                batch.pop(0)
+                views.pop(0)
+            else:
+                views[0] = batch[0] = batch[0][written:]
+                written = 0
 
 
 def _unlink_quietly(path: str) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, Union
+
+# A whole object, or its parts in order (written without joining them where the store can).
+Blob = Union[bytes, bytearray, memoryview, Sequence[Any]]
 
 
 class StoreUnavailableError(RuntimeError):
@@ -28,8 +32,9 @@ class BlockStore(ABC):
     name = "abstract"
 
     @abstractmethod
-    def put(self, key: str, blob: bytes | bytearray | memoryview) -> None:
-        """Store ``blob`` under ``key`` atomically: a reader sees the whole object or nothing."""
+    def put(self, key: str, blob: Blob) -> None:
+        """Store ``blob`` (bytes, or a list of buffers making one object) under ``key`` atomically: a reader
+        sees the whole object or nothing."""
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
@@ -58,3 +63,12 @@ class BlockStore(ABC):
 
     def close(self) -> None:
         """Release connections and files."""
+
+
+def join_blob(blob: Blob) -> Any:
+    """One bytes-like object from a blob given whole or in parts."""
+    return b"".join(blob) if isinstance(blob, (list, tuple)) else blob
+
+
+def blob_size(blob: Blob) -> int:
+    return sum(memoryview(p).nbytes for p in blob) if isinstance(blob, (list, tuple)) else memoryview(blob).nbytes

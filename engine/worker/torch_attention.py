@@ -16,7 +16,7 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int, dt
     """K and V of positions ``0 .. length - 1`` of one sequence: two ``[length, Hkv, D]`` tensors."""
     bs = kv_cache.shape[2]
     blocks = block_table[: (length + bs - 1) // bs]
-    kv = kv_cache[:, blocks]  # [2, nblk, bs, Hkv, D]
+    kv = kv_cache.index_select(1, blocks)  # [2, nblk, bs, Hkv, D]
     kv = kv.flatten(1, 2)[:, :length].to(dtype)  # [2, length, Hkv, D]
     return kv[0], kv[1]
 
@@ -69,8 +69,9 @@ class TorchAttentionBackend(AttentionBackend):
         bs, hkv = kv_cache.shape[2], kv_cache.shape[3]
         max_len = max(md.seq_lens_cpu[:nd])
         nblk = (max_len + bs - 1) // bs
-        kv = kv_cache[:, md.block_tables[:nd, :nblk]]  # [2, nd, nblk, bs, Hkv, D]
-        kv = kv.flatten(2, 3)[:, :, :max_len].to(q.dtype)  # [2, nd, S, Hkv, D]
+        # index_select rather than kv_cache[:, table]: advanced indexing with int32 ids is ~15x slower on CPU.
+        kv = kv_cache.index_select(1, md.block_tables[:nd, :nblk].reshape(-1))  # [2, nd*nblk, bs, Hkv, D]
+        kv = kv.view(2, nd, nblk * bs, hkv, d)[:, :, :max_len].to(q.dtype)  # [2, nd, S, Hkv, D]
         k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [nd, Hkv, S, D]
         # The query heads of one KV group play the role of query "positions" (no causal mask is needed for a
         # decode row), so grouped-query attention needs no copy of K/V per query head.

@@ -111,7 +111,8 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
         parts.append(Part(name, argv, ("grpc", f"127.0.0.1:{grpc}")))
         flag = "prefill" if role == "prefill" else ("decode" if command == "decode" else "both")
         events_opt = f",events=tcp://127.0.0.1:{events}" if has_events else ""
-        routes.setdefault(flag, []).append(f"grpc://127.0.0.1:{grpc}{events_opt},name={name}")
+        routes.setdefault(flag, []).append(
+            f"grpc://127.0.0.1:{grpc}{events_opt},http=http://127.0.0.1:{http},name={name}")
     router = [py, *_LAUNCH, "router", "--model", args.model, "--host", args.host, "--port", str(args.port),
               "--block-size", str(args.block_size)]
     for flag in ("prefill", "decode", "both"):
@@ -121,6 +122,10 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
         router += ["--grpc-port", str(args.grpc_port)]
     router += (["--routing-config", args.routing_config] if args.routing_config
                else ["--routing-preset", args.routing_preset])
+    # Settings the router must share with the engines, when given to the engines.
+    for shared in ("--max-model-len", "--served-model-name", "--hash-seed", "--hash-algo"):
+        if shared in engine_extra and shared not in args.router_args:
+            router += [shared, engine_extra[engine_extra.index(shared) + 1]]
     router += shlex.split(args.router_args)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     parts.append(Part("router", router, ("http", f"http://{host}:{args.port}/health")))

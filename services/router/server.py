@@ -153,7 +153,8 @@ def _add_router_routes(app: Any, running: RunningRouter) -> None:
     async def pods() -> dict[str, Any]:
         """What the router knows about each pod (for operators and tests)."""
         return {"pods": [{"name": p.name, "role": p.role.value, "ready": p.ready, "in_flight": p.in_flight,
-                          "grpc": p.endpoint.grpc_target, "kv_events": p.endpoint.kv_events,
+                          "grpc": p.endpoint.grpc_target, "http": p.endpoint.url or None,
+                          "kv_events": p.endpoint.kv_events,
                           "events_live": p.events_live(),
                           "load": None if p.load is None else {"waiting": p.load.num_waiting,
                                                                "running": p.load.num_running,

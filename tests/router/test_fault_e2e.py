@@ -33,18 +33,19 @@ def free_port() -> int:
 
 
 class Engine:
-    """One ``pdserve serve`` process on fixed ports (so a restart comes back at the same address)."""
+    """One engine process (``serve``, ``prefill`` or ``decode``) on fixed ports (a restart comes back at the same
+    address)."""
 
-    def __init__(self, name: str, workdir: str) -> None:
-        self.name, self.workdir = name, workdir
+    def __init__(self, name: str, workdir: str, command: str = "serve", extra: tuple[str, ...] = ()) -> None:
+        self.name, self.workdir, self.command, self.extra = name, workdir, command, extra
         self.http, self.grpc = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
         self.log = open(os.path.join(workdir, f"{name}.log"), "ab")
 
     def start(self) -> "Engine":
-        argv = [sys.executable, "-c", LAUNCH, "serve", "--model", MODEL, "--device", "cpu", "--host", "127.0.0.1",
+        argv = [sys.executable, "-c", LAUNCH, self.command, "--model", MODEL, "--device", "cpu", "--host", "127.0.0.1",
                 "--port", str(self.http), "--grpc-port", str(self.grpc), "--max-model-len", "512",
-                "--cpu-kv-cache-gib", "0.25", "--max-num-seqs", "8", "--log-level", "warning"]
+                "--cpu-kv-cache-gib", "0.25", "--max-num-seqs", "8", "--log-level", "warning", *self.extra]
         self.proc = subprocess.Popen(argv, cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 
@@ -75,8 +76,9 @@ def tokenizer():
 def engines(tmp_path):
     started: list[Engine] = []
 
-    def make(n: int) -> list[Engine]:
-        new = [Engine(f"engine-{len(started) + i}", str(tmp_path)).start() for i in range(n)]
+    def make(n: int, command: str = "serve", extra: tuple[str, ...] = ()) -> list[Engine]:
+        prefix = {"serve": "engine", "prefill": "prefill", "decode": "decode"}[command]
+        new = [Engine(f"{prefix}-{len(started) + i}", str(tmp_path), command, extra).start() for i in range(n)]
         started.extend(new)
         return new
 
@@ -85,7 +87,7 @@ def engines(tmp_path):
         e.stop()
 
 
-async def start_router(engines_, tokenizer):
+async def start_router(engines_, tokenizer, routing=None):
     from pdserve.services.api.settings import ServerSettings
     from pdserve.services.router.discovery import StaticDiscovery, static_endpoints
     from pdserve.services.router.engine import ModelInfo
@@ -93,10 +95,13 @@ async def start_router(engines_, tokenizer):
     from pdserve.services.router.sequence import RetryPolicy
     from pdserve.services.router.server import RouterConfig, start_router as start
 
-    pods = static_endpoints([], [], [f"grpc://127.0.0.1:{e.grpc},name={e.name}" for e in engines_])
+    def entries(command: str) -> list[str]:
+        return [f"grpc://127.0.0.1:{e.grpc},name={e.name}" for e in engines_ if e.command == command]
+
+    pods = static_endpoints(entries("prefill"), entries("decode"), entries("serve"))
     config = RouterConfig(model=ModelInfo(MODEL, 512, len(tokenizer), tokenizer.eos_token_id),
                           settings=ServerSettings((MODEL,)), discovery=StaticDiscovery(pods),
-                          routing=preset("prefix-load"), retry=RetryPolicy(max_attempts=4, no_pod_wait_s=10),
+                          routing=routing or preset("prefix-load"), retry=RetryPolicy(max_attempts=4, no_pod_wait_s=10),
                           health_interval_s=0.3)
     return await start(config, tokenizer)
 
@@ -162,3 +167,45 @@ async def _complete(engine, tokenizer, prompt: str) -> None:
 
 def _requests_to(running, pod: str) -> float:
     return running.router.metrics.pod_requests.labels(pod)._value.get()
+
+
+LONG = [f"Tenant {t}: " + " ".join(f"rule {i} says item {i * t} is fine." for i in range(12)) + " Question: why?"
+        for t in range(6)]
+
+
+async def _answer(engine, tokenizer, prompt: str, max_tokens: int = 12) -> list[int]:
+    tokens: list[int] = []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    async for out in engine.generate(tokenizer(prompt).input_ids, params):
+        tokens.extend(out.outputs[0].token_ids)
+    return tokens
+
+
+async def test_prefill_pod_killed_under_load_requests_still_succeed(engines, tmp_path, tokenizer):
+    from pdserve.services.router.routing_config import parse_routing_spec
+
+    kv = ("--kv-connector", "shared-fs", "--kv-path", str(tmp_path / "kv"))
+    pool = engines(1, "prefill", kv) + engines(1, "decode", kv)
+    # Remote prefill for every prompt of 32+ tokens, so the prefill pod is on the path of each request.
+    routing = parse_routing_spec({"decode": {"scorers": [{"type": "load", "weight": 1}]},
+                                  "pd_decider": {"type": "prefix-aware", "min_prompt_tokens": 32,
+                                                 "max_cached_fraction": 1.0}})
+    running = await start_router(pool, tokenizer, routing)
+    try:
+        await wait_ready(running, 2)
+        reference = [await _answer(running.engine, tokenizer, p) for p in LONG[:2]]
+        assert running.router.metrics.pd.labels("remote-prefill", "remote-prefill")._value.get() >= 2
+
+        async def kill_prefill_soon() -> None:
+            await asyncio.sleep(0.5)
+            pool[0].kill()
+
+        results = await asyncio.wait_for(asyncio.gather(
+            *(_answer(running.engine, tokenizer, p) for p in LONG), kill_prefill_soon()), 180)
+        assert results[:2] == reference  # the same greedy answers, with or without the prefill pod
+        assert all(len(r) == 12 for r in results[:-1])
+        assert all(p.in_flight == 0 for p in running.pods.all())
+        # Afterwards the decode pod alone serves long prompts (decode-only: no prefill pod is ready).
+        assert await _answer(running.engine, tokenizer, LONG[0]) == reference[0]
+    finally:
+        await running.stop()

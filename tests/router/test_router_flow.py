@@ -212,3 +212,29 @@ async def test_grpc_generate_through_the_router():
         assert (usage.prompt_tokens, usage.completion_tokens) == (8, 5)
     finally:
         await running.stop()
+
+
+BAD_REQUESTS = [
+    # (id, body, status, error param) -- refused by the router itself: no pod is contacted
+    ("prompt-too-long", {"prompt": list(range(10, 600)), "max_tokens": 4}, 400, "prompt"),
+    ("prompt-plus-max-tokens", {"prompt": list(range(10, 500)), "max_tokens": 100}, 400, "max_tokens"),
+    ("token-outside-vocab", {"prompt": [5, 5000], "max_tokens": 4}, 400, "prompt"),
+    ("bad-temperature", {"prompt": [5], "temperature": -1}, 400, "temperature"),
+    ("unknown-model", {"prompt": [5], "model": "gpt-9"}, 404, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+async def test_bad_requests_never_reach_a_pod(body, status, param):
+    backend = FakePodBackend()
+    running = await started(backend, prefill=0)
+    transport = httpx.ASGITransport(app=running.asgi_app())
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            r = await client.post("/v1/completions", json={"model": "fake", **body})
+        assert r.status_code == status, r.text
+        if param is not None:
+            assert r.json()["error"]["param"] == param
+        assert backend.calls == []
+    finally:
+        await running.stop()

@@ -82,3 +82,9 @@ def test_monolithic_engines_carry_no_connector():
 def test_bad_counts(argv):
     with pytest.raises(ValueError):
         plan(*argv)
+
+
+def test_engine_settings_the_router_must_share_are_forwarded():
+    router = plan("--engine-args", "--device cpu --max-model-len 1024")[-1]
+    assert flag(router.argv, "--max-model-len") == "1024"
+    assert "--device" not in router.argv

@@ -1,0 +1,1 @@
+"""Benchmarks of a running server: ``pdserve bench serve`` (:mod:`.serve`)."""

@@ -1,0 +1,111 @@
+"""Acceptance: through ``pdserve up`` (router + prefill + decode processes) the official ``openai`` client gets the
+same greedy answers as from a monolithic ``pdserve serve``: completions and chat, streamed and not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+openai = pytest.importorskip("openai")
+
+LAUNCH = "import sys; from pdserve.cli.main import main; sys.exit(main(sys.argv[1:]))"
+MODEL = "smollm2-135m-instruct"
+ENGINE_FLAGS = "--device cpu --max-model-len 1024 --cpu-kv-cache-gib 0.25 --max-num-seqs 8"
+PROMPTS = ["The capital of France is", "List three prime numbers:", "def fibonacci(n):"]
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 400.0) -> None:
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} not healthy in time")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    work = tmp_path_factory.mktemp("up")
+    up_port, mono_port = free_port(), free_port()
+    up_log, mono_log = open(work / "up.log", "wb"), open(work / "serve.log", "wb")
+    up = subprocess.Popen([sys.executable, "-c", LAUNCH, "up", "--port", str(up_port), "--engine-args", ENGINE_FLAGS],
+                          cwd=work, stdout=up_log, stderr=subprocess.STDOUT)
+    mono = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", "--model", MODEL, "--port", str(mono_port),
+                             *ENGINE_FLAGS.split()], cwd=work, stdout=mono_log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{mono_port}/health", mono)
+        wait_http(f"http://127.0.0.1:{up_port}/health", up)
+        yield f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{mono_port}/v1", up, work
+    finally:
+        for proc in (up, mono):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in (up, mono):
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        up_log.close()
+        mono_log.close()
+
+
+def answers(base_url: str) -> list[str]:
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    out = []
+    for prompt in PROMPTS:
+        out.append(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0).choices[0].text)
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        out.append("".join(c.choices[0].text for c in stream if c.choices))
+    out.append(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24,
+                                              temperature=0).choices[0].message.content)
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, stream=True)
+    out.append("".join((c.choices[0].delta.content or "") for c in stream if c.choices))
+    return out
+
+
+def test_openai_client_gets_the_monolithic_answers(servers):
+    up_url, mono_url, _, _ = servers
+    assert answers(up_url) == answers(mono_url)
+
+
+async def test_async_client_and_a_long_prompt_with_remote_prefill(servers):
+    up_url, mono_url, _, _ = servers
+    long_prompt = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60))
+    results = []
+    for url in (up_url, mono_url):
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        r = await client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=16, temperature=0)
+        results.append(r.choices[0].text)
+    assert results[0] == results[1]
+
+
+def test_ctrl_c_stops_every_part(servers):
+    _, _, up, work = servers
+    children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 3  # prefill, decode, router
+    up.send_signal(signal.SIGINT)
+    assert up.wait(60) == 0
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
