@@ -81,10 +81,11 @@ class Sampler:
 
     # ------------------------------------------------------------------ picking
     def _pick(self, x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        greedy = torch.tensor([r.sampling_params.greedy for r in requests], device=x.device)
+        greedy_flags = [r.sampling_params.greedy for r in requests]
         picked = x.argmax(dim=-1)
-        if bool(greedy.all()):
+        if all(greedy_flags):  # decided on the host: no device sync
             return picked
+        greedy = torch.tensor(greedy_flags, device=x.device)
         temps = torch.tensor([r.sampling_params.temperature or 1.0 for r in requests], device=x.device)
         x = x / temps.unsqueeze(1)
         x = self._top_k_top_p_min_p(x, requests)
@@ -103,11 +104,11 @@ class Sampler:
     def _top_k_top_p_min_p(x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         vocab = x.shape[1]
+        if all((p.top_k <= 0 or p.top_k >= vocab) and p.top_p >= 1 and p.min_p <= 0 for p in params):
+            return x  # nothing to filter (decided on the host: no device sync)
         top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=x.device)
         top_p = torch.tensor([p.top_p for p in params], device=x.device, dtype=x.dtype)
         min_p = torch.tensor([p.min_p for p in params], device=x.device, dtype=x.dtype)
-        if bool((top_k >= vocab).all()) and bool((top_p >= 1).all()) and bool((min_p <= 0).all()):
-            return x
         sorted_x, order = x.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)

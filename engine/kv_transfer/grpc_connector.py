@@ -27,8 +27,8 @@ from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVCon
                                              KVTransferParams, LoadFailure, LoadSpec)
 from pdserve.engine.kv_transfer.block_format import KVFormatError
 from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
-from pdserve.engine.kv_transfer.grpc_kv_server import (KVPullClient, KVTransferServicer, PullError,
-                                                       TransferRegistry, start_kv_server)
+from pdserve.engine.kv_transfer.grpc_kv_server import (DEFAULT_CHUNK_BYTES, KVPullClient, KVTransferServicer,
+                                                       PullError, TransferRegistry, start_kv_server)
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks
 
@@ -100,9 +100,9 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
         self._inflight = 0
         self._lock = threading.Lock()
-        self._client = KVPullClient(ctx.descriptor, int(ctx.option("kv_chunk_bytes", 1 << 20)))
-        self._loader = ThreadPoolExecutor(max_workers=int(ctx.option("kv_load_threads", 2)),
-                                          thread_name_prefix="kv-pull")
+        self._client = KVPullClient(ctx.descriptor, int(ctx.option("kv_chunk_bytes", DEFAULT_CHUNK_BYTES)))
+        self.streams = int(ctx.option("kv_pull_streams", 4))
+        self._loader = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="kv-pull")
         self.server, self.address = None, None
         if ctx.is_producer:
             servicer = KVTransferServicer(registry, ctx.descriptor, lambda: self.kv_caches,
@@ -114,40 +114,69 @@ class GrpcConnectorWorker(KVConnectorWorker):
 
     def start_load_kv(self) -> None:
         for spec in self._meta.loads:
+            # Several streams per transfer: one Python stream is bound by per-message work, not the network.
+            n = max(1, min(self.streams, len(spec.blocks) // 8 or 1))
+            size = -(-len(spec.blocks) // n)
+            ranges = [spec.blocks[i:i + size] for i in range(0, len(spec.blocks), size)]
+            job = _PullJob(spec, len(ranges), time.perf_counter())
             with self._lock:
                 self._inflight += 1
-            self._loader.submit(self._pull, spec, time.perf_counter())
+            for blocks in ranges:
+                self._loader.submit(self._pull_range, job, blocks)
 
-    def _pull(self, spec: LoadSpec, t0: float) -> None:
+    def _pull_range(self, job: "_PullJob", blocks: tuple) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
-        address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
+        address, transfer_id = job.spec.source["kv_server"], job.spec.source["transfer_id"]
+        batch: list[tuple[BlockRef, Any]] = []
+        written = 0
+
+        def flush() -> None:
+            nonlocal written
+            if batch:
+                kv_layout.write_blocks(self.kv_caches, [r.block_id for r, _ in batch], [p for _, p in batch])
+                written += len(batch)
+                batch.clear()
 
         def on_block(ref: BlockRef, payload: memoryview) -> None:
-            kv_layout.write_block(self.kv_caches, ref.block_id,
-                                  kv_layout.payload_array(payload, self.ctx.descriptor, ref.num_tokens))
+            batch.append((ref, kv_layout.payload_array(payload, self.ctx.descriptor, ref.num_tokens)))
+            if len(batch) >= 8:
+                flush()
 
+        failure = None
         try:
-            nbytes = self._client.pull(address, transfer_id, spec.blocks, self.timeout_s, on_block)
+            nbytes = self._client.pull(address, transfer_id, blocks, self.timeout_s, on_block)
+            job.add_bytes(nbytes)
+        except PullError as exc:
+            failure = (blocks[0].index - job.spec.blocks[0].index + exc.num_valid_blocks, exc.reason, str(exc))
+        except Exception as exc:  # never leave a request waiting on a load that died
+            logger.exception("KV pull of request %s failed", job.spec.request_id)
+            failure = (blocks[0].index - job.spec.blocks[0].index, "error", f"{type(exc).__name__}: {exc}")
+        try:
+            flush()
             kv_layout.synchronize(self.kv_caches)
-            self.stats.record_transfer("load", len(spec.blocks), nbytes, time.perf_counter() - t0)
+        except Exception as exc:
+            logger.exception("writing pulled KV failed")
+            failure = failure or (blocks[0].index - job.spec.blocks[0].index, "error", str(exc))
+        if job.finish(failure):
+            self._pull_done(job)
+
+    def _pull_done(self, job: "_PullJob") -> None:
+        spec = job.spec
+        address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
+        if job.failure is None:
+            self.stats.record_transfer("load", len(spec.blocks), job.nbytes, time.perf_counter() - job.t0)
             self._client.release(address, transfer_id)
             self._results.put(lambda out: out.finished_loading.add(spec.request_id))
-        except PullError as exc:
-            kv_layout.synchronize(self.kv_caches)
-            self.stats.record_failure(exc.reason)
-            if exc.reason not in ("peer_gone", "lease_expired"):
+        else:
+            valid, reason, message = job.failure
+            self.stats.record_failure(reason)
+            if reason not in ("peer_gone", "lease_expired"):
                 self._client.release(address, transfer_id)  # let the peer free its blocks now
-            failure = LoadFailure(exc.reason, str(exc), exc.num_valid_blocks)
+            failure = LoadFailure(reason, message, valid)
             self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
-        except Exception as exc:  # never leave a request waiting on a load that died
-            logger.exception("KV pull of request %s failed", spec.request_id)
-            self.stats.record_failure("error")
-            failure = LoadFailure("error", f"{type(exc).__name__}: {exc}", 0)
-            self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
-        finally:
-            with self._lock:
-                self._inflight -= 1
+        with self._lock:
+            self._inflight -= 1
 
     def get_finished(self) -> KVConnectorOutput:
         out = KVConnectorOutput(released=self.registry.take_released())
@@ -166,3 +195,26 @@ class GrpcConnectorWorker(KVConnectorWorker):
             self.server.stop(grace=1.0)
         self._loader.shutdown(wait=True, cancel_futures=True)
         self._client.close()
+
+
+class _PullJob:
+    """One transfer pulled over several streams; the earliest failure decides how many blocks count."""
+
+    def __init__(self, spec: LoadSpec, num_ranges: int, t0: float) -> None:
+        self.spec, self.t0 = spec, t0
+        self.nbytes = 0
+        self.failure: tuple[int, str, str] | None = None
+        self._left = num_ranges
+        self._lock = threading.Lock()
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.nbytes += n
+
+    def finish(self, failure: tuple[int, str, str] | None) -> bool:
+        """Record a range's outcome; True for the last one."""
+        with self._lock:
+            if failure is not None and (self.failure is None or failure[0] < self.failure[0]):
+                self.failure = failure
+            self._left -= 1
+            return self._left == 0

@@ -25,7 +25,7 @@ from pdserve.engine.kv_transfer.block_format import (KVDescriptor, KVFormatError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20  # a whole block of an 8B model (2 MiB in bf16) travels as one message
 _BLOCKS_PER_GATHER = 8  # blocks read from the cache at once: bounds the host memory of one pull
 _MAX_MESSAGE = 64 << 20
 
@@ -131,13 +131,16 @@ class KVTransferServicer:
                 group = wanted[start:start + _BLOCKS_PER_GATHER]
                 stage = kv_layout.gather_blocks(self._get_kv_caches(), [b.block_id for b in group])
                 for j, ref in enumerate(group):
-                    payload = memoryview(kv_layout.payload_from_stage(stage, j, ref.num_tokens))
+                    payload = kv_layout.payload_from_stage(stage, j, ref.num_tokens)
                     header = header_to_proto(make_header(self.descriptor, ref.block_hash, ref.num_tokens, payload))
-                    for offset in range(0, payload.nbytes, chunk):
-                        yield pb.KVChunk(block_index=ref.index, header=header if offset == 0 else None,
-                                         data=payload[offset:offset + chunk].tobytes())
+                    if len(payload) <= chunk:
+                        yield pb.KVChunk(block_index=ref.index, header=header, data=payload)
+                    else:
+                        for offset in range(0, len(payload), chunk):
+                            yield pb.KVChunk(block_index=ref.index, header=header if offset == 0 else None,
+                                             data=payload[offset:offset + chunk])
                     sent_blocks += 1
-                    sent_bytes += payload.nbytes
+                    sent_bytes += len(payload)
             if self._on_sent is not None:
                 self._on_sent(sent_blocks, sent_bytes)
         finally:
@@ -149,7 +152,7 @@ class KVTransferServicer:
         return pb.ReleaseResponse(released=self.registry.release(request.transfer_id))
 
 
-def start_kv_server(servicer: KVTransferServicer, host: str, port: int, max_workers: int = 4
+def start_kv_server(servicer: KVTransferServicer, host: str, port: int, max_workers: int = 8
                     ) -> tuple[grpc.Server, int]:
     """Start a gRPC server with the KV service on ``host:port`` (port 0: any free one); returns it and its port."""
     from concurrent import futures
@@ -209,10 +212,16 @@ class KVPullClient:
             for msg in stub.PullBlocks(req, timeout=timeout_s):
                 if msg.HasField("header"):
                     ref = by_index.get(msg.block_index)
-                    if ref is None or ref.index != blocks[done].index:
+                    if ref is None or done >= len(blocks) or ref.index != blocks[done].index:
                         raise KVFormatError(f"KV server sent block {msg.block_index} out of order")
                     header = header_from_proto(msg.header)
                     check_header(header, self.descriptor, ref.block_hash, ref.num_tokens)
+                    if len(msg.data) == header.payload_bytes:  # the whole block in one message: no copy
+                        verify_payload(header, msg.data)
+                        on_block(ref, memoryview(msg.data))
+                        done += 1
+                        nbytes += len(msg.data)
+                        continue
                     buf, filled = bytearray(header.payload_bytes), 0
                 if buf is None or filled + len(msg.data) > len(buf):
                     raise KVFormatError("KV server sent more payload than its header announced")

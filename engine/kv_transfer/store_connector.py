@@ -2,11 +2,11 @@
 
 Saving (producer): for every block a step completes, ``save_kv_layer`` copies that layer's slice into a host
 staging tensor right after the layer wrote it (on a GPU: an asynchronous device-to-host copy that overlaps the next
-layer's compute). ``wait_for_save`` hands the staged blocks to a writer thread that encodes them (header +
-CRC-32) and puts them in the store while the engine goes on; the finished request's blocks are held until then.
+layer's compute). ``wait_for_save`` hands the staged blocks to the I/O threads, which checksum them and put them
+in the store while the engine goes on; the finished request's blocks are held until then.
 
-Loading (consumer): the scheduler half found the blocks in the store; a loader thread fetches, validates and
-copies them into the request's blocks while other requests keep running, then ``get_finished`` reports it. A block
+Loading (consumer): the scheduler half found the blocks in the store; the I/O threads fetch, validate and copy
+them into the request's blocks while other requests keep running, then ``get_finished`` reports it. A block
 that is missing, corrupt or incompatible ends the load there: the blocks before it count, the rest is recomputed
 (or the request fails, by policy).
 """
@@ -14,6 +14,7 @@ that is missing, corrupt or incompatible ends the load there: the blocks before 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 from pdserve.engine.kv_transfer.base import (KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
                                              KVTransferParams, LoadFailure, LoadSpec, SaveSpec)
-from pdserve.engine.kv_transfer.block_format import KVFormatError, decode_block, encode_block
+from pdserve.engine.kv_transfer.block_format import KVFormatError, decode_block, encode_block_parts
 from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock
@@ -30,8 +31,8 @@ from pdserve.engine.kv_transfer.store import BlockStore, StoreUnavailableError, 
 
 logger = logging.getLogger(__name__)
 
-# Blocks fetched per store round trip while loading: bounds host memory and overlaps fetching with copying.
-_LOAD_BATCH = 16
+# Blocks per I/O task: one store round trip and one batched copy into the cache per group when loading.
+_GROUP = 8
 
 
 class StoreConnectorScheduler(BlockConnectorScheduler):
@@ -50,17 +51,19 @@ class StoreConnectorScheduler(BlockConnectorScheduler):
 
 
 class StoreConnectorWorker(KVConnectorWorker):
-    """Moves blocks between the KV cache and a store with one writer thread and a few loader threads."""
+    """Moves blocks between the KV cache and a store with a pool of I/O threads.
+
+    A transfer is split into groups of blocks that the threads handle in parallel (checksums, file and socket
+    I/O and numpy copies release the GIL); a load or a save is reported once all of its groups are done.
+    """
 
     def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, store: BlockStore) -> None:
         super().__init__(ctx)
         self.store = store
         self.stats = stats
         self.desc = ctx.descriptor
-        self._loader = ThreadPoolExecutor(max_workers=int(ctx.option("kv_load_threads", 2)),
-                                          thread_name_prefix="kv-load")
-        # One writer keeps a step's writes in order and bounds the host memory held by staged blocks.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-save")
+        threads = int(ctx.option("kv_io_threads", min(8, os.cpu_count() or 1)))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kv-io")
         self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -73,47 +76,52 @@ class StoreConnectorWorker(KVConnectorWorker):
     # ------------------------------------------------------------------ loading
     def start_load_kv(self) -> None:
         for spec in self._meta.loads:
+            groups = [spec.blocks[i:i + _GROUP] for i in range(0, len(spec.blocks), _GROUP)]
+            job = _Job(len(groups), self._load_done, spec, time.perf_counter())
             self._track(+1)
-            self._loader.submit(self._load, spec, time.perf_counter())
+            for start, group in zip(range(0, len(spec.blocks), _GROUP), groups):
+                self._pool.submit(self._load_group, job, start, group)
 
-    def _load(self, spec: LoadSpec, t0: float) -> None:
+    def _load_group(self, job: "_Job", start: int, group: tuple) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
-        done, nbytes = 0, 0
         try:
-            blocks = spec.blocks
-            for start in range(0, len(blocks), _LOAD_BATCH):
-                batch = blocks[start:start + _LOAD_BATCH]
-                blobs = self.store.get_many([block_key(b.block_hash) for b in batch])
-                for ref, blob in zip(batch, blobs):
-                    if blob is None:
-                        raise _Missing(f"KV block {block_key(ref.block_hash)} is not in the {self.store.name} "
-                                       f"store (evicted or never written)")
+            blobs = self.store.get_many([block_key(b.block_hash) for b in group])
+            ids, payloads = [], []
+            for i, (ref, blob) in enumerate(zip(group, blobs)):
+                if blob is None:
+                    raise _Failure(start + i, "missing", f"KV block {block_key(ref.block_hash)} is not in the "
+                                                         f"{self.store.name} store (evicted or never written)")
+                try:
                     header, payload = decode_block(blob, self.desc, ref.block_hash, ref.num_tokens)
-                    kv_layout.write_block(self.kv_caches, ref.block_id, kv_layout.payload_array(
-                        payload, self.desc, header.num_tokens))
-                    done += 1
-                    nbytes += header.payload_bytes
+                except KVFormatError as exc:
+                    raise _Failure(start + i, exc.reason, str(exc)) from None
+                ids.append(ref.block_id)
+                payloads.append(kv_layout.payload_array(payload, self.desc, header.num_tokens))
+                job.add_bytes(header.payload_bytes)
+            kv_layout.write_blocks(self.kv_caches, ids, payloads)
             kv_layout.synchronize(self.kv_caches)
-            self.stats.record_transfer("load", done, nbytes, time.perf_counter() - t0)
-            self._results.put(lambda out: out.finished_loading.add(spec.request_id))
-        except (KVFormatError, StoreUnavailableError, _Missing) as exc:
-            self._load_failed(spec, exc.reason, str(exc), done, nbytes)
+            job.finish()
+        except _Failure as exc:
+            job.finish(exc)
+        except StoreUnavailableError as exc:
+            job.finish(_Failure(start, exc.reason, str(exc)))
         except Exception as exc:  # a bug or a device error: still report, never leave the request waiting
-            logger.exception("KV load of request %s failed", spec.request_id)
-            self._load_failed(spec, "error", f"{type(exc).__name__}: {exc}", done, nbytes)
-        finally:
-            self._track(-1)
+            logger.exception("KV load group failed")
+            job.finish(_Failure(start, "error", f"{type(exc).__name__}: {exc}"))
 
-    def _load_failed(self, spec: LoadSpec, reason: str, message: str, done: int, nbytes: int) -> None:
-        from pdserve.engine.kv_transfer import kv_layout
-
-        kv_layout.synchronize(self.kv_caches)  # the valid blocks must be in place before they are used
-        self.stats.record_failure(reason)
-        if done:
-            self.stats.record_transfer("load", done, nbytes, None)
-        failure = LoadFailure(reason, message, done)
-        self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
+    def _load_done(self, job: "_Job") -> None:
+        spec: LoadSpec = job.spec
+        failure = job.first_failure
+        if failure is None:
+            self.stats.record_transfer("load", len(spec.blocks), job.nbytes, time.perf_counter() - job.t0)
+            self._results.put(lambda out: out.finished_loading.add(spec.request_id))
+        else:
+            # Blocks before the first failing one all loaded (a group either finished or failed at or after it).
+            self.stats.record_failure(failure.reason)
+            lost = LoadFailure(failure.reason, failure.message, failure.index)
+            self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, lost))
+        self._track(-1)
 
     # ------------------------------------------------------------------ saving
     def bind_connector_metadata(self, meta: Any) -> None:
@@ -149,8 +157,15 @@ class StoreConnectorWorker(KVConnectorWorker):
             event.record()
         stage, t0 = self._stage, self._save_t0
         self._stage, self._staged_layers, self._save_ids = None, set(), None
-        self._track(+1)
-        self._writer.submit(self._write, stage, saves, event, t0)
+        row = 0
+        for spec in saves:
+            groups = range(0, len(spec.blocks), _GROUP)
+            job = _Job(len(groups), self._save_done, spec, t0)
+            self._track(+1)
+            for start in groups:
+                self._pool.submit(self._save_group, job, stage, row + start, spec.blocks[start:start + _GROUP],
+                                  event)
+            row += len(spec.blocks)
 
     def _begin_stage(self, saves: list[SaveSpec]) -> None:
         import torch
@@ -162,45 +177,34 @@ class StoreConnectorWorker(KVConnectorWorker):
         self._stage = kv_layout.new_stage(len(ids), self.kv_caches)
         self._save_t0 = time.perf_counter()
 
-    def _write(self, stage: Any, saves: list[SaveSpec], event: Any, t0: float) -> None:
-        reported = 0
-        try:
-            if event is not None:
-                event.synchronize()
-            row = 0
-            for spec in saves:
-                self._write_spec(stage, row, spec, t0)
-                row += len(spec.blocks)
-                self._report_saved(spec.request_id)
-                reported += 1
-        except Exception:
-            logger.exception("KV save failed")
-            self.stats.record_failure("error")
-        finally:
-            for spec in saves[reported:]:  # release the holds all the same
-                self._report_saved(spec.request_id)
-            self._track(-1)
-
-    def _write_spec(self, stage: Any, row: int, spec: SaveSpec, t0: float) -> None:
+    def _save_group(self, job: "_Job", stage: Any, row: int, group: tuple, event: Any) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
-        nblocks, nbytes = 0, 0
-        for j, ref in enumerate(spec.blocks):
-            payload = kv_layout.payload_from_stage(stage, row + j, ref.num_tokens)
-            try:
+        try:
+            if event is not None:
+                event.synchronize()  # the step's device-to-host copies have landed
+            for j, ref in enumerate(group):
+                parts = kv_layout.stage_segments(stage, row + j, ref.num_tokens)
                 self.store.put(block_key(ref.block_hash),
-                               encode_block(self.desc, ref.block_hash, ref.num_tokens, payload))
-            except StoreUnavailableError as exc:
-                # Decode pods will miss and recompute; saving the request's other blocks is pointless.
-                logger.warning("saving KV of request %s failed: %s", spec.request_id, exc)
-                self.stats.record_failure(exc.reason)
-                break
-            nblocks += 1
-            nbytes += len(payload)
-        self.stats.record_transfer("save", nblocks, nbytes, time.perf_counter() - t0)
+                               encode_block_parts(self.desc, ref.block_hash, ref.num_tokens, parts))
+                job.add_bytes(self.desc.payload_bytes(ref.num_tokens))
+            job.finish()
+        except StoreUnavailableError as exc:
+            # Decode pods will miss and recompute: the request still completes, its blocks are released.
+            job.finish(_Failure(0, exc.reason, str(exc)))
+        except Exception as exc:
+            logger.exception("KV save group failed")
+            job.finish(_Failure(0, "error", f"{type(exc).__name__}: {exc}"))
 
-    def _report_saved(self, rid: str) -> None:
+    def _save_done(self, job: "_Job") -> None:
+        spec: SaveSpec = job.spec
+        if job.first_failure is not None:
+            logger.warning("saving the KV of request %s failed: %s", spec.request_id, job.first_failure.message)
+            self.stats.record_failure(job.first_failure.reason)
+        self.stats.record_transfer("save", job.nblocks, job.nbytes, time.perf_counter() - job.t0)
+        rid = spec.request_id
         self._results.put(lambda out: out.finished_saving.__setitem__(rid, out.finished_saving.get(rid, 0) + 1))
+        self._track(-1)
 
     # ------------------------------------------------------------------ reporting
     def get_finished(self) -> KVConnectorOutput:
@@ -225,8 +229,7 @@ class StoreConnectorWorker(KVConnectorWorker):
         return True
 
     def shutdown(self) -> None:
-        self._loader.shutdown(wait=True, cancel_futures=True)
-        self._writer.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
     def _track(self, delta: int) -> None:
@@ -234,5 +237,36 @@ class StoreConnectorWorker(KVConnectorWorker):
             self._inflight += delta
 
 
-class _Missing(Exception):
-    reason = "missing"
+class _Failure(Exception):
+    """A group that stopped at block ``index`` of its transfer."""
+
+    def __init__(self, index: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.index, self.reason, self.message = index, reason, message
+
+
+class _Job:
+    """One load or save split into groups; calls ``on_done(job)`` once, when the last group finishes."""
+
+    def __init__(self, num_groups: int, on_done: Callable[["_Job"], None], spec: Any, t0: float) -> None:
+        self.spec, self.t0 = spec, t0
+        self.nbytes = self.nblocks = 0
+        self.first_failure: _Failure | None = None
+        self._left = num_groups
+        self._on_done = on_done
+        self._lock = threading.Lock()
+
+    def add_bytes(self, n: int) -> None:
+        """One more block of ``n`` payload bytes done."""
+        with self._lock:
+            self.nbytes += n
+            self.nblocks += 1
+
+    def finish(self, failure: _Failure | None = None) -> None:
+        with self._lock:
+            if failure is not None and (self.first_failure is None or failure.index < self.first_failure.index):
+                self.first_failure = failure
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._on_done(self)
