@@ -46,12 +46,15 @@ class CacheConfig:
     # KV cache size. On CPU the pool is sized from ``cpu_kv_cache_bytes``; on GPU from free memory after a
     # profiling run times ``gpu_memory_utilization``. ``num_blocks`` overrides both (tests use it).
     num_blocks: int | None = None
-    cpu_kv_cache_bytes: int = 1 << 30
+    cpu_kv_cache_bytes: int = 1 << 29
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # "auto" (model dtype) | "fp8_e4m3"
     enable_prefix_caching: bool = True
     hash_algo: str = DEFAULT_HASH_ALGO
     hash_seed: int = DEFAULT_HASH_SEED
+    # ZeroMQ address (e.g. "tcp://*:5557") where the engine core publishes its prefix cache's KV events and load
+    # reports for routers (engine/kv_event_publisher.py); None: no events are recorded or published.
+    kv_events_endpoint: str | None = None
 
 
 @dataclass(frozen=True)

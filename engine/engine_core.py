@@ -30,6 +30,8 @@ class EngineCoreRequest:
     sampling_params: SamplingParams
     arrival_time: float = 0.0
     eos_token_id: int | None = None
+    # Disaggregation: the handle of KV a prefill engine saved for this prompt (decode role), or None.
+    kv_transfer_params: dict | None = None
 
 
 class EngineCore:
@@ -44,6 +46,14 @@ class EngineCore:
         self.vocab_size = self.runner.vocab_size
         self.max_model_len = config.model.max_model_len
         cache, sched = config.cache, config.scheduler
+        # Disaggregation: the connector's worker half runs in the model runner, its scheduler half in the
+        # scheduler (engine/kv_transfer). Built now that the cache it describes exists.
+        self.kv_connector, kv_scheduler_half = None, None
+        if config.kv_transfer.connector:
+            from pdserve.engine.kv_transfer.factory import build_connector
+
+            kv_scheduler_half, self.kv_connector = build_connector(config, self.runner.kv_caches)
+            self.runner.attach_kv_connector(self.kv_connector)
         self.scheduler = Scheduler(
             block_size=cache.block_size,
             num_blocks=self.runner.num_blocks,
@@ -54,6 +64,8 @@ class EngineCore:
             enable_chunked_prefill=sched.enable_chunked_prefill,
             hash_seed=cache.hash_seed,
             hash_algo=cache.hash_algo,
+            enable_kv_events=cache.kv_events_endpoint is not None,  # published by the core process for routers
+            kv_connector=kv_scheduler_half,
         )
         self.sampler = Sampler(self.runner.device)
         self.num_steps = 0
@@ -84,7 +96,8 @@ class EngineCore:
         self.validate(req)
         request = Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                           sampling_params=req.sampling_params, eos_token_id=req.eos_token_id,
-                          arrival_time=req.arrival_time or time.time())
+                          arrival_time=req.arrival_time or time.time(),
+                          kv_transfer_params=req.kv_transfer_params)
         self.sampler.add_request(request)
         self.scheduler.add_request(request)
 
@@ -108,6 +121,7 @@ class EngineCore:
         """Schedule one batch, run the model, sample, and report what each request got."""
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
+            self._poll_kv_transfers(idle=True)
             return self._drain_finished_without_step()
         logits = self.runner.execute_model(sched_out)
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
@@ -115,6 +129,7 @@ class EngineCore:
         result = self.sampler.sample(logits, requests)
         sampled = dict(zip(sample_ids, result.token_ids))
         updated = self.scheduler.update_from_output(sched_out, sampled)
+        self._poll_kv_transfers(idle=False)
         self.num_steps += 1
         self.num_computed_tokens_total += sched_out.total_num_tokens
         row_of = {rid: i for i, rid in enumerate(sample_ids)}
@@ -125,10 +140,28 @@ class EngineCore:
             outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[req.output_token_ids[-1]], new_logprobs=lp,
                 finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
-                num_cached_tokens=req.num_cached_tokens))
+                num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output))
             if req.is_finished:
                 self.sampler.remove_request(req.request_id)
         return outputs + self._drain_finished_without_step()
+
+    def _poll_kv_transfers(self, idle: bool) -> None:
+        """Hand the connector's finished loads, saves and releases to the scheduler.
+
+        ``idle``: nothing was scheduled; the engine is only waiting on transfers, so it sleeps a little instead of
+        spinning (shorter while a request waits for its KV than while only held blocks wait for a peer).
+        """
+        if self.kv_connector is None:
+            return
+        out = self.kv_connector.get_finished()
+        self.scheduler.update_from_kv_transfer(out)
+        if idle and out.is_empty:
+            time.sleep(0.002 if self.scheduler.num_loading else 0.02)
+
+    def shutdown(self) -> None:
+        """Stop the KV connector's threads and server (the rest needs no clean-up)."""
+        if self.kv_connector is not None:
+            self.kv_connector.shutdown()
 
     def _drain_finished_without_step(self) -> list[EngineCoreOutput]:
         """Requests the scheduler finished on its own (e.g. one that can never fit the KV pool)."""

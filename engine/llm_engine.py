@@ -68,8 +68,11 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
-                    stream: bool = False) -> str:
-        """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input (nothing queued)."""
+                    stream: bool = False, kv_transfer_params: dict | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises ``ValueError`` for bad input (nothing queued).
+
+        ``kv_transfer_params``: the handle of KV a prefill engine saved for this prompt (decode role).
+        """
         request_id = request_id if request_id is not None else str(next(self._counter))
         token_ids = self.tokenize(prompt)
         text = prompt if isinstance(prompt, str) else None
@@ -82,7 +85,8 @@ class LLMEngine:
         try:
             for index, seq_id in enumerate(child_ids(request_id, params.n)):
                 p = child_params(params, index)
-                self.core.add_request(EngineCoreRequest(seq_id, token_ids, p, eos_token_id=self.eos_token_id))
+                self.core.add_request(EngineCoreRequest(seq_id, token_ids, p, eos_token_id=self.eos_token_id,
+                                                        kv_transfer_params=kv_transfer_params))
                 added.append(seq_id)
                 self.processor.add_sequence(seq_id, request_id, index, text, token_ids, p, stream=stream)
         except Exception:

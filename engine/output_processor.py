@@ -41,6 +41,7 @@ class _SequenceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[list[Logprob]] | None = None
     num_cached_tokens: int = 0
+    kv_transfer_params: dict | None = None
     sent_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -96,6 +97,8 @@ class OutputProcessor:
                 s.timing.token_times.append(now)
             s.token_ids.extend(out.new_token_ids)
             s.num_cached_tokens = out.num_cached_tokens
+            if out.kv_transfer_params is not None:
+                s.kv_transfer_params = out.kv_transfer_params
             if s.logprobs is not None and out.new_logprobs:
                 s.logprobs.extend(out.new_logprobs)
             stop = s.detok.append(out.new_token_ids)
@@ -123,4 +126,5 @@ class OutputProcessor:
         completion = CompletionOutput(index=s.index, text=text, token_ids=token_ids, finish_reason=s.finish_reason,
                                       stop_reason=s.stop_reason, logprobs=logprobs, cumulative_logprob=cum)
         return RequestOutput(request_id=s.parent_id, prompt=s.prompt, prompt_token_ids=s.prompt_token_ids,
-                             outputs=[completion], finished=finished, num_cached_tokens=s.num_cached_tokens)
+                             outputs=[completion], finished=finished, num_cached_tokens=s.num_cached_tokens,
+                             kv_transfer_params=s.kv_transfer_params)

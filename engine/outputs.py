@@ -24,6 +24,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0
+    # Disaggregation (prefill role): the handle a decode engine loads this request's saved KV by.
+    kv_transfer_params: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -53,3 +55,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    kv_transfer_params: dict | None = None  # see EngineCoreOutput

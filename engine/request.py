@@ -12,6 +12,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # lost its blocks; back in the waiting queue, recomputes from scratch
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # blocks allocated, a KV connector is loading them
     FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the context limit
     FINISHED_ABORTED = "abort"  # cancelled by the client or the server
@@ -60,6 +61,10 @@ class Request:
     stop_reason: int | str | None = None
     # Why the engine itself aborted the request (e.g. it can never fit the KV cache), for logs and errors.
     abort_reason: str | None = None
+    # Disaggregation (engine/kv_transfer): the transfer handle whose KV this request loads (decode role), and
+    # the handle a finished request's saved KV can be loaded by (prefill role), returned with its output.
+    kv_transfer_params: dict | None = None
+    kv_transfer_output: dict | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

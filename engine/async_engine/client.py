@@ -119,6 +119,7 @@ class AsyncLLM:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._tmpdir: str | None = None
         self._output_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._encoder = client_encoder()
         self._decoder = client_decoder()
 
@@ -152,7 +153,7 @@ class AsyncLLM:
                                        logging.getLogger().getEffectiveLevel()))
         self._proc.start()
         atexit.register(self._stop_core_at_exit)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         loop.add_reader(self._proc.sentinel, self._on_core_exit)
         try:
             await asyncio.wait_for(self._wait_ready(), self._startup_timeout_s)
@@ -339,9 +340,10 @@ class AsyncLLM:
             return
         now = time.time()
         it = IterationStats(timestamp=now)
+        reason = "abort" if self._dead is None else "error"
         for sid in unfinished:
             self._processor.remove(sid)
-            self._forget_seq(sid, "abort", now, it)
+            self._forget_seq(sid, reason, now, it)
         if self._dead is None and not self._closing:
             self._send(AbortRequests(unfinished))
         self._log(None, it)
@@ -462,9 +464,11 @@ class RequestStream:
         self.close()
 
     def __del__(self) -> None:
-        # A stream dropped without being read to the end or closed must not leave its request running.
-        if self._remaining:
+        # A stream dropped without being read to the end or closed must not leave its request running. The
+        # garbage collector may run this on any thread: hand the clean-up to the engine's event loop.
+        loop = self._client._loop
+        if self._remaining and loop is not None:
             try:
-                self.close()
-            except Exception:
+                loop.call_soon_threadsafe(self.close)
+            except RuntimeError:  # the loop is closed: the engine is gone anyway
                 pass

@@ -97,12 +97,15 @@ class KVCacheManager:
     # ------------------------------------------------------------------ updates
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: Sequence[KVCacheBlock] | None = None,
-                       num_new_computed_tokens: int = 0) -> list[int] | None:
+                       num_new_computed_tokens: int = 0,
+                       delay_caching: bool = False) -> list[int] | None:
         """Make room for ``num_new_tokens`` more tokens (after the cached ones, see the class diagram).
 
         ``new_computed_blocks`` / ``num_new_computed_tokens`` come from :meth:`get_computed_blocks` when the
         request is admitted. Returns the request's block ids, or None (and changes nothing) when the pool has
-        too few free blocks. Full blocks whose tokens are known get registered in the prefix cache.
+        too few free blocks. Full blocks whose tokens are known get registered in the prefix cache, unless
+        ``delay_caching``: slots a KV connector will fill asynchronously must not be found by other requests
+        before they hold the KV (a later call, once the request is scheduled, registers them).
         """
         computed = list(new_computed_blocks or ())
         if num_new_computed_tokens != len(computed) * self.block_size:
@@ -134,7 +137,7 @@ class KVCacheManager:
         num_cached = self._num_cached.get(rid, 0) + (len(computed) if first_allocation else 0)
         self._num_cached[rid] = num_cached
 
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not delay_caching:
             num_full = min(total_slots, request.num_tokens) // self.block_size
             if num_full > num_cached:
                 hashes = self._hashes_for(request, num_full)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class SchedulerOutput:
     # keeps per-request state drops it.
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: set[str] = field(default_factory=set)
+    # What the KV connector's worker half loads and saves this step (engine/kv_transfer), when one is set.
+    kv_connector_metadata: Any = None
 
     @property
     def total_num_tokens(self) -> int:
@@ -62,3 +65,4 @@ class SchedulerStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int  # of which found (cumulative)
     num_preemptions: int  # cumulative
+    kv_transfer: dict[str, Any] | None = None  # the KV connector's counters (KVTransferStats.to_dict()), if any

@@ -10,6 +10,12 @@ In the output, one-token chunks (decodes) come first, then the others, each grou
 When a running request needs a block and none is free, the most recently admitted running request is preempted
 (its blocks are freed and it later recomputes everything, helped by the prefix cache) until one is.
 
+With a KV connector (disaggregation, ``engine/kv_transfer``), admission also asks how many prompt tokens can be
+loaded from outside: their blocks are allocated, the request waits (``WAITING_FOR_REMOTE_KV``) while the
+connector fills them, and :meth:`update_from_kv_transfer` puts it back at the head of the queue with those
+tokens computed (or fewer, if the load failed and the policy is to recompute). A finished request whose blocks
+the connector still needs (saves in flight, a peer's pull) is held until the connector releases it.
+
 Usage per step (synchronous: call ``update_from_output`` before the next ``schedule``)::
 
     out = scheduler.schedule()
@@ -24,11 +30,13 @@ import logging
 import numbers
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from pdserve.engine.core.kv_cache_manager import KVCacheManager
 from pdserve.engine.core.kv_events import KVCacheEvent
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput, SchedulerStats
 from pdserve.engine.core.stop import check_stop
+from pdserve.engine.kv_transfer.base import KVLoadError
 from pdserve.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -39,7 +47,8 @@ class Scheduler:
 
     def __init__(self, *, block_size: int, num_blocks: int, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 hash_seed: int = 0, hash_algo: str = "sha256", enable_kv_events: bool = False) -> None:
+                 hash_seed: int = 0, hash_algo: str = "sha256", enable_kv_events: bool = False,
+                 kv_connector: Any = None) -> None:
         for name, value in (("block_size", block_size), ("num_blocks", num_blocks), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", max_model_len)):
             # numbers.Integral also admits numpy integers, which a runner may compute num_blocks as.
@@ -59,6 +68,11 @@ class Scheduler:
         self._left_running: set[str] = set()  # finished since the last schedule(), for the runner
         self._finished_without_output: list[Request] = []
         self._num_preemptions = 0
+        # The KV connector's scheduler half (KVConnectorScheduler), or None.
+        self.kv_connector = kv_connector
+        self._loading: dict[str, tuple[Request, int]] = {}  # id -> (request, tokens being loaded for it)
+        self._loaded: set[str] = set()  # waiting again after a load: its blocks are allocated already
+        self._held: dict[str, Request] = {}  # finished; blocks kept until the connector releases them
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -89,6 +103,8 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self._running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+                del self._loading[rid]  # its blocks stay held until the load ends (see _retire)
             else:
                 self._waiting.remove(request)
             self._retire(request, status)
@@ -98,7 +114,13 @@ class Scheduler:
         return self._requests.get(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        """Requests to serve, or finished ones whose blocks a KV transfer still holds."""
+        return bool(self._requests or self._held)
+
+    @property
+    def num_loading(self) -> int:
+        """Requests waiting for a KV connector to load their external tokens."""
+        return len(self._loading)
 
     @property
     def num_running(self) -> int:
@@ -124,6 +146,8 @@ class Scheduler:
         out = SchedulerOutput(chunks=chunks, finished_request_ids=self._left_running,
                               preempted_request_ids=preempted)
         self._left_running = set()
+        if self.kv_connector is not None:
+            out.kv_connector_metadata = self.kv_connector.build_connector_meta(out)
         return out
 
     def update_from_output(self, sched_out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -150,6 +174,29 @@ class Scheduler:
             self._running = [r for r in self._running if not r.is_finished]
         return todo
 
+    def update_from_kv_transfer(self, output: Any) -> None:
+        """Apply what the connector's worker half finished (a ``KVConnectorOutput``): loaded requests go back
+        to the head of the queue, failed loads follow the failure policy, released holds free their blocks."""
+        connector = self.kv_connector
+        connector.update_connector_output(output)
+        for rid in output.finished_loading:
+            entry = self._loading.pop(rid, None)
+            if entry is not None:
+                self._resume_after_load(*entry)
+        for rid, failure in output.failed_loading.items():
+            entry = self._loading.pop(rid, None)
+            if entry is None:
+                continue
+            request, num_external = entry
+            try:
+                self._resume_after_load(request, connector.load_failed(request, num_external, failure))
+            except KVLoadError as exc:
+                self._abort_by_engine(request, str(exc))
+        for rid in connector.take_released():
+            request = self._held.pop(rid, None)
+            if request is not None:
+                self.kv_cache_manager.free(request)
+
     def take_finished_without_output(self) -> list[Request]:
         """Requests the scheduler aborted itself since the last call (see ``abort_reason``); they got no token."""
         done, self._finished_without_output = self._finished_without_output, []
@@ -161,7 +208,8 @@ class Scheduler:
         return SchedulerStats(num_running=len(self._running), num_waiting=len(self._waiting),
                               kv_cache_usage=kv.usage, num_free_blocks=kv.get_num_free_blocks(),
                               num_total_blocks=self.num_blocks, prefix_cache_queries=kv.prefix_cache_queries,
-                              prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self._num_preemptions)
+                              prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self._num_preemptions,
+                              kv_transfer=self._kv_transfer_stats())
 
     def take_kv_events(self) -> list[KVCacheEvent]:
         """Prefix-cache events since the last call (empty unless ``enable_kv_events``)."""
@@ -209,14 +257,31 @@ class Scheduler:
     def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
         """Admit waiting requests in order until the budget, the sequence slots or the blocks run out."""
         kv = self.kv_cache_manager
+        later: list[Request] = []  # the connector said "ask again later": the others may go first meanwhile
         while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._waiting[0]
             if not self._fits_pool(request):
                 self._waiting.popleft()
                 self._abort_by_engine(request, self._pool_too_small(request))
                 continue
-            computed_blocks, num_cached = kv.get_computed_blocks(request)
-            remaining = request.num_tokens - num_cached
+            loaded = request.request_id in self._loaded
+            computed_blocks, num_cached = ([], 0) if loaded else kv.get_computed_blocks(request)
+            if not loaded and self.kv_connector is not None:
+                try:
+                    num_external = self.kv_connector.get_num_new_matched_tokens(request, num_cached)
+                except KVLoadError as exc:
+                    self._waiting.popleft()
+                    self._abort_by_engine(request, str(exc))
+                    continue
+                if num_external is None:
+                    later.append(self._waiting.popleft())
+                    continue
+                if num_external:
+                    if not self._start_load(request, computed_blocks, num_cached, num_external):
+                        break
+                    continue
+            start = request.num_computed_tokens if loaded else num_cached
+            remaining = request.num_tokens - start
             if not self.enable_chunked_prefill:
                 if remaining > self.max_num_batched_tokens:
                     self._waiting.popleft()
@@ -231,11 +296,46 @@ class Scheduler:
                 break
             self._waiting.popleft()
             request.status = RequestStatus.RUNNING
-            request.num_cached_tokens = num_cached
-            request.num_computed_tokens = num_cached
+            if loaded:
+                self._loaded.discard(request.request_id)
+            else:
+                request.num_cached_tokens = num_cached
+                request.num_computed_tokens = num_cached
+                if self.kv_connector is not None:
+                    self.kv_connector.update_state_after_alloc(request, block_ids, 0)
             self._running.append(request)
             chunks.append(self._make_chunk(request, num_new, block_ids))
             budget -= num_new
+        self._waiting.extendleft(reversed(later))
+
+    def _start_load(self, request: Request, computed_blocks: list, num_cached: int, num_external: int) -> bool:
+        """Allocate the blocks of ``num_external`` tokens the connector will load; False if they do not fit.
+
+        Their hashes are registered only once the request is scheduled again (``delay_caching``): until the load
+        lands, another request must not find them in the prefix cache.
+        """
+        block_ids = self.kv_cache_manager.allocate_slots(request, num_external, computed_blocks, num_cached,
+                                                         delay_caching=True)
+        if block_ids is None:
+            return False
+        self._waiting.popleft()
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        request.num_cached_tokens = request.num_computed_tokens = num_cached
+        self.kv_connector.update_state_after_alloc(request, block_ids, num_external)
+        self._loading[request.request_id] = (request, num_external)
+        return True
+
+    def _resume_after_load(self, request: Request, num_loaded: int) -> None:
+        """The load ended with ``num_loaded`` tokens in place: back to the head of the queue to compute the rest."""
+        request.num_computed_tokens += num_loaded
+        request.num_cached_tokens += num_loaded  # not computed here: reported like prefix-cache hits
+        request.status = RequestStatus.WAITING
+        self._loaded.add(request.request_id)
+        self._waiting.appendleft(request)
+
+    def _kv_transfer_stats(self) -> dict | None:
+        stats = self.kv_connector.stats if self.kv_connector is not None else None
+        return stats.to_dict() if stats is not None else None
 
     def _make_chunk(self, request: Request, num_new: int, block_ids: list[int]) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -247,6 +347,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Recompute later: free the blocks, forget progress, wait at the front of the queue."""
         self.kv_cache_manager.free(request)
+        self._loaded.discard(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -270,12 +371,24 @@ class Scheduler:
         self._finished_without_output.append(request)
 
     def _retire(self, request: Request, status: RequestStatus) -> None:
-        """Final bookkeeping for a request already taken out of its queue (or about to be, in bulk)."""
+        """Final bookkeeping for a request already taken out of its queue (or about to be, in bulk).
+
+        With a connector, the connector may keep the blocks (held until it releases them) and may attach a
+        transfer handle for the output (``request.kv_transfer_output``).
+        """
+        rid = request.request_id
         if request.status == RequestStatus.RUNNING:
-            self._left_running.add(request.request_id)
-        self.kv_cache_manager.free(request)
+            self._left_running.add(rid)
         request.status = status
-        del self._requests[request.request_id]
+        del self._requests[rid]
+        self._loaded.discard(rid)
+        if self.kv_connector is not None:
+            hold, request.kv_transfer_output = self.kv_connector.request_finished(
+                request, self.kv_cache_manager.get_block_ids(request))
+            if hold:
+                self._held[rid] = request
+                return
+        self.kv_cache_manager.free(request)
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

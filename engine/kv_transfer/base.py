@@ -23,6 +23,7 @@ or its peer acknowledges a pull, under a lease; ``take_released`` hands them bac
 from __future__ import annotations
 
 import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from typing import Any
 
 from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("both", "prefill", "decode")
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
@@ -248,6 +251,14 @@ class KVConnectorScheduler(ABC):
 
     def request_aborted(self, request_id: str) -> None:
         """A waiting request left before it was admitted; drop any state kept for it."""
+
+    def load_failed(self, request: Any, num_external_tokens: int, failure: "LoadFailure") -> int:
+        """A load failed: how many of its tokens did land (the scheduler computes the rest), or raise
+        :class:`KVLoadError` under the ``fail`` policy."""
+        if self.ctx.load_failure_policy == "fail":
+            raise KVLoadError(failure.reason, f"KV transfer failed ({failure.reason}): {failure.message}")
+        logger.warning("request %s: %s; computing the missing KV locally", request.request_id, failure.message)
+        return min(num_external_tokens, failure.num_valid_blocks * self.ctx.descriptor.block_size)
 
     @property
     def stats(self) -> KVTransferStats | None:

@@ -2,7 +2,8 @@
 
 Any prefill pod writes block hash -> block object; any decode pod (or prefill pod, for its own misses) reads
 it, so a prefix computed once anywhere is reused everywhere. Each value has a TTL that a read renews, and the
-namespace has a size budget enforced by this client, atomically, in Lua scripts::
+namespace has a size budget enforced by this client, atomically (the value's SET and a Lua accounting script in
+one MULTI/EXEC; values themselves never go through Lua, which is slow with large arguments)::
 
     pdkv:<ns>:<block hash>   the block object (SET ... EX ttl; GETEX renews)
     pdkv:<ns>:lru            sorted set: key -> last write/read time (ms, Redis clock)
@@ -21,10 +22,11 @@ from typing import Any
 
 from pdserve.engine.kv_transfer.store import Blob, BlockStore, StoreUnavailableError, join_blob
 
-# KEYS: block key, lru, sizes, total. ARGV: value, ttl s, budget bytes (0: none). Returns the total bytes.
-_PUT = """
+# Runs in the same MULTI as the SET of the value (values never pass through Lua: big arguments are slow there).
+# KEYS: block key, lru, sizes, total. ARGV: value size, ttl s, budget bytes (0: none). Returns the total bytes.
+_ACCOUNT = """
 local key, lru, sizes, total = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local value, ttl, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local size, ttl, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function forget(k)
@@ -35,14 +37,11 @@ local function forget(k)
 end
 forget(key)
 if ttl > 0 then
-  redis.call('SET', key, value, 'EX', ttl)
   for _, k in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now - ttl * 1000)) do forget(k) end
-else
-  redis.call('SET', key, value)
 end
 redis.call('ZADD', lru, now, key)
-redis.call('HSET', sizes, key, string.len(value))
-local n = redis.call('INCRBY', total, string.len(value))
+redis.call('HSET', sizes, key, size)
+local n = redis.call('INCRBY', total, size)
 while budget > 0 and n > budget do
   local oldest = redis.call('ZRANGE', lru, 0, 0)
   if #oldest == 0 or oldest[1] == key then break end
@@ -53,16 +52,10 @@ end
 return n
 """
 
-# KEYS: block key, lru. ARGV: ttl s. Returns the value (nil when absent) and renews its TTL and LRU rank.
-_GET = """
-local ttl = tonumber(ARGV[1])
-local v
-if ttl > 0 then v = redis.call('GETEX', KEYS[1], 'EX', ttl) else v = redis.call('GET', KEYS[1]) end
-if v then
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), KEYS[1])
-end
-return v
+# KEYS: block key, lru. Marks a key just read as recently used (if it is still there).
+_TOUCH = """
+local t = redis.call('TIME')
+return redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), KEYS[1])
 """
 
 
@@ -88,23 +81,33 @@ class RedisStore(BlockStore):
         self.ttl_s = int(ttl_s)
         self.max_bytes = int(max_bytes)
         self._lru, self._sizes, self._total = (self.prefix + "lru", self.prefix + "sizes", self.prefix + "bytes")
-        self._put = self._client.register_script(_PUT)
-        self._get = self._client.register_script(_GET)
+        self._account = self._client.register_script(_ACCOUNT)
+        self._touch = self._client.register_script(_TOUCH)
 
     def put(self, key: str, blob: Blob) -> None:
-        self._call(self._put, keys=[self.prefix + key, self._lru, self._sizes, self._total],
-                   args=[bytes(join_blob(blob)), self.ttl_s, self.max_bytes])
+        value = join_blob(blob)
+        full = self.prefix + key
+        pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: value and accounting change together
+        pipe.set(full, value if isinstance(value, bytes) else bytes(value), ex=self.ttl_s or None)
+        self._account(keys=[full, self._lru, self._sizes, self._total],
+                      args=[len(value), self.ttl_s, self.max_bytes], client=pipe)
+        self._wrap(pipe.execute)
 
     def get(self, key: str) -> bytes | None:
-        return self._call(self._get, keys=[self.prefix + key, self._lru], args=[self.ttl_s])
+        return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            self._get(keys=[self.prefix + key, self._lru], args=[self.ttl_s], client=pipe)
-        return self._wrap(pipe.execute)
+            full = self.prefix + key
+            if self.ttl_s:
+                pipe.getex(full, ex=self.ttl_s)  # a read renews the TTL
+            else:
+                pipe.get(full)
+            self._touch(keys=[full, self._lru], client=pipe)
+        return self._wrap(pipe.execute)[0::2]
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
@@ -122,9 +125,6 @@ class RedisStore(BlockStore):
 
     def close(self) -> None:
         self._client.close()
-
-    def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        return self._wrap(lambda: script(keys=keys, args=args))
 
     def _wrap(self, fn: Any) -> Any:
         try:

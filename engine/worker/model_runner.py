@@ -42,6 +42,7 @@ class ModelRunner:
         self.model = load_model(config.model, self.device, self.dtype, self.attn_backend)
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
+        self.kv_connector = None  # a KV connector's worker half (engine/kv_transfer), see attach_kv_connector
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, backend %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self.kv_spec.bytes_per_block / 2**30, self.kv_spec.dtype,
                     self.attn_backend.name)
@@ -49,8 +50,33 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched_out: SchedulerOutput) -> torch.Tensor:
         """Run one step; returns float32 logits ``[S, V]``, one row per chunk with ``sample`` set, in chunk
-        order. Writes the step's K/V into the cache slots of each chunk's block table."""
-        return self._run(sched_out, self.kv_caches)
+        order. Writes the step's K/V into the cache slots of each chunk's block table.
+
+        With a KV connector: its loads start before the forward pass, each layer's KV is handed to it as soon as
+        the layer wrote it (hooks, see :meth:`attach_kv_connector`), and its saves are started before returning.
+        """
+        connector = self.kv_connector
+        if connector is None:
+            return self._run(sched_out, self.kv_caches)
+        connector.bind_connector_metadata(sched_out.kv_connector_metadata)
+        connector.start_load_kv()
+        logits = self._run(sched_out, self.kv_caches)
+        connector.wait_for_save()
+        return logits
+
+    def attach_kv_connector(self, connector) -> None:
+        """Drive a KV connector's worker half from now on (after the profiling run, on the real cache).
+
+        Forward hooks on the decoder layers let the connector wait for a layer's loaded KV before the layer runs
+        and save the layer's KV right after it ran, so transfers overlap the rest of the forward pass.
+        """
+        self.kv_connector = connector
+        layers = getattr(getattr(self.model, "model", self.model), "layers", None)
+        if layers is None:
+            return  # no per-layer hooks: wait_for_save stages every layer after the forward pass
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda _m, _a, i=i: connector.wait_for_layer_load(i))
+            layer.register_forward_hook(lambda _m, _a, _o, i=i: connector.save_kv_layer(i, self.kv_caches[i]))
 
     def _run(self, sched_out: SchedulerOutput, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         inputs = build_inputs(sched_out, self.block_size, self.device, num_blocks=kv_caches[0].shape[1])

@@ -25,7 +25,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU")
+    g.add_argument("--cpu-kv-cache-gib", type=float, default=0.5, help="KV cache size on CPU")
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step token budget")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")

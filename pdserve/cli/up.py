@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import DEFAULT_MODEL
 
-# Children run `pdserve <role> ...` through this interpreter; never `python -m` from the repository root, where
-# its `operator/` folder would shadow the standard library's `operator` module.
-_LAUNCH = ["-c", "import sys; from pdserve.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+# Children run `pdserve <role> ...` through this interpreter. -P: the working directory is not put on sys.path,
+# so a repository root there (with its `operator/` folder) never shadows the standard library.
+_LAUNCH = ["-P", "-m", "pdserve.cli.main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pdserve.services.router.plugins.base import (Filter, PDDecider, Picker, PluginDeps, PluginRegistry, Scorer,
                                                   ScoredPod, clamp01)
 from pdserve.services.router.routing_config import ProfileSpec, RoutingSpec
-from pdserve.services.router.types import PodState, RoutingContext, RoutingDecision
+from pdserve.services.router.types import PodState, Role, RoutingContext, RoutingDecision
 
 
 class NoPodAvailable(Exception):
@@ -94,6 +94,8 @@ class RoutingPipeline:
               prefill_pods: Sequence[PodState]) -> RoutingDecision:
         """Pick a decode pod, then a prefill pod if the decider asks for remote prefill and one is available."""
         decode = self.decode.run(ctx, decode_pods)
+        if decode.role == Role.BOTH:
+            return RoutingDecision(decode, None, "monolithic")  # it has no Decode call to load KV with
         if not prefill_pods:
             return RoutingDecision(decode, None, "no-prefill-pods")
         verdict = self.decider.decide(ctx, decode)

@@ -19,7 +19,7 @@ from pdserve.services.router.plugins.base import PluginRegistry
 from pdserve.services.router.prefix_index import PrefixTracker
 from pdserve.services.router.routing_config import RoutingSpec
 from pdserve.services.router.state import PodTable, SessionTable
-from pdserve.services.router.types import PodState, RoutingContext, RoutingDecision
+from pdserve.services.router.types import PodState, Role, RoutingContext, RoutingDecision
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class Router:
     def route(self, ctx: RoutingContext) -> RoutingDecision:
         """Choose the pods for one attempt; raises :class:`~.pipeline.NoPodAvailable`."""
         decode_pods = self.pods.ready(lambda r: r.can_decode())
-        prefill_pods = self.pods.ready(lambda r: r.can_prefill())
+        # Only prefill pods serve the Prefill call: a monolithic pod computes its own prompts but hands no KV out.
+        prefill_pods = self.pods.ready(lambda r: r == Role.PREFILL)
         decision = self.pipeline.route(ctx, decode_pods, prefill_pods)
         if self.metrics is not None:
             self.metrics.on_decision(ctx, decision)

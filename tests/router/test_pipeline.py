@@ -43,6 +43,8 @@ CASES = [
      ("d1", "p1", "remote-prefill")),
     ("no-prefill-pods", {}, [pod("d1")], [], 32, (), ("d1", None, "no-prefill-pods")),
     ("prefill-all-excluded", {}, [pod("d1")], [pod("p1")], 32, {"p1"}, ("d1", None, "no-prefill-available")),
+    ("monolithic-decodes-alone", {}, [pod("m1", "both")], [pod("p1", "prefill")], 32, (),
+     ("m1", None, "monolithic")),
 ]
 
 

@@ -44,7 +44,7 @@ def test_plan(argv, names, engine_flags):
     parts = plan(*argv)
     assert [p.name for p in parts] == names
     for part in parts[:-1]:
-        assert part.argv[3] in ("prefill", "decode")
+        assert part.argv[4] in ("prefill", "decode")
         assert part.health[0] == "grpc"
         for key, value in engine_flags.items():
             assert flag(part.argv, key) == value

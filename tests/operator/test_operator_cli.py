@@ -1,0 +1,65 @@
+"""``pdserve operator render`` and the ``operator`` subcommand's wiring."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import yaml
+
+from pdserve.operator import cli
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "minimal.yaml"
+
+
+def run(argv: list[str]) -> tuple[int, str]:
+    parser = argparse.ArgumentParser(prog="pdserve operator")
+    cli.add_arguments(parser)
+    args = parser.parse_args(argv)
+    out = io.StringIO()
+    if args.operator_func is cli._render:
+        return cli._render(args, stdout=out), out.getvalue()
+    return cli.run(args), ""
+
+
+def test_render_prints_every_child(capsys) -> None:
+    code, out = run(["render", "-f", str(EXAMPLE), "-n", "llm", "--default-image", "img:2"])
+    assert code == 0
+    objs = list(yaml.safe_load_all(out))
+    assert [(o["kind"], o["metadata"]["name"]) for o in objs][:2] == [("ConfigMap", "smollm-config"),
+                                                                    ("ServiceAccount", "smollm-router")]
+    assert {o["metadata"]["namespace"] for o in objs} == {"llm"}
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "img:2"
+    assert "engine.json: |" in out  # the config is readable in the output, not an escaped string
+
+
+def test_render_reports_an_invalid_spec(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text() + "  kvConnector:\n    type: carrier-pigeon\n")
+    code, out = run(["render", "-f", str(bad)])
+    assert (code, out) == (1, "")
+    assert "spec.kvConnector.type: must be one of shared-fs, grpc, redis" in capsys.readouterr().err
+
+
+def test_render_without_an_inference_service(tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other.yaml"
+    other.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    assert run(["render", "-f", str(other)])[0] == 1
+    assert "no InferenceService" in capsys.readouterr().err
+
+
+def test_subcommand_is_wired_and_light() -> None:
+    from pdserve.cli.main import SUBCOMMANDS
+
+    assert SUBCOMMANDS["operator"][0] == "pdserve.operator.cli"
+    # rendering never needs the operator's runtime dependencies
+    code = ("import sys; import pdserve.operator.cli, pdserve.operator.render, pdserve.operator.crd; "
+            "print(sorted(m for m in ('kopf', 'kubernetes', 'torch') if m in sys.modules))")
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "[]"
