@@ -21,6 +21,21 @@ from pdserve.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StepStat:
+    """One step as :meth:`EngineCore.step` ran it (recorded only when asked, for benchmarks).
+
+    ``duration_s`` spans scheduling, the forward pass, sampling (which waits for the GPU) and the scheduler
+    update; ``total_context`` sums every scheduled sequence's context after this step (the KV it attends to).
+    """
+
+    duration_s: float
+    num_tokens: int
+    num_seqs: int
+    num_decodes: int  # one-token chunks; a step is pure decode when num_decodes == num_seqs
+    total_context: int
+
+
 @dataclass
 class EngineCoreRequest:
     """A request as the core receives it (already tokenized and validated by the front end)."""
@@ -70,6 +85,7 @@ class EngineCore:
         self.sampler = Sampler(self.runner.device)
         self.num_steps = 0
         self.num_computed_tokens_total = 0  # tokens the model actually ran (prefix hits excluded)
+        self.step_stats: list[StepStat] | None = None  # per-step records while record_step_stats is on
         logger.info("engine core ready: model=%s blocks=%d x %d tokens, device=%s", config.model.model,
                     self.runner.num_blocks, cache.block_size, self.runner.device)
 
@@ -116,11 +132,20 @@ class EngineCore:
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()
 
+    def record_step_stats(self, enable: bool = True) -> None:
+        """Start (with a fresh list) or stop recording a :class:`StepStat` per step into ``step_stats``."""
+        self.step_stats = [] if enable else None
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[EngineCoreOutput]:
         """Schedule one batch, run the model, sample, and report what each request got."""
+        start = time.perf_counter() if self.step_stats is not None else 0.0
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
+            if self.kv_connector is not None and sched_out.kv_connector_metadata is not None:
+                # No forward pass this step, but loads may have been queued: start them now.
+                self.kv_connector.bind_connector_metadata(sched_out.kv_connector_metadata)
+                self.kv_connector.start_load_kv()
             self._poll_kv_transfers(idle=True)
             return self._drain_finished_without_step()
         logits = self.runner.execute_model(sched_out)
@@ -132,6 +157,11 @@ class EngineCore:
         self._poll_kv_transfers(idle=False)
         self.num_steps += 1
         self.num_computed_tokens_total += sched_out.total_num_tokens
+        if self.step_stats is not None:
+            chunks = sched_out.chunks
+            self.step_stats.append(StepStat(
+                time.perf_counter() - start, sched_out.total_num_tokens, len(chunks),
+                sum(1 for c in chunks if c.num_tokens == 1), sum(c.context_len for c in chunks)))
         row_of = {rid: i for i, rid in enumerate(sample_ids)}
         outputs = []
         for req in updated:

@@ -43,9 +43,14 @@ class Sampler:
         """``logits``: [S, V] float32, one row per request in ``requests`` (same order)."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (logits.shape, len(requests))
         raw = logits.float()
-        x = raw.clone()
-        self._apply_penalties(x, requests)
-        self._mask_stop_tokens_before_min(x, requests)
+        x = raw
+        # Penalties and min-tokens masking edit the logits in place; only then is a copy needed (a [S, V] float32
+        # copy per step is a few hundred MB of traffic at large batch and vocabulary).
+        if any(r.sampling_params.needs_penalties or r.num_output_tokens < r.sampling_params.min_tokens
+               for r in requests):
+            x = raw.clone()
+            self._apply_penalties(x, requests)
+            self._mask_stop_tokens_before_min(x, requests)
         token_ids = self._pick(x, requests)
         logprobs = self._logprobs(raw, token_ids, requests)
         return SampleResult(token_ids=token_ids.tolist(), logprobs=logprobs)

@@ -4,9 +4,17 @@ Regenerate the chart's JSON files after a change with::
 
     python -m pdserve.operator.dashboards charts/pdserve/dashboards
 
-A test fails when the files are stale, and another checks that every PromQL expression names only metrics of
-:mod:`pdserve.operator.metrics_catalog`. Panels group by ``role``, the label the ServiceMonitors copy from each
-pod's ``pdserve.io/role`` label, so one dashboard shows prefill, decode and router side by side.
+A test fails when the files are stale, and another checks that every PromQL expression names only metrics the
+code registers (and that :mod:`pdserve.operator.metrics_catalog` lists them).
+
+Labels the queries rely on:
+
+- ``role`` -- copied by the ServiceMonitors from each pod's ``pdserve.io/role`` label. Routers export the serving
+  metrics too (latency as clients see it), so engine panels select ``role=~"prefill|decode"`` and client-facing
+  panels ``role="router"``.
+- ``exported_pod`` / ``exported_role`` -- the router's own ``pod`` and ``role`` labels (the engine pod a metric
+  is about): Prometheus renames them because the scrape sets ``pod`` and ``role`` to the router's own.
+- Router metrics have no ``model_name``; their panels filter by namespace only.
 """
 
 from __future__ import annotations
@@ -17,21 +25,28 @@ from pathlib import Path
 from typing import Any
 
 Obj = dict[str, Any]
-SEL = 'namespace=~"$namespace", model_name=~"$model"'
+NS = 'namespace=~"$namespace"'
+SEL = f'{NS}, model_name=~"$model"'
+ENGINES = f'{SEL}, role=~"prefill|decode"'
+CLIENTS = f'{SEL}, role="router"'
 RATE = "$__rate_interval"
 
 
-def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[tuple[str, str]]:
+def quantiles(metric: str, sel: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99)
+              ) -> list[tuple[str, str]]:
     """(expr, legend) of histogram quantiles of ``metric``, optionally split by a label."""
     group = f"le, {by}" if by else "le"
-    suffix = f" {{{{{by}}}}}" if by else ""
-    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))",
+    suffix = " " + " ".join(f"{{{{{b.strip()}}}}}" for b in by.split(",")) if by else ""
+    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{sel}}}[{RATE}])))",
              f"p{int(q * 100)}{suffix}") for q in qs]
 
 
-def rate(metric: str, by: str, extra: str = "") -> tuple[str, str]:
-    selector = f"{SEL}, {extra}" if extra else SEL
-    return f"sum by ({by}) (rate({metric}{{{selector}}}[{RATE}]))", "{{" + by + "}}"
+def rate(metric: str, sel: str, by: str = "") -> tuple[str, str]:
+    """(expr, legend) of a counter's per-second rate, summed (by a label, if given)."""
+    if not by:
+        return f"sum(rate({metric}{{{sel}}}[{RATE}]))", metric.split(":")[1].removesuffix("_total")
+    legend = " ".join(f"{{{{{b.strip()}}}}}" for b in by.split(","))
+    return f"sum by ({by}) (rate({metric}{{{sel}}}[{RATE}]))", legend
 
 
 class Board:
@@ -90,47 +105,51 @@ class Board:
 def serving() -> Obj:
     b = Board("pdserve-serving", "pdserve / Serving",
               "Latency, throughput, queues, KV cache and prefill/decode replicas of pdserve InferenceServices.")
-    b.row("Latency")
-    b.panel("Time to first token", quantiles("pdserve:time_to_first_token_seconds"), "s",
-            "From arrival to the first generated token (includes remote prefill and the KV hand-over).")
-    b.panel("Inter-token latency", quantiles("pdserve:inter_token_latency_seconds"), "s",
+    b.row("Latency as clients see it (router)")
+    b.panel("Time to first token", quantiles("pdserve:time_to_first_token_seconds", CLIENTS), "s",
+            "From arrival at the router to the first token streamed back (remote prefill and KV hand-over included).")
+    b.panel("Inter-token latency", quantiles("pdserve:inter_token_latency_seconds", CLIENTS), "s",
             "Gap between consecutive streamed tokens.")
-    b.panel("Time per output token", quantiles("pdserve:time_per_output_token_seconds"), "s",
-            "Decode time divided by the tokens generated after the first.")
-    b.panel("End-to-end latency", quantiles("pdserve:e2e_request_latency_seconds"), "s",
-            "From arrival to the last token.")
-    b.panel("Queue, prefill and decode time (p90)",
-            [(quantiles(m, qs=(0.9,))[0][0], label) for m, label in (
-                ("pdserve:request_queue_time_seconds", "queue"), ("pdserve:request_prefill_time_seconds", "prefill"),
-                ("pdserve:request_decode_time_seconds", "decode"))], "s",
-            "Where a request's time goes, per phase.")
+    b.panel("Time per output token", quantiles("pdserve:time_per_output_token_seconds", CLIENTS), "s",
+            "A request's decode time divided by the tokens generated after the first.")
+    b.panel("End-to-end latency", quantiles("pdserve:e2e_request_latency_seconds", CLIENTS), "s",
+            "From arrival at the router to the last token.")
+    b.panel("Queue, prefill and decode time in the engines (p90)", [
+        (quantiles(m, ENGINES, by="role", qs=(0.9,))[0][0], f"{label} {{{{role}}}}") for m, label in (
+            ("pdserve:request_queue_time_seconds", "queue"), ("pdserve:request_prefill_time_seconds", "prefill"),
+            ("pdserve:request_decode_time_seconds", "decode"))], "s",
+        "Where a request's time goes inside prefill and decode pods.")
     b.row("Throughput")
     b.panel("Tokens per second", [
-        (f"sum(rate(pdserve:prompt_tokens_total{{{SEL}}}[{RATE}]))", "prompt"),
-        (f"sum(rate(pdserve:generation_tokens_total{{{SEL}}}[{RATE}]))", "generated")], "tok/s",
-        "Prompt tokens processed and tokens generated, all pods.")
-    b.panel("Finished requests per second", [rate("pdserve:request_success_total", "finished_reason")], "reqps",
-            "By why they finished (stop, length, abort).")
-    b.panel("Tokens per scheduler step (p50, p90)", quantiles("pdserve:iteration_tokens_total", qs=(0.5, 0.9)),
-            "short", "How full each engine step's token budget is.")
-    b.panel("Preemptions per second", [rate("pdserve:num_preemptions_total", "pod")], "ops",
-            "Requests evicted to free KV cache; sustained preemption means too little KV memory.")
+        (rate("pdserve:prompt_tokens_total", CLIENTS)[0], "prompt"),
+        (rate("pdserve:generation_tokens_total", CLIENTS)[0], "generated")], "tok/s",
+        "Prompt tokens received and tokens streamed back, at the routers.")
+    b.panel("Finished requests per second", [rate("pdserve:request_success_total", CLIENTS, "finished_reason")],
+            "reqps", "At the routers, by why they finished (stop, length, abort, error).")
+    b.panel("Engine tokens per second", [rate("pdserve:prompt_tokens_total", ENGINES, "role"),
+                                         rate("pdserve:generation_tokens_total", ENGINES, "role")], "tok/s",
+            "Prompt tokens computed and tokens generated, by role.")
+    b.panel("Tokens per scheduler step (p50, p90)",
+            quantiles("pdserve:iteration_tokens_total", ENGINES, by="role", qs=(0.5, 0.9)), "short",
+            "How full each engine step's token budget is.")
     b.row("Queues and KV cache")
-    b.panel("Running requests", [(f"sum by (role) (pdserve:num_requests_running{{{SEL}}})", "{{role}}")], "short",
-            "Requests in the engines' running batches, by role.")
+    b.panel("Running requests", [(f"sum by (role) (pdserve:num_requests_running{{{ENGINES}}})", "{{role}}")],
+            "short", "Requests in the engines' running batches, by role.")
     b.panel("Waiting requests (queue depth)",
-            [(f"sum by (role) (pdserve:num_requests_waiting{{{SEL}}})", "{{role}}")], "short",
+            [(f"sum by (role) (pdserve:num_requests_waiting{{{ENGINES}}})", "{{role}}")], "short",
             "Requests waiting for a batch slot, by role.")
-    b.panel("KV cache usage", [(f"max by (pod) (pdserve:kv_cache_usage_perc{{{SEL}}})", "{{pod}}")],
-            "percentunit", "Share of each pod's KV cache blocks in use.")
+    b.panel("KV cache usage", [(f"max by (pod) (pdserve:kv_cache_usage_perc{{{ENGINES}}})", "{{pod}}")],
+            "percentunit", "Share of each engine pod's KV cache blocks in use.")
     b.panel("Prefix cache hit rate", [
-        (f"sum by (role) (rate(pdserve:prefix_cache_hits_total{{{SEL}}}[{RATE}])) / "
-         f"sum by (role) (rate(pdserve:prefix_cache_queries_total{{{SEL}}}[{RATE}]))", "{{role}}")],
+        (f"sum by (role) (rate(pdserve:prefix_cache_hits_total{{{ENGINES}}}[{RATE}])) / "
+         f"sum by (role) (rate(pdserve:prefix_cache_queries_total{{{ENGINES}}}[{RATE}]))", "{{role}}")],
         "percentunit", "Prompt tokens found in the prefix cache, of the tokens looked up.")
+    b.panel("Preemptions per second", [rate("pdserve:num_preemptions_total", ENGINES, "pod")], "ops",
+            "Requests evicted to free KV cache; sustained preemption means too little KV memory.")
     b.row("Replicas")
     b.panel("Prefill and decode pods", [
-        (f'count by (role) (pdserve:num_requests_running{{{SEL}, role=~"prefill|decode"}})', "{{role}}")],
-        "short", "Pods reporting metrics, by role.")
+        (f"count by (role) (pdserve:num_requests_running{{{ENGINES}}})", "{{role}}")],
+        "short", "Engine pods reporting metrics, by role.")
     b.panel("P:D ratio", [(f'count(pdserve:num_requests_running{{{SEL}, role="prefill"}}) / '
                            f'count(pdserve:num_requests_running{{{SEL}, role="decode"}})', "prefill per decode")],
             "short", "Prefill pods per decode pod.", kind="stat")
@@ -141,18 +160,18 @@ def kv_transfer() -> Obj:
     b = Board("pdserve-kv-transfer", "pdserve / KV transfer",
               "KV cache hand-over from prefill to decode pods, by connector (shared-fs, grpc, redis).")
     b.row("Volume")
-    b.panel("Bytes per second", [rate("pdserve:kv_transfer_bytes_total", "connector")], "Bps",
-            "KV bytes moved, by connector.")
-    b.panel("Blocks per second", [rate("pdserve:kv_transfer_blocks_total", "connector")], "ops",
-            "KV blocks moved, by connector.")
+    b.panel("Bytes per second", [rate("pdserve:kv_transfer_bytes_total", SEL, "connector, direction")], "Bps",
+            "KV bytes saved by prefill pods and loaded by decode pods, by connector.")
+    b.panel("Blocks per second", [rate("pdserve:kv_transfer_blocks_total", SEL, "connector, direction")], "ops",
+            "KV blocks saved and loaded, by connector.")
     b.row("Latency and failures")
-    b.panel("Transfer latency", quantiles("pdserve:kv_transfer_latency_seconds", by="connector", qs=(0.5, 0.99)),
-            "s", "Time to move one request's KV blocks.")
-    b.panel("Failures per second", [(f"sum by (connector, reason) (rate(pdserve:kv_transfer_failures_total"
-                                     f"{{{SEL}}}[{RATE}]))", "{{connector}}: {{reason}}")], "ops",
-            "Failed loads (the decode pod then recomputes the prompt), by reason.")
-    b.panel("Blocks held under lease", [(f"sum by (pod) (pdserve:kv_blocks_held_under_lease{{{SEL}}})", "{{pod}}")],
-            "short", "Blocks a prefill pod keeps until a decode pod acknowledges them.")
+    b.panel("Transfer latency", quantiles("pdserve:kv_transfer_latency_seconds", SEL, by="connector, direction",
+                                          qs=(0.5, 0.99)),
+            "s", "Per request: saving its KV (prefill) or getting it in place (decode).")
+    b.panel("Failures per second", [rate("pdserve:kv_transfer_failures_total", SEL, "connector, reason")], "ops",
+            "Failed loads or saves (a decode pod then recomputes the prompt), by reason.")
+    b.panel("Blocks held under lease", [(f"sum by (pod) (pdserve:kv_transfer_blocks_held{{{SEL}}})", "{{pod}}")],
+            "short", "Blocks a prefill pod keeps until a decode pod has them.")
     return b.json()
 
 
@@ -160,21 +179,32 @@ def router() -> Obj:
     b = Board("pdserve-router", "pdserve / Router",
               "The router's choices: scorers, prefix hits, prefill/decode decisions, retries and resumes.")
     b.row("Decisions")
-    b.panel("Decisions per second by plugin", [rate("pdserve:router_decisions_total", "plugin")], "ops",
-            "Requests routed, by the plugin whose score decided.")
-    b.panel("Decisions per second by pod", [rate("pdserve:router_decisions_total", "pod")], "ops",
-            "Where requests went.")
-    b.panel("Remote prefill or decode only", [rate("pdserve:router_pd_decisions_total", "decision")], "ops",
+    b.panel("Decisions per second by plugin", [rate("pdserve:router_plugin_decisions_total", NS, "plugin")], "ops",
+            "Routing decisions, by the scorer that told the pods apart.")
+    b.panel("Requests per second by pod", [rate("pdserve:router_pod_requests_total", NS, "exported_pod")], "reqps",
+            "Attempts sent to each engine pod.")
+    b.panel("Remote prefill or decode only", [rate("pdserve:router_pd_decisions_total", NS, "decision")], "ops",
             "The P/D decider's choices.")
-    b.panel("Prefix hit ratio of routed requests", quantiles("pdserve:router_prefix_hit_ratio", qs=(0.5, 0.9)),
-            "percentunit", "Share of each prompt already cached on the chosen pod.")
+    b.panel("Prefix hit ratio", [
+        *quantiles("pdserve:router_prefix_hit_ratio", NS, qs=(0.5, 0.9)),
+        (f"sum(rate(pdserve:router_prefix_hit_tokens_total{{{NS}}}[{RATE}])) / "
+         f"sum(rate(pdserve:router_prompt_tokens_total{{{NS}}}[{RATE}]))", "all tokens")],
+        "percentunit", "Share of each prompt already cached on the chosen decode pod.")
+    b.panel("Pods dropped by filters", [rate("pdserve:router_filtered_pods_total", NS, "plugin")], "ops",
+            "Pods a filter (e.g. queue-threshold) took out of a decision.")
     b.row("Reliability")
-    b.panel("Retries and resumes per second", [
-        (f"sum(rate(pdserve:router_retries_total{{{SEL}}}[{RATE}]))", "retries"),
-        (f"sum(rate(pdserve:router_resumes_total{{{SEL}}}[{RATE}]))", "resumes")], "ops",
-        "Retries before the first token; streams resumed on another decode pod.")
-    b.panel("In-flight requests by pod", [(f"sum by (pod) (pdserve:router_inflight_requests{{{SEL}}})", "{{pod}}")],
-            "short", "Requests the router has open to each pod.")
+    b.panel("Retries, resumes and failures per second", [
+        rate("pdserve:router_retries_total", NS, "stage"), rate("pdserve:router_resumes_total", NS),
+        rate("pdserve:router_request_failures_total", NS, "reason")], "ops",
+        "Retries before the first token (by stage), streams resumed on another decode pod, requests that failed.")
+    b.panel("In-flight requests by pod", [(f"sum by (exported_pod) (pdserve:router_pod_in_flight{{{NS}}})",
+                                           "{{exported_pod}}")], "short", "Requests the routers have open to each pod.")
+    b.panel("Pods in rotation", [(f"sum by (exported_role) (max by (exported_pod, exported_role) "
+                                  f"(pdserve:router_pod_ready{{{NS}}}))", "{{exported_role}}")], "short",
+            "Engine pods the routers currently send traffic to, by role.")
+    b.panel("KV events per second", [rate("pdserve:router_kv_events_total", NS, "type"),
+                                     (rate("pdserve:router_kv_event_gaps_total", NS)[0], "lost batches")], "ops",
+            "Prefix-cache events from the engines that feed the prefix-aware scorer.")
     return b.json()
 
 

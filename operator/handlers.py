@@ -25,6 +25,8 @@ from kubernetes.client import ApiException
 from pdserve.operator import constants as c
 from pdserve.operator import kube, render, spec, status
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class OperatorOptions:
@@ -83,7 +85,8 @@ def reconcile(api: kubernetes.client.ApiClient, body: kopf.Body, options: Operat
         parsed = spec.parse(name, namespace, body.spec, default_image=options.default_image)
     except spec.SpecError as exc:
         # Not an exception for kopf: retrying cannot fix a spec, only the user's next edit can (which calls us again).
-        logger.warning("invalid spec: %s", exc)
+        # Logged at INFO: kopf would also post a WARNING log line as an Event, next to the explicit one.
+        logger.info("invalid spec: %s", exc)
         kopf.warn(body, reason=exc.reason, message=str(exc))
         sync_status(api, namespace, name, options)
         return
@@ -114,12 +117,12 @@ def reconcile(api: kubernetes.client.ApiClient, body: kopf.Body, options: Operat
     if changes:
         message = "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items())
         logger.info("applied: %s", message)
-        kopf.info(body, reason="Applied", message=message[:1000])
+        # kopf.event, not kopf.info: routine INFO logs are not posted (settings.posting.level), this is.
+        kopf.event(body, type="Normal", reason="Applied", message=message[:1000])
     sync_status(api, namespace, name, options)
 
 
-async def status_loop(api: kubernetes.client.ApiClient, namespace: str, name: str, options: OperatorOptions,
-                      logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+async def status_loop(api: kubernetes.client.ApiClient, namespace: str, name: str, options: OperatorOptions) -> None:
     """Refresh one object's status every ``status_interval`` seconds until the object is gone."""
     while True:
         try:
@@ -129,7 +132,8 @@ async def status_loop(api: kubernetes.client.ApiClient, namespace: str, name: st
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an API hiccup must not end the loop; the next round retries
-            logger.warning("status refresh of %s/%s failed: %s", namespace, name, exc)
+            # The module's logger, not the object's: kopf would post each failure as an Event.
+            log.warning("status refresh of %s/%s failed: %s", namespace, name, exc)
         await asyncio.sleep(options.status_interval)
 
 
@@ -144,9 +148,12 @@ def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
         return kube.connection_info(kube.load_configuration())
 
     @kopf.on.startup(registry=registry)
-    def startup(*, memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+    def startup(*, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         memo.api = kube.new_api_client()
         memo.loops = {}
+        if options.peering:
+            for problem in kube.ensure_peering(memo.api, options.peering, options.namespaces):
+                logger.error("%s; this replica waits until the peering object exists", problem)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
@@ -164,8 +171,7 @@ def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
         reconcile(memo.api, body, options, logger)
 
     @kopf.on.event(*resource, registry=registry)
-    async def track_status(*, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
-                           **_: Any) -> None:
+    async def track_status(*, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         uid = body.metadata.uid
         loops: dict[str, asyncio.Task[None]] = memo.loops
         if event["type"] == "DELETED":
@@ -175,7 +181,7 @@ def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
             return
         if uid not in loops or loops[uid].done():
             namespace, name = body.metadata.namespace, body.metadata.name
-            loops[uid] = asyncio.create_task(status_loop(memo.api, namespace, name, options, logger),
+            loops[uid] = asyncio.create_task(status_loop(memo.api, namespace, name, options),
                                              name=f"pdserve status {namespace}/{name}")
 
     return registry

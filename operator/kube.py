@@ -167,7 +167,8 @@ def apply(api: kubernetes.client.ApiClient, obj: Obj, owner_uid: str) -> str:
     raise RuntimeError(f"{obj['kind']} {ns}/{name} kept changing under the operator; will retry")
 
 
-def prune(api: kubernetes.client.ApiClient, keys: list[tuple[str, str, str]], namespace: str, owner_uid: str) -> list[str]:
+def prune(api: kubernetes.client.ApiClient, keys: list[tuple[str, str, str]], namespace: str,
+          owner_uid: str) -> list[str]:
     """Delete the children in ``keys`` that exist and are owned by ``owner_uid``; returns what was deleted."""
     deleted: list[str] = []
     for api_version, kind, name in keys:
@@ -200,6 +201,42 @@ def read_inference_service(api: kubernetes.client.ApiClient, namespace: str, nam
         if exc.status == 404:
             return None
         raise
+
+
+def ensure_peering(api: kubernetes.client.ApiClient, name: str, namespaces: tuple[str, ...]) -> list[str]:
+    """Create the kopf peering object(s) when missing; returns the problems (empty when all exist).
+
+    kopf never creates them, and a replica with mandatory peering and no peering object waits forever -- an
+    operator that silently does nothing. The chart creates them; this covers ``pdserve operator run`` elsewhere.
+    """
+    custom = kubernetes.client.CustomObjectsApi(api)
+    problems = []
+    if namespaces:  # one per namespace; kopf's namespace globs ("team-*") name no namespace to create it in
+        targets = [(ns, "KopfPeering", "kopfpeerings") for ns in namespaces if not set(ns) & set("*?[!")]
+    else:
+        targets = [(None, "ClusterKopfPeering", "clusterkopfpeerings")]
+    for ns, kind, plural in targets:
+        body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
+        try:
+            if ns is None:
+                custom.get_cluster_custom_object("kopf.dev", "v1", plural, name)
+            else:
+                custom.get_namespaced_custom_object("kopf.dev", "v1", ns, plural, name)
+            continue
+        except ApiException as exc:
+            if exc.status != 404:
+                problems.append(f"cannot read {kind} {name}: {exc.status} {exc.reason}")
+                continue
+        try:
+            if ns is None:
+                custom.create_cluster_custom_object("kopf.dev", "v1", plural, body)
+            else:
+                custom.create_namespaced_custom_object("kopf.dev", "v1", ns, plural, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                problems.append(f"cannot create {kind} {name} (is the kopf.dev CRD installed?): "
+                                f"{exc.status} {exc.reason}")
+    return problems
 
 
 def patch_status(api: kubernetes.client.ApiClient, namespace: str, name: str, status: Obj) -> None:

@@ -7,9 +7,10 @@ metrics). Names are as exposed: counters end in ``_total``; a histogram ``h`` is
 
 from __future__ import annotations
 
-# (name, type, labels besides the scrape's own)
+# (name as exposed, type, labels besides the scrape's own). Where the code and the original plan differed, the
+# code wins (tests/charts/test_chart_dashboards.py compares this list with the metrics the code registers).
 METRICS: list[tuple[str, str, tuple[str, ...]]] = [
-    # engine (every prefill, decode and monolithic pod)
+    # every engine (prefill, decode, monolithic) and the router (the same set, as its clients see it)
     ("pdserve:num_requests_running", "gauge", ("model_name",)),
     ("pdserve:num_requests_waiting", "gauge", ("model_name",)),
     ("pdserve:kv_cache_usage_perc", "gauge", ("model_name",)),
@@ -27,19 +28,27 @@ METRICS: list[tuple[str, str, tuple[str, ...]]] = [
     ("pdserve:request_prefill_time_seconds", "histogram", ("model_name",)),
     ("pdserve:request_decode_time_seconds", "histogram", ("model_name",)),
     ("pdserve:iteration_tokens_total", "histogram", ("model_name",)),
-    # KV transfer (prefill and decode pods)
-    ("pdserve:kv_transfer_bytes_total", "counter", ("model_name", "connector")),
-    ("pdserve:kv_transfer_blocks_total", "counter", ("model_name", "connector")),
-    ("pdserve:kv_transfer_latency_seconds", "histogram", ("model_name", "connector")),
+    # KV transfer (prefill and decode pods; engine/kv_transfer/metrics.py)
+    ("pdserve:kv_transfer_bytes_total", "counter", ("model_name", "connector", "direction")),
+    ("pdserve:kv_transfer_blocks_total", "counter", ("model_name", "connector", "direction")),
+    ("pdserve:kv_transfer_latency_seconds", "histogram", ("model_name", "connector", "direction")),
     ("pdserve:kv_transfer_failures_total", "counter", ("model_name", "connector", "reason")),
-    ("pdserve:kv_blocks_held_under_lease", "gauge", ("model_name", "connector")),
-    # router
-    ("pdserve:router_decisions_total", "counter", ("model_name", "plugin", "pod")),
-    ("pdserve:router_prefix_hit_ratio", "histogram", ("model_name",)),
-    ("pdserve:router_pd_decisions_total", "counter", ("model_name", "decision")),
-    ("pdserve:router_retries_total", "counter", ("model_name",)),
-    ("pdserve:router_resumes_total", "counter", ("model_name",)),
-    ("pdserve:router_inflight_requests", "gauge", ("model_name", "pod")),
+    ("pdserve:kv_transfer_blocks_held", "gauge", ("model_name", "connector")),
+    # router (services/router/metrics.py; no model_name label)
+    ("pdserve:router_plugin_decisions_total", "counter", ("profile", "plugin")),
+    ("pdserve:router_filtered_pods_total", "counter", ("profile", "plugin")),
+    ("pdserve:router_pd_decisions_total", "counter", ("decision", "reason")),
+    ("pdserve:router_prompt_tokens_total", "counter", ()),
+    ("pdserve:router_prefix_hit_tokens_total", "counter", ()),
+    ("pdserve:router_prefix_hit_ratio", "histogram", ()),
+    ("pdserve:router_retries_total", "counter", ("stage",)),
+    ("pdserve:router_resumes_total", "counter", ()),
+    ("pdserve:router_request_failures_total", "counter", ("reason",)),
+    ("pdserve:router_pod_requests_total", "counter", ("pod",)),
+    ("pdserve:router_pod_in_flight", "gauge", ("pod",)),
+    ("pdserve:router_pod_ready", "gauge", ("pod", "role")),
+    ("pdserve:router_kv_events_total", "counter", ("pod", "type")),
+    ("pdserve:router_kv_event_gaps_total", "counter", ("pod",)),
 ]
 
 

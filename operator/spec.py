@@ -289,7 +289,8 @@ def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
     for key in ("requests", "limits"):
         for resource, amount in out[key].items():
             if isinstance(amount, bool) or not (isinstance(amount, int) or QUANTITY.match(str(amount))):
-                raise SpecError(f"{res.path}.{key}.{resource}", f"must be a quantity like 4, 500m or 8Gi, got {amount!r}")
+                raise SpecError(f"{res.path}.{key}.{resource}",
+                                f"must be a quantity like 4, 500m or 8Gi, got {amount!r}")
     if not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in out["env"]):
         raise SpecError(f"{f.path}.env", "must be a list of environment variables with a name")
     if gpus:
@@ -344,7 +345,8 @@ def _kv(f: _Fields) -> KVConnectorSpec:
     if spec.redis_url and spec.redis_deploy:
         raise SpecError(f"{f.path}.redis", "set redis.url or redis.deploy: true, not both")
     if spec.redis_url and not spec.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise SpecError(f"{f.path}.redis.url", f"must start with redis://, rediss:// or unix://, got {spec.redis_url!r}")
+        raise SpecError(f"{f.path}.redis.url",
+                        f"must start with redis://, rediss:// or unix://, got {spec.redis_url!r}")
     return spec
 
 

@@ -7,10 +7,13 @@ of a sequence's tokens, so outputs are deterministic and batch-independent.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
-from pdserve.engine.core.scheduler import Scheduler
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.outputs import Logprob
 
@@ -27,19 +30,30 @@ def mock_next_token(token_ids: list[int], vocab_size: int) -> int:
 
 
 class _MockRunner:
-    def __init__(self, num_blocks: int, vocab_size: int) -> None:
-        self.num_blocks = num_blocks
-        self.vocab_size = vocab_size
+    """Stands in for ``ModelRunner(config)``: sizes only, and "logits" that are just the scheduler output."""
+
+    def __init__(self, config: Any) -> None:
+        hf = config.model.hf_config
+        self.vocab_size = (getattr(hf, "vocab_size", None) if hf is not None else None) or 1000
+        self.num_blocks = config.cache.num_blocks or 256
         self.device = "mock"
+        self.kv_caches: list[Any] = []
 
     def execute_model(self, sched_out: Any) -> Any:
         return sched_out  # the mock sampler reads tokens from the scheduler's requests
 
+    def attach_kv_connector(self, connector: Any) -> None:
+        pass
+
 
 class _MockSampler:
-    def __init__(self, vocab_size: int, step_delay_s: float) -> None:
-        self.vocab_size = vocab_size
-        self.step_delay_s = step_delay_s
+    """Stands in for ``Sampler(device)``: :func:`mock_next_token` for every row."""
+
+    step_delay_s = 0.0
+    vocab_size = 1000  # set from the runner once the core is built
+
+    def __init__(self, device: Any = None) -> None:
+        pass
 
     def add_request(self, request: Any) -> None:
         pass
@@ -49,39 +63,47 @@ class _MockSampler:
 
     def sample(self, logits: Any, requests: list[Any]) -> _Sample:
         if self.step_delay_s:
-            import time
-
             time.sleep(self.step_delay_s)  # stands in for a model step's latency
-        ids = [mock_next_token(r.all_token_ids, self.vocab_size) for r in requests]
-        rows = [[Logprob(t, -0.5, 1)] + [Logprob((t + j) % self.vocab_size, -1.0 - j, j + 1)
+        vocab = self.vocab_size
+        ids = [mock_next_token(r.all_token_ids, vocab) for r in requests]
+        rows = [[Logprob(t, -0.5, 1)] + [Logprob((t + j) % vocab, -1.0 - j, j + 1)
                                          for j in range(1, (r.sampling_params.logprobs or 0) + 1)]
                 if r.sampling_params.logprobs is not None else None for t, r in zip(ids, requests)]
         return _Sample(ids, rows if any(row is not None for row in rows) else None)
 
 
+@contextlib.contextmanager
+def _stub_modules(modules: dict[str, Any]) -> Iterator[None]:
+    """Make ``from <name> import X`` inside EngineCore find the stand-ins (without importing torch)."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
+
+
 class MockEngineCore(EngineCore):
-    """An :class:`EngineCore` whose model and sampler are replaced by :func:`mock_next_token`.
+    """The real :class:`EngineCore` (its ``__init__`` and ``step``) with the model runner and the sampler
+    replaced, so it follows the engine as the engine changes.
 
     Sizes come from the config (``num_blocks`` defaults to 256); ``vocab_size`` from the model's HF config when
-    there is one. ``step_delay_s`` makes each step take at least that long (to test timing and concurrency).
+    there is one, else 1000. ``step_delay_s`` makes each step take at least that long (timing, concurrency).
     """
 
-    def __init__(self, config: Any, vocab_size: int | None = None, step_delay_s: float = 0.0) -> None:
-        hf = config.model.hf_config
-        self.config = config
-        self.vocab_size = vocab_size or (getattr(hf, "vocab_size", None) if hf is not None else None) or 1000
-        self.max_model_len = config.model.max_model_len
-        cache, sched = config.cache, config.scheduler
-        num_blocks = cache.num_blocks or 256
-        self.runner = _MockRunner(num_blocks, self.vocab_size)
-        self.scheduler = Scheduler(
-            block_size=cache.block_size, num_blocks=num_blocks, max_num_batched_tokens=sched.max_num_batched_tokens,
-            max_num_seqs=sched.max_num_seqs, max_model_len=self.max_model_len,
-            enable_prefix_caching=cache.enable_prefix_caching, enable_chunked_prefill=sched.enable_chunked_prefill,
-            hash_seed=cache.hash_seed, hash_algo=cache.hash_algo)
-        self.sampler = _MockSampler(self.vocab_size, step_delay_s)
-        self.num_steps = 0
-        self.num_computed_tokens_total = 0
+    def __init__(self, config: Any, step_delay_s: float = 0.0) -> None:
+        sampler_cls = type("MockSampler", (_MockSampler,), {"step_delay_s": step_delay_s})
+        runner_mod, sampler_mod = types.ModuleType("mock_model_runner"), types.ModuleType("mock_sampler")
+        runner_mod.ModelRunner = _MockRunner  # type: ignore[attr-defined]
+        sampler_mod.Sampler = sampler_cls  # type: ignore[attr-defined]
+        with _stub_modules({"pdserve.engine.worker.model_runner": runner_mod,
+                            "pdserve.engine.sampler": sampler_mod}):
+            super().__init__(config)
+        self.sampler.vocab_size = self.vocab_size
 
 
 def make_mock_core(config: Any) -> MockEngineCore:

@@ -28,15 +28,26 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: A
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, then scaled in the input dtype (as transformers does)."""
+    """Root-mean-square norm computed in float32, then scaled in the input dtype (as transformers does).
+
+    With ``use_kernels`` (set by the model when its attention backend runs Triton) it runs the fused Triton
+    kernel instead: one launch that reads ``x`` and ``residual`` once, where torch needs five or more.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """``x: [..., D]``. With ``residual``: adds it first and returns ``(normed, new_residual)``."""
+        if self.use_kernels:
+            from pdserve.kernels.norm import rms_norm
+
+            # The kernel updates ``residual`` in place to x + residual: it is the new residual stream.
+            out = rms_norm(x, self.weight, self.eps, residual=residual)
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -77,8 +88,10 @@ class RotaryEmbedding(nn.Module):
     cached for the whole context, which for 128k-context models would be a large buffer.
     """
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any]) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any], max_position: int = 0) -> None:
         super().__init__()
+        self.max_position = max_position
+        self._cos_sin: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         # Computed on the CPU, as transformers does, so every device gets bit-identical frequencies.
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         inv_freq = 1.0 / (theta ** exponents)
@@ -97,6 +110,24 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, Dh]
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def cos_sin_cache(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[max_position, Dh]`` table of the Triton rotary kernel (cos half, then sin half), built on
+        first use and kept: per step it saves the cos/sin launches the torch path runs.
+
+        Entries are computed exactly as :meth:`forward` computes them (float32, then rounded to ``dtype``), so
+        both paths rotate by the same values.
+        """
+        key = (dtype, self.inv_freq.device)
+        table = self._cos_sin.get(key)
+        if table is None:
+            if self.max_position <= 0:
+                raise ValueError("this rotary embedding was built without max_position; it has no table")
+            positions = torch.arange(self.max_position, device=self.inv_freq.device)
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [P, Dh/2]
+            table = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)  # [P, Dh]
+            self._cos_sin[key] = table
+        return table
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ def head_dim_of(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, backend: AttentionBackend, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -41,7 +42,7 @@ class LlamaAttention(nn.Module):
         # Qwen3 normalises each query/key head before the rotary embedding.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.rotary = RotaryEmbedding(self.head_dim, *rope_parameters(config))
+        self.rotary = rotary  # shared by all layers: one cos/sin table for the Triton path
         self.backend = backend
         self.scale = self.head_dim ** -0.5
 
@@ -54,8 +55,13 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, kv_cache, md, scale=self.scale)  # [T, Hq, Dh]
+        if self.backend.triton_kernels:
+            # One launch rotates q and k in place and writes the rotated K and V into the cache.
+            cos_sin = self.rotary.cos_sin_cache(q.dtype)  # [max_position, Dh]
+            o = self.backend.forward_with_rotary(positions, q, k, v, cos_sin, kv_cache, md, scale=self.scale)
+        else:
+            q, k = self.rotary(positions, q, k)
+            o = self.backend.forward(q, k, v, kv_cache, md, scale=self.scale)  # [T, Hq, Dh]
         return self.o_proj(o.reshape(T, -1))  # [T, D]
 
 
@@ -73,9 +79,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, backend: AttentionBackend, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, backend, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, backend, rotary, qkv_bias, o_bias, qk_norm)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -96,7 +103,9 @@ class LlamaModel(nn.Module):
     def __init__(self, config, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, qkv_bias, o_bias, qk_norm)
+        rotary = RotaryEmbedding(head_dim_of(config), *rope_parameters(config),
+                                 max_position=config.max_position_embeddings)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, rotary, qkv_bias, o_bias, qk_norm)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -128,6 +137,10 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings
                         else Linear(config.hidden_size, config.vocab_size))
+        if attn_backend.triton_kernels:  # the fused Triton norms go with the Triton attention backend
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.use_kernels = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:

@@ -56,6 +56,9 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    # True when the backend runs Triton kernels: the model then also uses the fused Triton norm and the fused
+    # rotary + KV-write kernel (:meth:`forward_with_rotary`), which run wherever this backend's kernels run.
+    triton_kernels: bool = False
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -65,6 +68,13 @@ class AttentionBackend(ABC):
         ``q: [T, Hq, D]``, ``k, v: [T, Hkv, D]``, ``kv_cache: [2, num_blocks, block_size, Hkv, D]``;
         ``scale`` defaults to ``D ** -0.5``. Returns ``[T, Hq, D]`` in ``q``'s dtype.
         """
+
+    def forward_with_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cos_sin: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                            scale: float | None = None) -> torch.Tensor:
+        """Rotate ``q``/``k`` in place (neox style, ``cos_sin: [max_position, D]`` indexed by ``positions: [T]``),
+        then as :meth:`forward`. Only backends with ``triton_kernels`` implement it."""
+        raise NotImplementedError(f"the {self.name} backend does not fuse the rotary embedding")
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

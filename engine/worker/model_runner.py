@@ -10,6 +10,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtype
 from pdserve.engine.worker.attention import get_attention_backend
+from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.worker.input_batch import build_inputs
 from pdserve.engine.worker.kv_cache import (
     allocate_kv_caches,
@@ -43,6 +44,7 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
         self.kv_connector = None  # a KV connector's worker half (engine/kv_transfer), see attach_kv_connector
+        self.graph_runner = self._make_graph_runner()
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, backend %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self.kv_spec.bytes_per_block / 2**30, self.kv_spec.dtype,
                     self.attn_backend.name)
@@ -57,6 +59,10 @@ class ModelRunner:
         """
         connector = self.kv_connector
         if connector is None:
+            # Graphs skip the connector's per-layer hooks, so they only serve steps without a connector.
+            size = self.graph_runner.padded_size(sched_out.chunks) if self.graph_runner is not None else None
+            if size is not None:
+                return self._run_graph(sched_out, size)
             return self._run(sched_out, self.kv_caches)
         connector.bind_connector_metadata(sched_out.kv_connector_metadata)
         connector.start_load_kv()
@@ -77,6 +83,22 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(lambda _m, _a, i=i: connector.wait_for_layer_load(i))
             layer.register_forward_hook(lambda _m, _a, _o, i=i: connector.save_kv_layer(i, self.kv_caches[i]))
+
+    def _make_graph_runner(self) -> DecodeGraphRunner | None:
+        """CUDA graphs of the decode step: on CUDA with the Triton backend, unless ``enforce_eager``."""
+        if self.device.type != "cuda" or self.config.device.enforce_eager or not self.attn_backend.triton_kernels:
+            return None
+        runner = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs=self.config.scheduler.max_num_seqs,
+                                   max_model_len=self.config.model.max_model_len, block_size=self.block_size,
+                                   num_blocks=self.num_blocks, device=self.device)
+        runner.capture()
+        return runner
+
+    def _run_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:
+        hidden = self.graph_runner.run(sched_out.chunks, size)  # [B, D]
+        if not all(c.sample for c in sched_out.chunks):
+            hidden = hidden[[i for i, c in enumerate(sched_out.chunks) if c.sample]]
+        return self.model.compute_logits(hidden).float()  # [S, V]
 
     def _run(self, sched_out: SchedulerOutput, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         inputs = build_inputs(sched_out, self.block_size, self.device, num_blocks=kv_caches[0].shape[1])

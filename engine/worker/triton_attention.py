@@ -13,6 +13,7 @@ import torch
 from pdserve.engine.worker.attention import AttentionBackend, AttentionMetadata
 from pdserve.kernels.attention import paged_attention
 from pdserve.kernels.kv_cache import write_kv_cache
+from pdserve.kernels.rotary import rotary_embedding_and_write_kv
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -27,6 +28,7 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     name = "triton"
+    triton_kernels = True
 
     def __init__(self, k_scale: float = 1.0, v_scale: float = 1.0, num_kv_splits: int | None = None) -> None:
         self.k_scale = k_scale
@@ -36,9 +38,26 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
         """Write ``k``/``v`` ``[T, Hkv, D]`` into ``kv_cache`` and attend: ``q [T, Hq, D] -> [T, Hq, D]``."""
-        is_fp8 = kv_cache.dtype == torch.float8_e4m3fn
-        k_scale, v_scale = (self.k_scale, self.v_scale) if is_fp8 else (1.0, 1.0)
+        k_scale, v_scale = self._scales(kv_cache)
         write_kv_cache(k, v, kv_cache, metadata.slot_mapping, k_scale, v_scale)
+        return self._attend(q, kv_cache, metadata, scale, k_scale, v_scale)
+
+    def forward_with_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cos_sin: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                            scale: float | None = None) -> torch.Tensor:
+        """Rotate ``q``/``k`` in place and write K/V in one launch (K is read once, not three times), then
+        attend. Rows with a negative slot (CUDA-graph padding) are rotated but not written."""
+        k_scale, v_scale = self._scales(kv_cache)
+        rotary_embedding_and_write_kv(positions, q, k, v, cos_sin, kv_cache, metadata.slot_mapping, k_scale, v_scale)
+        return self._attend(q, kv_cache, metadata, scale, k_scale, v_scale)
+
+    def _scales(self, kv_cache: torch.Tensor) -> tuple[float, float]:
+        if kv_cache.dtype == torch.float8_e4m3fn:
+            return self.k_scale, self.v_scale
+        return 1.0, 1.0
+
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float | None,
+                k_scale: float, v_scale: float) -> torch.Tensor:
         return paged_attention(
             q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_tables, scale,
             k_scale=k_scale, v_scale=v_scale,

@@ -1,5 +1,6 @@
 """The Grafana dashboards: current with their generator, well-formed, and every PromQL expression names only
-metrics that pdserve exports (the catalog in pdserve.operator.metrics_catalog)."""
+metrics that pdserve exports -- read from the code that registers them, and from the catalog
+(pdserve.operator.metrics_catalog), which must list exactly those."""
 
 from __future__ import annotations
 
@@ -45,6 +46,37 @@ def test_metric_name_extraction() -> None:
     assert metric_names('label_values(m{namespace=~"$namespace"}, model_name)') == {"m"}
 
 
+def registered_series() -> dict[str, str]:
+    """Series name -> type of every metric the servers register: built as the servers build them, then read
+    from the Prometheus registry (what /metrics would expose)."""
+    pytest.importorskip("prometheus_client")
+    api = pytest.importorskip("pdserve.services.api.metrics")
+    router = pytest.importorskip("pdserve.services.router.metrics")
+    kv = pytest.importorskip("pdserve.engine.kv_transfer.metrics")
+    registry = api.ServingMetrics("model").registry  # engines, and routers (client-side latency)
+    router.RouterMetrics(registry)
+    registry.register(kv.KVTransferCollector(lambda: kv.KVTransferStats(connector="grpc"), "model"))
+    out: dict[str, str] = {}
+    for family in registry.collect():
+        # prometheus_client drops "_total" from a counter family's name and adds it back to the samples
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        out[name] = family.type
+    return out
+
+
+def test_catalog_lists_exactly_what_the_code_registers() -> None:
+    assert {name: kind for name, kind, _ in metrics_catalog.METRICS} == registered_series()
+
+
+def test_queries_name_only_metrics_the_code_registers() -> None:
+    exported = set()
+    for name, kind in registered_series().items():
+        exported |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    for path in FILES:
+        for expr in expressions(json.loads(path.read_text())):
+            assert metric_names(expr) <= exported, f"{path.name}: {sorted(metric_names(expr) - exported)}"
+
+
 def expressions(board: dict) -> list[str]:
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
     return exprs + [v["query"] for v in board["templating"]["list"] if v["type"] == "query"]
@@ -72,7 +104,7 @@ def test_the_topics_the_issue_asks_for() -> None:
     for title in ["Time to first token", "Inter-token latency", "Time per output token", "End-to-end latency",
                   "Tokens per second", "Waiting requests (queue depth)", "KV cache usage", "Prefix cache hit rate",
                   "Bytes per second", "Transfer latency", "Failures per second", "Decisions per second by plugin",
-                  "Retries and resumes per second", "Prefill and decode pods"]:
+                  "Retries, resumes and failures per second", "Prefill and decode pods", "P:D ratio"]:
         assert title in titles
 
 

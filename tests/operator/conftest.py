@@ -53,7 +53,7 @@ WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 
 
 class FakeApiServer(kmock.KubernetesEmulator):
-    """kmock's emulator plus the metadata a real API server maintains."""
+    """kmock's emulator plus the metadata a real API server maintains (and ``generateName``)."""
 
     _versions = itertools.count(1)
 
@@ -64,8 +64,10 @@ class FakeApiServer(kmock.KubernetesEmulator):
             meta = data.setdefault("metadata", {})
             meta["resourceVersion"] = str(next(self._versions))
             if request.action == kmock.action.CREATE:
-                meta.update(uid=str(uuid.uuid4()), generation=1,
-                            creationTimestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                meta.update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=now)
+                if not meta.get("name") and meta.get("generateName"):  # e.g. kopf's Events
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             elif "spec" in data and request.subresource is None:
                 key = (request.resource, request.namespace, request.name)
                 if key in self.objects and not self.objects[key].deleted:
@@ -152,13 +154,6 @@ class Cluster:
         custom = kubernetes.client.CustomObjectsApi(self.api)
         await asyncio.to_thread(custom.delete_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace,
                                 c.PLURAL, name)
-
-    async def create_peering(self, name: str) -> None:
-        """The ClusterKopfPeering object the chart creates; replicas register in its status."""
-        custom = kubernetes.client.CustomObjectsApi(self.api)
-        await asyncio.to_thread(custom.create_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings",
-                                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
-                                 "metadata": {"name": name}})
 
     def peers(self, name: str) -> list[str]:
         """Identities of the live replicas registered in a peering object."""

@@ -40,6 +40,8 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
                 {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": "chat", "uid": uid, "controller": True,
                  "blockOwnerDeletion": True}]
         assert not cluster.isvc("chat")["metadata"].get("finalizers"), "nothing outside Kubernetes to clean up"
+        (applied,) = await cluster.wait_for(lambda: cluster.events("Applied"), what="an Applied Event")
+        assert applied["type"] == "Normal" and applied["message"].startswith("created ConfigMap/chat-config")
         await cluster.wait_for(lambda: phase(cluster) == "Progressing", what="Progressing")
         assert cluster.isvc("chat")["status"]["url"] == "http://chat-router.default.svc:8000"
 
@@ -168,10 +170,12 @@ async def test_invalid_spec_degrades_and_recovers(cluster, operator_running) -> 
             "type": "grpc", "redis": None}}})
         await cluster.wait_for(lambda: set(cluster.children()) == EXPECTED, what="Redis removed")
         await cluster.wait_for(lambda: phase(cluster) == "Progressing", what="healthy again")
+        assert len(cluster.events("InvalidSpec")) == 2  # one per bad spec, not one per retry
+        assert cluster.events("Logging") == []  # no log line turned into a second Event
 
 
 async def test_two_replicas_elect_one_leader(cluster, operator_running) -> None:
-    await cluster.create_peering("pdserve")
+    # no peering object yet (the chart creates one): the first replica creates it rather than wait forever
     leader = operator_running(peering="pdserve", priority=200)
     await leader.__aenter__()
     try:
@@ -194,3 +198,41 @@ async def test_two_replicas_elect_one_leader(cluster, operator_running) -> None:
     finally:
         if leader is not None:
             await leader.__aexit__(None, None, None)
+
+
+async def test_the_command_line_runs_the_operator(cluster, tmp_path) -> None:
+    """``pdserve operator run`` as its own process: it serves /healthz, reconciles, and exits cleanly on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pdserve.cli.main", "operator", "run", "--standalone",
+        "--liveness-port", str(port), "--status-interval", "0.5", "--log-level", "WARNING", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        await cluster.wait_for(lambda: proc.returncode is not None or healthy(), timeout=30, what="/healthz")
+        assert proc.returncode is None
+        await cluster.create_isvc("chat", SPEC)
+        await cluster.wait_for(lambda: set(cluster.children()) == EXPECTED, what="children from the CLI's operator")
+        await cluster.wait_for(lambda: phase(cluster) == "Progressing", what="status from the CLI's operator")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        output = (await asyncio.wait_for(proc.communicate(), timeout=30))[0].decode()
+    assert proc.returncode == 0, output

@@ -1,0 +1,180 @@
+"""CUDA graphs of the pure-decode step, captured at a ladder of batch sizes and replayed with new metadata.
+
+A decode step launches about ten kernels per layer whatever the batch holds, and at small batch launching
+them from Python takes longer than running them. So the model's forward is captured once per batch size of a
+ladder (1, 2, 4, 8, then every 16 up to ``max_num_seqs``) and a step of ``B`` decodes replays the smallest
+graph of ``N >= B`` rows, the live rows first and padding after::
+
+    row            0 .. B-1 (live decodes)             B .. N-1 (padding)
+    input_ids      each request's newest token          0
+    positions      seq_len - 1                          0
+    slot_mapping   where that token's K/V goes          -1: the fused rotary + KV write skips the row
+    seq_lens       context incl. the new token          1: attends to one key of its first block
+    block_tables   the request's block ids              a stale row: valid ids (only the first is read)
+
+Every graph reads the same static buffers, sliced to its size. A step fills the first four regions and a
+packed copy of the live block tables in one pinned host buffer, sends it with one non-blocking copy, and
+scatters the packed block ids into the ``[N, W]`` table with one device copy (the table is
+``max_model_len / block_size`` wide, far more than a step's live width, so it is never copied whole).
+
+The attention kernel's launch grid and split-KV factor follow from the batch size, ``max_query_len=1`` and
+``max_seq_len=max_model_len`` (see :mod:`pdserve.kernels.attention`), all fixed at capture, so a replay is
+valid for any context up to ``max_model_len``. Only the Triton backend is capturable: the torch backend
+sizes its work from host-side lengths.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import numpy as np
+import torch
+
+from pdserve.engine.core.sched_output import ScheduledChunk
+from pdserve.engine.worker.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+MAX_CAPTURE_SIZE = 512  # beyond this a decode step is long enough that launch overhead no longer matters
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """The batch-size ladder: 1, 2, 4, 8, every multiple of 16 below the top, and the top itself
+    (``max_num_seqs``, capped at :data:`MAX_CAPTURE_SIZE`). Padding a batch up costs little: decode reads
+    the weights once whatever the row count, and a padding row attends to a single key."""
+    top = max(1, min(max_num_seqs, MAX_CAPTURE_SIZE))
+    return sorted({s for s in (1, 2, 4, 8) if s < top} | set(range(16, top, 16)) | {top})
+
+
+class DecodeGraphRunner:
+    """Captures ``model``'s forward for decode batches and replays it; :meth:`run` returns hidden states.
+
+    Args:
+        model: the causal LM; ``model(input_ids, positions, kv_caches, metadata) -> [T, D]``.
+        kv_caches: the per-layer KV cache tensors the graphs write into and read from (fixed addresses).
+        max_num_seqs: the largest batch the scheduler builds; the ladder tops out there.
+        max_model_len: the longest sequence; sizes the block-table width and fixes the split-KV factor.
+        block_size: tokens per KV block.
+        num_blocks: blocks in the cache (block ids are checked against it).
+
+    On a CPU device nothing is captured and :meth:`run` runs the model eagerly on the same padded static
+    buffers; tests use that (with Triton's interpreter) to check the padding and metadata layout.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], *, max_num_seqs: int,
+                 max_model_len: int, block_size: int, num_blocks: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_size = self.sizes[-1]
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.width = -(-max_model_len // block_size)  # W: block-table columns
+        n = self.max_size
+        # [ids N | positions N | slots N | seq_lens N | live block tables, packed B x W_live]; int32 throughout
+        # (embedding, rotary and the KV write all take int32 indices), so one copy moves all of it.
+        self._meta_len = 4 * n + n * self.width
+        self._meta = torch.zeros(self._meta_len, dtype=torch.int32, device=device)
+        self.use_graphs = device.type == "cuda"
+        self._host = torch.zeros(self._meta_len, dtype=torch.int32, pin_memory=self.use_graphs)
+        self._host_np = self._host.numpy()
+        # The pinned buffer may be refilled only once the previous copy out of it has finished.
+        self._copied = torch.cuda.Event() if self.use_graphs else None
+        self._block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=device)  # [N, W]
+        self._query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per row
+        self._logits_rows = torch.arange(n, dtype=torch.int64, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}  # size -> [size, D] hidden states, in the graph pool
+        self._pool = None
+
+    # ------------------------------------------------------------------ capture
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per ladder size, largest first so that the smaller ones reuse its memory."""
+        start = time.perf_counter()
+        n = self.max_size
+        self._host_np[:] = 0
+        self._write_padding(0, n)
+        self._meta.copy_(self._host)
+        if not self.use_graphs:
+            return
+        self._pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            ids, positions, md = self._views(size)
+            # Eager warm-up: compiles the Triton kernels for this shape and lets cuBLAS pick its kernels and
+            # set up its workspace, neither of which may happen during capture. Every row is padding, so
+            # nothing is written to the KV cache.
+            self.model(ids, positions, self.kv_caches, md)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._outputs[size] = self.model(ids, positions, self.kv_caches, md)
+            self._graphs[size] = graph
+        torch.cuda.synchronize()
+        logger.info("captured %d decode CUDA graphs (batch %s) in %.1fs", len(self.sizes),
+                    ",".join(map(str, self.sizes)), time.perf_counter() - start)
+
+    def _views(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Input ids ``[size]``, positions ``[size]`` and the metadata of a ``size``-row graph: views of the
+        static buffers. The ``*_cpu`` lists are bounds, not the live values (the Triton backend never reads
+        them)."""
+        n, m = self.max_size, self._meta
+        positions = m[n:n + size]
+        md = AttentionMetadata(
+            num_tokens=size, query_start_loc=self._query_start_loc[:size + 1], seq_lens=m[3 * n:3 * n + size],
+            context_lens=positions, block_tables=self._block_tables[:size], slot_mapping=m[2 * n:2 * n + size],
+            max_query_len=1, max_seq_len=self.max_model_len, num_decodes=size,
+            logits_indices=self._logits_rows[:size], query_start_loc_cpu=list(range(size + 1)),
+            seq_lens_cpu=[self.max_model_len] * size, context_lens_cpu=[self.max_model_len - 1] * size)
+        return m[:size], positions, md
+
+    # ------------------------------------------------------------------ replay
+    def padded_size(self, chunks: list[ScheduledChunk]) -> int | None:
+        """The graph size a step replays, or None when it is not a pure-decode step that a graph covers."""
+        if not chunks or len(chunks) > self.max_size or any(c.num_tokens != 1 for c in chunks):
+            return None
+        return self.sizes[bisect.bisect_left(self.sizes, len(chunks))]
+
+    def run(self, chunks: list[ScheduledChunk], size: int) -> torch.Tensor:
+        """Replay the ``size`` graph (from :meth:`padded_size`) on these one-token chunks; returns the hidden
+        states ``[B, D]`` of the live rows, valid until the next replay."""
+        b, n, bs = len(chunks), self.max_size, self.block_size
+        tables = [c.block_ids for c in chunks]
+        w = max(map(len, tables))
+        if w > self.width:
+            raise ValueError(f"a block table of {w} blocks exceeds max_model_len {self.max_model_len}")
+        if self._copied is not None:
+            self._copied.synchronize()
+        h = self._host_np
+        positions = np.fromiter((c.start_pos for c in chunks), dtype=np.int32, count=b)
+        h[:b] = [c.token_ids[0] for c in chunks]
+        h[n:n + b] = positions
+        h[3 * n:3 * n + b] = positions + 1
+        packed = h[4 * n:4 * n + b * w].reshape(b, w)  # [B, W_live]; a row's tail past its blocks is unread
+        for i, table in enumerate(tables):
+            packed[i, :len(table)] = table
+        if int(packed.max()) >= self.num_blocks or int(packed.min()) < 0:  # a bad id would fault on the GPU
+            raise ValueError(f"a block id is outside the KV cache's {self.num_blocks} blocks")
+        h[2 * n:2 * n + b] = packed[np.arange(b), positions // bs] * bs + positions % bs
+        self._write_padding(b, size)
+        end = 4 * n + b * w
+        self._meta[:end].copy_(self._host[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self._block_tables[:b, :w].copy_(self._meta[4 * n:end].view(b, w))
+        if not self.use_graphs:
+            ids, positions_dev, md = self._views(size)
+            return self.model(ids, positions_dev, self.kv_caches, md)[:b]
+        self._graphs[size].replay()
+        return self._outputs[size][:b]
+
+    def _write_padding(self, start: int, stop: int) -> None:
+        """Host-side values of padding rows ``start .. stop - 1`` (see the module docstring)."""
+        h, n = self._host_np, self.max_size
+        h[start:stop] = 0
+        h[n + start:n + stop] = 0
+        h[2 * n + start:2 * n + stop] = -1
+        h[3 * n + start:3 * n + stop] = 1
