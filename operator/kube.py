@@ -10,7 +10,6 @@ touched, and an unchanged spec causes no write at all.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,7 +22,6 @@ from pdserve.operator.render import canonical_json
 
 Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
-log = logging.getLogger(__name__)
 
 
 class ChildConflict(RuntimeError):

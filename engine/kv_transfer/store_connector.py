@@ -85,30 +85,33 @@ class StoreConnectorWorker(KVConnectorWorker):
     def _load_group(self, job: "_Job", start: int, group: tuple) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
+        ids, payloads, failure = [], [], None
         try:
             blobs = self.store.get_many([block_key(b.block_hash) for b in group])
-            ids, payloads = [], []
             for i, (ref, blob) in enumerate(zip(group, blobs)):
                 if blob is None:
-                    raise _Failure(start + i, "missing", f"KV block {block_key(ref.block_hash)} is not in the "
-                                                         f"{self.store.name} store (evicted or never written)")
+                    failure = _Failure(start + i, "missing", f"KV block {block_key(ref.block_hash)} is not in the "
+                                                             f"{self.store.name} store (evicted or never written)")
+                    break
                 try:
                     header, payload = decode_block(blob, self.desc, ref.block_hash, ref.num_tokens)
                 except KVFormatError as exc:
-                    raise _Failure(start + i, exc.reason, str(exc)) from None
+                    failure = _Failure(start + i, exc.reason, str(exc))
+                    break
                 ids.append(ref.block_id)
                 payloads.append(kv_layout.payload_array(payload, self.desc, header.num_tokens))
                 job.add_bytes(header.payload_bytes)
-            kv_layout.write_blocks(self.kv_caches, ids, payloads)
-            kv_layout.synchronize(self.kv_caches)
-            job.finish()
-        except _Failure as exc:
-            job.finish(exc)
         except StoreUnavailableError as exc:
-            job.finish(_Failure(start, exc.reason, str(exc)))
+            failure = _Failure(start, exc.reason, str(exc))
+        try:
+            # The blocks before a bad one are valid: copy them in, the failure says they count.
+            if ids:
+                kv_layout.write_blocks(self.kv_caches, ids, payloads)
+                kv_layout.synchronize(self.kv_caches)
         except Exception as exc:  # a bug or a device error: still report, never leave the request waiting
             logger.exception("KV load group failed")
-            job.finish(_Failure(start, "error", f"{type(exc).__name__}: {exc}"))
+            failure = _Failure(start, "error", f"{type(exc).__name__}: {exc}")
+        job.finish(failure)
 
     def _load_done(self, job: "_Job") -> None:
         spec: LoadSpec = job.spec

@@ -17,7 +17,9 @@ def load_hf_model(cfg, device: torch.device, dtype: torch.dtype):
     if cfg.model.path is not None and cfg.model.load_format != "dummy":
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_config(cfg.model.hf_config, dtype=dtype)
+        # Built on the device: initialising 8B random weights on the CPU would take minutes.
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg.model.hf_config, dtype=dtype)
     return model.to(device).eval()
 
 
@@ -29,14 +31,64 @@ def engine_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-@torch.inference_mode()
 def hf_throughput(cfg, requests: list[BenchRequest], batch_size: int = 0) -> ThroughputResult:
+    """On CUDA (unless ``batch_size`` asks for static batches): transformers' continuous batching, each request
+    with its own ``max_new_tokens`` and EOS disabled. Elsewhere: static batches through ``generate``."""
+    device, dtype = engine_device_dtype(cfg)
+    model = load_hf_model(cfg, device, dtype)
+    if device.type == "cuda" and batch_size == 0 and hasattr(model, "init_continuous_batching"):
+        return _continuous_batching(model, requests)
+    return _static_batches(model, requests, batch_size, device)
+
+
+def _continuous_batching(model, requests: list[BenchRequest]) -> ThroughputResult:
+    """One continuous-batching manager for the whole workload (one untimed warm-up run first, which also
+    captures its CUDA graphs where the installed transformers does that)."""
+    from transformers import GenerationConfig
+
+    def gen_config(max_new: int):
+        return GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+    model.generate_batch(inputs=[r.prompt_token_ids[:16] for r in requests[:4]], generation_config=gen_config(4))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = _run_manager(model, gen_config(max(r.output_len for r in requests)), requests)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.generated_tokens) for o in outputs)
+    return ThroughputResult("hf", len(requests), elapsed, sum(len(r.prompt_token_ids) for r in requests), produced)
+
+
+def _run_manager(model, gen_config, requests: list[BenchRequest]) -> list:
+    """Add every request with its own output length, then wait for all of them to finish."""
+    manager = model.init_continuous_batching(generation_config=gen_config)
+    manager.start()
+    done: dict[str, object] = {}
+    try:
+        for i, r in enumerate(requests):
+            manager.add_request(r.prompt_token_ids, request_id=f"req-{i}", max_new_tokens=r.output_len)
+        while len(done) < len(requests):
+            out = manager.get_result(timeout=1)
+            if out is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching stopped before finishing the workload")
+                continue
+            finished = out.is_finished() if hasattr(out, "is_finished") else out.status.name == "FINISHED"
+            if finished:
+                if getattr(out, "error", None):
+                    raise RuntimeError(f"transformers failed request {out.request_id}: {out.error}")
+                done[out.request_id] = out
+    finally:
+        manager.stop(block=True)
+    return list(done.values())
+
+
+@torch.inference_mode()
+def _static_batches(model, requests: list[BenchRequest], batch_size: int, device: torch.device) -> ThroughputResult:
     """Static batches through ``generate`` (left padding, EOS ignored via ``min_new_tokens``).
 
     Requests are grouped by output length so no sequence generates more than it was asked for.
     """
-    device, dtype = engine_device_dtype(cfg)
-    model = load_hf_model(cfg, device, dtype)
     pad = 0
     by_len: dict[int, list[BenchRequest]] = {}
     for r in requests:

@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
     kw = engine_kwargs(args)
     kw["enable_prefix_caching"] = False
+    # The prefill is timed as one step: a token budget below the prompt would split it into chunks.
+    kw["max_num_batched_tokens"] = max(kw["max_num_batched_tokens"], args.input_len)
     llm = LLM(**kw)
     cfg = llm.config
     runner = llm.engine.core.runner
@@ -98,15 +100,16 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = roofline.measure_copy_bandwidth(device)
     peak = roofline.measure_matmul_flops(device)
     model = runner.model
-    weights = roofline.weight_bytes(model)
-    num_params = sum(p.numel() for p in model.parameters())
-    kv_elem = 1 if cfg.cache.kv_cache_dtype == "fp8_e4m3" else next(model.parameters()).element_size()
+    weights = roofline.decode_weight_bytes(model)
+    per_token_params, head_params = roofline.matmul_params(model)
+    kv_elem = runner.kv_spec.dtype.itemsize
     avg_ctx = args.input_len + args.output_len // 2
-    step_bytes = roofline.decode_step_bytes(weights, cfg.model.hf_config, kv_elem, avg_ctx, False)
-    flops = roofline.prefill_flops(num_params, cfg.model.hf_config, args.input_len)
+    step_bytes = roofline.decode_step_bytes(weights, cfg.model.hf_config, kv_elem, avg_ctx)
+    flops = roofline.prefill_flops(per_token_params, head_params, cfg.model.hf_config, args.input_len)
 
     def result(name: str, prefill: float, total: float) -> LatencyResult:
-        decode_rate = (args.output_len - 1) / max(total - prefill, 1e-9)
+        # Timing noise can make a short run look faster than its prefill alone: report that as NaN.
+        decode_rate = (args.output_len - 1) / (total - prefill) if total > prefill else float("nan")
         return LatencyResult(name, args.input_len, args.output_len, prefill, total, decode_rate,
                              roofline_share=step_bytes * decode_rate / bandwidth,
                              prefill_mfu=flops / prefill / peak)

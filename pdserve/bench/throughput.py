@@ -1,6 +1,11 @@
 """``pdserve bench throughput``: offline throughput on a fixed set of requests, with an optional HF peer.
 
 Every request ignores EOS so both engines produce exactly the requested number of tokens.
+
+It also reports the **decode roofline share** of the run: over the pure-decode steps, the bytes those steps
+must read (all weights once per step, plus the K and V of every live context token) divided by their total
+time and by the device's copy bandwidth, measured in the same process right after the run. Steps that carry
+prefill chunks are left out (they are compute-bound); their share of the time is printed beside it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,36 @@ class ThroughputResult:
                 "input_tokens_per_s": self.input_tokens_per_s, "output_tokens_per_s": self.output_tokens_per_s}
 
 
+@dataclass
+class DecodeRoofline:
+    """How close the pure-decode steps of a run came to the memory roofline."""
+
+    bandwidth: float  # measured copy bandwidth, bytes/s (read + write)
+    decode_steps: int
+    decode_time_s: float
+    total_steps: int
+    total_time_s: float  # all steps, as the engine core timed them
+    decode_bytes: float  # bytes the decode steps had to read, summed
+    mean_decode_batch: float
+
+    @property
+    def share(self) -> float:
+        return self.decode_bytes / max(self.decode_time_s, 1e-12) / self.bandwidth
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "share": self.share}
+
+
+def decode_roofline(stats: list, weights: int, kv_bytes_per_token: int, bandwidth: float) -> DecodeRoofline:
+    """Aggregate the engine core's :class:`~pdserve.engine.engine_core.StepStat` records."""
+    decode = [s for s in stats if s.num_seqs and s.num_decodes == s.num_seqs]
+    return DecodeRoofline(
+        bandwidth=bandwidth, decode_steps=len(decode), decode_time_s=sum(s.duration_s for s in decode),
+        total_steps=len(stats), total_time_s=sum(s.duration_s for s in stats),
+        decode_bytes=float(sum(weights + kv_bytes_per_token * s.total_context for s in decode)),
+        mean_decode_batch=sum(s.num_seqs for s in decode) / max(1, len(decode)))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", default="128", help="N or LO:HI (uniform)")
@@ -53,18 +88,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-def run_pdserve(llm, requests: list[BenchRequest]) -> ThroughputResult:
+def run_pdserve(llm, requests: list[BenchRequest]) -> tuple[ThroughputResult, list]:
+    """Time the workload; returns the result and the engine core's per-step records of the timed run."""
     from pdserve.engine.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
-    # Warm up (allocator, kernels, CUDA graphs) on a tiny request so it is not timed.
-    llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(max_tokens=2, ignore_eos=True))
+    # Warm up (allocator, kernels for prefill shapes) on a few requests so it is not timed.
+    llm.generate([r.prompt_token_ids for r in requests[:4]], SamplingParams(max_tokens=4, ignore_eos=True))
+    core = llm.engine.core
+    core.record_step_stats()
     start = time.perf_counter()
     outs = llm.generate([r.prompt_token_ids for r in requests], params)
     elapsed = time.perf_counter() - start
+    stats = core.step_stats
+    core.record_step_stats(False)
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    return ThroughputResult("pdserve", len(requests), elapsed, sum(len(r.prompt_token_ids) for r in requests),
-                            produced)
+    result = ThroughputResult("pdserve", len(requests), elapsed, sum(len(r.prompt_token_ids) for r in requests),
+                              produced)
+    return result, stats
+
+
+def measure_roofline(llm, stats: list) -> DecodeRoofline:
+    from pdserve.bench import roofline
+
+    runner = llm.engine.core.runner
+    bandwidth = roofline.measure_copy_bandwidth(runner.device)
+    kv_per_token = roofline.kv_bytes_per_token(llm.config.model.hf_config, runner.kv_spec.dtype.itemsize)
+    return decode_roofline(stats, roofline.decode_weight_bytes(runner.model), kv_per_token, bandwidth)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,19 +128,48 @@ def run(args: argparse.Namespace) -> int:
                                      args.bench_seed)
     else:
         requests = random_requests(args.num_prompts, args.input_len, args.output_len, vocab, args.bench_seed)
-    results = [run_pdserve(llm, requests)]
-    device = str(llm.engine.core.runner.device)
+    result, stats = run_pdserve(llm, requests)
+    results = [result]
+    device = llm.engine.core.runner.device
+    device_name = torch_device_name(device)
+    roof = measure_roofline(llm, stats)
     if args.peer == "hf":
         from pdserve.bench.hf_peer import hf_throughput
 
         del llm  # free the engine's memory before loading the peer
+        free_device_memory(device)
         results.append(hf_throughput(cfg, requests, args.peer_batch_size))
-    print_table(results, device, cfg)
+    print_table(results, device_name, cfg)
+    print_roofline(roof)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"device": device, "model": cfg.model.model, "results": [r.as_dict() for r in results]}, f,
-                      indent=2)
+            json.dump({"device": device_name, "model": cfg.model.model, "results": [r.as_dict() for r in results],
+                       "decode_roofline": roof.as_dict()}, f, indent=2)
     return 0
+
+
+def torch_device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def free_device_memory(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def print_roofline(r: DecodeRoofline) -> None:
+    print(f"decode roofline: {r.share:.1%} of copy bandwidth {r.bandwidth / 1e12:.2f} TB/s over {r.decode_steps} "
+          f"pure-decode steps (mean batch {r.mean_decode_batch:.1f}, {r.decode_time_s:.2f}s = "
+          f"{r.decode_time_s / max(r.total_time_s, 1e-12):.0%} of step time; {r.total_steps} steps in all)")
 
 
 def print_table(results: list[ThroughputResult], device: str, cfg) -> None:

@@ -66,10 +66,11 @@ def decode_all(decode: LLMEngine, prompts: list[list[int]], firsts: dict, tag: s
     return run_all(decode, [f"{tag}{i}" for i in range(len(prompts))])
 
 
-def disagg(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]], tag: str = "p") -> list[list[int]]:
+def disagg(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]], tag: str = "p",
+           max_tokens: int = MAX_TOKENS) -> list[list[int]]:
     """The proxy's job: the first token from the prefill engine, the rest from the decode engine."""
     firsts = prefill_all(prefill, prompts, tag)
-    rest = decode_all(decode, prompts, firsts, tag)
+    rest = decode_all(decode, prompts, firsts, tag, max_tokens)
     return [firsts[f"{tag}{i}"].outputs[0].token_ids + rest[f"{tag}{i}"].outputs[0].token_ids
             for i in range(len(prompts))]
 

@@ -104,3 +104,13 @@ def test_merge_patch() -> None:
     new = {"a": 1, "b": {"c": 3, "d": [1]}, "f": {"g": 1}}
     assert kube.merge_patch(old, new) == {"b": {"c": 3, "d": [1]}, "e": None, "f": {"g": 1}}
     assert kube.merge_patch(old, old) == {}
+
+
+async def test_peering_objects_are_created_once(cluster) -> None:
+    assert await asyncio.to_thread(kube.ensure_peering, cluster.api, "pdserve", ("llm", "team-*")) == []
+    assert cluster.get("kopf.dev/v1/kopfpeerings", "pdserve", "llm") is not None
+    assert await asyncio.to_thread(kube.ensure_peering, cluster.api, "pdserve", ()) == []
+    assert cluster.get("kopf.dev/v1/clusterkopfpeerings", "pdserve", None) is not None
+    mark = cluster.mark()
+    assert await asyncio.to_thread(kube.ensure_peering, cluster.api, "pdserve", ()) == []
+    assert [r.method.value for r in list(cluster.server)[mark:]] == ["GET"]  # exists: nothing written
