@@ -280,21 +280,24 @@ class AsyncLLM:
             raise ValueError("a prompt must be a string or a list of token ids")
         return list(prompt)
 
-    def _build(self, request_id: str, token_ids: list[int], params: SamplingParams) -> list[EngineCoreRequest]:
+    def _build(self, request_id: str, token_ids: list[int], params: SamplingParams,
+               kv_transfer_params: dict | None = None) -> list[EngineCoreRequest]:
         if params.max_tokens is None:
             import dataclasses
 
             params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
         now = time.time()
+        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else {}
         reqs = [EngineCoreRequest(sid, token_ids, child_params(params, i), arrival_time=now,
-                                  eos_token_id=self.eos_token_id)
+                                  eos_token_id=self.eos_token_id, **extra)
                 for i, sid in enumerate(child_ids(request_id, params.n))]
         for r in reqs:
             EngineCore.validate(self._validation, r)  # type: ignore[arg-type]
         return reqs
 
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None, *,
-                 stream: bool = True, prompt_text: str | None = None) -> "RequestStream":
+                 stream: bool = True, prompt_text: str | None = None,
+                 kv_transfer_params: dict | None = None) -> "RequestStream":
         """Validate and queue one request now; iterate the returned stream for its outputs.
 
         Raises at once (nothing queued) with ``ValueError`` for an invalid request, :class:`QueueFullError`,
@@ -302,6 +305,7 @@ class AsyncLLM:
         one :class:`CompletionOutput` whose ``index`` tells which of the ``n`` sequences it belongs to. With
         ``stream`` the outputs carry deltas (new text and tokens); without it only each sequence's final, whole
         output comes. Closing the stream (or cancelling the task iterating it) aborts what is still running.
+        ``kv_transfer_params``: the handle of KV that a prefill engine saved for this prompt (decode role).
         """
         self._check_usable()
         request_id = request_id or uuid.uuid4().hex
@@ -309,7 +313,7 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
         text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
-        reqs = self._build(request_id, token_ids, params)
+        reqs = self._build(request_id, token_ids, params, kv_transfer_params)
         if self.max_waiting and len(self._unscheduled) + len(reqs) > self.max_waiting:
             raise QueueFullError(f"the engine's waiting queue is full ({self.max_waiting} sequences)")
         state = _RequestState(request_id, [r.request_id for r in reqs], stream)

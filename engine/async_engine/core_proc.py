@@ -10,8 +10,8 @@ tokenization, detokenization) never waits for the model step::
                                                                  │                                           │
     PULL ◀───────────────────────────────────────────────────────┴───────────────────── one message per step ┘
 
-When nothing is running the loop blocks on the input queue (waking once a second to notice a dead parent),
-so an idle server burns no CPU.
+When nothing is running the loop blocks on the input queue (waking once a second to notice a dead parent, or
+more often to send load reports when KV events are on), so an idle server burns almost no CPU.
 """
 
 from __future__ import annotations
@@ -67,6 +67,15 @@ class EngineCoreProc:
         self._out_sock.setsockopt(zmq.LINGER, 2000)
         self._out_sock.connect(output_addr)
         self._out_thread = threading.Thread(target=self._output_loop, daemon=True, name="core-output")
+        # Routers follow this engine's prefix cache and load through its KV events (engine/kv_event_publisher.py).
+        self._events = None
+        self._idle_poll_s = _IDLE_POLL_S
+        endpoint = getattr(getattr(getattr(core, "config", None), "cache", None), "kv_events_endpoint", None)
+        if endpoint:
+            from pdserve.engine.kv_event_publisher import KVEventPublisher
+
+            self._events = KVEventPublisher(endpoint)
+            self._idle_poll_s = min(_IDLE_POLL_S, self._events.report_interval_s)
 
     # ------------------------------------------------------------------ threads
     def _input_loop(self, sock: zmq.Socket) -> None:
@@ -119,6 +128,8 @@ class EngineCoreProc:
                                                   rejected=self._rejected, stats=core.get_stats(),
                                                   num_step_tokens=step_tokens))
                     self._rejected = []
+                if self._events is not None:
+                    self._events.publish(core.scheduler.take_kv_events(), core.get_stats())
         except SystemExit:  # SIGTERM: the client is already shutting down
             raise
         except BaseException as exc:  # report, then exit: the client fails every pending request
@@ -134,7 +145,7 @@ class EngineCoreProc:
         changed = False
         while True:
             try:
-                msg = self._inputs.get(timeout=_IDLE_POLL_S) if block else self._inputs.get_nowait()
+                msg = self._inputs.get(timeout=self._idle_poll_s) if block else self._inputs.get_nowait()
             except queue.Empty:
                 return changed
             block = False
@@ -185,6 +196,8 @@ class EngineCoreProc:
         # input thread's recv() raise ContextTerminated, so it closes its socket and term() returns.
         self._out_sock.close()
         self._ctx.term()
+        if self._events is not None:
+            self._events.close()
 
 
 def run_engine_core(config: Any, input_addr: str, output_addr: str, parent_pid: int,

@@ -107,10 +107,20 @@ class KVCacheManager:
         ``delay_caching``: slots a KV connector will fill asynchronously must not be found by other requests
         before they hold the KV (a later call, once the request is scheduled, registers them).
         """
+        rid = request.request_id
+        table_ids = self._table_ids.get(rid)
+        if table_ids is not None and not new_computed_blocks and not num_new_computed_tokens:
+            # The common decode step, decided in a few lookups: the new tokens fit in the blocks the request
+            # holds and no block became full (nothing to register in the prefix cache), so nothing changes.
+            total_slots = request.num_computed_tokens + num_new_tokens
+            if (total_slots <= len(table_ids) * self.block_size
+                    and (self.max_model_len is None or total_slots <= self.max_model_len)
+                    and (not self.enable_prefix_caching or delay_caching
+                         or min(total_slots, request.num_tokens) // self.block_size <= self._num_cached[rid])):
+                return list(table_ids)
         computed = list(new_computed_blocks or ())
         if num_new_computed_tokens != len(computed) * self.block_size:
             raise ValueError(f"{num_new_computed_tokens} computed tokens do not fill {len(computed)} blocks")
-        rid = request.request_id
         table = self._tables.get(rid, [])
         total_slots = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         if self.max_model_len is not None and total_slots > self.max_model_len:

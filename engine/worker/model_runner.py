@@ -11,6 +11,7 @@ from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtype
 from pdserve.engine.worker.attention import get_attention_backend
 from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
+from pdserve.engine.worker.warmup import warm_up, warmup_cases
 from pdserve.engine.worker.input_batch import build_inputs
 from pdserve.engine.worker.kv_cache import (
     allocate_kv_caches,
@@ -44,6 +45,8 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
         self.kv_connector = None  # a KV connector's worker half (engine/kv_transfer), see attach_kv_connector
+        if self.device.type == "cuda" and self.attn_backend.triton_kernels:
+            self._warm_up_kernels()
         self.graph_runner = self._make_graph_runner()
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, backend %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self.kv_spec.bytes_per_block / 2**30, self.kv_spec.dtype,
@@ -83,6 +86,15 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(lambda _m, _a, i=i: connector.wait_for_layer_load(i))
             layer.register_forward_hook(lambda _m, _a, _o, i=i: connector.save_kv_layer(i, self.kv_caches[i]))
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self) -> None:
+        """Compile the Triton kernel variants eager steps use now, not in the middle of serving."""
+        spec, sched = self.kv_spec, self.config.scheduler
+        group = self.config.model.hf_config.num_attention_heads // spec.num_kv_heads
+        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        cases = warmup_cases(group, spec.num_kv_heads, num_sms, sched.max_num_seqs, sched.max_num_batched_tokens)
+        warm_up(lambda out: self._run(out, self.kv_caches), cases, self.block_size, self.num_blocks)
 
     def _make_graph_runner(self) -> DecodeGraphRunner | None:
         """CUDA graphs of the decode step: on CUDA with the Triton backend, unless ``enforce_eager``."""

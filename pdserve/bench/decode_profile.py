@@ -4,7 +4,8 @@
 --context 1024`` prefills ``B`` prompts of ``context`` tokens, then runs pure-decode steps and reports, per
 batch size, the median step time, tokens/s and the roofline share (weights + live KV bytes / step time /
 copy bandwidth measured in the same run). ``--kernels`` adds torch.profiler's table of the GPU kernels of a few
-steps; ``--host`` adds cProfile's top functions by own time (the Python work between kernels).
+steps; ``--host`` adds cProfile's top functions by own time (the Python work between kernels); ``--phases``
+adds the wall time per step of each phase of the engine loop (the sampler's phase includes waiting for the GPU).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed per batch size")
     parser.add_argument("--kernels", action="store_true", help="print the GPU kernel table of a few steps")
     parser.add_argument("--host", action="store_true", help="print cProfile's top functions of the steps")
+    parser.add_argument("--phases", action="store_true", help="print the wall time of each engine-loop phase")
     add_engine_arguments(parser)
 
 
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         share = (weights + kv_token * ctx) / step_s / bandwidth
         print(f"batch {batch:4d} context {args.context}: step {step_s * 1e3:7.3f} ms  {batch / step_s:9.1f} tok/s  "
               f"roofline {share:6.1%}  (KV {kv_token * ctx / 1e9:.2f} GB, {len(stats)} steps)")
+        if args.phases:
+            _phase_table(llm, batch, args.context, args.steps)
         if host is not None:
             out = io.StringIO()
             pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(22)
@@ -90,6 +94,42 @@ def run(args: argparse.Namespace) -> int:
         if args.kernels and device.type == "cuda":
             _kernel_table(llm, batch, args.context)
     return 0
+
+
+def _phase_table(llm, batch: int, context: int, steps: int) -> None:
+    """Time the phases of each step by wrapping the engine's methods for the duration of one measurement."""
+    engine, core = llm.engine, llm.engine.core
+    targets = [("schedule", core.scheduler, "schedule"), ("execute (host)", core.runner, "execute_model"),
+               ("sample (+GPU wait)", core.sampler, "sample"), ("update", core.scheduler, "update_from_output"),
+               ("core.step", core, "step"), ("output processor", engine.processor, "process"),
+               ("engine.step", engine, "step")]
+    if core.runner.graph_runner is not None:
+        targets.append(("  graph run (host)", core.runner.graph_runner, "run"))
+    totals = dict.fromkeys((name for name, _, _ in targets), 0.0)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - start
+        return wrapper
+
+    @contextlib.contextmanager
+    def installed():
+        for name, obj, attr in targets:
+            setattr(obj, attr, timed(name, getattr(obj, attr)))
+        try:
+            yield
+        finally:
+            for _, obj, attr in targets:
+                delattr(obj, attr)  # back to the class's method
+
+    n = max(1, len(_decode_steps(llm, batch, context, steps, installed)))
+    print(f"  phases, ms per decode step ({n} steps):")
+    for name, total in totals.items():
+        print(f"    {name:22s} {total / steps * 1e3:8.3f}")
 
 
 def _kernel_table(llm, batch: int, context: int) -> None:

@@ -179,8 +179,10 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
     async def _run(request: Request, create: Callable[[Any], Awaitable[Any]], body: Any) -> Response:
         try:
             result = await _until_disconnect(request, create(body))
-        except (ApiError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # bad input, full queue, dead engine, timeout: all leave as OpenAI errors
             err = from_exception(exc, settings.retry_after_s)
+            if err.status == 500:
+                logger.exception("request failed: %s %s", request.method, request.url.path)
             return JSONResponse(err.body(), err.status, headers=err.headers())
         if result is None:
             return Response(status_code=499)  # client closed the request; nothing will read this

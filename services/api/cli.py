@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import logging
 import signal
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
 
@@ -33,6 +33,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=0.0,
                    help="abort requests running longer than this many seconds (0: no limit)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    if "--kv-events-endpoint" not in parser._option_string_actions:
+        g.add_argument("--kv-events-endpoint", default=None,
+                       help="ZeroMQ address where the engine publishes KV cache events and load reports for "
+                            "routers, e.g. tcp://*:5557 (default: none)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,8 +81,15 @@ def _server_class() -> type:
     return Server
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Start the engine, then HTTP (and gRPC) until a signal or the engine's death; returns the exit code."""
+async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | None = None,
+                grpc_services: Sequence[Callable[[Any, Any], None]] = (),
+                on_started: Callable[[Any, Any], None] | None = None) -> int:
+    """Start the engine, then HTTP (and gRPC) until a signal or the engine's death; returns the exit code.
+
+    The disaggregated roles reuse this: ``engine_overrides`` are more :meth:`EngineConfig.create` keywords (role,
+    connector), ``grpc_services`` add servicers next to ``Generation`` (see :func:`start_grpc_server`), and
+    ``on_started(engine, metrics)`` runs once the engine is up (e.g. to register more metrics).
+    """
     import asyncio
 
     import uvicorn
@@ -88,9 +99,9 @@ async def serve(args: argparse.Namespace) -> int:
     from pdserve.services.api.app import build_app, with_guard
     from pdserve.services.api.metrics import ServingMetrics
 
-    _Server = _server_class()
-
-    kwargs = engine_kwargs(args)
+    kwargs = {**engine_kwargs(args), **(engine_overrides or {})}
+    if getattr(args, "kv_events_endpoint", None):
+        kwargs["kv_events_endpoint"] = args.kv_events_endpoint
     try:
         config = EngineConfig.create(kwargs.pop("model"), **kwargs)
     except (ValueError, TypeError) as exc:
@@ -106,14 +117,21 @@ async def serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         logger.error("the engine failed to start: %s", exc)
         return 1
+    if on_started is not None:
+        on_started(engine, metrics)
     app = with_guard(build_app(engine, settings, metrics), settings)
-    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           lifespan="off", timeout_graceful_shutdown=5, access_log=False))
+    server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                            lifespan="off", timeout_graceful_shutdown=5, access_log=False))
     grpc_server = None
     if args.grpc_port is not None:
         from pdserve.services.api.grpc_server import start_grpc_server
 
-        grpc_server = await start_grpc_server(engine, settings, args.host, args.grpc_port)
+        try:
+            grpc_server = await start_grpc_server(engine, settings, args.host, args.grpc_port, grpc_services)
+        except Exception as exc:  # e.g. the port is taken
+            logger.error("the gRPC server failed to start: %s", exc)
+            await engine.shutdown()
+            return 1
         logger.info("gRPC on %s:%d", args.host, grpc_server.port)
 
     async def stop_when_engine_dies() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Any, AsyncIterator, NoReturn
+from typing import Any, AsyncIterator, Callable, Iterable, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -177,10 +177,19 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def start_grpc_server(engine: EngineClient, settings: ServerSettings, host: str, port: int) -> GrpcServer:
-    """Bind and start; ``port=0`` picks a free port (see :attr:`GrpcServer.port`)."""
+async def start_grpc_server(engine: EngineClient, settings: ServerSettings, host: str, port: int,
+                            services: Iterable[Callable[[grpc.aio.Server, GenerationServicer], None]] = ()
+                            ) -> GrpcServer:
+    """Bind and start; ``port=0`` picks a free port (see :attr:`GrpcServer.port`).
+
+    ``services``: more servicers to mount (e.g. a role's ``Prefill`` or ``Decode``), each added by a function
+    given the server and the generation servicer (whose checks and conversions it may reuse).
+    """
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, settings), server)
+    generation = GenerationServicer(engine, settings)
+    pb_grpc.add_GenerationServicer_to_server(generation, server)
+    for add_service in services:
+        add_service(server, generation)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

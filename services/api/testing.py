@@ -80,7 +80,7 @@ class ServerThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.engine = self._factory()
-        if self._with_metrics:
+        if self._with_metrics and hasattr(self.engine, "stat_loggers"):
             self.metrics = ServingMetrics(self.settings.model_name)
             self.engine.stat_loggers.append(self.metrics)
         await self.engine.start()

@@ -189,3 +189,46 @@ async def test_shutdown_is_clean_and_idempotent():
     await llm.shutdown()
     await llm.shutdown()
     assert not proc.is_alive() and proc.exitcode == 0
+
+
+async def test_kv_events_are_published_for_routers():
+    import zmq
+    import zmq.asyncio
+
+    from pdserve.engine.kv_event_publisher import TOPIC, batch_decoder
+
+    port = _free_port()
+    config = EngineConfig(model=ModelConfig(model="mock", max_model_len=256, served_model_name="mock"),
+                          cache=CacheConfig(num_blocks=64, block_size=16,
+                                            kv_events_endpoint=f"tcp://127.0.0.1:{port}"))
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        async with AsyncLLM(config, core_factory=make_mock_core) as llm:
+            await asyncio.sleep(0.3)  # let the subscription reach the publisher
+            assert [o async for o in llm.generate(list(range(1, 40)), SamplingParams(max_tokens=2))]
+            stored, loads = 0, 0
+            for _ in range(20):
+                if not await sub.poll(2000):
+                    break
+                _, raw = await sub.recv_multipart()
+                batch = batch_decoder().decode(raw)
+                loads += batch.load is not None
+                stored += sum(len(getattr(e, "block_hashes", [])) for e in batch.events
+                              if type(e).__name__ == "StoredMsg")
+                if stored >= 2:
+                    break
+            assert stored >= 2 and loads >= 1  # 39 prompt tokens fill two blocks of 16
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

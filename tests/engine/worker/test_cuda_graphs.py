@@ -73,3 +73,23 @@ def test_graph_runner_refuses_bad_block_ids(tmp_path) -> None:
         graphs.run([ScheduledChunk("a", [3], 5, [4], True)], 1)
     with pytest.raises(ValueError, match="max_model_len"):
         graphs.run([ScheduledChunk("a", [3], 5, [0, 1, 2, 3, 0], True)], 1)
+
+
+def test_warmup_cases_cross_every_tile_threshold() -> None:
+    from pdserve.engine.worker.warmup import warmup_cases
+
+    cases = warmup_cases(group=2, num_kv_heads=8, num_sms=132, max_num_seqs=128, max_query_len=2048)
+    assert sorted({q for _, q, _ in cases}) == [1, 8, 16, 32, 33]  # 2, 16, 32, 64 and 66 rows
+    assert sorted({s for s, _, _ in cases}) == [1, 9]  # 9 x 8 (sequence, KV head) pairs fill half of 132 SMs
+    assert (9, 16, 256) in cases and (1, 1, 0) in cases and (1, 33, 256) not in cases  # no split past 16
+    assert all(q <= 16 for _, q, _ in warmup_cases(8, 1, 132, 4, 16))
+
+
+def test_warm_up_builds_fitting_steps() -> None:
+    from pdserve.engine.worker.warmup import warm_up
+
+    seen = []
+    warm_up(seen.append, [(2, 3, 20), (1, 1, 0), (64, 1, 256)], block_size=16, num_blocks=8)
+    assert len(seen) == 2  # 64 x 17 blocks do not fit in 8
+    a, b = seen[0].chunks
+    assert (a.start_pos, a.num_tokens, a.block_ids, b.block_ids) == (20, 3, [0, 1], [2, 3])

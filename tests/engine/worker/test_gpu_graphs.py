@@ -28,7 +28,7 @@ VARIANTS = {
 
 def _greedy(model_dir: str, prompts: list[list[int]], max_new: int, **kwargs) -> list[list[int]]:
     llm = LLM(model_dir, device="cuda", dtype="float32", max_num_seqs=8, gpu_memory_utilization=0.3, **kwargs)
-    outs = llm.generate(prompts, SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_new, temperature=0.0))  # stops at EOS, like HF
     tokens = [o.outputs[0].token_ids for o in outs]
     del llm, outs
     gc.collect()

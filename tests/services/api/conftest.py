@@ -31,3 +31,11 @@ def model_config():
     from pdserve.engine.config import EngineConfig
 
     return EngineConfig.create(MODEL, max_model_len=256, num_blocks=64)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_config):
+    """Loaded once and shared by the mock-core servers."""
+    from pdserve.engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(model_config.model.tokenizer_path)

@@ -28,8 +28,9 @@ def body(**kw) -> dict:
     return {"model": NAME, "prompt": "Hello there", "max_tokens": 4, **kw}
 
 
-def test_queue_full_is_429_with_retry_after(model_config):
-    factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core, max_waiting=2)  # noqa: E731
+def test_queue_full_is_429_with_retry_after(model_config, tokenizer):
+    factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core, max_waiting=2,  # noqa: E731
+                               tokenizer=tokenizer)
     with ServerThread(factory, settings(retry_after_s=3)) as srv:
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
@@ -44,8 +45,8 @@ def test_queue_full_is_429_with_retry_after(model_config):
         assert httpx.post(f"{srv.url}/v1/completions", json=body()).status_code == 200
 
 
-def test_request_timeout(model_config):
-    factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core)  # noqa: E731
+def test_request_timeout(model_config, tokenizer):
+    factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core, tokenizer=tokenizer)  # noqa: E731
     with ServerThread(factory, settings(request_timeout_s=0.3)) as srv:
         r = httpx.post(f"{srv.url}/v1/completions", json=body(max_tokens=200), timeout=30)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
@@ -58,8 +59,8 @@ def test_request_timeout(model_config):
             time.sleep(0.05)
 
 
-def test_dead_engine_is_503_and_unhealthy(model_config):
-    factory = lambda: AsyncLLM(model_config, core_factory=make_mock_core)  # noqa: E731
+def test_dead_engine_is_503_and_unhealthy(model_config, tokenizer):
+    factory = lambda: AsyncLLM(model_config, core_factory=make_mock_core, tokenizer=tokenizer)  # noqa: E731
     with ServerThread(factory, settings()) as srv:
         assert httpx.get(f"{srv.url}/health").status_code == 200
         os.kill(srv.engine._proc.pid, signal.SIGKILL)
@@ -71,8 +72,8 @@ def test_dead_engine_is_503_and_unhealthy(model_config):
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead" and "retry-after" in r.headers
 
 
-def test_batch_of_prompts_n_echo_and_aliases(model_config):
-    factory = lambda: AsyncLLM(model_config, core_factory=make_mock_core)  # noqa: E731
+def test_batch_of_prompts_n_echo_and_aliases(model_config, tokenizer):
+    factory = lambda: AsyncLLM(model_config, core_factory=make_mock_core, tokenizer=tokenizer)  # noqa: E731
     with ServerThread(factory, settings()) as srv:
         r = httpx.post(f"{srv.url}/v1/completions", json=body(model="alias", prompt=["one", "two", "three"], n=2,
                                                                echo=True, temperature=0))
@@ -90,8 +91,8 @@ def test_batch_of_prompts_n_echo_and_aliases(model_config):
         assert [m["id"] for m in models["data"]] == [NAME, "alias"]
 
 
-def test_api_key_guards_v1_only(model_config):
-    factory = lambda: AsyncLLM(model_config, core_factory=make_mock_core)  # noqa: E731
+def test_api_key_guards_v1_only(model_config, tokenizer):
+    factory = lambda: AsyncLLM(model_config, core_factory=make_mock_core, tokenizer=tokenizer)  # noqa: E731
     with ServerThread(factory, settings(api_key="k")) as srv:
         assert httpx.post(f"{srv.url}/v1/completions", json=body()).status_code == 401
         assert httpx.post(f"{srv.url}/tokenize", json={"prompt": "x"}).status_code == 401

@@ -79,6 +79,9 @@ async def test_async_client_streamed_and_not(async_client, expected):
     r = await async_client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS,
                                               temperature=0)
     assert r.choices[0].text == expected["completions"][1]
+    streamed = await async_client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS,
+                                                      temperature=0, stream=True)
+    assert "".join([c.choices[0].text async for c in streamed if c.choices]) == expected["completions"][1]
     stream = await async_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS,
                                                         temperature=0, stream=True)
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
