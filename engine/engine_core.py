@@ -7,6 +7,7 @@ work on text never stalls the model step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ class EngineCore:
             kv_connector=kv_scheduler_half,
         )
         self.sampler = Sampler(self.runner.device)
+        # Startup left millions of long-lived objects (torch, transformers, the model's modules) that every full
+        # garbage collection would scan again: measured, a ~300 ms pause every hundred or so steps, 3 ms a step
+        # on average at batch 128. Freezing moves them out of the collector's view; later objects are still
+        # collected as usual.
+        gc.freeze()
         self.num_steps = 0
         self.num_computed_tokens_total = 0  # tokens the model actually ran (prefix hits excluded)
         self.step_stats: list[StepStat] | None = None  # per-step records while record_step_stats is on

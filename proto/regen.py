@@ -43,12 +43,27 @@ def generate(out_dir: Path) -> dict[str, str]:
     return result
 
 
+# Lines that name the generating tools' versions: a newer grpcio-tools changes them, not the contract.
+_VERSION_LINES = [re.compile(p, re.MULTILINE) for p in (
+    r"^# Protobuf Python Version: .*$",
+    r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*\d+,\s*\d+,\s*\d+,",
+    r"^GRPC_GENERATED_VERSION = .*$",
+)]
+
+
+def _normalized(text: str) -> str:
+    for pattern in _VERSION_LINES:
+        text = pattern.sub("<version>", text)
+    return text
+
+
 def stale_files() -> list[str]:
-    """Generated files that differ from what the protos produce now (or are missing)."""
+    """Generated files that differ from what the protos produce now (or are missing), tool versions aside."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
     return [name for name, text in fresh.items()
-            if not (PACKAGE_DIR / name).is_file() or (PACKAGE_DIR / name).read_text() != text]
+            if not (PACKAGE_DIR / name).is_file()
+            or _normalized((PACKAGE_DIR / name).read_text()) != _normalized(text)]
 
 
 def main(argv: list[str] | None = None) -> int:

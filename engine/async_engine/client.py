@@ -18,7 +18,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import zmq
@@ -28,41 +27,22 @@ from pdserve.engine.async_engine.core_proc import run_engine_core
 from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, FatalMessage, FinishRequests,
                                                   ReadyMessage, Shutdown, StepMessage, client_decoder,
                                                   client_encoder)
+from pdserve.engine.async_engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
+from pdserve.engine.async_engine.request_stream import ABORTED, RequestState, RequestStream
 from pdserve.engine.async_engine.stats import IterationStats, SequenceTimes, StatLogger
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import SchedulerStats
 from pdserve.engine.engine_core import EngineCore, EngineCoreRequest
 from pdserve.engine.llm_engine import child_ids, child_params, eos_token_id_of
 from pdserve.engine.output_processor import OutputProcessor
-from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineNotReadyError", "QueueFullError", "RequestStream"]
+
 PromptType = str | list[int]
-_ABORTED = object()  # queued to end a request's iterator after abort()
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core process is gone (crashed, killed, or shut down); nothing more can be served."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The engine core is still loading."""
-
-
-class QueueFullError(RuntimeError):
-    """More sequences wait for their first scheduling than ``max_waiting`` allows; retry later."""
-
-
-@dataclass
-class _RequestState:
-    request_id: str
-    seq_ids: list[str]
-    stream: bool
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    finished: set[str] = field(default_factory=set)
 
 
 class _ValidationView:
@@ -108,7 +88,7 @@ class AsyncLLM:
         self._startup_timeout_s = startup_timeout_s
         self._processor = OutputProcessor(self.tokenizer)
         self._validation = _ValidationView(self)
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, RequestState] = {}
         self._parent_of: dict[str, str] = {}  # seq id -> request id
         self._times: dict[str, SequenceTimes] = {}  # live sequences
         self._unscheduled: set[str] = set()
@@ -316,7 +296,7 @@ class AsyncLLM:
         reqs = self._build(request_id, token_ids, params, kv_transfer_params)
         if self.max_waiting and len(self._unscheduled) + len(reqs) > self.max_waiting:
             raise QueueFullError(f"the engine's waiting queue is full ({self.max_waiting} sequences)")
-        state = _RequestState(request_id, [r.request_id for r in reqs], stream)
+        state = RequestState(request_id, [r.request_id for r in reqs], stream)
         self._requests[request_id] = state
         for index, r in enumerate(reqs):
             self._processor.add_sequence(r.request_id, request_id, index, text, token_ids, r.sampling_params,
@@ -332,9 +312,9 @@ class AsyncLLM:
         state = self._requests.get(request_id)
         if state is not None:
             self._release(state)
-            state.queue.put_nowait(_ABORTED)
+            state.queue.put_nowait(ABORTED)
 
-    def _release(self, state: _RequestState) -> None:
+    def _release(self, state: RequestState) -> None:
         """Forget a request; abort in the core whatever of it is still running."""
         if self._requests.get(state.request_id) is not state:
             return
@@ -425,54 +405,3 @@ class AsyncLLM:
                 stat_logger.record(stats, it)
             except Exception:  # metrics must never break serving
                 logger.exception("stat logger %r failed", stat_logger)
-
-
-class RequestStream:
-    """Async iterator over one request's outputs; :meth:`close` (or ``aclose``) aborts what still runs."""
-
-    def __init__(self, client: AsyncLLM, state: _RequestState) -> None:
-        self._client = client
-        self._state = state
-        self._remaining = len(state.seq_ids)
-        self.request_id = state.request_id
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._remaining == 0:
-            raise StopAsyncIteration
-        try:
-            item = await self._state.queue.get()
-        except BaseException:  # cancelled (client gone, timeout): abort in the core
-            self.close()
-            raise
-        if item is _ABORTED:
-            self._remaining = 0
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        if item.outputs[0].finished:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self.close()
-        return item
-
-    def close(self) -> None:
-        """Stop iterating; sequences still running are aborted and their blocks freed."""
-        self._remaining = 0
-        self._client._release(self._state)
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # A stream dropped without being read to the end or closed must not leave its request running. The
-        # garbage collector may run this on any thread: hand the clean-up to the engine's event loop.
-        loop = self._client._loop
-        if self._remaining and loop is not None:
-            try:
-                loop.call_soon_threadsafe(self.close)
-            except RuntimeError:  # the loop is closed: the engine is gone anyway
-                pass

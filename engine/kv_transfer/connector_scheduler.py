@@ -148,7 +148,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         if self.ctx.role == "prefill" and getattr(request, "abort_reason", None) is None \
                 and request.status.value != "abort":
             params = self._make_handle(request, producing, block_ids).to_dict()
-        hold = self._pending_saves.get(rid, 0) > 0 or rid in self._loading or self._hold_for_peer(rid, params)
+        hold = self._pending_saves.get(rid, 0) > 0 or rid in self._loading
         if hold:
             self._held[rid] = len(block_ids)
             self._stats.set_blocks_held(sum(self._held.values()))
@@ -181,14 +181,11 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         """How many leading blocks of ``wanted`` can be loaded, and the load's source description."""
         raise NotImplementedError
 
-    def _hold_for_peer(self, request_id: str, params: dict[str, Any] | None) -> bool:
-        """Whether a finished request's blocks wait for a peer (the grpc connector's lease)."""
-        return False
-
     def _kv_server_address(self) -> str | None:
         return None
 
     def _is_held_elsewhere(self, request_id: str) -> bool:
+        """Whether something besides saves and loads keeps the request's blocks (the grpc connector's lease)."""
         return False
 
     # ------------------------------------------------------------------ internals

@@ -130,6 +130,27 @@ def _phase_table(llm, batch: int, context: int, steps: int) -> None:
     print(f"  phases, ms per decode step ({n} steps):")
     for name, total in totals.items():
         print(f"    {name:22s} {total / steps * 1e3:8.3f}")
+    graphs = core.runner.graph_runner
+    fits = [s for s in graphs.sizes if s >= batch] if graphs is not None and graphs.use_graphs else []
+    size = fits[0] if fits else None
+    if size is not None:
+        import torch
+
+        # Replaying again rewrites the last step's K/V into the same slots: harmless.
+        host = []
+        for _ in range(10):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            graphs._graphs[size].replay()
+            host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            graphs._graphs[size].replay()
+        torch.cuda.synchronize()
+        gpu = (time.perf_counter() - start) / 10
+        print(f"    graph {size}: replay() host call {statistics.median(host) * 1e3:.3f} ms, back-to-back replay "
+              f"{gpu * 1e3:.3f} ms")
 
 
 def _kernel_table(llm, batch: int, context: int) -> None:

@@ -242,3 +242,11 @@ class RouterStream:
 
     async def aclose(self) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # A stream dropped unread must not leave its sequences running on the pods.
+        if not self._closed:
+            try:
+                self.close()
+            except Exception:
+                pass
