@@ -10,12 +10,13 @@ graph of ``N >= B`` rows, the live rows first and padding after::
     positions      seq_len - 1                          0
     slot_mapping   where that token's K/V goes          -1: the fused rotary + KV write skips the row
     seq_lens       context incl. the new token          1: attends to one key of its first block
-    block_tables   the request's block ids              a stale row: valid ids (only the first is read)
+    table row      the request's row (see below)        the all-zero row
 
-Every graph reads the same static buffers, sliced to its size. A step fills the first four regions and a
-packed copy of the live block tables in one pinned host buffer, sends it with one non-blocking copy, and
-scatters the packed block ids into the ``[N, W]`` table with one device copy (the table is
-``max_model_len / block_size`` wide, far more than a step's live width, so it is never copied whole).
+Every graph reads the same static buffers, sliced to its size. A step fills them in one pinned host buffer and
+sends it with one non-blocking copy. Block tables do not travel whole: each running request keeps a row of a
+device table (:mod:`pdserve.engine.worker.block_table_rows`), a step sends only the block ids a row lacks
+(scattered with one device op), and the graph itself starts by gathering its rows into the ``[N, W]`` table
+the attention kernel reads.
 
 The attention kernel's launch grid and split-KV factor follow from the batch size, ``max_query_len=1`` and
 ``max_seq_len=max_model_len`` (see :mod:`pdserve.kernels.attention`), all fixed at capture, so a replay is
@@ -34,6 +35,7 @@ import torch
 
 from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.worker.attention import AttentionMetadata
+from pdserve.engine.worker.block_table_rows import BlockTableRows
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +76,18 @@ class DecodeGraphRunner:
         self.num_blocks = num_blocks
         self.width = -(-max_model_len // block_size)  # W: block-table columns
         n = self.max_size
-        # [ids N | positions N | slots N | seq_lens N | live block tables, packed B x W_live]; int32 throughout
-        # (embedding, rotary and the KV write all take int32 indices), so one copy moves all of it.
-        self._meta_len = 4 * n + n * self.width
+        # [ids N | positions N | slots N | seq_lens N | table rows N | update index K | update ids K], int32
+        # throughout (embedding, rotary and the KV write take int32 indices) so one copy moves all of it; a
+        # step updates at most every block id of its N tables.
+        self._meta_len = 5 * n + 2 * n * self.width
         self._meta = torch.zeros(self._meta_len, dtype=torch.int32, device=device)
         self.use_graphs = device.type == "cuda"
         self._host = torch.zeros(self._meta_len, dtype=torch.int32, pin_memory=self.use_graphs)
         self._host_np = self._host.numpy()
         # The pinned buffer may be refilled only once the previous copy out of it has finished.
         self._copied = torch.cuda.Event() if self.use_graphs else None
+        # Rows outlive a step: twice the batch leaves room for requests that left without being reported.
+        self.rows = BlockTableRows(2 * n, self.width, device)
         self._block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=device)  # [N, W]
         self._query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per row
         self._logits_rows = torch.arange(n, dtype=torch.int64, device=device)
@@ -103,19 +108,25 @@ class DecodeGraphRunner:
             return
         self._pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            ids, positions, md = self._views(size)
             # Eager warm-up: compiles the Triton kernels for this shape and lets cuBLAS pick its kernels and
             # set up its workspace, neither of which may happen during capture. Every row is padding, so
             # nothing is written to the KV cache.
-            self.model(ids, positions, self.kv_caches, md)
+            self._forward(size)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._outputs[size] = self.model(ids, positions, self.kv_caches, md)
+                self._outputs[size] = self._forward(size)
             self._graphs[size] = graph
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch %s) in %.1fs", len(self.sizes),
                     ",".join(map(str, self.sizes)), time.perf_counter() - start)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        """What a graph runs: gather the batch's block-table rows, then the model. Returns ``[size, D]``."""
+        n = self.max_size
+        torch.index_select(self.rows.table, 0, self._meta[4 * n:4 * n + size], out=self._block_tables[:size])
+        ids, positions, md = self._views(size)
+        return self.model(ids, positions, self.kv_caches, md)
 
     def _views(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Input ids ``[size]``, positions ``[size]`` and the metadata of a ``size``-row graph: views of the
@@ -138,36 +149,48 @@ class DecodeGraphRunner:
             return None
         return self.sizes[bisect.bisect_left(self.sizes, len(chunks))]
 
+    def release(self, *request_id_sets) -> None:
+        """Recycle the block-table rows of requests that finished or were preempted (see ``SchedulerOutput``)."""
+        for ids in request_id_sets:
+            if ids:
+                self.rows.release(ids)
+
     def run(self, chunks: list[ScheduledChunk], size: int) -> torch.Tensor:
         """Replay the ``size`` graph (from :meth:`padded_size`) on these one-token chunks; returns the hidden
         states ``[B, D]`` of the live rows, valid until the next replay."""
         b, n, bs = len(chunks), self.max_size, self.block_size
-        tables = [c.block_ids for c in chunks]
-        w = max(map(len, tables))
-        if w > self.width:
-            raise ValueError(f"a block table of {w} blocks exceeds max_model_len {self.max_model_len}")
         if self._copied is not None:
             self._copied.synchronize()
+        rows: list[int] = []
+        update_index: list[int] = []
+        update_ids: list[int] = []
+        self.rows.assign(chunks, rows, update_index, update_ids)
+        if update_ids and (max(update_ids) >= self.num_blocks or min(update_ids) < 0):
+            raise ValueError(f"a block id is outside the KV cache's {self.num_blocks} blocks")
+        positions = [c.start_pos for c in chunks]
+        try:
+            slots = [c.block_ids[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
+        except IndexError:
+            raise ValueError("a block table is too short for its sequence") from None
         h = self._host_np
-        positions = np.fromiter((c.start_pos for c in chunks), dtype=np.int32, count=b)
         h[:b] = [c.token_ids[0] for c in chunks]
         h[n:n + b] = positions
-        h[3 * n:3 * n + b] = positions + 1
-        packed = h[4 * n:4 * n + b * w].reshape(b, w)  # [B, W_live]; a row's tail past its blocks is unread
-        for i, table in enumerate(tables):
-            packed[i, :len(table)] = table
-        if int(packed.max()) >= self.num_blocks or int(packed.min()) < 0:  # a bad id would fault on the GPU
-            raise ValueError(f"a block id is outside the KV cache's {self.num_blocks} blocks")
-        h[2 * n:2 * n + b] = packed[np.arange(b), positions // bs] * bs + positions % bs
+        h[2 * n:2 * n + b] = slots
+        np.add(h[n:n + b], 1, out=h[3 * n:3 * n + b])
+        h[4 * n:4 * n + b] = rows
         self._write_padding(b, size)
-        end = 4 * n + b * w
+        k = len(update_ids)
+        end = 5 * n + 2 * k
+        if k:
+            h[5 * n:5 * n + k] = update_index
+            h[5 * n + k:end] = update_ids
         self._meta[:end].copy_(self._host[:end], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        self._block_tables[:b, :w].copy_(self._meta[4 * n:end].view(b, w))
+        if k:  # the ids the rows lacked, scattered before the graph gathers the rows
+            self.rows.table.view(-1)[self._meta[5 * n:5 * n + k]] = self._meta[5 * n + k:end]
         if not self.use_graphs:
-            ids, positions_dev, md = self._views(size)
-            return self.model(ids, positions_dev, self.kv_caches, md)[:b]
+            return self._forward(size)[:b]
         self._graphs[size].replay()
         return self._outputs[size][:b]
 
@@ -178,3 +201,4 @@ class DecodeGraphRunner:
         h[n + start:n + stop] = 0
         h[2 * n + start:2 * n + stop] = -1
         h[3 * n + start:3 * n + stop] = 1
+        h[4 * n + start:4 * n + stop] = self.rows.pad_row

@@ -63,9 +63,11 @@ class ModelRunner:
         connector = self.kv_connector
         if connector is None:
             # Graphs skip the connector's per-layer hooks, so they only serve steps without a connector.
-            size = self.graph_runner.padded_size(sched_out.chunks) if self.graph_runner is not None else None
-            if size is not None:
-                return self._run_graph(sched_out, size)
+            if self.graph_runner is not None:
+                self.graph_runner.release(sched_out.finished_request_ids, sched_out.preempted_request_ids)
+                size = self.graph_runner.padded_size(sched_out.chunks)
+                if size is not None:
+                    return self._run_graph(sched_out, size)
             return self._run(sched_out, self.kv_caches)
         connector.bind_connector_metadata(sched_out.kv_connector_metadata)
         connector.start_load_kv()

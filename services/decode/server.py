@@ -56,8 +56,9 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
         try:
             async for out in stream:
                 comp = out.outputs[0]
-                if comp.finish_reason == "abort" and getattr(comp, "abort_reason", None):
-                    raise ApiError(409, comp.abort_reason)  # the fail policy: KV could not be loaded
+                if comp.finish_reason == "abort" and comp.stop_reason:
+                    # The engine ended it (its reason rides in stop_reason): under the fail policy, a failed load.
+                    raise ApiError(409, str(comp.stop_reason))
                 completion_tokens += len(comp.token_ids)
                 yield pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
                     index=comp.index, text=comp.text, token_ids=comp.token_ids,

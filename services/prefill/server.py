@@ -59,7 +59,7 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
             stream.close()
         comp = final.outputs[0]
         if comp.finish_reason == "abort":
-            reason = getattr(comp, "abort_reason", None) or "the engine aborted the request"
+            reason = str(comp.stop_reason or "the engine aborted the request")
             await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         handle = getattr(final, "kv_transfer_params", None)
         # Ended for good at the first token? EOS / stop: "stop"; otherwise only if the client asked for one token

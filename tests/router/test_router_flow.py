@@ -167,6 +167,12 @@ async def test_http_api_session_header_stop_string_and_n():
                 await client.post("/v1/completions", headers={"x-session-id": "s1"},
                                   json={"model": "fake", "prompt": [300 + i], "max_tokens": 1})
             assert len({pod for _, pod, _ in backend.calls}) == 1
+            # ... and so do requests with the same OpenAI "user" field.
+            backend.calls.clear()
+            for i in range(4):
+                await client.post("/v1/completions", json={"model": "fake", "prompt": [400 + i], "max_tokens": 1,
+                                                          "user": "tenant-7"})
+            assert len({pod for _, pod, _ in backend.calls}) == 1
             r = await client.get("/router/pods")
             assert {p["name"] for p in r.json()["pods"]} == {"decode-0", "decode-1"}
             assert "pdserve:router_pd_decisions_total" in (await client.get("/metrics")).text

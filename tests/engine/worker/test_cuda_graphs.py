@@ -71,7 +71,7 @@ def test_graph_runner_refuses_bad_block_ids(tmp_path) -> None:
                                num_blocks=4, device=runner.device)
     with pytest.raises(ValueError, match="outside"):
         graphs.run([ScheduledChunk("a", [3], 5, [4], True)], 1)
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(ValueError, match="wider"):
         graphs.run([ScheduledChunk("a", [3], 5, [0, 1, 2, 3, 0], True)], 1)
 
 

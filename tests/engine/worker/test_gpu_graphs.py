@@ -55,7 +55,9 @@ def test_bf16_graphs_every_ladder_size(tmp_path) -> None:
     graphs = runner.graph_runner
     assert runner.dtype == torch.bfloat16 and graphs is not None and graphs.sizes == [1, 2, 4, 8, 16, 32, 40]
     for b in (1, 3, 8, 17, 40):
-        chunks = [ScheduledChunk(f"r{i}", [5 + i], 30 + i, [i * 4, i * 4 + 1, i * 4 + 2], True) for i in range(b)]
+        # Positions 20..39 fit the three 16-token blocks of each request.
+        chunks = [ScheduledChunk(f"r{i}", [5 + i], 20 + i % 20, [i * 4, i * 4 + 1, i * 4 + 2], True)
+                  for i in range(b)]
         logits = runner.execute_model(SchedulerOutput(chunks))
         eager = runner._run(SchedulerOutput(chunks), runner.kv_caches)
         assert logits.shape == (b, runner.vocab_size) and torch.isfinite(logits).all()
