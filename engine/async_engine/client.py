@@ -24,10 +24,10 @@ import zmq
 import zmq.asyncio
 
 from pdserve.engine.async_engine.core_proc import run_engine_core
+from pdserve.engine.async_engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, FatalMessage, FinishRequests,
                                                   ReadyMessage, Shutdown, StepMessage, client_decoder,
                                                   client_encoder)
-from pdserve.engine.async_engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from pdserve.engine.async_engine.request_stream import ABORTED, RequestState, RequestStream
 from pdserve.engine.async_engine.stats import IterationStats, SequenceTimes, StatLogger
 from pdserve.engine.config import EngineConfig

@@ -40,6 +40,10 @@ def build_inputs(sched_out: SchedulerOutput, block_size: int, device: torch.devi
     T = int(query_start_loc[-1])
 
     max_blocks = max(len(c.block_ids) for c in chunks)
+    if device.type == "cuda":
+        # Triton compiles a kernel variant per "row stride divisible by 16 or not": a width that is always a
+        # multiple of 16 keeps the attention kernel to the variants compiled at warm-up.
+        max_blocks = -(-max_blocks // 16) * 16
     block_tables = np.zeros((B, max_blocks), dtype=np.int64)
     for i, c in enumerate(chunks):
         if len(c.block_ids) * block_size < seq_lens[i]:
@@ -59,12 +63,21 @@ def build_inputs(sched_out: SchedulerOutput, block_size: int, device: torch.devi
     # One host-to-device copy of everything, sliced apart on the device.
     parts = [input_ids, positions, slot_mapping, logits_indices, query_start_loc, seq_lens, context_lens,
              block_tables.reshape(-1)]
-    packed = torch.from_numpy(np.concatenate(parts))
+    # Every part starts on a 16-byte boundary (an even int64 offset): Triton also compiles a variant per
+    # pointer alignment, and an odd token count would otherwise shift the parts after it.
+    sizes = [len(p) for p in parts]
+    padded = [n + (n & 1) for n in sizes]
+    flat = np.zeros(sum(padded), dtype=np.int64)
+    offset = 0
+    for part, width in zip(parts, padded):
+        flat[offset:offset + len(part)] = part
+        offset += width
+    packed = torch.from_numpy(flat)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     else:
         packed = packed.to(device)
-    views = torch.split(packed, [len(p) for p in parts])
+    views = [v[:n] for v, n in zip(torch.split(packed, padded), sizes)]
     i32 = [v.to(torch.int32) for v in views[4:]]
     md = AttentionMetadata(
         num_tokens=T,

@@ -61,18 +61,20 @@ class ModelRunner:
         the layer wrote it (hooks, see :meth:`attach_kv_connector`), and its saves are started before returning.
         """
         connector = self.kv_connector
-        if connector is None:
-            # Graphs skip the connector's per-layer hooks, so they only serve steps without a connector.
-            if self.graph_runner is not None:
-                self.graph_runner.release(sched_out.finished_request_ids, sched_out.preempted_request_ids)
-                size = self.graph_runner.padded_size(sched_out.chunks)
-                if size is not None:
-                    return self._run_graph(sched_out, size)
-            return self._run(sched_out, self.kv_caches)
-        connector.bind_connector_metadata(sched_out.kv_connector_metadata)
-        connector.start_load_kv()
+        if connector is not None:
+            connector.bind_connector_metadata(sched_out.kv_connector_metadata)
+            connector.start_load_kv()
+        if self.graph_runner is not None:
+            self.graph_runner.release(sched_out.finished_request_ids, sched_out.preempted_request_ids)
+            size = self.graph_runner.padded_size(sched_out.chunks)
+            if size is not None:
+                logits = self._run_graph(sched_out, size)
+                if connector is not None:
+                    connector.wait_for_save()  # a replay runs no hooks: this stages every layer it must save
+                return logits
         logits = self._run(sched_out, self.kv_caches)
-        connector.wait_for_save()
+        if connector is not None:
+            connector.wait_for_save()
         return logits
 
     def attach_kv_connector(self, connector) -> None:

@@ -38,14 +38,15 @@ class Engine:
 
     def __init__(self, name: str, workdir: str, command: str = "serve", extra: tuple[str, ...] = ()) -> None:
         self.name, self.workdir, self.command, self.extra = name, workdir, command, extra
-        self.http, self.grpc = free_port(), free_port()
+        self.http, self.grpc, self.events = free_port(), free_port(), free_port()
         self.proc: subprocess.Popen | None = None
         self.log = open(os.path.join(workdir, f"{name}.log"), "ab")
 
     def start(self) -> "Engine":
         argv = [sys.executable, "-c", LAUNCH, self.command, "--model", MODEL, "--device", "cpu", "--host", "127.0.0.1",
                 "--port", str(self.http), "--grpc-port", str(self.grpc), "--max-model-len", "512",
-                "--cpu-kv-cache-gib", "0.25", "--max-num-seqs", "8", "--log-level", "warning", *self.extra]
+                "--cpu-kv-cache-gib", "0.25", "--max-num-seqs", "8", "--log-level", "warning",
+                "--kv-events-endpoint", f"tcp://127.0.0.1:{self.events}", *self.extra]
         self.proc = subprocess.Popen(argv, cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 
@@ -96,7 +97,8 @@ async def start_router(engines_, tokenizer, routing=None):
     from pdserve.services.router.server import RouterConfig, start_router as start
 
     def entries(command: str) -> list[str]:
-        return [f"grpc://127.0.0.1:{e.grpc},name={e.name}" for e in engines_ if e.command == command]
+        return [f"grpc://127.0.0.1:{e.grpc},events=tcp://127.0.0.1:{e.events},name={e.name}"
+                for e in engines_ if e.command == command]
 
     pods = static_endpoints(entries("prefill"), entries("decode"), entries("serve"))
     config = RouterConfig(model=ModelInfo(MODEL, 512, len(tokenizer), tokenizer.eos_token_id),
@@ -132,6 +134,15 @@ async def test_decode_pod_killed_mid_stream_resumes_and_a_restarted_pod_gets_tra
     try:
         await wait_ready(running, 2)
         reference = await generate(running.engine, tokenizer, 48)
+        # The engines' KV events reached the router: the pod that served the prompt holds its blocks, exactly.
+        prompt_hashes = running.router.hasher.hash_prompt(tokenizer(PROMPT).input_ids)
+        for _ in range(50):
+            matched = running.router.deps.prefix.exact.match(prompt_hashes, [e.name for e in pool])
+            if max(matched.values()) == len(prompt_hashes) > 0:
+                break
+            await asyncio.sleep(0.1)
+        assert max(matched.values()) == len(prompt_hashes) > 0, matched
+        assert all(p.events_live() and p.load is not None for p in running.pods.all())
         victim: list[str] = []
 
         async def kill_serving_pod(n_tokens: int) -> None:

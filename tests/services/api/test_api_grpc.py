@@ -96,3 +96,15 @@ def test_errors_map_to_status_codes(stub, request_kwargs, metadata, code):
     assert info.value.code() == code and info.value.details()
     text, _ = generate(stub, pb.GenerateRequest(text=PROMPT, sampling_params=pb.SamplingParams(max_tokens=1)))
     assert text
+
+
+def test_client_deadline_aborts_the_request(stub, real_server):
+    real_server.wait_idle()
+    aborts = real_server.metric("request_success_total", finished_reason="abort")
+    request = pb.GenerateRequest(text=PROMPT, sampling_params=pb.SamplingParams(max_tokens=500, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stub.Generate(request, metadata=AUTH, timeout=1.0):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    real_server.wait_idle(timeout=30)  # the server cancelled the call and freed the request's blocks
+    assert real_server.metric("request_success_total", finished_reason="abort") == aborts + 1

@@ -1,7 +1,8 @@
 """The disaggregated services for real: ``pdserve prefill`` and ``pdserve decode`` processes, the gRPC Prefill
 and Decode calls through the minimal proxy, on a tiny random Llama (token-id prompts).
 
-- greedy answers through prefill -> decode equal the offline monolithic engine's (grpc and shared-fs);
+- greedy answers through prefill -> decode equal the offline monolithic engine's (the engine-level tests in
+  tests/kv_transfer cover every connector; the pods here use grpc, the connector whose failures are the pods' own);
 - a prefill pod killed (SIGKILL) after it answered but before the decode pod loaded: the answer is still right,
   the decode pod frees everything and counts the failure;
 - under ``--kv-load-failure-policy fail`` the same fault is a clear FAILED_PRECONDITION error.
@@ -24,7 +25,8 @@ from pdserve.services.proxy.proxy import DisaggProxy
 from tests.helpers.tiny_models import make_tiny_model
 
 MAX_TOKENS = 6
-PROMPTS = [[5 + (7 * i) % 400 for i in range(n)] for n in (9, 21, 40)]
+# No shared prefix: each prompt loads all of its blocks (1, 2 and 3), whatever order they are admitted in.
+PROMPTS = [[5 + (7 * i + 101 * k) % 400 for i in range(n)] for k, n in enumerate((9, 21, 40))]
 
 
 @pytest.fixture(scope="module")
@@ -61,60 +63,63 @@ async def through_proxy(prefill, decode, prompts) -> list[list[int]]:
     return [ids for ids, _, _ in outs]
 
 
-@pytest.mark.parametrize("connector", ["grpc", "shared-fs"])
-def test_prefill_then_decode_equals_monolithic(connector, model, reference, tmp_path):
-    flags = ["--kv-connector", connector, "--kv-path", str(tmp_path / "kv")]
-    prefill = start_role_server("prefill", model, *flags)
+@pytest.fixture(scope="module")
+def pods(model):
+    """One prefill pod and two decode pods (policies recompute and fail), all with the grpc connector."""
+    started = []
     try:
-        decode = start_role_server("decode", model, *flags)
-        try:
-            assert asyncio.run(through_proxy(prefill, decode, PROMPTS)) == reference
-            decode.wait_no_blocks_in_use()
-            prefill.wait_no_blocks_in_use()  # grpc: released by the decode pod's acknowledgements
-            assert decode.metric("kv_transfer_blocks_total", connector=connector, direction="load") == \
-                sum(-(-len(p) // 16) for p in PROMPTS)
-        finally:
-            stop_role_server(decode)
+        for role, flags in (("prefill", []), ("decode", ["--kv-load-failure-policy", "recompute"]),
+                            ("decode", ["--kv-load-failure-policy", "fail"])):
+            started.append(start_role_server(role, model, "--kv-connector", "grpc", *flags))
+        yield started
     finally:
-        stop_role_server(prefill)
+        for server in started:
+            stop_role_server(server)
 
 
-async def prefill_then_kill_then_decode(prefill, decode, prompt):
+def test_prefill_then_decode_equals_monolithic(pods, reference):
+    prefill, decode, _ = pods
+    assert asyncio.run(through_proxy(prefill, decode, PROMPTS)) == reference
+    decode.wait_no_blocks_in_use()
+    prefill.wait_no_blocks_in_use()  # released by the decode pod's acknowledgements
+    assert decode.metric("kv_transfer_blocks_total", connector="grpc", direction="load") == \
+        sum(-(-len(p) // 16) for p in PROMPTS)
+    assert decode.metric("kv_transfer_failures_total") == 0
+
+
+async def prefill_call(prefill, prompt, rid):
+    from pdserve.proto.pdserve.v1 import disagg_pb2_grpc
+
     async with grpc.aio.insecure_channel(prefill.grpc_target) as ch:
-        from pdserve.proto.pdserve.v1 import disagg_pb2_grpc
+        return await disagg_pb2_grpc.PrefillStub(ch).Prefill(disagg_pb2.PrefillRequest(request=request(prompt, rid)))
 
-        pre = await disagg_pb2_grpc.PrefillStub(ch).Prefill(disagg_pb2.PrefillRequest(request=request(prompt, "k")))
-    kill_pod(prefill)  # answered, then died before anyone pulled its blocks
-    follow = request(list(pre.prompt_token_ids) + list(pre.choice.token_ids), "k")
+
+async def decode_call(decode, pre):
+    from pdserve.proto.pdserve.v1 import disagg_pb2_grpc
+
+    follow = request(list(pre.prompt_token_ids) + list(pre.choice.token_ids), pre.request_id)
     follow.sampling_params.max_tokens = pre.max_tokens - 1
+    ids = list(pre.choice.token_ids)
     async with grpc.aio.insecure_channel(decode.grpc_target) as ch:
-        from pdserve.proto.pdserve.v1 import disagg_pb2_grpc
-
         stream = disagg_pb2_grpc.DecodeStub(ch).Decode(disagg_pb2.DecodeRequest(
             request=follow, kv_transfer_params=pre.kv_transfer_params), timeout=120)
-        ids = list(pre.choice.token_ids)
         async for resp in stream:
             for choice in resp.choices:
                 ids.extend(choice.token_ids)
     return ids
 
 
-@pytest.mark.parametrize("policy", ["recompute", "fail"])
-def test_prefill_pod_killed_before_decode_loaded(policy, model, reference):
-    prefill = start_role_server("prefill", model, "--kv-connector", "grpc")
-    try:
-        decode = start_role_server("decode", model, "--kv-connector", "grpc", "--kv-load-failure-policy", policy)
-        try:
-            if policy == "recompute":
-                assert asyncio.run(prefill_then_kill_then_decode(prefill, decode, PROMPTS[1])) == reference[1]
-                assert decode.metric("kv_transfer_failures_total", connector="grpc", reason="peer_gone") == 1
-            else:
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    asyncio.run(prefill_then_kill_then_decode(prefill, decode, PROMPTS[1]))
-                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert "KV transfer failed (peer_gone)" in info.value.details()
-            decode.wait_no_blocks_in_use()
-        finally:
-            stop_role_server(decode)
-    finally:
-        stop_role_server(prefill)
+def test_prefill_pod_killed_before_decode_loaded(pods, reference):
+    """Runs last: it kills the prefill pod (SIGKILL, after it answered, before anyone pulled its blocks)."""
+    prefill, recompute, fail = pods
+    first = asyncio.run(prefill_call(prefill, PROMPTS[1], "k1"))
+    second = asyncio.run(prefill_call(prefill, PROMPTS[1], "k2"))
+    kill_pod(prefill)
+    assert asyncio.run(decode_call(recompute, first)) == reference[1]
+    assert recompute.metric("kv_transfer_failures_total", connector="grpc", reason="peer_gone") == 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(decode_call(fail, second))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "KV transfer failed (peer_gone)" in info.value.details()
+    recompute.wait_no_blocks_in_use()
+    fail.wait_no_blocks_in_use()
