@@ -50,6 +50,17 @@ class IncrementalDetokenizer:
                 return stop
         return None
 
+    def append_all(self, token_ids: list[int]) -> None:
+        """Detokenize a whole output at once (no stop strings, nothing streamed): one decode call instead of two
+        per token, with the same prompt context as :meth:`append` so the text comes out identical."""
+        if self.tokenizer is None or not token_ids:
+            return
+        context = self.token_ids[:self._read_offset]
+        prefix = self._decode(context)
+        self.token_ids = context + list(token_ids)
+        self.text = self._decode(self.token_ids)[len(prefix):]
+        self._read_offset = len(self.token_ids)
+
     def _find_stop(self, new_chars: int) -> str | None:
         if not self.stop:
             return None

@@ -101,12 +101,19 @@ class OutputProcessor:
                 s.kv_transfer_params = out.kv_transfer_params
             if s.logprobs is not None and out.new_logprobs:
                 s.logprobs.extend(out.new_logprobs)
-            stop = s.detok.append(out.new_token_ids)
+            # A sequence nobody watches token by token (not streamed, no stop strings) is detokenized once, at
+            # the end: per-step text for hundreds of running sequences is pure overhead between model steps.
+            final_only = not s.stream and not s.params.stop
+            stop = None if final_only else s.detok.append(out.new_token_ids)
             if out.finish_reason is not None:
                 s.finish_reason, s.stop_reason = out.finish_reason, out.stop_reason
             elif stop is not None:
                 s.finish_reason, s.stop_reason = "stop", stop
                 stopped.append(s.seq_id)
+            if s.finish_reason is None and not s.stream:
+                continue  # non-streamed outputs are only wanted once finished
+            if final_only:
+                s.detok.append_all(s.token_ids)
             results.append(self._make_output(s))
             if s.finish_reason is not None:
                 s.timing.finished = now

@@ -199,6 +199,8 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         return 0
 
     def _check_handle(self, handle: KVTransferParams, blocks: list[PromptBlock]) -> str | None:
+        if handle.connector != self.name:
+            return f"the KV was saved through the {handle.connector!r} connector, this engine uses {self.name!r}"
         try:
             theirs = KVDescriptor.from_dict(handle.descriptor)
         except KVFormatError as exc:

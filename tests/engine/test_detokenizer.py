@@ -50,3 +50,14 @@ def test_include_stop_string(tokenizer) -> None:
     d = IncrementalDetokenizer(tokenizer, [], stop=["STOP"], include_stop_str_in_output=True)
     assert d.append(ids) == "STOP"
     assert d.text == "a b STOP"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_bulk_detokenization_equals_incremental(tokenizer, text: str) -> None:
+    prompt = tokenizer("Say:").input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    incremental = IncrementalDetokenizer(tokenizer, prompt)
+    incremental.append(ids)
+    bulk = IncrementalDetokenizer(tokenizer, prompt)
+    bulk.append_all(ids)
+    assert bulk.text == incremental.text

@@ -233,3 +233,15 @@ def test_store_prefix_is_reused_without_a_handle(connector, desc, options):
     finally:
         p.close()
         d.close()
+
+
+def test_handle_from_another_connector_is_refused_at_once(desc, options):
+    p = make_side("grpc", "prefill", desc, options("grpc"))
+    d = make_side("shared-fs", "decode", desc, options("shared-fs"), fill="zeros")
+    try:
+        _, params = prefill(p, make_request("r1", list(range(6))), [0, 1])
+        assert admit(d, make_request("r1", list(range(6)), [1], params), [0, 1]) == 0  # no waiting for writes
+        assert d.sched.stats.snapshot().failures == {"incompatible": 1}
+    finally:
+        p.close()
+        d.close()
