@@ -99,6 +99,12 @@ async def test_async_client_and_a_long_prompt_with_remote_prefill(servers):
         r = await client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=16, temperature=0)
         results.append(r.choices[0].text)
     assert results[0] == results[1]
+    import urllib.request
+
+    with urllib.request.urlopen(up_url.removesuffix("/v1") + "/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    # The long prompt went through the prefill pod and its KV through the connector to the decode pod.
+    assert 'pdserve:router_pd_decisions_total{decision="remote-prefill",reason="remote-prefill"}' in metrics
 
 
 def test_ctrl_c_stops_every_part(servers):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/performance.md, in one go: every command below is a `pdserve bench ...` anyone can rerun.
+# Usage (from the repository root on a CUDA machine): bash scripts/gpu_bench.sh [RESULT_DIR]
+# Random weights in the exact shapes of the named models (no download needed). Each step is time-boxed so one
+# slow step cannot starve the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES=${1:-${OUT:-bench-results}}
+mkdir -p "$RES"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PD="python3 -m pdserve.cli.main"
+step() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(" | tee "$RES/$name.log"; }
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
+step llama8b_batch1 170 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 256 \
+    --iters 3 --peer hf --json-out "$RES/llama8b_batch1.json"
+step llama8b_prefill4k 80 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 16 \
+    --iters 3 --json-out "$RES/llama8b_prefill4k.json"
+step llama8b_decode_b64 80 python3 -m pdserve.bench.decode_profile --model llama-3.1-8b --load-format dummy \
+    --batch-sizes 1,64 --context 1024 --steps 48
+step qwen06b_256 300 $PD bench throughput --model qwen3-0.6b --load-format dummy --num-prompts 256 \
+    --input-len 100:1024 --output-len 100:1024 --max-num-seqs 256 --max-num-batched-tokens 8192 --peer hf \
+    --json-out "$RES/qwen06b_256.json"
+step qwen06b_256_noprefix 60 $PD bench throughput --model qwen3-0.6b --load-format dummy --num-prompts 256 \
+    --input-len 100:1024 --output-len 100:1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --no-enable-prefix-caching --json-out "$RES/qwen06b_256_noprefix.json"
+step llama8b_sharegpt_like 150 $PD bench throughput --model llama-3.1-8b --load-format dummy --num-prompts 1000 \
+    --input-len 30:400 --output-len 30:370 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --json-out "$RES/llama8b_sharegpt_like.json"
+step kv_transfer 90 $PD bench kv-transfer --connector shared-fs --shape llama-3.1-8b --prompt-lens 4096 \
+    --device cuda --model llama-3.1-8b --output "$RES/kv_transfer.json"
