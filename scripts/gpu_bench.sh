@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md, in one go: every command below is a `pdserve bench ...` anyone can rerun.
 # Usage (from the repository root on a CUDA machine): bash scripts/gpu_bench.sh [RESULT_DIR]
+# STEPS="llama8b_batch1 qwen06b_256" runs only the named steps (default: all).
 # Random weights in the exact shapes of the named models (no download needed). Each step is time-boxed so one
 # slow step cannot starve the rest.
 set -uo pipefail
@@ -9,7 +10,11 @@ RES=${1:-${OUT:-bench-results}}
 mkdir -p "$RES"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PD="python3 -m pdserve.cli.main"
-step() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(" | tee "$RES/$name.log"; }
+step() {
+  local name=$1 limit=$2; shift 2
+  [[ -z "${STEPS:-}" || " $STEPS " == *" $name "* ]] || return 0
+  echo "=== $name: $*"; timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warn\(" | tee "$RES/$name.log"
+}
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
 step llama8b_batch1 170 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 256 \

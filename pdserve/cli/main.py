@@ -30,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # subcommand not built into this installation
-            raise
+            # A missing optional dependency must not break the other subcommands; say so when this one is used.
+            missing = exc.name or str(exc)
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: needs {missing})", add_help=False)
+            p.set_defaults(_missing=missing)
+            continue
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
         sub.choices[name].set_defaults(_module=module)
     return parser
@@ -40,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"pdserve {args.command}: unavailable, the Python package {args._missing!r} is not installed",
+              file=sys.stderr)
+        return 2
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2

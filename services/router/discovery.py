@@ -157,14 +157,29 @@ class KubernetesDiscovery:
         """Keep ``table`` in step with the cluster until cancelled."""
         api = self._core_api()
         loop = asyncio.get_running_loop()
-        threads = [asyncio.to_thread(self._follow, api, role, selector, table, loop)
-                   for role, selector in self.selectors.items()]
+        ended = []
+        for role, selector in self.selectors.items():
+            fut = loop.create_future()
+            ended.append(fut)
+            # Daemon threads, not the loop's executor: a watch blocked on a quiet stream must not hold up exit.
+            threading.Thread(target=self._thread_main, args=(api, role, selector, table, loop, fut), daemon=True,
+                             name=f"k8s-watch-{role.value}").start()
         try:
-            await asyncio.gather(*threads)
+            await asyncio.gather(*ended)
         finally:
             self._stop.set()
             for w in list(self._watches):
                 w.stop()
+
+    def _thread_main(self, api: Any, role: Role, selector: str, table: PodTable, loop: asyncio.AbstractEventLoop,
+                     ended: asyncio.Future) -> None:
+        try:
+            self._follow(api, role, selector, table, loop)
+        finally:
+            try:
+                loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+            except RuntimeError:
+                pass  # the loop is already closed
 
     def _follow(self, api: Any, role: Role, selector: str, table: PodTable, loop: asyncio.AbstractEventLoop) -> None:
         from kubernetes import watch
@@ -177,13 +192,16 @@ class KubernetesDiscovery:
                 loop.call_soon_threadsafe(self._resync, table, role, items, selector)
                 w = watch.Watch()
                 self._watches.append(w)
-                for event in w.stream(api.list_namespaced_pod, self.namespace, label_selector=selector,
-                                      timeout_seconds=self.watch_timeout_s, _request_timeout=self.watch_timeout_s + 30):
-                    if self._stop.is_set():
-                        break
-                    obj = event.get("raw_object") or {}
-                    loop.call_soon_threadsafe(self._apply, table, role, event.get("type"), obj, selector)
-                self._watches.remove(w)
+                try:
+                    for event in w.stream(api.list_namespaced_pod, self.namespace, label_selector=selector,
+                                          timeout_seconds=self.watch_timeout_s,
+                                          _request_timeout=self.watch_timeout_s + 30):
+                        if self._stop.is_set():
+                            break
+                        obj = event.get("raw_object") or {}
+                        loop.call_soon_threadsafe(self._apply, table, role, event.get("type"), obj, selector)
+                finally:
+                    self._watches.remove(w)
             except Exception as exc:  # the API server went away, a watch expired...: back off, re-list
                 if self._stop.is_set():
                     return

@@ -176,6 +176,23 @@ async def _complete(engine, tokenizer, prompt: str) -> None:
         pass
 
 
+async def _kv_usage(engine: Engine) -> float:
+    import urllib.request
+
+    def read() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{engine.http}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("pdserve:kv_cache_usage_perc"))
+
+    for _ in range(20):  # the gauge follows the engine's steps
+        usage = await asyncio.to_thread(read)
+        if usage == 0.0:
+            break
+        await asyncio.sleep(0.2)
+    return usage
+
+
 def _requests_to(running, pod: str) -> float:
     return running.router.metrics.pod_requests.labels(pod)._value.get()
 
@@ -208,7 +225,10 @@ async def test_prefill_pod_killed_under_load_requests_still_succeed(engines, tmp
         assert running.router.metrics.pd.labels("remote-prefill", "remote-prefill")._value.get() >= 2
 
         async def kill_prefill_soon() -> None:
-            await asyncio.sleep(0.5)
+            # Kill it while it is computing a prompt (a Prefill call in flight), i.e. under load.
+            while running.pods.get(pool[0].name).in_flight == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
             pool[0].kill()
 
         results = await asyncio.wait_for(asyncio.gather(
@@ -216,7 +236,11 @@ async def test_prefill_pod_killed_under_load_requests_still_succeed(engines, tmp
         assert results[:2] == reference  # the same greedy answers, with or without the prefill pod
         assert all(len(r) == 12 for r in results[:-1])
         assert all(p.in_flight == 0 for p in running.pods.all())
+        retried = sum(s.value for m in running.router.metrics.retries.collect() for s in m.samples
+                      if s.name.endswith("_total"))
+        assert retried + running.router.metrics.resumes._value.get() >= 1  # the kill did hit a request
         # Afterwards the decode pod alone serves long prompts (decode-only: no prefill pod is ready).
         assert await _answer(running.engine, tokenizer, LONG[0]) == reference[0]
+        assert await _kv_usage(pool[1]) == 0.0  # no request left holding blocks on the decode pod
     finally:
         await running.stop()
