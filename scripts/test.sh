@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
 # The test suite. Without CUDA, Triton kernels run in the interpreter (tests/conftest.py) and tests marked gpu
-# are skipped.
+# are skipped. The Redis connector's tests start a real redis-server (Debian's package), installed here if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    # Tests start their own server on a free port; the distribution's service is not needed.
+    (service redis-server stop || true) >/dev/null 2>&1
+  else
+    echo "note: redis-server not found (install Debian's redis-server); the Redis tests will fail" >&2
+  fi
+fi
 exec .venv/bin/python -m pytest -q "$@"
