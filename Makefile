@@ -1,12 +1,14 @@
 # Two commands on a fresh machine:
-#   make run   - install everything into .venv, then run the main job with the bundled model
+#   make run   - install everything into .venv, then start the local stack (router + prefill + decode) with the
+#                bundled model; Ctrl-C stops it
 #   make test  - install everything into .venv, then run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch on these machines; on a GPU machine override TORCH_SPEC (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
-PROMPT ?= What is the capital of France?
+PORT ?= 8000
+UP_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: run test install clean
@@ -22,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/pdserve generate --model smollm2-135m-instruct --prompt "$(PROMPT)"
+	$(VENV)/bin/pdserve up --model smollm2-135m-instruct --port $(PORT) $(UP_ARGS)
 
 test: install
 	bash scripts/test.sh $(PYTEST_ARGS)
