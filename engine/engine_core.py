@@ -19,6 +19,7 @@ from pdserve.engine.core.sched_output import SchedulerStats
 from pdserve.engine.outputs import EngineCoreOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.validation import validate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -101,19 +102,7 @@ class EngineCore:
     # ------------------------------------------------------------------ requests
     def validate(self, req: EngineCoreRequest) -> None:
         """Raise ``ValueError`` with a clear message if the request can never be served."""
-        n = len(req.prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens but the model's context is {self.max_model_len} tokens "
-                             f"(at least one token must be left to generate)")
-        bad = next((t for t in req.prompt_token_ids if not (0 <= t < self.vocab_size)), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        params = req.sampling_params
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context of {self.max_model_len} tokens")
+        validate_prompt(req.prompt_token_ids, req.sampling_params, self.max_model_len, self.vocab_size)
         if self.scheduler.get_request(req.request_id) is not None:
             raise ValueError(f"request id {req.request_id!r} is already in use")
 

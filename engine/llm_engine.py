@@ -16,6 +16,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine.validation import tokenize_prompt
 
 PromptType = str | list[int]
 
@@ -59,13 +60,7 @@ class LLMEngine:
         return cls(EngineConfig.create(model, **kwargs))
 
     def tokenize(self, prompt: PromptType) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass token ids instead of text")
-            return list(self.tokenizer(prompt).input_ids)
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("a prompt must be a string or a list of token ids")
-        return list(prompt)
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
                     stream: bool = False, kv_transfer_params: dict | None = None) -> str:

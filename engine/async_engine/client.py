@@ -37,6 +37,7 @@ from pdserve.engine.llm_engine import child_ids, child_params, eos_token_id_of
 from pdserve.engine.output_processor import OutputProcessor
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine.validation import tokenize_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +253,7 @@ class AsyncLLM:
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: PromptType) -> list[int]:
         """Token ids of a prompt (text or ids). ``ValueError`` for anything else."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass token ids instead of text")
-            return list(self.tokenizer(prompt).input_ids)
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("a prompt must be a string or a list of token ids")
-        return list(prompt)
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def _build(self, request_id: str, token_ids: list[int], params: SamplingParams,
                kv_transfer_params: dict | None = None) -> list[EngineCoreRequest]:

@@ -25,6 +25,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.services.api.errors import ApiError
 from pdserve.services.router.backend import PodRejected, TokenDelta
 from pdserve.services.router.sequence import SequenceFailed, SequenceRunner, SequenceSpec
+from pdserve.engine.validation import tokenize_prompt, validate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -71,28 +72,11 @@ class RouterEngine:
         return None  # each engine reports its own scheduler stats
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass token ids instead of text")
-            return list(self.tokenizer(prompt).input_ids)
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("a prompt must be a string or a list of token ids")
-        return list(prompt)
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         # The same rules and messages as EngineCore.validate, checked here so a bad request never reaches a pod.
-        n, limit = len(token_ids), self.max_model_len
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= limit:
-            raise ValueError(f"the prompt has {n} tokens but the model's context is {limit} tokens "
-                             f"(at least one token must be left to generate)")
-        bad = next((t for t in token_ids if not 0 <= t < self.model.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.model.vocab_size})")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context of {limit} tokens")
+        validate_prompt(token_ids, params, self.max_model_len, self.model.vocab_size)
 
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
                  stream: bool = True, prompt_text: str | None = None) -> "RouterStream":
