@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,6 +177,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         return bool(self._held or self._loading or self._pending_saves or self._first_seen)
 
     # ------------------------------------------------------------------ hooks for subclasses
+    @abstractmethod
     def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
                 ) -> tuple[int, dict[str, Any]]:
         """How many leading blocks of ``wanted`` can be loaded, and the load's source description."""

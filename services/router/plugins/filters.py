@@ -6,6 +6,8 @@ engines' admission control (429/503 from their waiting queue), not the router's.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from collections.abc import Mapping, Sequence
 
 from pdserve.services.router.plugins.base import Filter
@@ -38,8 +40,9 @@ class _SoftThreshold(Filter):
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
 
+    @abstractmethod
     def over(self, pod: PodState) -> bool:
-        raise NotImplementedError
+        """Whether ``pod`` is above this filter's threshold."""
 
     def filter(self, ctx: RoutingContext, pods: Sequence[PodState]) -> list[PodState]:
         kept = [p for p in pods if not self.over(p)]
