@@ -7,7 +7,6 @@ engines' admission control (429/503 from their waiting queue), not the router's.
 from __future__ import annotations
 
 from abc import abstractmethod
-
 from collections.abc import Mapping, Sequence
 
 from pdserve.services.router.plugins.base import Filter
