@@ -51,16 +51,17 @@ class TorchAttentionBackend(AttentionBackend):
         # Repeating K/V across the query group costs at most S x Hq x D, comparable to q itself here.
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-        qh = q.transpose(0, 1)  # [Hq, L, D]
+        # 4-D inputs: with 3-D ones CPU SDPA falls back to the (~2x slower) math kernel instead of the flash one.
+        qh, k, v = q.transpose(0, 1)[None], k[None], v[None]  # [1, Hq, L, D], [1, Hq, S, D]
         if context_len == 0:
             o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale)
         else:
             # Query row l sits at absolute position context_len + l and sees keys 0 .. context_len + l.
-            key_pos = torch.arange(k.shape[1], device=q.device)
+            key_pos = torch.arange(k.shape[2], device=q.device)
             q_pos = torch.arange(L, device=q.device) + context_len
             mask = key_pos[None, :] <= q_pos[:, None]  # [L, S]
             o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
 
     @staticmethod
     def _decode(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -70,7 +71,11 @@ class TorchAttentionBackend(AttentionBackend):
         max_len = max(md.seq_lens_cpu[:nd])
         nblk = (max_len + bs - 1) // bs
         # index_select rather than kv_cache[:, table]: advanced indexing with int32 ids is ~15x slower on CPU.
-        kv = kv_cache.index_select(1, md.block_tables[:nd, :nblk].reshape(-1))  # [2, nd*nblk, bs, Hkv, D]
+        # K and V blocks are gathered as rows of one [2 * num_blocks, bs * Hkv * D] view (ids of V offset by
+        # num_blocks): a dim-0 row gather is ~1.4x faster on CPU than index_select over dim 1.
+        # (The cache is contiguous: write_kv relies on that too.)
+        ids, nb = md.block_tables[:nd, :nblk].reshape(-1).long(), kv_cache.shape[1]
+        kv = kv_cache.view(2 * nb, -1).index_select(0, torch.cat([ids, ids + nb]))  # [2 * nd*nblk, bs*Hkv*D]
         kv = kv.view(2, nd, nblk * bs, hkv, d)[:, :, :max_len].to(q.dtype)  # [2, nd, S, Hkv, D]
         k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [nd, Hkv, S, D]
         # The query heads of one KV group play the role of query "positions" (no causal mask is needed for a
