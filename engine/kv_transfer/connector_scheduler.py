@@ -181,7 +181,6 @@ class BlockConnectorScheduler(KVConnectorScheduler):
     def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
                 ) -> tuple[int, dict[str, Any]]:
         """How many leading blocks of ``wanted`` can be loaded, and the load's source description."""
-        raise NotImplementedError
 
     def _kv_server_address(self) -> str | None:
         return None

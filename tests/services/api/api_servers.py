@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from tests.helpers.server_process import log_tail, scrape_metrics
+
 MODEL = "smollm2-135m-instruct"
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
@@ -40,18 +42,11 @@ class RealServer:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def log_tail(self, chars: int = 4000) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-chars:]
+        return log_tail(self.log_path, chars)
 
     def metrics(self) -> dict[str, float]:
         """The server's ``pdserve:*`` samples as {"name{labels}": value}."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("pdserve:"):
-                key, value = line.rsplit(" ", 1)
-                out[key] = float(value)
-        return out
+        return scrape_metrics(self.url)
 
     def metric(self, name: str, **labels: str) -> float:
         labels = {"model_name": MODEL, **labels}

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from tests.helpers.server_process import log_tail, scrape_metrics
+
 # Engine flags of every server; the offline reference engine uses the same.
 ENGINE_FLAGS = ["--device", "cpu", "--num-blocks", "64", "--max-model-len", "256", "--block-size", "16"]
 
@@ -34,18 +36,11 @@ class RoleServer:
     flags: list[str] = field(default_factory=list)
 
     def log_tail(self, chars: int = 4000) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-chars:]
+        return log_tail(self.log_path, chars)
 
     def metrics(self) -> dict[str, float]:
         """``pdserve:*`` samples as {"name{labels}": value}."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("pdserve:"):
-                key, value = line.rsplit(" ", 1)
-                out[key] = float(value)
-        return out
+        return scrape_metrics(self.url)
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of ``pdserve:<name>`` whose labels include ``labels``."""
