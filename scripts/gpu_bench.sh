@@ -32,5 +32,5 @@ step qwen06b_256_noprefix 60 $PD bench throughput --model qwen3-0.6b --load-form
 step llama8b_sharegpt_like 150 $PD bench throughput --model llama-3.1-8b --load-format dummy --num-prompts 1000 \
     --input-len 30:400 --output-len 30:370 --max-num-seqs 256 --max-num-batched-tokens 8192 \
     --json-out "$RES/llama8b_sharegpt_like.json"
-step kv_transfer 90 $PD bench kv-transfer --connector shared-fs --shape llama-3.1-8b --prompt-lens 4096 \
+step kv_transfer 150 $PD bench kv-transfer --connector grpc-ipc,grpc,shared-fs --shape llama-3.1-8b --prompt-lens 4096 \
     --device cuda --model llama-3.1-8b --output "$RES/kv_transfer.json"

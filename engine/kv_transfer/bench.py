@@ -9,7 +9,8 @@ they arrived intact. Per prompt length it reports:
 
 - ``stage_ms``: time the save adds to the prefill step itself (layer-by-layer copies out of the cache)
 - ``save_ms``: first layer staged -> every block durable in the store (0 for grpc: blocks stay in the cache)
-- ``load_ms``: decode admission -> KV in the decode cache (grpc: the pull, including reading the peer's cache)
+- ``load_ms``: decode admission -> KV in the decode cache (grpc: the pull, including reading the peer's cache;
+  grpc-ipc: locating the blocks and the device-to-device copy out of the peer's GPU cache, GPU only)
 - ``added_ms`` = save + load: what moving the KV adds between the first token and the decode pod's next one;
   ``GB/s`` = payload bytes / added time.
 
@@ -29,11 +30,15 @@ import tempfile
 import time
 from typing import Any
 
-CONNECTORS = ("shared-fs", "redis", "grpc")
+CONNECTORS = ("shared-fs", "redis", "grpc", "grpc-ipc")
+# Benchmark variants -> (connector, options): grpc is timed on each of its transports.
+VARIANTS = {"shared-fs": ("shared-fs", {}), "redis": ("redis", {}), "grpc": ("grpc", {"kv_transport": "stream"}),
+            "grpc-ipc": ("grpc", {"kv_transport": "ipc"})}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connector", default="all", choices=[*CONNECTORS, "all"])
+    parser.add_argument("--connector", default="all",
+                        help=f"comma-separated, from {', '.join(CONNECTORS)}; or all (grpc-ipc only on a GPU)")
     parser.add_argument("--shape", default="smollm2-135m",
                         help="model shape preset for the KV cache (e.g. llama-3.1-8b, qwen3-8b, smollm2-135m)")
     parser.add_argument("--prompt-lens", default="512,2048", help="comma-separated prompt lengths in tokens")
@@ -51,14 +56,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     lens = [int(x) for x in str(args.prompt_lens).split(",") if x.strip()]
-    connectors = CONNECTORS if args.connector == "all" else (args.connector,)
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    on_gpu = str(args.device).startswith("cuda")
+    if args.connector == "all":
+        connectors = [c for c in CONNECTORS if on_gpu or c != "grpc-ipc"]
+    else:
+        connectors = [c.strip() for c in str(args.connector).split(",") if c.strip()]
+        unknown = [c for c in connectors if c not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown connector(s) {', '.join(unknown)}; choose from {', '.join(CONNECTORS)}")
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     results: dict[str, Any] = {"shape": args.shape, "dtype": dtype, "device": args.device,
                                "block_size": args.block_size, "connectors": {}}
     redis_server = None
     try:
         for name in connectors:
-            options: dict[str, Any] = {"kv_load_timeout_s": 60.0}
+            connector, extra = VARIANTS[name]
+            options: dict[str, Any] = {"kv_load_timeout_s": 60.0, **extra}
             if name == "shared-fs":
                 base = "/dev/shm" if os.path.isdir("/dev/shm") else None
                 options["kv_path"] = args.kv_path or tempfile.mkdtemp(prefix="pdserve-kvbench-", dir=base)
@@ -70,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                     redis_server = redis_server or LocalRedis().start()
                     url = redis_server.url
                 options["redis_url"] = url
-            rows = bench_connector(name, options, args.shape, dtype, args.block_size, args.device, lens,
+            rows = bench_connector(connector, options, args.shape, dtype, args.block_size, args.device, lens,
                                    args.repeats)
             results["connectors"][name] = rows
             for row in rows:
@@ -108,20 +121,23 @@ def bench_connector(name: str, options: dict[str, Any], shape: str, dtype: str, 
     proc.start()
     try:
         consumer = _Side(spec, "decode")
+
+        def transfer(n: int) -> tuple[float, float, float, int]:
+            rid = f"bench-{n}-{random.getrandbits(48):012x}"
+            prompt = [random.randrange(1, 30000) for _ in range(n)]
+            parent.send(("prefill", rid, prompt))
+            reply = parent.recv()
+            if isinstance(reply, BaseException):
+                raise reply
+            load_s, digest = consumer.load(rid, prompt, reply["params"])
+            if digest != reply["digest"]:
+                raise RuntimeError(f"{name}: the loaded KV differs from the saved KV")
+            return reply["stage_s"], reply["save_s"], load_s, reply["bytes"]
+
+        transfer(min(lens))  # connection set-up (channels, CUDA IPC mapping) happens once per peer: not timed
         rows = []
         for n in lens:
-            samples = []
-            for rep in range(repeats):
-                rid = f"bench-{n}-{rep}-{random.getrandbits(32):08x}"
-                prompt = [random.randrange(1, 30000) for _ in range(n)]
-                parent.send(("prefill", rid, prompt))
-                reply = parent.recv()
-                if isinstance(reply, BaseException):
-                    raise reply
-                load_s, digest = consumer.load(rid, prompt, reply["params"])
-                if digest != reply["digest"]:
-                    raise RuntimeError(f"{name}: the loaded KV differs from the saved KV")
-                samples.append((reply["stage_s"], reply["save_s"], load_s, reply["bytes"]))
+            samples = [transfer(n) for _ in range(repeats)]
             samples.sort(key=lambda s: s[1] + s[2])
             stage_s, save_s, load_s, nbytes = samples[len(samples) // 2]
             added = save_s + load_s

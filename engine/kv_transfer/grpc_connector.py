@@ -9,6 +9,11 @@ Consumer (decode pod): the handle says where the blocks are; a loader thread pul
 (after its own prefix-cache hits), checks each header and checksum, copies them into the request's blocks and
 releases the transfer. A dead peer, an expired lease, a deadline or a bad block is reported as a failed load.
 
+Transport (``kv_transport``): ``stream`` pulls the blocks over the gRPC stream through host memory; ``ipc`` copies
+them device to device out of the prefill pod's GPU cache over CUDA IPC (same node only, see :mod:`.cuda_ipc`),
+and fails the load when that is impossible; ``auto`` (the default) uses IPC where the peer is on this node and
+both caches are on GPUs, else the stream.
+
 The scheduler and worker halves share the transfer registry and the server address: they live in one process
 (the engine core). The KV server binds ``kv_host:kv_port`` (default all interfaces, a free port) and announces
 ``kv_advertise_host`` (default 127.0.0.1; a pod sets its own IP).
@@ -21,7 +26,11 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
+
+import grpc
+import torch
 
 from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
                                              KVTransferParams, LoadFailure, LoadSpec)
@@ -89,6 +98,9 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         return self.address
 
 
+TRANSPORTS = ("auto", "stream", "ipc")
+
+
 class GrpcConnectorWorker(KVConnectorWorker):
     """Runs the KV server (producer) and pulls transfers in loader threads (consumer)."""
 
@@ -102,6 +114,13 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._lock = threading.Lock()
         self._client = KVPullClient(ctx.descriptor, int(ctx.option("kv_chunk_bytes", DEFAULT_CHUNK_BYTES)))
         self.streams = int(ctx.option("kv_pull_streams", 4))
+        self.transport = str(ctx.option("kv_transport", "auto"))
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown kv_transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
+        self._ipc_peers: dict[str, Any] = {}  # KV server address -> _IpcPeer, or None where IPC is impossible
+        self._ipc_lock = threading.Lock()
+        self._copy_stream = None
+        self.loads_by_transport = {"stream": 0, "ipc": 0}
         self._loader = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="kv-pull")
         self.server, self.address = None, None
         if ctx.is_producer:
@@ -114,15 +133,85 @@ class GrpcConnectorWorker(KVConnectorWorker):
 
     def start_load_kv(self) -> None:
         for spec in self._meta.loads:
-            # Several streams per transfer: one Python stream is bound by per-message work, not the network.
-            n = max(1, min(self.streams, len(spec.blocks) // 8 or 1))
-            size = -(-len(spec.blocks) // n)
-            ranges = [spec.blocks[i:i + size] for i in range(0, len(spec.blocks), size)]
-            job = _PullJob(spec, len(ranges), time.perf_counter())
             with self._lock:
                 self._inflight += 1
-            for blocks in ranges:
-                self._loader.submit(self._pull_range, job, blocks)
+            t0 = time.perf_counter()
+            if self.transport != "stream" and self.kv_caches and self.kv_caches[0].is_cuda:
+                self._loader.submit(self._load_via_ipc, spec, t0)
+            elif self.transport == "ipc":
+                self._pull_done(_PullJob.failed(spec, t0, "ipc_unavailable", "kv_transport ipc needs a KV cache on "
+                                                                              "a GPU"))
+            else:
+                self._stream(spec, t0)
+
+    def _stream(self, spec: LoadSpec, t0: float) -> None:
+        # Several streams per transfer: one Python stream is bound by per-message work, not the network.
+        n = max(1, min(self.streams, len(spec.blocks) // 8 or 1))
+        size = -(-len(spec.blocks) // n)
+        ranges = [spec.blocks[i:i + size] for i in range(0, len(spec.blocks), size)]
+        job = _PullJob(spec, len(ranges), t0)
+        with self._lock:
+            self.loads_by_transport["stream"] += 1
+        for blocks in ranges:
+            self._loader.submit(self._pull_range, job, blocks)
+
+    def _load_via_ipc(self, spec: LoadSpec, t0: float) -> None:
+        """Copy a transfer's blocks device to device from a peer on this node (falls back to the stream under
+        ``auto`` when the peer's cache cannot be mapped here)."""
+        from pdserve.engine.kv_transfer import cuda_ipc
+
+        address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
+        job = _PullJob(spec, 1, t0)
+        failure = None
+        try:
+            peer = self._ipc_peer(address)
+            if peer is None:
+                if self.transport == "auto":
+                    return self._stream(spec, t0)
+                failure = (0, "ipc_unavailable", f"cannot map the KV cache of {address} over CUDA IPC")
+            else:
+                cache_id, src_ids = self._client.locate(address, transfer_id, spec.blocks, self.timeout_s)
+                if cache_id != peer.cache_id:  # the peer restarted since we mapped its cache
+                    peer = self._ipc_peer(address, refresh=True)
+                if peer is None or cache_id != peer.cache_id:
+                    failure = (0, "peer_gone", f"the KV cache of {address} changed while being loaded")
+                else:
+                    if self._copy_stream is None:
+                        self._copy_stream = torch.cuda.Stream(device=self.kv_caches[0].device)
+                    cuda_ipc.copy_blocks(peer.caches, src_ids, self.kv_caches, [b.block_id for b in spec.blocks],
+                                         self._copy_stream)
+                    job.add_bytes(sum(self.ctx.descriptor.payload_bytes(b.num_tokens) for b in spec.blocks))
+                    with self._lock:
+                        self.loads_by_transport["ipc"] += 1
+        except PullError as exc:
+            failure = (0, exc.reason, str(exc))
+        except Exception as exc:  # never leave a request waiting on a load that died
+            logger.exception("KV load of request %s over CUDA IPC failed", spec.request_id)
+            failure = (0, "error", f"{type(exc).__name__}: {exc}")
+        job.finish(failure)
+        self._pull_done(job)
+
+    def _ipc_peer(self, address: str, refresh: bool = False) -> "_IpcPeer | None":
+        """The peer's cache mapped into this process (opened once per KV server), or None when IPC is impossible
+        (another node, an invisible GPU, a CPU cache, this very process)."""
+        from pdserve.engine.kv_transfer import cuda_ipc
+
+        with self._ipc_lock:
+            if address in self._ipc_peers and not refresh:
+                return self._ipc_peers[address]
+            peer = None
+            try:
+                share = self._client.share_cache(address, cuda_ipc.node_id(), self.timeout_s)
+                peer = _IpcPeer(share.cache_id, cuda_ipc.open_cache(share, self.kv_caches[0].dtype))
+                logger.info("KV server %s shares its GPU cache: loading its blocks over CUDA IPC", address)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return None  # maybe transient: ask again next time (the stream will report the peer gone)
+                logger.info("KV server %s: no CUDA IPC (%s); streaming its blocks", address, exc.details())
+            except RuntimeError as exc:
+                logger.info("KV server %s: no CUDA IPC (%s); streaming its blocks", address, exc)
+            self._ipc_peers[address] = peer
+            return peer
 
     def _pull_range(self, job: "_PullJob", blocks: tuple) -> None:
         from pdserve.engine.kv_transfer import kv_layout
@@ -197,6 +286,12 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._client.close()
 
 
+@dataclass(frozen=True)
+class _IpcPeer:
+    cache_id: str
+    caches: list  # the peer's per-layer cache tensors, mapped into this process
+
+
 class _PullJob:
     """One transfer pulled over several streams; the earliest failure decides how many blocks count."""
 
@@ -206,6 +301,12 @@ class _PullJob:
         self.failure: tuple[int, str, str] | None = None
         self._left = num_ranges
         self._lock = threading.Lock()
+
+    @classmethod
+    def failed(cls, spec: LoadSpec, t0: float, reason: str, message: str) -> "_PullJob":
+        job = cls(spec, 1, t0)
+        job.finish((0, reason, message))
+        return job
 
     def add_bytes(self, n: int) -> None:
         with self._lock:

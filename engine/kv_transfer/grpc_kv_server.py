@@ -6,6 +6,10 @@ each as a header then payload chunks of ``chunk_bytes``; HTTP/2 flow control hol
 reader is slower, and the caller's deadline bounds the whole pull. ``Release`` ends the lease early (the
 decode pod has the blocks, or gave up). While a pull is streaming its transfer cannot expire, so the blocks it
 reads are never reused under it.
+
+On one node a decode process can skip the stream: ``ShareCache`` hands it CUDA IPC handles of the cache once,
+``LocateBlocks`` names a transfer's block ids (and pins the transfer while the caller copies), and the caller
+copies device to device, then calls ``Release`` (see :mod:`.cuda_ipc`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,6 +61,16 @@ class TransferRegistry:
             if t is None:
                 return None
             t.active_pulls += 1
+            return t.blocks
+
+    def pin(self, transfer_id: str, seconds: float) -> tuple[BlockRef, ...] | None:
+        """The transfer's blocks, its lease extended to at least ``seconds`` from now (None when unknown or
+        expired): a peer copying them itself (CUDA IPC) gets that long before they can be reused."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is None:
+                return None
+            t.expires_at = max(t.expires_at, time.monotonic() + seconds)
             return t.blocks
 
     def end_pull(self, transfer_id: str) -> None:
@@ -105,19 +120,23 @@ class KVTransferServicer:
         self.descriptor = descriptor
         self._get_kv_caches = get_kv_caches
         self._on_sent = on_sent
+        self._share = None  # cuda_ipc.SharedCache, made on the first ShareCache call
+        self._share_lock = threading.Lock()
+
+    def _check_descriptor(self, msg: Any, context: grpc.ServicerContext) -> None:
+        try:
+            theirs = KVDescriptor.from_proto(msg)
+        except KVFormatError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        diff = self.descriptor.mismatches(theirs)
+        if diff:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "incompatible KV cache: " + "; ".join(diff))
 
     def PullBlocks(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         from pdserve.engine.kv_transfer import kv_layout
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
-        try:
-            theirs = KVDescriptor.from_proto(request.descriptor)
-        except KVFormatError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        diff = self.descriptor.mismatches(theirs)
-        if diff:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "incompatible KV cache: " + "; ".join(diff))
+        self._check_descriptor(request.descriptor, context)
         blocks = self.registry.begin_pull(request.transfer_id)
         if blocks is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV transfer {request.transfer_id!r} here (never "
@@ -145,6 +164,38 @@ class KVTransferServicer:
                 self._on_sent(sent_blocks, sent_bytes)
         finally:
             self.registry.end_pull(request.transfer_id)
+
+    def ShareCache(self, request: Any, context: grpc.ServicerContext) -> Any:
+        from pdserve.engine.kv_transfer import cuda_ipc
+        from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
+
+        self._check_descriptor(request.descriptor, context)
+        caches = self._get_kv_caches()
+        if not caches or not caches[0].is_cuda:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this pod's KV cache is not on a GPU: no CUDA IPC")
+        if request.node_id != cuda_ipc.node_id():
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "CUDA IPC needs the caller on this pod's node")
+        with self._share_lock:
+            if self._share is None:
+                self._share = cuda_ipc.share_cache(caches, cache_id=uuid.uuid4().hex)
+            share = self._share
+        return pb.CacheShare(node_id=share.node_id, gpu_uuid=share.gpu_uuid, cache_id=share.cache_id,
+                             layers=list(share.layers), process_id=cuda_ipc.PROCESS_ID)
+
+    def LocateBlocks(self, request: Any, context: grpc.ServicerContext) -> Any:
+        from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
+
+        self._check_descriptor(request.descriptor, context)
+        blocks = self.registry.pin(request.transfer_id, max(float(request.pin_seconds), 1.0))
+        if blocks is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no KV transfer {request.transfer_id!r} here (never "
+                                                     f"registered, released, or its lease expired)")
+        first, count = request.first_block, request.num_blocks
+        wanted = blocks[first:first + count] if count else blocks[first:]
+        return pb.BlockLocations(
+            cache_id=self._share.cache_id if self._share is not None else "",
+            blocks=[pb.BlockLocation(block_index=b.index, block_id=b.block_id, block_hash=b.block_hash,
+                                     num_tokens=b.num_tokens) for b in wanted])
 
     def Release(self, request: Any, context: grpc.ServicerContext) -> Any:
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
@@ -243,6 +294,40 @@ class KVPullClient:
             raise PullError("missing", f"KV server {address} sent {done} of {len(blocks)} blocks of transfer "
                                        f"{transfer_id}", done)
         return nbytes
+
+    def share_cache(self, address: str, node: str, timeout_s: float) -> Any:
+        """The KV server's ``CacheShare`` (CUDA IPC handles); raises ``grpc.RpcError`` when it will not share."""
+        from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
+
+        return self._stub(address).ShareCache(pb.ShareCacheRequest(descriptor=self.descriptor.to_proto(),
+                                                                   node_id=node), timeout=timeout_s)
+
+    def locate(self, address: str, transfer_id: str, blocks: Sequence[BlockRef], timeout_s: float
+               ) -> tuple[str, list[int]]:
+        """``(cache_id, the peer's block id of each of blocks)``, the transfer pinned for ``timeout_s``.
+
+        Raises :class:`PullError` (nothing landed) for an unknown transfer, an incompatible cache, or a peer
+        whose blocks do not hold what the handle promised (other hashes or token counts).
+        """
+        from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
+
+        req = pb.LocateBlocksRequest(transfer_id=transfer_id, descriptor=self.descriptor.to_proto(),
+                                     first_block=blocks[0].index, num_blocks=len(blocks), pin_seconds=timeout_s)
+        try:
+            reply = self._stub(address).LocateBlocks(req, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            raise PullError(_CODE_REASONS.get(code, "error"), f"locating KV transfer {transfer_id} at {address} "
+                                                              f"failed: {code.name}: {exc.details()}", 0) from None
+        theirs = list(reply.blocks)
+        if len(theirs) != len(blocks):
+            raise PullError("missing", f"KV server {address} holds {len(theirs)} of {len(blocks)} blocks of "
+                                       f"transfer {transfer_id}", 0)
+        for ref, loc in zip(blocks, theirs):
+            if (loc.block_index, loc.block_hash, loc.num_tokens) != (ref.index, ref.block_hash, ref.num_tokens):
+                raise PullError("missing", f"block {ref.index} of transfer {transfer_id} at {address} holds "
+                                           f"other tokens than the handle names", 0)
+        return reply.cache_id, [loc.block_id for loc in theirs]
 
     def release(self, address: str, transfer_id: str, timeout_s: float = 2.0) -> bool:
         """Tell the KV server to free the transfer's blocks (best effort: False if it could not be told)."""

@@ -27,6 +27,9 @@ def add_kv_transfer_arguments(parser: argparse.ArgumentParser, default_connector
                    help="grpc: the address decode pods reach this pod's KV server at (a pod's IP)")
     g.add_argument("--kv-lease", type=float, default=60.0,
                    help="grpc: seconds a prefill pod keeps a finished prompt's blocks for a decode pod")
+    g.add_argument("--kv-transport", default="auto", choices=["auto", "stream", "ipc"],
+                   help="grpc: how a decode pod moves the blocks: device to device over CUDA IPC when the prefill "
+                        "pod is on the same node (ipc), over the gRPC stream (stream), or IPC where possible (auto)")
     g.add_argument("--kv-load-timeout", type=float, default=10.0,
                    help="seconds a decode pod waits for blocks still being written, and the deadline of a pull")
     g.add_argument("--kv-load-failure-policy", default="recompute", choices=list(LOAD_FAILURE_POLICIES),
@@ -45,7 +48,7 @@ def kv_transfer_kwargs(args: argparse.Namespace, role: str) -> dict[str, Any]:
         "load_failure_policy": args.kv_load_failure_policy, "kv_load_timeout_s": args.kv_load_timeout,
         "kv_path": args.kv_path, "kv_max_bytes": args.kv_max_bytes, "redis_url": args.redis_url,
         "redis_ttl_s": args.redis_ttl, "kv_port": args.kv_port, "kv_advertise_host": args.kv_advertise_host,
-        "kv_lease_s": args.kv_lease,
+        "kv_lease_s": args.kv_lease, "kv_transport": getattr(args, "kv_transport", None),
     }
     return {"role": role, "connector": connector,
             "options": tuple(sorted((k, v) for k, v in options.items() if v is not None))}

@@ -11,6 +11,7 @@ Options every built-in connector reads (``KVTransferConfig.options``; CLI flags 
     kv_path, kv_max_bytes                           shared-fs (--kv-path, --kv-max-bytes)
     redis_url, redis_ttl_s, kv_max_bytes            redis     (--redis-url, --redis-ttl, --kv-max-bytes)
     kv_host, kv_port, kv_advertise_host, kv_lease_s grpc      (--kv-port, --kv-advertise-host, --kv-lease)
+    kv_transport          auto | stream | ipc        grpc      (--kv-transport)
 """
 
 from __future__ import annotations

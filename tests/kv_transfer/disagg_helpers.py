@@ -114,3 +114,24 @@ def settle(*engines: LLMEngine, timeout_s: float = 10.0) -> None:
 
 def connector_stats(eng: LLMEngine) -> Any:
     return eng.core.scheduler.kv_connector.stats.snapshot()
+
+
+def prefill_server_process(conn: Any, config: EngineConfig, prompts: list[list[int]], ids: list[str]) -> None:
+    """A prefill engine in its own process (for CUDA IPC, which needs two processes): prefills ``prompts``, sends
+    ``{id: (first token ids, kv_transfer_params)}``, keeps stepping (so peers' releases free blocks) until told to
+    stop, then sends its KV cache usage once every held block is free."""
+    eng = LLMEngine(config)
+    try:
+        for rid, prompt in zip(ids, prompts):
+            eng.add_request(prompt, greedy(1), request_id=rid)
+        firsts = run_all(eng, ids)
+        conn.send({rid: (list(out.outputs[0].token_ids), out.kv_transfer_params) for rid, out in firsts.items()})
+        while not conn.poll(0.005):
+            if eng.has_unfinished_requests():
+                eng.step()
+        deadline = time.monotonic() + 30
+        while eng.has_unfinished_requests() and time.monotonic() < deadline:
+            eng.step()
+        conn.send(eng.core.scheduler.kv_cache_manager.usage)
+    finally:
+        eng.core.shutdown()

@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -84,3 +85,83 @@ class ReleaseResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class ShareCacheRequest(_message.Message):
+    __slots__ = ("descriptor", "node_id")
+    DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    descriptor: KVCacheDescriptor
+    node_id: str
+    def __init__(self, descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class IpcTensor(_message.Message):
+    __slots__ = ("handle", "storage_offset_bytes", "storage_size_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "shape", "stride", "tensor_offset")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    storage_offset_bytes: int
+    storage_size_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    stride: _containers.RepeatedScalarFieldContainer[int]
+    tensor_offset: int
+    def __init__(self, handle: _Optional[bytes] = ..., storage_offset_bytes: _Optional[int] = ..., storage_size_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., shape: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., tensor_offset: _Optional[int] = ...) -> None: ...
+
+class CacheShare(_message.Message):
+    __slots__ = ("node_id", "gpu_uuid", "cache_id", "layers", "process_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    gpu_uuid: str
+    cache_id: str
+    layers: _containers.RepeatedCompositeFieldContainer[IpcTensor]
+    process_id: str
+    def __init__(self, node_id: _Optional[str] = ..., gpu_uuid: _Optional[str] = ..., cache_id: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[IpcTensor, _Mapping]]] = ..., process_id: _Optional[str] = ...) -> None: ...
+
+class LocateBlocksRequest(_message.Message):
+    __slots__ = ("transfer_id", "descriptor", "first_block", "num_blocks", "pin_seconds")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    descriptor: KVCacheDescriptor
+    first_block: int
+    num_blocks: int
+    pin_seconds: float
+    def __init__(self, transfer_id: _Optional[str] = ..., descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., pin_seconds: _Optional[float] = ...) -> None: ...
+
+class BlockLocation(_message.Message):
+    __slots__ = ("block_index", "block_id", "block_hash", "num_tokens")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    block_id: int
+    block_hash: int
+    num_tokens: int
+    def __init__(self, block_index: _Optional[int] = ..., block_id: _Optional[int] = ..., block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class BlockLocations(_message.Message):
+    __slots__ = ("cache_id", "blocks")
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    cache_id: str
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockLocation]
+    def __init__(self, cache_id: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockLocation, _Mapping]]] = ...) -> None: ...

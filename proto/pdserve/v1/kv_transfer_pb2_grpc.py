@@ -47,6 +47,16 @@ class KVTransferStub:
                 request_serializer=pdserve_dot_v1_dot_kv__transfer__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_kv__transfer__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.ShareCache = channel.unary_unary(
+                '/pdserve.v1.KVTransfer/ShareCache',
+                request_serializer=pdserve_dot_v1_dot_kv__transfer__pb2.ShareCacheRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kv__transfer__pb2.CacheShare.FromString,
+                _registered_method=True)
+        self.LocateBlocks = channel.unary_unary(
+                '/pdserve.v1.KVTransfer/LocateBlocks',
+                request_serializer=pdserve_dot_v1_dot_kv__transfer__pb2.LocateBlocksRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kv__transfer__pb2.BlockLocations.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -70,6 +80,24 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareCache(self, request, context):
+        """Same-node fast path (grpc connector, transport "ipc"): CUDA IPC handles of the pod's per-layer KV cache
+        tensors, so a decode process on the same node copies blocks device to device. FAILED_PRECONDITION when the
+        caller is on another node or its descriptor is incompatible; UNIMPLEMENTED when the cache is not on a GPU.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LocateBlocks(self, request, context):
+        """Where a transfer's blocks sit in the pod's cache (for a caller that copies them itself over CUDA IPC). Keeps
+        the transfer's lease alive for pin_seconds more, so its blocks stay put while the caller copies; the caller
+        then calls Release. Same errors as PullBlocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +110,16 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=pdserve_dot_v1_dot_kv__transfer__pb2.ReleaseRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_kv__transfer__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'ShareCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareCache,
+                    request_deserializer=pdserve_dot_v1_dot_kv__transfer__pb2.ShareCacheRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kv__transfer__pb2.CacheShare.SerializeToString,
+            ),
+            'LocateBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateBlocks,
+                    request_deserializer=pdserve_dot_v1_dot_kv__transfer__pb2.LocateBlocksRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kv__transfer__pb2.BlockLocations.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +179,60 @@ class KVTransfer:
             '/pdserve.v1.KVTransfer/Release',
             pdserve_dot_v1_dot_kv__transfer__pb2.ReleaseRequest.SerializeToString,
             pdserve_dot_v1_dot_kv__transfer__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVTransfer/ShareCache',
+            pdserve_dot_v1_dot_kv__transfer__pb2.ShareCacheRequest.SerializeToString,
+            pdserve_dot_v1_dot_kv__transfer__pb2.CacheShare.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVTransfer/LocateBlocks',
+            pdserve_dot_v1_dot_kv__transfer__pb2.LocateBlocksRequest.SerializeToString,
+            pdserve_dot_v1_dot_kv__transfer__pb2.BlockLocations.FromString,
             options,
             channel_credentials,
             insecure,
