@@ -41,8 +41,11 @@ class EngineClient(Protocol):
         """Token ids of a prompt; ``ValueError`` for bad input."""
 
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
-                 stream: bool = True, prompt_text: str | None = None) -> OutputStream:
-        """Validate and queue a request, raising at once for bad input (see ``AsyncLLM.generate``)."""
+                 stream: bool = True, prompt_text: str | None = None,
+                 kv_transfer_params: dict | None = None) -> OutputStream:
+        """Validate and queue a request, raising at once for bad input (see ``AsyncLLM.generate``).
+
+        ``kv_transfer_params``: a prefill pod's transfer handle whose KV this (decode-role) engine loads."""
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its resources."""

@@ -57,13 +57,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.settings = settings
         self.serving = ChatServing(engine, settings)  # its ServingBase checks serve both prompt kinds
 
-    async def _abort(self, context: grpc.aio.ServicerContext, err: ApiError) -> NoReturn:
+    async def abort_call(self, context: grpc.aio.ServicerContext, err: ApiError) -> NoReturn:
         """End the call with the error's status code (``context.abort`` raises)."""
         if err.retry_after is not None:
             context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
         await context.abort(getattr(grpc.StatusCode, GRPC_CODES.get(err.status, "INTERNAL")), err.message)
 
-    def _check_auth(self, context: grpc.aio.ServicerContext) -> None:
+    def check_auth(self, context: grpc.aio.ServicerContext) -> None:
+        """Raise a 401 ``ApiError`` unless the call carries the server's API key (when one is set)."""
         if not self.settings.api_key:
             return
         given = dict(context.invocation_metadata() or ()).get("authorization", "")
@@ -71,7 +72,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise ApiError(401, "invalid or missing API key (metadata 'authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    def _prepare(self, req: pb.GenerateRequest) -> tuple[Prompt, Any]:
+    def prepare(self, req: pb.GenerateRequest) -> tuple[Prompt, Any]:
+        """The prompt (tokenized) and SamplingParams of a ``GenerateRequest``, validated as the HTTP API does."""
         fields = request_fields(req)
         kind = req.WhichOneof("prompt")
         try:
@@ -106,12 +108,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            self._check_auth(context)
-            prompt, params = self._prepare(request)
+            self.check_auth(context)
+            prompt, params = self.prepare(request)
             request_id = request.request_id or new_id("grpc")
             streams = self.serving.start([prompt], params, request_id, stream=True)
         except Exception as exc:
-            await self._abort(context, from_exception(exc, self.settings.retry_after_s))
+            await self.abort_call(context, from_exception(exc, self.settings.retry_after_s))
             return
         completion_tokens = 0
         try:
@@ -120,11 +122,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 completion_tokens += len(comp.token_ids)
                 yield pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
                     index=comp.index, text=comp.text, token_ids=comp.token_ids,
-                    logprobs=[self._token_logprob(row) for row in comp.logprobs or []],
+                    logprobs=[self.token_logprob(row) for row in comp.logprobs or []],
                     finish_reason=comp.finish_reason or "",
                     stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
         except Exception as exc:
-            await self._abort(context, from_exception(exc, self.settings.retry_after_s))
+            await self.abort_call(context, from_exception(exc, self.settings.retry_after_s))
             return
         finally:
             for s in streams:
@@ -133,7 +135,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(
             prompt_tokens=n_prompt, completion_tokens=completion_tokens, total_tokens=n_prompt + completion_tokens))
 
-    def _token_logprob(self, row: list[Any]) -> pb.TokenLogprob:
+    def token_logprob(self, row: list[Any]) -> pb.TokenLogprob:
+        """One position's logprobs (the sampled token, then its top alternatives) as a ``TokenLogprob``."""
         head = row[0]
         return pb.TokenLogprob(token_id=head.token_id, token=self.serving.token_text(head), logprob=head.logprob,
                                rank=head.rank, top_logprobs=[pb.TopLogprob(
@@ -142,7 +145,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
-            self._check_auth(context)
+            self.check_auth(context)
             self.serving.check_model(request.model or None)
             tok = self.engine.tokenizer
             if tok is None:
@@ -150,14 +153,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             special = request.add_special_tokens if request.HasField("add_special_tokens") else True
             ids = list(tok(request.text, add_special_tokens=special).input_ids)
         except Exception as exc:
-            await self._abort(context, from_exception(exc, self.settings.retry_after_s))
+            await self.abort_call(context, from_exception(exc, self.settings.retry_after_s))
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            self._check_auth(context)
+            self.check_auth(context)
         except ApiError as exc:
-            await self._abort(context, exc)
+            await self.abort_call(context, exc)
         tok = self.engine.tokenizer
         return pb.ModelInfo(model_name=self.settings.model_name,
                             served_model_names=list(self.settings.served_model_names),

@@ -46,6 +46,9 @@ class _SamplingFields(_Strict):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+    # Disaggregation (a pdserve extension, named as vLLM names it): on a decode pod, the transfer handle a prefill
+    # pod returned for this prompt; its KV is loaded instead of computed. A prefill pod returns one in responses.
+    kv_transfer_params: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a requested feature this server does not implement."""
@@ -55,6 +58,8 @@ class _SamplingFields(_Strict):
             return "best_of", "best_of other than n is not supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
+        if self.kv_transfer_params is not None and self.n != 1:
+            return "kv_transfer_params", "a KV transfer handle belongs to one sequence: n must be 1"
         return None
 
 

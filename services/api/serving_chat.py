@@ -39,18 +39,24 @@ class ChatServing(ServingBase):
             raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
         prompt = render_chat(self.engine.tokenizer, req.messages, req.add_generation_prompt)
         params = self.sampling_params(req, max_tokens, logprobs)
+        handle = self.transfer_handle(req)
         request_id, created = new_id("chatcmpl"), int(time.time())
-        streams = self.start([prompt], params, request_id, req.stream)
+        streams = self.start([prompt], params, request_id, req.stream, handle)
         if req.stream:
             events = self._events(req, prompt, streams, request_id, created)
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
-        (outs,) = await self.collect(streams)
+        handles: list[dict | None] = []
+        (outs,) = await self.collect(streams, handles)
+        self.check_transfer_outcome(outs, handle is not None)
         usage = Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=sum(len(c.token_ids) for c in outs))
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": self._logprobs(c.logprobs) if req.logprobs else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in outs]
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name(),
+        body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name(),
                 "choices": choices, "usage": usage.as_dict()}
+        if handles[0] is not None:
+            body["kv_transfer_params"] = handles[0]  # a prefill pod's: where a decode pod loads this KV from
+        return body
 
     async def _events(self, req: ChatCompletionRequest, prompt: Prompt, streams: list[OutputStream],
                       request_id: str, created: int) -> AsyncIterator[str]:

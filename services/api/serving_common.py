@@ -102,14 +102,32 @@ class ServingBase:
             raise from_value_error(exc) from None
 
     # ------------------------------------------------------------------ engine
+    def transfer_handle(self, req: _SamplingFields) -> dict | None:
+        """The request's ``kv_transfer_params``, checked (a 400 naming the field when malformed), or None."""
+        if req.kv_transfer_params is None:
+            return None
+        from pdserve.engine.kv_transfer.base import KVTransferParams
+
+        try:
+            return KVTransferParams.from_dict(req.kv_transfer_params).to_dict()
+        except ValueError as exc:
+            raise bad_request(str(exc), param="kv_transfer_params") from None
+
     def start(self, prompts: list[Prompt], params: SamplingParams, request_id: str,
-              stream: bool) -> list[OutputStream]:
-        """Queue every prompt; if one is refused, abort the ones already queued and raise the mapped error."""
+              stream: bool, kv_transfer_params: dict | None = None) -> list[OutputStream]:
+        """Queue every prompt; if one is refused, abort the ones already queued and raise the mapped error.
+
+        ``kv_transfer_params`` (one prompt only): load that prefill's KV instead of computing it (decode role).
+        """
+        if kv_transfer_params is not None and len(prompts) != 1:
+            raise bad_request("a KV transfer handle belongs to one prompt", param="kv_transfer_params")
+        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else {}
         streams: list[OutputStream] = []
         try:
             for i, p in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                streams.append(self.engine.generate(p.token_ids, params, rid, stream=stream, prompt_text=p.text))
+                streams.append(self.engine.generate(p.token_ids, params, rid, stream=stream, prompt_text=p.text,
+                                                    **extra))
         except Exception as exc:
             for s in streams:
                 s.close()
@@ -119,18 +137,37 @@ class ServingBase:
             raise err from None
         return streams
 
-    async def collect(self, streams: list[OutputStream]) -> list[list[CompletionOutput]]:
-        """Final outputs of every stream (per prompt, sorted by sequence index)."""
+    async def collect(self, streams: list[OutputStream], handles: list[dict | None] | None = None
+                      ) -> list[list[CompletionOutput]]:
+        """Final outputs of every stream (per prompt, sorted by sequence index).
 
-        async def one(stream: OutputStream) -> list[CompletionOutput]:
-            outs = [out.outputs[0] async for out in stream if out.outputs[0].finished]
-            return sorted(outs, key=lambda c: c.index)
+        With ``handles``, each stream's KV transfer handle (a prefill-role engine's, else None) is appended to it.
+        """
+
+        async def one(stream: OutputStream) -> tuple[list[CompletionOutput], dict | None]:
+            outs, handle = [], None
+            async for out in stream:
+                if out.outputs[0].finished:
+                    outs.append(out.outputs[0])
+                    handle = getattr(out, "kv_transfer_params", None) or handle
+            return sorted(outs, key=lambda c: c.index), handle
 
         try:
-            return list(await self.with_timeout(asyncio.gather(*(one(s) for s in streams))))
+            results = list(await self.with_timeout(asyncio.gather(*(one(s) for s in streams))))
         finally:
             for s in streams:
                 s.close()
+        if handles is not None:
+            handles.extend(h for _, h in results)
+        return [outs for outs, _ in results]
+
+    @staticmethod
+    def check_transfer_outcome(outs: list[CompletionOutput], had_handle: bool) -> None:
+        """A request that carried a handle and was ended by the engine (a KV load that failed under the ``fail``
+        policy; the reason rides in ``stop_reason``) is an error, not an empty answer."""
+        for comp in outs:
+            if had_handle and comp.finish_reason == "abort" and comp.stop_reason:
+                raise ApiError(409, str(comp.stop_reason), param="kv_transfer_params", code="kv_transfer_failed")
 
     async def with_timeout(self, aw: Any) -> Any:
         timeout = self.settings.request_timeout_s

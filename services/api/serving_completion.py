@@ -41,20 +41,26 @@ class CompletionServing(ServingBase):
         self.check_common(req)
         prompts = self.prompts(req)
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        handle = self.transfer_handle(req)
         request_id, created = new_id("cmpl"), int(time.time())
-        streams = self.start(prompts, params, request_id, req.stream)
+        streams = self.start(prompts, params, request_id, req.stream, handle)
         if req.stream:
             events = self._events(req, prompts, streams, request_id, created)
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
-        results = await self.collect(streams)
+        handles: list[dict | None] = []
+        results = await self.collect(streams, handles)
         choices, usage = [], Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts))
         for i, (prompt, outs) in enumerate(zip(prompts, results)):
+            self.check_transfer_outcome(outs, handle is not None)
             for comp in outs:
                 usage.completion_tokens += len(comp.token_ids)
                 text = (self._echo_text(prompt) if req.echo else "") + comp.text
                 choices.append(self._choice(i * req.n + comp.index, text, comp, req.logprobs))
-        return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name(),
+        body = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name(),
                 "choices": choices, "usage": usage.as_dict()}
+        if len(handles) == 1 and handles[0] is not None:
+            body["kv_transfer_params"] = handles[0]  # a prefill pod's: where a decode pod loads this KV from
+        return body
 
     async def _events(self, req: CompletionRequest, prompts: list[Prompt], streams: list[OutputStream],
                       request_id: str, created: int) -> AsyncIterator[str]:

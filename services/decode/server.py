@@ -35,11 +35,11 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         settings = self.gen.settings
         try:
-            self.gen._check_auth(context)
+            self.gen.check_auth(context)
             if request.request.WhichOneof("prompt") != "token_ids":
                 raise bad_request("a decode request's prompt must be token ids (the prompt and the prefill's "
                                   "first token)", param="prompt")
-            prompt, params = self.gen._prepare(request.request)
+            prompt, params = self.gen.prepare(request.request)
             handle = None
             if request.HasField("kv_transfer_params"):
                 try:
@@ -50,7 +50,7 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
             stream = self.engine.generate(prompt.token_ids, params, request_id, stream=True,
                                           kv_transfer_params=handle)
         except Exception as exc:
-            await self.gen._abort(context, from_exception(exc, settings.retry_after_s))
+            await self.gen.abort_call(context, from_exception(exc, settings.retry_after_s))
             return
         completion_tokens = 0
         try:
@@ -62,7 +62,7 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
                 completion_tokens += len(comp.token_ids)
                 yield pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
                     index=comp.index, text=comp.text, token_ids=comp.token_ids,
-                    logprobs=[self.gen._token_logprob(row) for row in comp.logprobs or []],
+                    logprobs=[self.gen.token_logprob(row) for row in comp.logprobs or []],
                     finish_reason=comp.finish_reason or "",
                     stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
         except ApiError as exc:
@@ -70,7 +70,7 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
                                 else grpc.StatusCode.INTERNAL, exc.message)
             return
         except Exception as exc:
-            await self.gen._abort(context, from_exception(exc, settings.retry_after_s))
+            await self.gen.abort_call(context, from_exception(exc, settings.retry_after_s))
             return
         finally:
             stream.close()

@@ -3,8 +3,10 @@
 ``pdserve prefill`` and ``pdserve decode`` are ``pdserve serve`` with three differences: the engine config gets
 the role and the KV connector (``--kv-connector`` and its options), the gRPC server always runs (default port
 50051) and also carries ``Prefill`` or ``Decode``, and ``/metrics`` adds the connector's KV transfer metrics.
-The OpenAI HTTP API stays available: a decode pod answers plain requests itself (and with a store connector
-reuses any prefix a prefill pod stored).
+The OpenAI HTTP API stays available and speaks disaggregation too: a prefill pod's completion responses carry
+``kv_transfer_params`` (the handle), and a decode pod given that handle in a request body loads the prompt's KV
+instead of computing it; without one it answers the request itself (and with a store connector reuses any
+prefix a prefill pod stored).
 """
 
 from __future__ import annotations

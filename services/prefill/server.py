@@ -36,8 +36,8 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
     async def Prefill(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         settings = self.gen.settings
         try:
-            self.gen._check_auth(context)
-            prompt, params = self.gen._prepare(request.request)
+            self.gen.check_auth(context)
+            prompt, params = self.gen.prepare(request.request)
             if params.n != 1:
                 raise bad_request("n must be 1 for a disaggregated request (send n > 1 to a decode or monolithic "
                                   "server)", param="n")
@@ -46,14 +46,14 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
             stream = self.engine.generate(prompt.token_ids, first, request_id, stream=False,
                                           prompt_text=prompt.text)
         except Exception as exc:
-            await self.gen._abort(context, from_exception(exc, settings.retry_after_s))
+            await self.gen.abort_call(context, from_exception(exc, settings.retry_after_s))
             return
         try:
             final = None
             async for out in stream:
                 final = out
         except Exception as exc:
-            await self.gen._abort(context, from_exception(exc, settings.retry_after_s))
+            await self.gen.abort_call(context, from_exception(exc, settings.retry_after_s))
             return
         finally:
             stream.close()
@@ -74,7 +74,7 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
             await release_transfer(handle)
             handle = None
         choice = pb.Choice(index=0, text=comp.text, token_ids=comp.token_ids,
-                           logprobs=[self.gen._token_logprob(row) for row in comp.logprobs or []],
+                           logprobs=[self.gen.token_logprob(row) for row in comp.logprobs or []],
                            finish_reason=finish,
                            stop_reason="" if not finish or comp.stop_reason is None else str(comp.stop_reason))
         budget = params.max_tokens if params.max_tokens is not None else self.engine.max_model_len - n_prompt

@@ -87,6 +87,35 @@ def test_prefill_then_decode_equals_monolithic(pods, reference):
     assert decode.metric("kv_transfer_failures_total") == 0
 
 
+def test_openai_http_prefill_then_decode_with_the_handle(pods, reference):
+    """The same hand-over through the OpenAI HTTP API and the real openai client: the prefill pod's completion
+    carries ``kv_transfer_params``; the decode pod, given it, loads the prompt's KV (no failure, blocks counted)
+    and answers what it answers when it computes everything itself."""
+    import openai
+
+    prefill, decode, _ = pods
+    prompt = PROMPTS[2]
+    body = {"ignore_eos": True}
+    pre = openai.OpenAI(base_url=f"{prefill.url}/v1", api_key="x").completions.create(
+        model=prefill.model, prompt=prompt, max_tokens=1, temperature=0.0, extra_body=body)
+    handle = pre.model_extra["kv_transfer_params"]
+    assert handle["num_tokens"] == len(prompt) and handle["connector"] == "grpc"
+    client = openai.OpenAI(base_url=f"{decode.url}/v1", api_key="x")
+    loaded_before = decode.metric("kv_transfer_blocks_total", connector="grpc", direction="load")
+    with_kv = client.completions.create(model=decode.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                        extra_body={**body, "kv_transfer_params": handle})
+    assert decode.metric("kv_transfer_blocks_total", connector="grpc", direction="load") > loaded_before
+    assert decode.metric("kv_transfer_failures_total") == 0
+    assert "kv_transfer_params" not in (with_kv.model_extra or {})  # only a prefill pod hands KV on
+    local = client.completions.create(model=decode.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                      extra_body=body)
+    assert with_kv.choices[0].text == local.choices[0].text and with_kv.usage.completion_tokens == MAX_TOKENS
+    prefill.wait_no_blocks_in_use()
+    with pytest.raises(openai.BadRequestError, match="kv_transfer_params"):
+        client.completions.create(model=decode.model, prompt=prompt, max_tokens=2,
+                                  extra_body={"kv_transfer_params": {"connector": "grpc"}})
+
+
 async def prefill_call(prefill, prompt, rid):
     from pdserve.proto.pdserve.v1 import disagg_pb2_grpc
 
