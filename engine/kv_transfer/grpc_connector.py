@@ -185,6 +185,9 @@ class GrpcConnectorWorker(KVConnectorWorker):
                         self.loads_by_transport["ipc"] += 1
         except PullError as exc:
             failure = (0, exc.reason, str(exc))
+            if exc.reason == "peer_gone":
+                with self._ipc_lock:
+                    self._ipc_peers.pop(address, None)  # unmap a dead peer's cache; a restarted one is mapped anew
         except Exception as exc:  # never leave a request waiting on a load that died
             logger.exception("KV load of request %s over CUDA IPC failed", spec.request_id)
             failure = (0, "error", f"{type(exc).__name__}: {exc}")
@@ -255,8 +258,9 @@ class GrpcConnectorWorker(KVConnectorWorker):
         address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
         if job.failure is None:
             self.stats.record_transfer("load", len(spec.blocks), job.nbytes, time.perf_counter() - job.t0)
-            self._client.release(address, transfer_id)
+            # The blocks are in place: the request may run now; the acknowledgement's round trip follows.
             self._results.put(lambda out: out.finished_loading.add(spec.request_id))
+            self._client.release(address, transfer_id)
         else:
             valid, reason, message = job.failure
             self.stats.record_failure(reason)
@@ -283,6 +287,8 @@ class GrpcConnectorWorker(KVConnectorWorker):
         if self.server is not None:
             self.server.stop(grace=1.0)
         self._loader.shutdown(wait=True, cancel_futures=True)
+        with self._ipc_lock:
+            self._ipc_peers.clear()  # unmap peers' caches
         self._client.close()
 
 
