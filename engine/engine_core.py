@@ -3,6 +3,10 @@
 It works on token ids only; tokenization, detokenization and stop strings live in the front end
 (:mod:`pdserve.engine.output_processor`), so the core can run in its own process (the async engine) and CPU
 work on text never stalls the model step.
+
+With asynchronous scheduling (``SchedulerConfig.async_scheduling``) one step stays in flight: :meth:`step`
+schedules and launches step N+1, then waits for step N's sampled tokens, applies them and returns step N's
+outputs, so the device never idles while the host schedules (see :mod:`pdserve.engine.core.scheduler`).
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.scheduler import Scheduler
-from pdserve.engine.core.sched_output import SchedulerStats
+from pdserve.engine.core.sched_output import SchedulerOutput, SchedulerStats
 from pdserve.engine.outputs import EngineCoreOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
@@ -29,7 +34,10 @@ class StepStat:
     """One step as :meth:`EngineCore.step` ran it (recorded only when asked, for benchmarks).
 
     ``duration_s`` spans scheduling, the forward pass, sampling (which waits for the GPU) and the scheduler
-    update; ``total_context`` sums every scheduled sequence's context after this step (the KV it attends to).
+    update; with asynchronous scheduling, where those overlap with the neighbouring steps, it runs from the
+    previous step's completion (or this step's launch, if later) to this one's, so durations still add up to
+    the wall time. ``total_context`` sums every scheduled sequence's context after this step (the KV it
+    attends to).
     """
 
     duration_s: float
@@ -37,6 +45,16 @@ class StepStat:
     num_seqs: int
     num_decodes: int  # one-token chunks; a step is pure decode when num_decodes == num_seqs
     total_context: int
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the scheduler has not received yet (asynchronous scheduling)."""
+
+    sched_out: SchedulerOutput
+    sample_ids: list[str]  # the requests of the sampled rows, in row order
+    sample: Any  # a PendingSample
+    start: float  # when the step() that launched it began
 
 
 @dataclass
@@ -72,6 +90,13 @@ class EngineCore:
 
             kv_scheduler_half, self.kv_connector = build_connector(config, self.runner.kv_caches)
             self.runner.attach_kv_connector(self.kv_connector)
+        device_type = getattr(self.runner.device, "type", str(self.runner.device))
+        self.async_scheduling = sched.use_async_scheduling(device_type, self.kv_connector is not None)
+        self._in_flight: _InFlight | None = None
+        self._last_done = 0.0  # when the last step completed (perf_counter), for StepStat durations
+        # Unfinished requests whose sampling may read their tokens on the host (penalties, min_tokens): while
+        # one needs it, steps run synchronously (see _needs_sync_step).
+        self._host_token_ids: set[str] = set()
         self.scheduler = Scheduler(
             block_size=cache.block_size,
             num_blocks=self.runner.num_blocks,
@@ -84,6 +109,7 @@ class EngineCore:
             hash_algo=cache.hash_algo,
             enable_kv_events=cache.kv_events_endpoint is not None,  # published by the core process for routers
             kv_connector=kv_scheduler_half,
+            async_scheduling=self.async_scheduling,
         )
         self.sampler = Sampler(self.runner.device)
         # Startup left millions of long-lived objects (torch, transformers, the model's modules) that every full
@@ -96,8 +122,9 @@ class EngineCore:
         self.num_steps = 0
         self.num_computed_tokens_total = 0  # tokens the model actually ran (prefix hits excluded)
         self.step_stats: list[StepStat] | None = None  # per-step records while record_step_stats is on
-        logger.info("engine core ready: model=%s blocks=%d x %d tokens, device=%s", config.model.model,
-                    self.runner.num_blocks, cache.block_size, self.runner.device)
+        logger.info("engine core ready: model=%s blocks=%d x %d tokens, device=%s, async scheduling %s",
+                    config.model.model, self.runner.num_blocks, cache.block_size, self.runner.device,
+                    "on" if self.async_scheduling else "off")
 
     # ------------------------------------------------------------------ requests
     def validate(self, req: EngineCoreRequest) -> None:
@@ -114,6 +141,9 @@ class EngineCore:
                           kv_transfer_params=req.kv_transfer_params)
         self.sampler.add_request(request)
         self.scheduler.add_request(request)
+        params = req.sampling_params
+        if self.async_scheduling and (params.needs_penalties or params.min_tokens > 0):
+            self._host_token_ids.add(req.request_id)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -125,7 +155,8 @@ class EngineCore:
             self.sampler.remove_request(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to serve, or a step still in flight (drivers keep stepping until it is applied)."""
+        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()
@@ -136,8 +167,26 @@ class EngineCore:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule one batch, run the model, sample, and report what each request got."""
-        start = time.perf_counter() if self.step_stats is not None else 0.0
+        """Schedule one batch, run the model, sample, and report what each request got.
+
+        With asynchronous scheduling the outputs are those of the previous step (launched by the previous call),
+        and this call's step stays in flight; a call may return nothing (the first one, say).
+        """
+        if not self.async_scheduling:
+            return self._step_sync()
+        if self._needs_sync_step():
+            return self._finish_in_flight() + self._step_sync()
+        start = time.perf_counter()
+        sched_out = self.scheduler.schedule()
+        launched = None
+        if not sched_out.is_empty:
+            launched = self._launch(sched_out, start)
+        outputs = self._finish_in_flight()
+        self._in_flight = launched
+        return outputs + self._drain_finished_without_step()
+
+    def _step_sync(self) -> list[EngineCoreOutput]:
+        start = time.perf_counter()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if self.kv_connector is not None and sched_out.kv_connector_metadata is not None:
@@ -150,15 +199,55 @@ class EngineCore:
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
         result = self.sampler.sample(logits, requests)
+        return self._apply(sched_out, sample_ids, result, start) + self._drain_finished_without_step()
+
+    def _launch(self, sched_out: SchedulerOutput, start: float) -> _InFlight:
+        """Queue a step's forward pass and sampling on the device; nothing here waits for it. Placeholder
+        inputs take the tokens of the step in flight, read on the device."""
+        from pdserve.engine.worker.input_batch import SampledTokens
+
+        prev = self._in_flight
+        sampled = None
+        if prev is not None and prev.sample_ids:
+            sampled = SampledTokens({rid: i for i, rid in enumerate(prev.sample_ids)}, prev.sample.token_ids)
+        logits = self.runner.execute_model(sched_out, sampled=sampled)
+        sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
+        requests = [self.scheduler.get_request(rid) for rid in sample_ids]
+        return _InFlight(sched_out, sample_ids, self.sampler.launch(logits, requests), start)
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        """Wait for the step in flight (if any), apply it, and return its outputs."""
+        done, self._in_flight = self._in_flight, None
+        if done is None:
+            return []
+        result = done.sample.result()  # the one wait for the device
+        return self._apply(done.sched_out, done.sample_ids, result, max(done.start, self._last_done))
+
+    def _needs_sync_step(self) -> bool:
+        """Whether a request may sample next with penalties (they read every earlier token) or before its
+        ``min_tokens`` (the sampler counts its known outputs): then the step in flight must land first."""
+        for rid in list(self._host_token_ids):
+            req = self.scheduler.get_request(rid)
+            if req is not None:
+                params = req.sampling_params
+                if params.needs_penalties or req.num_output_tokens + req.num_pending_tokens < params.min_tokens:
+                    return True
+            self._host_token_ids.discard(rid)  # finished, or past min_tokens for good
+        return False
+
+    def _apply(self, sched_out: SchedulerOutput, sample_ids: list[str], result: Any,
+               start: float) -> list[EngineCoreOutput]:
+        """Hand a step's sampled tokens to the scheduler; returns the outputs of the requests that got one."""
         sampled = dict(zip(sample_ids, result.token_ids))
         updated = self.scheduler.update_from_output(sched_out, sampled)
         self._poll_kv_transfers(idle=False)
         self.num_steps += 1
         self.num_computed_tokens_total += sched_out.total_num_tokens
+        self._last_done = time.perf_counter()
         if self.step_stats is not None:
             chunks = sched_out.chunks
             self.step_stats.append(StepStat(
-                time.perf_counter() - start, sched_out.total_num_tokens, len(chunks),
+                self._last_done - start, sched_out.total_num_tokens, len(chunks),
                 sum(1 for c in chunks if c.num_tokens == 1), sum(c.context_len for c in chunks)))
         row_of = {rid: i for i, rid in enumerate(sample_ids)}
         outputs = []
@@ -171,7 +260,7 @@ class EngineCore:
                 num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output))
             if req.is_finished:
                 self.sampler.remove_request(req.request_id)
-        return outputs + self._drain_finished_without_step()
+        return outputs
 
     def _poll_kv_transfers(self, idle: bool) -> None:
         """Hand the connector's finished loads, saves and releases to the scheduler.

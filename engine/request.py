@@ -39,6 +39,12 @@ class Request:
 
     ``num_computed_tokens`` chases ``num_tokens``; chunked prefill, prefix-cache hits and KV loaded from a peer
     all just move it forward. When a step's chunk reaches ``num_tokens`` the step samples one new token.
+
+    With asynchronous scheduling a sampled token whose step is still in flight is *pending*: counted in
+    ``num_pending_tokens`` but not yet in ``output_token_ids``. The scheduler may already schedule the next
+    decode on it (the runner fills its value on the device), so ``num_computed_tokens`` can reach
+    ``num_tokens + num_pending_tokens``; everything that needs token values (prefix-cache hashes, stop checks,
+    penalties) only ever sees the known tokens.
     """
 
     request_id: str
@@ -51,6 +57,9 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Sampled in a step whose result the scheduler has not received yet (0 outside asynchronous scheduling,
+    # where every step is applied before the next is scheduled).
+    num_pending_tokens: int = 0
     # Prompt tokens found in the prefix cache when the request was (last) admitted.
     num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

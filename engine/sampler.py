@@ -1,7 +1,15 @@
 """Token sampling for a batch: penalties, min-tokens masking, temperature, top-k / top-p / min-p, seeds, logprobs.
 
-Everything is vectorized over the batch so that on a GPU a step costs one host sync (the final ``tolist``), not
-one per request. Greedy rows take the argmax of the penalized logits, like transformers' ``generate``.
+Everything is vectorized over the batch so that on a GPU a step costs one host sync (waiting for the sampled
+ids), not one per request. Greedy rows take the argmax of the penalized logits, like transformers' ``generate``.
+
+Sampling comes in two halves for asynchronous scheduling: :meth:`Sampler.launch` queues the device work and a
+non-blocking copy of the results into pinned host memory, and returns at once with the sampled ids still on the
+device (the next step reads them there); :meth:`PendingSample.result` waits for the copy and builds the lists.
+:meth:`Sampler.sample` does both. The launch path never makes the host wait for the device: small per-row
+parameters travel by pinned non-blocking copies, never by a synchronizing ``torch.tensor(..., device=cuda)``.
+Penalties and min-tokens masking read each request's tokens on the host; the engine runs those steps
+synchronously (every earlier token known), so they may synchronize.
 """
 
 from __future__ import annotations
@@ -21,6 +29,35 @@ class SampleResult:
     logprobs: list[list[Logprob] | None] | None
 
 
+class PendingSample:
+    """A launched sampling step. ``token_ids``: ``[S]`` int64 on the device, ready for the next step's inputs;
+    :meth:`result` waits for their host copy (and the logprob values') and returns the lists."""
+
+    def __init__(self, token_ids: torch.Tensor, host: list[torch.Tensor], event: torch.cuda.Event | None,
+                 wanted_logprobs: list[int | None] | None) -> None:
+        self.token_ids = token_ids
+        self._host = host  # [ids, then (chosen, ranks, top values, top ids) when logprobs are asked for]
+        self._event = event
+        self._wanted = wanted_logprobs
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        ids = self._host[0].tolist()
+        if self._wanted is None:
+            return SampleResult(token_ids=ids, logprobs=None)
+        chosen, ranks, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+        result: list[list[Logprob] | None] = []
+        for i, w in enumerate(self._wanted):
+            if w is None:
+                result.append(None)
+                continue
+            row = [Logprob(ids[i], chosen[i], ranks[i])]
+            row += [Logprob(top_ids[i][j], top_vals[i][j], j + 1) for j in range(w)]
+            result.append(row)
+        return SampleResult(token_ids=ids, logprobs=result)
+
+
 class Sampler:
     """Samples one token per row of logits; keeps a seeded generator per request that asked for one."""
 
@@ -38,9 +75,14 @@ class Sampler:
     def remove_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         """``logits``: [S, V] float32, one row per request in ``requests`` (same order)."""
+        return self.launch(logits, requests).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+        """Queue the sampling of ``logits`` ([S, V], one row per request) and the copy of its results to the
+        host; returns without waiting for the device (see the module docstring)."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (logits.shape, len(requests))
         raw = logits.float()
         x = raw
@@ -52,8 +94,20 @@ class Sampler:
             self._apply_penalties(x, requests)
             self._mask_stop_tokens_before_min(x, requests)
         token_ids = self._pick(x, requests)
-        logprobs = self._logprobs(raw, token_ids, requests)
-        return SampleResult(token_ids=token_ids.tolist(), logprobs=logprobs)
+        wanted = [r.sampling_params.logprobs for r in requests]
+        results = [token_ids]
+        if all(w is None for w in wanted):
+            wanted = None
+        else:
+            results += self._logprobs(raw, token_ids, max(w or 0 for w in wanted))
+        if token_ids.device.type != "cuda":
+            return PendingSample(token_ids, results, None, wanted)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in results]
+        for dst, src in zip(host, results):
+            dst.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingSample(token_ids, host, event, wanted)
 
     # ------------------------------------------------------------------ logits processing
     def _apply_penalties(self, x: torch.Tensor, requests: list[Request]) -> None:
@@ -90,8 +144,8 @@ class Sampler:
         picked = x.argmax(dim=-1)
         if all(greedy_flags):  # decided on the host: no device sync
             return picked
-        greedy = torch.tensor(greedy_flags, device=x.device)
-        temps = torch.tensor([r.sampling_params.temperature or 1.0 for r in requests], device=x.device)
+        greedy = _to_device(greedy_flags, torch.bool, x.device)
+        temps = _to_device([r.sampling_params.temperature or 1.0 for r in requests], x.dtype, x.device)
         x = x / temps.unsqueeze(1)
         x = self._top_k_top_p_min_p(x, requests)
         probs = torch.softmax(x, dim=-1)
@@ -111,9 +165,9 @@ class Sampler:
         vocab = x.shape[1]
         if all((p.top_k <= 0 or p.top_k >= vocab) and p.top_p >= 1 and p.min_p <= 0 for p in params):
             return x  # nothing to filter (decided on the host: no device sync)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=x.device)
-        top_p = torch.tensor([p.top_p for p in params], device=x.device, dtype=x.dtype)
-        min_p = torch.tensor([p.min_p for p in params], device=x.device, dtype=x.dtype)
+        top_k = _to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, x.device)
+        top_p = _to_device([p.top_p for p in params], x.dtype, x.device)
+        min_p = _to_device([p.min_p for p in params], x.dtype, x.device)
         sorted_x, order = x.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)
@@ -128,24 +182,19 @@ class Sampler:
 
     # ------------------------------------------------------------------ logprobs
     @staticmethod
-    def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor,
-                  requests: list[Request]) -> list[list[Logprob] | None] | None:
-        wanted = [r.sampling_params.logprobs for r in requests]
-        if all(w is None for w in wanted):
-            return None
-        k = max(w or 0 for w in wanted)
+    def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """On the device: each row's sampled-token logprob [S], its rank [S], and the top-``k`` logprobs and ids
+        [S, k] (:class:`PendingSample` turns them into :class:`Logprob` rows)."""
         lp = torch.log_softmax(raw, dim=-1)
         chosen = lp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         ranks = (lp > chosen.unsqueeze(1)).sum(dim=-1) + 1
         top_vals, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], token_ids[:, None][:, :0])
-        tok_l, chosen_l, ranks_l = token_ids.tolist(), chosen.tolist(), ranks.tolist()
-        tv, ti = top_vals.tolist(), top_ids.tolist()
-        result: list[list[Logprob] | None] = []
-        for i, w in enumerate(wanted):
-            if w is None:
-                result.append(None)
-                continue
-            row = [Logprob(tok_l[i], chosen_l[i], ranks_l[i])]
-            row += [Logprob(ti[i][j], tv[i][j], j + 1) for j in range(w)]
-            result.append(row)
-        return result
+        return [chosen, ranks, top_vals, top_ids]
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on ``device``. On CUDA through pinned memory and a non-blocking copy: a plain
+    ``torch.tensor(values, device=cuda)`` waits for the device to finish all queued work."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -34,3 +34,12 @@ step llama8b_sharegpt_like 150 $PD bench throughput --model llama-3.1-8b --load-
     --json-out "$RES/llama8b_sharegpt_like.json"
 step kv_transfer 150 $PD bench kv-transfer --connector grpc-ipc,grpc,shared-fs --shape llama-3.1-8b --prompt-lens 4096 \
     --device cuda --model llama-3.1-8b --output "$RES/kv_transfer.json"
+# Prefix caching's cost at a 0 % hit rate: with and without, interleaved, twice each (one run each is too noisy).
+for rep in 1 2; do
+  for mode in on off; do
+    flag=""; [[ $mode == off ]] && flag="--no-enable-prefix-caching"
+    step "prefix_${mode}_${rep}" 90 $PD bench throughput --model qwen3-0.6b --load-format dummy --num-prompts 256 \
+        --input-len 100:1024 --output-len 100:1024 --max-num-seqs 256 --max-num-batched-tokens 8192 $flag \
+        --json-out "$RES/prefix_${mode}_${rep}.json"
+  done
+done

@@ -38,7 +38,9 @@ class KVCacheManager:
     A block becomes cached (hash -> block) as soon as all of its slots are scheduled and its tokens known,
     i.e. at allocation time, before the model has run. That is safe because the runner writes a step's KV for
     a layer before attention reads it and later steps run after this one: whoever hits such a block sees its
-    KV by the time it reads it.
+    KV by the time it reads it. "Known" excludes a pending token (asynchronous scheduling: sampled by a step
+    still in flight, see ``Request.num_pending_tokens``): a block it completes is cached by the first allocation
+    after its value arrives, so a hash never covers a placeholder.
     """
 
     def __init__(self, block_size: int, num_blocks: int, enable_prefix_caching: bool = True,
@@ -148,6 +150,7 @@ class KVCacheManager:
         self._num_cached[rid] = num_cached
 
         if self.enable_prefix_caching and not delay_caching:
+            # num_tokens counts known tokens only: slots of pending ones are never hashed (see the class doc).
             num_full = min(total_slots, request.num_tokens) // self.block_size
             if num_full > num_cached:
                 hashes = self._hashes_for(request, num_full)

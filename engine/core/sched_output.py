@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# A chunk's input token whose value is still on the device (sampled by the step in flight, asynchronous
+# scheduling only): the runner fills it from that step's sampled tokens before the forward pass.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:
@@ -13,7 +17,8 @@ class ScheduledChunk:
     ``token_ids`` are the tokens whose KV is computed this step, at positions ``start_pos ..
     start_pos + len(token_ids) - 1``; ``block_ids`` is the request's whole block table (covering at least
     ``start_pos + len(token_ids)`` slots). When ``sample`` is set the chunk reaches the end of the request's known
-    tokens and the runner returns a logits row for its last position.
+    tokens and the runner returns a logits row for its last position. With asynchronous scheduling the last
+    token of a decode chunk may be :data:`PLACEHOLDER_TOKEN_ID`: the token the previous step is still sampling.
     """
 
     request_id: str
@@ -43,6 +48,8 @@ class SchedulerOutput:
     preempted_request_ids: set[str] = field(default_factory=set)
     # What the KV connector's worker half loads and saves this step (engine/kv_transfer), when one is set.
     kv_connector_metadata: Any = None
+    # Numbers the scheduler's steps (from 1) so that an update finds the requests this step sampled for.
+    step_id: int = 0
 
     @property
     def total_num_tokens(self) -> int:

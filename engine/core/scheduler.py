@@ -22,6 +22,16 @@ Usage per step (synchronous: call ``update_from_output`` before the next ``sched
     sampled = run_model_and_sample(out)          # {request_id: token} for chunks with sample=True
     updated = scheduler.update_from_output(out, sampled)
     aborted = scheduler.take_finished_without_output()
+
+With ``async_scheduling`` one step may be in flight while the next is scheduled: ``schedule()`` (N+1) may come
+before ``update_from_output`` (N), and updates come in step order. A token sampled in step N is *pending* until
+its update (``Request.num_pending_tokens``); step N+1 already decodes it, its input a placeholder the runner fills
+on the device. A request whose pending token surely ends it by length is not scheduled again. A stop on EOS or a
+stop token is only seen after step N+1 was scheduled: the request's row of step N+1 is computed for nothing and
+its update ignored (the request is finished by then)::
+
+    host    schedule N+1 | launch N+1 | wait N, update N | schedule N+2 | launch N+2 | wait N+1, update N+1
+    device  ... step N ...............| step N+1 ..................................| step N+2 ...
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ from typing import Any
 
 from pdserve.engine.core.kv_cache_manager import KVCacheManager
 from pdserve.engine.core.kv_events import KVCacheEvent
-from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput, SchedulerStats
+from pdserve.engine.core.sched_output import (PLACEHOLDER_TOKEN_ID, ScheduledChunk, SchedulerOutput,
+                                              SchedulerStats)
 from pdserve.engine.core.stop import check_stop
 from pdserve.engine.kv_transfer.base import KVLoadError
 from pdserve.engine.request import Request, RequestStatus
@@ -48,7 +59,7 @@ class Scheduler:
     def __init__(self, *, block_size: int, num_blocks: int, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  hash_seed: int = 0, hash_algo: str = "sha256", enable_kv_events: bool = False,
-                 kv_connector: Any = None) -> None:
+                 kv_connector: Any = None, async_scheduling: bool = False) -> None:
         for name, value in (("block_size", block_size), ("num_blocks", num_blocks), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", max_model_len)):
             # numbers.Integral also admits numpy integers, which a runner may compute num_blocks as.
@@ -73,6 +84,11 @@ class Scheduler:
         self._loading: dict[str, tuple[Request, int]] = {}  # id -> (request, tokens being loaded for it)
         self._loaded: set[str] = set()  # waiting again after a load: its blocks are allocated already
         self._held: dict[str, Request] = {}  # finished; blocks kept until the connector releases them
+        # Scheduling on pending tokens (see the module docstring). The requests each step samples for, kept by
+        # object: an id may be reused by a new request before the update of a step of the old one arrives.
+        self.async_scheduling = async_scheduling
+        self._step_id = 0
+        self._sampled_in: dict[int, list[Request]] = {}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -143,9 +159,14 @@ class Scheduler:
         # kernel as one group. Order does not matter otherwise: the runner writes the whole step's KV before
         # any attention reads it.
         chunks = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens != 1]
+        self._step_id += 1
         out = SchedulerOutput(chunks=chunks, finished_request_ids=self._left_running,
-                              preempted_request_ids=preempted)
+                              preempted_request_ids=preempted, step_id=self._step_id)
         self._left_running = set()
+        requests = self._requests
+        sampling = [requests[c.request_id] for c in chunks if c.sample]
+        if sampling:
+            self._sampled_in[self._step_id] = sampling
         if self.kv_connector is not None:
             out.kv_connector_metadata = self.kv_connector.build_connector_meta(out)
         return out
@@ -155,10 +176,19 @@ class Scheduler:
 
         ``sampled`` maps the id of every chunk with ``sample=True`` to its new token. Returns the requests that
         got a token this step, in chunk order; finished ones carry a finished status (and ``stop_reason``).
-        Requests finished or aborted between ``schedule()`` and now are skipped.
+        Requests finished or aborted between ``schedule()`` and now are skipped: with asynchronous scheduling
+        that includes a request that stopped in the previous step (its row here was computed for nothing).
+        A request preempted since (its blocks freed, waiting to recompute) still gets its token.
         """
-        todo = [self._requests.get(c.request_id) for c in sched_out.chunks if c.sample]
-        todo = [r for r in todo if r is not None and r.status == RequestStatus.RUNNING]
+        scheduled = self._sampled_in.pop(sched_out.step_id, None)
+        if scheduled is None:  # an output built by hand (tests), not by schedule()
+            scheduled = [r for r in (self._requests.get(c.request_id) for c in sched_out.chunks if c.sample)
+                         if r is not None and r.num_pending_tokens > 0]
+        todo = []
+        for request in scheduled:
+            request.num_pending_tokens -= 1
+            if not request.is_finished:
+                todo.append(request)
         missing = [r.request_id for r in todo if r.request_id not in sampled]
         if missing:
             raise ValueError(f"no sampled token for requests {missing} whose chunks asked for one")
@@ -168,6 +198,8 @@ class Scheduler:
             decision = check_stop(request, self.max_model_len)
             if decision is not None:
                 request.stop_reason = decision.stop_reason
+                if request.status != RequestStatus.RUNNING:  # preempted while its token was in flight
+                    self._waiting.remove(request)
                 self._retire(request, decision.status)
                 finished = True
         if finished:
@@ -227,11 +259,14 @@ class Scheduler:
         so a preemption never takes back a chunk already given out this step.
         """
         budget = self.max_num_batched_tokens
+        use_pending = self.async_scheduling
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
-            remaining = request.num_tokens - request.num_computed_tokens
-            if remaining <= 0 or (not self.enable_chunked_prefill and remaining > budget):
+            pending = request.num_pending_tokens if use_pending else 0
+            remaining = request.num_tokens + pending - request.num_computed_tokens
+            if (remaining <= 0 or (not self.enable_chunked_prefill and remaining > budget)
+                    or (pending and self._ends_by_length(request))):
                 i += 1
                 continue
             if not self._fits_pool(request):
@@ -260,6 +295,10 @@ class Scheduler:
         later: list[Request] = []  # the connector said "ask again later": the others may go first meanwhile
         while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._waiting[0]
+            if request.num_pending_tokens:
+                # Preempted while its last token was in flight; it recomputes once that token is known (the
+                # update comes before the next schedule, so this only waits a step).
+                break
             if not self._fits_pool(request):
                 self._waiting.popleft()
                 self._abort_by_engine(request, self._pool_too_small(request))
@@ -341,11 +380,32 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new
         request.num_computed_tokens = end  # advanced now, so the next schedule() continues after this chunk
-        return ScheduledChunk(request_id=request.request_id, token_ids=_token_slice(request, start, end),
-                              start_pos=start, block_ids=block_ids, sample=end == request.num_tokens)
+        known = request.num_tokens
+        if end <= known:
+            token_ids = _token_slice(request, start, end)
+        else:  # decodes a pending token: its value is still on the device (asynchronous scheduling)
+            token_ids = _token_slice(request, start, known) + [PLACEHOLDER_TOKEN_ID] * (end - known)
+        sample = end == known + request.num_pending_tokens
+        if sample:
+            request.num_pending_tokens += 1
+        return ScheduledChunk(request_id=request.request_id, token_ids=token_ids, start_pos=start,
+                              block_ids=block_ids, sample=sample)
+
+    def _ends_by_length(self, request: Request) -> bool:
+        """Whether the request's pending tokens surely finish it (``max_tokens`` or the context limit), so
+        that scheduling another token for it would be wasted. Stops on token values are not known yet."""
+        pending = request.num_pending_tokens
+        max_tokens = request.sampling_params.max_tokens
+        return ((max_tokens is not None and request.num_output_tokens + pending >= max_tokens)
+                or request.num_tokens + pending >= self.max_model_len)
 
     def _preempt(self, request: Request) -> None:
-        """Recompute later: free the blocks, forget progress, wait at the front of the queue."""
+        """Recompute later: free the blocks, forget progress, wait at the front of the queue.
+
+        With asynchronous scheduling the step in flight may still write this request's KV into the freed
+        blocks. That is harmless because device work is ordered: a new owner's writes (and reads) come in later
+        steps. A pending token stays pending and is appended by its update; the recomputation starts after.
+        """
         self.kv_cache_manager.free(request)
         self._loaded.discard(request.request_id)
         request.status = RequestStatus.PREEMPTED
@@ -355,8 +415,9 @@ class Scheduler:
         self._waiting.appendleft(request)
 
     def _fits_pool(self, request: Request) -> bool:
-        # Blocks are never released mid-request, so the whole known sequence must fit in the pool at once.
-        return self.kv_cache_manager.num_blocks_needed(request.num_tokens) <= self.num_blocks
+        # Blocks are never released mid-request, so the whole sequence must fit in the pool at once.
+        num_tokens = request.num_tokens + request.num_pending_tokens
+        return self.kv_cache_manager.num_blocks_needed(num_tokens) <= self.num_blocks
 
     def _pool_too_small(self, request: Request) -> str:
         need = self.kv_cache_manager.num_blocks_needed(request.num_tokens)
@@ -388,6 +449,10 @@ class Scheduler:
             if hold:
                 self._held[rid] = request
                 return
+        # With asynchronous scheduling the step in flight may still write into these blocks: the row of a request
+        # that stopped one step late, or an aborted one. Device work is stream-ordered, so a new owner's writes
+        # and reads come after it. Such a write never lands in a prefix-cached block: it is the slot of a token
+        # that was pending when the step was scheduled, and only blocks full of known tokens are cached.
         self.kv_cache_manager.free(request)
 
 

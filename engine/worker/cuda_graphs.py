@@ -18,6 +18,10 @@ device table (:mod:`pdserve.engine.worker.block_table_rows`), a step sends only 
 (scattered with one device op), and the graph itself starts by gathering its rows into the ``[N, W]`` table
 the attention kernel reads.
 
+With asynchronous scheduling a row's input id may be a placeholder for the token the previous step is still
+sampling. It is filled outside the graph, after the copy and before the replay: the static ids buffer gets the
+previous step's sampled ids by a device gather, so the graph itself never changes.
+
 The attention kernel's launch grid and split-KV factor follow from the batch size, ``max_query_len=1`` and
 ``max_seq_len=max_model_len`` (see :mod:`pdserve.kernels.attention`), all fixed at capture, so a replay is
 valid for any context up to ``max_model_len``. Only the Triton backend is capturable: the torch backend
@@ -36,6 +40,7 @@ import torch
 from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.worker.attention import AttentionMetadata
 from pdserve.engine.worker.block_table_rows import BlockTableRows
+from pdserve.engine.worker.input_batch import SampledTokens, placeholder_sources
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +81,11 @@ class DecodeGraphRunner:
         self.num_blocks = num_blocks
         self.width = -(-max_model_len // block_size)  # W: block-table columns
         n = self.max_size
-        # [ids N | positions N | slots N | seq_lens N | table rows N | update index K | update ids K], int32
-        # throughout (embedding, rotary and the KV write take int32 indices) so one copy moves all of it; a
-        # step updates at most every block id of its N tables.
-        self._meta_len = 5 * n + 2 * n * self.width
+        # [ids N | positions N | slots N | seq_lens N | table rows N | fill rows N | fill sources N |
+        #  update index K | update ids K], int32 throughout (embedding, rotary and the KV write take int32
+        # indices) so one copy moves all of it; a step updates at most every block id of its N tables. "fill":
+        # rows whose id is a placeholder, and their rows in the previous step's sampled ids.
+        self._meta_len = 7 * n + 2 * n * self.width
         self._meta = torch.zeros(self._meta_len, dtype=torch.int32, device=device)
         self.use_graphs = device.type == "cuda"
         self._host = torch.zeros(self._meta_len, dtype=torch.int32, pin_memory=self.use_graphs)
@@ -155,9 +161,10 @@ class DecodeGraphRunner:
             if ids:
                 self.rows.release(ids)
 
-    def run(self, chunks: list[ScheduledChunk], size: int) -> torch.Tensor:
+    def run(self, chunks: list[ScheduledChunk], size: int, sampled: SampledTokens | None = None) -> torch.Tensor:
         """Replay the ``size`` graph (from :meth:`padded_size`) on these one-token chunks; returns the hidden
-        states ``[B, D]`` of the live rows, valid until the next replay."""
+        states ``[B, D]`` of the live rows, valid until the next replay. Placeholder ids (negative) take their
+        value from ``sampled``."""
         b, n, bs = len(chunks), self.max_size, self.block_size
         if self._copied is not None:
             self._copied.synchronize()
@@ -174,21 +181,31 @@ class DecodeGraphRunner:
             raise ValueError("a block table is too short for its sequence") from None
         h = self._host_np
         h[:b] = [c.token_ids[0] for c in chunks]
+        holes = np.flatnonzero(h[:b] < 0)
+        f = len(holes)
+        if f:
+            h[5 * n:5 * n + f] = holes
+            h[6 * n:6 * n + f] = placeholder_sources([chunks[i].request_id for i in holes], sampled)
         h[n:n + b] = positions
         h[2 * n:2 * n + b] = slots
         np.add(h[n:n + b], 1, out=h[3 * n:3 * n + b])
         h[4 * n:4 * n + b] = rows
         self._write_padding(b, size)
         k = len(update_ids)
-        end = 5 * n + 2 * k
+        u = 7 * n  # where the update region starts
+        end = u + 2 * k
         if k:
-            h[5 * n:5 * n + k] = update_index
-            h[5 * n + k:end] = update_ids
+            h[u:u + k] = update_index
+            h[u + k:end] = update_ids
         self._meta[:end].copy_(self._host[:end], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         if k:  # the ids the rows lacked, scattered before the graph gathers the rows
-            self.rows.table.view(-1)[self._meta[5 * n:5 * n + k]] = self._meta[5 * n + k:end]
+            self.rows.table.view(-1)[self._meta[u:u + k]] = self._meta[u + k:end]
+        if f:  # placeholders: the previous step's sampled ids, gathered into the static ids buffer
+            m = self._meta
+            fill = sampled.token_ids.index_select(0, m[6 * n:6 * n + f]).to(torch.int32)
+            m[:n].index_copy_(0, m[5 * n:5 * n + f].long(), fill)
         if not self.use_graphs:
             return self._forward(size)[:b]
         self._graphs[size].replay()

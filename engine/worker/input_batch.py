@@ -1,6 +1,8 @@
 """Flatten a :class:`SchedulerOutput` into the model's inputs and the attention metadata of one step.
 
-Everything is built with numpy on the CPU and reaches the device in a single copy.
+Everything is built with numpy on the CPU and reaches the device in a single copy. Placeholder input tokens
+(asynchronous scheduling: a token the previous step is still sampling) are then filled on the device from that
+step's sampled ids, so building the step never waits for the previous one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,25 @@ from pdserve.engine.worker.attention import AttentionMetadata
 
 
 @dataclass
+class SampledTokens:
+    """The previous step's sampled ids, still on the device: what placeholder input tokens are filled from."""
+
+    row_of: dict[str, int]  # request id -> row of token_ids
+    token_ids: torch.Tensor  # [S] int64
+
+
+def placeholder_sources(request_ids: list[str], sampled: SampledTokens | None) -> list[int]:
+    """For each request with a placeholder input, its row in ``sampled`` (checked: a placeholder must refer to
+    the step just before)."""
+    if sampled is None:
+        raise ValueError("a chunk has a placeholder token but no previous step's sampled ids were given")
+    try:
+        return [sampled.row_of[rid] for rid in request_ids]
+    except KeyError as exc:
+        raise ValueError(f"request {exc.args[0]} has a placeholder token the previous step did not sample") from None
+
+
+@dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
@@ -22,10 +43,11 @@ class ModelInputs:
 
 
 def build_inputs(sched_out: SchedulerOutput, block_size: int, device: torch.device,
-                 num_blocks: int | None = None) -> ModelInputs:
+                 num_blocks: int | None = None, sampled: SampledTokens | None = None) -> ModelInputs:
     """The step's flattened batch. Chunks keep their order; decode rows must come first (the scheduler's
     contract), and ``num_decodes`` counts the leading one-token chunks. With ``num_blocks``, block ids are
-    checked against the cache size (an out-of-range id would otherwise fault on the device)."""
+    checked against the cache size (an out-of-range id would otherwise fault on the device). Placeholder
+    tokens (negative ids) take their value from ``sampled`` on the device."""
     chunks = sched_out.chunks
     if not chunks:
         raise ValueError("cannot run an empty step")
@@ -56,13 +78,18 @@ def build_inputs(sched_out: SchedulerOutput, block_size: int, device: torch.devi
     seq_of_token = np.repeat(np.arange(B), query_lens)  # [T]
     positions = np.arange(T) - query_start_loc[seq_of_token] + context_lens[seq_of_token]  # [T]
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
-    sampled = np.fromiter((c.sample for c in chunks), dtype=bool, count=B)
-    logits_indices = query_start_loc[1:][sampled] - 1  # last row of each sampled chunk
+    sample_mask = np.fromiter((c.sample for c in chunks), dtype=bool, count=B)
+    logits_indices = query_start_loc[1:][sample_mask] - 1  # last row of each sampled chunk
     num_decodes = int(np.argmin(query_lens == 1)) if (query_lens != 1).any() else B
 
     # One host-to-device copy of everything, sliced apart on the device.
     parts = [input_ids, positions, slot_mapping, logits_indices, query_start_loc, seq_lens, context_lens,
              block_tables.reshape(-1)]
+    holes = np.flatnonzero(input_ids < 0)  # placeholders: at most one per chunk, in decode rows
+    if holes.size:
+        sources = placeholder_sources([chunks[i].request_id for i in seq_of_token[holes]], sampled)
+        input_ids[holes] = 0
+        parts += [holes, np.asarray(sources, dtype=np.int64)]
     # Every part starts on a 16-byte boundary (an even int64 offset): Triton also compiles a variant per
     # pointer alignment, and an odd token count would otherwise shift the parts after it.
     sizes = [len(p) for p in parts]
@@ -78,7 +105,9 @@ def build_inputs(sched_out: SchedulerOutput, block_size: int, device: torch.devi
     else:
         packed = packed.to(device)
     views = [v[:n] for v, n in zip(torch.split(packed, padded), sizes)]
-    i32 = [v.to(torch.int32) for v in views[4:]]
+    if holes.size:  # ordered after the previous step's sampling on the device: no host wait
+        views[0].index_copy_(0, views[8], sampled.token_ids.index_select(0, views[9]))
+    i32 = [v.to(torch.int32) for v in views[4:8]]
     md = AttentionMetadata(
         num_tokens=T,
         query_start_loc=i32[0],

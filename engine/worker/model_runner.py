@@ -12,7 +12,7 @@ from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtyp
 from pdserve.engine.worker.attention import get_attention_backend
 from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.worker.warmup import warm_up, warmup_cases
-from pdserve.engine.worker.input_batch import build_inputs
+from pdserve.engine.worker.input_batch import SampledTokens, build_inputs
 from pdserve.engine.worker.kv_cache import (
     allocate_kv_caches,
     gpu_kv_cache_bytes,
@@ -53,9 +53,12 @@ class ModelRunner:
                     self.attn_backend.name)
 
     @torch.inference_mode()
-    def execute_model(self, sched_out: SchedulerOutput) -> torch.Tensor:
+    def execute_model(self, sched_out: SchedulerOutput, sampled: SampledTokens | None = None) -> torch.Tensor:
         """Run one step; returns float32 logits ``[S, V]``, one row per chunk with ``sample`` set, in chunk
         order. Writes the step's K/V into the cache slots of each chunk's block table.
+
+        Asynchronous scheduling: placeholder input tokens are filled on the device from ``sampled``, the
+        previous step's sampled ids. Nothing here waits for the device, so the call returns while it still runs.
 
         With a KV connector: its loads start before the forward pass, each layer's KV is handed to it as soon as
         the layer wrote it (hooks, see :meth:`attach_kv_connector`), and its saves are started before returning.
@@ -68,11 +71,11 @@ class ModelRunner:
             self.graph_runner.release(sched_out.finished_request_ids, sched_out.preempted_request_ids)
             size = self.graph_runner.padded_size(sched_out.chunks)
             if size is not None:
-                logits = self._run_graph(sched_out, size)
+                logits = self._run_graph(sched_out, size, sampled)
                 if connector is not None:
                     connector.wait_for_save()  # a replay runs no hooks: this stages every layer it must save
                 return logits
-        logits = self._run(sched_out, self.kv_caches)
+        logits = self._run(sched_out, self.kv_caches, sampled)
         if connector is not None:
             connector.wait_for_save()
         return logits
@@ -110,14 +113,17 @@ class ModelRunner:
         runner.capture()
         return runner
 
-    def _run_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:
-        hidden = self.graph_runner.run(sched_out.chunks, size)  # [B, D]
+    def _run_graph(self, sched_out: SchedulerOutput, size: int, sampled: SampledTokens | None) -> torch.Tensor:
+        hidden = self.graph_runner.run(sched_out.chunks, size, sampled)  # [B, D]
         if not all(c.sample for c in sched_out.chunks):
-            hidden = hidden[[i for i, c in enumerate(sched_out.chunks) if c.sample]]
+            rows = torch.tensor([i for i, c in enumerate(sched_out.chunks) if c.sample], pin_memory=True)
+            hidden = hidden[rows.to(self.device, non_blocking=True)]  # a pageable copy would wait for the device
         return self.model.compute_logits(hidden).float()  # [S, V]
 
-    def _run(self, sched_out: SchedulerOutput, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        inputs = build_inputs(sched_out, self.block_size, self.device, num_blocks=kv_caches[0].shape[1])
+    def _run(self, sched_out: SchedulerOutput, kv_caches: list[torch.Tensor],
+             sampled: SampledTokens | None = None) -> torch.Tensor:
+        inputs = build_inputs(sched_out, self.block_size, self.device, num_blocks=kv_caches[0].shape[1],
+                              sampled=sampled)
         md = inputs.attn_metadata
         hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, md)  # [T, D]
         return self.model.compute_logits(hidden[md.logits_indices]).float()  # [S, V]

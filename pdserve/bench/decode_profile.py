@@ -111,6 +111,8 @@ def _phase_table(llm, batch: int, context: int, steps: int) -> None:
                ("sample (+GPU wait)", core.sampler, "sample"), ("update", core.scheduler, "update_from_output"),
                ("core.step", core, "step"), ("output processor", engine.processor, "process"),
                ("engine.step", engine, "step")]
+    if core.async_scheduling:  # sampling is launched, and the GPU waited for, in separate phases
+        targets += [("sample launch", core.sampler, "launch"), ("GPU wait + update", core, "_finish_in_flight")]
     if core.runner.graph_runner is not None:
         targets.append(("  graph run (host)", core.runner.graph_runner, "run"))
     totals = dict.fromkeys((name for name, _, _ in targets), 0.0)

@@ -30,6 +30,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="per-step token budget")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the GPU runs this one (default: on for CUDA without a KV "
+                        "connector)")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", type=int, default=1)
 
@@ -44,7 +47,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         cpu_kv_cache_bytes=int(args.cpu_kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size)
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        async_scheduling=getattr(args, "async_scheduling", None))  # None: "auto"
     if args.served_model_name:
         kw["served_model_name"] = args.served_model_name
     return kw
