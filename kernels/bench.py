@@ -12,6 +12,9 @@ Timing: each side's calls are captured in one CUDA graph and timed by device eve
 so the figures are GPU time without host launch overhead, as a serving engine's decode step sees it. Small
 problems are replicated and the graph cycles through the copies, so that the K/V read are not served from L2.
 ``--sweep`` also times a list of tile configurations and split factors per shape, for tuning.
+
+``--mode gemv`` and ``--mode silu`` time the other kernels of a decode step instead (skinny matmul against
+cuBLAS, fused SiLU-and-multiply against torch); see :mod:`pdserve.kernels.bench_gemv`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from . import bench_gemv
 from .attention import AttentionConfig, paged_attention
 from .reference import quantize_fp8
 
@@ -56,7 +60,8 @@ class Row:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the kernel benchmark (shared by ``python -m pdserve.kernels.bench`` and ``pdserve bench``)."""
-    parser.add_argument("--mode", choices=["prefill", "decode", "all"], default="all")
+    parser.add_argument("--mode", choices=["prefill", "decode", "all", "gemv", "silu"], default="all",
+                        help="attention shapes (prefill, decode, all) or the gemv / silu kernels")
     parser.add_argument("--num-heads", type=int, default=32, help="query heads (Llama-3.1-8B: 32)")
     parser.add_argument("--num-kv-heads", type=int, default=8, help="KV heads (Llama-3.1-8B: 8)")
     parser.add_argument("--head-dim", type=int, default=128)
@@ -71,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time candidate tile configs / split factors")
     parser.add_argument("--rep-ms", type=int, default=200, help="time budget of graph replays per measurement")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    bench_gemv.add_arguments(parser)
 
 
 def _shapes(spec: str) -> list[tuple[int, int]]:
@@ -231,6 +237,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    if args.mode == "gemv":
+        gemv_rows = bench_gemv.run_gemv(args, _graph_ms)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([asdict(r) for r in gemv_rows], f, indent=1)
+        return []
+    if args.mode == "silu":
+        bench_gemv.run_silu(args, _graph_ms)
+        return []
     print(f"heads: {args.num_heads} q / {args.num_kv_heads} kv, head_dim {args.head_dim}, block {args.block_size}, "
           f"{args.dtype}, kv cache {args.kv_cache_dtype}")
     rows: list[Row] = []

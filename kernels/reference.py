@@ -127,3 +127,20 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
     hf = h.float()
     normed = (hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return (normed.float() * weight.float()).to(x.dtype), (None if residual is None else h)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]`` ``[..., 2I]``, rounded as torch rounds it in ``x``'s dtype:
+    the float32 SiLU is rounded to the dtype before the float32 multiply, which is rounded again."""
+    gate, up = x.float().chunk(2, dim=-1)
+    act = (gate / (1.0 + torch.exp(-gate))).to(x.dtype)
+    return (act.float() * up).to(x.dtype)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for ``x [M, K]``, ``weight [N, K]``: float32 accumulation, one rounding to
+    ``x``'s dtype at the end."""
+    out = x.float() @ weight.float().T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

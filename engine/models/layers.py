@@ -136,15 +136,34 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Linear(nn.Module):
-    """``y = x W^T (+ b)`` with uninitialised parameters (the loader fills them)."""
+    """``y = x W^T (+ b)`` with uninitialised parameters (the loader fills them).
+
+    With ``use_kernels`` (set by the model when its attention backend runs Triton) a decode-sized input -- a few
+    rows, bf16/fp16 on CUDA -- goes to the Triton skinny matmul, which streams the weight faster than cuBLAS
+    does for these shapes; :func:`pdserve.kernels.skinny.prefers_skinny` holds the measured rule.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and _skinny_fits(x, self.weight):
+            from pdserve.kernels.skinny import skinny_linear
+
+            return skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _skinny_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x [M, K] @ weight^T`` should take the skinny kernel (checked per call: M is the step's tokens)."""
+    if x.dim() != 2 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.dtype != weight.dtype:
+        return False
+    from pdserve.kernels.skinny import prefers_skinny
+
+    return prefers_skinny(x.shape[0], weight.shape[0], weight.shape[1])
 
 
 class FusedLinear(Linear):
@@ -188,8 +207,20 @@ class Embedding(nn.Module):
 
 
 class SiluAndMul(nn.Module):
-    """``silu(gate) * up`` over a fused ``[T, 2I]`` input."""
+    """``silu(gate) * up`` over a fused ``[T, 2I]`` input.
+
+    With ``use_kernels`` (set by the model, as for :class:`RMSNorm`) it runs one Triton kernel instead of torch's
+    two, rounding exactly as torch does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            from pdserve.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

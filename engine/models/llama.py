@@ -137,9 +137,9 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings
                         else Linear(config.hidden_size, config.vocab_size))
-        if attn_backend.triton_kernels:  # the fused Triton norms go with the Triton attention backend
+        if attn_backend.triton_kernels:  # the Triton norms, activation and skinny matmuls go with Triton attention
             for module in self.modules():
-                if isinstance(module, RMSNorm):
+                if isinstance(module, (RMSNorm, SiluAndMul, Linear)):  # Linear covers FusedLinear
                     module.use_kernels = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

@@ -30,4 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(args._bench_module.run(args) or 0)
+    result = args._bench_module.run(args)
+    # A benchmark returns its exit code, or its result rows (the kernel benchmark, for programmatic callers).
+    return result if isinstance(result, int) else 0
