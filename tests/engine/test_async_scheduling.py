@@ -217,7 +217,8 @@ GPU_VARIANTS = {
 def test_on_gpu_async_is_the_default_and_matches_transformers_and_sync(model_dir: str, prompts, name) -> None:
     """The CUDA paths: placeholders filled before graph replays and in eager inputs, sampled ids and logprobs
     copied through pinned memory behind an event, and the penalty fallback."""
-    kw = dict(device="cuda", dtype="float32", max_num_seqs=8, gpu_memory_utilization=0.3, **GPU_VARIANTS[name])
+    # A fixed pool: two engines live at once here, and a memory-sized second one would find the first's cache.
+    kw = {**dict(device="cuda", dtype="float32", max_num_seqs=8, num_blocks=256), **GPU_VARIANTS[name]}
     c = EngineCore(EngineConfig.create(model_dir, **kw))
     assert c.async_scheduling  # "auto" on CUDA
     got = run(c, greedy(prompts, max_tokens=12, eos=2))
