@@ -19,8 +19,8 @@ step() {
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
 step llama8b_batch1 170 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 256 \
     --iters 3 --peer hf --json-out "$RES/llama8b_batch1.json"
-step llama8b_prefill4k 80 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 16 \
-    --iters 3 --json-out "$RES/llama8b_prefill4k.json"
+step llama8b_prefill4k 150 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 16 \
+    --iters 3 --peer hf --json-out "$RES/llama8b_prefill4k.json"
 step llama8b_decode_b64 80 python3 -m pdserve.bench.decode_profile --model llama-3.1-8b --load-format dummy \
     --batch-sizes 1,64 --context 1024 --steps 48
 step qwen06b_256 300 $PD bench throughput --model qwen3-0.6b --load-format dummy --num-prompts 256 \
