@@ -20,6 +20,7 @@ import torch
 
 from pdserve.engine.outputs import Logprob
 from pdserve.engine.request import Request
+from pdserve.engine.worker.input_batch import small_tensor_to
 
 
 @dataclass
@@ -144,8 +145,8 @@ class Sampler:
         picked = x.argmax(dim=-1)
         if all(greedy_flags):  # decided on the host: no device sync
             return picked
-        greedy = _to_device(greedy_flags, torch.bool, x.device)
-        temps = _to_device([r.sampling_params.temperature or 1.0 for r in requests], x.dtype, x.device)
+        greedy = small_tensor_to(greedy_flags, torch.bool, x.device)
+        temps = small_tensor_to([r.sampling_params.temperature or 1.0 for r in requests], x.dtype, x.device)
         x = x / temps.unsqueeze(1)
         x = self._top_k_top_p_min_p(x, requests)
         probs = torch.softmax(x, dim=-1)
@@ -165,9 +166,9 @@ class Sampler:
         vocab = x.shape[1]
         if all((p.top_k <= 0 or p.top_k >= vocab) and p.top_p >= 1 and p.min_p <= 0 for p in params):
             return x  # nothing to filter (decided on the host: no device sync)
-        top_k = _to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, x.device)
-        top_p = _to_device([p.top_p for p in params], x.dtype, x.device)
-        min_p = _to_device([p.min_p for p in params], x.dtype, x.device)
+        top_k = small_tensor_to([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, x.device)
+        top_p = small_tensor_to([p.top_p for p in params], x.dtype, x.device)
+        min_p = small_tensor_to([p.min_p for p in params], x.dtype, x.device)
         sorted_x, order = x.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)
@@ -190,11 +191,3 @@ class Sampler:
         ranks = (lp > chosen.unsqueeze(1)).sum(dim=-1) + 1
         top_vals, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], token_ids[:, None][:, :0])
         return [chosen, ranks, top_vals, top_ids]
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small per-row tensor on ``device``. On CUDA through pinned memory and a non-blocking copy: a plain
-    ``torch.tensor(values, device=cuda)`` waits for the device to finish all queued work."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

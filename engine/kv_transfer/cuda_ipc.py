@@ -114,10 +114,8 @@ def copy_blocks(src_caches: Sequence[torch.Tensor], src_ids: Sequence[int], dst_
     overwrites when it computes those positions). Bytes views: one path for every dtype, FP8 included."""
     dst_device = dst_caches[0].device
     with torch.cuda.stream(stream):
-        src_idx = torch.tensor(list(src_ids), dtype=torch.long).to(src_caches[0].device, non_blocking=False)
-        dst_idx = src_idx if src_caches[0].device == dst_device else None
-        if dst_idx is None or list(src_ids) != list(dst_ids):
-            dst_idx = torch.tensor(list(dst_ids), dtype=torch.long).to(dst_device)
+        src_idx = torch.tensor(list(src_ids), dtype=torch.long).to(src_caches[0].device)
+        dst_idx = torch.tensor(list(dst_ids), dtype=torch.long).to(dst_device)
         for src, dst in zip(src_caches, dst_caches):
             picked = src.view(torch.uint8).index_select(1, src_idx)
             if picked.device != dst_device:

@@ -16,6 +16,14 @@ from pdserve.engine.core.sched_output import SchedulerOutput
 from pdserve.engine.worker.attention import AttentionMetadata
 
 
+def small_tensor_to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``. On CUDA through pinned memory and a non-blocking copy: a plain
+    ``torch.tensor(values, device=cuda)`` (or a pageable copy) waits for the device to finish all queued work."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass
 class SampledTokens:
     """The previous step's sampled ids, still on the device: what placeholder input tokens are filled from."""

@@ -12,7 +12,7 @@ from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtyp
 from pdserve.engine.worker.attention import get_attention_backend
 from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.worker.warmup import warm_up, warmup_cases
-from pdserve.engine.worker.input_batch import SampledTokens, build_inputs
+from pdserve.engine.worker.input_batch import SampledTokens, build_inputs, small_tensor_to
 from pdserve.engine.worker.kv_cache import (
     allocate_kv_caches,
     gpu_kv_cache_bytes,
@@ -116,8 +116,8 @@ class ModelRunner:
     def _run_graph(self, sched_out: SchedulerOutput, size: int, sampled: SampledTokens | None) -> torch.Tensor:
         hidden = self.graph_runner.run(sched_out.chunks, size, sampled)  # [B, D]
         if not all(c.sample for c in sched_out.chunks):
-            rows = torch.tensor([i for i, c in enumerate(sched_out.chunks) if c.sample], pin_memory=True)
-            hidden = hidden[rows.to(self.device, non_blocking=True)]  # a pageable copy would wait for the device
+            hidden = hidden[small_tensor_to([i for i, c in enumerate(sched_out.chunks) if c.sample], torch.long,
+                                            self.device)]
         return self.model.compute_logits(hidden).float()  # [S, V]
 
     def _run(self, sched_out: SchedulerOutput, kv_caches: list[torch.Tensor],

@@ -11,9 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import httpx
-
-from tests.helpers.server_process import log_tail, scrape_metrics
+from tests.helpers.server_process import log_tail, scrape_metrics, wait_healthy
 
 MODEL = "smollm2-135m-instruct"
 API_KEY = "test-key"
@@ -80,18 +78,7 @@ def start_real_server() -> RealServer:
     log.close()
     server = RealServer(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", API_KEY, proc, log.name)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"pdserve serve exited with {proc.returncode}:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("pdserve serve did not become healthy")
-            time.sleep(0.5)
+        wait_healthy(proc, server.url, log.name, "pdserve serve", timeout_s=600)
     except BaseException:
         stop_real_server(server)
         raise

@@ -11,9 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import httpx
-
-from tests.helpers.server_process import log_tail, scrape_metrics
+from tests.helpers.server_process import log_tail, scrape_metrics, wait_healthy
 
 # Engine flags of every server; the offline reference engine uses the same.
 ENGINE_FLAGS = ["--device", "cpu", "--num-blocks", "64", "--max-model-len", "256", "--block-size", "16"]
@@ -72,18 +70,7 @@ def start_role_server(role: str, model: str, *flags: str) -> RoleServer:
     server = RoleServer(role, model, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", proc, log.name,
                         list(flags))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"pdserve {role} exited with {proc.returncode}:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pdserve {role} did not become healthy:\n{server.log_tail()}")
-            time.sleep(0.3)
+        wait_healthy(proc, server.url, log.name, f"pdserve {role}", timeout_s=300, poll_s=0.3)
     except BaseException:
         stop_role_server(server)
         raise
