@@ -20,6 +20,10 @@ def _cuda_available() -> bool:
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every pdserve process a test starts (and the in-process servers) shares one cluster secret, as the pods of one
+# InferenceService do (docs/security.md). Tests of a missing or wrong secret pass their own environment.
+os.environ.setdefault("PDSERVE_CLUSTER_SECRET", "b64:" + "dGVzdC1jbHVzdGVyLXNlY3JldC0wMTIzNDU2Nzg5YWI=")
+
 
 def pytest_collection_modifyitems(config, items):
     if _cuda_available():
