@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how often each InferenceService's status is recomputed from its children")
     run_p.add_argument("--liveness-port", type=int, default=8080, help="port of /healthz (0: off)")
     run_p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_permission_arguments(run_p)
     run_p.set_defaults(operator_func=_run)
 
     render_p = sub.add_parser("render", help="print the objects the operator would create for a manifest",
@@ -45,7 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     render_p.add_argument("--namespace", "-n", default="default",
                           help="namespace for manifests that do not name one (default: default)")
     render_p.add_argument("--default-image", default=c.DEFAULT_IMAGE, help="image when spec.image is not set")
+    _add_permission_arguments(render_p)
     render_p.set_defaults(operator_func=_render)
+
+
+def _add_permission_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-host-path", action="store_true",
+                        help="accept hostPath model sources (mount a node's directory; default: refused)")
+    parser.add_argument("--allow-extra-args", action="store_true",
+                        help="accept raw extraArgs for the pods' command lines (default: refused)")
+
+
+def permissions(args: argparse.Namespace) -> Any:
+    from pdserve.operator.spec import Permissions
+
+    return Permissions(host_path=args.allow_host_path, extra_args=args.allow_extra_args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,12 +75,14 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = OperatorOptions(namespaces=tuple(args.namespace), peering=None if args.standalone else args.peering,
                               priority=args.priority, default_image=args.default_image,
-                              status_interval=args.status_interval, liveness_port=args.liveness_port or None)
+                              status_interval=args.status_interval, liveness_port=args.liveness_port or None,
+                              permissions=permissions(args))
     asyncio.run(run_operator(options))
     return 0
 
 
-def render_documents(docs: Iterable[Any], *, namespace: str, default_image: str) -> list[dict[str, Any]]:
+def render_documents(docs: Iterable[Any], *, namespace: str, default_image: str,
+                     allow: Any = None) -> list[dict[str, Any]]:
     """Every child object of every InferenceService in ``docs`` (other kinds are skipped)."""
     from pdserve.operator import render, spec
 
@@ -77,7 +94,8 @@ def render_documents(docs: Iterable[Any], *, namespace: str, default_image: str)
             raise spec.SpecError("apiVersion", f"must be {c.API_VERSION}, got {doc.get('apiVersion')!r}")
         meta = doc.get("metadata") or {}
         parsed = spec.parse(meta.get("name"), meta.get("namespace") or namespace, doc.get("spec"),
-                            default_image=default_image)
+                            default_image=default_image, permissions=allow or spec.Permissions(),
+                            annotations=meta.get("annotations") or {})
         out += render.render(parsed)
     return out
 
@@ -93,7 +111,8 @@ def _render(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
         else:
             with open(args.filename, encoding="utf-8") as fh:
                 docs = list(yaml.safe_load_all(fh))
-        objs = render_documents(docs, namespace=args.namespace, default_image=args.default_image)
+        objs = render_documents(docs, namespace=args.namespace, default_image=args.default_image,
+                                allow=permissions(args))
     except (OSError, yaml.YAMLError, SpecError) as exc:
         print(f"pdserve operator render: {exc}", file=sys.stderr)
         return 1

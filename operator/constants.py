@@ -27,6 +27,10 @@ MANAGED_BY = "pdserve-operator"
 # Annotations.
 ANNOTATION_CONFIG_HASH = "pdserve.io/config-hash"  # on pod templates: a config change rolls the pods
 ANNOTATION_LAST_APPLIED = "pdserve.io/last-applied"  # on children: what the operator last wrote, for diffs
+# On an InferenceService: change its value to regenerate the generated Secrets (cluster secret, Redis password);
+# the value is copied onto the Secrets and the pod templates, so every pod restarts with the new secret. Not
+# under "pdserve.io/": kopf keeps its own records there and ignores changes to those annotations.
+ANNOTATION_ROTATE_SECRETS = "secrets.pdserve.io/rotation"
 
 # Ports and paths inside the pods.
 HTTP_PORT = 8000
@@ -34,10 +38,19 @@ GRPC_PORT = 50051
 KV_PORT = 50052  # the grpc connector: a prefill pod's KV block server, pulled by decode pods
 KV_EVENTS_PORT = 5557  # an engine's KV event publisher; the router finds it by the port name "kv-events"
 REDIS_PORT = 6379
+METRICS_PORT = 9090  # /metrics on its own listener, so NetworkPolicies can open it to Prometheus alone
 CONFIG_DIR = "/etc/pdserve"
 KV_DIR = "/var/lib/pdserve/kv"
 MODEL_DIR = "/models"
 TMP_DIR = "/tmp"
+
+# Keys of the generated Secrets and the environment variables the pods read them from (engine/security.py,
+# the Redis connector).
+CLUSTER_SECRET_KEY = "cluster-secret"
+CLUSTER_SECRET_ENV = "PDSERVE_CLUSTER_SECRET"
+REDIS_PASSWORD_KEY = "password"
+REDIS_PASSWORD_ENV = "PDSERVE_REDIS_PASSWORD"
+API_KEY_ENV = "PDSERVE_API_KEY"
 
 # The user the image runs as (see the Dockerfile); pods run as this user, never as root.
 RUN_AS_USER = 10001

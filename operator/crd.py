@@ -117,14 +117,19 @@ def _pod_props(gpus: bool) -> dict[str, Schema]:
         "env": {**passthrough("Extra environment variables (core/v1 EnvVar).", array=True),
                 "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "required": ["name"],
                           "properties": {"name": {"type": "string"}}}},
-        "extraArgs": strings("Extra command-line flags appended to this role's command."),
+        "extraArgs": strings("Extra command-line flags appended to this role's command (only where the operator "
+                             "allows extraArgs)."),
     }
 
 
 def engine_role(description: str) -> Schema:
     props = _pod_props(gpus=True)
-    props["parallelism"] = obj({"tensor": integer("Tensor-parallel size.", 1, minimum=1, maximum=64),
-                                "pipeline": integer("Pipeline-parallel size.", 1, minimum=1, maximum=64)},
+    # maximum 1 until the engine runs several ranks: the API server refuses larger sizes at admission.
+    later = "; only 1 until parallelism is implemented."
+    props["parallelism"] = obj({"tensor": integer("Tensor-parallel size" + later, 1, minimum=1,
+                                                  maximum=s.MAX_PARALLEL),
+                                "pipeline": integer("Pipeline-parallel size" + later, 1, minimum=1,
+                                                    maximum=s.MAX_PARALLEL)},
                                "How one model replica is split over GPUs.", default={})
     shards = "self.parallelism.tensor * self.parallelism.pipeline"
     return obj(props, description, default={}, rules=[rule(
@@ -146,7 +151,8 @@ def spec_schema() -> Schema:
                     "path": string("Model directory inside the volume.")}, "Weights on a PVC.",
                    required=("claimName",)),
         "hostPath": obj({"path": string("Model directory on every node.", pattern="^/")},
-                        "Weights on the nodes' filesystem.", required=("path",)),
+                        "Weights on the nodes' filesystem (only where the operator allows hostPath).",
+                        required=("path",)),
     }, "Where the weights come from: set exactly one.", default={"bundled": s.DEFAULT_BUNDLED_MODEL},
         rules=[rule(one_source, "set exactly one of bundled, huggingFace, pvc, hostPath")])
     model = obj({"source": source, "servedName": string("Model name clients use (default: from the source)."),
@@ -161,7 +167,12 @@ def spec_schema() -> Schema:
         "maxNumSeqs": integer("Most sequences in one batch.", eng.max_num_seqs, minimum=1),
         "maxNumBatchedTokens": integer("Token budget of one scheduler step.", eng.max_num_batched_tokens, minimum=1),
         "enablePrefixCaching": boolean("Reuse KV blocks of shared prompt prefixes.", eng.enable_prefix_caching),
-        "extraArgs": strings("Extra engine flags for both prefill and decode."),
+        "maxWaiting": integer("Sequences waiting in one pod before it refuses more (--max-waiting; 429).",
+                              eng.max_waiting, minimum=1, maximum=s.MAX_WAITING),
+        "requestTimeoutSeconds": integer("Pods abort requests running longer than this (--request-timeout).",
+                                         eng.request_timeout, minimum=1, maximum=s.MAX_TIMEOUT_S),
+        "extraArgs": strings("Extra engine flags for both prefill and decode (only where the operator allows "
+                             "extraArgs)."),
     }, "Engine settings shared by prefill and decode.", default={})
     router_props = _pod_props(gpus=False)
     router_props.update({
@@ -174,7 +185,9 @@ def spec_schema() -> Schema:
         "pdThreshold": integer("Prompts shorter than this many tokens skip remote prefill (decode computes them).",
                                router.pd_threshold, minimum=0),
         "maxWaiting": integer("Decode pods with more waiting requests than this are skipped while others have room.",
-                              router.max_waiting, minimum=1),
+                              router.max_waiting, minimum=1, maximum=s.MAX_WAITING),
+        "requestTimeoutSeconds": integer("The router aborts requests running longer than this (--request-timeout).",
+                                         router.request_timeout, minimum=1, maximum=s.MAX_TIMEOUT_S),
         "apiKeySecretRef": secret_ref("Secret with the API key clients must send.", "api-key"),
     })
     kv_schema = obj({
@@ -185,9 +198,15 @@ def spec_schema() -> Schema:
                       "deploy": boolean("Let the operator run a cache-only Redis.", kv.redis_deploy),
                       "image": string("Image of the managed Redis.", kv.redis_image),
                       "maxMemory": string("Memory budget of the managed Redis (LRU beyond it).",
-                                          kv.redis_max_memory)},
+                                          kv.redis_max_memory),
+                      "passwordSecretRef": secret_ref("Secret with the password of redis.url (a managed Redis "
+                                                      "gets a generated one).", "password")},
                      "Options of the redis connector.",
-                     rules=[rule("!(has(self.url) && self.deploy)", "set redis.url or redis.deploy: true, not both")]),
+                     rules=[rule("!(has(self.url) && self.deploy)", "set redis.url or redis.deploy: true, not both"),
+                            rule("!has(self.url) || !self.url.matches('^[a-z]+://[^/@]*@')",
+                                 "redis.url must not carry a password: use redis.passwordSecretRef"),
+                            rule("!(has(self.passwordSecretRef) && self.deploy)",
+                                 "a managed Redis gets a generated password; passwordSecretRef is for redis.url")]),
     }, "KV cache transfer between prefill and decode.", default={}, rules=[
         rule("self.type != 'redis' || (has(self.redis) && (has(self.redis.url) || self.redis.deploy))",
              "the redis connector needs redis.url or redis.deploy: true"),
@@ -207,6 +226,15 @@ def spec_schema() -> Schema:
         "monitoring": obj({"serviceMonitor": boolean("Create a Prometheus-operator ServiceMonitor.", False),
                            "interval": string("Scrape interval.", "15s", pattern="^[0-9]+(ms|s|m|h)$")},
                           "Metrics scraping.", default={}),
+        "networkPolicy": obj({
+            "enabled": boolean("Render NetworkPolicies: engine API ports only from this service's router, KV "
+                               "ports only from its decode pods, Redis only from its engines, metrics only from "
+                               "the Prometheus namespaces.", True),
+            "prometheusNamespaceSelector": {
+                "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                "description": "Namespaces (a label selector) whose pods may scrape the metrics port; {} allows "
+                               "every namespace.", "default": s.DEFAULT_PROMETHEUS_NAMESPACES}},
+            "Ingress policies of the service's pods.", default={}),
     }, "What to serve and how.", default={})
 
 

@@ -23,7 +23,7 @@ import kubernetes
 from kubernetes.client import ApiException
 
 from pdserve.operator import constants as c
-from pdserve.operator import kube, render, spec, status
+from pdserve.operator import kube, render, secrets, spec, status
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,14 @@ class OperatorOptions:
     default_image: str = c.DEFAULT_IMAGE
     status_interval: float = 10.0
     liveness_port: int | None = None
+    permissions: spec.Permissions = spec.Permissions()  # hostPath sources and raw extraArgs: off unless allowed
+
+
+def parse_body(body: Any, options: OperatorOptions) -> spec.ServiceSpec:
+    """The spec of an InferenceService object (a dict or a kopf body), parsed under the operator's options."""
+    meta = body["metadata"]
+    return spec.parse(meta["name"], meta["namespace"], body.get("spec"), default_image=options.default_image,
+                      permissions=options.permissions, annotations=meta.get("annotations") or {})
 
 
 def now_rfc3339() -> str:
@@ -54,8 +62,7 @@ def sync_status(api: kubernetes.client.ApiClient, namespace: str, name: str, opt
         return False
     meta = body.get("metadata") or {}
     try:
-        parsed: spec.ServiceSpec | None = spec.parse(name, namespace, body.get("spec"),
-                                                      default_image=options.default_image)
+        parsed: spec.ServiceSpec | None = parse_body(body, options)
         error, reason = None, "InvalidSpec"
     except spec.SpecError as exc:
         parsed, error, reason = None, str(exc), exc.reason
@@ -82,7 +89,7 @@ def reconcile(api: kubernetes.client.ApiClient, body: kopf.Body, options: Operat
         logger.info("%s/%s is gone; nothing to reconcile", namespace, name)
         return
     try:
-        parsed = spec.parse(name, namespace, body.spec, default_image=options.default_image)
+        parsed = parse_body(body, options)
     except spec.SpecError as exc:
         # Not an exception for kopf: retrying cannot fix a spec, only the user's next edit can (which calls us again).
         # Logged at INFO: kopf would also post a WARNING log line as an Event, next to the explicit one.
@@ -96,7 +103,11 @@ def reconcile(api: kubernetes.client.ApiClient, body: kopf.Body, options: Operat
     try:
         for obj in objs:
             try:
-                outcome[kube.apply(api, obj, uid)].append(f"{obj['kind']}/{obj['metadata']['name']}")
+                if obj["kind"] == "Secret":  # generated once, never overwritten by a reconcile
+                    result = kube.ensure_secret(api, obj, uid, secrets.generate)
+                else:
+                    result = kube.apply(api, obj, uid)
+                outcome[result].append(f"{obj['kind']}/{obj['metadata']['name']}")
             except ApiException as exc:
                 if exc.status != 404 or obj["kind"] != "ServiceMonitor":
                     raise

@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 from pdserve.operator import constants as c
+from pdserve.operator import secrets
 from pdserve.operator.spec import RoleSpec, RouterSpec, ServiceSpec
 
 Obj = dict[str, Any]
@@ -52,6 +53,7 @@ def model_arg(s: ServiceSpec) -> str:
 
 
 def redis_url(s: ServiceSpec) -> str | None:
+    """The Redis URL the engines get: never with a password (that comes from a Secret as an env variable)."""
     if s.kv.type != "redis":
         return None
     return s.kv.redis_url or f"redis://{s.name}-redis.{s.namespace}.svc:{c.REDIS_PORT}/0"
@@ -61,7 +63,8 @@ def engine_args(s: ServiceSpec, role: str) -> list[str]:
     """The ``pdserve prefill|decode`` command line of one engine role."""
     r, e = s.role(role), s.engine
     args = [role, "--host", "0.0.0.0", "--port", str(c.HTTP_PORT), "--grpc-port", str(c.GRPC_PORT),
-            "--model", model_arg(s), "--served-model-name", s.model.served_name, "--kv-connector", s.kv.type]
+            "--metrics-port", str(c.METRICS_PORT), "--max-waiting", str(e.max_waiting),
+            "--request-timeout", str(e.request_timeout), "--model", model_arg(s), "--served-model-name", s.model.served_name, "--kv-connector", s.kv.type]
     if s.kv.type == "grpc":
         # Decode pods pull from this address; $(POD_IP) is expanded by the kubelet from the env below.
         args += ["--kv-port", str(c.KV_PORT), "--kv-advertise-host", "$(POD_IP)"]
@@ -79,13 +82,15 @@ def engine_args(s: ServiceSpec, role: str) -> list[str]:
     if not e.enable_prefix_caching:
         args.append("--no-enable-prefix-caching")
     args += ["--tensor-parallel-size", str(r.tensor_parallel), "--pipeline-parallel-size", str(r.pipeline_parallel)]
+    if r.gpu_count == 0:
+        args += ["--device", "cpu"]  # resources.gpus: 0 means CPU; "auto" would pick a GPU that the pod may not use
     return args + list(e.extra_args) + list(r.extra_args)
 
 
 def router_args(s: ServiceSpec) -> list[str]:
     """The ``pdserve router`` command line: model and block size must equal the engines' (prefix hashing)."""
-    args = ["router", "--host", "0.0.0.0", "--port", str(c.HTTP_PORT),
-            "--model", model_arg(s), "--served-model-name", s.model.served_name]
+    args = ["router", "--host", "0.0.0.0", "--port", str(c.HTTP_PORT), "--metrics-port", str(c.METRICS_PORT),
+            "--request-timeout", str(s.router.request_timeout), "--model", model_arg(s), "--served-model-name", s.model.served_name]
     if s.model.max_model_len:
         args += ["--max-model-len", str(s.model.max_model_len)]
     args += ["--block-size", str(s.engine.block_size), "--discovery", "kubernetes", "--namespace", s.namespace,
@@ -93,8 +98,7 @@ def router_args(s: ServiceSpec) -> list[str]:
              "--decode-selector", selector_string(s.name, "decode"),
              "--pod-grpc-port", str(c.GRPC_PORT), "--pod-kv-events-port", str(c.KV_EVENTS_PORT),
              "--routing-config", f"{c.CONFIG_DIR}/routing.json"]
-    if s.router.api_key_secret:
-        args += ["--api-key", "$(PDSERVE_API_KEY)"]
+    # The API key is no argument (``ps`` and the pod spec would show it): the router reads $PDSERVE_API_KEY.
     return args + list(s.router.extra_args)
 
 
@@ -125,6 +129,32 @@ def _env(defaults: list[Obj], user: list[Obj]) -> list[Obj]:
     """Defaults first, then the user's variables; a user variable replaces a default of the same name."""
     names = {e["name"] for e in user}
     return [e for e in defaults if e["name"] not in names] + copy.deepcopy(user)
+
+
+def _secret_env(name: str, secret: str, key: str) -> Obj:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def secret_env(s: ServiceSpec, role: str) -> list[Obj]:
+    """The secrets a pod of ``role`` gets, each as an env variable from a Secret (never as an argument)."""
+    env = [_secret_env(c.CLUSTER_SECRET_ENV, secrets.cluster_secret_name(s.name), c.CLUSTER_SECRET_KEY)]
+    if role == "router" and s.router.api_key_secret:
+        ref = s.router.api_key_secret
+        env.append(_secret_env(c.API_KEY_ENV, ref.name, ref.key))
+    if role in c.ENGINE_ROLES and s.kv.type == "redis":
+        if s.kv.redis_deploy:
+            env.append(_secret_env(c.REDIS_PASSWORD_ENV, secrets.redis_secret_name(s.name), c.REDIS_PASSWORD_KEY))
+        elif s.kv.redis_password_secret:
+            ref = s.kv.redis_password_secret
+            env.append(_secret_env(c.REDIS_PASSWORD_ENV, ref.name, ref.key))
+    return env
+
+
+def _template_annotations(s: ServiceSpec, config_hash: str) -> dict[str, str]:
+    annotations = {c.ANNOTATION_CONFIG_HASH: config_hash}
+    if s.rotation:  # a rotation rolls every pod, so each reads the regenerated Secret
+        annotations[c.ANNOTATION_ROTATE_SECRETS] = s.rotation
+    return annotations
 
 
 def _http_probe(period: int, failures: int, timeout: int = 5) -> Obj:
@@ -199,10 +229,11 @@ def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
              {"name": "kv-events", "containerPort": c.KV_EVENTS_PORT, "protocol": "TCP"}]
     if s.kv.type == "grpc":
         ports.append({"name": "kv", "containerPort": c.KV_PORT, "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": c.METRICS_PORT, "protocol": "TCP"})
     # Caches of torch, Triton and Hugging Face land in /tmp: the root filesystem is read-only.
     env = _env([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                 {"name": "HOME", "value": c.TMP_DIR}, {"name": "XDG_CACHE_HOME", "value": f"{c.TMP_DIR}/.cache"},
-                {"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}], r.env)
+                {"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}, *secret_env(s, role)], r.env)
     spec["containers"] = [{
         "name": "engine", "image": s.image, "imagePullPolicy": s.image_pull_policy,
         "command": ["pdserve"], "args": engine_args(s, role), "env": env, "ports": ports,
@@ -217,7 +248,7 @@ def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
         spec["serviceAccountName"] = s.service_account_name
     _placement(spec, r)
     _image_fields(s, spec)
-    return {"metadata": {"labels": labels(s.name, role), "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash}},
+    return {"metadata": {"labels": labels(s.name, role), "annotations": _template_annotations(s, config_hash)},
             "spec": spec}
 
 
@@ -225,10 +256,8 @@ def router_pod(s: ServiceSpec, config_hash: str) -> Obj:
     """The router's pod template. It watches the engine pods (its own ServiceAccount) and tokenizes prompts as
     the engines do (the model's tokenizer, mounted like the engines' weights)."""
     r = s.router
-    env_defaults: list[Obj] = [{"name": "HOME", "value": c.TMP_DIR}, {"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"}]
-    if r.api_key_secret:
-        env_defaults.append({"name": "PDSERVE_API_KEY", "valueFrom": {"secretKeyRef": {
-            "name": r.api_key_secret.name, "key": r.api_key_secret.key}}})
+    env_defaults: list[Obj] = [{"name": "HOME", "value": c.TMP_DIR}, {"name": "HF_HOME", "value": f"{c.TMP_DIR}/hf"},
+                               *secret_env(s, "router")]
     mounts: list[Obj] = [{"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": c.TMP_DIR}]
     spec: Obj = {"serviceAccountName": f"{s.name}-router", "securityContext": pod_security_context(),
@@ -239,7 +268,8 @@ def router_pod(s: ServiceSpec, config_hash: str) -> Obj:
     spec["containers"] = [{
         "name": "router", "image": s.image, "imagePullPolicy": s.image_pull_policy,
         "command": ["pdserve"], "args": router_args(s), "env": _env(env_defaults, r.env),
-        "ports": [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": c.METRICS_PORT, "protocol": "TCP"}],
         "readinessProbe": _http_probe(period=5, failures=3),
         "livenessProbe": _http_probe(period=10, failures=6),
         "resources": _resources(r.requests, r.limits),
@@ -247,23 +277,29 @@ def router_pod(s: ServiceSpec, config_hash: str) -> Obj:
     }]
     _placement(spec, r)
     _image_fields(s, spec)
-    return {"metadata": {"labels": labels(s.name, "router"), "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash}},
+    return {"metadata": {"labels": labels(s.name, "router"), "annotations": _template_annotations(s, config_hash)},
             "spec": spec}
 
 
 def redis_pod(s: ServiceSpec) -> Obj:
-    """A cache-only Redis (no persistence): losing it costs recomputed prefills, never wrong answers."""
+    """A cache-only Redis (no persistence): losing it costs recomputed prefills, never wrong answers.
+
+    Its password comes from the generated Secret as ``$(REDIS_PASSWORD)``: the kubelet expands it, so neither
+    the pod spec nor the ConfigMap holds it (Redis rewrites its process title, so ``ps`` does not show it).
+    """
     container: Obj = {
         "name": "redis", "image": s.kv.redis_image, "imagePullPolicy": "IfNotPresent",
         "args": ["--save", "", "--appendonly", "no", "--maxmemory", s.kv.redis_max_memory,
-                 "--maxmemory-policy", "allkeys-lru"],
+                 "--maxmemory-policy", "allkeys-lru", "--requirepass", "$(REDIS_PASSWORD)"],
+        "env": [_secret_env("REDIS_PASSWORD", secrets.redis_secret_name(s.name), c.REDIS_PASSWORD_KEY)],
         "ports": [{"name": "redis", "containerPort": c.REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
         "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10},
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
     }
-    return {"metadata": {"labels": labels(s.name, "redis")},
+    annotations = {c.ANNOTATION_ROTATE_SECRETS: s.rotation} if s.rotation else {}
+    return {"metadata": {"labels": labels(s.name, "redis"), **({"annotations": annotations} if annotations else {})},
             "spec": {"automountServiceAccountToken": False,
                      "securityContext": pod_security_context(c.REDIS_RUN_AS_USER),
                      "containers": [container], "volumes": [{"name": "data", "emptyDir": {}}]}}

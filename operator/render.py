@@ -16,7 +16,7 @@ import shlex
 from typing import Any
 
 from pdserve.operator import constants as c
-from pdserve.operator import pods
+from pdserve.operator import pods, policies, secrets
 from pdserve.operator.spec import ServiceSpec
 
 Obj = dict[str, Any]
@@ -24,6 +24,8 @@ Obj = dict[str, Any]
 # Every (apiVersion, kind, name suffix) the operator may create. Children that the current spec does not ask for
 # (a managed Redis, a ServiceMonitor) are deleted when they exist, so turning an option off cleans up after it.
 CHILD_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("v1", "Secret", secrets.CLUSTER_SECRET_SUFFIX),
+    ("v1", "Secret", secrets.REDIS_SECRET_SUFFIX),
     ("v1", "ConfigMap", "-config"),
     ("v1", "ServiceAccount", "-router"),
     ("rbac.authorization.k8s.io/v1", "Role", "-router"),
@@ -40,6 +42,7 @@ CHILD_KINDS: tuple[tuple[str, str, str], ...] = (
     ("apps/v1", "Deployment", "-redis"),
     ("v1", "Service", "-redis"),
     ("monitoring.coreos.com/v1", "ServiceMonitor", ""),
+    *(("networking.k8s.io/v1", "NetworkPolicy", f"-{role}") for role in policies.POLICY_ROLES),
 )
 
 
@@ -145,14 +148,12 @@ def pod_disruption_budget(s: ServiceSpec, role: str) -> Obj:
 
 
 def router_rbac(s: ServiceSpec) -> list[Obj]:
-    """The router discovers engine pods through the API: it may read pods and EndpointSlices, nothing else."""
+    """The router discovers engine pods through the API (a list + watch of pods): it may read pods, nothing else."""
     name = f"{s.name}-router"
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(s, name, "router")},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(s, name, "router"),
-         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                    "verbs": ["get", "list", "watch"]}]},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(s, name, "router"),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": s.namespace}]},
@@ -167,16 +168,20 @@ def service_monitor(s: ServiceSpec) -> Obj:
             "metadata": _meta(s, s.name, "monitoring"),
             "spec": {"selector": {"matchLabels": {c.LABEL_SERVICE: s.name, c.LABEL_METRICS: "true"}},
                      "namespaceSelector": {"matchNames": [s.namespace]},
-                     "endpoints": [{"port": "http", "path": "/metrics", "interval": s.scrape_interval,
+                     "endpoints": [{"port": "metrics", "path": "/metrics", "interval": s.scrape_interval,
                                     "relabelings": relabel}]}}
 
 
 def render(s: ServiceSpec) -> list[Obj]:
     """Every child object of ``s``, in the order they are applied (configuration first, workloads last)."""
+    metrics_port = {"name": "metrics", "port": c.METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
     engine_ports = [{"name": "http", "port": c.HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
-                    {"name": "grpc", "port": c.GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"}]
-    router_ports = [{"name": "http", "port": c.HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]
-    objs: list[Obj] = [config_map(s), *router_rbac(s)]
+                    {"name": "grpc", "port": c.GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"}, metrics_port]
+    router_ports = [{"name": "http", "port": c.HTTP_PORT, "targetPort": "http", "protocol": "TCP"}, metrics_port]
+    objs: list[Obj] = [generated_secret(s, secrets.cluster_secret_name(s.name))]
+    if s.kv.type == "redis" and s.kv.redis_deploy:
+        objs.append(generated_secret(s, secrets.redis_secret_name(s.name)))
+    objs += [config_map(s), *router_rbac(s), *policies.network_policies(s)]
     if s.kv.type == "redis" and s.kv.redis_deploy:
         redis_port = [{"name": "redis", "port": c.REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}]
         objs += [service(s, "redis", redis_port, headless=False),
@@ -192,6 +197,11 @@ def render(s: ServiceSpec) -> list[Obj]:
     if s.service_monitor:
         objs.append(service_monitor(s))
     return objs
+
+
+def generated_secret(s: ServiceSpec, name: str) -> Obj:
+    """A Secret whose values the operator generates when it creates it (see :mod:`pdserve.operator.secrets`)."""
+    return secrets.secret_object(name, s.namespace, pods.labels(s.name, "secrets"), s.rotation)
 
 
 def router_url(s: ServiceSpec) -> str:

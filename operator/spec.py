@@ -29,6 +29,11 @@ DEFAULT_BUNDLED_MODEL = "smollm2-135m-instruct"
 # The router's scorers (services/router/plugins/scorers.py) and the weights of its "prefix-load" preset.
 ROUTER_SCORERS = ("prefix-cache", "load", "queue", "kv-usage", "session-affinity")
 DEFAULT_PLUGINS = (("prefix-cache", 3.0), ("load", 1.0), ("session-affinity", 1.0))
+# Parallelism above 1 is refused until the engine runs more than one rank (issue 12, item 5): a pod that asks for
+# two GPUs and uses one would promise what the code does not do.
+MAX_PARALLEL = 1
+# Who may scrape the pods' metrics port when NetworkPolicies are on: pods of the namespace called "monitoring".
+DEFAULT_PROMETHEUS_NAMESPACES: dict[str, Any] = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 
 
 class SpecError(ValueError):
@@ -38,6 +43,19 @@ class SpecError(ValueError):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """What the operator's installer allows InferenceServices to ask for (``pdserve operator run --allow-*``).
+
+    A ``hostPath`` model source mounts a node's filesystem into the pods, and raw ``extraArgs`` reach past every
+    check of the spec (they can point the engines at any file or turn any limit off): both stay off unless the
+    chart enables them, and a spec that uses them anyway is refused with reason ``NotPermitted``.
+    """
+
+    host_path: bool = False
+    extra_args: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,8 @@ class EngineSpec:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    max_waiting: int = 256  # --max-waiting: sequences queued per pod before it answers 429
+    request_timeout: int = 600  # --request-timeout, seconds
     extra_args: tuple[str, ...] = ()
 
 
@@ -104,6 +124,7 @@ class RouterSpec:
     plugins: tuple[tuple[str, float], ...] = DEFAULT_PLUGINS
     pd_threshold: int = 256
     max_waiting: int = 64
+    request_timeout: int = 600  # --request-timeout of the router, seconds
     api_key_secret: SecretKeyRef | None = None
     requests: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +143,15 @@ class KVConnectorSpec:
     redis_deploy: bool = False
     redis_image: str = c.DEFAULT_REDIS_IMAGE
     redis_max_memory: str = "2gb"
+    redis_password_secret: SecretKeyRef | None = None  # an external Redis's password (a managed one generates its own)
+
+
+@dataclass(frozen=True)
+class NetworkPolicySpec:
+    """``spec.networkPolicy``: per-port ingress policies for the service's pods (on unless turned off)."""
+
+    enabled: bool = True
+    prometheus_namespaces: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PROMETHEUS_NAMESPACES))
 
 
 @dataclass(frozen=True)
@@ -142,6 +172,8 @@ class ServiceSpec:
     service_account_name: str | None = None
     service_monitor: bool = False
     scrape_interval: str = "15s"
+    network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
+    rotation: str = ""  # the value of the secrets.pdserve.io/rotation annotation
 
     def role(self, role: str) -> RoleSpec:
         return self.prefill if role == "prefill" else self.decode
@@ -205,22 +237,30 @@ class _Fields:
         return self.obj.get(key) is not None
 
 
-def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_image: str = c.DEFAULT_IMAGE
-          ) -> ServiceSpec:
-    """Validate ``spec`` of the InferenceService ``namespace/name``; raise :class:`SpecError` on the first problem."""
+def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_image: str = c.DEFAULT_IMAGE,
+          permissions: Permissions = Permissions(), annotations: Mapping[str, str] | None = None) -> ServiceSpec:
+    """Validate ``spec`` of the InferenceService ``namespace/name``; raise :class:`SpecError` on the first problem.
+
+    ``permissions`` are the operator's (what its installer allows); ``annotations`` are the object's metadata
+    annotations (only :data:`~pdserve.operator.constants.ANNOTATION_ROTATE_SECRETS` is read).
+    """
     if not isinstance(name, str) or not DNS_LABEL.match(name) or len(name) > c.MAX_NAME_LENGTH:
         raise SpecError("metadata.name", f"must be a DNS label (a-z, 0-9, '-', starting with a letter) of at most "
                                          f"{c.MAX_NAME_LENGTH} characters, got {name!r}")
     f = _Fields(spec, "spec", ("model", "engine", "prefill", "decode", "router", "kvConnector", "image",
-                               "imagePullPolicy", "imagePullSecrets", "serviceAccountName", "monitoring"))
+                               "imagePullPolicy", "imagePullSecrets", "serviceAccountName", "monitoring",
+                               "networkPolicy"))
     pull_secrets = f.data("imagePullSecrets", list)
     if not all(isinstance(s, Mapping) and isinstance(s.get("name"), str) for s in pull_secrets):
         raise SpecError("spec.imagePullSecrets", "must be a list of {name: ...}")
     monitoring = f.sub("monitoring", ("serviceMonitor", "interval"))
-    return ServiceSpec(
+    policy = f.sub("networkPolicy", ("enabled", "prometheusNamespaceSelector"))
+    rotation = (annotations or {}).get(c.ANNOTATION_ROTATE_SECRETS) or ""
+    parsed = ServiceSpec(
         name=name, namespace=namespace, model=_model(f.sub("model", ("source", "servedName", "dtype", "maxModelLen"))),
         engine=_engine(f.sub("engine", ("blockSize", "kvCacheDtype", "gpuMemoryUtilization", "maxNumSeqs",
-                                        "maxNumBatchedTokens", "enablePrefixCaching", "extraArgs"))),
+                                        "maxNumBatchedTokens", "enablePrefixCaching", "maxWaiting",
+                                        "requestTimeoutSeconds", "extraArgs"))),
         prefill=_role(f.sub("prefill", _ROLE_FIELDS)), decode=_role(f.sub("decode", _ROLE_FIELDS)),
         router=_router(f.sub("router", _ROUTER_FIELDS)), kv=_kv(f.sub("kvConnector", ("type", "sharedFs", "redis"))),
         image=f.str("image") or default_image,
@@ -228,7 +268,28 @@ def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_
         image_pull_secrets=tuple(s["name"] for s in pull_secrets),
         service_account_name=f.str("serviceAccountName"),
         service_monitor=monitoring.bool("serviceMonitor", False),
-        scrape_interval=monitoring.str("interval", "15s"))
+        scrape_interval=monitoring.str("interval", "15s"),
+        network_policy=NetworkPolicySpec(
+            enabled=policy.bool("enabled", True),
+            prometheus_namespaces=(policy.data("prometheusNamespaceSelector", dict)
+                                   if policy.has("prometheusNamespaceSelector")
+                                   else copy.deepcopy(DEFAULT_PROMETHEUS_NAMESPACES))),
+        rotation=str(rotation))
+    _check_permissions(parsed, permissions)
+    return parsed
+
+
+def _check_permissions(s: ServiceSpec, permissions: Permissions) -> None:
+    if s.model.source.kind == "hostPath" and not permissions.host_path:
+        raise SpecError("spec.model.source.hostPath", "hostPath model sources are disabled in this operator (the "
+                        "chart's operator.allowHostPath enables them)", reason="NotPermitted")
+    if not permissions.extra_args:
+        for path, args in (("spec.engine.extraArgs", s.engine.extra_args), ("spec.prefill.extraArgs",
+                           s.prefill.extra_args), ("spec.decode.extraArgs", s.decode.extra_args),
+                           ("spec.router.extraArgs", s.router.extra_args)):
+            if args:
+                raise SpecError(path, "raw extraArgs are disabled in this operator (the chart's "
+                                "operator.allowExtraArgs enables them)", reason="NotPermitted")
 
 
 def _model(f: _Fields) -> ModelSpec:
@@ -272,12 +333,18 @@ def _engine(f: _Fields) -> EngineSpec:
                       gpu_memory_utilization=util, max_num_seqs=f.int("maxNumSeqs", d.max_num_seqs, minimum=1),
                       max_num_batched_tokens=f.int("maxNumBatchedTokens", d.max_num_batched_tokens, minimum=1),
                       enable_prefix_caching=f.bool("enablePrefixCaching", d.enable_prefix_caching),
+                      max_waiting=f.int("maxWaiting", d.max_waiting, minimum=1, maximum=MAX_WAITING),
+                      request_timeout=f.int("requestTimeoutSeconds", d.request_timeout, minimum=1,
+                                            maximum=MAX_TIMEOUT_S),
                       extra_args=f.strings("extraArgs"))
 
 
 _POD_FIELDS = ("replicas", "resources", "nodeSelector", "tolerations", "affinity", "env", "extraArgs")
 _ROLE_FIELDS = _POD_FIELDS + ("parallelism",)
-_ROUTER_FIELDS = _POD_FIELDS + ("plugins", "pdThreshold", "maxWaiting", "apiKeySecretRef")
+_ROUTER_FIELDS = _POD_FIELDS + ("plugins", "pdThreshold", "maxWaiting", "requestTimeoutSeconds", "apiKeySecretRef")
+# Upper ends of the bounded limits: finite, so no spec turns a limit off by asking for a huge one.
+MAX_WAITING = 100_000
+MAX_TIMEOUT_S = 86_400
 
 
 def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
@@ -300,6 +367,11 @@ def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
 
 def _role(f: _Fields) -> RoleSpec:
     par = f.sub("parallelism", ("tensor", "pipeline"))
+    for key in ("tensor", "pipeline"):
+        size = par.int(key, 1, minimum=1)
+        if size > MAX_PARALLEL:
+            raise SpecError(f"{par.path}.{key}", f"must be 1: {key} parallelism is not implemented yet (a pod "
+                                                 f"would get {size} GPUs and use one), got {size}")
     role = RoleSpec(tensor_parallel=par.int("tensor", RoleSpec.tensor_parallel, minimum=1),
                     pipeline_parallel=par.int("pipeline", RoleSpec.pipeline_parallel, minimum=1),
                     **_pod_fields(f, gpus=True))
@@ -325,7 +397,10 @@ def _router(f: _Fields) -> RouterSpec:
         parsed.append((name, weight))
     api_key = _secret_ref(f.sub("apiKeySecretRef", ("name", "key")), "api-key") if f.has("apiKeySecretRef") else None
     return RouterSpec(plugins=tuple(parsed), pd_threshold=f.int("pdThreshold", RouterSpec.pd_threshold, minimum=0),
-                      max_waiting=f.int("maxWaiting", RouterSpec.max_waiting, minimum=1), api_key_secret=api_key,
+                      max_waiting=f.int("maxWaiting", RouterSpec.max_waiting, minimum=1, maximum=MAX_WAITING),
+                      request_timeout=f.int("requestTimeoutSeconds", RouterSpec.request_timeout, minimum=1,
+                                            maximum=MAX_TIMEOUT_S),
+                      api_key_secret=api_key,
                       **_pod_fields(f, gpus=False))
 
 
@@ -333,11 +408,14 @@ def _kv(f: _Fields) -> KVConnectorSpec:
     d = KVConnectorSpec()
     kind = f.str("type", d.type, CONNECTORS)
     shared = f.sub("sharedFs", ("claimName",))
-    redis = f.sub("redis", ("url", "deploy", "image", "maxMemory"))
+    redis = f.sub("redis", ("url", "deploy", "image", "maxMemory", "passwordSecretRef"))
+    password = (_secret_ref(redis.sub("passwordSecretRef", ("name", "key")), "password")
+                if redis.has("passwordSecretRef") else None)
     spec = KVConnectorSpec(type=kind, shared_fs_claim=shared.str("claimName"), redis_url=redis.str("url"),
                            redis_deploy=redis.bool("deploy", d.redis_deploy),
                            redis_image=redis.str("image", d.redis_image),
-                           redis_max_memory=redis.str("maxMemory", d.redis_max_memory))
+                           redis_max_memory=redis.str("maxMemory", d.redis_max_memory),
+                           redis_password_secret=password)
     if kind == "shared-fs" and not spec.shared_fs_claim:
         raise SpecError(f"{f.path}.sharedFs.claimName", "the shared-fs connector needs a ReadWriteMany PVC")
     if kind == "redis" and not (spec.redis_url or spec.redis_deploy):
@@ -347,7 +425,17 @@ def _kv(f: _Fields) -> KVConnectorSpec:
     if spec.redis_url and not spec.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise SpecError(f"{f.path}.redis.url",
                         f"must start with redis://, rediss:// or unix://, got {spec.redis_url!r}")
+    if spec.redis_url and _URL_USERINFO.match(spec.redis_url):
+        # A password in the URL would land in the ConfigMap, the pods' arguments and error messages.
+        raise SpecError(f"{f.path}.redis.url", "must not carry a user or password; put the password in a Secret "
+                                               "and name it in redis.passwordSecretRef")
+    if spec.redis_deploy and spec.redis_password_secret:
+        raise SpecError(f"{f.path}.redis.passwordSecretRef", "a managed Redis (deploy: true) gets a generated "
+                                                             "password; passwordSecretRef is for redis.url")
     return spec
+
+
+_URL_USERINFO = re.compile(r"^[a-z]+://[^/@]*@")
 
 
 def _required(f: _Fields, key: str) -> str:

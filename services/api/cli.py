@@ -32,6 +32,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     g.add_argument("--request-timeout", type=float, default=0.0,
                    help="abort requests running longer than this many seconds (0: no limit)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     if "--kv-events-endpoint" not in parser._option_string_actions:
         g.add_argument("--kv-events-endpoint", default=None,
@@ -119,6 +121,17 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
         return 1
     if on_started is not None:
         on_started(engine, metrics)
+    metrics_listener = None
+    if getattr(args, "metrics_port", None) is not None:
+        from pdserve.services.api.metrics import MetricsListener
+
+        try:
+            metrics_listener = MetricsListener(args.host, args.metrics_port, metrics.registry)
+        except OSError as exc:  # e.g. the port is taken
+            logger.error("the metrics listener failed to start: %s", exc)
+            await engine.shutdown()
+            return 1
+        logger.info("metrics on http://%s:%d/metrics", args.host, metrics_listener.port)
     app = with_guard(build_app(engine, settings, metrics), settings)
     server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                             lifespan="off", timeout_graceful_shutdown=5, access_log=False))
@@ -130,6 +143,8 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
             grpc_server = await start_grpc_server(engine, settings, args.host, args.grpc_port, grpc_services)
         except Exception as exc:  # e.g. the port is taken
             logger.error("the gRPC server failed to start: %s", exc)
+            if metrics_listener is not None:
+                metrics_listener.stop()
             await engine.shutdown()
             return 1
         logger.info("gRPC on %s:%d", args.host, grpc_server.port)
@@ -151,6 +166,8 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
         watchdog.cancel()
         if grpc_server is not None:
             await grpc_server.stop(2.0)
+        if metrics_listener is not None:
+            metrics_listener.stop()
         dead = engine.dead_error is not None
         await engine.shutdown()
     return 1 if dead or not server.started else 0

@@ -103,3 +103,22 @@ class ServingMetrics:
     def render(self) -> bytes:
         """The text exposition format for ``/metrics``."""
         return generate_latest(self.registry)
+
+
+class MetricsListener:
+    """``/metrics`` of ``registry`` on a port of its own (``--metrics-port``), in a daemon thread.
+
+    A separate listener lets a NetworkPolicy open the metrics to Prometheus without opening the API port; the
+    API port keeps its own ``/metrics`` for single-machine use (docs/kubernetes.md says so).
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.port = int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

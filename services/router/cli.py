@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and gRPC calls")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest accepted request body")
     g.add_argument("--request-timeout", type=float, default=0.0, help="abort requests after this many seconds")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     m = parser.add_argument_group("model (must match the engines)")
@@ -123,6 +125,16 @@ async def serve(config, tokenizer, args: argparse.Namespace) -> int:
     from pdserve.services.router.server import start_router
 
     running = await start_router(config, tokenizer)
+    metrics_listener = None
+    if args.metrics_port is not None:
+        from pdserve.services.api.metrics import MetricsListener
+
+        try:
+            metrics_listener = MetricsListener(args.host, args.metrics_port, running.serving_metrics.registry)
+        except OSError as exc:  # e.g. the port is taken
+            logger.error("the metrics listener failed to start: %s", exc)
+            await running.stop()
+            return 1
     server = await running.serve_http(args.host, args.port, args.log_level)
     if args.grpc_port is not None:
         port = await running.start_grpc(args.host, args.grpc_port)
@@ -133,4 +145,6 @@ async def serve(config, tokenizer, args: argparse.Namespace) -> int:
         await server.serve()
     finally:
         await running.stop()
+        if metrics_listener is not None:
+            metrics_listener.stop()
     return 0 if server.started else 1

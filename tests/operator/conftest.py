@@ -36,6 +36,8 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "v1/configmaps": ("ConfigMap", True, ()),
     "v1/services": ("Service", True, ()),
     "v1/serviceaccounts": ("ServiceAccount", True, ()),
+    "v1/secrets": ("Secret", True, ()),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, ()),
     "apps/v1/deployments": ("Deployment", True, ("status",)),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, ("status",)),
     "rbac.authorization.k8s.io/v1/roles": ("Role", True, ()),
@@ -48,7 +50,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
 }
 CHILD_RESOURCES = [r for r in RESOURCES if r.split("/")[-1] in {
     "configmaps", "services", "serviceaccounts", "deployments", "poddisruptionbudgets", "roles", "rolebindings",
-    "servicemonitors"}]
+    "servicemonitors", "secrets", "networkpolicies"}]
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 
 
@@ -134,10 +136,10 @@ class Cluster:
         return out
 
     # --- the user's and the cluster's actions ---------------------------------------------------------------------
-    async def create_isvc(self, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None
-                          ) -> dict[str, Any]:
-        body = {"apiVersion": c.API_VERSION, "kind": c.KIND,
-                "metadata": {"name": name, "namespace": self.namespace, "labels": labels or {}}, "spec": spec}
+    async def create_isvc(self, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None,
+                          annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        meta = {"name": name, "namespace": self.namespace, "labels": labels or {}, "annotations": annotations or {}}
+        body = {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": meta, "spec": spec}
         custom = kubernetes.client.CustomObjectsApi(self.api)
         await asyncio.to_thread(custom.create_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace,
                                 c.PLURAL, body)

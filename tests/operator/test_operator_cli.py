@@ -28,8 +28,10 @@ def test_render_prints_every_child(capsys) -> None:
     code, out = run(["render", "-f", str(EXAMPLE), "-n", "llm", "--default-image", "img:2"])
     assert code == 0
     objs = list(yaml.safe_load_all(out))
-    assert [(o["kind"], o["metadata"]["name"]) for o in objs][:2] == [("ConfigMap", "smollm-config"),
-                                                                    ("ServiceAccount", "smollm-router")]
+    assert [(o["kind"], o["metadata"]["name"]) for o in objs][:3] == [
+        ("Secret", "smollm-cluster-secret"), ("ConfigMap", "smollm-config"), ("ServiceAccount", "smollm-router")]
+    (secret,) = [o for o in objs if o["kind"] == "Secret"]
+    assert "data" not in secret and "stringData" not in secret  # the operator generates it; render shows none
     assert {o["metadata"]["namespace"] for o in objs} == {"llm"}
     deployment = next(o for o in objs if o["kind"] == "Deployment")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "img:2"

@@ -128,7 +128,7 @@ def test_schema_is_structural() -> None:
             jsonschema.Draft4Validator(node).validate(node["default"])
         if node.get("type") == "array" and any(path.startswith(p) for p, _, _ in RULES if p):
             assert "maxItems" in node, f"{path}: lists under CEL rules need maxItems (rule cost)"
-    assert len(RULES) == 8
+    assert len(RULES) == 10
 
 
 def test_an_empty_spec_is_defaulted_to_a_complete_one() -> None:
@@ -144,8 +144,12 @@ SAMPLES = [isvc(), isvc({"prefill": {"replicas": 0}, "decode": {"replicas": 8}})
            isvc({"kvConnector": {"type": "redis", "redis": {"deploy": True}}}),
            isvc({"kvConnector": {"type": "shared-fs", "sharedFs": {"claimName": "kv"}}}),
            isvc({"model": {"source": {"huggingFace": {"id": "Qwen/Qwen3-8B"}}}}),
-           isvc({"decode": {"parallelism": {"tensor": 4}, "resources": {"gpus": 4, "requests": {"cpu": 4,
+           isvc({"decode": {"parallelism": {"tensor": 1}, "resources": {"gpus": 4, "requests": {"cpu": 4,
                                                                                                "memory": "8Gi"}}}}),
+           isvc({"engine": {"maxWaiting": 10, "requestTimeoutSeconds": 60}, "router": {"requestTimeoutSeconds": 5},
+                 "networkPolicy": {"enabled": False, "prometheusNamespaceSelector": {}},
+                 "kvConnector": {"type": "redis", "redis": {"url": "rediss://r:6380/0",
+                                                            "passwordSecretRef": {"name": "redis"}}}}),
            isvc({"decode": {"resources": {"gpus": 0}}, "router": {"plugins": [{"name": "queue", "weight": 0.5}]}})]
 SAMPLES += [yaml.safe_load(p.read_text()) for p in EXAMPLES]
 
@@ -171,7 +175,15 @@ INVALID = [
     (isvc({"kvConnector": {"type": "shared-fs"}}), "the shared-fs connector needs sharedFs.claimName"),
     (isvc({"model": {"source": {"bundled": "a", "pvc": {"claimName": "w"}}}}), "set exactly one of"),
     (isvc({"model": {"source": {"huggingFace": {"id": "noslash"}}}}), "does not match"),
-    (isvc({"decode": {"parallelism": {"tensor": 2}, "resources": {"gpus": 1}}}), "at least tensor x pipeline"),
+    (isvc({"decode": {"parallelism": {"tensor": 2}}}), "spec.decode.parallelism.tensor: 2 is greater than the "
+                                                       "maximum of 1"),
+    (isvc({"prefill": {"parallelism": {"pipeline": 4}}}), "spec.prefill.parallelism.pipeline: 4 is greater"),
+    (isvc({"engine": {"requestTimeoutSeconds": 0}}), "spec.engine.requestTimeoutSeconds: 0 is less than"),
+    (isvc({"engine": {"maxWaiting": 10**6}}), "spec.engine.maxWaiting: 1000000 is greater than the maximum"),
+    (isvc({"kvConnector": {"type": "redis", "redis": {"url": "redis://u:pw@r:6379"}}}),
+     "redis.url must not carry a password"),
+    (isvc({"kvConnector": {"type": "redis", "redis": {"deploy": True, "passwordSecretRef": {"name": "p"}}}}),
+     "passwordSecretRef is for redis.url"),
     (isvc({"engine": {"gpuMemoryUtilization": 0}}), "less than or equal to the minimum of 0"),
     (isvc({"engine": {"kvCacheDtype": "int8"}}), "'int8' is not one of"),
     (isvc({"router": {"plugins": [{"name": "magic"}]}}), "'magic' is not one of"),

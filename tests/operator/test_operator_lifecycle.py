@@ -14,6 +14,8 @@ EXPECTED = {
     ("Service", "chat-router"), ("Deployment", "chat-prefill"), ("Deployment", "chat-decode"),
     ("Deployment", "chat-router"), ("PodDisruptionBudget", "chat-prefill"),
     ("PodDisruptionBudget", "chat-decode"), ("PodDisruptionBudget", "chat-router"),
+    ("Secret", "chat-cluster-secret"), ("NetworkPolicy", "chat-prefill"), ("NetworkPolicy", "chat-decode"),
+    ("NetworkPolicy", "chat-router"),
 }
 
 
@@ -41,7 +43,8 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
                  "blockOwnerDeletion": True}]
         assert not cluster.isvc("chat")["metadata"].get("finalizers"), "nothing outside Kubernetes to clean up"
         (applied,) = await cluster.wait_for(lambda: cluster.events("Applied"), what="an Applied Event")
-        assert applied["type"] == "Normal" and applied["message"].startswith("created ConfigMap/chat-config")
+        assert applied["type"] == "Normal" and applied["message"].startswith(
+            "created Secret/chat-cluster-secret, ConfigMap/chat-config")
         await cluster.wait_for(lambda: phase(cluster) == "Progressing", what="Progressing")
         assert cluster.isvc("chat")["status"]["url"] == "http://chat-router.default.svc:8000"
 
@@ -74,8 +77,8 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
 
         # change the model -> the config and the three pod templates change (so the pods roll); nothing else
         mark = cluster.mark()
-        await cluster.patch_isvc("chat", {"spec": {"model": {"source": {"bundled": None, "hostPath": {
-            "path": "/models/qwen3-0.6b"}}}}})
+        await cluster.patch_isvc("chat", {"spec": {"model": {"source": {"bundled": None, "pvc": {
+            "claimName": "weights", "path": "qwen3-0.6b"}}}}})
         await cluster.wait_for(lambda: template(cluster, "router") != templates["router"], what="router rolled")
         await asyncio.sleep(0.3)
         patched = sorted((plural, name) for _, plural, name, _ in cluster.writes(mark))
@@ -85,11 +88,12 @@ async def test_create_scale_change_delete(cluster, operator_running) -> None:
             assert (template(cluster, role)["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
                     != templates[role]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH])
         router_args = template(cluster, "router")["spec"]["containers"][0]["args"]
-        assert router_args[router_args.index("--model") + 1] == "/models"  # it tokenizes with the new model
+        assert router_args[router_args.index("--model") + 1] == "/models/qwen3-0.6b"  # the new model's tokenizer
         engine = json.loads(cluster.children()[("ConfigMap", "chat-config")]["data"]["engine.json"])
-        assert engine["model"]["model"] == "/models"
+        assert engine["model"]["model"] == "/models/qwen3-0.6b"
         prefill = cluster.children()[("Deployment", "chat-prefill")]["spec"]["template"]["spec"]
-        assert {"name": "model", "hostPath": {"path": "/models/qwen3-0.6b", "type": "Directory"}} in prefill["volumes"]
+        assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in prefill[
+            "volumes"]
         await cluster.wait_for(lambda: cluster.isvc("chat")["status"].get("servedModel") == "qwen3-0.6b",
                                what="status follows the model")
 
@@ -151,7 +155,8 @@ async def test_invalid_spec_degrades_and_recovers(cluster, operator_running) -> 
 
         # fixed: a managed Redis comes with the rest, and the engines are pointed at it
         await cluster.patch_isvc("chat", {"spec": {"kvConnector": {"redis": {"deploy": True}}}})
-        redis = {("Deployment", "chat-redis"), ("Service", "chat-redis")}
+        redis = {("Deployment", "chat-redis"), ("Service", "chat-redis"), ("Secret", "chat-redis-auth"),
+                 ("NetworkPolicy", "chat-redis")}
         await cluster.wait_for(lambda: set(cluster.children()) == EXPECTED | redis, what="children and Redis")
         await cluster.wait_for(lambda: condition(cluster, "Degraded")["status"] == "False", what="not Degraded")
         args = cluster.children()[("Deployment", "chat-decode")]["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -65,7 +65,7 @@ def test_every_rendering_is_safe_and_consistent(example: Path) -> None:
 
 
 def parse(s: dict, name: str = "chat") -> spec.ServiceSpec:
-    return spec.parse(name, "ns", s)
+    return spec.parse(name, "ns", s, permissions=spec.Permissions(host_path=True, extra_args=True))
 
 
 def by_key(objs: list[dict]) -> dict[tuple[str, str], dict]:
@@ -100,15 +100,16 @@ def test_config_changes_roll_exactly_the_pods_that_read_it(change: dict, rolled:
 def test_engine_command_line() -> None:
     s = parse({"model": {"source": {"pvc": {"claimName": "w", "path": "llama"}}, "maxModelLen": 4096},
                "engine": {"enablePrefixCaching": False, "extraArgs": ["--seed", "7"]},
-               "decode": {"parallelism": {"tensor": 2}, "extraArgs": ["--enforce-eager"]},
+               "decode": {"resources": {"gpus": 0}, "extraArgs": ["--enforce-eager"]},
                "kvConnector": {"type": "shared-fs", "sharedFs": {"claimName": "kv"}}})
     assert render.pods.engine_args(s, "decode") == [
-        "decode", "--host", "0.0.0.0", "--port", "8000", "--grpc-port", "50051", "--model", "/models/llama",
+        "decode", "--host", "0.0.0.0", "--port", "8000", "--grpc-port", "50051", "--metrics-port", "9090",
+        "--max-waiting", "256", "--request-timeout", "600", "--model", "/models/llama",
         "--served-model-name", "llama", "--kv-connector", "shared-fs", "--kv-path", "/var/lib/pdserve/kv",
         "--dtype", "auto", "--max-model-len", "4096", "--block-size", "16", "--kv-cache-dtype", "auto",
         "--gpu-memory-utilization", "0.9", "--max-num-seqs", "128", "--max-num-batched-tokens", "2048",
-        "--no-enable-prefix-caching", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "1",
-        "--seed", "7", "--enforce-eager"]
+        "--no-enable-prefix-caching", "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1",
+        "--device", "cpu", "--seed", "7", "--enforce-eager"]
     config = json.loads(render.config_map(s)["data"]["engine.json"])
     assert config["roles"]["decode"]["command"].startswith("pdserve decode --host 0.0.0.0")
     assert config["kvTransfer"] == {"connector": "shared-fs", "kvPath": "/var/lib/pdserve/kv", "claimName": "kv"}
@@ -116,14 +117,14 @@ def test_engine_command_line() -> None:
 
 def test_router_command_line_and_routing_file() -> None:
     s = parse({"router": {"plugins": [{"name": "load", "weight": 2}, {"name": "session-affinity"}],
-                          "pdThreshold": 100, "apiKeySecretRef": {"name": "keys"}}})
+                          "pdThreshold": 100, "requestTimeoutSeconds": 90, "apiKeySecretRef": {"name": "keys"}}})
     assert render.pods.router_args(s) == [
-        "router", "--host", "0.0.0.0", "--port", "8000", "--model", "smollm2-135m-instruct",
+        "router", "--host", "0.0.0.0", "--port", "8000", "--metrics-port", "9090", "--request-timeout", "90",
+        "--model", "smollm2-135m-instruct",
         "--served-model-name", "smollm2-135m-instruct", "--block-size", "16", "--discovery", "kubernetes",
         "--namespace", "ns", "--prefill-selector", "pdserve.io/service=chat,pdserve.io/role=prefill",
         "--decode-selector", "pdserve.io/service=chat,pdserve.io/role=decode", "--pod-grpc-port", "50051",
-        "--pod-kv-events-port", "5557", "--routing-config", "/etc/pdserve/routing.json",
-        "--api-key", "$(PDSERVE_API_KEY)"]
+        "--pod-kv-events-port", "5557", "--routing-config", "/etc/pdserve/routing.json"]  # no --api-key: env
     assert render.routing_config(s) == {
         "decode": {"filters": [{"type": "queue-threshold", "max_waiting": 64}],
                    "scorers": [{"type": "load", "weight": 2.0}, {"type": "session-affinity", "weight": 1.0}],
@@ -150,7 +151,8 @@ def test_user_env_overrides_defaults_and_gpus_become_limits() -> None:
     s = parse({"decode": {"env": [{"name": "HOME", "value": "/home/x"}, {"name": "A", "value": "1"}],
                           "resources": {"gpus": 2, "gpuResource": "amd.com/gpu", "limits": {"memory": "8Gi"}}}})
     ctr = by_key(render.render(s))[("Deployment", "chat-decode")]["spec"]["template"]["spec"]["containers"][0]
-    assert [e["name"] for e in ctr["env"]] == ["POD_IP", "XDG_CACHE_HOME", "HF_HOME", "HOME", "A"]
+    assert [e["name"] for e in ctr["env"]] == ["POD_IP", "XDG_CACHE_HOME", "HF_HOME", "PDSERVE_CLUSTER_SECRET",
+                                                "HOME", "A"]
     assert ctr["resources"] == {"limits": {"memory": "8Gi", "amd.com/gpu": "2"}}
 
 

@@ -8,8 +8,11 @@ from pdserve.operator import spec
 from pdserve.operator.spec import SpecError
 
 
-def parse(s: dict | None, name: str = "chat") -> spec.ServiceSpec:
-    return spec.parse(name, "ns", s, default_image="img:1")
+ALLOW_ALL = spec.Permissions(host_path=True, extra_args=True)
+
+
+def parse(s: dict | None, name: str = "chat", permissions: spec.Permissions = ALLOW_ALL) -> spec.ServiceSpec:
+    return spec.parse(name, "ns", s, default_image="img:1", permissions=permissions)
 
 
 def test_empty_spec_means_the_bundled_model_with_defaults() -> None:
@@ -38,9 +41,47 @@ def test_served_name_defaults_to_the_model(source: dict, served: str) -> None:
 
 
 def test_gpus_follow_the_parallelism_unless_set() -> None:
-    role = parse({"decode": {"parallelism": {"tensor": 2, "pipeline": 2}}}).decode
-    assert (role.gpus, role.gpu_count) == (None, 4)
+    role = parse({"decode": {"parallelism": {"tensor": 1, "pipeline": 1}}}).decode
+    assert (role.gpus, role.gpu_count) == (None, 1)
     assert parse({"decode": {"resources": {"gpus": 0}}}).decode.gpu_count == 0
+
+
+@pytest.mark.parametrize("role, key", [("prefill", "tensor"), ("decode", "pipeline")])
+def test_parallelism_above_one_is_refused_until_it_exists(role: str, key: str) -> None:
+    """Issue 12 item 5: a tensor: 2 pod would get two GPUs and use one."""
+    with pytest.raises(SpecError) as err:
+        parse({role: {"parallelism": {key: 2}}})
+    assert err.value.path == f"spec.{role}.parallelism.{key}"
+    assert "not implemented yet" in str(err.value) and "got 2" in str(err.value)
+
+
+def test_bounded_limits_have_finite_defaults() -> None:
+    s = parse({})
+    assert (s.engine.max_waiting, s.engine.request_timeout, s.router.request_timeout) == (256, 600, 600)
+    s = parse({"engine": {"maxWaiting": 8, "requestTimeoutSeconds": 30}, "router": {"requestTimeoutSeconds": 40}})
+    assert (s.engine.max_waiting, s.engine.request_timeout, s.router.request_timeout) == (8, 30, 40)
+
+
+@pytest.mark.parametrize("bad, path", [
+    ({"model": {"source": {"hostPath": {"path": "/models/x"}}}}, "spec.model.source.hostPath"),
+    ({"engine": {"extraArgs": ["--seed", "1"]}}, "spec.engine.extraArgs"),
+    ({"decode": {"extraArgs": ["--enforce-eager"]}}, "spec.decode.extraArgs"),
+    ({"router": {"extraArgs": ["--api-key", "k"]}}, "spec.router.extraArgs"),
+])
+def test_host_path_and_extra_args_need_the_operators_permission(bad: dict, path: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse(bad, permissions=spec.Permissions())
+    assert (err.value.path, err.value.reason) == (path, "NotPermitted")
+    assert "operator.allow" in str(err.value)
+    parse(bad)  # allowed by the chart's switches
+
+
+def test_network_policies_default_on_with_the_monitoring_namespace() -> None:
+    s = parse({})
+    assert s.network_policy == spec.NetworkPolicySpec(True, {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}})
+    s = parse({"networkPolicy": {"enabled": False, "prometheusNamespaceSelector": {}}})
+    assert s.network_policy == spec.NetworkPolicySpec(False, {})
 
 
 def test_pass_through_fields_are_copies() -> None:
@@ -77,8 +118,15 @@ INVALID = [
     ({"engine": {"extraArgs": [1]}}, "spec.engine.extraArgs", "list of strings"),
     ({"engine": {"blockSzie": 16}}, "spec.engine", "unknown field(s) blockSzie"),
     ({"prefill": {"parallelism": {"tensor": 0}}}, "spec.prefill.parallelism.tensor", ">= 1"),
-    ({"prefill": {"parallelism": {"tensor": 4}, "resources": {"gpus": 2}}}, "spec.prefill.resources.gpus",
-     "cannot hold"),
+    ({"prefill": {"parallelism": {"tensor": 4}, "resources": {"gpus": 2}}}, "spec.prefill.parallelism.tensor",
+     "must be 1"),
+    ({"engine": {"maxWaiting": 0}}, "spec.engine.maxWaiting", ">= 1"),
+    ({"engine": {"requestTimeoutSeconds": 10**9}}, "spec.engine.requestTimeoutSeconds", "<= 86400"),
+    ({"router": {"requestTimeoutSeconds": 0}}, "spec.router.requestTimeoutSeconds", ">= 1"),
+    ({"kvConnector": {"type": "redis", "redis": {"url": "redis://:hunter2@r:6379"}}}, "spec.kvConnector.redis.url",
+     "passwordSecretRef"),
+    ({"kvConnector": {"type": "redis", "redis": {"deploy": True, "passwordSecretRef": {"name": "p"}}}},
+     "spec.kvConnector.redis.passwordSecretRef", "generated password"),
     ({"router": {"plugins": [{"name": "magic"}]}}, "spec.router.plugins[0].name", "must be one of"),
     ({"router": {"plugins": [{"name": "load"}, {"name": "load"}]}}, "spec.router.plugins[1].name", "twice"),
     ({"router": {"plugins": [{"name": "load", "weight": -1}]}}, "spec.router.plugins[0].weight", ">= 0"),
