@@ -74,13 +74,15 @@ def test_rbac_is_least_privilege(helm) -> None:
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
-            assert "secrets" not in rule["resources"], "the operator never reads Secrets"
     rules = {(g, r): set(rule["verbs"]) for rule in rules_of(objs, "pdserve") for g in rule["apiGroups"]
              for r in rule["resources"]}
-    # children are read and written by name only: no list or watch of them
+    # children are read and written by name only: no list or watch of them -- Secrets included: the operator reads
+    # only the ones it generates, by name, and can never list the namespace's other Secrets
     for child in [("", "configmaps"), ("", "services"), ("apps", "deployments"), ("policy", "poddisruptionbudgets"),
-                  ("rbac.authorization.k8s.io", "roles"), ("monitoring.coreos.com", "servicemonitors")]:
+                  ("rbac.authorization.k8s.io", "roles"), ("monitoring.coreos.com", "servicemonitors"),
+                  ("", "secrets"), ("networking.k8s.io", "networkpolicies")]:
         assert rules[child] == {"get", "create", "patch", "delete"}, child
+    assert ("discovery.k8s.io", "endpointslices") not in rules, "the router discovers pods, not EndpointSlices"
     # what the operator grants to each router, it must hold itself
     from pdserve.operator import render, spec
 
@@ -103,8 +105,13 @@ def test_namespaced_mode_binds_only_the_watched_namespaces(helm) -> None:
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert ["--namespace=llm", "--namespace=llm-staging", "--peering=pdserve"] == [
         a for a in args if a.startswith(("--namespace", "--peering", "--standalone"))]
-    engines = [o for o in by_kind(objs, "NetworkPolicy") if o["metadata"]["name"].endswith("-engines")]
-    assert {o["metadata"]["namespace"] for o in engines} == {"llm", "llm-staging"}
+    # a namespaced operator peers through KopfPeerings: no cluster-wide peering object, nor the right to it
+    cluster_rules = rules_of(objs, "pdserve-cluster")
+    assert not any("clusterkopfpeerings" in r["resources"] for r in cluster_rules)
+    assert any("clusterkopfpeerings" in r["resources"] for r in rules_of(template(helm, None), "pdserve-cluster"))
+    # the chart renders no pod policy of its own: the operator's per-port policies are the only ones (policies
+    # add up, so a broad one here would reopen every port)
+    assert [o["metadata"]["name"] for o in by_kind(objs, "NetworkPolicy")] == ["pdserve"]
 
 
 @pytest.mark.parametrize("name", VALUES)
@@ -118,6 +125,13 @@ def test_operator_pod_is_hardened(helm, name: str) -> None:
                                             "capabilities": {"drop": ["ALL"]}}
     assert container["command"] == ["pdserve"] and container["args"][:2] == ["operator", "run"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # the operator's command line parses with the real parser (a renamed flag fails here, not in a crash loop)
+    from pdserve.cli.main import build_parser
+
+    args, unknown = build_parser().parse_known_args(container["args"])
+    assert unknown == [] and args.command == "operator" and args.operator_command == "run"
+    trusting = name == "ha-namespaced-values"  # the one values file that allows hostPath and extraArgs
+    assert (args.allow_host_path, args.allow_extra_args) == (trusting, trusting)
 
 
 def test_default_install(helm) -> None:
