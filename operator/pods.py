@@ -65,8 +65,9 @@ def engine_args(s: ServiceSpec, role: str) -> list[str]:
     args = [role, "--host", "0.0.0.0", "--port", str(c.HTTP_PORT), "--grpc-port", str(c.GRPC_PORT),
             "--metrics-port", str(c.METRICS_PORT), "--max-waiting", str(e.max_waiting),
             "--request-timeout", str(e.request_timeout), "--model", model_arg(s), "--served-model-name", s.model.served_name, "--kv-connector", s.kv.type]
-    if s.kv.type == "grpc":
-        # Decode pods pull from this address; $(POD_IP) is expanded by the kubelet from the env below.
+    if s.kv.type == "grpc" and role == "prefill":
+        # Only producers run a KV server. Decode pods pull from this address; $(POD_IP) is expanded by the kubelet
+        # from the env below.
         args += ["--kv-port", str(c.KV_PORT), "--kv-advertise-host", "$(POD_IP)"]
     if s.kv.type == "shared-fs":
         args += ["--kv-path", c.KV_DIR]
@@ -227,7 +228,7 @@ def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
     ports = [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"},
              {"name": "grpc", "containerPort": c.GRPC_PORT, "protocol": "TCP"},
              {"name": "kv-events", "containerPort": c.KV_EVENTS_PORT, "protocol": "TCP"}]
-    if s.kv.type == "grpc":
+    if s.kv.type == "grpc" and role == "prefill":  # the KV server; decode pods run none
         ports.append({"name": "kv", "containerPort": c.KV_PORT, "protocol": "TCP"})
     ports.append({"name": "metrics", "containerPort": c.METRICS_PORT, "protocol": "TCP"})
     # Caches of torch, Triton and Hugging Face land in /tmp: the root filesystem is read-only.
