@@ -31,6 +31,7 @@ ANNOTATION_LAST_APPLIED = "pdserve.io/last-applied"  # on children: what the ope
 # the value is copied onto the Secrets and the pod templates, so every pod restarts with the new secret. Not
 # under "pdserve.io/": kopf keeps its own records there and ignores changes to those annotations.
 ANNOTATION_ROTATE_SECRETS = "secrets.pdserve.io/rotation"
+ANNOTATION_SECRET_KEYS = "secrets.pdserve.io/keys"  # on a generated Secret: the keys the operator fills in
 
 # Ports and paths inside the pods.
 HTTP_PORT = 8000

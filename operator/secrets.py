@@ -34,10 +34,12 @@ def redis_secret_name(name: str) -> str:
 
 
 def secret_object(name: str, namespace: str, labels: dict[str, str], rotation: str) -> Obj:
-    """One generated Secret as rendered: metadata and type; the handler adds ``data`` when it creates it."""
+    """One generated Secret as rendered: metadata (with the keys it will hold) and type; the handler adds ``data``
+    when it creates it."""
+    keys = c.CLUSTER_SECRET_KEY if name.endswith(CLUSTER_SECRET_SUFFIX) else c.REDIS_PASSWORD_KEY
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": name, "namespace": namespace, "labels": labels,
-                         "annotations": {c.ANNOTATION_ROTATE_SECRETS: rotation}}}
+                         "annotations": {c.ANNOTATION_ROTATE_SECRETS: rotation, c.ANNOTATION_SECRET_KEYS: keys}}}
 
 
 def generate(secret_name: str) -> dict[str, str]:

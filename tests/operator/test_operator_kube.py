@@ -114,3 +114,39 @@ async def test_peering_objects_are_created_once(cluster) -> None:
     mark = cluster.mark()
     assert await asyncio.to_thread(kube.ensure_peering, cluster.api, "pdserve", ()) == []
     assert [r.method.value for r in list(cluster.server)[mark:]] == ["GET"]  # exists: nothing written
+
+
+def generated_secret(rotation: str = "", owned: bool = True) -> dict:
+    from pdserve.operator import secrets
+
+    obj = secrets.secret_object("chat-cluster-secret", "default", {"app": "chat"}, rotation)
+    if owned:
+        obj["metadata"]["ownerReferences"] = deployment()["metadata"]["ownerReferences"]
+    return obj
+
+
+async def test_a_generated_secret_is_written_once_and_regenerated_only_on_rotation(cluster) -> None:
+    values = ["second", "first"]
+
+    def ensure(obj: dict) -> str:
+        return kube.ensure_secret(cluster.api, obj, UID, lambda name: {c.CLUSTER_SECRET_KEY: values.pop()})
+
+    assert await asyncio.to_thread(ensure, generated_secret()) == "created"
+    live = cluster.get("v1/secrets", "chat-cluster-secret")
+    assert live["data"] == {c.CLUSTER_SECRET_KEY: "Zmlyc3Q="}  # base64 of "first"
+    mark = cluster.mark()
+    assert await asyncio.to_thread(ensure, generated_secret()) == "unchanged"
+    assert cluster.writes(mark) == []
+    assert await asyncio.to_thread(ensure, generated_secret(rotation="r1")) == "patched"
+    live = cluster.get("v1/secrets", "chat-cluster-secret")
+    assert live["data"] == {c.CLUSTER_SECRET_KEY: "c2Vjb25k"}  # "second"
+    assert live["metadata"]["annotations"][c.ANNOTATION_ROTATE_SECRETS] == "r1" and values == []
+
+
+async def test_a_users_secret_of_the_same_name_is_never_overwritten(cluster) -> None:
+    await asyncio.to_thread(kube.ensure_secret, cluster.api, generated_secret(owned=False), UID,
+                            lambda name: {"k": "theirs"})
+    mark = cluster.mark()
+    with pytest.raises(kube.ChildConflict, match="Secret default/chat-cluster-secret exists and is not owned"):
+        await asyncio.to_thread(kube.ensure_secret, cluster.api, generated_secret(), UID, lambda name: {"k": "ours"})
+    assert cluster.writes(mark) == []
