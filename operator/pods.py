@@ -64,7 +64,8 @@ def engine_args(s: ServiceSpec, role: str) -> list[str]:
     r, e = s.role(role), s.engine
     args = [role, "--host", "0.0.0.0", "--port", str(c.HTTP_PORT), "--grpc-port", str(c.GRPC_PORT),
             "--metrics-port", str(c.METRICS_PORT), "--max-waiting", str(e.max_waiting),
-            "--request-timeout", str(e.request_timeout), "--model", model_arg(s), "--served-model-name", s.model.served_name, "--kv-connector", s.kv.type]
+            "--request-timeout", str(e.request_timeout), "--model", model_arg(s),
+            "--served-model-name", s.model.served_name, "--kv-connector", s.kv.type]
     if s.kv.type == "grpc" and role == "prefill":
         # Only producers run a KV server. Decode pods pull from this address; $(POD_IP) is expanded by the kubelet
         # from the env below.
@@ -91,7 +92,8 @@ def engine_args(s: ServiceSpec, role: str) -> list[str]:
 def router_args(s: ServiceSpec) -> list[str]:
     """The ``pdserve router`` command line: model and block size must equal the engines' (prefix hashing)."""
     args = ["router", "--host", "0.0.0.0", "--port", str(c.HTTP_PORT), "--metrics-port", str(c.METRICS_PORT),
-            "--request-timeout", str(s.router.request_timeout), "--model", model_arg(s), "--served-model-name", s.model.served_name]
+            "--request-timeout", str(s.router.request_timeout), "--model", model_arg(s),
+            "--served-model-name", s.model.served_name]
     if s.model.max_model_len:
         args += ["--max-model-len", str(s.model.max_model_len)]
     args += ["--block-size", str(s.engine.block_size), "--discovery", "kubernetes", "--namespace", s.namespace,
