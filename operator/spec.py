@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pdserve.operator import constants as c
+from pdserve.operator.fields import Fields as _Fields
+from pdserve.operator.fields import SpecError as SpecError  # re-exported: callers catch spec.SpecError
 
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,15 +36,6 @@ DEFAULT_PLUGINS = (("prefix-cache", 3.0), ("load", 1.0), ("session-affinity", 1.
 MAX_PARALLEL = 1
 # Who may scrape the pods' metrics port when NetworkPolicies are on: pods of the namespace called "monitoring".
 DEFAULT_PROMETHEUS_NAMESPACES: dict[str, Any] = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
-
-
-class SpecError(ValueError):
-    """An invalid spec. ``reason`` is a CamelCase word for conditions and Events; ``path`` names the field."""
-
-    def __init__(self, path: str, message: str, reason: str = "InvalidSpec") -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -177,64 +170,6 @@ class ServiceSpec:
 
     def role(self, role: str) -> RoleSpec:
         return self.prefill if role == "prefill" else self.decode
-
-
-class _Fields:
-    """Typed access to one object of the spec that names the field in every error and refuses unknown keys."""
-
-    def __init__(self, obj: Any, path: str, known: tuple[str, ...]) -> None:
-        if obj is None:
-            obj = {}
-        if not isinstance(obj, Mapping):
-            raise SpecError(path, "must be an object")
-        unknown = sorted(set(obj) - set(known))
-        if unknown:
-            raise SpecError(path, f"unknown field(s) {', '.join(unknown)}")
-        self.obj, self.path = obj, path
-
-    def _get(self, key: str, types: tuple[type, ...], default: Any) -> Any:
-        value = self.obj.get(key, default)
-        # bool is an int subclass in Python; a YAML "true" must not pass as a replica count.
-        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            names = "/".join(t.__name__ for t in types)
-            raise SpecError(f"{self.path}.{key}", f"must be {names}, got {value!r}")
-        return value
-
-    def int(self, key: str, default: int | None, minimum: int | None = None, maximum: int | None = None) -> Any:
-        value = self._get(key, (int,), default)
-        if value is not None and minimum is not None and value < minimum:
-            raise SpecError(f"{self.path}.{key}", f"must be >= {minimum}, got {value}")
-        if value is not None and maximum is not None and value > maximum:
-            raise SpecError(f"{self.path}.{key}", f"must be <= {maximum}, got {value}")
-        return value
-
-    def number(self, key: str, default: float) -> float:
-        return float(self._get(key, (int, float), default))
-
-    def bool(self, key: str, default: bool) -> bool:
-        return self._get(key, (bool,), default)
-
-    def str(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> Any:
-        value = self._get(key, (str,), default)
-        if value is not None and choices and value not in choices:
-            raise SpecError(f"{self.path}.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def sub(self, key: str, known: tuple[str, ...]) -> "_Fields":
-        return _Fields(self.obj.get(key), f"{self.path}.{key}", known)
-
-    def strings(self, key: str) -> tuple[str, ...]:
-        value = self._get(key, (list,), [])
-        if not all(isinstance(v, str) for v in value):
-            raise SpecError(f"{self.path}.{key}", "must be a list of strings")
-        return tuple(value)
-
-    def data(self, key: str, kind: type) -> Any:
-        """A pass-through Kubernetes structure (tolerations, affinity, env, ...), copied so callers own it."""
-        return copy.deepcopy(self._get(key, (kind,), kind()))
-
-    def has(self, key: str) -> bool:
-        return self.obj.get(key) is not None
 
 
 def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_image: str = c.DEFAULT_IMAGE,
