@@ -230,10 +230,11 @@ def spec_schema() -> Schema:
             "enabled": boolean("Render NetworkPolicies: engine API ports only from this service's router, KV "
                                "ports only from its decode pods, Redis only from its engines, metrics only from "
                                "the Prometheus namespaces.", True),
-            "prometheusNamespaceSelector": {
-                "type": "object", "x-kubernetes-preserve-unknown-fields": True,
-                "description": "Namespaces (a label selector) whose pods may scrape the metrics port; {} allows "
-                               "every namespace.", "default": s.DEFAULT_PROMETHEUS_NAMESPACES}},
+            "prometheusNamespaceSelector": obj(
+                {"matchLabels": string_map("Labels the namespaces must have."),
+                 "matchExpressions": passthrough("Label selector requirements (meta/v1).", array=True)},
+                "Namespaces (a label selector) whose pods may scrape the metrics port; {} allows every namespace.",
+                default=s.DEFAULT_PROMETHEUS_NAMESPACES)},
             "Ingress policies of the service's pods.", default={}),
     }, "What to serve and how.", default={})
 

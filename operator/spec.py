@@ -190,6 +190,7 @@ def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_
         raise SpecError("spec.imagePullSecrets", "must be a list of {name: ...}")
     monitoring = f.sub("monitoring", ("serviceMonitor", "interval"))
     policy = f.sub("networkPolicy", ("enabled", "prometheusNamespaceSelector"))
+    policy.sub("prometheusNamespaceSelector", ("matchLabels", "matchExpressions"))  # a label selector, nothing else
     rotation = (annotations or {}).get(c.ANNOTATION_ROTATE_SECRETS) or ""
     parsed = ServiceSpec(
         name=name, namespace=namespace, model=_model(f.sub("model", ("source", "servedName", "dtype", "maxModelLen"))),

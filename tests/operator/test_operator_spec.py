@@ -121,6 +121,8 @@ INVALID = [
     ({"prefill": {"parallelism": {"tensor": 4}, "resources": {"gpus": 2}}}, "spec.prefill.parallelism.tensor",
      "must be 1"),
     ({"engine": {"maxWaiting": 0}}, "spec.engine.maxWaiting", ">= 1"),
+    ({"networkPolicy": {"prometheusNamespaceSelector": {"name": "monitoring"}}},
+     "spec.networkPolicy.prometheusNamespaceSelector", "unknown field(s) name"),
     ({"engine": {"requestTimeoutSeconds": 10**9}}, "spec.engine.requestTimeoutSeconds", "<= 86400"),
     ({"router": {"requestTimeoutSeconds": 0}}, "spec.router.requestTimeoutSeconds", ">= 1"),
     ({"kvConnector": {"type": "redis", "redis": {"url": "redis://:hunter2@r:6379"}}}, "spec.kvConnector.redis.url",
