@@ -46,6 +46,18 @@ def test_render_reports_an_invalid_spec(tmp_path: Path, capsys) -> None:
     assert "spec.kvConnector.type: must be one of shared-fs, grpc, redis" in capsys.readouterr().err
 
 
+def test_render_refuses_gated_fields_unless_allowed(tmp_path: Path, capsys) -> None:
+    host = tmp_path / "host.yaml"
+    host.write_text(EXAMPLE.read_text().replace("bundled: smollm2-135m-instruct", "hostPath: {path: /models/m}")
+                    + "  decode:\n    extraArgs: [--enforce-eager]\n")
+    assert run(["render", "-f", str(host)])[0] == 1
+    assert "hostPath model sources are disabled" in capsys.readouterr().err
+    assert run(["render", "-f", str(host), "--allow-host-path"])[0] == 1
+    assert "spec.decode.extraArgs: raw extraArgs are disabled" in capsys.readouterr().err
+    code, out = run(["render", "-f", str(host), "--allow-host-path", "--allow-extra-args"])
+    assert code == 0 and "path: /models/m" in out and "--enforce-eager" in out
+
+
 def test_render_without_an_inference_service(tmp_path: Path, capsys) -> None:
     other = tmp_path / "other.yaml"
     other.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
