@@ -15,11 +15,12 @@ ABORTED = object()  # queued to end a request's iterator after an abort by id
 class RequestState:
     """A request's sequence ids, its output queue, and which sequences have finished."""
 
-    request_id: str
+    request_id: str  # the server's own id (keys the engine's state)
     seq_ids: list[str]
     stream: bool
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: set[str] = field(default_factory=set)
+    label: str = ""  # the client's id: returned in outputs, never used as a key
 
 
 class RequestStream:
@@ -29,7 +30,8 @@ class RequestStream:
         self._client = client
         self._state = state
         self._remaining = len(state.seq_ids)
-        self.request_id = state.request_id
+        self.request_id = state.label or state.request_id  # what the client named it
+        self.internal_id = state.request_id
 
     def __aiter__(self) -> "RequestStream":
         return self

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pdserve.engine.async_engine.client import EngineDeadError, EngineNotReadyError, QueueFullError
+from pdserve.engine.async_engine.client import (EngineDeadError, EngineNotReadyError, QueueFullError,
+                                                RequestFailedError)
 
 # OpenAI's error "type" per HTTP status.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -81,6 +82,10 @@ def from_exception(exc: BaseException, retry_after: int = 1) -> ApiError:
         return ApiError(503, str(exc), code="engine_not_ready", retry_after=retry_after)
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), code="engine_dead", retry_after=retry_after)
+    if isinstance(exc, RequestFailedError):
+        # The engine aborted this request and serves on. gRPC INTERNAL, which routers do not retry elsewhere:
+        # the same request would fail the same way on every pod.
+        return ApiError(500, f"the engine failed on this request: {exc}", code="request_failed")
     if isinstance(exc, TimeoutError):
         return ApiError(504, "the request timed out in the server", code="timeout")
     if isinstance(exc, ValueError):

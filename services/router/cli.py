@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """The router's frozen config and the model's tokenizer, from the flags. ``ValueError`` for bad flags."""
-    from pdserve.engine.llm_engine import eos_token_id_of
+    from pdserve.engine.frontend.fanout import eos_token_id_of
     from pdserve.engine.model_loader import resolve_model
     from pdserve.engine.tokenizer import load_tokenizer
     from pdserve.services.api.settings import ServerSettings

@@ -3,7 +3,7 @@
 The HTTP and gRPC front ends of a monolithic server (``services/api``) run unchanged on top of it, so clients
 cannot tell a router from a server. Where ``AsyncLLM`` sends sequences to its engine core, this sends each one
 through a :class:`~pdserve.services.router.sequence.SequenceRunner` to the pods, and feeds the token deltas that
-come back into the same :class:`~pdserve.engine.output_processor.OutputProcessor` (detokenization, stop strings),
+come back into the same :class:`~pdserve.engine.frontend.output_processor.OutputProcessor` (detokenization, stop strings),
 so the text is made in one place even when a stream moves from one pod to another.
 """
 
@@ -17,15 +17,15 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from pdserve.engine.async_engine.stats import IterationStats, SequenceTimes, StatLogger
-from pdserve.engine.llm_engine import child_ids, child_params
-from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.frontend.stats import IterationStats, SequenceTimes, StatLogger
+from pdserve.engine.frontend.fanout import child_ids, child_params
+from pdserve.engine.frontend.output_processor import OutputProcessor
 from pdserve.engine.outputs import EngineCoreOutput, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.services.api.errors import ApiError
 from pdserve.services.router.backend import PodRejected, TokenDelta
 from pdserve.services.router.sequence import SequenceFailed, SequenceRunner, SequenceSpec
-from pdserve.engine.validation import tokenize_prompt, validate_prompt
+from pdserve.engine.frontend.validation import tokenize_prompt, validate_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.frontend.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
