@@ -157,7 +157,7 @@ class EngineCore:
         request = Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                           sampling_params=req.sampling_params, eos_token_id=req.eos_token_id,
                           arrival_time=req.arrival_time or time.time(),
-                          kv_transfer_params=req.kv_transfer_params)
+                          kv_transfer_params=req.kv_transfer_params, cache_salt=req.sampling_params.cache_salt)
         try:
             self.sampler.add_request(request)
             self.scheduler.add_request(request)

@@ -87,7 +87,7 @@ class SequenceRunner:
                 emit(TokenDelta([], finish_reason="length"))
                 return
             prompt = spec.prompt_token_ids + generated
-            ctx = self.router.context(spec.seq_id, prompt, spec.session_key, excluded)
+            ctx = self.router.context(spec.seq_id, prompt, spec.session_key, excluded, spec.params.cache_salt)
             decision = await self._route(ctx)
             params = dataclasses.replace(spec.params, max_tokens=remaining,
                                          min_tokens=max(0, spec.params.min_tokens - len(generated)))
