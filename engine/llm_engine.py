@@ -16,7 +16,7 @@ from pdserve.engine.frontend.output_processor import OutputProcessor
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine.frontend.tokenizer import load_tokenizer
 from pdserve.engine.frontend.validation import tokenize_prompt
 
 PromptType = str | list[int]

@@ -1,8 +1,8 @@
 """``AsyncLLM``: the API process's handle on an engine core running in its own process.
 
 It tokenizes and validates requests, sends them to the core, and turns the core's per-step token deltas into
-text (detokenization and stop strings run here, see :mod:`pdserve.engine.frontend.output_processor`). Each request gets an
-async iterator of :class:`RequestOutput`; leaving the iterator early (client gone, timeout) aborts the request
+text (detokenization and stop strings run here, see :mod:`pdserve.engine.frontend.output_processor`). Each request
+gets an async iterator of :class:`RequestOutput`; leaving the iterator early (client gone, timeout) aborts the request
 in the core, which frees its blocks. If the core process dies, every pending request fails with
 :class:`EngineDeadError` and :attr:`AsyncLLM.is_ready` turns false.
 """
@@ -24,21 +24,20 @@ import zmq
 import zmq.asyncio
 
 from pdserve.engine.async_engine.core_proc import run_engine_core
-from pdserve.engine.async_engine.errors import (EngineDeadError, EngineNotReadyError, QueueFullError,
-                                                RequestFailedError)
 from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, FatalMessage, FinishRequests,
                                                   ReadyMessage, Shutdown, StepMessage, client_decoder,
                                                   client_encoder)
 from pdserve.engine.async_engine.request_stream import ABORTED, RequestState, RequestStream
-from pdserve.engine.frontend.stats import IterationStats, SequenceTimes, StatLogger
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import SchedulerStats
 from pdserve.engine.engine_core import EngineCoreRequest
+from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError, QueueFullError, RequestFailedError
 from pdserve.engine.frontend.fanout import eos_token_id_of, fan_out, with_default_max_tokens
 from pdserve.engine.frontend.output_processor import OutputProcessor
+from pdserve.engine.frontend.stats import IterationStats, SequenceTimes, StatLogger
+from pdserve.engine.frontend.tokenizer import load_tokenizer
 from pdserve.engine.frontend.validation import tokenize_prompt, validate_prompt
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pdserve.engine.frontend.tokenization import off_loop
+from pdserve.engine.frontend.tokenizer import off_loop
 from pdserve.engine.sampling_params import is_valid_text
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import ApiError, bad_request, from_exception

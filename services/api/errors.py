@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pdserve.engine.async_engine.client import (EngineDeadError, EngineNotReadyError, QueueFullError,
-                                                RequestFailedError)
+from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError, QueueFullError, RequestFailedError
 
 # OpenAI's error "type" per HTTP status.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from pdserve.engine.frontend.params_wire import pb_set_fields
-from pdserve.engine.frontend.tokenization import tokenize_async
+from pdserve.engine.frontend.tokenizer import tokenize_async
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.app import validation_error

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any, AsyncIterator
 
-from pdserve.engine.frontend.tokenization import off_loop
+from pdserve.engine.frontend.tokenizer import off_loop
 from pdserve.engine.outputs import CompletionOutput, Logprob
 from pdserve.engine.sampling_params import is_valid_text
-from pdserve.engine.tokenizer import apply_chat_template
+from pdserve.engine.frontend.tokenizer import apply_chat_template
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage

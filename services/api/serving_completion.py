@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, AsyncIterator
 
-from pdserve.engine.frontend.tokenization import tokenize_async
+from pdserve.engine.frontend.tokenizer import tokenize_async
 from pdserve.engine.outputs import CompletionOutput, Logprob
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request

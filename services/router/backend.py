@@ -20,9 +20,8 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.engine.frontend import Logprob, SamplingParams
 from pdserve.engine.frontend.params_wire import sampling_to_pb
-from pdserve.engine.outputs import Logprob
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc

@@ -19,10 +19,9 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from pdserve.engine.frontend import (IterationStats, OutputProcessor, SequenceTimes, StatLogger, fan_out,
-                                     tokenize_prompt, validate_prompt, with_default_max_tokens)
-from pdserve.engine.outputs import EngineCoreOutput, RequestOutput
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.frontend import (EngineCoreOutput, IterationStats, OutputProcessor, OutputStream, SamplingParams,
+                                     SequenceTimes, StatLogger, fan_out, tokenize_prompt, validate_prompt,
+                                     with_default_max_tokens)
 from pdserve.services.api.errors import ApiError
 from pdserve.services.router.backend import PodRejected, TokenDelta
 from pdserve.services.router.sequence import SequenceFailed, SequenceRunner, SequenceSpec
@@ -188,52 +187,22 @@ def _as_api_error(exc: Exception) -> ApiError:
     return ApiError(503, f"the request could not be served: {exc}", code="no_pod_available", retry_after=1)
 
 
-class RouterStream:
-    """One request's outputs (an ``OutputStream``); :meth:`close` cancels its sequences on the pods."""
+class RouterStream(OutputStream):
+    """One request's outputs; closing it cancels its sequences, which cancels their pod streams (so the pods
+    abort them)."""
 
     def __init__(self, engine: RouterEngine, internal_id: str, stream: bool, num_sequences: int,
                  label: str = "") -> None:
+        super().__init__(asyncio.Queue(), num_sequences, internal_id, label)
         self.engine = engine
-        self.internal_id = internal_id  # the router's own id (keys its state)
-        self.label = label or internal_id  # the client's id, returned in outputs
-        self.request_id = self.label
+        self.label = self.request_id
         self.stream = stream
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.tasks: dict[str, asyncio.Task] = {}
-        self._remaining = num_sequences
-        self._closed = False
 
-    def __aiter__(self) -> "RouterStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._remaining == 0 or self._closed:
-            raise StopAsyncIteration
-        try:
-            item = await self.queue.get()
-        except BaseException:
-            self.close()
-            raise
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        if item.outputs[0].finished:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self.close()
-        return item
-
-    def close(self) -> None:
-        """Stop: cancel what still runs (which cancels the pod streams and so aborts them on the pods)."""
-        if self._closed:
-            return
-        self._closed = True
+    def _stop(self) -> None:
         self.engine._streams.pop(self.internal_id, None)
         for task in list(self.tasks.values()):
             task.cancel()
-
-    async def aclose(self) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # A stream dropped unread must not leave its sequences running on the pods.

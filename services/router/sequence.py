@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.frontend import SamplingParams
 from pdserve.services.router.backend import BackendRequest, PodBackend, PodError, TokenDelta
 from pdserve.services.router.pipeline import NoPodAvailable
 from pdserve.services.router.router import Router
