@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError, QueueFullError, RequestFailedError
+from pdserve.engine.frontend.params_wire import PARAM_NAMES
 
 # OpenAI's error "type" per HTTP status.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -54,8 +55,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 # Engine validation messages name the parameter first ("top_p must be in (0, 1]"); pick it out for "param".
 _PARAM_RE = re.compile(r"^(?:each )?([a-z_]+)\b")
-_KNOWN_PARAMS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "max_tokens", "min_tokens", "stop", "stop_token_ids", "logprobs"}
+_KNOWN_PARAMS = set(PARAM_NAMES)  # every SamplingParams field
 
 
 def from_value_error(exc: ValueError, default_param: str | None = None) -> ApiError:
