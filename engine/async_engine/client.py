@@ -34,7 +34,7 @@ from pdserve.engine.engine_core import EngineCoreRequest
 from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError, QueueFullError, RequestFailedError
 from pdserve.engine.frontend.fanout import eos_token_id_of, fan_out, with_default_max_tokens
 from pdserve.engine.frontend.output_processor import OutputProcessor
-from pdserve.engine.frontend.stats import IterationStats, SequenceTimes, StatLogger
+from pdserve.engine.frontend.stats import IterationStats, SequenceTimes, StatLogger, record_all
 from pdserve.engine.frontend.tokenizer import load_tokenizer
 from pdserve.engine.frontend.validation import tokenize_prompt, validate_prompt
 from pdserve.engine.sampling_params import SamplingParams
@@ -266,6 +266,8 @@ class AsyncLLM:
         self._check_usable()
         internal_id = uuid.uuid4().hex
         label = request_id or internal_id
+        if request_id:
+            logger.debug("request %s: client id %r", internal_id, request_id[:200])  # %r: escaped
         token_ids = self.tokenize(prompt)
         text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
         reqs = self._build(internal_id, token_ids, params, kv_transfer_params)
@@ -403,8 +405,4 @@ class AsyncLLM:
         self._log(msg.stats, it)
 
     def _log(self, stats: SchedulerStats | None, it: IterationStats) -> None:
-        for stat_logger in self.stat_loggers:
-            try:
-                stat_logger.record(stats, it)
-            except Exception:  # metrics must never break serving
-                logger.exception("stat logger %r failed", stat_logger)
+        record_all(self.stat_loggers, stats, it)

@@ -21,7 +21,7 @@ from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError,
 from pdserve.engine.frontend.fanout import child_ids, child_params, eos_token_id_of, fan_out, with_default_max_tokens
 from pdserve.engine.frontend.output_processor import OutputProcessor
 from pdserve.engine.frontend.output_stream import OutputStream
-from pdserve.engine.frontend.stats import FinishedSequenceStats, IterationStats, SequenceTimes, StatLogger
+from pdserve.engine.frontend.stats import FinishedSequenceStats, IterationStats, SequenceTimes, StatLogger, record_all
 from pdserve.engine.frontend.validation import tokenize_prompt, validate_prompt
 from pdserve.engine.outputs import CompletionOutput, EngineCoreOutput, Logprob, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
@@ -29,4 +29,4 @@ from pdserve.engine.sampling_params import SamplingParams
 __all__ = ["CompletionOutput", "EngineCoreOutput", "EngineDeadError", "EngineNotReadyError", "FinishedSequenceStats",
            "IterationStats", "Logprob", "OutputProcessor", "OutputStream", "QueueFullError", "RequestFailedError",
            "RequestOutput", "SamplingParams", "SequenceTimes", "StatLogger", "child_ids", "child_params",
-           "eos_token_id_of", "fan_out", "tokenize_prompt", "validate_prompt", "with_default_max_tokens"]
+           "eos_token_id_of", "fan_out", "record_all", "tokenize_prompt", "validate_prompt", "with_default_max_tokens"]

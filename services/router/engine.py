@@ -20,8 +20,8 @@ import uuid
 from typing import Any, Iterable
 
 from pdserve.engine.frontend import (EngineCoreOutput, IterationStats, OutputProcessor, OutputStream, SamplingParams,
-                                     SequenceTimes, StatLogger, fan_out, tokenize_prompt, validate_prompt,
-                                     with_default_max_tokens)
+                                     SequenceTimes, StatLogger, fan_out, record_all, tokenize_prompt,
+                                     validate_prompt, with_default_max_tokens)
 from pdserve.services.api.errors import ApiError
 from pdserve.services.router.backend import PodRejected, TokenDelta
 from pdserve.services.router.sequence import SequenceFailed, SequenceRunner, SequenceSpec
@@ -170,11 +170,7 @@ class RouterEngine:
         self._log(it)
 
     def _log(self, it: IterationStats) -> None:
-        for stat_logger in self.stat_loggers:
-            try:
-                stat_logger.record(None, it)
-            except Exception:  # metrics must never break serving
-                logger.exception("stat logger %r failed", stat_logger)
+        record_all(self.stat_loggers, None, it)
 
 
 class _StopString(Exception):

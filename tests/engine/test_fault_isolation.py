@@ -134,3 +134,22 @@ def test_only_device_faults_are_fatal() -> None:
     assert is_device_fault(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"))
     assert not is_device_fault(IndexError("index 1000000000 is out of bounds for dimension 1 with size 256"))
     assert not is_device_fault(RuntimeError("Overflow when unpacking long"))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_bad_temperature_aborts_only_its_request(tmp_path, async_scheduling: bool) -> None:
+    """The same isolation with a step in flight (asynchronous scheduling, forced on for the CPU)."""
+    model = make_tiny_model("llama", tmp_path / "m", max_position_embeddings=128)
+    e = LLMEngine.from_kwargs(model, device="cpu", num_blocks=32, block_size=16, async_scheduling=async_scheduling)
+    assert e.core.async_scheduling == async_scheduling
+    prompts = {"a": [3, 4, 5, 6], "b": [7, 8, 9], "c": [10, 11, 12, 13, 14]}
+    for rid, prompt in prompts.items():
+        e.add_request(prompt, greedy(max_tokens=6), request_id=f"solo-{rid}")
+    alone = run(e, [f"solo-{rid}" for rid in prompts])
+    for rid, prompt in prompts.items():
+        e.add_request(prompt, greedy(max_tokens=6), request_id=rid)
+    e.core.scheduler.get_request("b").sampling_params.temperature = "hot"  # slipped through: fails in the sampler
+    outs = run(e, list(prompts))
+    assert outs["b"].finish_reason == "abort" and "sampling failed" in outs["b"].stop_reason
+    assert {rid: outs[rid].token_ids for rid in "ac"} == {rid: alone[f"solo-{rid}"].token_ids for rid in "ac"}
+    assert_idle(e)
