@@ -18,7 +18,8 @@ internals. It may import ``engine.sampling_params``, ``engine.outputs`` and ``en
 """
 
 from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError, QueueFullError, RequestFailedError
-from pdserve.engine.frontend.fanout import child_ids, child_params, eos_token_id_of, fan_out, with_default_max_tokens
+from pdserve.engine.frontend.fanout import (after_tokens, child_ids, child_params, eos_token_id_of, fan_out,
+                                            with_default_max_tokens)
 from pdserve.engine.frontend.output_processor import OutputProcessor
 from pdserve.engine.frontend.output_stream import OutputStream
 from pdserve.engine.frontend.stats import FinishedSequenceStats, IterationStats, SequenceTimes, StatLogger, record_all
@@ -28,5 +29,6 @@ from pdserve.engine.sampling_params import SamplingParams
 
 __all__ = ["CompletionOutput", "EngineCoreOutput", "EngineDeadError", "EngineNotReadyError", "FinishedSequenceStats",
            "IterationStats", "Logprob", "OutputProcessor", "OutputStream", "QueueFullError", "RequestFailedError",
-           "RequestOutput", "SamplingParams", "SequenceTimes", "StatLogger", "child_ids", "child_params",
-           "eos_token_id_of", "fan_out", "record_all", "tokenize_prompt", "validate_prompt", "with_default_max_tokens"]
+           "RequestOutput", "SamplingParams", "SequenceTimes", "StatLogger", "after_tokens", "child_ids",
+           "child_params", "eos_token_id_of", "fan_out", "record_all", "tokenize_prompt", "validate_prompt",
+           "with_default_max_tokens"]

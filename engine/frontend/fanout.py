@@ -46,6 +46,13 @@ def with_default_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_
     return dataclasses.replace(params, max_tokens=max(1, max_model_len - num_prompt_tokens))
 
 
+def after_tokens(params: SamplingParams, num_tokens: int) -> SamplingParams:
+    """The parameters that continue a sequence after ``num_tokens`` of its tokens were generated elsewhere (a
+    prefill pod's first token, a resumed stream): ``max_tokens`` and ``min_tokens`` shrink by that many."""
+    return dataclasses.replace(params, max_tokens=params.max_tokens - num_tokens,
+                               min_tokens=max(0, params.min_tokens - num_tokens))
+
+
 def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
     """The ``(sequence id, sequence params)`` of each of the request's ``n`` sequences, in index order."""
     return [(sid, child_params(params, i)) for i, sid in enumerate(child_ids(request_id, params.n))]
