@@ -70,7 +70,7 @@ async def test_chat_with_a_lone_surrogate_is_400(engine):
 
 GRPC_POISON = [
     ("stop-token-beyond-vocab", pb.SamplingParams(stop_token_ids=[1_000_000_000], min_tokens=1, max_tokens=3)),
-    ("top-k-beyond-vocab-is-fine-but-negative-is-not", pb.SamplingParams(top_k=-5, max_tokens=3)),
+    ("negative-top-k", pb.SamplingParams(top_k=-5, max_tokens=3)),
     ("too-many-stop-ids", pb.SamplingParams(stop_token_ids=list(range(300)), max_tokens=3)),
 ]
 
