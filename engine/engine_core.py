@@ -1,12 +1,25 @@
 """The engine core: scheduler + model runner + sampler, stepping in one loop.
 
 It works on token ids only; tokenization, detokenization and stop strings live in the front end
-(:mod:`pdserve.engine.output_processor`), so the core can run in its own process (the async engine) and CPU
+(:mod:`pdserve.engine.frontend.output_processor`), so the core can run in its own process (the async engine) and CPU
 work on text never stalls the model step.
 
 With asynchronous scheduling (``SchedulerConfig.async_scheduling``) one step stays in flight: :meth:`step`
 schedules and launches step N+1, then waits for step N's sampled tokens, applies them and returns step N's
 outputs, so the device never idles while the host schedules (see :mod:`pdserve.engine.core.scheduler`).
+
+Fault isolation (see :mod:`pdserve.engine.faults`): a request is checked against the model before it joins a
+batch (:meth:`EngineCore.validate`, the front end's rule set). If a step still fails with an error that is not a
+device fault, the failure is pinned on requests, which are aborted (their output carries ``error``, their blocks
+are freed) while the engine serves on:
+
+* sampling, the one stage that reads per-request parameters, retries a failed batch row by row, so exactly the
+  rows that fail again are aborted (:meth:`Sampler.launch`);
+* the forward pass reads only validated token ids and the engine's own block tables; if it fails, the requests
+  of that step are aborted (the failure cannot be narrowed further without re-running the model), and the
+  requests outside the step are untouched.
+
+A device fault (CUDA error, device or host out of memory) propagates: the device's state is no longer trusted.
 """
 
 from __future__ import annotations
@@ -21,10 +34,11 @@ from typing import Any
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.scheduler import Scheduler
 from pdserve.engine.core.sched_output import SchedulerOutput, SchedulerStats
+from pdserve.engine.faults import describe, is_device_fault
 from pdserve.engine.outputs import EngineCoreOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.validation import validate_prompt
+from pdserve.engine.frontend.validation import validate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +107,7 @@ class EngineCore:
         device_type = getattr(self.runner.device, "type", str(self.runner.device))
         self.async_scheduling = sched.use_async_scheduling(device_type, self.kv_connector is not None)
         self._in_flight: _InFlight | None = None
+        self._failed_outputs: list[EngineCoreOutput] = []  # requests aborted by a failure, not yet reported
         self._last_done = 0.0  # when the last step completed (perf_counter), for StepStat durations
         # Unfinished requests whose sampling may read their tokens on the host (penalties, min_tokens): while
         # one needs it, steps run synchronously (see _needs_sync_step).
@@ -128,19 +143,31 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
     def validate(self, req: EngineCoreRequest) -> None:
-        """Raise ``ValueError`` with a clear message if the request can never be served."""
+        """Raise ``ValueError`` with a clear message if the request can never be served, or if its id is taken
+        by a request in any state (waiting, loading, running, or finished with blocks held for a KV peer)."""
+        if not isinstance(req.sampling_params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
         validate_prompt(req.prompt_token_ids, req.sampling_params, self.max_model_len, self.vocab_size)
-        if self.scheduler.get_request(req.request_id) is not None:
+        if self.scheduler.has_request_id(req.request_id):
             raise ValueError(f"request id {req.request_id!r} is already in use")
 
     def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request; ``ValueError`` (nothing queued) for one that cannot be served."""
         self.validate(req)
         request = Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                           sampling_params=req.sampling_params, eos_token_id=req.eos_token_id,
                           arrival_time=req.arrival_time or time.time(),
-                          kv_transfer_params=req.kv_transfer_params)
-        self.sampler.add_request(request)
-        self.scheduler.add_request(request)
+                          kv_transfer_params=req.kv_transfer_params, cache_salt=req.sampling_params.cache_salt)
+        try:
+            self.sampler.add_request(request)
+            self.scheduler.add_request(request)
+        except Exception as exc:
+            self.sampler.remove_request(req.request_id)
+            if is_device_fault(exc):
+                raise
+            if isinstance(exc, ValueError):
+                raise
+            raise ValueError(f"the request cannot be served: {describe(exc)}") from exc
         params = req.sampling_params
         if self.async_scheduling and (params.needs_penalties or params.min_tokens > 0):
             self._host_token_ids.add(req.request_id)
@@ -175,15 +202,21 @@ class EngineCore:
         if not self.async_scheduling:
             return self._step_sync()
         if self._needs_sync_step():
-            return self._finish_in_flight() + self._step_sync()
+            outputs = self._finish_in_flight()
+            failed, self._failed_outputs = self._failed_outputs, []
+            return failed + outputs + self._step_sync()
         start = time.perf_counter()
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
-            launched = self._launch(sched_out, start)
+            try:
+                launched = self._launch(sched_out, start)
+            except Exception as exc:
+                self._failed_outputs.extend(self._fail_step(sched_out, exc))
         outputs = self._finish_in_flight()
         self._in_flight = launched
-        return outputs + self._drain_finished_without_step()
+        failed, self._failed_outputs = self._failed_outputs, []
+        return failed + outputs + self._drain_finished_without_step()
 
     def _step_sync(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
@@ -195,11 +228,15 @@ class EngineCore:
                 self.kv_connector.start_load_kv()
             self._poll_kv_transfers(idle=True)
             return self._drain_finished_without_step()
-        logits = self.runner.execute_model(sched_out)
+        try:
+            logits = self.runner.execute_model(sched_out)
+        except Exception as exc:
+            return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
         result = self.sampler.sample(logits, requests)
-        return self._apply(sched_out, sample_ids, result, start) + self._drain_finished_without_step()
+        failed = self._fail_rows(sample_ids, result.errors)
+        return failed + self._apply(sched_out, sample_ids, result, start) + self._drain_finished_without_step()
 
     def _launch(self, sched_out: SchedulerOutput, start: float) -> _InFlight:
         """Queue a step's forward pass and sampling on the device; nothing here waits for it. Placeholder
@@ -213,7 +250,10 @@ class EngineCore:
         logits = self.runner.execute_model(sched_out, sampled=sampled)
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
-        return _InFlight(sched_out, sample_ids, self.sampler.launch(logits, requests), start)
+        pending = self.sampler.launch(logits, requests)
+        # Failed rows are aborted now; the scheduler skips their placeholder tokens when the step is applied.
+        self._failed_outputs.extend(self._fail_rows(sample_ids, pending.errors))
+        return _InFlight(sched_out, sample_ids, pending, start)
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         """Wait for the step in flight (if any), apply it, and return its outputs."""
@@ -260,6 +300,36 @@ class EngineCore:
                 num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output))
             if req.is_finished:
                 self.sampler.remove_request(req.request_id)
+        return outputs
+
+    def _fail_step(self, sched_out: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
+        """The forward pass failed: abort the requests of this step (all of them; see the module docstring)."""
+        if is_device_fault(exc):
+            raise exc
+        logger.exception("engine step failed; aborting its %d requests", len(sched_out.chunks))
+        reason = f"the engine failed on this request's step: {describe(exc)}"
+        return self._fail_requests({c.request_id: reason for c in sched_out.chunks})
+
+    def _fail_rows(self, sample_ids: list[str], errors: dict[int, str]) -> list[EngineCoreOutput]:
+        """Abort the requests whose sampling failed (rows the sampler isolated)."""
+        if not errors:
+            return []
+        return self._fail_requests({sample_ids[row]: f"sampling failed for this request: {text}"
+                                    for row, text in errors.items()})
+
+    def _fail_requests(self, reasons: dict[str, str]) -> list[EngineCoreOutput]:
+        """Abort requests the engine failed on, free their blocks, and report each with its ``error``."""
+        outputs = []
+        for rid, reason in reasons.items():
+            request = self.scheduler.get_request(rid)
+            if request is None:
+                continue  # already finished
+            logger.warning("aborting request %s: %s", rid, reason)
+            # Set before finishing: an aborted request's KV is never saved for (or held by) a transfer peer.
+            request.abort_reason = reason
+            self.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+            outputs.append(EngineCoreOutput(request_id=rid, new_token_ids=[], finish_reason="abort",
+                                            stop_reason=reason, error=reason))
         return outputs
 
     def _poll_kv_transfers(self, idle: bool) -> None:

@@ -14,7 +14,7 @@ from pdserve.engine.config import DEFAULT_MODEL, EngineConfig
 from pdserve.engine.llm_engine import LLMEngine, PromptType
 from pdserve.engine.outputs import CompletionOutput, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.tokenizer import apply_chat_template
+from pdserve.engine.frontend.tokenizer import apply_chat_template
 
 Messages = list[dict[str, str]]
 

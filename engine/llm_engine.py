@@ -11,37 +11,15 @@ from typing import Any
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_core import EngineCore, EngineCoreRequest
-from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.frontend.fanout import child_ids, eos_token_id_of, fan_out, with_default_max_tokens
+from pdserve.engine.frontend.output_processor import OutputProcessor
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.tokenizer import load_tokenizer
-from pdserve.engine.validation import tokenize_prompt
+from pdserve.engine.frontend.tokenizer import load_tokenizer
+from pdserve.engine.frontend.validation import tokenize_prompt
 
 PromptType = str | list[int]
-
-
-def eos_token_id_of(tokenizer: Any, hf_config: Any) -> int | None:
-    """The id that ends generation: the tokenizer's EOS, else the model config's."""
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    eos = getattr(hf_config, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    return eos
-
-
-def child_ids(request_id: str, n: int) -> list[str]:
-    """Core-side ids of the ``n`` sequences of one request."""
-    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
-
-
-def child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Each of ``n`` sequences gets its own seed (seed + index) so seeded ``n > 1`` differs yet repeats."""
-    import dataclasses
-
-    seed = None if params.seed is None else params.seed + index
-    return dataclasses.replace(params, n=1, seed=seed)
 
 
 class LLMEngine:
@@ -71,15 +49,10 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._counter))
         token_ids = self.tokenize(prompt)
         text = prompt if isinstance(prompt, str) else None
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            import dataclasses
-
-            params = dataclasses.replace(params, max_tokens=max(1, self.config.model.max_model_len - len(token_ids)))
+        params = with_default_max_tokens(params, len(token_ids), self.config.model.max_model_len)
         added: list[str] = []
         try:
-            for index, seq_id in enumerate(child_ids(request_id, params.n)):
-                p = child_params(params, index)
+            for index, (seq_id, p) in enumerate(fan_out(request_id, params)):
                 self.core.add_request(EngineCoreRequest(seq_id, token_ids, p, eos_token_id=self.eos_token_id,
                                                         kv_transfer_params=kv_transfer_params))
                 added.append(seq_id)

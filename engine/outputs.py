@@ -26,6 +26,8 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     # Disaggregation (prefill role): the handle a decode engine loads this request's saved KV by.
     kv_transfer_params: dict | None = None
+    # Set when the engine failed while serving this request (it is aborted; the engine serves on): the reason.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -14,10 +14,11 @@ synchronously (every earlier token known), so they may synchronize.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.faults import describe, is_device_fault
 from pdserve.engine.outputs import Logprob
 from pdserve.engine.request import Request
 from pdserve.engine.worker.input_batch import small_tensor_to
@@ -28,6 +29,8 @@ class SampleResult:
     token_ids: list[int]
     # Per row: [sampled token's logprob, then the top-k alternatives], or None where not asked for.
     logprobs: list[list[Logprob] | None] | None
+    # Rows whose request could not be sampled (row -> error text); their token ids are placeholders.
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class PendingSample:
@@ -40,6 +43,7 @@ class PendingSample:
         self._host = host  # [ids, then (chosen, ranks, top values, top ids) when logprobs are asked for]
         self._event = event
         self._wanted = wanted_logprobs
+        self.errors: dict[int, str] = {}  # rows that failed (see Sampler.launch); known at launch
 
     def result(self) -> SampleResult:
         if self._event is not None:
@@ -57,6 +61,18 @@ class PendingSample:
             row += [Logprob(top_ids[i][j], top_vals[i][j], j + 1) for j in range(w)]
             result.append(row)
         return SampleResult(token_ids=ids, logprobs=result)
+
+
+class _ReadySample(PendingSample):
+    """A sample computed row by row on the host's schedule (after a batch failed): nothing left to wait for."""
+
+    def __init__(self, token_ids: torch.Tensor, result: SampleResult) -> None:
+        super().__init__(token_ids, [], None, None)
+        self._result = result
+        self.errors = result.errors
+
+    def result(self) -> SampleResult:
+        return self._result
 
 
 class Sampler:
@@ -83,7 +99,41 @@ class Sampler:
     @torch.inference_mode()
     def launch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
         """Queue the sampling of ``logits`` ([S, V], one row per request) and the copy of its results to the
-        host; returns without waiting for the device (see the module docstring)."""
+        host; returns without waiting for the device (see the module docstring).
+
+        Fault isolation: if the batch fails with an error that is not a device fault (a parameter no check
+        caught), every row is sampled again on its own, so the rows that fail again are the culprits; they come
+        back in ``errors`` (row -> text) and the engine aborts only their requests. Rows are independent, so the
+        others get the tokens the batch would have given them (a seeded row's generator may have advanced).
+        """
+        try:
+            return self._launch_batch(logits, requests)
+        except Exception as exc:
+            if is_device_fault(exc) or not requests:
+                raise
+            return self._launch_row_by_row(logits, requests)
+
+    def _launch_row_by_row(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+        ids: list[int] = []
+        logprobs: list[list[Logprob] | None] = []
+        errors: dict[int, str] = {}
+        for i, req in enumerate(requests):
+            try:
+                row = self._launch_batch(logits[i:i + 1], [req]).result()
+            except Exception as exc:
+                if is_device_fault(exc):
+                    raise
+                errors[i] = describe(exc)
+                ids.append(0)  # a placeholder: the request is aborted before its token is used
+                logprobs.append(None)
+                continue
+            ids.append(row.token_ids[0])
+            logprobs.append(row.logprobs[0] if row.logprobs is not None else None)
+        token_ids = torch.tensor(ids, dtype=torch.int64, device=logits.device)
+        has_lp = any(lp is not None for lp in logprobs)
+        return _ReadySample(token_ids, SampleResult(ids, logprobs if has_lp else None, errors))
+
+    def _launch_batch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (logits.shape, len(requests))
         raw = logits.float()
         x = raw

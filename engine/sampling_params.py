@@ -10,6 +10,25 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_CACHE_SALT_LEN = 256
+# Every wire format (protobuf, msgpack, torch generators) carries integers as int64: larger ones are refused here
+# rather than overflowing somewhere inside the engine.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_valid_text(text: str) -> bool:
+    """False for a string that is no Unicode text (a lone surrogate such as ``"\\ud800"``): tokenizers and
+    protobuf cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_number(value: object) -> bool:
@@ -41,6 +60,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the sampled token's)
     skip_special_tokens: bool = True
+    # Mixed into the first block's hash: requests with different salts never share prefix-cached KV (per tenant).
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,35 +77,42 @@ class SamplingParams:
             if not cond:
                 raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
 
-        check(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N, "n",
+        check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n",
               f"must be an integer in [1, {MAX_N}]")
         check(_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
               "temperature", "must be a finite number >= 0")
         check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0, "top_k",
-              "must be an integer >= 0 (or -1 to disable)")
+        check(_is_int(self.top_k) and 0 <= self.top_k <= INT64_MAX, "top_k",
+              f"must be an integer in [0, {INT64_MAX}] (or -1 to disable)")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
-              "must be an integer or None")
+        check(self.seed is None or (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX), "seed",
+              f"must be an integer in [{INT64_MIN}, {INT64_MAX}] or None")
         for name in ("presence_penalty", "frequency_penalty"):
             check(_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "must be in [-2, 2]")
         check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2, "repetition_penalty",
               "must be in (0, 2]")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
-                                          and self.max_tokens >= 1), "max_tokens", "must be an integer >= 1")
-        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
+        check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT64_MAX),
+              "max_tokens", f"must be an integer in [1, {INT64_MAX}]")
+        check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= INT64_MAX, "min_tokens",
+              f"must be an integer in [0, {INT64_MAX}]")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
         for s in self.stop:
-            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN or not is_valid_text(s):
                 raise ValueError(f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} "
                                  f"characters, got {s!r}")
+        check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+              f"must hold at most {MAX_STOP_TOKEN_IDS} ids")
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            # The upper bound against the model's vocabulary is checked with the prompt (validate_prompt).
+            if not _is_int(t) or not 0 <= t <= INT64_MAX:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
-        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+        check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
               "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        check(self.cache_salt is None or (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt)
+                                          <= MAX_CACHE_SALT_LEN and is_valid_text(self.cache_salt)),
+              "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT_LEN} characters or None")
 
     @property
     def greedy(self) -> bool:

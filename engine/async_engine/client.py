@@ -1,8 +1,8 @@
 """``AsyncLLM``: the API process's handle on an engine core running in its own process.
 
 It tokenizes and validates requests, sends them to the core, and turns the core's per-step token deltas into
-text (detokenization and stop strings run here, see :mod:`pdserve.engine.output_processor`). Each request gets an
-async iterator of :class:`RequestOutput`; leaving the iterator early (client gone, timeout) aborts the request
+text (detokenization and stop strings run here, see :mod:`pdserve.engine.frontend.output_processor`). Each request
+gets an async iterator of :class:`RequestOutput`; leaving the iterator early (client gone, timeout) aborts the request
 in the core, which frees its blocks. If the core process dies, every pending request fails with
 :class:`EngineDeadError` and :attr:`AsyncLLM.is_ready` turns false.
 """
@@ -24,45 +24,27 @@ import zmq
 import zmq.asyncio
 
 from pdserve.engine.async_engine.core_proc import run_engine_core
-from pdserve.engine.async_engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, FatalMessage, FinishRequests,
                                                   ReadyMessage, Shutdown, StepMessage, client_decoder,
                                                   client_encoder)
 from pdserve.engine.async_engine.request_stream import ABORTED, RequestState, RequestStream
-from pdserve.engine.async_engine.stats import IterationStats, SequenceTimes, StatLogger
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import SchedulerStats
-from pdserve.engine.engine_core import EngineCore, EngineCoreRequest
-from pdserve.engine.llm_engine import child_ids, child_params, eos_token_id_of
-from pdserve.engine.output_processor import OutputProcessor
+from pdserve.engine.engine_core import EngineCoreRequest
+from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError, QueueFullError, RequestFailedError
+from pdserve.engine.frontend.fanout import eos_token_id_of, fan_out, with_default_max_tokens
+from pdserve.engine.frontend.output_processor import OutputProcessor
+from pdserve.engine.frontend.stats import IterationStats, SequenceTimes, StatLogger, record_all
+from pdserve.engine.frontend.tokenizer import load_tokenizer
+from pdserve.engine.frontend.validation import tokenize_prompt, validate_prompt
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.tokenizer import load_tokenizer
-from pdserve.engine.validation import tokenize_prompt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncLLM", "EngineDeadError", "EngineNotReadyError", "QueueFullError", "RequestStream"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineNotReadyError", "QueueFullError", "RequestFailedError",
+           "RequestStream"]
 
 PromptType = str | list[int]
-
-
-class _ValidationView:
-    """Lets the front end run :meth:`EngineCore.validate` without a core: same rules, one place."""
-
-    def __init__(self, client: "AsyncLLM") -> None:
-        self._client = client
-        self.scheduler = self
-
-    @property
-    def max_model_len(self) -> int:
-        return self._client.max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self._client.vocab_size
-
-    def get_request(self, seq_id: str) -> object | None:
-        return seq_id if seq_id in self._client._times else None
 
 
 class AsyncLLM:
@@ -88,7 +70,6 @@ class AsyncLLM:
         self._core_factory = core_factory
         self._startup_timeout_s = startup_timeout_s
         self._processor = OutputProcessor(self.tokenizer)
-        self._validation = _ValidationView(self)
         self._requests: dict[str, RequestState] = {}
         self._parent_of: dict[str, str] = {}  # seq id -> request id
         self._times: dict[str, SequenceTimes] = {}  # live sequences
@@ -257,18 +238,13 @@ class AsyncLLM:
 
     def _build(self, request_id: str, token_ids: list[int], params: SamplingParams,
                kv_transfer_params: dict | None = None) -> list[EngineCoreRequest]:
-        if params.max_tokens is None:
-            import dataclasses
-
-            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
+        """The core requests of one client request, validated by the engine's rule set (nothing registered)."""
+        params = with_default_max_tokens(params, len(token_ids), self.max_model_len)
+        validate_prompt(token_ids, params, self.max_model_len, self.vocab_size)
         now = time.time()
-        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else {}
-        reqs = [EngineCoreRequest(sid, token_ids, child_params(params, i), arrival_time=now,
-                                  eos_token_id=self.eos_token_id, **extra)
-                for i, sid in enumerate(child_ids(request_id, params.n))]
-        for r in reqs:
-            EngineCore.validate(self._validation, r)  # type: ignore[arg-type]
-        return reqs
+        return [EngineCoreRequest(sid, token_ids, p, arrival_time=now, eos_token_id=self.eos_token_id,
+                                  kv_transfer_params=kv_transfer_params)
+                for sid, p in fan_out(request_id, params)]
 
     def generate(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None, *,
                  stream: bool = True, prompt_text: str | None = None,
@@ -281,31 +257,50 @@ class AsyncLLM:
         ``stream`` the outputs carry deltas (new text and tokens); without it only each sequence's final, whole
         output comes. Closing the stream (or cancelling the task iterating it) aborts what is still running.
         ``kv_transfer_params``: the handle of KV that a prefill engine saved for this prompt (decode role).
+
+        ``request_id`` is the client's label: it comes back in the outputs, and two requests may share it. The
+        ids that key engine state are the server's own (random, see :attr:`RequestStream.internal_id`). A
+        request that the engine fails on (see :mod:`pdserve.engine.faults`) ends its stream with
+        :class:`RequestFailedError`.
         """
         self._check_usable()
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        internal_id = uuid.uuid4().hex
+        label = request_id or internal_id
+        if request_id:
+            logger.debug("request %s: client id %r", internal_id, request_id[:200])  # %r: escaped
         token_ids = self.tokenize(prompt)
         text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
-        reqs = self._build(request_id, token_ids, params, kv_transfer_params)
+        reqs = self._build(internal_id, token_ids, params, kv_transfer_params)
         if self.max_waiting and len(self._unscheduled) + len(reqs) > self.max_waiting:
             raise QueueFullError(f"the engine's waiting queue is full ({self.max_waiting} sequences)")
-        state = RequestState(request_id, [r.request_id for r in reqs], stream)
-        self._requests[request_id] = state
-        for index, r in enumerate(reqs):
-            self._processor.add_sequence(r.request_id, request_id, index, text, token_ids, r.sampling_params,
-                                         stream=stream)
-            self._times[r.request_id] = SequenceTimes(arrival=r.arrival_time, num_prompt_tokens=len(token_ids))
-            self._parent_of[r.request_id] = request_id
-            self._unscheduled.add(r.request_id)
-        self._send(AddRequests(reqs))
+        # Encoded before anything is registered: a request that cannot be sent leaves no state behind.
+        frame = self._encoder.encode(AddRequests(reqs))
+        state = RequestState(internal_id, [r.request_id for r in reqs], stream, label=label)
+        self._requests[internal_id] = state
+        try:
+            for index, r in enumerate(reqs):
+                self._processor.add_sequence(r.request_id, internal_id, index, text, token_ids, r.sampling_params,
+                                             stream=stream)
+                self._times[r.request_id] = SequenceTimes(arrival=r.arrival_time,
+                                                          num_prompt_tokens=len(token_ids))
+                self._parent_of[r.request_id] = internal_id
+                self._unscheduled.add(r.request_id)
+            if not self._send_frame(frame, "AddRequests"):
+                raise EngineDeadError("the engine core is not connected")
+        except BaseException:
+            state.finished.update(state.seq_ids)  # nothing reached the core: nothing to abort there
+            for sid in state.seq_ids:
+                self._processor.remove(sid)
+            self._release(state)
+            for sid in state.seq_ids:
+                self._forget_seq(sid, "error", time.time(), IterationStats(timestamp=time.time()))
+            raise
         return RequestStream(self, state)
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request by id (no-op if unknown or finished); its iterator ends with no more output."""
-        state = self._requests.get(request_id)
-        if state is not None:
+        """Abort the live requests with this id or label (no-op if none); their iterators end with no output."""
+        states = [st for st in self._requests.values() if request_id in (st.request_id, st.label)]
+        for state in states:
             self._release(state)
             state.queue.put_nowait(ABORTED)
 
@@ -336,11 +331,14 @@ class AsyncLLM:
 
     def _send(self, msg: Any) -> bool:
         """Queue a message for the core without ever blocking; False if no core is connected to take it."""
+        return self._send_frame(self._encoder.encode(msg), type(msg).__name__)
+
+    def _send_frame(self, frame: bytes, what: str) -> bool:
         try:
-            self._in_sock.send(self._encoder.encode(msg), flags=zmq.NOBLOCK, copy=False)
+            self._in_sock.send(frame, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:  # a PUSH socket without a peer (the core died or never connected)
-            logger.warning("engine core not connected; dropped %s", type(msg).__name__)
+            logger.warning("engine core not connected; dropped %s", what)
             return False
 
     # ------------------------------------------------------------------ outputs
@@ -373,17 +371,29 @@ class AsyncLLM:
             if state is not None:
                 self._release(state)
                 state.queue.put_nowait(ValueError(reason))
+        outputs = []
         for out in msg.outputs:
+            if out.error is not None:  # the engine failed on this sequence: the request fails with its reason
+                state = self._requests.get(self._parent_of.get(out.request_id, ""))
+                if state is not None:
+                    state.finished.add(out.request_id)
+                    self._forget_seq(out.request_id, "error", now, it)
+                    self._processor.remove(out.request_id)
+                    self._release(state)
+                    state.queue.put_nowait(RequestFailedError(out.error))
+                continue
             times = self._times.get(out.request_id)
             if times is not None:
                 times.on_tokens(now, len(out.new_token_ids), it)
-        processed = self._processor.process(msg.outputs)
+            outputs.append(out)
+        processed = self._processor.process(outputs)
         if processed.stop_string_finished:
             self._send(FinishRequests(processed.stop_string_finished))
         for ro in processed.request_outputs:
             state = self._requests.get(ro.request_id)
             if state is None:
                 continue
+            ro.request_id = state.label  # the client's label; internal ids stay inside the server
             comp = ro.outputs[0]
             if comp.finished:
                 seq_id = state.seq_ids[comp.index]
@@ -395,8 +405,4 @@ class AsyncLLM:
         self._log(msg.stats, it)
 
     def _log(self, stats: SchedulerStats | None, it: IterationStats) -> None:
-        for stat_logger in self.stat_loggers:
-            try:
-                stat_logger.record(stats, it)
-            except Exception:  # metrics must never break serving
-                logger.exception("stat logger %r failed", stat_logger)
+        record_all(self.stat_loggers, stats, it)

@@ -31,6 +31,7 @@ import zmq
 from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, FatalMessage, FinishRequests,
                                                   ReadyMessage, Shutdown, StepMessage, client_encoder,
                                                   core_decoder)
+from pdserve.engine.faults import describe, is_device_fault
 from pdserve.engine.request import RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -161,8 +162,11 @@ class EngineCoreProc:
                 try:
                     core.add_request(req)
                     self._unscheduled.add(req.request_id)
-                except ValueError as exc:
-                    self._rejected.append((req.request_id, str(exc)))
+                except Exception as exc:  # one bad request is refused; it never ends the core
+                    if is_device_fault(exc):
+                        raise
+                    self._rejected.append((req.request_id, str(exc) if isinstance(exc, ValueError)
+                                           else describe(exc)))
         elif isinstance(msg, AbortRequests):
             core.abort_requests(msg.request_ids)
             self._unscheduled.difference_update(msg.request_ids)

@@ -11,7 +11,7 @@ import contextlib
 import sys
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pdserve.engine.engine_core import EngineCore
@@ -22,6 +22,7 @@ from pdserve.engine.outputs import Logprob
 class _Sample:
     token_ids: list[int]
     logprobs: list[list[Logprob] | None] | None
+    errors: dict[int, str] = field(default_factory=dict)  # as SampleResult: the mock never fails a row
 
 
 def mock_next_token(token_ids: list[int], vocab_size: int) -> int:

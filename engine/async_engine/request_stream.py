@@ -6,61 +6,33 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.frontend.output_stream import ABORTED, OutputStream
 
-ABORTED = object()  # queued to end a request's iterator after an abort by id
+__all__ = ["ABORTED", "RequestState", "RequestStream"]
 
 
 @dataclass
 class RequestState:
     """A request's sequence ids, its output queue, and which sequences have finished."""
 
-    request_id: str
+    request_id: str  # the server's own id (keys the engine's state)
     seq_ids: list[str]
     stream: bool
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: set[str] = field(default_factory=set)
+    label: str = ""  # the client's id: returned in outputs, never used as a key
 
 
-class RequestStream:
-    """Async iterator over one request's outputs; :meth:`close` (or ``aclose``) aborts what still runs."""
+class RequestStream(OutputStream):
+    """A request's outputs from the async engine; closing it aborts, in the core, what still runs."""
 
     def __init__(self, client: Any, state: RequestState) -> None:
+        super().__init__(state.queue, len(state.seq_ids), state.request_id, state.label)
         self._client = client
         self._state = state
-        self._remaining = len(state.seq_ids)
-        self.request_id = state.request_id
 
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._remaining == 0:
-            raise StopAsyncIteration
-        try:
-            item = await self._state.queue.get()
-        except BaseException:  # cancelled (client gone, timeout): abort in the core
-            self.close()
-            raise
-        if item is ABORTED:
-            self._remaining = 0
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        if item.outputs[0].finished:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self.close()
-        return item
-
-    def close(self) -> None:
-        """Stop iterating; sequences still running are aborted and their blocks freed."""
-        self._remaining = 0
+    def _stop(self) -> None:
         self._client._release(self._state)
-
-    async def aclose(self) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # A stream dropped without being read to the end or closed must not leave its request running. The

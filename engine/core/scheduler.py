@@ -94,7 +94,7 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a new request. Raises ``ValueError`` for a duplicate id, an empty or over-long prompt."""
         rid = request.request_id
-        if rid in self._requests:
+        if self.has_request_id(rid):
             raise ValueError(f"request id {rid!r} is already in use")
         if request.num_prompt_tokens == 0:
             raise ValueError(f"request {rid!r} has an empty prompt")
@@ -128,6 +128,11 @@ class Scheduler:
     def get_request(self, request_id: str) -> Request | None:
         """An unfinished request by id (None once it has finished)."""
         return self._requests.get(request_id)
+
+    def has_request_id(self, request_id: str) -> bool:
+        """Whether the id belongs to a request in any state: waiting, loading, running, or finished with its
+        blocks still held for a KV transfer peer (a new request must never take over that block table)."""
+        return request_id in self._requests or request_id in self._held
 
     def has_unfinished_requests(self) -> bool:
         """Requests to serve, or finished ones whose blocks a KV transfer still holds."""

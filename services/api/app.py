@@ -20,12 +20,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.engine.frontend.tokenizer import off_loop
+from pdserve.engine.sampling_params import is_valid_text
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import ApiError, bad_request, from_exception
 from pdserve.services.api.metrics import CONTENT_TYPE, ServingMetrics
 from pdserve.services.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                            TokenizeRequest)
-from pdserve.services.api.serving_chat import ChatServing, render_chat
+from pdserve.services.api.serving_chat import ChatServing, render_chat_async
 from pdserve.services.api.serving_completion import CompletionServing
 from pdserve.services.api.settings import ServerSettings
 
@@ -227,9 +229,12 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of 'prompt' and 'messages'", param="prompt")
         if req.messages is not None:
-            tokens = render_chat(tok, req.messages, req.add_generation_prompt).token_ids
+            tokens = (await render_chat_async(tok, req.messages, req.add_generation_prompt)).token_ids
         else:
-            tokens = list(tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+            if not is_valid_text(req.prompt):
+                raise bad_request("the prompt is not valid Unicode text (it holds a lone surrogate)", param="prompt")
+            tokens = await off_loop(lambda: list(tok(req.prompt, add_special_tokens=req.add_special_tokens)
+                                                 .input_ids), size=len(req.prompt))
         return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pdserve.engine.async_engine.client import EngineDeadError, EngineNotReadyError, QueueFullError
+from pdserve.engine.frontend.errors import EngineDeadError, EngineNotReadyError, QueueFullError, RequestFailedError
+from pdserve.engine.frontend.params_wire import PARAM_NAMES
 
 # OpenAI's error "type" per HTTP status.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -54,8 +55,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 # Engine validation messages name the parameter first ("top_p must be in (0, 1]"); pick it out for "param".
 _PARAM_RE = re.compile(r"^(?:each )?([a-z_]+)\b")
-_KNOWN_PARAMS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "max_tokens", "min_tokens", "stop", "stop_token_ids", "logprobs"}
+_KNOWN_PARAMS = set(PARAM_NAMES)  # every SamplingParams field
 
 
 def from_value_error(exc: ValueError, default_param: str | None = None) -> ApiError:
@@ -81,6 +81,10 @@ def from_exception(exc: BaseException, retry_after: int = 1) -> ApiError:
         return ApiError(503, str(exc), code="engine_not_ready", retry_after=retry_after)
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), code="engine_dead", retry_after=retry_after)
+    if isinstance(exc, RequestFailedError):
+        # The engine aborted this request and serves on. gRPC INTERNAL, which routers do not retry elsewhere:
+        # the same request would fail the same way on every pod.
+        return ApiError(500, f"the engine failed on this request: {exc}", code="request_failed")
     if isinstance(exc, TimeoutError):
         return ApiError(504, "the request timed out in the server", code="timeout")
     if isinstance(exc, ValueError):

@@ -16,32 +16,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
+from pdserve.engine.frontend.params_wire import pb_set_fields
+from pdserve.engine.frontend.tokenizer import tokenize_async
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.app import validation_error
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import GRPC_CODES, ApiError, bad_request, from_exception
 from pdserve.services.api.protocol import ChatCompletionRequest, CompletionRequest
-from pdserve.services.api.serving_chat import ChatServing, render_chat
+from pdserve.services.api.serving_chat import ChatServing, render_chat_async
 from pdserve.services.api.serving_common import Prompt, merge_streams, new_id
 from pdserve.services.api.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "pdserve.v1.Generation"
-_PARAM_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "max_tokens", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens",
-                 "include_stop_str_in_output")
 
 
 def request_fields(req: pb.GenerateRequest) -> dict[str, Any]:
     """The request as the HTTP API's JSON fields (only those the client set)."""
-    sp = req.sampling_params
-    fields: dict[str, Any] = {name: getattr(sp, name) for name in _PARAM_FIELDS if sp.HasField(name)}
-    if sp.stop:
-        fields["stop"] = list(sp.stop)
-    if sp.stop_token_ids:
-        fields["stop_token_ids"] = list(sp.stop_token_ids)
+    fields = pb_set_fields(req.sampling_params)
     if req.model:
         fields["model"] = req.model
     if req.user:
@@ -72,7 +66,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise ApiError(401, "invalid or missing API key (metadata 'authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    def prepare(self, req: pb.GenerateRequest) -> tuple[Prompt, Any]:
+    async def prepare(self, req: pb.GenerateRequest) -> tuple[Prompt, Any]:
         """The prompt (tokenized) and SamplingParams of a ``GenerateRequest``, validated as the HTTP API does."""
         fields = request_fields(req)
         kind = req.WhichOneof("prompt")
@@ -93,11 +87,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if isinstance(model, ChatCompletionRequest):
             if self.engine.tokenizer is None:
                 raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
-            prompt_obj = render_chat(self.engine.tokenizer, model.messages, model.add_generation_prompt)
+            prompt_obj = await render_chat_async(self.engine.tokenizer, model.messages, model.add_generation_prompt)
             max_tokens = model.max_tokens
         else:
             try:
-                prompt_obj = Prompt(self.engine.tokenize(model.prompt), model.prompt
+                prompt_obj = Prompt(await tokenize_async(self.engine.tokenize, model.prompt), model.prompt
                                     if isinstance(model.prompt, str) else None)  # type: ignore[arg-type]
             except ValueError as exc:
                 raise bad_request(str(exc), param="prompt") from None
@@ -109,7 +103,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
             self.check_auth(context)
-            prompt, params = self.prepare(request)
+            prompt, params = await self.prepare(request)
             request_id = request.request_id or new_id("grpc")
             streams = self.serving.start([prompt], params, request_id, stream=True)
         except Exception as exc:

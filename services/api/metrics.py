@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from pdserve.engine.async_engine.stats import IterationStats
+from pdserve.engine.frontend.stats import IterationStats
 from pdserve.engine.core.sched_output import SchedulerStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

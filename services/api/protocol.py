@@ -49,6 +49,9 @@ class _SamplingFields(_Strict):
     # Disaggregation (a pdserve extension, named as vLLM names it): on a decode pod, the transfer handle a prefill
     # pod returned for this prompt; its KV is loaded instead of computed. A prefill pod returns one in responses.
     kv_transfer_params: dict[str, Any] | None = None
+    # Per-tenant prefix-cache isolation (as vLLM): mixed into the first block's hash, so requests with different
+    # salts never share cached KV.
+    cache_salt: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a requested feature this server does not implement."""

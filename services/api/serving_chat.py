@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any, AsyncIterator
 
+from pdserve.engine.frontend.tokenizer import off_loop
 from pdserve.engine.outputs import CompletionOutput, Logprob
-from pdserve.engine.tokenizer import apply_chat_template
+from pdserve.engine.sampling_params import is_valid_text
+from pdserve.engine.frontend.tokenizer import apply_chat_template
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
@@ -17,11 +19,19 @@ from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, Se
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
     """The prompt that the model sees for a conversation (the same rendering as the offline ``LLM.chat``)."""
     conv = [{"role": m.role, "content": m.text()} for m in messages]
+    if not all(is_valid_text(m["content"]) for m in conv):
+        raise bad_request("a message is not valid Unicode text (it holds a lone surrogate)", param="messages")
     try:
         text = apply_chat_template(tokenizer, conv, add_generation_prompt)
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from None
     return Prompt(list(tokenizer(text, add_special_tokens=False).input_ids), text)
+
+
+async def render_chat_async(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+    """:func:`render_chat`, off the event loop for a long conversation."""
+    size = sum(len(m.text()) for m in messages)
+    return await off_loop(render_chat, tokenizer, messages, add_generation_prompt, size=size)
 
 
 class ChatServing(ServingBase):
@@ -37,7 +47,7 @@ class ChatServing(ServingBase):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if self.engine.tokenizer is None:
             raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
-        prompt = render_chat(self.engine.tokenizer, req.messages, req.add_generation_prompt)
+        prompt = await render_chat_async(self.engine.tokenizer, req.messages, req.add_generation_prompt)
         params = self.sampling_params(req, max_tokens, logprobs)
         handle = self.transfer_handle(req)
         request_id, created = new_id("chatcmpl"), int(time.time())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from pdserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from pdserve.engine.frontend.params_wire import sampling_from_model
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.services.api.engine_client import EngineClient, OutputStream
 from pdserve.services.api.errors import ApiError, bad_request, from_exception, from_value_error
@@ -85,19 +86,8 @@ class ServingBase:
             raise bad_request(f"logprobs must be in [0, {self.settings.max_logprobs}], got {logprobs}",
                               param="logprobs")
 
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
-
         try:
-            return SamplingParams(
-                n=req.n, temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
-                top_k=pick(req.top_k, 0), min_p=pick(req.min_p, 0.0), seed=req.seed,
-                presence_penalty=pick(req.presence_penalty, 0.0),
-                frequency_penalty=pick(req.frequency_penalty, 0.0),
-                repetition_penalty=pick(req.repetition_penalty, 1.0), max_tokens=max_tokens,
-                min_tokens=req.min_tokens, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
-                include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
-                logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+            return sampling_from_model(req, max_tokens=max_tokens, logprobs=logprobs)
         except ValueError as exc:
             raise from_value_error(exc) from None
 

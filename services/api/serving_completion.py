@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, AsyncIterator
 
+from pdserve.engine.frontend.tokenizer import tokenize_async
 from pdserve.engine.outputs import CompletionOutput, Logprob
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
@@ -16,7 +17,7 @@ from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, Se
 class CompletionServing(ServingBase):
     """Builds completion responses; ``create`` returns a dict, or an SSE event iterator when streaming."""
 
-    def prompts(self, req: CompletionRequest) -> list[Prompt]:
+    async def prompts(self, req: CompletionRequest) -> list[Prompt]:
         p = req.prompt
         if isinstance(p, str):
             items: list[str | list[int]] = [p]
@@ -32,14 +33,15 @@ class CompletionServing(ServingBase):
         out = []
         for item in items:
             try:
-                out.append(Prompt(self.engine.tokenize(item), item if isinstance(item, str) else None))
+                ids = await tokenize_async(self.engine.tokenize, item)
+                out.append(Prompt(ids, item if isinstance(item, str) else None))
             except ValueError as exc:
                 raise bad_request(str(exc), param="prompt") from None
         return out
 
     async def create(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_common(req)
-        prompts = self.prompts(req)
+        prompts = await self.prompts(req)
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
         handle = self.transfer_handle(req)
         request_id, created = new_id("cmpl"), int(time.time())

@@ -39,7 +39,7 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
             if request.request.WhichOneof("prompt") != "token_ids":
                 raise bad_request("a decode request's prompt must be token ids (the prompt and the prefill's "
                                   "first token)", param="prompt")
-            prompt, params = self.gen.prepare(request.request)
+            prompt, params = await self.gen.prepare(request.request)
             handle = None
             if request.HasField("kv_transfer_params"):
                 try:

@@ -20,21 +20,24 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve.engine.outputs import Logprob
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.frontend import Logprob, SamplingParams
+from pdserve.engine.frontend.params_wire import sampling_to_pb
 from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.router.types import Endpoint
 
 # gRPC codes that mean "this pod, now" rather than "this request": the router may try another pod.
+# INTERNAL and UNKNOWN are not among them: a pod answers INTERNAL when its engine failed on this request (and
+# aborted it, serving on), UNKNOWN when its handler raised on this request; the same request would fail the
+# same way on every other pod, so retrying would only spread it (issue 11). A pod that cannot serve at all
+# answers UNAVAILABLE.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
-              grpc.StatusCode.ABORTED, grpc.StatusCode.UNIMPLEMENTED}
+              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNIMPLEMENTED}
 # HTTP status the client sees for a refusal, by gRPC code (the inverse of the API's table).
 _HTTP_OF = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
             grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.FAILED_PRECONDITION: 400,
-            grpc.StatusCode.OUT_OF_RANGE: 400}
+            grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNKNOWN: 500}
 
 
 class PodError(Exception):
@@ -89,17 +92,6 @@ class PodBackend(Protocol):
         """True when the pod answers its health check as serving."""
 
     async def close(self) -> None: ...
-
-
-def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
-    """The router's parameters for one sequence, field by field (``n`` is always 1 at the pod)."""
-    return pb.SamplingParams(
-        n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
-        seed=params.seed, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens, min_tokens=params.min_tokens,
-        ignore_eos=params.ignore_eos, logprobs=params.logprobs, skip_special_tokens=params.skip_special_tokens,
-        include_stop_str_in_output=params.include_stop_str_in_output)
 
 
 def _logprobs_of(choice: Any) -> list[list[Logprob]] | None:

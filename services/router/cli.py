@@ -67,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """The router's frozen config and the model's tokenizer, from the flags. ``ValueError`` for bad flags."""
-    from pdserve.engine.llm_engine import eos_token_id_of
+    from pdserve.engine.frontend.fanout import eos_token_id_of
     from pdserve.engine.model_loader import resolve_model
-    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.engine.frontend.tokenizer import load_tokenizer
     from pdserve.services.api.settings import ServerSettings
     from pdserve.services.router.discovery import KubernetesDiscovery, PodPorts, StaticDiscovery, static_endpoints
     from pdserve.services.router.engine import ModelInfo

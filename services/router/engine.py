@@ -3,8 +3,10 @@
 The HTTP and gRPC front ends of a monolithic server (``services/api``) run unchanged on top of it, so clients
 cannot tell a router from a server. Where ``AsyncLLM`` sends sequences to its engine core, this sends each one
 through a :class:`~pdserve.services.router.sequence.SequenceRunner` to the pods, and feeds the token deltas that
-come back into the same :class:`~pdserve.engine.output_processor.OutputProcessor` (detokenization, stop strings),
-so the text is made in one place even when a stream moves from one pod to another.
+come back into the same :class:`~pdserve.engine.frontend.output_processor.OutputProcessor` (detokenization, stop
+strings), so the text is made in one place even when a stream moves from one pod to another. Validation, fan-out
+and stats are the engine front end's own (:mod:`pdserve.engine.frontend`), so a request is refused here exactly
+as a pod would refuse it, before any pod sees it.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from pdserve.engine.async_engine.stats import IterationStats, SequenceTimes, StatLogger
-from pdserve.engine.llm_engine import child_ids, child_params
-from pdserve.engine.output_processor import OutputProcessor
-from pdserve.engine.outputs import EngineCoreOutput, RequestOutput
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.frontend import (EngineCoreOutput, IterationStats, OutputProcessor, OutputStream, SamplingParams,
+                                     SequenceTimes, StatLogger, fan_out, record_all, tokenize_prompt,
+                                     validate_prompt, with_default_max_tokens)
 from pdserve.services.api.errors import ApiError
 from pdserve.services.router.backend import PodRejected, TokenDelta
 from pdserve.services.router.sequence import SequenceFailed, SequenceRunner, SequenceSpec
-from pdserve.engine.validation import tokenize_prompt, validate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +78,32 @@ class RouterEngine:
         validate_prompt(token_ids, params, self.max_model_len, self.model.vocab_size)
 
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
-                 stream: bool = True, prompt_text: str | None = None) -> "RouterStream":
-        """Validate and start a request now (errors raise here); iterate the stream for its outputs."""
+                 stream: bool = True, prompt_text: str | None = None,
+                 kv_transfer_params: dict | None = None) -> "RouterStream":
+        """Validate and start a request now (errors raise here); iterate the stream for its outputs.
+
+        ``request_id`` is the client's label (returned in the outputs); sequences are keyed by the router's own
+        ids. ``kv_transfer_params`` is refused: the router picks the prefill and decode pods itself, and a
+        client's handle is never forwarded to a pod.
+        """
+        if kv_transfer_params is not None:
+            raise ApiError(400, "the router does not take kv_transfer_params: it runs the prefill itself; send "
+                           "the request without it", param="kv_transfer_params")
         if self._closed:
             raise ApiError(503, "the router is shutting down", code="shutting_down", retry_after=1)
         if not self.runner.router.has_decode_pod():
             raise ApiError(503, "no decode pod is ready", code="no_pod_available", retry_after=1)
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        internal_id = uuid.uuid4().hex
         token_ids = self.tokenize(prompt)
         self._validate(token_ids, params)
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
+        params = with_default_max_tokens(params, len(token_ids), self.max_model_len)
         text = prompt_text if prompt_text is not None else (prompt if isinstance(prompt, str) else None)
-        result = RouterStream(self, request_id, stream, params.n)
-        self._streams[request_id] = result
+        result = RouterStream(self, internal_id, stream, params.n, label=request_id or internal_id)
+        self._streams[internal_id] = result
         now = time.time()
         session = SESSION_KEY.get()
-        for index, seq_id in enumerate(child_ids(request_id, params.n)):
-            seq_params = child_params(params, index)
-            self._processor.add_sequence(seq_id, request_id, index, text, token_ids, seq_params, stream=stream)
+        for index, (seq_id, seq_params) in enumerate(fan_out(internal_id, params)):
+            self._processor.add_sequence(seq_id, result.label, index, text, token_ids, seq_params, stream=stream)
             times = SequenceTimes(arrival=now, num_prompt_tokens=len(token_ids))
             spec = SequenceSpec(seq_id, token_ids, seq_params, session)
             result.tasks[seq_id] = asyncio.get_running_loop().create_task(
@@ -107,8 +111,8 @@ class RouterEngine:
         return result
 
     async def abort(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
+        """Cancel the live requests with this id or label."""
+        for stream in [s for s in self._streams.values() if request_id in (s.internal_id, s.label)]:
             stream.close()
 
     async def shutdown(self) -> None:
@@ -166,11 +170,7 @@ class RouterEngine:
         self._log(it)
 
     def _log(self, it: IterationStats) -> None:
-        for stat_logger in self.stat_loggers:
-            try:
-                stat_logger.record(None, it)
-            except Exception:  # metrics must never break serving
-                logger.exception("stat logger %r failed", stat_logger)
+        record_all(self.stat_loggers, None, it)
 
 
 class _StopString(Exception):
@@ -183,49 +183,22 @@ def _as_api_error(exc: Exception) -> ApiError:
     return ApiError(503, f"the request could not be served: {exc}", code="no_pod_available", retry_after=1)
 
 
-class RouterStream:
-    """One request's outputs (an ``OutputStream``); :meth:`close` cancels its sequences on the pods."""
+class RouterStream(OutputStream):
+    """One request's outputs; closing it cancels its sequences, which cancels their pod streams (so the pods
+    abort them)."""
 
-    def __init__(self, engine: RouterEngine, request_id: str, stream: bool, num_sequences: int) -> None:
+    def __init__(self, engine: RouterEngine, internal_id: str, stream: bool, num_sequences: int,
+                 label: str = "") -> None:
+        super().__init__(asyncio.Queue(), num_sequences, internal_id, label)
         self.engine = engine
-        self.request_id = request_id
+        self.label = self.request_id
         self.stream = stream
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.tasks: dict[str, asyncio.Task] = {}
-        self._remaining = num_sequences
-        self._closed = False
 
-    def __aiter__(self) -> "RouterStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._remaining == 0 or self._closed:
-            raise StopAsyncIteration
-        try:
-            item = await self.queue.get()
-        except BaseException:
-            self.close()
-            raise
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        if item.outputs[0].finished:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self.close()
-        return item
-
-    def close(self) -> None:
-        """Stop: cancel what still runs (which cancels the pod streams and so aborts them on the pods)."""
-        if self._closed:
-            return
-        self._closed = True
-        self.engine._streams.pop(self.request_id, None)
+    def _stop(self) -> None:
+        self.engine._streams.pop(self.internal_id, None)
         for task in list(self.tasks.values()):
             task.cancel()
-
-    async def aclose(self) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # A stream dropped unread must not leave its sequences running on the pods.

@@ -43,9 +43,10 @@ class Router:
         logger.info("pod %s %s (%s, %s)", pod.name, event, pod.role.value, pod.endpoint.grpc_target or pod.endpoint.url)
 
     def context(self, request_id: str, prompt_token_ids: list[int], session_key: str | None = None,
-                excluded: set[str] | None = None) -> RoutingContext:
+                excluded: set[str] | None = None, cache_salt: str | None = None) -> RoutingContext:
+        """The routing context of one attempt; ``cache_salt`` enters the block hashes as it does on the pods."""
         return RoutingContext(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                              block_hashes=self.hasher.hash_prompt(prompt_token_ids),
+                              block_hashes=self.hasher.hash_prompt(prompt_token_ids, cache_salt),
                               block_size=self.hasher.block_size, session_key=session_key,
                               excluded=excluded if excluded is not None else set())
 

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.frontend import SamplingParams, after_tokens
 from pdserve.services.router.backend import BackendRequest, PodBackend, PodError, TokenDelta
 from pdserve.services.router.pipeline import NoPodAvailable
 from pdserve.services.router.router import Router
@@ -87,10 +87,9 @@ class SequenceRunner:
                 emit(TokenDelta([], finish_reason="length"))
                 return
             prompt = spec.prompt_token_ids + generated
-            ctx = self.router.context(spec.seq_id, prompt, spec.session_key, excluded)
+            ctx = self.router.context(spec.seq_id, prompt, spec.session_key, excluded, spec.params.cache_salt)
             decision = await self._route(ctx)
-            params = dataclasses.replace(spec.params, max_tokens=remaining,
-                                         min_tokens=max(0, spec.params.min_tokens - len(generated)))
+            params = after_tokens(spec.params, len(generated))
             try:
                 await self._attempt(decision, BackendRequest(f"{spec.seq_id}-a{attempt}", prompt, params),
                                     emit_and_track, ctx)
@@ -127,8 +126,7 @@ class SequenceRunner:
                 # The decode pod continues after the prefill's token(s), loading the prompt's KV by the handle.
                 req = dataclasses.replace(
                     req, prompt_token_ids=req.prompt_token_ids + first.token_ids, kv_transfer_params=handle,
-                    params=dataclasses.replace(req.params, max_tokens=req.params.max_tokens - len(first.token_ids),
-                                               min_tokens=max(0, req.params.min_tokens - len(first.token_ids))))
+                    params=after_tokens(req.params, len(first.token_ids)))
                 current, stage = decision.decode, "decode"
             # aclosing: leaving the loop early (finish, stop string, cancel) cancels the pod's stream at once.
             async with contextlib.aclosing(self.backend.generate(current.endpoint, req)) as deltas:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.frontend.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from pdserve.engine.model_loader import resolve_model
-    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.engine.frontend.tokenizer import load_tokenizer
 
     return load_tokenizer(resolve_model("smollm2-135m-instruct", "auto").tokenizer_path)
 

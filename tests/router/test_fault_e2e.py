@@ -68,7 +68,7 @@ class Engine:
 @pytest.fixture(scope="module")
 def tokenizer():
     from pdserve.engine.model_loader import resolve_model
-    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.engine.frontend.tokenizer import load_tokenizer
 
     return load_tokenizer(resolve_model(MODEL).tokenizer_path)
 

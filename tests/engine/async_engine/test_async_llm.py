@@ -93,12 +93,17 @@ async def test_invalid_requests_raise_before_queueing(prompt, params, match):
         assert [o async for o in llm.generate([3], SamplingParams(max_tokens=1))]
 
 
-async def test_duplicate_request_id_is_refused():
+async def test_client_request_ids_are_labels_only():
+    # Issue 11 (server-owned ids): the client's id no longer keys engine state, so two live requests may carry
+    # the same label (this test asserted "already in use" before); each is served on its own and keeps its label.
     async with AsyncLLM(mock_config(), core_factory=make_slow_mock_core) as llm:
-        stream = llm.generate([1], SamplingParams(max_tokens=50), request_id="same")
-        with pytest.raises(ValueError, match="already in use"):
-            llm.generate([1], SamplingParams(max_tokens=5), request_id="same")
-        stream.close()
+        a = llm.generate([1], SamplingParams(max_tokens=3), request_id="same")
+        b = llm.generate([2], SamplingParams(max_tokens=3), request_id="same")
+        assert a.internal_id != b.internal_id and "same" not in (a.internal_id, b.internal_id)
+        outs_a, outs_b = [o async for o in a], [o async for o in b]
+        assert {o.request_id for o in outs_a + outs_b} == {"same"}
+        assert [t for o in outs_a for t in o.outputs[0].token_ids] == expected_tokens([1], 3)
+        assert [t for o in outs_b for t in o.outputs[0].token_ids] == expected_tokens([2], 3)
 
 
 async def test_closing_a_stream_aborts_and_frees_blocks():
@@ -232,3 +237,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_a_request_refused_late_leaves_no_phantom_sequences():
+    # Issue 11: seed = 2**64 used to raise (OverflowError, encoding the message) after the request's state was
+    # registered; four of them under max_waiting=4 filled the waiting queue for good (429 forever).
+    async with AsyncLLM(mock_config(), core_factory=make_mock_core, max_waiting=4) as llm:
+        for _ in range(4):
+            params = SamplingParams(max_tokens=3, seed=1)
+            params.seed = 2 ** 64  # as a client's value that slipped past the first check
+            with pytest.raises(ValueError, match="seed"):
+                llm.generate([1, 2], params)
+        assert llm.num_unfinished_requests == 0 and not llm._unscheduled and not llm._times
+        assert len([o async for o in llm.generate([3], SamplingParams(max_tokens=2))]) == 2

@@ -36,6 +36,6 @@ def model_config():
 @pytest.fixture(scope="session")
 def tokenizer(model_config):
     """Loaded once and shared by the mock-core servers."""
-    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.engine.frontend.tokenizer import load_tokenizer
 
     return load_tokenizer(model_config.model.tokenizer_path)

@@ -13,3 +13,8 @@ class EngineNotReadyError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """More sequences wait for their first scheduling than ``max_waiting`` allows; retry later."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while serving this request (see :mod:`pdserve.engine.faults`): the request is aborted
+    and its blocks freed; the engine serves on. Retrying the same request elsewhere would fail the same way."""

@@ -7,10 +7,13 @@ times use the moment the core first scheduled the sequence.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from pdserve.engine.core.sched_output import SchedulerStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +47,16 @@ class StatLogger(Protocol):
     """Receives the core's scheduler snapshot (None when only the front end changed) and one iteration."""
 
     def record(self, scheduler_stats: SchedulerStats | None, iteration: IterationStats) -> None: ...
+
+
+def record_all(stat_loggers: Iterable[StatLogger], stats: SchedulerStats | None, it: IterationStats) -> None:
+    """Hand one iteration to every logger; a logger that fails is logged and skipped (metrics never break
+    serving)."""
+    for stat_logger in stat_loggers:
+        try:
+            stat_logger.record(stats, it)
+        except Exception:
+            logger.exception("stat logger %r failed", stat_logger)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.frontend.detokenizer import IncrementalDetokenizer
 from pdserve.engine.outputs import CompletionOutput, EngineCoreOutput, Logprob, RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 

@@ -1,0 +1,53 @@
+"""Tokenizer loading, chat templating (Hugging Face tokenizers), and tokenizing without stalling an event loop.
+
+Tokenizing a large prompt takes a while (seconds for a few MiB of text) and would block every other request on
+a server's event loop meanwhile. Prompts at least :data:`OFFLOAD_MIN_CHARS` long are tokenized in a worker
+thread (Hugging Face's fast tokenizers release the GIL while they work); short ones inline, where a thread hop
+would cost more than the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+# Characters (or token ids) from which tokenization moves off the event loop.
+OFFLOAD_MIN_CHARS = 16 * 1024
+
+
+def load_tokenizer(path: str | None) -> Any:
+    """Load the tokenizer saved beside the model; ``None`` for dummy models without one."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """Render a conversation with the tokenizer's own chat template; clear errors for bad messages."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so chat is unavailable (pass token ids instead)")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError("each message must be an object with string 'role' and 'content'")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, size: int) -> T:
+    """``fn(*args)``, in a worker thread when ``size`` (the input's length) is at least ``OFFLOAD_MIN_CHARS``."""
+    if size >= OFFLOAD_MIN_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+async def tokenize_async(tokenize: Callable[[Any], list[int]], prompt: Any) -> list[int]:
+    """``tokenize(prompt)`` (text or token ids), off the event loop for a large prompt."""
+    size = len(prompt) if isinstance(prompt, (str, list)) else 0
+    return await off_loop(tokenize, prompt, size=size)
