@@ -132,6 +132,11 @@ BAD_BODIES = [
     ("lone-surrogate-in-key", '{"model": "%s", "prompt": "hi", "\\udc00": 1}' % NAME, "surrogate"),
     ("nested-10000", '{"model": "%s", "prompt": "hi", "x": ' % NAME + "[" * 10000 + "]" * 10000 + "}", "nested"),
     ("not-utf8", b'{"prompt": "\xff"}', "UTF-8"),
+    # Found by the fuzzer: the message carried "KeyError('block_hashes')".
+    ("kv-handle-missing-field", json.dumps(body(kv_transfer_params={"connector": "grpc"})), "missing field"),
+    ("kv-handle-bad-types", json.dumps(body(kv_transfer_params={"connector": "grpc", "transfer_id": "t",
+                                                                "num_tokens": "x", "block_hashes": 5,
+                                                                "descriptor": 1})), "must be"),
 ]
 
 
