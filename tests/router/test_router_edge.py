@@ -176,3 +176,29 @@ async def test_restarted_pod_rejoins_within_two_seconds():
     finally:
         await server.stop(0)
         await backend.close()
+
+
+async def test_client_chosen_ids_are_logged_escaped(caplog):
+    """A request id is the client's string (gRPC ``request_id``); written raw, a newline in it forges log lines."""
+    import logging
+
+    settings = ServerSettings(served_model_names=("fake",))
+    backend = FakePodBackend(refuse_first_stream=True)  # the first attempt fails: the router logs the sequence
+    pods = static_endpoints([], ["127.0.0.1:7100", "127.0.0.1:7101"])
+    config = RouterConfig(model=ModelInfo("fake", 512, 1000, 2), settings=settings, discovery=StaticDiscovery(pods),
+                          routing=preset("round-robin"), block_size=4, health_interval_s=0.05)
+    running = await start_router(config, WordTokenizer(), backend)
+    try:
+        for _ in range(200):
+            if len([p for p in running.pods.all() if p.ready]) == 2:
+                break
+            await asyncio.sleep(0.01)
+        evil = "r1\n2026-01-01 00:00:00 INFO forged: admin logged in"
+        with caplog.at_level(logging.WARNING, logger="pdserve.services.router"):
+            stream = running.engine.generate([5, 6], SamplingParams(max_tokens=2, temperature=0.0), request_id=evil)
+            async for _ in stream:
+                pass
+        lines = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
+        assert lines and all("\n" not in line for line in lines), lines
+    finally:
+        await running.stop()

@@ -197,3 +197,35 @@ def test_grpc_server_survives_the_fuzz(srv, channel):
         timeout=30))
     assert responses[-1].HasField("usage")
     assert_good_request_works(srv)
+
+
+# -- one short run against the real bundled model (the session's `pdserve serve` subprocess) -----------------------
+
+def _cheap(case) -> None:
+    """Keep generated requests affordable on a CPU: a few tokens per sequence, few sequences."""
+    if isinstance(case.body, dict):
+        for field, cap in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2), ("best_of", 2)):
+            if isinstance(case.body.get(field), int) and not isinstance(case.body.get(field), bool) \
+                    and case.body[field] > cap:
+                case.body[field] = cap
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
+def test_http_api_fuzz_real_model(real_server, path):
+    from api_servers import API_KEY
+
+    operation = API[path]["POST"]
+    cases = st.one_of(operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+                      operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+
+    @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def run(case):
+        _cheap(case)
+        response = case.call(base_url=real_server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        assert_no_server_fault(response.status_code, response.text)
+
+    run()
+    r = httpx.post(f"{real_server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+    assert r.status_code == 200, r.text
