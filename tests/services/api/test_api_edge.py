@@ -273,3 +273,44 @@ def test_kept_alive_connection_gets_a_new_header_deadline(srv):
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the second request stalls in its headers
         data, took = read_until_closed(s, 10)
     assert status_of(data) == 408 and took < HEADER_TIMEOUT_S + 3
+
+
+# -- bounded by default ---------------------------------------------------------------------------------------------
+
+def test_grpc_calls_beyond_max_concurrent_rpcs_are_resource_exhausted(model_config, tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pdserve.engine.async_engine.mock_core import make_slow_mock_core
+
+    settings = ServerSettings(served_model_names=(NAME,), max_concurrent_rpcs=2)
+    factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core, tokenizer=tokenizer)  # noqa: E731
+    with ServerThread(factory, settings, grpc=True) as server:
+        request = pb.GenerateRequest(text="Hello", sampling_params=pb.SamplingParams(max_tokens=40, ignore_eos=True))
+
+        def call(_: int) -> str:
+            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+                try:
+                    list(pb_grpc.GenerationStub(ch).Generate(request, timeout=60))
+                    return "OK"
+                except grpc.RpcError as exc:
+                    return exc.code().name
+
+        with ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(call, range(6)))
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+        assert call(0) == "OK"
+
+
+def test_health_of_a_dead_engine_names_no_internals(model_config, tokenizer):
+    import os
+    import signal
+
+    factory = lambda: AsyncLLM(model_config, core_factory=make_mock_core, tokenizer=tokenizer)  # noqa: E731
+    with ServerThread(factory, ServerSettings(served_model_names=(NAME,))) as server:
+        os.kill(server.engine._proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{server.url}/health")).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        error = r.json()["error"]
+        assert error["code"] == "engine_dead" and error["message"] == "the engine is not serving", error
