@@ -6,7 +6,8 @@ Three layers, outermost first:
   alone waits forever for a request that never completes its headers (a slow-loris client); here a connection
   whose headers are not complete ``header_timeout_s`` after it opened (or after its previous response) gets a 408
   and is closed. h11 already caps the header block at ``h11_max_incomplete_event_size`` bytes.
-* :class:`GuardMiddleware` -- an ASGI middleware that checks the caller (:func:`.auth.check_credentials`), refuses a body
+* :class:`GuardMiddleware` -- an ASGI middleware that checks the caller (:func:`.auth.check_credentials`), refuses
+  a request framed both by Content-Length and Transfer-Encoding (400), refuses a body
   larger than ``max_body_bytes`` while it streams in (413; a chunked body has no Content-Length to check up front)
   and gives the whole body ``body_timeout_s`` to arrive (408): a body that stops, or a Content-Length larger than
   what is sent, no longer holds a connection open. Both errors close the connection.
@@ -50,10 +51,14 @@ class GuardMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         err = check_credentials(settings, headers) if scope["path"].startswith(PROTECTED_PREFIXES) else None
         length = headers.get("content-length")
+        if err is None and length is not None and "transfer-encoding" in headers:
+            # Two framings of one body: proxies in front may pick the other one (request smuggling). RFC 9112
+            # lets a server refuse such a request; it must not reuse the connection either way.
+            err = ApiError(400, "the request has both Content-Length and Transfer-Encoding", code="bad_framing")
         if err is None and length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             err = _too_large(settings)
         if err is not None:
-            return await _send_error(err, scope, receive, send, close=err.status == 413)
+            return await _send_error(err, scope, receive, send, close=err.status != 401)
 
         received, body_done, failed = 0, False, False
         loop = asyncio.get_running_loop()

@@ -57,7 +57,7 @@ async def serve(args: argparse.Namespace) -> None:
     proxy = DisaggProxy(args.prefill, args.decode, args.timeout, cluster_secret=secret)
     # Callers need the API key (or a call token under the same secret), checked before any method runs.
     edge = EdgeInterceptor(ServerSettings(served_model_names=("proxy",), api_key=api_key, cluster_secret=secret))
-    server = grpc.aio.server(interceptors=[edge])
+    server = grpc.aio.server(interceptors=[edge], maximum_concurrent_rpcs=edge.settings.max_concurrent_rpcs)
     pb_grpc.add_GenerationServicer_to_server(ProxyGenerationServicer(proxy), server)
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")
     await server.start()
