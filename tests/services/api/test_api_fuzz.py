@@ -35,6 +35,7 @@ pytestmark = pytest.mark.timeout(300)
 NAME = "mock-model"
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH_MD = [("authorization", f"Bearer {KEY}")]
 SETTINGS = ServerSettings(served_model_names=(NAME,), api_key=KEY, request_timeout_s=10.0, max_tokens_limit=64)
 # Documented server-side statuses: 503 (engine not ready / dead) and 504 (request timeout).
 ALLOWED_5XX = {503, 504}
@@ -181,14 +182,10 @@ def test_grpc_tokenize_fuzz(channel, text, model, special):
 @FUZZ
 @given(raw=st.binary(max_size=64))
 def test_grpc_raw_bytes_fuzz(channel, raw):
-    for method in ("/pdserve.v1.Generation/Generate", "/pdserve.v1.Generation/Tokenize"):
-        if method.endswith("Generate"):
-            _expect_clean(lambda: list(channel.unary_stream(method)(raw, metadata=tuple(AUTH_MD), timeout=30)))
-        else:
-            _expect_clean(lambda: channel.unary_unary(method)(raw, metadata=tuple(AUTH_MD), timeout=30))
-
-
-AUTH_MD = [("authorization", f"Bearer {KEY}")]
+    generate = channel.unary_stream("/pdserve.v1.Generation/Generate")
+    tokenize = channel.unary_unary("/pdserve.v1.Generation/Tokenize")
+    _expect_clean(lambda: list(generate(raw, metadata=tuple(AUTH_MD), timeout=30)))
+    _expect_clean(lambda: tokenize(raw, metadata=tuple(AUTH_MD), timeout=30))
 
 
 def test_grpc_server_survives_the_fuzz(srv, channel):
