@@ -314,3 +314,22 @@ def test_health_of_a_dead_engine_names_no_internals(model_config, tokenizer):
             time.sleep(0.05)
         error = r.json()["error"]
         assert error["code"] == "engine_dead" and error["message"] == "the engine is not serving", error
+
+
+def test_cli_limits_are_bounded_by_default_and_the_api_key_comes_from_the_environment(monkeypatch):
+    import argparse
+
+    from pdserve.services.api import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_server_arguments(parser)
+    args = parser.parse_args([])
+    assert args.max_waiting > 0 and args.request_timeout > 0 and args.max_concurrent_rpcs > 0
+    monkeypatch.setenv("PDSERVE_API_KEY", "from-env")
+    settings = cli.settings_from_args(args, "m", SECRET)
+    assert settings.api_key == "from-env" and settings.cluster_secret is SECRET
+    assert settings.header_timeout_s > 0 and settings.body_timeout_s > 0 and settings.request_timeout_s > 0
+    assert cli.settings_from_args(parser.parse_args(["--api-key", "flag"]), "m").api_key == "flag"
+    for bad in (["--header-timeout", "-1"], ["--max-body-bytes", "0"], ["--max-concurrent-rpcs", "-2"]):
+        with pytest.raises(ValueError, match=bad[0]):
+            cli.settings_from_args(parser.parse_args(bad), "m")
