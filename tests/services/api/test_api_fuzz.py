@@ -201,6 +201,8 @@ def test_grpc_server_survives_the_fuzz(srv, channel):
 def _cheap(case) -> None:
     """Keep generated requests affordable on a CPU: a few tokens per sequence, few sequences."""
     if isinstance(case.body, dict):
+        if "max_tokens" not in case.body and "max_completion_tokens" not in case.body:
+            case.body["max_tokens"] = 4  # a chat's default is the rest of the context: minutes on a CPU
         for field, cap in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2), ("best_of", 2)):
             if isinstance(case.body.get(field), int) and not isinstance(case.body.get(field), bool) \
                     and case.body[field] > cap:
