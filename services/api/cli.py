@@ -70,6 +70,8 @@ def add_edge_limit_arguments(group: argparse._ArgumentGroup) -> None:
                             "0: no limit)")
     group.add_argument("--max-concurrent-rpcs", type=int, default=256,
                        help="gRPC calls served at once; more get RESOURCE_EXHAUSTED (0: no limit)")
+    group.add_argument("--max-concurrent-requests", type=int, default=1024,
+                       help="HTTP API requests served at once; more get 429 + Retry-After (0: no limit)")
 
 
 def api_key_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:
@@ -82,7 +84,7 @@ def check_edge_limits(args: argparse.Namespace) -> None:
     """``ValueError`` for a negative limit (0 means "no limit" for every one but the body size)."""
     if args.max_body_bytes <= 0:
         raise ValueError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
-    for flag in ("request_timeout", "header_timeout", "body_timeout", "max_concurrent_rpcs"):
+    for flag in ("request_timeout", "header_timeout", "body_timeout", "max_concurrent_rpcs", "max_concurrent_requests"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got {getattr(args, flag)}")
 
@@ -102,7 +104,8 @@ def settings_from_args(args: argparse.Namespace, served_name: str, cluster_secre
                           cluster_secret=cluster_secret, max_body_bytes=args.max_body_bytes,
                           max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout,
                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                          max_concurrent_rpcs=args.max_concurrent_rpcs)
+                          max_concurrent_rpcs=args.max_concurrent_rpcs,
+                          max_concurrent_requests=args.max_concurrent_requests)
 
 
 def run(args: argparse.Namespace) -> int:

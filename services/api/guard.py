@@ -38,18 +38,21 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class GuardMiddleware:
-    """Refuses unauthenticated calls (401), oversized (413) and too slow (408) bodies before the app parses them."""
+    """Refuses unauthenticated calls (401), requests beyond ``max_concurrent_requests`` (429), oversized (413) and
+    too slow (408) bodies before the app parses them."""
 
     def __init__(self, app: Any, settings: ServerSettings) -> None:
         self.app = app
         self.settings = settings
+        self.in_flight = 0  # protected requests being served (one event loop: no lock needed)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings = self.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        err = check_credentials(settings, headers) if scope["path"].startswith(PROTECTED_PREFIXES) else None
+        protected = scope["path"].startswith(PROTECTED_PREFIXES)
+        err = check_credentials(settings, headers) if protected else None
         length = headers.get("content-length")
         if err is None and length is not None and "transfer-encoding" in headers:
             # Two framings of one body: proxies in front may pick the other one (request smuggling). RFC 9112
@@ -57,8 +60,23 @@ class GuardMiddleware:
             err = ApiError(400, "the request has both Content-Length and Transfer-Encoding", code="bad_framing")
         if err is None and length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             err = _too_large(settings)
+        limit = settings.max_concurrent_requests
+        if err is None and limit and protected and self.in_flight >= limit:
+            err = ApiError(429, f"the server is serving {limit} requests already; retry later",
+                           code="too_many_requests", retry_after=settings.retry_after_s)
         if err is not None:
-            return await _send_error(err, scope, receive, send, close=err.status != 401)
+            return await _send_error(err, scope, receive, send, close=err.status not in (401, 429))
+        if protected:
+            self.in_flight += 1
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            if protected:
+                self.in_flight -= 1
+
+    async def _serve(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """Run the app with the body counted and timed (see the module docstring)."""
+        settings = self.settings
 
         received, body_done, failed = 0, False, False
         loop = asyncio.get_running_loop()

@@ -19,6 +19,8 @@ class ServerSettings:
     still running after this long is aborted (0: no limit). ``header_timeout_s`` / ``body_timeout_s``: how long a
     client may take to send a request's headers / its whole body before the connection is closed with a 408
     (0: no limit). ``max_concurrent_rpcs``: gRPC calls served at once; more get RESOURCE_EXHAUSTED (0: no limit).
+    ``max_concurrent_requests``: HTTP API requests (``/v1``, tokenizer) served at once; more get 429 (0: no
+    limit) -- the router's bound, which has no waiting queue of its own.
     """
 
     served_model_names: tuple[str, ...]
@@ -35,6 +37,7 @@ class ServerSettings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_concurrent_rpcs: int = 256
+    max_concurrent_requests: int = 1024
     retry_after_s: int = 1
 
     @property

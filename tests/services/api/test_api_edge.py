@@ -333,3 +333,27 @@ def test_cli_limits_are_bounded_by_default_and_the_api_key_comes_from_the_enviro
     for bad in (["--header-timeout", "-1"], ["--max-body-bytes", "0"], ["--max-concurrent-rpcs", "-2"]):
         with pytest.raises(ValueError, match=bad[0]):
             cli.settings_from_args(parser.parse_args(bad), "m")
+
+
+def test_http_requests_beyond_max_concurrent_requests_are_429(model_config, tokenizer):
+    """The router has no waiting queue: without this bound a flood piles up sequences waiting for pods."""
+    import asyncio
+
+    from pdserve.engine.async_engine.mock_core import make_slow_mock_core
+
+    settings = ServerSettings(served_model_names=(NAME,), max_concurrent_requests=2, retry_after_s=2)
+    factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core, tokenizer=tokenizer)  # noqa: E731
+    with ServerThread(factory, settings) as server:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/completions", json=body(max_tokens=30,
+                                                                                       ignore_eos=True))
+                                              for _ in range(6)))
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert 429 in codes and 200 in codes, codes
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.json()["error"]["code"] == "too_many_requests" and refused.headers["retry-after"] == "2"
+        assert httpx.get(f"{server.url}/health").status_code == 200  # probes are not counted
+        assert httpx.post(f"{server.url}/v1/completions", json=body(), timeout=30).status_code == 200
