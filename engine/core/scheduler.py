@@ -431,7 +431,7 @@ class Scheduler:
 
     def _abort_by_engine(self, request: Request, reason: str) -> None:
         """Finish a request that can never be scheduled, instead of letting it block the queue forever."""
-        logger.warning("aborting request %s: %s", request.request_id, reason)
+        logger.warning("aborting request %r: %s", request.request_id, reason)
         request.abort_reason = reason
         self._retire(request, RequestStatus.FINISHED_ABORTED)
         self._finished_without_output.append(request)

@@ -114,8 +114,11 @@ class KVTransferParams:
                          num_tokens=int(data["num_tokens"]), block_hashes=hashes,
                          descriptor=dict(data["descriptor"]), engine_id=str(data.get("engine_id") or ""),
                          kv_server=data.get("kv_server") or None)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed kv_transfer_params: {exc!r}") from None
+        except KeyError as exc:  # name the field, never echo a Python exception repr to the client
+            raise ValueError(f"malformed kv_transfer_params: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError):
+            raise ValueError("malformed kv_transfer_params: block_hashes, num_tokens and descriptor must be a "
+                             "list of hex strings, an integer and an object") from None
         if params.num_tokens <= 0:
             raise ValueError("kv_transfer_params.num_tokens must be positive")
         return params

@@ -7,6 +7,10 @@
 Starts the parts as child processes, prefixes each line of their logs with the part's name, waits until every
 engine answers its health check and the router's ``/health`` is ready, then prints the URL and a curl example.
 Ctrl-C (or SIGTERM) stops everything; if any part dies, everything else is stopped too and the exit code is 1.
+
+Each run generates its own cluster secret and hands it to every part in the environment
+(``PDSERVE_CLUSTER_SECRET``, never on a command line, where ``ps`` shows it): the engines then take calls only
+from this run's router (or a user with the engines' API key), and nothing else on the machine can call them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.engine.config import DEFAULT_MODEL
+from pdserve.engine.security import SECRET_ENV, SECRET_FILE_ENV, ClusterSecret
 
 # Children run `pdserve <role> ...` through this interpreter. -P: the working directory is not put on sys.path,
 # so a repository root there (with its `operator/` folder) never shadows the standard library.
@@ -181,12 +186,25 @@ def healthy(kind: str, target: str) -> bool:
         return False
 
 
-class Supervisor:
-    """Starts the parts, prefixes their logs, waits for health, and stops them all together."""
+def child_environment(secret: ClusterSecret, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every part: this process's, with the run's cluster secret (replacing any secret the
+    caller had, so the parts of two runs never share one)."""
+    env = dict(os.environ if base is None else base)
+    env.pop(SECRET_FILE_ENV, None)
+    env[SECRET_ENV] = secret.to_text()
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
-    def __init__(self, parts: list[Part], out=None) -> None:
+
+class Supervisor:
+    """Starts the parts, prefixes their logs, waits for health, and stops them all together.
+
+    ``env``: the parts' environment (default: :func:`child_environment` with a fresh secret)."""
+
+    def __init__(self, parts: list[Part], out=None, env: dict[str, str] | None = None) -> None:
         self.parts = parts
         self.out = out or sys.stdout
+        self.env = env if env is not None else child_environment(ClusterSecret.generate())
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -204,7 +222,7 @@ class Supervisor:
         # Own process group: Ctrl-C in the terminal reaches this supervisor only, which then stops each part in
         # order (an engine must not die before the router stops sending it requests).
         part.proc = subprocess.Popen(part.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     start_new_session=True, env=self.env)
         threading.Thread(target=self._pump, args=(part,), daemon=True, name=f"log-{part.name}").start()
 
     def dead(self) -> Part | None:

@@ -2,14 +2,12 @@
 
 ``build_app(engine, settings, metrics)`` is what every serving role mounts (the monolithic server, the decode
 service, the router). Every failure leaves as OpenAI's error body with the right status; the body-size limit and
-the API key are enforced by a small ASGI middleware before anything is parsed.
+the caller's credentials are enforced by :mod:`.guard` before anything is parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -24,6 +22,7 @@ from pdserve.engine.frontend.tokenizer import off_loop
 from pdserve.engine.sampling_params import is_valid_text
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import ApiError, bad_request, from_exception
+from pdserve.services.api.guard import GuardMiddleware, parse_json_body
 from pdserve.services.api.metrics import CONTENT_TYPE, ServingMetrics
 from pdserve.services.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                            TokenizeRequest)
@@ -32,53 +31,6 @@ from pdserve.services.api.serving_completion import CompletionServing
 from pdserve.services.api.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
-
-# Paths that need the API key when one is set (health and metrics stay open for probes and scrapers).
-_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class GuardMiddleware:
-    """Refuses oversized bodies (413) and requests without the API key (401) before the app parses them."""
-
-    def __init__(self, app: Any, settings: ServerSettings) -> None:
-        self.app = app
-        self.settings = settings
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        limit = self.settings.max_body_bytes
-        err = None
-        if self.settings.api_key and scope["path"].startswith(_PROTECTED_PREFIXES):
-            given = headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {self.settings.api_key}".encode()):
-                err = ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                               code="invalid_api_key")
-        length = headers.get("content-length")
-        if err is None and length is not None and (not length.isdigit() or int(length) > limit):
-            err = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        if err is not None:
-            return await JSONResponse(err.body(), err.status, headers=err.headers())(scope, receive, send)
-
-        received = 0
-
-        async def limited_receive() -> dict:
-            # Chunked bodies carry no Content-Length: count as they arrive.
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge()
-            return message
-
-        await self.app(scope, limited_receive, send)
-
 
 class _EventStream(StreamingResponse):
     """SSE response that always closes its engine streams, even if the body never started."""
@@ -95,13 +47,7 @@ class _EventStream(StreamingResponse):
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    data = parse_json_body(await request.body())
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -149,12 +95,6 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), exc.status, headers=exc.headers())
-
-    @app.exception_handler(_BodyTooLarge)
-    async def _too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
-        err = ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes",
-                       code="request_too_large")
-        return JSONResponse(err.body(), err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -210,8 +150,10 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
         if engine.is_ready:
             return JSONResponse({"status": "ok"})
         dead = engine.dead_error
-        err = ApiError(503, str(dead) if dead else "the engine is starting", retry_after=settings.retry_after_s,
-                       code="engine_dead" if dead else "engine_not_ready")
+        if dead:  # the reason goes to the log, not to whoever asks (it may name paths, addresses, internals)
+            logger.warning("health check: the engine is dead: %r", dead)
+        err = ApiError(503, "the engine is not serving" if dead else "the engine is starting",
+                       retry_after=settings.retry_after_s, code="engine_dead" if dead else "engine_not_ready")
         return JSONResponse(err.body(), 503, headers=err.headers())
 
     @app.get("/metrics")
@@ -254,5 +196,5 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
 
 
 def with_guard(app: FastAPI, settings: ServerSettings) -> GuardMiddleware:
-    """The ASGI application to serve: ``app`` behind the size and API-key guard."""
+    """The ASGI application to serve: ``app`` behind the credentials, size and time guard (:mod:`.guard`)."""
     return GuardMiddleware(app, settings)

@@ -1,6 +1,10 @@
 """``pdserve serve``: one monolithic engine behind the OpenAI HTTP API (and, with ``--grpc-port``, gRPC).
 
-    pdserve serve --model smollm2-135m-instruct --port 8000 [--grpc-port 50051] [--api-key KEY] [--max-waiting N]
+    pdserve serve --model smollm2-135m-instruct --port 8000 [--grpc-port 50051] [--max-waiting N]
+
+Credentials: ``$PDSERVE_API_KEY`` (or ``--api-key``) for users calling the server directly, and the cluster secret
+(``$PDSERVE_CLUSTER_SECRET`` / ``$PDSERVE_CLUSTER_SECRET_FILE``) for calls the router signs. With neither, a
+standalone server is open to anyone who can reach its ports (fine on 127.0.0.1; see docs/security.md).
 
 The engine core runs in a child process; this process serves HTTP/gRPC, tokenizes and detokenizes. Ctrl-C or
 SIGTERM stops both cleanly; if the engine core dies, the server stops with exit code 1 (a supervisor restarts it).
@@ -11,12 +15,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
 
 logger = logging.getLogger("pdserve.serve")
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+# Bounded by default: a burst queues at most this many sequences, and no request runs for ever.
+DEFAULT_MAX_WAITING = 512
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +35,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port")
     g.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: no gRPC server)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and gRPC calls")
-    g.add_argument("--max-waiting", type=int, default=0,
-                   help="refuse new requests (429 + Retry-After) while this many sequences wait (0: no limit)")
-    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest accepted request body")
+    add_api_key_argument(g, "on /v1, /tokenize, /detokenize and gRPC calls")
+    g.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help="refuse new requests (429 + Retry-After) while this many sequences wait for their first "
+                        f"step (default {DEFAULT_MAX_WAITING}; 0: no limit)")
+    add_edge_limit_arguments(g)
     g.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
-    g.add_argument("--request-timeout", type=float, default=0.0,
-                   help="abort requests running longer than this many seconds (0: no limit)")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -41,17 +50,64 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                             "routers, e.g. tcp://*:5557 (default: none)")
 
 
+def add_api_key_argument(group: argparse._ArgumentGroup, where: str) -> None:
+    """``--api-key``, defaulting to ``$PDSERVE_API_KEY`` (shared by the serving roles and the router)."""
+    group.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' {where}. Prefer the environment variable "
+                            f"{API_KEY_ENV}: a flag shows up in `ps` to every user of the machine")
+
+
+def add_edge_limit_arguments(group: argparse._ArgumentGroup) -> None:
+    """The limits of the HTTP/gRPC edge (shared by the serving roles and the router); see docs/security.md."""
+    group.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                       help="largest accepted request body, counted while it streams in (413 beyond it)")
+    group.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                       help=f"abort requests running longer than this many seconds (default "
+                            f"{DEFAULT_REQUEST_TIMEOUT_S:g}; 0: no limit)")
+    group.add_argument("--header-timeout", type=float, default=10.0,
+                       help="close connections whose request headers take longer than this many seconds (408; "
+                            "0: no limit)")
+    group.add_argument("--body-timeout", type=float, default=60.0,
+                       help="close connections whose request body takes longer than this many seconds (408; "
+                            "0: no limit)")
+    group.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                       help="gRPC calls served at once; more get RESOURCE_EXHAUSTED (0: no limit)")
+    group.add_argument("--max-concurrent-requests", type=int, default=1024,
+                       help="HTTP API requests served at once; more get 429 + Retry-After (0: no limit)")
+
+
+def api_key_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:
+    """``--api-key``, else ``$PDSERVE_API_KEY`` (empty: none)."""
+    env = os.environ if environ is None else environ
+    return args.api_key or env.get(API_KEY_ENV) or None
+
+
+def check_edge_limits(args: argparse.Namespace) -> None:
+    """``ValueError`` for a negative limit (0 means "no limit" for every one but the body size)."""
+    if args.max_body_bytes <= 0:
+        raise ValueError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    for flag in ("request_timeout", "header_timeout", "body_timeout", "max_concurrent_rpcs", "max_concurrent_requests"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got {getattr(args, flag)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     add_engine_arguments(parser)
 
 
-def settings_from_args(args: argparse.Namespace, served_name: str) -> Any:
+def settings_from_args(args: argparse.Namespace, served_name: str, cluster_secret: Any = None) -> Any:
+    """The server's settings from its flags; ``cluster_secret`` (from :func:`load_cluster_secret`) lets the
+    router's signed calls in."""
     from pdserve.services.api.settings import ServerSettings
 
-    return ServerSettings(served_model_names=(served_name,), api_key=args.api_key,
-                          max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-                          request_timeout_s=args.request_timeout)
+    check_edge_limits(args)
+    return ServerSettings(served_model_names=(served_name,), api_key=api_key_from(args),
+                          cluster_secret=cluster_secret, max_body_bytes=args.max_body_bytes,
+                          max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout,
+                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                          max_concurrent_rpcs=args.max_concurrent_rpcs,
+                          max_concurrent_requests=args.max_concurrent_requests)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,13 +150,22 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
     """
     import asyncio
 
-    import uvicorn
-
     from pdserve.engine.async_engine.client import AsyncLLM
     from pdserve.engine.config import EngineConfig
+    from pdserve.engine.security import load_cluster_secret
     from pdserve.services.api.app import build_app, with_guard
+    from pdserve.services.api.guard import uvicorn_config
     from pdserve.services.api.metrics import ServingMetrics
 
+    try:
+        secret = load_cluster_secret()
+        settings_from_args(args, "check")  # refuse bad limits before the model loads
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    if secret is None:
+        logger.warning("no cluster secret (PDSERVE_CLUSTER_SECRET): %s", "calls need the API key" if
+                       api_key_from(args) else "this server takes calls from anyone who can reach it")
     kwargs = {**engine_kwargs(args), **(engine_overrides or {})}
     if getattr(args, "kv_events_endpoint", None):
         kwargs["kv_events_endpoint"] = args.kv_events_endpoint
@@ -110,7 +175,7 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
         logger.error("bad engine configuration: %s", exc)
         return 2
     name = config.model.served_model_name
-    settings = settings_from_args(args, name)
+    settings = settings_from_args(args, name, secret)
     metrics = ServingMetrics(name)
     engine = AsyncLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting)
     logger.info("starting the engine core for %s (loading the model)", config.model.model)
@@ -133,8 +198,8 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
             return 1
         logger.info("metrics on http://%s:%d/metrics", args.host, metrics_listener.port)
     app = with_guard(build_app(engine, settings, metrics), settings)
-    server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                            lifespan="off", timeout_graceful_shutdown=5, access_log=False))
+    server = _server_class()(uvicorn_config(app, settings, host=args.host, port=args.port, log_level=args.log_level,
+                                            timeout_graceful_shutdown=5))
     grpc_server = None
     if args.grpc_port is not None:
         from pdserve.services.api.grpc_server import start_grpc_server

@@ -2,13 +2,13 @@
 
 Requests are converted into the HTTP API's request models and go through the same handlers' checks, so both
 front ends accept and refuse exactly the same things; :data:`~.errors.GRPC_CODES` maps the HTTP status of an
-:class:`ApiError` to a gRPC status code.
+:class:`ApiError` to a gRPC status code. Credentials and unparsable messages are checked before any method runs,
+by the interceptor of :mod:`.grpc_guard`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import Any, AsyncIterator, Callable, Iterable, NoReturn
 
@@ -23,6 +23,7 @@ from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.app import validation_error
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import GRPC_CODES, ApiError, bad_request, from_exception
+from pdserve.services.api.grpc_guard import EdgeInterceptor
 from pdserve.services.api.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.services.api.serving_chat import ChatServing, render_chat_async
 from pdserve.services.api.serving_common import Prompt, merge_streams, new_id
@@ -56,15 +57,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if err.retry_after is not None:
             context.set_trailing_metadata((("retry-after", str(err.retry_after)),))
         await context.abort(getattr(grpc.StatusCode, GRPC_CODES.get(err.status, "INTERNAL")), err.message)
-
-    def check_auth(self, context: grpc.aio.ServicerContext) -> None:
-        """Raise a 401 ``ApiError`` unless the call carries the server's API key (when one is set)."""
-        if not self.settings.api_key:
-            return
-        given = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
-            raise ApiError(401, "invalid or missing API key (metadata 'authorization: Bearer <key>')",
-                           code="invalid_api_key")
 
     async def prepare(self, req: pb.GenerateRequest) -> tuple[Prompt, Any]:
         """The prompt (tokenized) and SamplingParams of a ``GenerateRequest``, validated as the HTTP API does."""
@@ -102,7 +94,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            self.check_auth(context)
             prompt, params = await self.prepare(request)
             request_id = request.request_id or new_id("grpc")
             streams = self.serving.start([prompt], params, request_id, stream=True)
@@ -139,7 +130,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
-            self.check_auth(context)
             self.serving.check_model(request.model or None)
             tok = self.engine.tokenizer
             if tok is None:
@@ -151,10 +141,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        try:
-            self.check_auth(context)
-        except ApiError as exc:
-            await self.abort_call(context, exc)
         tok = self.engine.tokenizer
         return pb.ModelInfo(model_name=self.settings.model_name,
                             served_model_names=list(self.settings.served_model_names),
@@ -182,7 +168,9 @@ async def start_grpc_server(engine: EngineClient, settings: ServerSettings, host
     ``services``: more servicers to mount (e.g. a role's ``Prefill`` or ``Decode``), each added by a function
     given the server and the generation servicer (whose checks and conversions it may reuse).
     """
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes)],
+                             interceptors=[EdgeInterceptor(settings)],
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
     generation = GenerationServicer(engine, settings)
     pb_grpc.add_GenerationServicer_to_server(generation, server)
     for add_service in services:

@@ -75,6 +75,7 @@ class ServerThread:
         import uvicorn
 
         from pdserve.services.api.app import build_app, with_guard
+        from pdserve.services.api.guard import uvicorn_config
         from pdserve.services.api.metrics import ServingMetrics
 
         self._loop = asyncio.get_running_loop()
@@ -89,7 +90,7 @@ class ServerThread:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         app = with_guard(build_app(self.engine, self.settings, self.metrics), self.settings)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        server = uvicorn.Server(uvicorn_config(app, self.settings, log_level="warning"))
         server.capture_signals = _no_signals  # type: ignore[method-assign]  # not the main thread
         grpc_server = None
         if self._grpc:

@@ -35,7 +35,6 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         settings = self.gen.settings
         try:
-            self.gen.check_auth(context)
             if request.request.WhichOneof("prompt") != "token_ids":
                 raise bad_request("a decode request's prompt must be token ids (the prompt and the prefill's "
                                   "first token)", param="prompt")

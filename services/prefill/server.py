@@ -36,7 +36,6 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
     async def Prefill(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         settings = self.gen.settings
         try:
-            self.gen.check_auth(context)
             prompt, params = await self.gen.prepare(request.request)
             if params.n != 1:
                 raise bad_request("n must be 1 for a disaggregated request (send n > 1 to a decode or monolithic "

@@ -12,23 +12,35 @@ from typing import Any, AsyncIterator
 
 import grpc
 
+from pdserve.engine.security import ClusterSecret
 from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
+from pdserve.services.api.auth import ENGINE_SCOPE
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 class DisaggProxy:
-    """Talks to one prefill pod and one decode pod (``host:port`` of their gRPC servers)."""
+    """Talks to one prefill pod and one decode pod (``host:port`` of their gRPC servers).
 
-    def __init__(self, prefill: str, decode: str, timeout_s: float = 600.0) -> None:
+    With a ``cluster_secret`` every call carries a fresh call token (pods holding the secret require one)."""
+
+    def __init__(self, prefill: str, decode: str, timeout_s: float = 600.0,
+                 cluster_secret: ClusterSecret | None = None) -> None:
+        self.cluster_secret = cluster_secret
         self._prefill_channel = grpc.aio.insecure_channel(prefill, options=_OPTIONS)
         self._decode_channel = grpc.aio.insecure_channel(decode, options=_OPTIONS)
         self.prefill = disagg_pb2_grpc.PrefillStub(self._prefill_channel)
         self.decode = disagg_pb2_grpc.DecodeStub(self._decode_channel)
         self.generation = pb_grpc.GenerationStub(self._decode_channel)  # tokenizer and model info
         self.timeout_s = timeout_s
+
+    def signed(self, metadata: Any = None) -> Any:
+        """``metadata`` plus this call's token (when the proxy holds the cluster secret)."""
+        if self.cluster_secret is None:
+            return metadata
+        return (*(metadata or ()), *self.cluster_secret.call_headers(ENGINE_SCOPE).items())
 
     async def close(self) -> None:
         await self._prefill_channel.close()
@@ -40,7 +52,7 @@ class DisaggProxy:
         gRPC errors of either pod propagate as ``grpc.aio.AioRpcError`` (status and message unchanged).
         """
         pre = await self.prefill.Prefill(disagg_pb2.PrefillRequest(request=request), timeout=self.timeout_s,
-                                         metadata=metadata)
+                                         metadata=self.signed(metadata))
         first = pre.choice
         n_prompt, n_first = len(pre.prompt_token_ids), len(first.token_ids)
         yield pb.GenerateResponse(request_id=pre.request_id, choices=[first])
@@ -58,7 +70,7 @@ class DisaggProxy:
         decode_req = disagg_pb2.DecodeRequest(request=follow)
         if pre.HasField("kv_transfer_params"):
             decode_req.kv_transfer_params.CopyFrom(pre.kv_transfer_params)
-        async for resp in self.decode.Decode(decode_req, timeout=self.timeout_s, metadata=metadata):
+        async for resp in self.decode.Decode(decode_req, timeout=self.timeout_s, metadata=self.signed(metadata)):
             if resp.HasField("usage"):
                 yield _usage(pre.request_id, n_prompt, n_first + resp.usage.completion_tokens)
             else:
@@ -95,13 +107,13 @@ class ProxyGenerationServicer(pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await self.proxy.generation.Tokenize(request, metadata=_auth(context))
+            return await self.proxy.generation.Tokenize(request, metadata=self.proxy.signed(_auth(context)))
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or exc.code().name)
 
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await self.proxy.generation.GetModelInfo(request, metadata=_auth(context))
+            return await self.proxy.generation.GetModelInfo(request, metadata=self.proxy.signed(_auth(context)))
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or exc.code().name)
 

@@ -22,10 +22,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.engine.frontend import Logprob, SamplingParams
 from pdserve.engine.frontend.params_wire import sampling_to_pb
+from pdserve.engine.security import ClusterSecret
 from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
+from pdserve.services.api.auth import ENGINE_SCOPE
 from pdserve.services.router.types import Endpoint
+
+# The longest a channel waits before reconnecting to a pod that went away (so a restarted pod rejoins within about
+# one health interval plus this).
+RECONNECT_BACKOFF_MS = 1000
 
 # gRPC codes that mean "this pod, now" rather than "this request": the router may try another pod.
 # INTERNAL and UNKNOWN are not among them: a pod answers INTERNAL when its engine failed on this request (and
@@ -118,16 +124,33 @@ def _stop_reason(text: str) -> int | str | None:
 
 
 class GrpcPodBackend:
-    """Talks to pods over their gRPC ``pdserve.v1.Generation`` service, one channel per pod target."""
+    """Talks to pods over their gRPC ``pdserve.v1.Generation`` service, one channel per pod target.
 
-    def __init__(self, connect_timeout_s: float = 5.0, max_message_bytes: int = 64 << 20) -> None:
+    With a ``cluster_secret`` every call carries a fresh call token (``x-pdserve-auth``), which pods that hold the
+    same secret require (see ``services/api/auth.py``)."""
+
+    def __init__(self, connect_timeout_s: float = 5.0, max_message_bytes: int = 64 << 20,
+                 cluster_secret: ClusterSecret | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.cluster_secret = cluster_secret
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes),
                          # Notice a dead peer mid-stream within seconds, not at the OS's TCP timeout.
                          ("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
-                         ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+                         ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                         # Reconnect to a pod that was down at least every RECONNECT_BACKOFF_MS. grpc's default
+                         # backoff grows to 120 s; after a pod restart the channel then sat in its backoff and
+                         # failed every health check for 7-26 s after the pod was serving again.
+                         ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                         ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)]
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The call token of one call (None without a secret)."""
+        if self.cluster_secret is None:
+            return None
+        return tuple(self.cluster_secret.call_headers(ENGINE_SCOPE).items())
 
     def _channel(self, pod: Endpoint) -> grpc.aio.Channel:
         if not pod.grpc_target:
@@ -164,9 +187,10 @@ class GrpcPodBackend:
         decoding_kv = req.kv_transfer_params is not None
         if decoding_kv:
             call = disagg_pb2_grpc.DecodeStub(channel).Decode(
-                disagg_pb2.DecodeRequest(request=self._request(req), kv_transfer_params=req.kv_transfer_params))
+                disagg_pb2.DecodeRequest(request=self._request(req), kv_transfer_params=req.kv_transfer_params),
+                metadata=self._metadata())
         else:
-            call = pb_grpc.GenerationStub(channel).Generate(self._request(req))
+            call = pb_grpc.GenerationStub(channel).Generate(self._request(req), metadata=self._metadata())
         try:
             async for resp in call:
                 for choice in resp.choices:
@@ -179,7 +203,7 @@ class GrpcPodBackend:
     async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, Any]:
         stub = disagg_pb2_grpc.PrefillStub(self._channel(pod))
         try:
-            resp = await stub.Prefill(disagg_pb2.PrefillRequest(request=self._request(req)))
+            resp = await stub.Prefill(disagg_pb2.PrefillRequest(request=self._request(req)), metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
             raise self._error(pod, exc) from None
         handle = resp.kv_transfer_params if resp.HasField("kv_transfer_params") else None

@@ -22,13 +22,14 @@ logger = logging.getLogger("pdserve.router")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pdserve.services.api.cli import add_api_key_argument, add_edge_limit_arguments
+
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
     g.add_argument("--grpc-port", type=int, default=None, help="gRPC port (pdserve.v1.Generation; default: none)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and gRPC calls")
-    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest accepted request body")
-    g.add_argument("--request-timeout", type=float, default=0.0, help="abort requests after this many seconds")
+    add_api_key_argument(g, "on /v1, /router, the tokenizer endpoints and gRPC calls")
+    add_edge_limit_arguments(g)
     g.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -65,11 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--health-interval", type=float, default=1.0, help="seconds between pod health checks")
 
 
-def build_config(args: argparse.Namespace):
-    """The router's frozen config and the model's tokenizer, from the flags. ``ValueError`` for bad flags."""
+def build_config(args: argparse.Namespace, cluster_secret=None):
+    """The router's frozen config and the model's tokenizer, from the flags. ``ValueError`` for bad flags.
+
+    ``cluster_secret`` (from :func:`load_cluster_secret`) signs every call to a pod."""
     from pdserve.engine.frontend.fanout import eos_token_id_of
-    from pdserve.engine.model_loader import resolve_model
     from pdserve.engine.frontend.tokenizer import load_tokenizer
+    from pdserve.engine.model_loader import resolve_model
+    from pdserve.services.api.cli import api_key_from, check_edge_limits
     from pdserve.services.api.settings import ServerSettings
     from pdserve.services.router.discovery import KubernetesDiscovery, PodPorts, StaticDiscovery, static_endpoints
     from pdserve.services.router.engine import ModelInfo
@@ -80,6 +84,7 @@ def build_config(args: argparse.Namespace):
 
     if args.block_size <= 0:
         raise ValueError(f"--block-size must be positive, got {args.block_size}")
+    check_edge_limits(args)
     resolved = resolve_model(args.model, "auto")
     tokenizer = load_tokenizer(resolved.tokenizer_path)
     hf = resolved.hf_config
@@ -100,9 +105,13 @@ def build_config(args: argparse.Namespace):
         discovery = KubernetesDiscovery(args.namespace, selectors,
                                         PodPorts(grpc=args.pod_grpc_port, kv_events=args.pod_kv_events_port or None))
     routing = load_routing_file(args.routing_config) if args.routing_config else preset(args.routing_preset)
-    settings = ServerSettings(served_model_names=(name,), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                              request_timeout_s=args.request_timeout)
+    # The router's own front takes the API key only: the cluster secret is for calls it makes, not ones it takes.
+    settings = ServerSettings(served_model_names=(name,), api_key=api_key_from(args), max_body_bytes=args.max_body_bytes,
+                              request_timeout_s=args.request_timeout, header_timeout_s=args.header_timeout,
+                              body_timeout_s=args.body_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                              max_concurrent_requests=args.max_concurrent_requests)
     config = RouterConfig(model=model, settings=settings, discovery=discovery, routing=routing,
+                          cluster_secret=cluster_secret,
                           block_size=args.block_size, hash_seed=args.hash_seed, hash_algo=args.hash_algo,
                           retry=RetryPolicy(max_attempts=args.max_attempts), health_interval_s=args.health_interval)
     return config, tokenizer
@@ -110,8 +119,14 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pdserve.engine.security import load_cluster_secret
+
     try:
-        config, tokenizer = build_config(args)
+        secret = load_cluster_secret()
+        if secret is None:
+            logger.warning("no cluster secret (PDSERVE_CLUSTER_SECRET): calls to pods are not signed, so only pods "
+                           "without one accept them")
+        config, tokenizer = build_config(args, secret)
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2

@@ -156,7 +156,7 @@ class RouterEngine:
             self._log_finish(times, "error")
             result.queue.put_nowait(_as_api_error(exc))
         except Exception as exc:  # a router bug must fail the request, not hang it
-            logger.exception("sequence %s failed", spec.seq_id)
+            logger.exception("sequence %r failed", spec.seq_id)
             self._processor.remove(spec.seq_id)
             self._log_finish(times, "error")
             result.queue.put_nowait(ApiError(500, f"internal router error: {type(exc).__name__}",

@@ -88,7 +88,7 @@ class Router:
         pod.consecutive_failures += 1
         if pod.ready and pod.consecutive_failures >= self.fail_threshold:
             pod.ready = False
-            logger.warning("pod %s taken out of rotation: %s", pod.name, reason)
+            logger.warning("pod %s taken out of rotation: %r", pod.name, reason)
             if self.metrics is not None:
                 self.metrics.pod_ready(pod.name, False)
 

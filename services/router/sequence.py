@@ -96,7 +96,7 @@ class SequenceRunner:
                 return
             except _AttemptFailed as failure:
                 last_error = str(failure.error)
-                logger.warning("sequence %s attempt %d failed on pod %s: %s", spec.seq_id, attempt + 1,
+                logger.warning("sequence %r attempt %d failed on pod %s: %r", spec.seq_id, attempt + 1,
                                failure.pod.name, failure.error)
                 excluded.add(failure.pod.name)
                 if metrics is not None:

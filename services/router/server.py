@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pdserve.engine.security import ClusterSecret
 from pdserve.services.api.metrics import ServingMetrics
 from pdserve.services.api.settings import ServerSettings
 from pdserve.services.router.backend import GrpcPodBackend, PodBackend
@@ -44,12 +45,14 @@ class RouterConfig:
     health_timeout_s: float = 1.0
     kv_events_live_s: float = 5.0
     session_header: str = "x-session-id"
+    cluster_secret: ClusterSecret | None = None  # signs every call to a pod (None: unsigned calls)
 
 
 class SessionMiddleware:
     """Sets the request's session key (a header, else the body's ``user``) for the session-affinity scorer.
 
-    Runs inside the size guard, so the body it buffers is already bounded.
+    Runs inside the size guard, so the body it buffers is already bounded (and an oversized or stalled body ends
+    here with the guard's 413 / 408).
     """
 
     def __init__(self, app: Any, header: str) -> None:
@@ -80,8 +83,8 @@ class SessionMiddleware:
 def _user_of(body: bytes) -> str | None:
     try:
         user = json.loads(body).get("user")
-    except (ValueError, AttributeError):
-        return None  # the app reports the bad body
+    except (ValueError, AttributeError, RecursionError):
+        return None  # the app reports the bad body (a 400)
     return user if isinstance(user, str) and user else None
 
 
@@ -126,9 +129,10 @@ class RunningRouter:
     async def serve_http(self, host: str, port: int, log_level: str = "info") -> Any:
         import uvicorn
 
-        self.http_server = uvicorn.Server(uvicorn.Config(self.asgi_app(), host=host, port=port, log_level=log_level,
-                                                         lifespan="off", timeout_graceful_shutdown=5,
-                                                         access_log=False))
+        from pdserve.services.api.guard import uvicorn_config
+
+        self.http_server = uvicorn.Server(uvicorn_config(self.asgi_app(), self.config.settings, host=host, port=port,
+                                                         log_level=log_level, timeout_graceful_shutdown=5))
         return self.http_server
 
     async def start_grpc(self, host: str, port: int) -> int:
@@ -170,7 +174,7 @@ async def start_router(config: RouterConfig, tokenizer: Any, backend: PodBackend
     metrics = RouterMetrics(serving_metrics.registry)
     hasher = PromptHasher(config.block_size, config.hash_seed, config.hash_algo)
     router = build_router(config.routing, hasher, PodTable(), metrics)
-    backend = backend or GrpcPodBackend()
+    backend = backend or GrpcPodBackend(cluster_secret=config.cluster_secret)
     runner = SequenceRunner(router, backend, config.retry)
     engine = RouterEngine(config.model, tokenizer, runner, stat_loggers=[serving_metrics])
     health = HealthChecker(router.pods, backend, config.health_interval_s, config.health_timeout_s,

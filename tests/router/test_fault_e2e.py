@@ -89,6 +89,7 @@ def engines(tmp_path):
 
 
 async def start_router(engines_, tokenizer, routing=None):
+    from pdserve.engine.security import load_cluster_secret
     from pdserve.services.api.settings import ServerSettings
     from pdserve.services.router.discovery import StaticDiscovery, static_endpoints
     from pdserve.services.router.engine import ModelInfo
@@ -104,7 +105,7 @@ async def start_router(engines_, tokenizer, routing=None):
     config = RouterConfig(model=ModelInfo(MODEL, 512, len(tokenizer), tokenizer.eos_token_id),
                           settings=ServerSettings((MODEL,)), discovery=StaticDiscovery(pods),
                           routing=routing or preset("prefix-load"), retry=RetryPolicy(max_attempts=4, no_pod_wait_s=10),
-                          health_interval_s=0.3)
+                          health_interval_s=0.3, cluster_secret=load_cluster_secret())
     return await start(config, tokenizer)
 
 

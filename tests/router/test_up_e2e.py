@@ -52,8 +52,11 @@ def servers(tmp_path_factory):
     up_log, mono_log = open(work / "up.log", "wb"), open(work / "serve.log", "wb")
     up = subprocess.Popen([sys.executable, "-c", LAUNCH, "up", "--port", str(up_port), "--engine-args", ENGINE_FLAGS],
                           cwd=work, stdout=up_log, stderr=subprocess.STDOUT)
+    # The reference server holds the tests' cluster secret, so it takes calls with a token or its API key (given in
+    # the environment, as PDSERVE_API_KEY): the key the client below sends.
     mono = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", "--model", MODEL, "--port", str(mono_port),
-                             *ENGINE_FLAGS.split()], cwd=work, stdout=mono_log, stderr=subprocess.STDOUT)
+                             *ENGINE_FLAGS.split()], cwd=work, stdout=mono_log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PDSERVE_API_KEY": "unused"})
     try:
         wait_http(f"http://127.0.0.1:{mono_port}/health", mono)
         wait_http(f"http://127.0.0.1:{up_port}/health", up)

@@ -88,3 +88,31 @@ def test_engine_settings_the_router_must_share_are_forwarded():
     router = plan("--engine-args", "--device cpu --max-model-len 1024")[-1]
     assert flag(router.argv, "--max-model-len") == "1024"
     assert "--device" not in router.argv
+
+
+def test_each_run_hands_its_own_secret_to_the_parts_in_the_environment():
+    import io
+    import sys
+    import time
+
+    from pdserve.engine.security import SECRET_ENV, SECRET_FILE_ENV, ClusterSecret
+
+    secret = ClusterSecret.generate()
+    env = up.child_environment(secret, {SECRET_FILE_ENV: "/elsewhere", SECRET_ENV: "old-secret-0123456789", "K": "v"})
+    assert env[SECRET_ENV] == secret.to_text() and SECRET_FILE_ENV not in env and env["K"] == "v"
+    for part in plan():  # never on a command line, where ps shows it
+        assert not any(secret.to_text() in a or "SECRET" in a for a in part.argv)
+    seen = []
+    for _ in range(2):  # a real child of each of two runs: each gets its run's secret
+        out = io.StringIO()
+        sup = up.Supervisor([up.Part("probe", [sys.executable, "-c", f"import os; print(os.environ['{SECRET_ENV}'])"],
+                                     ("tcp", "127.0.0.1:1"))], out=out)
+        sup.start(sup.parts[0], "/tmp")
+        sup.parts[0].proc.wait(30)
+        sup.stop()
+        for _ in range(500):  # the log pump thread may still be copying the line
+            if "\n" in out.getvalue():
+                break
+            time.sleep(0.01)
+        seen.append(ClusterSecret.from_text(out.getvalue().split("] ", 1)[1].strip()).fingerprint())
+    assert seen[0] != seen[1]

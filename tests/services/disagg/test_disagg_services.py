@@ -55,7 +55,9 @@ def request(prompt: list[int], rid: str) -> pb.GenerateRequest:
 
 
 async def through_proxy(prefill, decode, prompts) -> list[list[int]]:
-    proxy = DisaggProxy(prefill.grpc_target, decode.grpc_target, timeout_s=120)
+    from pdserve.engine.security import load_cluster_secret
+
+    proxy = DisaggProxy(prefill.grpc_target, decode.grpc_target, timeout_s=120, cluster_secret=load_cluster_secret())
     try:
         outs = await asyncio.gather(*(proxy.complete(request(p, f"r{i}")) for i, p in enumerate(prompts)))
     finally:
@@ -96,11 +98,13 @@ def test_openai_http_prefill_then_decode_with_the_handle(pods, reference):
     prefill, decode, _ = pods
     prompt = PROMPTS[2]
     body = {"ignore_eos": True}
-    pre = openai.OpenAI(base_url=f"{prefill.url}/v1", api_key="x").completions.create(
+    # Pods hold the cluster secret (tests/conftest.py): a direct caller signs as the router does.
+    pre = openai.OpenAI(base_url=f"{prefill.url}/v1", api_key="x",
+                        default_headers=pod_auth()).completions.create(
         model=prefill.model, prompt=prompt, max_tokens=1, temperature=0.0, extra_body=body)
     handle = pre.model_extra["kv_transfer_params"]
     assert handle["num_tokens"] == len(prompt) and handle["connector"] == "grpc"
-    client = openai.OpenAI(base_url=f"{decode.url}/v1", api_key="x")
+    client = openai.OpenAI(base_url=f"{decode.url}/v1", api_key="x", default_headers=pod_auth())
     loaded_before = decode.metric("kv_transfer_blocks_total", connector="grpc", direction="load")
     with_kv = client.completions.create(model=decode.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                         extra_body={**body, "kv_transfer_params": handle})
@@ -116,11 +120,20 @@ def test_openai_http_prefill_then_decode_with_the_handle(pods, reference):
                                   extra_body={"kv_transfer_params": {"connector": "grpc"}})
 
 
+def pod_auth() -> dict[str, str]:
+    """A fresh call token under the pods' cluster secret (what the router sends)."""
+    from pdserve.engine.security import load_cluster_secret
+    from pdserve.services.api.auth import ENGINE_SCOPE
+
+    return load_cluster_secret().call_headers(ENGINE_SCOPE)
+
+
 async def prefill_call(prefill, prompt, rid):
     from pdserve.proto.pdserve.v1 import disagg_pb2_grpc
 
     async with grpc.aio.insecure_channel(prefill.grpc_target) as ch:
-        return await disagg_pb2_grpc.PrefillStub(ch).Prefill(disagg_pb2.PrefillRequest(request=request(prompt, rid)))
+        return await disagg_pb2_grpc.PrefillStub(ch).Prefill(disagg_pb2.PrefillRequest(request=request(prompt, rid)),
+                                                             metadata=tuple(pod_auth().items()))
 
 
 async def decode_call(decode, pre):
@@ -131,7 +144,8 @@ async def decode_call(decode, pre):
     ids = list(pre.choice.token_ids)
     async with grpc.aio.insecure_channel(decode.grpc_target) as ch:
         stream = disagg_pb2_grpc.DecodeStub(ch).Decode(disagg_pb2.DecodeRequest(
-            request=follow, kv_transfer_params=pre.kv_transfer_params), timeout=120)
+            request=follow, kv_transfer_params=pre.kv_transfer_params), timeout=120,
+            metadata=tuple(pod_auth().items()))
         async for resp in stream:
             for choice in resp.choices:
                 ids.extend(choice.token_ids)
