@@ -1,5 +1,6 @@
 """Issue 12 item 2: the router uses the engine's front end (``pdserve.engine.frontend``) and the core's shared
-contracts (``pdserve.engine.core``: block hashes, KV events), never engine internals. Checked on the source, so a
+contracts (``pdserve.engine.core``: block hashes, KV events; ``pdserve.engine.security``: the cluster secret that
+signs calls to pods), never engine internals. Checked on the source, so a
 new import that breaks the rule fails here, not in a reader's head."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pdserve.services.router as router_pkg
 
-ALLOWED = ("pdserve.engine.frontend", "pdserve.engine.core")
+ALLOWED = ("pdserve.engine.frontend", "pdserve.engine.core", "pdserve.engine.security")
 # Known exceptions, each with its reason: the CLI resolves the model directory (config and tokenizer files) as an
 # engine does; the KV-event subscriber decodes the engine publisher's wire format.
 EXCEPTIONS = {("cli.py", "pdserve.engine.model_loader"), ("kv_events.py", "pdserve.engine.kv_event_publisher")}
