@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md, in one go: every command below is a `pdserve bench ...` anyone can rerun.
-# Usage (from the repository root on a CUDA machine): bash scripts/gpu_bench.sh [RESULT_DIR]
+# Usage (from the repository root on a CUDA machine, after `pip install --no-deps --no-build-isolation -e .`):
+#   bash scripts/gpu_bench.sh [RESULT_DIR]
 # STEPS="llama8b_batch1 qwen06b_256" runs only the named steps (default: all).
 # Random weights in the exact shapes of the named models (no download needed). Each step is time-boxed so one
 # slow step cannot starve the rest.
@@ -8,7 +9,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${1:-${OUT:-bench-results}}
 mkdir -p "$RES"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+python3 -c "import pdserve.engine" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . \
+  || { echo "pdserve is not installed and the editable install failed" >&2; exit 1; }
 PD="python3 -m pdserve.cli.main"
 step() {
   local name=$1 limit=$2; shift 2

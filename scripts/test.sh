@@ -12,4 +12,5 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "note: redis-server not found (install Debian's redis-server); the Redis tests will fail" >&2
   fi
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# -P: the working directory (the repository root) is not put on sys.path at startup; pyproject.toml says why.
+exec .venv/bin/python -P -m pytest -q "$@"

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import DEFAULT_MODEL
 
-# Children run `pdserve <role> ...` through this interpreter. -P: the working directory is not put on sys.path,
-# so a repository root there (with its `operator/` folder) never shadows the standard library.
-_LAUNCH = ["-P", "-m", "pdserve.cli.main"]
+# Children run `pdserve <role> ...` through this interpreter (the same installation, wherever PATH points).
+_LAUNCH = ["-m", "pdserve.cli.main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
