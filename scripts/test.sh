@@ -12,5 +12,4 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "note: redis-server not found (install Debian's redis-server); the Redis tests will fail" >&2
   fi
 fi
-# -P: the working directory (the repository root) is not put on sys.path at startup; pyproject.toml says why.
-exec .venv/bin/python -P -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q "$@"

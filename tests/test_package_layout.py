@@ -1,11 +1,14 @@
 """The import mapping is ordinary and strict (docs/architecture.md, pyproject.toml).
 
-Only the folders that ``package-dir`` maps import as ``pdserve.*``; the repository root's ``operator/`` never
-shadows the standard library's ``operator``, even for a process started with the root as its working directory.
+Only the folders that ``package-dir`` maps import as ``pdserve.*``. The repository root is no import location
+(pyproject.toml): the suite keeps it last on sys.path, so its ``operator/`` and ``kernels/`` never shadow the
+standard library's ``operator`` or the PyPI package ``kernels``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import subprocess
 import sys
 import tomllib
@@ -40,15 +43,16 @@ def test_mapped_folders_import_from_the_repository() -> None:
                                      str(ROOT / "proto/pdserve/v1/generate_pb2.py")]
 
 
-def test_the_roots_operator_folder_never_shadows_the_standard_library() -> None:
-    result = _run("import operator, pdserve.operator; print(operator.__file__); print(operator.itemgetter(0)([7]))")
-    assert result.returncode == 0, result.stderr
-    path, value = result.stdout.split()
-    assert Path(path).parent != ROOT / "operator" and Path(path).name == "operator.py" and value == "7"
-    # ... and neither in this pytest process, which has the root on sys.path (pyproject's `pythonpath`).
+def test_the_suite_keeps_the_root_last_on_sys_path() -> None:
+    assert Path(sys.path[-1]) == ROOT
+    assert [p for p in sys.path[:-1] if Path(p or ".").resolve() == ROOT] == []
     import operator
 
     assert Path(operator.__file__).name == "operator.py"
+    # `kernels` is also a PyPI package (transformers imports it where installed): that one must win.
+    spec = importlib.util.find_spec("kernels")
+    installed = [d for d in importlib.metadata.distributions() if d.metadata["Name"] == "kernels"]
+    assert spec is not None and (Path(spec.origin).parent != ROOT / "kernels") == bool(installed)
 
 
 def test_every_python_folder_under_a_mapped_root_is_a_package() -> None:
