@@ -18,7 +18,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prefill": ("pdserve.services.prefill.cli", "run a prefill server (disaggregated serving)"),
     "decode": ("pdserve.services.decode.cli", "run a decode server (disaggregated serving)"),
     "router": ("pdserve.services.router.cli", "run the router in front of prefill and decode servers"),
-    "proxy": ("pdserve.services.proxy.cli", "a minimal prefill-then-decode proxy (the router does this and more)"),
     "up": ("pdserve.cli.up", "start the whole stack (router, prefill, decode) on this machine"),
     "operator": ("pdserve.operator.cli", "the Kubernetes operator: run it, or render what it would create"),
 }

@@ -24,10 +24,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pdserve.cli.local_servers import free_port, redis_server_argv
 from pdserve.engine.config import DEFAULT_MODEL
 
-# Children run `pdserve <role> ...` through this interpreter (the same installation, wherever PATH points).
-_LAUNCH = ["-m", "pdserve.cli.main"]
+# Children run `pdserve <role> ...` through this interpreter. -P: the working directory is not put on sys.path, so
+# a repository root there (its `operator/` and `kernels/`) never shadows the standard library or installed packages.
+_LAUNCH = ["-P", "-m", "pdserve.cli.main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,12 +65,6 @@ class Part:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None) -> list[Part]:
     """The parts to start, in start order (pure apart from picking free ports; tests pass ``port_of``)."""
     if args.decode < 1:
@@ -84,8 +80,7 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
                 raise ValueError("--kv-connector redis needs --redis-url or a local redis-server "
                                  "(Debian/Ubuntu: apt-get install redis-server)")
             port = port_of()
-            parts.append(Part("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                        "--appendonly", "no", "--loglevel", "warning"], ("tcp", f"127.0.0.1:{port}")))
+            parts.append(Part("redis", redis_server_argv(port), ("tcp", f"127.0.0.1:{port}")))
             url = f"redis://127.0.0.1:{port}/0"
         kv_opts = ["--redis-url", url]
     elif args.kv_connector == "shared-fs":

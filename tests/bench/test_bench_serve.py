@@ -98,10 +98,10 @@ def test_sweep_brackets_then_bisects():
 @pytest.fixture(scope="module")
 def mock_server():
     from pdserve.engine.async_engine.client import AsyncLLM
-    from pdserve.engine.async_engine.mock_core import make_mock_core
+    from tests.helpers.mock_core import make_mock_core
     from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
     from pdserve.services.api.settings import ServerSettings
-    from pdserve.services.api.testing import ServerThread
+    from tests.helpers.server_thread import ServerThread
 
     class Words:  # a whitespace tokenizer: enough for text prompts on the mock core
         eos_token_id = None
