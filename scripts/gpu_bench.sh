@@ -25,7 +25,7 @@ step llama8b_batch1 170 $PD bench latency --model llama-3.1-8b --load-format dum
     --iters 3 --peer hf --json-out "$RES/llama8b_batch1.json"
 step llama8b_prefill4k 150 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 16 \
     --iters 3 --peer hf --json-out "$RES/llama8b_prefill4k.json"
-step llama8b_decode_b64 80 python3 -P -m pdserve.bench.decode_profile --model llama-3.1-8b --load-format dummy \
+step llama8b_decode_b64 80 $PD bench decode-profile --model llama-3.1-8b --load-format dummy \
     --batch-sizes 1,64 --context 1024 --steps 48
 step qwen06b_256 300 $PD bench throughput --model qwen3-0.6b --load-format dummy --num-prompts 256 \
     --input-len 100:1024 --output-len 100:1024 --max-num-seqs 256 --max-num-batched-tokens 8192 --peer hf \

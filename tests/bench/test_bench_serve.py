@@ -10,11 +10,11 @@ import os
 
 import pytest
 
-from pdserve.services.bench import serve
-from pdserve.services.bench.client import RequestResult
-from pdserve.services.bench.datasets import random_dataset, shared_prefix_dataset, sharegpt_dataset
-from pdserve.services.bench.metrics import parse_slo, percentile, summarize
-from pdserve.services.bench.runner import arrival_gaps
+from pdserve.bench import serve
+from pdserve.bench.client import RequestResult
+from pdserve.bench.datasets import random_dataset, shared_prefix_dataset, sharegpt_dataset
+from pdserve.bench.metrics import parse_slo, percentile, summarize
+from pdserve.bench.runner import arrival_gaps
 
 pytestmark = pytest.mark.timeout(300)
 

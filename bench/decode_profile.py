@@ -1,6 +1,6 @@
 """Decode steps at a fixed batch and context, timed and profiled: where a decode step's time goes.
 
-``python -m pdserve.bench.decode_profile --model llama-3.1-8b --load-format dummy --batch-sizes 1,64
+``pdserve bench decode-profile --model llama-3.1-8b --load-format dummy --batch-sizes 1,64
 --context 1024`` prefills ``B`` prompts of ``context`` tokens, then runs pure-decode steps and reports, per
 batch size, the median step time, tokens/s and the roofline share (weights + live KV bytes / step time /
 copy bandwidth measured in the same run). ``--kernels`` adds torch.profiler's table of the GPU kernels of a few

@@ -1,8 +1,8 @@
 """Micro-benchmarks of the decode-step kernels outside attention: ``skinny_linear`` against ``F.linear``
 (cuBLAS) on the projections of Llama-3.1-8B and Qwen3-0.6B, and ``silu_and_mul`` against torch's two kernels.
 
-Run through ``python -m pdserve.kernels.bench --mode gemv`` (or ``--mode silu``). Times are GPU time per call
-from CUDA-graph replays (see ``bench._graph_ms``); each graph cycles through enough copies of the weights that
+Run through ``python -m pdserve.bench.kernels --mode gemv`` (or ``--mode silu``). Times are GPU time per call
+from CUDA-graph replays (see ``pdserve.bench.kernels._graph_ms``); each graph cycles through enough copies of the weights that
 they are read from DRAM, not L2, as in a real decode step where every layer has its own. The rate reported
 for a projection is weight bytes / time (the weight is nearly all a skinny matmul reads).
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .activation import silu_and_mul
-from .skinny import SkinnyConfig, default_config, prefers_skinny, skinny_linear
+from pdserve.kernels.activation import silu_and_mul
+from pdserve.kernels.skinny import SkinnyConfig, default_config, prefers_skinny, skinny_linear
 
 # name -> (in_features K, out_features N)
 GEMV_SHAPES = {

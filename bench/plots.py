@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pdserve.services.bench.client import RequestResult
+from pdserve.bench.client import RequestResult
 
 _PANELS = (("ttft", "time to first token"), ("tpot", "time per output token"), ("itl", "inter-token latency"),
            ("e2el", "end-to-end latency"))
