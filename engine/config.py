@@ -171,4 +171,5 @@ class EngineConfig:
             sched_kw.setdefault("max_num_batched_tokens", max(max_model_len, 2048))
         return cls(model=model_cfg, cache=CacheConfig(**groups[CacheConfig]),
                    scheduler=SchedulerConfig(**sched_kw), parallel=parallel,
-                   device=DeviceConfig(**groups[DeviceConfig]), kv_transfer=KVTransferConfig(**groups[KVTransferConfig]))
+                   device=DeviceConfig(**groups[DeviceConfig]),
+                   kv_transfer=KVTransferConfig(**groups[KVTransferConfig]))

@@ -160,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
                 continue  # recomputed, never trained
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # some tied checkpoints still store a copy
-            for fused, part, shard_id in self.stacked_params:
+            for fused, part, _shard_id in self.stacked_params:
                 if f".{part}." in name:
                     target = name.replace(f".{part}.", f".{fused}.")
                     break

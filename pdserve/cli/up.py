@@ -12,6 +12,7 @@ Ctrl-C (or SIGTERM) stops everything; if any part dies, everything else is stopp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -270,8 +271,8 @@ def _run_stack(parts: list[Part], workdir: str, args: argparse.Namespace) -> int
         host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
         url = f"http://{host}:{args.port}"
         sup.say("up", f"ready: {url}  (OpenAI API at {url}/v1; Ctrl-C stops everything)")
-        sup.say("up", f"try:  curl {url}/v1/completions -H 'Content-Type: application/json' -d "
-                      f"'{{\"model\": \"{args.model}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'")
+        body = json.dumps({"model": args.model, "prompt": "The capital of France is", "max_tokens": 16})
+        sup.say("up", f"try:  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
         while not stop.is_set():
             gone = sup.dead()
             if gone is not None:

@@ -143,7 +143,7 @@ def test_prefix_caching_disabled_recomputes_everything():
 # ---------------------------------------------------------------------------- preemption
 def test_block_shortage_preempts_the_newest_running_request():
     s = add(make(num_blocks=4), req("a", 7), req("b", 7))
-    a, b = s.get_request("a"), s.get_request("b")
+    b = s.get_request("b")
     assert run(s, 2) == [
         [("a", 0, 7, True), ("b", 0, 7, True)],  # a: blocks 0 1, b: blocks 2 3
         [("a", 7, 1, True), ("b", 7, 1, True)],  # the 8th slot still fits each second block
