@@ -2,4 +2,6 @@
 
 Import from the submodules (``client``, ``core_proc``, ``protocol``, ``stats``); this package
 file stays empty so that importing one of them does not pull in the others.
+
+May import: ``pdserve.engine.*`` (the core process builds an ``EngineCore``), pyzmq and msgspec.
 """
