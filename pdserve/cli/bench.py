@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
+
+from pdserve.cli.main import add_lazy_subcommands
 
 # kind -> (module with add_arguments/run, help)
 KINDS: dict[str, tuple[str, str]] = {
@@ -19,26 +19,10 @@ KINDS: dict[str, tuple[str, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    for name, (module_name, help_text) in KINDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if (exc.name or "pdserve").split(".")[0] == "pdserve":
-                raise  # a benchmark module of our own is missing: a bug, not an optional dependency
-            # An optional dependency (triton for the kernels, matplotlib for plots) must not break the other kinds.
-            p = sub.add_parser(name, help=f"{help_text} (unavailable: needs {exc.name})", add_help=False)
-            p.set_defaults(_bench_missing=exc.name)
-            continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_bench_module=module)
+    add_lazy_subcommands(sub, KINDS, prog="pdserve bench", key="_bench_module")
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "_bench_missing", None):
-        print(f"pdserve bench {args.bench_kind}: unavailable, the Python package {args._bench_missing!r} is not "
-              f"installed", file=sys.stderr)
-        return 2
     result = args._bench_module.run(args)
     # A benchmark returns its exit code, or its result rows (the kernel benchmark, for programmatic callers).
     return result if isinstance(result, int) else 0
