@@ -85,9 +85,27 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """How many devices one engine spans. Parallelism is not implemented yet: every size must be 1, and a larger
+    one is refused here rather than silently run on one device (the fields keep the names it will use)."""
+
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            check_parallel_size(name, getattr(self, name))
+
+
+def check_parallel_size(name: str, value: Any) -> int:
+    """``value`` if it is the one supported parallel size (1); a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value != 1:
+        kind = name.removesuffix("_size").replace("_", " ") + "ism"
+        raise ValueError(f"{name}={value}: {kind} is not implemented yet; pdserve runs one engine on one device, "
+                         f"so only 1 is accepted")
+    return value
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,7 @@ class EngineConfig:
             if owner is None:
                 raise TypeError(f"unknown engine option {key!r}")
             groups[owner][key] = value
+        parallel = ParallelConfig(**groups[ParallelConfig])  # refused before the model is resolved or loaded
         model_kw = groups[ModelConfig]
         load_format = model_kw.get("load_format", "auto")
         resolved = resolve_model(model, load_format)
@@ -151,5 +170,6 @@ class EngineConfig:
         if not sched_kw.get("enable_chunked_prefill", True):
             sched_kw.setdefault("max_num_batched_tokens", max(max_model_len, 2048))
         return cls(model=model_cfg, cache=CacheConfig(**groups[CacheConfig]),
-                   scheduler=SchedulerConfig(**sched_kw), parallel=ParallelConfig(**groups[ParallelConfig]),
-                   device=DeviceConfig(**groups[DeviceConfig]), kv_transfer=KVTransferConfig(**groups[KVTransferConfig]))
+                   scheduler=SchedulerConfig(**sched_kw), parallel=parallel,
+                   device=DeviceConfig(**groups[DeviceConfig]),
+                   kv_transfer=KVTransferConfig(**groups[KVTransferConfig]))

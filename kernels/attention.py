@@ -200,7 +200,7 @@ def default_config(group: int, head_dim: int, max_query_len: int, device: torch.
                    kv_fp8: bool = False, num_seqs: int = 1, num_kv_heads: int = 1) -> AttentionConfig:
     """Tile shape for a launch: small query tiles for decode-like batches, large ones for prefill.
 
-    Picked from sweeps on an H200 (``python -m pdserve.kernels.bench --sweep``).
+    Picked from sweeps on an H200 (``pdserve bench kernels --sweep``).
     """
     if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16)

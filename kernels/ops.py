@@ -1,4 +1,5 @@
-"""The public kernels of pdserve.kernels, importable from one place: Triton kernels, each beside a pure-torch reference (``pdserve.kernels.reference``).
+"""The public kernels of pdserve.kernels, importable from one place: Triton kernels, each beside a pure-torch
+reference (``pdserve.kernels.reference``).
 
 Public kernels (all take and return torch tensors; see each docstring for the contract):
 

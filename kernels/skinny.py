@@ -106,7 +106,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
 
 
 def default_config(m: int, n: int, k: int) -> SkinnyConfig:
-    """The tile shape used when none is given, from ``python -m pdserve.kernels.bench --mode gemv --sweep`` on
+    """The tile shape used when none is given, from ``pdserve bench kernels --mode gemv --sweep`` on
     an H200. One row, or two rows of a narrow weight: 2-row blocks with 1024-wide prefetched steps (best or
     near-best on every Llama-3.1-8B and Qwen3-0.6B projection; thin blocks give N = 1024 enough programs).
     Two rows of a wider weight: 8-row blocks of 256. More rows: the tensor-core path."""

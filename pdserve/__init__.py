@@ -1,20 +1,15 @@
 """pdserve: an LLM serving engine with prefill/decode disaggregation.
 
-The repository keeps ``engine/``, ``kernels/``, ``services/``, ``operator/`` and ``proto/`` at its root. An
-installed wheel maps them under this package (see ``pyproject.toml``); when running straight from a source tree
-(``PYTHONPATH=<repo>``, as on the GPU machines) the repository root is added to this package's search path so
-that ``pdserve.engine`` resolves to ``<repo>/engine`` as well.
+This folder holds the package root and the command line (``pdserve/cli``). The repository keeps the other parts at
+its root (``engine/``, ``kernels/``, ``services/``, ``operator/``, ``proto/``, ``bench/``); ``pyproject.toml`` maps
+each of them, and only them, under this package (``pdserve.engine`` is ``<repo>/engine``). Run from a source tree
+through an editable install (``pip install -e .``); nothing else makes ``pdserve.*`` importable.
+
+May import: every ``pdserve.*`` package, lazily (the router and the operator import this package and must not pull
+in torch).
 """
 
 from __future__ import annotations
-
-import os as _os
-
-_repo_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_repo_root, "pyproject.toml")) and _os.path.isdir(
-    _os.path.join(_repo_root, "engine")
-):
-    __path__.append(_repo_root)  # type: ignore[name-defined]
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "__version__"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md, in one go: every command below is a `pdserve bench ...` anyone can rerun.
-# Usage (from the repository root on a CUDA machine): bash scripts/gpu_bench.sh [RESULT_DIR]
+# Usage (from the repository root on a CUDA machine, after `pip install --no-deps --no-build-isolation -e .`):
+#   bash scripts/gpu_bench.sh [RESULT_DIR]
 # STEPS="llama8b_batch1 qwen06b_256" runs only the named steps (default: all).
 # Random weights in the exact shapes of the named models (no download needed). Each step is time-boxed so one
 # slow step cannot starve the rest.
@@ -8,8 +9,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${1:-${OUT:-bench-results}}
 mkdir -p "$RES"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PD="python3 -m pdserve.cli.main"
+export PYTHONUNBUFFERED=1
+python3 -P -c "import pdserve.engine" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . \
+  || { echo "pdserve is not installed and the editable install failed" >&2; exit 1; }
+# -P: the repository root (the working directory) must not shadow installed packages (pyproject.toml says why).
+PD="python3 -P -m pdserve.cli.main"
 step() {
   local name=$1 limit=$2; shift 2
   [[ -z "${STEPS:-}" || " $STEPS " == *" $name "* ]] || return 0
@@ -21,7 +25,7 @@ step llama8b_batch1 170 $PD bench latency --model llama-3.1-8b --load-format dum
     --iters 3 --peer hf --json-out "$RES/llama8b_batch1.json"
 step llama8b_prefill4k 150 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 16 \
     --iters 3 --peer hf --json-out "$RES/llama8b_prefill4k.json"
-step llama8b_decode_b64 80 python3 -m pdserve.bench.decode_profile --model llama-3.1-8b --load-format dummy \
+step llama8b_decode_b64 80 $PD bench decode-profile --model llama-3.1-8b --load-format dummy \
     --batch-sizes 1,64 --context 1024 --steps 48
 step qwen06b_256 300 $PD bench throughput --model qwen3-0.6b --load-format dummy --num-prompts 256 \
     --input-len 100:1024 --output-len 100:1024 --max-num-seqs 256 --max-num-batched-tokens 8192 --peer hf \

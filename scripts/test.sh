@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite. Without CUDA, Triton kernels run in the interpreter (tests/conftest.py) and tests marked gpu
+# The test suite, after scripts/lint.sh (ruff, mypy). Without CUDA, Triton kernels run in the interpreter (tests/conftest.py) and tests marked gpu
 # are skipped. The Redis connector's tests start a real redis-server (Debian's package), installed here if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +12,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "note: redis-server not found (install Debian's redis-server); the Redis tests will fail" >&2
   fi
 fi
+# Lint and type check first: a contract that drifted fails here in seconds, not in a test minutes later.
+bash scripts/lint.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# Tests import their shared helpers as `tests.helpers...`, so the repository root is on sys.path: last, so that its
+# `operator/` and `kernels/` folders never shadow the standard library's `operator` or the PyPI package `kernels`
+# (`python -m pytest` puts the working directory first; pyproject.toml says why the root is no import location).
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT] + [str(_ROOT)]
 
 
 def _cuda_available() -> bool:

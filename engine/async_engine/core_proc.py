@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 import zmq
@@ -34,22 +34,27 @@ from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, Fa
 from pdserve.engine.faults import describe, is_device_fault
 from pdserve.engine.request import RequestStatus
 
+if TYPE_CHECKING:  # the real class imports torch; this module is imported before the core is built
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.engine_core import EngineCore
+
 logger = logging.getLogger(__name__)
 
 # Seconds the idle loop waits for input before checking that the parent process is still alive.
 _IDLE_POLL_S = 1.0
 
 
-def _make_engine_core(config: Any) -> Any:
+def _make_engine_core(config: EngineConfig) -> EngineCore:
     from pdserve.engine.engine_core import EngineCore
 
     return EngineCore(config)
 
 
 class EngineCoreProc:
-    """Runs an engine core (anything with the :class:`EngineCore` methods) behind two ZeroMQ sockets."""
+    """Runs an :class:`EngineCore` (or a subclass, e.g. the tests' model-free core) behind two ZeroMQ sockets."""
 
-    def __init__(self, core: Any, input_addr: str, output_addr: str, parent_pid: int | None = None) -> None:
+    def __init__(self, core: EngineCore, input_addr: str, output_addr: str,
+                 parent_pid: int | None = None) -> None:
         self.core = core
         self.parent_pid = parent_pid
         self._ctx = zmq.Context()
@@ -71,7 +76,7 @@ class EngineCoreProc:
         # Routers follow this engine's prefix cache and load through its KV events (engine/kv_event_publisher.py).
         self._events = None
         self._idle_poll_s = _IDLE_POLL_S
-        endpoint = getattr(getattr(getattr(core, "config", None), "cache", None), "kv_events_endpoint", None)
+        endpoint = core.config.cache.kv_events_endpoint
         if endpoint:
             from pdserve.engine.kv_event_publisher import KVEventPublisher
 
@@ -106,8 +111,8 @@ class EngineCoreProc:
         self._out_thread.start()
         core = self.core
         self._outputs.put(ReadyMessage(vocab_size=int(core.vocab_size), max_model_len=int(core.max_model_len),
-                                       num_blocks=int(getattr(core.scheduler, "num_blocks", 0) or 0),
-                                       block_size=int(getattr(core.scheduler, "block_size", 0) or 0)))
+                                       num_blocks=core.scheduler.num_blocks,
+                                       block_size=core.scheduler.block_size))
         try:
             while not self._stop:
                 changed = self._drain_inputs(block=not core.has_unfinished_requests())
@@ -119,9 +124,9 @@ class EngineCoreProc:
                 outputs, step_tokens, scheduled = [], 0, []
                 if core.has_unfinished_requests():
                     start = time.time()
-                    before = getattr(core, "num_computed_tokens_total", 0)
+                    before = core.num_computed_tokens_total
                     outputs = core.step()
-                    step_tokens = getattr(core, "num_computed_tokens_total", 0) - before
+                    step_tokens = core.num_computed_tokens_total - before
                     scheduled = self._newly_scheduled(outputs, start)
                     changed = True
                 if changed:
@@ -204,8 +209,9 @@ class EngineCoreProc:
             self._events.close()
 
 
-def run_engine_core(config: Any, input_addr: str, output_addr: str, parent_pid: int,
-                    core_factory: Callable[[Any], Any] | None = None, log_level: int = logging.INFO) -> None:
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
+                    core_factory: Callable[[EngineConfig], EngineCore] | None = None,
+                    log_level: int = logging.INFO) -> None:
     """Process entry point: build the core (model load), announce readiness, then serve until shut down.
 
     ``core_factory`` (a picklable callable taking ``config``) replaces :class:`EngineCore`; tests use it to run a

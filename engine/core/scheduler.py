@@ -230,9 +230,9 @@ class Scheduler:
             except KVLoadError as exc:
                 self._abort_by_engine(request, str(exc))
         for rid in connector.take_released():
-            request = self._held.pop(rid, None)
-            if request is not None:
-                self.kv_cache_manager.free(request)
+            released = self._held.pop(rid, None)
+            if released is not None:
+                self.kv_cache_manager.free(released)
 
     def take_finished_without_output(self) -> list[Request]:
         """Requests the scheduler aborted itself since the last call (see ``abort_reason``); they got no token."""

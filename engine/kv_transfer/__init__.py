@@ -6,5 +6,5 @@ Submodules, imported on demand so that light users (the router) never load torch
 - :mod:`.block_format` — the versioned, checksummed block object; :mod:`.kv_layout` — cache <-> payload (torch)
 - :mod:`.store_connector` over :mod:`.shared_fs` and :mod:`.redis_connector`; :mod:`.grpc_connector` with
   :mod:`.grpc_kv_server`
-- :mod:`.metrics` — counters and their Prometheus collector; :mod:`.bench` — ``pdserve bench kv-transfer``
+- :mod:`.metrics` — counters and their Prometheus collector (``pdserve bench kv-transfer`` lives in bench/)
 """

@@ -4,6 +4,8 @@
   :class:`ResolvedModel` (local paths + transformers config). Bundled models are cached under
   ``$PDSERVE_CACHE_DIR`` (default ``~/.cache/pdserve``).
 - :func:`load_model` builds our model on a device and fills its weights.
+
+May import: torch, transformers, safetensors, gguf, ``pdserve.engine.models`` and ``pdserve.engine.worker``.
 """
 
 from pdserve.engine.model_loader.resolve import ResolvedModel, resolve_model

@@ -160,9 +160,9 @@ class LlamaForCausalLM(nn.Module):
                 continue  # recomputed, never trained
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # some tied checkpoints still store a copy
-            for fused, part, shard_id in self.stacked_params:
+            for fused, part, shard in self.stacked_params:
                 if f".{part}." in name:
-                    target = name.replace(f".{part}.", f".{fused}.")
+                    target, shard_id = name.replace(f".{part}.", f".{fused}."), shard
                     break
             else:
                 target, shard_id = name, None

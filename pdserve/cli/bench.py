@@ -1,32 +1,25 @@
-"""``pdserve bench <kind>``: benchmark commands anyone can rerun."""
+"""``pdserve bench <kind>``: benchmark commands anyone can rerun (the benchmarks live in ``bench/``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from pdserve.cli.main import add_lazy_subcommands
 
 # kind -> (module with add_arguments/run, help)
 KINDS: dict[str, tuple[str, str]] = {
     "throughput": ("pdserve.bench.throughput", "offline throughput on N requests (optionally vs transformers)"),
     "latency": ("pdserve.bench.latency", "batch-1 decode speed and prefill time (optionally vs transformers)"),
-    "serve": ("pdserve.services.bench.serve", "online serving benchmark against an OpenAI-compatible endpoint"),
-    "kv-transfer": ("pdserve.engine.kv_transfer.bench", "KV transfer speed of a connector between two processes"),
-    "kernels": ("pdserve.kernels.bench", "paged attention kernel vs scaled_dot_product_attention"),
+    "decode-profile": ("pdserve.bench.decode_profile", "decode steps at a fixed batch and context, timed and profiled"),
+    "serve": ("pdserve.bench.serve", "online serving benchmark against an OpenAI-compatible endpoint"),
+    "kv-transfer": ("pdserve.bench.kv_transfer", "KV transfer speed of a connector between two processes"),
+    "kernels": ("pdserve.bench.kernels", "paged attention kernel vs scaled_dot_product_attention"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    for name, (module_name, help_text) in KINDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue
-            raise
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_bench_module=module)
+    add_lazy_subcommands(sub, KINDS, prog="pdserve bench", key="_bench_module")
 
 
 def run(args: argparse.Namespace) -> int:

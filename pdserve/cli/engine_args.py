@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Callable
 
-from pdserve.engine.config import DEFAULT_MODEL
+from pdserve.engine.config import DEFAULT_MODEL, check_parallel_size
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the GPU runs this one (default: on for CUDA without a KV "
                         "connector)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-parallel-size", type=int, default=1)
+    # Accepted so that argument lists written for parallel engines parse, but only 1 until parallelism exists.
+    g.add_argument("--tensor-parallel-size", type=_parallel_size("tensor_parallel_size"), default=1,
+                   help="devices per engine for tensor parallelism (not implemented yet: only 1)")
+    g.add_argument("--pipeline-parallel-size", type=_parallel_size("pipeline_parallel_size"), default=1,
+                   help="pipeline stages per engine (not implemented yet: only 1)")
+
+
+def _parallel_size(name: str) -> Callable[[str], int]:
+    """An argparse type: an integer that :func:`check_parallel_size` accepts (a clear usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            return check_parallel_size(name, int(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc) if text.strip().lstrip("-").isdigit()
+                                             else f"invalid int value: {text!r}") from None
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,7 +18,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prefill": ("pdserve.services.prefill.cli", "run a prefill server (disaggregated serving)"),
     "decode": ("pdserve.services.decode.cli", "run a decode server (disaggregated serving)"),
     "router": ("pdserve.services.router.cli", "run the router in front of prefill and decode servers"),
-    "proxy": ("pdserve.services.proxy.cli", "a minimal prefill-then-decode proxy (the router does this and more)"),
     "up": ("pdserve.cli.up", "start the whole stack (router, prefill, decode) on this machine"),
     "operator": ("pdserve.operator.cli", "the Kubernetes operator: run it, or render what it would create"),
 }
@@ -27,25 +26,35 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    add_lazy_subcommands(sub, SUBCOMMANDS, prog="pdserve", key="_module")
+    return parser
+
+
+def add_lazy_subcommands(sub: argparse._SubParsersAction, table: dict[str, tuple[str, str]], *, prog: str,
+                         key: str) -> None:
+    """One subcommand per entry of ``table`` (name -> (module, one-line help)); each module provides
+    ``add_arguments(parser)`` and is stored in ``args.<key>``. A missing optional dependency (kopf for the
+    operator, triton for the kernel benchmark) must not break the other subcommands: that one is listed as
+    unavailable and says so when used. A missing pdserve module is a bug and raises."""
+    for name, (module_name, help_text) in table.items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            # A missing optional dependency must not break the other subcommands; say so when this one is used.
-            missing = exc.name or str(exc)
-            p = sub.add_parser(name, help=f"{help_text} (unavailable: needs {missing})", add_help=False)
-            p.set_defaults(_missing=missing)
+            if (exc.name or "pdserve").split(".")[0] == "pdserve":
+                raise
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: needs {exc.name})", add_help=False)
+            p.set_defaults(_missing=exc.name, _missing_command=f"{prog} {name}")
             continue
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-        sub.choices[name].set_defaults(_module=module)
-    return parser
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(**{key: module})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "_missing", None):
-        print(f"pdserve {args.command}: unavailable, the Python package {args._missing!r} is not installed",
+        print(f"{args._missing_command}: unavailable, the Python package {args._missing!r} is not installed",
               file=sys.stderr)
         return 2
     if extra:

@@ -16,6 +16,7 @@ from this run's router (or a user with the engines' API key), and nothing else o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -28,11 +29,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pdserve.cli.local_servers import free_port, redis_server_argv
 from pdserve.engine.config import DEFAULT_MODEL
 from pdserve.engine.security import SECRET_ENV, SECRET_FILE_ENV, ClusterSecret
 
-# Children run `pdserve <role> ...` through this interpreter. -P: the working directory is not put on sys.path,
-# so a repository root there (with its `operator/` folder) never shadows the standard library.
+# Children run `pdserve <role> ...` through this interpreter. -P: the working directory is not put on sys.path, so
+# a repository root there (its `operator/` and `kernels/`) never shadows the standard library or installed packages.
 _LAUNCH = ["-P", "-m", "pdserve.cli.main"]
 
 
@@ -69,12 +71,6 @@ class Part:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None) -> list[Part]:
     """The parts to start, in start order (pure apart from picking free ports; tests pass ``port_of``)."""
     if args.decode < 1:
@@ -90,8 +86,7 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
                 raise ValueError("--kv-connector redis needs --redis-url or a local redis-server "
                                  "(Debian/Ubuntu: apt-get install redis-server)")
             port = port_of()
-            parts.append(Part("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                        "--appendonly", "no", "--loglevel", "warning"], ("tcp", f"127.0.0.1:{port}")))
+            parts.append(Part("redis", redis_server_argv(port), ("tcp", f"127.0.0.1:{port}")))
             url = f"redis://127.0.0.1:{port}/0"
         kv_opts = ["--redis-url", url]
     elif args.kv_connector == "shared-fs":
@@ -294,8 +289,8 @@ def _run_stack(parts: list[Part], workdir: str, args: argparse.Namespace) -> int
         host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
         url = f"http://{host}:{args.port}"
         sup.say("up", f"ready: {url}  (OpenAI API at {url}/v1; Ctrl-C stops everything)")
-        sup.say("up", f"try:  curl {url}/v1/completions -H 'Content-Type: application/json' -d "
-                      f"'{{\"model\": \"{args.model}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'")
+        body = json.dumps({"model": args.model, "prompt": "The capital of France is", "max_tokens": 16})
+        sup.say("up", f"try:  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
         while not stop.is_set():
             gone = sup.dead()
             if gone is not None:

@@ -4,4 +4,6 @@
 (:mod:`.grpc_server`) take any :class:`~.engine_client.EngineClient`: the monolithic server passes an
 ``AsyncLLM``; the router and the disaggregated roles pass their own clients (or add gRPC services) and get the
 same API, validation and error mapping. ``pdserve serve`` is :mod:`.cli`.
+
+May import: ``pdserve.engine.*``, ``pdserve.proto``, ``pdserve.cli.engine_args``; never another service.
 """

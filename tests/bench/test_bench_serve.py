@@ -10,11 +10,11 @@ import os
 
 import pytest
 
-from pdserve.services.bench import serve
-from pdserve.services.bench.client import RequestResult
-from pdserve.services.bench.datasets import random_dataset, shared_prefix_dataset, sharegpt_dataset
-from pdserve.services.bench.metrics import parse_slo, percentile, summarize
-from pdserve.services.bench.runner import arrival_gaps
+from pdserve.bench import serve
+from pdserve.bench.client import RequestResult
+from pdserve.bench.datasets import random_dataset, shared_prefix_dataset, sharegpt_dataset
+from pdserve.bench.metrics import parse_slo, percentile, summarize
+from pdserve.bench.runner import arrival_gaps
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,10 +98,10 @@ def test_sweep_brackets_then_bisects():
 @pytest.fixture(scope="module")
 def mock_server():
     from pdserve.engine.async_engine.client import AsyncLLM
-    from pdserve.engine.async_engine.mock_core import make_mock_core
+    from tests.helpers.mock_core import make_mock_core
     from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
     from pdserve.services.api.settings import ServerSettings
-    from pdserve.services.api.testing import ServerThread
+    from tests.helpers.server_thread import ServerThread
 
     class Words:  # a whitespace tokenizer: enough for text prompts on the mock core
         eos_token_id = None

@@ -23,7 +23,8 @@ def logits(*rows: list[float]) -> torch.Tensor:
 
 def test_greedy_is_argmax() -> None:
     s = Sampler()
-    res = s.sample(logits([0.1, 3.0, 0.2, 1.0], [5.0, 0.0, 0.0, 0.0]), [req("a", temperature=0), req("b", temperature=0)])
+    res = s.sample(logits([0.1, 3.0, 0.2, 1.0], [5.0, 0.0, 0.0, 0.0]),
+                   [req("a", temperature=0), req("b", temperature=0)])
     assert res.token_ids == [1, 0]
     assert res.logprobs is None
 

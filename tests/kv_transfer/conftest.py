@@ -10,7 +10,7 @@ from pdserve.engine.kv_transfer.block_format import KVDescriptor
 @pytest.fixture(scope="session")
 def redis_url():
     """A real redis-server on a free loopback port for the whole session (stopped at the end)."""
-    from pdserve.engine.kv_transfer.local_redis import LocalRedis
+    from pdserve.cli.local_servers import LocalRedis
 
     with LocalRedis() as server:
         yield server.url

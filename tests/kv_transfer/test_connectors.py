@@ -176,7 +176,7 @@ def test_incompatible_peer_is_a_miss_under_recompute(connector, desc, options):
 
 
 def test_redis_down_is_a_miss(desc, options):
-    from pdserve.engine.kv_transfer.local_redis import free_port
+    from pdserve.cli.local_servers import free_port
 
     opts = options("redis", redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.3)
     d = make_side("redis", "decode", desc, opts, fill="zeros")

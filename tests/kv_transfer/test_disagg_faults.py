@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from disagg_helpers import (MAX_TOKENS, connector_stats, decode_all, disagg, engine, greedy, monolithic,
-                            options_for, prefill_all, prompts_of, run_all, settle)
-from pdserve.engine.kv_transfer.local_redis import free_port
+from disagg_helpers import (MAX_TOKENS, connector_stats, decode_all, disagg, engine, monolithic, options_for,
+                            prefill_all, prompts_of, settle)
+from pdserve.cli.local_servers import free_port
 from pdserve.engine.kv_transfer.store import block_key
 from tests.helpers.tiny_models import make_tiny_model
 

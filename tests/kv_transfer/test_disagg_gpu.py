@@ -108,7 +108,7 @@ def test_grpc_over_cuda_ipc_between_two_processes_equals_monolithic(base):
 
 def test_kv_transfer_bench_ipc_moves_exact_bytes():
     """The benchmark's two processes with the IPC transport: it checksums both caches, so a wrong copy fails."""
-    from pdserve.engine.kv_transfer.bench import bench_connector
+    from pdserve.bench.kv_transfer import bench_connector
 
     rows = bench_connector("grpc", {"kv_transport": "ipc", "kv_load_timeout_s": 30.0}, "smollm2-135m",
                            "bfloat16", 16, "cuda", [100, 300], 1)

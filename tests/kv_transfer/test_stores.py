@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pdserve.engine.kv_transfer.local_redis import LocalRedis, free_port
+from pdserve.cli.local_servers import LocalRedis, free_port
 from pdserve.engine.kv_transfer.redis_connector import RedisStore
 from pdserve.engine.kv_transfer.shared_fs import SharedFSStore
 from pdserve.engine.kv_transfer.store import StoreUnavailableError, block_key

@@ -207,21 +207,17 @@ async def test_two_replicas_elect_one_leader(cluster, operator_running) -> None:
 
 async def test_the_command_line_runs_the_operator(cluster, tmp_path) -> None:
     """``pdserve operator run`` as its own process: it serves /healthz, reconciles, and exits cleanly on SIGTERM."""
-    import os
     import signal
     import socket
     import sys
     import urllib.request
-    from pathlib import Path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pdserve.cli.main", "operator", "run", "--standalone",
-        "--liveness-port", str(port), "--status-interval", "0.5", "--log-level", "WARNING", env=env,
+        "--liveness-port", str(port), "--status-interval", "0.5", "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         def healthy() -> bool:

@@ -116,9 +116,9 @@ async def test_router_front_refuses_bad_bodies_with_json_errors():
 def pod_server(secret: ClusterSecret | None):
     """A real pod (mock engine core) with the gRPC API, holding ``secret``."""
     from pdserve.engine.async_engine.client import AsyncLLM
-    from pdserve.engine.async_engine.mock_core import make_mock_core
+    from tests.helpers.mock_core import make_mock_core
     from pdserve.engine.config import EngineConfig
-    from pdserve.services.api.testing import ServerThread
+    from tests.helpers.server_thread import ServerThread
 
     config = EngineConfig.create("smollm2-135m-instruct", max_model_len=256, num_blocks=64)
     return ServerThread(lambda: AsyncLLM(config, core_factory=make_mock_core),

@@ -1,4 +1,7 @@
-"""Routing plugins: interfaces, the built-in filters / scorers / pickers / P/D deciders, and their registry."""
+"""Routing plugins: interfaces, the built-in filters / scorers / pickers / P/D deciders, and their registry.
+
+May import: ``pdserve.services.router`` types only; no torch (tests/test_no_torch_imports.py).
+"""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from pdserve.services.router.types import PodState, RoutingContext
 KINDS = ("filter", "scorer", "picker", "pd-decider")
 
 
-class Plugin(ABC):
+class Plugin(ABC):  # noqa: B024 - a common base; its subclasses (Filter, Scorer, ...) declare the abstract methods
     """Common base: every plugin has a type name (its registry key) for logs and metrics."""
 
     type_name: str = "plugin"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdserve.services.router.plugins.base import PDDecider, PDDecision
+from pdserve.services.router.plugins.base import PDDecider, PDDecision, PluginRegistry
 from pdserve.services.router.types import PodState, RoutingContext
 
 
@@ -46,7 +46,7 @@ class NeverRemoteDecider(PDDecider):
         return PDDecision(False, "never")
 
 
-def register(registry) -> None:
+def register(registry: PluginRegistry) -> None:
     registry.register("pd-decider", "prefix-aware", lambda deps, **kw: PrefixAwareDecider(**kw))
     registry.register("pd-decider", "always", lambda deps: AlwaysRemoteDecider())
     registry.register("pd-decider", "never", lambda deps: NeverRemoteDecider())

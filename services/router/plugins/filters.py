@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 
-from pdserve.services.router.plugins.base import Filter
+from pdserve.services.router.plugins.base import Filter, PluginRegistry
 from pdserve.services.router.types import PodState, Role, RoutingContext
 
 
@@ -75,7 +75,7 @@ class KVUsageThresholdFilter(_SoftThreshold):
         return pod.load is not None and pod.load.kv_cache_usage > self.max_usage
 
 
-def register(registry) -> None:
+def register(registry: PluginRegistry) -> None:
     registry.register("filter", "role", lambda deps, **kw: RoleFilter(**kw))
     registry.register("filter", "label", lambda deps, **kw: LabelFilter(**kw))
     registry.register("filter", "queue-threshold", lambda deps, **kw: QueueThresholdFilter(**kw))

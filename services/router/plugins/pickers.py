@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdserve.services.router.plugins.base import Picker, PluginDeps, ScoredPod
+from pdserve.services.router.plugins.base import Picker, PluginDeps, PluginRegistry, ScoredPod
 from pdserve.services.router.types import PodState, RoutingContext
 
 
@@ -49,7 +49,7 @@ class RoundRobinPicker(Picker):
         return choice
 
 
-def register(registry) -> None:
+def register(registry: PluginRegistry) -> None:
     registry.register("picker", "max-score", lambda deps, **kw: MaxScorePicker(deps, **kw))
     registry.register("picker", "random", lambda deps: RandomPicker(deps))
     registry.register("picker", "round-robin", lambda deps: RoundRobinPicker())

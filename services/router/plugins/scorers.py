@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdserve.services.router.plugins.base import PluginDeps, Scorer, min_max_inverse
+from pdserve.services.router.plugins.base import PluginDeps, PluginRegistry, Scorer, min_max_inverse
 from pdserve.services.router.types import PodState, RoutingContext
 
 
@@ -74,7 +74,7 @@ class SessionAffinityScorer(Scorer):
         return {p.name: 1.0 if p.name == sticky else 0.0 for p in pods}
 
 
-def register(registry) -> None:
+def register(registry: PluginRegistry) -> None:
     registry.register("scorer", "prefix-cache", lambda deps: PrefixCacheScorer(deps))
     registry.register("scorer", "load", lambda deps, **kw: LoadScorer(**kw))
     registry.register("scorer", "queue", lambda deps: QueueScorer())

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from pdserve.engine.async_engine.client import AsyncLLM, EngineDeadError, QueueFullError
-from pdserve.engine.async_engine.mock_core import make_mock_core, make_slow_mock_core, mock_next_token
+from tests.helpers.mock_core import make_mock_core, make_slow_mock_core, mock_next_token
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.sampling_params import SamplingParams
 

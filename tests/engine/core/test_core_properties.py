@@ -143,7 +143,7 @@ def test_random_workloads_finish_with_correct_kv_and_no_leaks(w):
     kv: dict[tuple[int, int], tuple[int, ...]] = {}  # (block id, offset) -> the token prefix its KV encodes
     progress: dict[str, int] = {}  # what a stateful runner knows: each live request's computed length
     for step in range(400):
-        for arrive, r in [p for p in pending if p[0] == step]:
+        for _arrive, r in [p for p in pending if p[0] == step]:
             s.add_request(r)
         pending = [p for p in pending if p[0] > step]
         for at, idx in w["aborts"]:

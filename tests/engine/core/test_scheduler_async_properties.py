@@ -53,7 +53,7 @@ def test_random_workloads_with_a_step_in_flight(w):
     progress: dict[str, int] = {}
     in_flight = None
     for step in range(600):
-        for arrive, r in [a for a in arrivals if a[0] == step]:
+        for _arrive, r in [a for a in arrivals if a[0] == step]:
             s.add_request(r)
         arrivals = [a for a in arrivals if a[0] > step]
         for at, idx in w["aborts"]:

@@ -113,7 +113,8 @@ def test_dummy_weights_deterministic(tiny_dir) -> None:
     c = load_model(model_config(tiny_dir, "dummy", seed=4), "cpu", "float32")
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["model.layers.0.self_attn.qkv_proj.weight"], sc["model.layers.0.self_attn.qkv_proj.weight"])
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    assert not torch.equal(sa[qkv], sc[qkv])
     assert torch.all(sa["model.layers.0.self_attn.q_norm.weight"] == 1)
     assert a.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32
 

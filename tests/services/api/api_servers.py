@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
+from pdserve.cli.local_servers import free_port
 from tests.helpers.server_process import log_tail, scrape_metrics, wait_healthy
 
 MODEL = "smollm2-135m-instruct"
@@ -19,12 +19,6 @@ MAX_MODEL_LEN = 512
 NUM_BLOCKS = 400
 # The engine flags of the server; the offline LLM of the equality tests uses the same.
 ENGINE_KWARGS = dict(max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS, max_num_seqs=128)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -16,13 +16,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.engine.async_engine.client import AsyncLLM
-from pdserve.engine.async_engine.mock_core import make_mock_core
+from tests.helpers.mock_core import make_mock_core
 from pdserve.engine.security import AUTH_HEADER, ClusterSecret
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.auth import ENGINE_SCOPE
 from pdserve.services.api.settings import ServerSettings
-from pdserve.services.api.testing import ServerThread
+from tests.helpers.server_thread import ServerThread
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,7 +280,7 @@ def test_kept_alive_connection_gets_a_new_header_deadline(srv):
 def test_grpc_calls_beyond_max_concurrent_rpcs_are_resource_exhausted(model_config, tokenizer):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pdserve.engine.async_engine.mock_core import make_slow_mock_core
+    from tests.helpers.mock_core import make_slow_mock_core
 
     settings = ServerSettings(served_model_names=(NAME,), max_concurrent_rpcs=2)
     factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core, tokenizer=tokenizer)  # noqa: E731
@@ -339,7 +339,7 @@ def test_http_requests_beyond_max_concurrent_requests_are_429(model_config, toke
     """The router has no waiting queue: without this bound a flood piles up sequences waiting for pods."""
     import asyncio
 
-    from pdserve.engine.async_engine.mock_core import make_slow_mock_core
+    from tests.helpers.mock_core import make_slow_mock_core
 
     settings = ServerSettings(served_model_names=(NAME,), max_concurrent_requests=2, retry_after_s=2)
     factory = lambda: AsyncLLM(model_config, core_factory=make_slow_mock_core, tokenizer=tokenizer)  # noqa: E731

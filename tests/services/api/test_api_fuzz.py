@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.engine.async_engine.client import AsyncLLM
-from pdserve.engine.async_engine.mock_core import make_mock_core
+from tests.helpers.mock_core import make_mock_core
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.app import build_app
 from pdserve.services.api.openapi import openapi_schema
 from pdserve.services.api.settings import ServerSettings
-from pdserve.services.api.testing import ServerThread
+from tests.helpers.server_thread import ServerThread
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from pdserve.engine.async_engine.client import AsyncLLM
-from pdserve.engine.async_engine.mock_core import make_mock_core, make_slow_mock_core
+from tests.helpers.mock_core import make_mock_core, make_slow_mock_core
 from pdserve.services.api.settings import ServerSettings
-from pdserve.services.api.testing import ServerThread
+from tests.helpers.server_thread import ServerThread
 
 pytestmark = pytest.mark.timeout(120)
 

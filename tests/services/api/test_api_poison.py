@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pdserve.engine.async_engine.client import AsyncLLM
-from pdserve.engine.async_engine.mock_core import make_mock_core
+from tests.helpers.mock_core import make_mock_core
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.app import build_app

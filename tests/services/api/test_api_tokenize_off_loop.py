@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from pdserve.engine.async_engine.client import AsyncLLM
-from pdserve.engine.async_engine.mock_core import make_mock_core
+from tests.helpers.mock_core import make_mock_core
 from pdserve.services.api.app import build_app
 from pdserve.services.api.settings import ServerSettings
 

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from pdserve.cli.local_servers import free_port
 from tests.helpers.server_process import log_tail, scrape_metrics, wait_healthy
 
 # Engine flags of every server; the offline reference engine uses the same.
 ENGINE_FLAGS = ["--device", "cpu", "--num-blocks", "64", "--max-model-len", "256", "--block-size", "16"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

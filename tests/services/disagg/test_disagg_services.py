@@ -1,5 +1,5 @@
 """The disaggregated services for real: ``pdserve prefill`` and ``pdserve decode`` processes, the gRPC Prefill
-and Decode calls through the minimal proxy, on a tiny random Llama (token-id prompts).
+and Decode calls through a minimal client (tests/helpers/disagg_client.py), on a tiny random Llama (token-id prompts).
 
 - greedy answers through prefill -> decode equal the offline monolithic engine's (the engine-level tests in
   tests/kv_transfer cover every connector; the pods here use grpc, the connector whose failures are the pods' own);
@@ -21,7 +21,7 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto.pdserve.v1 import disagg_pb2
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
-from pdserve.services.proxy.proxy import DisaggProxy
+from tests.helpers.disagg_client import DisaggClient
 from tests.helpers.tiny_models import make_tiny_model
 
 MAX_TOKENS = 6
@@ -57,7 +57,7 @@ def request(prompt: list[int], rid: str) -> pb.GenerateRequest:
 async def through_proxy(prefill, decode, prompts) -> list[list[int]]:
     from pdserve.engine.security import load_cluster_secret
 
-    proxy = DisaggProxy(prefill.grpc_target, decode.grpc_target, timeout_s=120, cluster_secret=load_cluster_secret())
+    proxy = DisaggClient(prefill.grpc_target, decode.grpc_target, timeout_s=120, cluster_secret=load_cluster_secret())
     try:
         outs = await asyncio.gather(*(proxy.complete(request(p, f"r{i}")) for i, p in enumerate(prompts)))
     finally:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             if name == "redis":
                 url = args.redis_url
                 if url is None:
-                    from pdserve.engine.kv_transfer.local_redis import LocalRedis
+                    from pdserve.cli.local_servers import LocalRedis
 
                     redis_server = redis_server or LocalRedis().start()
                     url = redis_server.url

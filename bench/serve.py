@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_dataset(args: argparse.Namespace) -> list[Any]:
-    from pdserve.services.bench import datasets as ds
+    from pdserve.bench import datasets as ds
 
     if args.dataset == "random":
         return ds.random_dataset(args.num_prompts, args.random_input_len, args.random_output_len,
@@ -92,8 +92,8 @@ class Bench:
         self.raw: dict[float, list[Any]] = {}
 
     async def trial(self, rate: float) -> dict[str, Any]:
-        from pdserve.services.bench.metrics import format_summary, summarize
-        from pdserve.services.bench.runner import run_load
+        from pdserve.bench.metrics import format_summary, summarize
+        from pdserve.bench.runner import run_load
 
         a = self.args
         if a.warmup:
@@ -134,8 +134,8 @@ class Bench:
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
-    from pdserve.services.bench.client import Endpoint, served_model
-    from pdserve.services.bench.metrics import parse_slo
+    from pdserve.bench.client import Endpoint, served_model
+    from pdserve.bench.metrics import parse_slo
 
     slos = [parse_slo(s) for s in args.slo]
     if args.sweep and not slos:
@@ -173,7 +173,7 @@ def _finite(obj: Any) -> Any:
 
 def write_outputs(result: dict[str, Any], result_dir: str) -> list[str]:
     """serve.json and the PNG figures; returns the paths written."""
-    from pdserve.services.bench.plots import plot_latency_cdfs, plot_vs_rate
+    from pdserve.bench.plots import plot_latency_cdfs, plot_vs_rate
 
     os.makedirs(result_dir, exist_ok=True)
     raw = result.pop("_raw")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pdserve.services.bench.client import RequestResult
+from pdserve.bench.client import RequestResult
 
 _PANELS = (("ttft", "time to first token"), ("tpot", "time per output token"), ("itl", "inter-token latency"),
            ("e2el", "end-to-end latency"))
@@ -46,10 +46,7 @@ def plot_latency_cdfs(runs: list[tuple[str, list[RequestResult]]], path: str, ti
         ax.grid(alpha=0.3)
         if len(runs) > 1:
             ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, title)
 
 
 def plot_vs_rate(trials: list[dict[str, Any]], path: str, title: str, slos: dict[str, float] | None = None) -> None:
@@ -79,6 +76,10 @@ def plot_vs_rate(trials: list[dict[str, Any]], path: str, title: str, slos: dict
     ax.set_ylabel("req/s")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(plt, fig, path, title)
+
+
+def _save(plt: Any, fig: Any, path: str, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

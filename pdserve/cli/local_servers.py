@@ -1,4 +1,7 @@
-"""A real ``redis-server`` child process on a free loopback port: for tests, benchmarks and local stacks.
+"""Servers that local commands start on this machine: free loopback ports and a real ``redis-server``.
+
+``pdserve up --kv-connector redis`` (without ``--redis-url``) and ``pdserve bench kv-transfer`` start a Redis this
+way; the tests use the same class::
 
     with LocalRedis() as redis_server:
         url = redis_server.url            # redis://127.0.0.1:<port>/0
@@ -23,6 +26,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def redis_server_argv(port: int, *, workdir: str | None = None, maxmemory: str | None = None,
+                      executable: str = "redis-server") -> list[str]:
+    """The command line of a throwaway Redis on 127.0.0.1:``port`` (no persistence, warnings only)."""
+    argv = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--loglevel", "warning"]
+    if workdir:
+        argv += ["--dir", workdir]
+    if maxmemory:
+        argv += ["--maxmemory", maxmemory]
+    return argv
+
+
 class LocalRedis:
     """Start ``redis-server`` (Debian package ``redis-server``) on 127.0.0.1."""
 
@@ -42,10 +57,8 @@ class LocalRedis:
 
     def start(self, timeout_s: float = 10.0) -> "LocalRedis":
         self._dir = tempfile.TemporaryDirectory(prefix="pdserve-redis-")
-        args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning"]
-        if self.maxmemory:
-            args += ["--maxmemory", self.maxmemory]
+        args = redis_server_argv(self.port, workdir=self._dir.name, maxmemory=self.maxmemory,
+                                 executable=self.executable)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -1,9 +1,8 @@
-"""A minimal disaggregation proxy: each request goes to a prefill pod, then to a decode pod.
+"""The smallest client of the pods' ``Prefill`` and ``Decode`` calls, for tests of the disaggregated services.
 
-It is the smallest client of the ``Prefill`` and ``Decode`` calls (the router does the same with pod selection,
-retries and resumption): the prefill pod returns the first token and the KV handle; the decode pod gets the
-prompt followed by that token, the handle, and the remaining token budget, and streams the rest. The proxy
-re-serves the result as the Generation API's stream, so a Generation client cannot tell it from one server.
+Each request goes to a prefill pod, then to a decode pod (the router does the same with pod selection, retries and
+resumption): the prefill pod returns the first token and the KV handle; the decode pod gets the prompt followed by
+that token, the handle, and the remaining token budget, and streams the rest as the Generation API's stream.
 """
 
 from __future__ import annotations
@@ -15,13 +14,12 @@ import grpc
 from pdserve.engine.security import ClusterSecret
 from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
-from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.auth import ENGINE_SCOPE
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
-class DisaggProxy:
+class DisaggClient:
     """Talks to one prefill pod and one decode pod (``host:port`` of their gRPC servers).
 
     With a ``cluster_secret`` every call carries a fresh call token (pods holding the secret require one)."""
@@ -33,7 +31,6 @@ class DisaggProxy:
         self._decode_channel = grpc.aio.insecure_channel(decode, options=_OPTIONS)
         self.prefill = disagg_pb2_grpc.PrefillStub(self._prefill_channel)
         self.decode = disagg_pb2_grpc.DecodeStub(self._decode_channel)
-        self.generation = pb_grpc.GenerationStub(self._decode_channel)  # tokenizer and model info
         self.timeout_s = timeout_s
 
     def signed(self, metadata: Any = None) -> Any:
@@ -90,35 +87,3 @@ class DisaggProxy:
 def _usage(request_id: str, n_prompt: int, n_completion: int) -> Any:
     return pb.GenerateResponse(request_id=request_id, usage=pb.Usage(
         prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion))
-
-
-class ProxyGenerationServicer(pb_grpc.GenerationServicer):
-    """The Generation API in front of a prefill/decode pair (tokenizer and model info come from the decode pod)."""
-
-    def __init__(self, proxy: DisaggProxy) -> None:
-        self.proxy = proxy
-
-    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for resp in self.proxy.generate(request, metadata=_auth(context)):
-                yield resp
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or exc.code().name)
-
-    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await self.proxy.generation.Tokenize(request, metadata=self.proxy.signed(_auth(context)))
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or exc.code().name)
-
-    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await self.proxy.generation.GetModelInfo(request, metadata=self.proxy.signed(_auth(context)))
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or exc.code().name)
-
-
-def _auth(context: grpc.aio.ServicerContext) -> Any:
-    """Pass the client's API key on to the pods."""
-    key = dict(context.invocation_metadata() or ()).get("authorization")
-    return (("authorization", key),) if key else None

@@ -1,6 +1,6 @@
 """Decode steps at a fixed batch and context, timed and profiled: where a decode step's time goes.
 
-``python -m pdserve.bench.decode_profile --model llama-3.1-8b --load-format dummy --batch-sizes 1,64
+``pdserve bench decode-profile --model llama-3.1-8b --load-format dummy --batch-sizes 1,64
 --context 1024`` prefills ``B`` prompts of ``context`` tokens, then runs pure-decode steps and reports, per
 batch size, the median step time, tokens/s and the roofline share (weights + live KV bytes / step time /
 copy bandwidth measured in the same run). ``--kernels`` adds torch.profiler's table of the GPU kernels of a few
@@ -64,8 +64,6 @@ def _decode_steps(llm, batch: int, context: int, steps: int, around=contextlib.n
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from pdserve.bench import roofline
     from pdserve.engine.llm import LLM
 
@@ -84,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
           f"graphs={graphs.sizes if graphs else 'off'}")
     for batch in batches:
         host = cProfile.Profile() if args.host else None
-        stats = _decode_steps(llm, batch, args.context, args.steps, (lambda: host) if host else contextlib.nullcontext)
+        around = (lambda h=host: h) if host else contextlib.nullcontext
+        stats = _decode_steps(llm, batch, args.context, args.steps, around)
         if not stats:
             print(f"batch {batch}: no step ran the whole batch as decodes (KV cache too small?)")
             continue

@@ -1,9 +1,9 @@
 """Micro-benchmarks of the decode-step kernels outside attention: ``skinny_linear`` against ``F.linear``
 (cuBLAS) on the projections of Llama-3.1-8B and Qwen3-0.6B, and ``silu_and_mul`` against torch's two kernels.
 
-Run through ``python -m pdserve.kernels.bench --mode gemv`` (or ``--mode silu``). Times are GPU time per call
-from CUDA-graph replays (see ``bench._graph_ms``); each graph cycles through enough copies of the weights that
-they are read from DRAM, not L2, as in a real decode step where every layer has its own. The rate reported
+Run through ``pdserve bench kernels --mode gemv`` (or ``--mode silu``). Times are GPU time per call
+from CUDA-graph replays (see ``pdserve.bench.kernels._graph_ms``); each graph cycles through enough copies of the
+weights that they are read from DRAM, not L2, as in a real decode step where every layer has its own. The rate reported
 for a projection is weight bytes / time (the weight is nearly all a skinny matmul reads).
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .activation import silu_and_mul
-from .skinny import SkinnyConfig, default_config, prefers_skinny, skinny_linear
+from pdserve.kernels.activation import silu_and_mul
+from pdserve.kernels.skinny import SkinnyConfig, default_config, prefers_skinny, skinny_linear
 
 # name -> (in_features K, out_features N)
 GEMV_SHAPES = {
@@ -106,7 +106,7 @@ def run_gemv(args, graph_ms) -> list[GemvRow]:
                 timed = []
                 for cfg in _sweep_configs(m):
                     try:
-                        timed.append((graph_ms([lambda p=p: skinny_linear(*p, config=cfg) for p in probs],
+                        timed.append((graph_ms([lambda p=p, c=cfg: skinny_linear(*p, config=c) for p in probs],
                                                max(20, args.rep_ms // 4)), cfg))
                     except Exception as e:  # out of registers / shared memory: report and go on
                         print(f"    sweep failed {cfg}: {type(e).__name__}")
@@ -127,7 +127,7 @@ def run_silu(args, graph_ms) -> None:
         xs = [torch.randn(tokens, 2 * inter, device="cuda", dtype=dtype) for _ in range(8)]
         equal = torch.equal(silu_and_mul(xs[0]), F.silu(xs[0][:, :inter]) * xs[0][:, inter:])
         ours = graph_ms([lambda x=x: silu_and_mul(x) for x in xs], args.rep_ms)
-        ref = graph_ms([lambda x=x: F.silu(x[:, :inter]) * x[:, inter:] for x in xs], args.rep_ms)
+        ref = graph_ms([lambda x=x, i=inter: F.silu(x[:, :i]) * x[:, i:] for x in xs], args.rep_ms)
         gb = 3 * tokens * inter * xs[0].element_size() / 1e9
         print(f"{tokens:>7}{inter:>7}{ours * 1e3:>10.2f}{ref * 1e3:>10.2f}{gb / ours * 1e3:>11.1f}"
               f"{gb / ref * 1e3:>12.1f}  {equal}", flush=True)

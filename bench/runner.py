@@ -10,8 +10,8 @@ import time
 
 import httpx
 
-from pdserve.services.bench.client import Endpoint, RequestResult, send_request
-from pdserve.services.bench.datasets import BenchRequest
+from pdserve.bench.client import Endpoint, RequestResult, send_request
+from pdserve.bench.datasets import BenchRequest
 
 
 def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:

@@ -1,10 +1,12 @@
-"""Benchmark workloads: random-length token prompts, or prompt/output lengths from a ShareGPT-format file."""
+"""Workloads of the offline benchmarks (throughput, latency): random-length token prompts, or prompt/output lengths
+from a ShareGPT-format file. The serving benchmark's text workloads are in bench/datasets.py."""
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
+
+from pdserve.bench.datasets import sharegpt_pairs
 
 
 @dataclass(frozen=True)
@@ -38,17 +40,10 @@ def sharegpt_requests(path: str, num: int, tokenizer, max_len: int, seed: int = 
     the first turn is the prompt, the second turn's token count is the output length."""
     if tokenizer is None:
         raise ValueError("a ShareGPT dataset needs a model with a tokenizer")
-    with open(path) as f:
-        data = json.load(f)
-    rng = random.Random(seed)
-    rng.shuffle(data)
     out: list[BenchRequest] = []
-    for item in data:
-        conv = item.get("conversations") or item.get("conversation") or []
-        if len(conv) < 2:
-            continue
-        prompt = tokenizer(conv[0]["value"]).input_ids
-        completion_len = len(tokenizer(conv[1]["value"]).input_ids)
+    for first, second in sharegpt_pairs(path, seed):
+        prompt = tokenizer(first).input_ids
+        completion_len = len(tokenizer(second).input_ids)
         if len(prompt) < 4 or completion_len < 4 or len(prompt) + completion_len > max_len:
             continue
         out.append(BenchRequest(prompt, completion_len))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _WORDS = (
@@ -62,25 +63,30 @@ def random_dataset(num: int, input_len: int, output_len: int, range_ratio: float
                          _around(rng, output_len, range_ratio)) for _ in range(num)]
 
 
-def sharegpt_dataset(path: str, num: int, seed: int = 0, output_len: int | None = None,
-                     max_prompt_words: int = 1024) -> list[BenchRequest]:
-    """First human turn and the answer's length from a ShareGPT-format JSON file (a list of records with
-    ``conversations: [{"from": "human"|"gpt", "value": ...}, ...]``). Output lengths are estimated from the
-    answer (1.3 tokens per word) unless ``output_len`` fixes them."""
+def sharegpt_pairs(path: str, seed: int = 0) -> Iterator[tuple[str, str]]:
+    """(first turn, second turn) of each conversation in a ShareGPT-format JSON file (a list of records with
+    ``conversations: [{"from": "human"|"gpt", "value": ...}, ...]``), in an order shuffled by ``seed``; records
+    of another shape are skipped. The offline benchmarks (bench/workload.py) read the same files."""
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of conversations")
-    rng = random.Random(seed)
-    rng.shuffle(records)
-    out = []
+    random.Random(seed).shuffle(records)
     for rec in records:
         if not isinstance(rec, dict):
             continue
         turns = rec.get("conversations") or rec.get("conversation") or []
         if len(turns) < 2 or not all(isinstance(t, dict) for t in turns[:2]):
             continue
-        prompt, answer = str(turns[0].get("value", "")), str(turns[1].get("value", ""))
+        yield str(turns[0].get("value", "")), str(turns[1].get("value", ""))
+
+
+def sharegpt_dataset(path: str, num: int, seed: int = 0, output_len: int | None = None,
+                     max_prompt_words: int = 1024) -> list[BenchRequest]:
+    """First human turn and the answer's length from a ShareGPT-format JSON file (see :func:`sharegpt_pairs`).
+    Output lengths are estimated from the answer (1.3 tokens per word) unless ``output_len`` fixes them."""
+    out: list[BenchRequest] = []
+    for prompt, answer in sharegpt_pairs(path, seed):
         words = len(prompt.split())
         if not prompt.strip() or words > max_prompt_words:
             continue

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from pdserve.services.bench.datasets import BenchRequest
+from pdserve.bench.datasets import BenchRequest
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Micro-benchmark: the paged attention kernel against PyTorch SDPA (flash backend) on equal shapes.
 
-``python -m pdserve.kernels.bench`` (or ``pdserve bench kernels``) times, for a grid of prefill and decode
+``python -m pdserve.bench.kernels`` (or ``pdserve bench kernels``) times, for a grid of prefill and decode
 shapes, our kernel over a paged cache with randomly scattered blocks and
 ``torch.nn.functional.scaled_dot_product_attention`` restricted to the flash backend over contiguous K/V of the
 same sizes, and prints both times, the achieved TFLOP/s (prefill) or GB/s of K/V read (decode), and the speed
@@ -14,7 +14,7 @@ problems are replicated and the graph cycles through the copies, so that the K/V
 ``--sweep`` also times a list of tile configurations and split factors per shape, for tuning.
 
 ``--mode gemv`` and ``--mode silu`` time the other kernels of a decode step instead (skinny matmul against
-cuBLAS, fused SiLU-and-multiply against torch); see :mod:`pdserve.kernels.bench_gemv`.
+cuBLAS, fused SiLU-and-multiply against torch); see :mod:`pdserve.bench.gemv`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import bench_gemv
-from .attention import AttentionConfig, paged_attention
-from .reference import quantize_fp8
+from pdserve.bench import gemv
+from pdserve.kernels.attention import AttentionConfig, paged_attention
+from pdserve.kernels.reference import quantize_fp8
 
 _PREFILL_SWEEP = [AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 4, 3), AttentionConfig(128, 128, 8, 3),
                   AttentionConfig(128, 32, 4, 3), AttentionConfig(64, 64, 4, 3), AttentionConfig(64, 64, 4, 4),
@@ -59,7 +59,7 @@ class Row:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the kernel benchmark (shared by ``python -m pdserve.kernels.bench`` and ``pdserve bench``)."""
+    """Options of the kernel benchmark (shared by ``python -m pdserve.bench.kernels`` and ``pdserve bench``)."""
     parser.add_argument("--mode", choices=["prefill", "decode", "all", "gemv", "silu"], default="all",
                         help="attention shapes (prefill, decode, all) or the gemv / silu kernels")
     parser.add_argument("--num-heads", type=int, default=32, help="query heads (Llama-3.1-8B: 32)")
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time candidate tile configs / split factors")
     parser.add_argument("--rep-ms", type=int, default=200, help="time budget of graph replays per measurement")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    bench_gemv.add_arguments(parser)
+    gemv.add_arguments(parser)
 
 
 def _shapes(spec: str) -> list[tuple[int, int]]:
@@ -238,13 +238,13 @@ def run(args: argparse.Namespace) -> list[Row]:
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if args.mode == "gemv":
-        gemv_rows = bench_gemv.run_gemv(args, _graph_ms)
+        gemv_rows = gemv.run_gemv(args, _graph_ms)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([asdict(r) for r in gemv_rows], f, indent=1)
         return []
     if args.mode == "silu":
-        bench_gemv.run_silu(args, _graph_ms)
+        gemv.run_silu(args, _graph_ms)
         return []
     print(f"heads: {args.num_heads} q / {args.num_kv_heads} kv, head_dim {args.head_dim}, block {args.block_size}, "
           f"{args.dtype}, kv cache {args.kv_cache_dtype}")
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pdserve.kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pdserve.bench.kernels", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
 

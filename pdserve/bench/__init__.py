@@ -1,1 +1,0 @@
-"""Offline benchmarks: throughput and latency, each with a Hugging Face transformers peer in the same run."""

@@ -1,0 +1,1 @@
+"""pdserve.proto.pdserve: the protobuf package ``pdserve`` (see ``proto/regen.py``)."""

@@ -1,1 +1,0 @@
-"""Benchmarks of a running server: ``pdserve bench serve`` (:mod:`.serve`)."""

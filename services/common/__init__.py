@@ -1,1 +1,0 @@
-"""pdserve.services.common."""

@@ -1,0 +1,64 @@
+"""The import mapping is ordinary and strict (docs/architecture.md, pyproject.toml).
+
+Only the folders that ``package-dir`` maps import as ``pdserve.*``. The repository root is no import location
+(pyproject.toml): the suite keeps it last on sys.path, so its ``operator/`` and ``kernels/`` never shadow the
+standard library's ``operator`` or the PyPI package ``kernels``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    # `python -m` from the repository root: the working directory goes first on sys.path, as for a user there.
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["pdserve.tests", "pdserve.charts", "pdserve.pdserve", "pdserve.docs",
+                                  "pdserve.scripts", "pdserve.tests.helpers"])
+def test_unmapped_folders_do_not_import_under_pdserve(name: str) -> None:
+    result = _run(f"import {name}")
+    assert result.returncode != 0
+    assert f"No module named '{name.rsplit('.', 1)[0] if name.count('.') > 1 else name}'" in result.stderr
+
+
+def test_mapped_folders_import_from_the_repository() -> None:
+    code = ("import pdserve.engine.core, pdserve.kernels, pdserve.operator, pdserve.services.router, "
+            "pdserve.proto.pdserve.v1.generate_pb2 as g, pdserve.cli; "
+            "print(pdserve.engine.core.__file__, pdserve.kernels.__file__, pdserve.operator.__file__, g.__file__)")
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(ROOT / "engine/core/__init__.py"), str(ROOT / "kernels/__init__.py"),
+                                     str(ROOT / "operator/__init__.py"),
+                                     str(ROOT / "proto/pdserve/v1/generate_pb2.py")]
+
+
+def test_the_suite_keeps_the_root_last_on_sys_path() -> None:
+    assert Path(sys.path[-1]) == ROOT
+    assert [p for p in sys.path[:-1] if Path(p or ".").resolve() == ROOT] == []
+    import operator
+
+    assert Path(operator.__file__).name == "operator.py"
+    # `kernels` is also a PyPI package (transformers imports it where installed): that one must win.
+    spec = importlib.util.find_spec("kernels")
+    installed = [d for d in importlib.metadata.distributions() if d.metadata["Name"] == "kernels"]
+    assert spec is not None and (Path(spec.origin).parent != ROOT / "kernels") == bool(installed)
+
+
+def test_every_python_folder_under_a_mapped_root_is_a_package() -> None:
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    missing = [str(d.relative_to(ROOT)) for folder in mapping.values() for d in (ROOT / folder).rglob("*")
+               if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))
+               and not (d / "__init__.py").is_file()]
+    missing += [folder for folder in mapping.values() if not (ROOT / folder / "__init__.py").is_file()]
+    assert missing == []
