@@ -106,7 +106,8 @@ def build_config(args: argparse.Namespace, cluster_secret=None):
                                         PodPorts(grpc=args.pod_grpc_port, kv_events=args.pod_kv_events_port or None))
     routing = load_routing_file(args.routing_config) if args.routing_config else preset(args.routing_preset)
     # The router's own front takes the API key only: the cluster secret is for calls it makes, not ones it takes.
-    settings = ServerSettings(served_model_names=(name,), api_key=api_key_from(args), max_body_bytes=args.max_body_bytes,
+    settings = ServerSettings(served_model_names=(name,), api_key=api_key_from(args),
+                              max_body_bytes=args.max_body_bytes,
                               request_timeout_s=args.request_timeout, header_timeout_s=args.header_timeout,
                               body_timeout_s=args.body_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
                               max_concurrent_requests=args.max_concurrent_requests)

@@ -60,7 +60,7 @@ async def test_secrets_are_generated_once_and_rotated_on_request(cluster, operat
         await cluster.wait_for(lambda: secret_values(cluster, "chat-redis-auth")[c.REDIS_PASSWORD_KEY] != password,
                                what="Redis password rotated")
         for role in ("prefill", "decode", "router"):
-            await cluster.wait_for(lambda: template(cluster, role)["metadata"]["annotations"].get(
+            await cluster.wait_for(lambda role=role: template(cluster, role)["metadata"]["annotations"].get(
                 c.ANNOTATION_ROTATE_SECRETS) == "2026-12-06", what=f"{role} rolled")
         redis = cluster.children()[("Deployment", "chat-redis")]["spec"]["template"]
         assert redis["metadata"]["annotations"][c.ANNOTATION_ROTATE_SECRETS] == "2026-12-06"

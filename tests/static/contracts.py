@@ -14,6 +14,4 @@ from pdserve.services.router.engine import RouterEngine
 
 def engine_clients(local: AsyncLLM, router: RouterEngine) -> list[EngineClient]:
     """The monolithic/pod engine and the router's engine both serve the HTTP and gRPC front ends."""
-    # RouterEngine.generate lacks kv_transfer_params (issue 11: a decode handle sent to the router is a 500); the
-    # frontend part fixes it. warn_unused_ignores then fails the check until this ignore is removed.
-    return [local, router]  # type: ignore[list-item]
+    return [local, router]
