@@ -23,19 +23,41 @@ or its peer acknowledges a pull, under a lease; ``take_released`` hands them bac
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
+from pdserve.engine.security import ClusterSecret
+
+if TYPE_CHECKING:
+    from pdserve.engine.core.sched_output import SchedulerOutput
+    from pdserve.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("both", "prefill", "decode")
-LOAD_FAILURE_POLICIES = ("recompute", "fail")
+
+class KVRole(str, enum.Enum):
+    """What an engine does with KV: ``both`` (monolithic), ``prefill`` (producer), ``decode`` (consumer)."""
+
+    BOTH = "both"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class LoadFailurePolicy(str, enum.Enum):
+    """What a consumer does when KV cannot be loaded: compute it locally, or fail the request."""
+
+    RECOMPUTE = "recompute"
+    FAIL = "fail"
+
+
+ROLES = tuple(r.value for r in KVRole)
+LOAD_FAILURE_POLICIES = tuple(p.value for p in LoadFailurePolicy)
 
 
 class KVLoadError(RuntimeError):
@@ -50,31 +72,36 @@ class KVLoadError(RuntimeError):
 class KVConnectorContext:
     """Plain values a connector is built from (taken from the engine config and the allocated KV cache)."""
 
-    role: str
+    role: KVRole  # a plain string is accepted and converted
     descriptor: KVDescriptor
     engine_id: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The deployment's secret (signs handles, call tokens and stored blocks); None only in tests of the halves.
+    cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"unknown KV transfer role {self.role!r}; choose one of {', '.join(ROLES)}")
-        if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
-            raise ValueError(f"unknown kv load failure policy {self.load_failure_policy!r}; choose "
+        try:
+            object.__setattr__(self, "role", KVRole(self.role))
+        except ValueError:
+            raise ValueError(f"unknown KV transfer role {self.role!r}; choose one of {', '.join(ROLES)}") from None
+        policy = self.options.get("load_failure_policy", LoadFailurePolicy.RECOMPUTE.value)
+        if policy not in LOAD_FAILURE_POLICIES:
+            raise ValueError(f"unknown kv load failure policy {policy!r}; choose "
                              f"{' or '.join(LOAD_FAILURE_POLICIES)}")
 
     @property
     def is_producer(self) -> bool:
         """Saves the KV it computes (prefill pods; a monolithic engine with a shared store)."""
-        return self.role in ("both", "prefill")
+        return self.role in (KVRole.BOTH, KVRole.PREFILL)
 
     @property
     def is_consumer(self) -> bool:
         """Loads KV computed elsewhere (decode pods; a monolithic engine with a shared store)."""
-        return self.role in ("both", "decode")
+        return self.role in (KVRole.BOTH, KVRole.DECODE)
 
     @property
-    def load_failure_policy(self) -> str:
-        return str(self.options.get("load_failure_policy", "recompute"))
+    def load_failure_policy(self) -> LoadFailurePolicy:
+        return LoadFailurePolicy(self.options.get("load_failure_policy", LoadFailurePolicy.RECOMPUTE.value))
 
     def option(self, key: str, default: Any = None) -> Any:
         value = self.options.get(key)
@@ -217,7 +244,7 @@ class KVConnectorScheduler(ABC):
         self.ctx = ctx
 
     @abstractmethod
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
         """Prompt tokens beyond ``num_computed_tokens`` (local prefix hits) that can be loaded from outside.
 
         ``None`` means "ask again later" (e.g. the blocks are still being written): the request stays waiting.
@@ -226,15 +253,15 @@ class KVConnectorScheduler(ABC):
         """
 
     @abstractmethod
-    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         """Blocks are allocated for a newly admitted request (``num_external_tokens`` of them to be loaded)."""
 
     @abstractmethod
-    def build_connector_meta(self, sched_out: Any) -> KVConnectorMetadata:
+    def build_connector_meta(self, sched_out: SchedulerOutput) -> KVConnectorMetadata:
         """The worker's instructions for the step just scheduled (consumes what was queued since last time)."""
 
     @abstractmethod
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """A request ends. Returns ``(hold, kv_transfer_params)``: when ``hold``, the scheduler keeps its blocks
         until :meth:`take_released` names it."""
 
@@ -252,10 +279,10 @@ class KVConnectorScheduler(ABC):
     def request_aborted(self, request_id: str) -> None:
         """A waiting request left before it was admitted; drop any state kept for it."""
 
-    def load_failed(self, request: Any, num_external_tokens: int, failure: "LoadFailure") -> int:
+    def load_failed(self, request: Request, num_external_tokens: int, failure: "LoadFailure") -> int:
         """A load failed: how many of its tokens did land (the scheduler computes the rest), or raise
         :class:`KVLoadError` under the ``fail`` policy."""
-        if self.ctx.load_failure_policy == "fail":
+        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL:
             raise KVLoadError(failure.reason, f"KV transfer failed ({failure.reason}): {failure.message}")
         logger.warning("request %s: %s; computing the missing KV locally", request.request_id, failure.message)
         return min(num_external_tokens, failure.num_valid_blocks * self.ctx.descriptor.block_size)

@@ -17,16 +17,20 @@ import time
 from abc import abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.core.block_hash import BlockHasher
 from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorMetadata,
-                                             KVConnectorOutput, KVConnectorScheduler, KVLoadError,
-                                             KVTransferParams, LoadSpec, SaveSpec)
+                                             KVConnectorOutput, KVConnectorScheduler, KVLoadError, KVRole,
+                                             KVTransferParams, LoadFailurePolicy, LoadSpec, SaveSpec)
 from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks, tokens_covered
-from pdserve.engine.kv_transfer.store import StoreUnavailableError
+from pdserve.engine.kv_transfer.stores.store import StoreUnavailableError
+
+if TYPE_CHECKING:
+    from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
+    from pdserve.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         return self._stats
 
     # ------------------------------------------------------------------ consumer
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
         if not self.ctx.is_consumer:
             return 0
         rid = request.request_id
@@ -108,7 +112,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         self._found[rid] = (got, source)
         return min(num_computed_tokens + tokens_covered(got), limit) - num_computed_tokens
 
-    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         """Queue the load of the external tokens; start tracking a producer's saves.
 
         ``request.num_computed_tokens`` must already count the local prefix-cache hits (not the external tokens).
@@ -128,7 +132,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         if self.ctx.is_producer and self.saves_blocks:
             self._start_producing(request, num_local, loaded_until)
 
-    def build_connector_meta(self, sched_out: Any) -> KVConnectorMetadata:
+    def build_connector_meta(self, sched_out: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
         if self.ctx.is_producer and self.saves_blocks:
@@ -140,13 +144,13 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         return meta
 
     # ------------------------------------------------------------------ finish, holds
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         self._first_seen.pop(rid, None)
         self._found.pop(rid, None)
         producing = self._producing.pop(rid, None)
         params = None
-        if self.ctx.role == "prefill" and getattr(request, "abort_reason", None) is None \
+        if self.ctx.role is KVRole.PREFILL and getattr(request, "abort_reason", None) is None \
                 and request.status.value != "abort":
             params = self._make_handle(request, producing, block_ids).to_dict()
         hold = self._pending_saves.get(rid, 0) > 0 or rid in self._loading
@@ -178,7 +182,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
 
     # ------------------------------------------------------------------ hooks for subclasses
     @abstractmethod
-    def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
+    def _lookup(self, request: Request, handle: KVTransferParams | None, wanted: list[PromptBlock]
                 ) -> tuple[int, dict[str, Any]]:
         """How many leading blocks of ``wanted`` can be loaded, and the load's source description."""
 
@@ -194,7 +198,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         """A load that cannot happen: count it, then fail the request or let it compute (a miss)."""
         self._stats.record_failure(reason)
         self._first_seen.pop(request_id, None)
-        if self.ctx.load_failure_policy == "fail":
+        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL:
             raise KVLoadError(reason, f"KV transfer failed ({reason}): {message}")
         logger.warning("request %s: %s; computing its KV locally", request_id, message)
         return 0
@@ -213,7 +217,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
             return "the prompt's block hashes differ from the prefill's (other tokens or hash settings)"
         return None
 
-    def _start_producing(self, request: Any, num_local: int, loaded_until: int) -> None:
+    def _start_producing(self, request: Request, num_local: int, loaded_until: int) -> None:
         n = request.num_prompt_tokens
         blocks = prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
         bs = self.block_size
@@ -233,7 +237,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
     def _contains(self, hashes: list[int]) -> list[bool]:
         return [True] * len(hashes)
 
-    def _save_spec(self, chunk: Any) -> SaveSpec | None:
+    def _save_spec(self, chunk: ScheduledChunk) -> SaveSpec | None:
         state = self._producing.get(chunk.request_id)
         if state is None:
             return None
@@ -250,7 +254,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         refs = tuple(BlockRef(chunk.block_ids[i], blocks[i].block_hash, blocks[i].num_tokens, i) for i in indices)
         return SaveSpec(chunk.request_id, refs)
 
-    def _make_handle(self, request: Any, producing: _Producing | None, block_ids: list[int]) -> KVTransferParams:
+    def _make_handle(self, request: Request, producing: _Producing | None, block_ids: list[int]) -> KVTransferParams:
         blocks = producing.blocks if producing is not None else \
             prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
         return KVTransferParams(connector=self.name, transfer_id=request.request_id,
@@ -267,7 +271,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
             self._released.append(request_id)
 
 
-def handle_of(request: Any) -> KVTransferParams | None:
+def handle_of(request: Request) -> KVTransferParams | None:
     """The request's transfer handle, parsed (None when it has none)."""
     raw = getattr(request, "kv_transfer_params", None)
     return KVTransferParams.from_dict(raw) if raw else None

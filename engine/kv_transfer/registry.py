@@ -50,21 +50,22 @@ def resolve_factory(name: str) -> Callable[[KVConnectorContext], ConnectorPair]:
 
 
 def _store_pair(ctx: KVConnectorContext, name: str, store: Any) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.store_connector import StoreConnectorScheduler, StoreConnectorWorker
+    from pdserve.engine.kv_transfer.stores.scheduler import StoreConnectorScheduler
+    from pdserve.engine.kv_transfer.stores.worker import StoreConnectorWorker
 
     stats = KVTransferStats(connector=name)
     return StoreConnectorScheduler(ctx, name, stats, store), StoreConnectorWorker(ctx, stats, store)
 
 
 def _shared_fs(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.shared_fs import SharedFSStore
+    from pdserve.engine.kv_transfer.stores.shared_fs import SharedFSStore
 
     store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)))
     return _store_pair(ctx, "shared-fs", store)
 
 
 def _redis(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.redis_connector import RedisStore
+    from pdserve.engine.kv_transfer.stores.redis_store import RedisStore
 
     store = RedisStore(ctx.option("redis_url", ""), ctx.descriptor.namespace, int(ctx.option("redis_ttl_s", 3600)),
                        int(ctx.option("kv_max_bytes", 0)), float(ctx.option("redis_timeout_s", 2.0)))
@@ -72,8 +73,9 @@ def _redis(ctx: KVConnectorContext) -> ConnectorPair:
 
 
 def _grpc(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.grpc_connector import GrpcConnectorScheduler, GrpcConnectorWorker
-    from pdserve.engine.kv_transfer.grpc_kv_server import TransferRegistry
+    from pdserve.engine.kv_transfer.grpc.scheduler import GrpcConnectorScheduler
+    from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
+    from pdserve.engine.kv_transfer.grpc.worker import GrpcConnectorWorker
 
     stats = KVTransferStats(connector="grpc")
     registry = TransferRegistry()

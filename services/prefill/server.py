@@ -90,7 +90,7 @@ async def release_transfer(handle: dict[str, Any]) -> None:
     server = handle.get("kv_server")
     if not server:
         return
-    from pdserve.engine.kv_transfer.grpc_kv_server import KVPullClient
+    from pdserve.engine.kv_transfer.grpc.client import KVPullClient
 
     def release() -> None:
         client = KVPullClient(None)  # type: ignore[arg-type]  # releasing needs no descriptor

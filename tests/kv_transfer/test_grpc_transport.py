@@ -13,9 +13,10 @@ import pytest
 
 from kv_harness import admit, make_request, make_side, prefill, same_kv, wait_for
 
-from pdserve.engine.kv_transfer import cuda_ipc
+from pdserve.engine.kv_transfer.grpc import cuda_ipc
 from pdserve.engine.kv_transfer.base import BlockRef
-from pdserve.engine.kv_transfer.grpc_kv_server import KVPullClient, PullError, TransferRegistry
+from pdserve.engine.kv_transfer.grpc.client import KVPullClient, PullError
+from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
 
 
 @pytest.fixture

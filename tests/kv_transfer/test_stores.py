@@ -9,9 +9,9 @@ import time
 import pytest
 
 from pdserve.engine.kv_transfer.local_redis import LocalRedis, free_port
-from pdserve.engine.kv_transfer.redis_connector import RedisStore
-from pdserve.engine.kv_transfer.shared_fs import SharedFSStore
-from pdserve.engine.kv_transfer.store import StoreUnavailableError, block_key
+from pdserve.engine.kv_transfer.stores.redis_store import RedisStore
+from pdserve.engine.kv_transfer.stores.shared_fs import SharedFSStore
+from pdserve.engine.kv_transfer.stores.store import StoreUnavailableError, block_key
 
 
 @pytest.fixture(params=["shared-fs", "redis"])

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from pdserve.engine.kv_transfer.store import Blob, BlockStore, StoreUnavailableError, blob_size
+from pdserve.engine.kv_transfer.stores.store import Blob, BlockStore, StoreUnavailableError, blob_size
 
 logger = logging.getLogger(__name__)
 

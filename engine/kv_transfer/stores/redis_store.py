@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pdserve.engine.kv_transfer.store import Blob, BlockStore, StoreUnavailableError, join_blob
+from pdserve.engine.kv_transfer.stores.store import Blob, BlockStore, StoreUnavailableError, join_blob
 
 # Runs in the same MULTI as the SET of the value (values never pass through Lua: big arguments are slow there).
 # KEYS: block key, lru, sizes, total. ARGV: value size, ttl s, budget bytes (0: none). Returns the total bytes.

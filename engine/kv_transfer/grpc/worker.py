@@ -1,4 +1,4 @@
-"""The ``grpc`` connector: decode pods pull blocks from the prefill pod's KV server over a gRPC stream.
+"""The worker half of the ``grpc`` connector: decode pods pull blocks from the prefill pod's KV server over a gRPC stream.
 
 Producer (prefill pod): nothing is copied during the forward pass; when a request finishes, its blocks stay in
 the KV cache under a lease (``kv_lease_s``, default 60 s), registered with the pod's KV server, and the transfer
@@ -14,7 +14,7 @@ them device to device out of the prefill pod's GPU cache over CUDA IPC (same nod
 and fails the load when that is impossible; ``auto`` (the default) uses IPC where the peer is on this node and
 both caches are on GPUs, else the stream.
 
-The scheduler and worker halves share the transfer registry and the server address: they live in one process
+The scheduler half (:mod:`.scheduler`) and this worker half share the transfer registry and the server address: they live in one process
 (the engine core). The KV server binds ``kv_host:kv_port`` (default all interfaces, a free port) and announces
 ``kv_advertise_host`` (default 127.0.0.1; a pod sets its own IP).
 """
@@ -31,71 +31,20 @@ from typing import Any, Callable
 
 import grpc
 import torch
-
-from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
-                                             KVTransferParams, LoadFailure, LoadSpec)
-from pdserve.engine.kv_transfer.block_format import KVFormatError
-from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
-from pdserve.engine.kv_transfer.grpc_kv_server import (DEFAULT_CHUNK_BYTES, KVPullClient, KVTransferServicer,
-                                                       PullError, TransferRegistry, start_kv_server)
+from pdserve.engine.kv_transfer.base import (
+    BlockRef,
+    KVConnectorContext,
+    KVConnectorOutput,
+    KVConnectorWorker,
+    LoadFailure,
+    LoadSpec,
+)
+from pdserve.engine.kv_transfer.grpc.client import KVPullClient, PullError
+from pdserve.engine.kv_transfer.grpc.kv_server import DEFAULT_CHUNK_BYTES, KVTransferServicer, start_kv_server
+from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
-from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks
 
 logger = logging.getLogger(__name__)
-
-
-class GrpcConnectorScheduler(BlockConnectorScheduler):
-    """Holds finished prefills for their peers; turns handles into pull specs on the decode side."""
-
-    saves_blocks = False
-    loads_without_handle = False  # blocks live in some prefill pod: only a handle says which
-
-    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, registry: TransferRegistry,
-                 address: str | None) -> None:
-        super().__init__(ctx, "grpc", stats)
-        self.registry = registry
-        self.address = address
-        self.lease_s = float(ctx.option("kv_lease_s", 60.0))
-
-    def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
-                ) -> tuple[int, dict[str, Any]]:
-        if handle is None or not handle.kv_server:
-            raise KVFormatError("the transfer handle names no KV server")
-        # Trust the handle: asking the peer now would cost a round trip per admission; the pull will tell.
-        return len(wanted), {"kv_server": handle.kv_server, "transfer_id": handle.transfer_id}
-
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        hold, params = super().request_finished(request, block_ids)
-        if params is not None:
-            blocks = prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
-            refs = [BlockRef(block_ids[b.index], b.block_hash, b.num_tokens, b.index) for b in blocks]
-            self.registry.add(request.request_id, refs, self.lease_s)
-            self._held[request.request_id] = len(block_ids)
-            self._stats.set_blocks_held(sum(self._held.values()))
-            hold = True
-        return hold, params
-
-    def update_connector_output(self, output: KVConnectorOutput) -> None:
-        super().update_connector_output(output)
-        for transfer_id in output.released:
-            self._maybe_release(transfer_id)
-
-    def take_released(self) -> list[str]:
-        for transfer_id in self.registry.expire():
-            logger.warning("KV transfer %s: lease of %.0f s expired before a decode pod released it; freeing "
-                           "its blocks", transfer_id, self.lease_s)
-            self._stats.record_failure("lease_expired")
-            self._maybe_release(transfer_id)
-        return super().take_released()
-
-    def has_pending_work(self) -> bool:
-        return super().has_pending_work() or len(self.registry) > 0
-
-    def _is_held_elsewhere(self, request_id: str) -> bool:
-        return request_id in self.registry
-
-    def _kv_server_address(self) -> str | None:
-        return self.address
 
 
 TRANSPORTS = ("auto", "stream", "ipc")
@@ -158,7 +107,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
     def _load_via_ipc(self, spec: LoadSpec, t0: float) -> None:
         """Copy a transfer's blocks device to device from a peer on this node (falls back to the stream under
         ``auto`` when the peer's cache cannot be mapped here)."""
-        from pdserve.engine.kv_transfer import cuda_ipc
+        from pdserve.engine.kv_transfer.grpc import cuda_ipc
 
         address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
         job = _PullJob(spec, 1, t0)
@@ -197,7 +146,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
     def _ipc_peer(self, address: str, refresh: bool = False) -> "_IpcPeer | None":
         """The peer's cache mapped into this process (opened once per KV server), or None when IPC is impossible
         (another node, an invisible GPU, a CPU cache, this very process)."""
-        from pdserve.engine.kv_transfer import cuda_ipc
+        from pdserve.engine.kv_transfer.grpc import cuda_ipc
 
         with self._ipc_lock:
             if address in self._ipc_peers and not refresh:

@@ -1,4 +1,4 @@
-"""Connectors over a :class:`BlockStore` (``shared-fs``, ``redis``): save layer by layer, load asynchronously.
+"""The worker half of the connectors over a :class:`BlockStore` (``shared-fs``, ``redis``): save layer by layer, load asynchronously.
 
 Saving (producer): for every block a step completes, ``save_kv_layer`` copies that layer's slice into a host
 staging tensor right after the layer wrote it (on a GPU: an asynchronous device-to-host copy that overlaps the next
@@ -21,33 +21,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from pdserve.engine.kv_transfer.base import (KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
-                                             KVTransferParams, LoadFailure, LoadSpec, SaveSpec)
+from pdserve.engine.kv_transfer.base import (
+    KVConnectorContext,
+    KVConnectorOutput,
+    KVConnectorWorker,
+    LoadFailure,
+    LoadSpec,
+    SaveSpec,
+)
 from pdserve.engine.kv_transfer.block_format import KVFormatError, decode_block, encode_block_parts
-from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
-from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock
-from pdserve.engine.kv_transfer.store import BlockStore, StoreUnavailableError, block_key
+from pdserve.engine.kv_transfer.stores.store import BlockStore, StoreUnavailableError, block_key
 
 logger = logging.getLogger(__name__)
 
 # Blocks per I/O task: one store round trip and one batched copy into the cache per group when loading.
 _GROUP = 8
-
-
-class StoreConnectorScheduler(BlockConnectorScheduler):
-    """Finds a request's prompt blocks in the store (a handle is optional: any stored prefix is reused)."""
-
-    def __init__(self, ctx: KVConnectorContext, name: str, stats: KVTransferStats, store: BlockStore) -> None:
-        super().__init__(ctx, name, stats)
-        self.store = store
-
-    def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
-                ) -> tuple[int, dict[str, Any]]:
-        return self.store.count_prefix([block_key(b.block_hash) for b in wanted]), {}
-
-    def _contains(self, hashes: list[int]) -> list[bool]:
-        return self.store.contains([block_key(h) for h in hashes])
 
 
 class StoreConnectorWorker(KVConnectorWorker):
@@ -172,7 +161,6 @@ class StoreConnectorWorker(KVConnectorWorker):
 
     def _begin_stage(self, saves: list[SaveSpec]) -> None:
         import torch
-
         from pdserve.engine.kv_transfer import kv_layout
 
         ids = [ref.block_id for spec in saves for ref in spec.blocks]

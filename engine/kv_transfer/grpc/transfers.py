@@ -1,0 +1,86 @@
+"""The transfers a prefill pod holds for decode pods: transfer id -> blocks, under a lease. Pure Python (the
+scheduler half adds transfers, the KV server reads them)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.engine.kv_transfer.base import BlockRef
+
+
+@dataclass
+class _Transfer:
+    blocks: tuple[BlockRef, ...]
+    expires_at: float
+    active_pulls: int = 0
+
+
+class TransferRegistry:
+    """Transfers a producer holds for its peers: transfer id -> blocks, with a lease. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._transfers: dict[str, _Transfer] = {}
+        self._released: set[str] = set()
+
+    def add(self, transfer_id: str, blocks: Sequence[BlockRef], lease_s: float) -> None:
+        with self._lock:
+            self._transfers[transfer_id] = _Transfer(tuple(blocks), time.monotonic() + lease_s)
+
+    def begin_pull(self, transfer_id: str) -> tuple[BlockRef, ...] | None:
+        """The transfer's blocks, pinned until :meth:`end_pull` (None when unknown or expired)."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is None:
+                return None
+            t.active_pulls += 1
+            return t.blocks
+
+    def pin(self, transfer_id: str, seconds: float) -> tuple[BlockRef, ...] | None:
+        """The transfer's blocks, its lease extended to at least ``seconds`` from now (None when unknown or
+        expired): a peer copying them itself (CUDA IPC) gets that long before they can be reused."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is None:
+                return None
+            t.expires_at = max(t.expires_at, time.monotonic() + seconds)
+            return t.blocks
+
+    def end_pull(self, transfer_id: str) -> None:
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is not None:
+                t.active_pulls -= 1
+
+    def release(self, transfer_id: str) -> bool:
+        """The peer is done: forget the transfer; the worker reports it so the scheduler frees the blocks."""
+        with self._lock:
+            if self._transfers.pop(transfer_id, None) is None:
+                return False
+            self._released.add(transfer_id)
+            return True
+
+    def take_released(self) -> set[str]:
+        with self._lock:
+            out, self._released = self._released, set()
+            return out
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Forget and return the transfers whose lease ran out (never one being pulled right now)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            gone = [tid for tid, t in self._transfers.items() if t.expires_at <= now and t.active_pulls == 0]
+            for tid in gone:
+                del self._transfers[tid]
+            return gone
+
+    def __contains__(self, transfer_id: str) -> bool:
+        with self._lock:
+            return transfer_id in self._transfers
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._transfers)
