@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,13 +110,23 @@ class KVConnectorContext:
         return default if value is None else value
 
 
+class KVHandleError(ValueError):
+    """A transfer handle that is malformed, unsigned, forged or expired. The message never echoes secrets."""
+
+
+_HANDLE_FIELDS = ("connector", "transfer_id", "num_tokens", "block_hashes", "descriptor")
+
+
 @dataclass(frozen=True)
 class KVTransferParams:
     """The transfer handle: what a prefill returns and a decode request carries (as a dict on the wire).
 
     ``block_hashes`` are the chained hashes of the prompt's full blocks, then, when ``num_tokens`` is not a
     multiple of the block size, the hash of the last, partial block. ``kv_server`` is the prefill pod's KV server
-    (grpc connector); ``transfer_id`` names the prefill's blocks there (its request id).
+    (grpc connector); ``transfer_id`` is a random 128-bit token that names the prefill's blocks there (never the
+    request id, so it cannot be guessed). ``mac`` is ``ClusterSecret.sign("kv-handle", ...)`` over
+    :meth:`canonical` (every other field, ``expires_at`` included): a decode pod dials only the KV server of a
+    handle that verifies, so only a pod holding the cluster secret can send it anywhere.
     """
 
     connector: str
@@ -124,28 +136,73 @@ class KVTransferParams:
     descriptor: dict[str, Any]
     engine_id: str = ""
     kv_server: str | None = None
+    expires_at: float = 0.0  # unix time after which the handle is refused
+    mac: str = ""  # hex HMAC-SHA256 over canonical()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["block_hashes"] = [f"{h:016x}" for h in self.block_hashes]  # JSON numbers lose 64-bit precision
         return d
 
+    def canonical(self) -> bytes:
+        """The bytes the MAC covers: every field but ``mac``, as sorted, compact JSON."""
+        d = self.to_dict()
+        del d["mac"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, secret: ClusterSecret, ttl_s: float) -> "KVTransferParams":
+        """This handle, valid for ``ttl_s`` seconds from now, with its MAC."""
+        unsigned = dataclasses.replace(self, expires_at=round(time.time() + ttl_s, 3), mac="")
+        return dataclasses.replace(unsigned, mac=secret.sign("kv-handle", unsigned.canonical()).hex())
+
+    def verify(self, secret: ClusterSecret, now: float | None = None) -> None:
+        """Raise :class:`KVHandleError` unless the handle was signed under ``secret`` and has not expired."""
+        if not self.mac:
+            raise KVHandleError("the transfer handle is not signed")
+        try:
+            mac = bytes.fromhex(self.mac)
+        except ValueError:
+            raise KVHandleError("the transfer handle's signature is malformed") from None
+        if not secret.verify("kv-handle", self.canonical(), mac):
+            raise KVHandleError("the transfer handle's signature does not verify (forged, altered, or signed "
+                                "under another cluster secret)")
+        if (time.time() if now is None else now) > self.expires_at:
+            raise KVHandleError("the transfer handle expired")
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KVTransferParams":
-        """Parse a handle; ``ValueError`` with a clear message for a malformed one."""
+        """Parse a handle; :class:`KVHandleError` (a ``ValueError``) naming the field for a malformed one."""
         if not isinstance(data, Mapping):
-            raise ValueError("kv_transfer_params must be an object")
+            raise KVHandleError("kv_transfer_params must be an object")
+        for name in _HANDLE_FIELDS:
+            if name not in data:
+                raise KVHandleError(f"kv_transfer_params lacks {name!r}")
+        field_name = "block_hashes"
         try:
-            hashes = tuple(int(h, 16) if isinstance(h, str) else int(h) for h in data["block_hashes"])
-            params = cls(connector=str(data["connector"]), transfer_id=str(data["transfer_id"]),
-                         num_tokens=int(data["num_tokens"]), block_hashes=hashes,
-                         descriptor=dict(data["descriptor"]), engine_id=str(data.get("engine_id") or ""),
-                         kv_server=data.get("kv_server") or None)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed kv_transfer_params: {exc!r}") from None
-        if params.num_tokens <= 0:
-            raise ValueError("kv_transfer_params.num_tokens must be positive")
-        return params
+            if isinstance(data["block_hashes"], (str, bytes)) or not isinstance(data["block_hashes"], Sequence):
+                raise TypeError
+            hashes = tuple(int(h, 16) if isinstance(h, str) else _plain_int(h) for h in data["block_hashes"])
+            field_name = "num_tokens"
+            num_tokens = _plain_int(data["num_tokens"])
+            field_name = "descriptor"
+            if not isinstance(data["descriptor"], Mapping):
+                raise TypeError
+            field_name = "expires_at"
+            expires_at = float(data.get("expires_at") or 0.0)
+            field_name = "mac"
+            mac = data.get("mac") or ""
+            if not isinstance(mac, str):
+                raise TypeError
+        except (TypeError, ValueError, OverflowError):
+            raise KVHandleError(f"kv_transfer_params.{field_name} is malformed") from None
+        if num_tokens <= 0:
+            raise KVHandleError("kv_transfer_params.num_tokens must be positive")
+        kv_server = data.get("kv_server") or None
+        if kv_server is not None and not isinstance(kv_server, str):
+            raise KVHandleError("kv_transfer_params.kv_server must be a string")
+        return cls(connector=str(data["connector"]), transfer_id=str(data["transfer_id"]), num_tokens=num_tokens,
+                   block_hashes=hashes, descriptor=dict(data["descriptor"]),
+                   engine_id=str(data.get("engine_id") or ""), kv_server=kv_server, expires_at=expires_at, mac=mac)
 
     def to_proto(self) -> Any:
         """As a ``pdserve.v1.KVTransferHandle`` message (disagg.proto)."""
@@ -155,7 +212,7 @@ class KVTransferParams:
         return disagg_pb2.KVTransferHandle(
             connector=self.connector, transfer_id=self.transfer_id, num_tokens=self.num_tokens,
             block_hashes=list(self.block_hashes), descriptor=KVDescriptor.from_dict(self.descriptor).to_proto(),
-            engine_id=self.engine_id, kv_server=self.kv_server or "")
+            engine_id=self.engine_id, kv_server=self.kv_server or "", expires_at=self.expires_at, mac=self.mac)
 
     @classmethod
     def from_proto(cls, msg: Any) -> "KVTransferParams":
@@ -164,7 +221,15 @@ class KVTransferParams:
         desc = {f.name: getattr(msg.descriptor, f.name) for f in dataclasses.fields(KVDescriptor)}
         return cls.from_dict({"connector": msg.connector, "transfer_id": msg.transfer_id,
                               "num_tokens": msg.num_tokens, "block_hashes": list(msg.block_hashes),
-                              "descriptor": desc, "engine_id": msg.engine_id, "kv_server": msg.kv_server or None})
+                              "descriptor": desc, "engine_id": msg.engine_id, "kv_server": msg.kv_server or None,
+                              "expires_at": msg.expires_at, "mac": msg.mac})
+
+
+def _plain_int(value: Any) -> int:
+    """An int from JSON (bools and floats are refused: ``True`` or ``1.5`` is no token count or hash)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value
 
 
 @dataclass(frozen=True)

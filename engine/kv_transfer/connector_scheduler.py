@@ -13,6 +13,7 @@ A request's prompt blocks, seen from a consumer (block size 4, prompt of 10 toke
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from abc import abstractmethod
 from collections import Counter
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.core.block_hash import BlockHasher
 from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorMetadata,
-                                             KVConnectorOutput, KVConnectorScheduler, KVLoadError, KVRole,
-                                             KVTransferParams, LoadFailurePolicy, LoadSpec, SaveSpec)
+                                             KVConnectorOutput, KVConnectorScheduler, KVHandleError, KVLoadError,
+                                             KVRole, KVTransferParams, LoadFailurePolicy, LoadSpec, SaveSpec)
 from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks, tokens_covered
@@ -79,7 +80,9 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         rid = request.request_id
         try:
             handle = handle_of(request)
-        except ValueError as exc:
+            if handle is not None and self.ctx.cluster_secret is not None:
+                handle.verify(self.ctx.cluster_secret)  # before anything in it is trusted (or dialled)
+        except KVHandleError as exc:
             return self._miss_or_fail(rid, "bad_handle", str(exc))
         if handle is None and not self.loads_without_handle:
             return 0
@@ -257,11 +260,18 @@ class BlockConnectorScheduler(KVConnectorScheduler):
     def _make_handle(self, request: Request, producing: _Producing | None, block_ids: list[int]) -> KVTransferParams:
         blocks = producing.blocks if producing is not None else \
             prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
-        return KVTransferParams(connector=self.name, transfer_id=request.request_id,
-                                num_tokens=request.num_prompt_tokens,
-                                block_hashes=tuple(b.block_hash for b in blocks),
-                                descriptor=self.ctx.descriptor.to_dict(), engine_id=self.ctx.engine_id,
-                                kv_server=self._kv_server_address())
+        handle = KVTransferParams(connector=self.name, transfer_id=secrets.token_hex(16),
+                                  num_tokens=request.num_prompt_tokens,
+                                  block_hashes=tuple(b.block_hash for b in blocks),
+                                  descriptor=self.ctx.descriptor.to_dict(), engine_id=self.ctx.engine_id,
+                                  kv_server=self._kv_server_address())
+        secret = self.ctx.cluster_secret
+        return handle.signed(secret, self.handle_ttl_s) if secret is not None else handle
+
+    @property
+    def handle_ttl_s(self) -> float:
+        """How long a handle this producer returns stays valid (the store's time to live by default)."""
+        return float(self.ctx.option("redis_ttl_s", 3600))
 
     def _maybe_release(self, request_id: str) -> None:
         if request_id in self._held and self._pending_saves.get(request_id, 0) <= 0 \

@@ -11,6 +11,7 @@ from typing import Any
 
 from pdserve.engine.kv_transfer.base import LOAD_FAILURE_POLICIES
 from pdserve.engine.kv_transfer.registry import BUILTIN_CONNECTORS
+from pdserve.engine.security import ClusterSecret
 
 
 def add_kv_transfer_arguments(parser: argparse.ArgumentParser, default_connector: str | None = "shared-fs") -> None:
@@ -37,8 +38,10 @@ def add_kv_transfer_arguments(parser: argparse.ArgumentParser, default_connector
                         "(recompute) or fail the request (fail)")
 
 
-def kv_transfer_kwargs(args: argparse.Namespace, role: str) -> dict[str, Any]:
-    """``EngineConfig.create`` keyword arguments (``role``, ``connector``, ``options``) for an engine role."""
+def kv_transfer_kwargs(args: argparse.Namespace, role: str, cluster_secret: ClusterSecret | None = None
+                       ) -> dict[str, Any]:
+    """``EngineConfig.create`` keyword arguments (``role``, ``connector``, ``options``, ``cluster_secret``) for
+    an engine role; ``cluster_secret`` is what the entry point loaded (``load_cluster_secret()``)."""
     connector = getattr(args, "kv_connector", None)
     if connector == "shared-fs" and not args.kv_path:
         raise ValueError("--kv-connector shared-fs needs --kv-path (a directory shared by prefill and decode pods)")
@@ -50,5 +53,5 @@ def kv_transfer_kwargs(args: argparse.Namespace, role: str) -> dict[str, Any]:
         "redis_ttl_s": args.redis_ttl, "kv_port": args.kv_port, "kv_advertise_host": args.kv_advertise_host,
         "kv_lease_s": args.kv_lease, "kv_transport": getattr(args, "kv_transport", None),
     }
-    return {"role": role, "connector": connector,
+    return {"role": role, "connector": connector, "cluster_secret": cluster_secret,
             "options": tuple(sorted((k, v) for k, v in options.items() if v is not None))}

@@ -50,6 +50,9 @@ def resolve_factory(name: str) -> Callable[[KVConnectorContext], ConnectorPair]:
 
 
 def _store_pair(ctx: KVConnectorContext, name: str, store: Any) -> ConnectorPair:
+    if ctx.cluster_secret is None:
+        raise ValueError(f"the {name} KV connector signs and checks every stored block with the cluster secret: "
+                         f"set PDSERVE_CLUSTER_SECRET or PDSERVE_CLUSTER_SECRET_FILE (the same on every pod)")
     from pdserve.engine.kv_transfer.stores.scheduler import StoreConnectorScheduler
     from pdserve.engine.kv_transfer.stores.worker import StoreConnectorWorker
 

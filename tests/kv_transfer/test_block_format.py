@@ -77,7 +77,7 @@ def test_transfer_params_round_trip_keeps_64_bit_hashes(descriptor):
                               block_hashes=(2**64 - 1, 12345), descriptor=descriptor.to_dict(),
                               kv_server="127.0.0.1:5000")
     assert KVTransferParams.from_dict(params.to_dict()) == params
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(ValueError, match="kv_transfer_params lacks 'transfer_id'"):
         KVTransferParams.from_dict({"connector": "grpc"})
 
 

@@ -1,9 +1,13 @@
-"""The decode pod's client of prefill pods' KV servers: pulls, locates and releases transfers."""
+"""The decode pod's client of prefill pods' KV servers: pulls, locates and releases transfers.
+
+Every call carries a fresh call token of the cluster secret. Channels are cached per KV server address, at most
+``MAX_CHANNELS`` of them (least recently used closed first): a decode pod talks to many prefill pods over time."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -16,7 +20,8 @@ from pdserve.engine.kv_transfer.block_format import (
     header_from_proto,
     verify_payload,
 )
-from pdserve.engine.kv_transfer.grpc.kv_server import DEFAULT_CHUNK_BYTES, MAX_MESSAGE
+from pdserve.engine.kv_transfer.grpc.kv_server import AUTH_SCOPE, DEFAULT_CHUNK_BYTES, MAX_MESSAGE
+from pdserve.engine.security import ClusterSecret
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +35,27 @@ class PullError(Exception):
         self.num_valid_blocks = num_valid_blocks
 
 
+MAX_CHANNELS = 64
+
 _CODE_REASONS = {grpc.StatusCode.UNAVAILABLE: "peer_gone", grpc.StatusCode.NOT_FOUND: "lease_expired",
-                 grpc.StatusCode.DEADLINE_EXCEEDED: "timeout", grpc.StatusCode.FAILED_PRECONDITION: "incompatible"}
+                 grpc.StatusCode.DEADLINE_EXCEEDED: "timeout", grpc.StatusCode.FAILED_PRECONDITION: "incompatible",
+                 grpc.StatusCode.UNAUTHENTICATED: "unauthenticated"}
 
 
 class KVPullClient:
     """Pulls transfers from KV servers, one cached channel per server address."""
 
-    def __init__(self, descriptor: KVDescriptor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        self.descriptor = descriptor
+    def __init__(self, descriptor: KVDescriptor | None, secret: ClusterSecret | None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_channels: int = MAX_CHANNELS) -> None:
+        self.descriptor = descriptor  # None: a client that only releases
+        self.secret = secret
         self.chunk_bytes = chunk_bytes
+        self.max_channels = max(1, max_channels)
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: OrderedDict[str, grpc.Channel] = OrderedDict()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return list(self.secret.call_headers(AUTH_SCOPE).items()) if self.secret is not None else []
 
     def pull(self, address: str, transfer_id: str, blocks: Sequence[BlockRef], timeout_s: float,
              on_block: Callable[[BlockRef, memoryview], None]) -> int:
@@ -60,7 +74,7 @@ class KVPullClient:
         done, nbytes = 0, 0
         ref, header, buf, filled = None, None, None, 0
         try:
-            for msg in stub.PullBlocks(req, timeout=timeout_s):
+            for msg in stub.PullBlocks(req, timeout=timeout_s, metadata=self._metadata()):
                 if msg.HasField("header"):
                     ref = by_index.get(msg.block_index)
                     if ref is None or done >= len(blocks) or ref.index != blocks[done].index:
@@ -100,7 +114,8 @@ class KVPullClient:
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
         return self._stub(address).ShareCache(pb.ShareCacheRequest(descriptor=self.descriptor.to_proto(),
-                                                                   node_id=node), timeout=timeout_s)
+                                                                   node_id=node), timeout=timeout_s,
+                                                              metadata=self._metadata())
 
     def locate(self, address: str, transfer_id: str, blocks: Sequence[BlockRef], timeout_s: float
                ) -> tuple[str, list[int]]:
@@ -114,7 +129,7 @@ class KVPullClient:
         req = pb.LocateBlocksRequest(transfer_id=transfer_id, descriptor=self.descriptor.to_proto(),
                                      first_block=blocks[0].index, num_blocks=len(blocks), pin_seconds=timeout_s)
         try:
-            reply = self._stub(address).LocateBlocks(req, timeout=timeout_s)
+            reply = self._stub(address).LocateBlocks(req, timeout=timeout_s, metadata=self._metadata())
         except grpc.RpcError as exc:
             code = exc.code()
             raise PullError(_CODE_REASONS.get(code, "error"), f"locating KV transfer {transfer_id} at {address} "
@@ -134,7 +149,8 @@ class KVPullClient:
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
         try:
-            self._stub(address).Release(pb.ReleaseRequest(transfer_id=transfer_id), timeout=timeout_s)
+            self._stub(address).Release(pb.ReleaseRequest(transfer_id=transfer_id), timeout=timeout_s,
+                                        metadata=self._metadata())
             return True
         except grpc.RpcError as exc:
             logger.info("could not release KV transfer %s at %s: %s", transfer_id, address, exc.code().name)
@@ -156,4 +172,9 @@ class KVPullClient:
                     ("grpc.max_receive_message_length", MAX_MESSAGE),
                     ("grpc.max_send_message_length", MAX_MESSAGE)])
                 self._channels[address] = channel
+                while len(self._channels) > self.max_channels:
+                    _, oldest = self._channels.popitem(last=False)
+                    oldest.close()
+            else:
+                self._channels.move_to_end(address)
             return pb_grpc.KVTransferStub(channel)

@@ -10,12 +10,20 @@ reads are never reused under it.
 On one node a decode process can skip the stream: ``ShareCache`` hands it CUDA IPC handles of the cache once,
 ``LocateBlocks`` names a transfer's block ids (and pins the transfer while the caller copies), and the caller
 copies device to device, then calls ``Release`` (see :mod:`.cuda_ipc`).
+
+Every RPC needs a fresh call token of the cluster secret (``x-pdserve-auth``, scope ``kv``) in its metadata, else
+``UNAUTHENTICATED``; a KV server does not start without the secret. The server bounds what a caller may ask for:
+``chunk_bytes`` is clamped to [``MIN_CHUNK_BYTES``, ``MAX_CHUNK_BYTES``], ``pin_seconds`` to [1 s, the lease]
+(``inf``/NaN refused), concurrent RPCs to ``max_concurrent_rpcs`` (more get ``RESOURCE_EXHAUSTED``) and a pull's
+duration to ``max_pull_s``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
@@ -23,21 +31,36 @@ from typing import Any, Callable
 import grpc
 from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError, header_to_proto, make_header
 from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
+from pdserve.engine.security import AUTH_HEADER, AuthError, ClusterSecret
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # a whole block of an 8B model (2 MiB in bf16) travels as one message
 _BLOCKS_PER_GATHER = 8  # blocks read from the cache at once: bounds the host memory of one pull
 MAX_MESSAGE = 64 << 20
+MIN_CHUNK_BYTES = 64 << 10  # a client asking for 1-byte chunks would make the server send millions of messages
+MAX_CHUNK_BYTES = MAX_MESSAGE - (1 << 20)  # room for the header within one message
+DEFAULT_MAX_CONCURRENT_RPCS = 32
+DEFAULT_MAX_PULL_S = 120.0
+AUTH_SCOPE = "kv"
+
+
+def clamp_chunk_bytes(requested: int) -> int:
+    """The chunk size the server uses for a request's ``chunk_bytes`` (0: the default)."""
+    if requested <= 0:
+        return DEFAULT_CHUNK_BYTES
+    return max(MIN_CHUNK_BYTES, min(int(requested), MAX_CHUNK_BYTES))
 
 
 class KVTransferServicer:
     """Serves the blocks of registered transfers from ``get_kv_caches()`` (the engine's per-layer tensors)."""
 
     def __init__(self, registry: TransferRegistry, descriptor: KVDescriptor,
-                 get_kv_caches: Callable[[], Sequence[Any]], on_sent: Callable[[int, int], None] | None = None
-                 ) -> None:
+                 get_kv_caches: Callable[[], Sequence[Any]], on_sent: Callable[[int, int], None] | None = None,
+                 max_pin_s: float = 60.0, max_pull_s: float = DEFAULT_MAX_PULL_S) -> None:
         self.registry = registry
+        self.max_pin_s = max(1.0, float(max_pin_s))
+        self.max_pull_s = float(max_pull_s)
         self.descriptor = descriptor
         self._get_kv_caches = get_kv_caches
         self._on_sent = on_sent
@@ -65,9 +88,13 @@ class KVTransferServicer:
         try:
             first, count = request.first_block, request.num_blocks
             wanted = blocks[first:first + count] if count else blocks[first:]
-            chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
+            chunk = clamp_chunk_bytes(request.chunk_bytes)
             sent_blocks = sent_bytes = 0
+            deadline = time.monotonic() + self.max_pull_s  # whatever deadline the caller set (or none)
             for start in range(0, len(wanted), _BLOCKS_PER_GATHER):
+                if time.monotonic() > deadline:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"a pull may take at most {self.max_pull_s:.0f} s")
                 group = wanted[start:start + _BLOCKS_PER_GATHER]
                 stage = kv_layout.gather_blocks(self._get_kv_caches(), [b.block_id for b in group])
                 for j, ref in enumerate(group):
@@ -107,7 +134,10 @@ class KVTransferServicer:
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
         self._check_descriptor(request.descriptor, context)
-        blocks = self.registry.pin(request.transfer_id, max(float(request.pin_seconds), 1.0))
+        pin = float(request.pin_seconds)
+        if not math.isfinite(pin):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pin_seconds must be a finite number of seconds")
+        blocks = self.registry.pin(request.transfer_id, min(max(pin, 1.0), self.max_pin_s))
         if blocks is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV transfer {request.transfer_id!r} here (never "
                                                      f"registered, released, or its lease expired)")
@@ -124,14 +154,48 @@ class KVTransferServicer:
         return pb.ReleaseResponse(released=self.registry.release(request.transfer_id))
 
 
-def start_kv_server(servicer: KVTransferServicer, host: str, port: int, max_workers: int = 8
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Refuses every call without a fresh ``x-pdserve-auth`` token of the cluster secret (``UNAUTHENTICATED``)."""
+
+    def __init__(self, secret: ClusterSecret) -> None:
+        self._secret = secret
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        token = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER)
+        try:
+            self._secret.verify_call(AUTH_SCOPE, token)
+        except AuthError as exc:
+            return _refusal(continuation(handler_call_details), str(exc))
+        return continuation(handler_call_details)
+
+
+def _refusal(handler: Any, message: str) -> Any:
+    """A handler of the same shape as ``handler`` that aborts with ``UNAUTHENTICATED``."""
+    def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:
+        return None
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, handler.request_deserializer, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(abort, handler.request_deserializer, handler.response_serializer)
+
+
+def start_kv_server(servicer: KVTransferServicer, host: str, port: int, secret: ClusterSecret | None,
+                    max_workers: int = 8, max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
                     ) -> tuple[grpc.Server, int]:
-    """Start a gRPC server with the KV service on ``host:port`` (port 0: any free one); returns it and its port."""
+    """Start a gRPC server with the KV service on ``host:port`` (port 0: any free one); returns it and its port.
+
+    Raises ``ValueError`` without a cluster secret: the server hands out prompt KV, only to pdserve's own pods."""
     from concurrent import futures
 
     from pdserve.proto.pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc
 
+    if secret is None:
+        raise ValueError("the grpc KV connector's KV server needs the cluster secret: set PDSERVE_CLUSTER_SECRET "
+                         "or PDSERVE_CLUSTER_SECRET_FILE (the same on prefill and decode pods)")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-server"),
+                         interceptors=[_AuthInterceptor(secret)], maximum_concurrent_rpcs=max_concurrent_rpcs,
                          options=[("grpc.max_send_message_length", MAX_MESSAGE),
                                   ("grpc.max_receive_message_length", MAX_MESSAGE)])
     pb_grpc.add_KVTransferServicer_to_server(servicer, server)

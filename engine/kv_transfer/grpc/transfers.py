@@ -16,10 +16,16 @@ class _Transfer:
     blocks: tuple[BlockRef, ...]
     expires_at: float
     active_pulls: int = 0
+    released: bool = False  # Release came while pulls were running: freed when the last one ends
 
 
 class TransferRegistry:
-    """Transfers a producer holds for its peers: transfer id -> blocks, with a lease. Thread-safe."""
+    """Transfers a producer holds for its peers: transfer id -> blocks, with a lease. Thread-safe.
+
+    Pulls are reference-counted: neither ``Release`` nor the lease frees a transfer's blocks while a pull reads
+    them (another request would be written into them and streamed under the original hashes); a released
+    transfer takes no new pulls and is freed when its last pull ends.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -34,7 +40,7 @@ class TransferRegistry:
         """The transfer's blocks, pinned until :meth:`end_pull` (None when unknown or expired)."""
         with self._lock:
             t = self._transfers.get(transfer_id)
-            if t is None:
+            if t is None or t.released:
                 return None
             t.active_pulls += 1
             return t.blocks
@@ -44,7 +50,7 @@ class TransferRegistry:
         expired): a peer copying them itself (CUDA IPC) gets that long before they can be reused."""
         with self._lock:
             t = self._transfers.get(transfer_id)
-            if t is None:
+            if t is None or t.released:
                 return None
             t.expires_at = max(t.expires_at, time.monotonic() + seconds)
             return t.blocks
@@ -54,12 +60,21 @@ class TransferRegistry:
             t = self._transfers.get(transfer_id)
             if t is not None:
                 t.active_pulls -= 1
+                if t.released and t.active_pulls <= 0:
+                    del self._transfers[transfer_id]
+                    self._released.add(transfer_id)
 
     def release(self, transfer_id: str) -> bool:
-        """The peer is done: forget the transfer; the worker reports it so the scheduler frees the blocks."""
+        """The peer is done: forget the transfer (after its running pulls end); the worker reports it so the
+        scheduler frees the blocks. False when the transfer is unknown or already released."""
         with self._lock:
-            if self._transfers.pop(transfer_id, None) is None:
+            t = self._transfers.get(transfer_id)
+            if t is None or t.released:
                 return False
+            if t.active_pulls > 0:
+                t.released = True
+                return True
+            del self._transfers[transfer_id]
             self._released.add(transfer_id)
             return True
 

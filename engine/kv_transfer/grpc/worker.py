@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 TRANSPORTS = ("auto", "stream", "ipc")
+MAX_IPC_PEERS = 16
 
 
 class GrpcConnectorWorker(KVConnectorWorker):
@@ -61,12 +63,15 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
         self._inflight = 0
         self._lock = threading.Lock()
-        self._client = KVPullClient(ctx.descriptor, int(ctx.option("kv_chunk_bytes", DEFAULT_CHUNK_BYTES)))
+        self._client = KVPullClient(ctx.descriptor, ctx.cluster_secret,
+                                    int(ctx.option("kv_chunk_bytes", DEFAULT_CHUNK_BYTES)))
         self.streams = int(ctx.option("kv_pull_streams", 4))
         self.transport = str(ctx.option("kv_transport", "auto"))
         if self.transport not in TRANSPORTS:
             raise ValueError(f"unknown kv_transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
-        self._ipc_peers: dict[str, Any] = {}  # KV server address -> _IpcPeer, or None where IPC is impossible
+        # KV server address -> _IpcPeer, or None where IPC is impossible; bounded, least recently used dropped
+        # (dropping unmaps the peer's cache)
+        self._ipc_peers: OrderedDict[str, Any] = OrderedDict()
         self._ipc_lock = threading.Lock()
         self._copy_stream = None
         self.loads_by_transport = {"stream": 0, "ipc": 0}
@@ -74,9 +79,10 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self.server, self.address = None, None
         if ctx.is_producer:
             servicer = KVTransferServicer(registry, ctx.descriptor, lambda: self.kv_caches,
-                                          on_sent=lambda n, b: stats.record_transfer("save", n, b, None))
+                                          on_sent=lambda n, b: stats.record_transfer("save", n, b, None),
+                                          max_pin_s=float(ctx.option("kv_lease_s", 60.0)))
             self.server, port = start_kv_server(servicer, str(ctx.option("kv_host", "0.0.0.0")),
-                                                int(ctx.option("kv_port", 0)))
+                                                int(ctx.option("kv_port", 0)), ctx.cluster_secret)
             self.address = f"{ctx.option('kv_advertise_host', '127.0.0.1')}:{port}"
             logger.info("KV server listening on port %d (announced as %s)", port, self.address)
 
@@ -150,6 +156,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
 
         with self._ipc_lock:
             if address in self._ipc_peers and not refresh:
+                self._ipc_peers.move_to_end(address)
                 return self._ipc_peers[address]
             peer = None
             try:
@@ -163,6 +170,9 @@ class GrpcConnectorWorker(KVConnectorWorker):
             except RuntimeError as exc:
                 logger.info("KV server %s: no CUDA IPC (%s); streaming its blocks", address, exc)
             self._ipc_peers[address] = peer
+            self._ipc_peers.move_to_end(address)
+            while len(self._ipc_peers) > MAX_IPC_PEERS:
+                self._ipc_peers.popitem(last=False)
             return peer
 
     def _pull_range(self, job: "_PullJob", blocks: tuple) -> None:
