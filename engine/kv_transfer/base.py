@@ -58,6 +58,8 @@ class LoadFailurePolicy(str, enum.Enum):
     FAIL = "fail"
 
 
+# Load failures that are a cache miss whatever the policy (a planted block: recomputing is always right).
+MISS_REASONS = frozenset({"mac"})
 ROLES = tuple(r.value for r in KVRole)
 LOAD_FAILURE_POLICIES = tuple(p.value for p in LoadFailurePolicy)
 
@@ -346,8 +348,9 @@ class KVConnectorScheduler(ABC):
 
     def load_failed(self, request: Request, num_external_tokens: int, failure: "LoadFailure") -> int:
         """A load failed: how many of its tokens did land (the scheduler computes the rest), or raise
-        :class:`KVLoadError` under the ``fail`` policy."""
-        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL:
+        :class:`KVLoadError` under the ``fail`` policy. A block that failed its MAC is a miss under either policy:
+        whoever can write the store must not be able to fail other tenants' requests."""
+        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL and failure.reason not in MISS_REASONS:
             raise KVLoadError(failure.reason, f"KV transfer failed ({failure.reason}): {failure.message}")
         logger.warning("request %s: %s; computing the missing KV locally", request.request_id, failure.message)
         return min(num_external_tokens, failure.num_valid_blocks * self.ctx.descriptor.block_size)

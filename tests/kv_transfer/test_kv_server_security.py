@@ -147,8 +147,8 @@ def test_a_forged_handle_is_never_dialled(desc, policy):
     decoy.start()
     d = make_side("grpc", "decode", desc, {"load_failure_policy": policy})
     try:
-        forged = KVTransferParams(connector="grpc", transfer_id="ab" * 16, num_tokens=8, block_hashes=(1, 2), descriptor=desc.to_dict(),
-                                  kv_server=f"127.0.0.1:{port}", expires_at=time.time() + 60, mac="00" * 32)
+        forged = KVTransferParams(connector="grpc", transfer_id="ab" * 16, num_tokens=8, block_hashes=(1, 2),
+                                  descriptor=desc.to_dict(), kv_server=f"127.0.0.1:{port}", expires_at=time.time() + 60, mac="00" * 32)
         req = make_request("r1", list(range(8)), [1], forged.to_dict())
         if policy == "fail":
             with pytest.raises(KVLoadError, match="does not verify"):

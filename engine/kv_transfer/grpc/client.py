@@ -12,14 +12,10 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 import grpc
+
 from pdserve.engine.kv_transfer.base import BlockRef
-from pdserve.engine.kv_transfer.block_format import (
-    KVDescriptor,
-    KVFormatError,
-    check_header,
-    header_from_proto,
-    verify_payload,
-)
+from pdserve.engine.kv_transfer.block_format import (KVDescriptor, KVFormatError, check_header, header_from_proto,
+                                                     verify_mac, verify_payload)
 from pdserve.engine.kv_transfer.grpc.kv_server import AUTH_SCOPE, DEFAULT_CHUNK_BYTES, MAX_MESSAGE
 from pdserve.engine.security import ClusterSecret
 
@@ -49,6 +45,7 @@ class KVPullClient:
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_channels: int = MAX_CHANNELS) -> None:
         self.descriptor = descriptor  # None: a client that only releases
         self.secret = secret
+        self.mac_key = secret.derive("kv-block") if secret is not None else None
         self.chunk_bytes = chunk_bytes
         self.max_channels = max(1, max_channels)
         self._lock = threading.Lock()
@@ -82,7 +79,7 @@ class KVPullClient:
                     header = header_from_proto(msg.header)
                     check_header(header, self.descriptor, ref.block_hash, ref.num_tokens)
                     if len(msg.data) == header.payload_bytes:  # the whole block in one message: no copy
-                        verify_payload(header, msg.data)
+                        self._verify(header, msg.data)
                         on_block(ref, memoryview(msg.data))
                         done += 1
                         nbytes += len(msg.data)
@@ -93,7 +90,7 @@ class KVPullClient:
                 buf[filled:filled + len(msg.data)] = msg.data
                 filled += len(msg.data)
                 if filled == len(buf):
-                    verify_payload(header, buf)
+                    self._verify(header, buf)
                     on_block(ref, memoryview(buf))
                     done += 1
                     nbytes += filled
@@ -108,6 +105,11 @@ class KVPullClient:
             raise PullError("missing", f"KV server {address} sent {done} of {len(blocks)} blocks of transfer "
                                        f"{transfer_id}", done)
         return nbytes
+
+    def _verify(self, header: Any, payload: Any) -> None:
+        verify_payload(header, payload)
+        if self.mac_key is not None:
+            verify_mac(self.mac_key, header, payload)
 
     def share_cache(self, address: str, node: str, timeout_s: float) -> Any:
         """The KV server's ``CacheShare`` (CUDA IPC handles); raises ``grpc.RpcError`` when it will not share."""

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import grpc
+
 from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError, header_to_proto, make_header
 from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
 from pdserve.engine.security import AUTH_HEADER, AuthError, ClusterSecret
@@ -57,8 +58,10 @@ class KVTransferServicer:
 
     def __init__(self, registry: TransferRegistry, descriptor: KVDescriptor,
                  get_kv_caches: Callable[[], Sequence[Any]], on_sent: Callable[[int, int], None] | None = None,
-                 max_pin_s: float = 60.0, max_pull_s: float = DEFAULT_MAX_PULL_S) -> None:
+                 max_pin_s: float = 60.0, max_pull_s: float = DEFAULT_MAX_PULL_S, mac_key: bytes | None = None
+                 ) -> None:
         self.registry = registry
+        self.mac_key = mac_key  # blocks sent carry a MAC (the decode side checks it: a pod can be impersonated)
         self.max_pin_s = max(1.0, float(max_pin_s))
         self.max_pull_s = float(max_pull_s)
         self.descriptor = descriptor
@@ -99,7 +102,8 @@ class KVTransferServicer:
                 stage = kv_layout.gather_blocks(self._get_kv_caches(), [b.block_id for b in group])
                 for j, ref in enumerate(group):
                     payload = kv_layout.payload_from_stage(stage, j, ref.num_tokens)
-                    header = header_to_proto(make_header(self.descriptor, ref.block_hash, ref.num_tokens, payload))
+                    header = header_to_proto(make_header(self.descriptor, ref.block_hash, ref.num_tokens, payload,
+                                                             self.mac_key))
                     if len(payload) <= chunk:
                         yield pb.KVChunk(block_index=ref.index, header=header, data=payload)
                     else:

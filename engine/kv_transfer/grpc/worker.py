@@ -1,4 +1,4 @@
-"""The worker half of the ``grpc`` connector: decode pods pull blocks from the prefill pod's KV server over a gRPC stream.
+"""The worker half of the ``grpc`` connector: decode pods pull blocks from the prefill pod's KV server over gRPC.
 
 Producer (prefill pod): nothing is copied during the forward pass; when a request finishes, its blocks stay in
 the KV cache under a lease (``kv_lease_s``, default 60 s), registered with the pod's KV server, and the transfer
@@ -14,9 +14,9 @@ them device to device out of the prefill pod's GPU cache over CUDA IPC (same nod
 and fails the load when that is impossible; ``auto`` (the default) uses IPC where the peer is on this node and
 both caches are on GPUs, else the stream.
 
-The scheduler half (:mod:`.scheduler`) and this worker half share the transfer registry and the server address: they live in one process
-(the engine core). The KV server binds ``kv_host:kv_port`` (default all interfaces, a free port) and announces
-``kv_advertise_host`` (default 127.0.0.1; a pod sets its own IP).
+The scheduler half (:mod:`.scheduler`) and this worker half share the transfer registry and the server address:
+they live in one process (the engine core). The KV server binds ``kv_host:kv_port`` (default all interfaces, a
+free port) and announces ``kv_advertise_host`` (default 127.0.0.1; a pod sets its own IP).
 """
 
 from __future__ import annotations
@@ -32,14 +32,9 @@ from typing import Any, Callable
 
 import grpc
 import torch
-from pdserve.engine.kv_transfer.base import (
-    BlockRef,
-    KVConnectorContext,
-    KVConnectorOutput,
-    KVConnectorWorker,
-    LoadFailure,
-    LoadSpec,
-)
+
+from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
+                                             LoadFailure, LoadSpec)
 from pdserve.engine.kv_transfer.grpc.client import KVPullClient, PullError
 from pdserve.engine.kv_transfer.grpc.kv_server import DEFAULT_CHUNK_BYTES, KVTransferServicer, start_kv_server
 from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
@@ -80,7 +75,8 @@ class GrpcConnectorWorker(KVConnectorWorker):
         if ctx.is_producer:
             servicer = KVTransferServicer(registry, ctx.descriptor, lambda: self.kv_caches,
                                           on_sent=lambda n, b: stats.record_transfer("save", n, b, None),
-                                          max_pin_s=float(ctx.option("kv_lease_s", 60.0)))
+                                          max_pin_s=float(ctx.option("kv_lease_s", 60.0)),
+                                          mac_key=self._client.mac_key)
             self.server, port = start_kv_server(servicer, str(ctx.option("kv_host", "0.0.0.0")),
                                                 int(ctx.option("kv_port", 0)), ctx.cluster_secret)
             self.address = f"{ctx.option('kv_advertise_host', '127.0.0.1')}:{port}"

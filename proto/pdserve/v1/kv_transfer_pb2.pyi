@@ -37,18 +37,20 @@ class KVCacheDescriptor(_message.Message):
     def __init__(self, format_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hash_algo: _Optional[str] = ..., hash_seed: _Optional[int] = ..., hash_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class KVBlockHeader(_message.Message):
-    __slots__ = ("descriptor", "block_hash", "num_tokens", "payload_bytes", "checksum")
+    __slots__ = ("descriptor", "block_hash", "num_tokens", "payload_bytes", "checksum", "mac")
     DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     descriptor: KVCacheDescriptor
     block_hash: int
     num_tokens: int
     payload_bytes: int
     checksum: int
-    def __init__(self, descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., checksum: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class PullBlocksRequest(_message.Message):
     __slots__ = ("transfer_id", "descriptor", "first_block", "chunk_bytes", "num_blocks")
