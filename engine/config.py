@@ -108,6 +108,8 @@ class KVTransferConfig:
     # The deployment's secret (engine/security.py): authenticates KV calls, signs handles and stored blocks.
     # Set by the entry points (load_cluster_secret()); the built-in connectors refuse to start without it.
     cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
+    # The redis connector's password (PDSERVE_REDIS_PASSWORD, read by the entry points; never in the URL).
+    redis_password: str | None = field(default=None, compare=False, repr=False)
 
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)

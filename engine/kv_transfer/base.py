@@ -82,6 +82,7 @@ class KVConnectorContext:
     options: Mapping[str, Any] = field(default_factory=dict)
     # The deployment's secret (signs handles, call tokens and stored blocks); None only in tests of the halves.
     cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
+    redis_password: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -348,9 +349,11 @@ class KVConnectorScheduler(ABC):
 
     def load_failed(self, request: Request, num_external_tokens: int, failure: "LoadFailure") -> int:
         """A load failed: how many of its tokens did land (the scheduler computes the rest), or raise
-        :class:`KVLoadError` under the ``fail`` policy. A block that failed its MAC is a miss under either policy:
-        whoever can write the store must not be able to fail other tenants' requests."""
-        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL and failure.reason not in MISS_REASONS:
+        :class:`KVLoadError` under the ``fail`` policy. A block that failed its MAC is a miss under either policy
+        (whoever can write the store must not be able to fail other tenants' requests), and so is any failure of
+        a request without a handle (its lookup was optional: nothing was promised)."""
+        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL and failure.reason not in MISS_REASONS \
+                and request.kv_transfer_params:
             raise KVLoadError(failure.reason, f"KV transfer failed ({failure.reason}): {failure.message}")
         logger.warning("request %s: %s; computing the missing KV locally", request.request_id, failure.message)
         return min(num_external_tokens, failure.num_valid_blocks * self.ctx.descriptor.block_size)

@@ -100,6 +100,10 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         try:
             found, source = self._lookup(request, handle, wanted)
         except (StoreUnavailableError, KVFormatError) as exc:
+            if handle is None:  # an optional lookup (no prefill promised anything): a miss under any policy
+                self._stats.record_failure(exc.reason)
+                self._first_seen.pop(rid, None)
+                return 0
             return self._miss_or_fail(rid, exc.reason, str(exc))
         if found < len(wanted) and handle is not None:
             # The prefill answered before its writes landed: wait for them, up to the load timeout.

@@ -22,7 +22,8 @@ def build_connector(config: Any, kv_caches: list[Any]) -> ConnectorPair:
     descriptor = descriptor_for(kv_caches, model_fingerprint=fingerprint, hash_algo=cache.hash_algo,
                                 hash_seed=cache.hash_seed, tp_rank=0, tp_size=config.parallel.tensor_parallel_size)
     ctx = KVConnectorContext(role=kvt.role, descriptor=descriptor, engine_id=uuid.uuid4().hex[:12],
-                             options=dict(kvt.options), cluster_secret=kvt.cluster_secret)
+                             options=dict(kvt.options), cluster_secret=kvt.cluster_secret,
+                             redis_password=kvt.redis_password)
     scheduler_half, worker_half = create_connector(kvt.connector, ctx)
     worker_half.register_kv_caches(kv_caches)
     return scheduler_half, worker_half

@@ -71,7 +71,8 @@ def _redis(ctx: KVConnectorContext) -> ConnectorPair:
     from pdserve.engine.kv_transfer.stores.redis_store import RedisStore
 
     store = RedisStore(ctx.option("redis_url", ""), ctx.descriptor.namespace, int(ctx.option("redis_ttl_s", 3600)),
-                       int(ctx.option("kv_max_bytes", 0)), float(ctx.option("redis_timeout_s", 2.0)))
+                       int(ctx.option("kv_max_bytes", 0)), float(ctx.option("redis_timeout_s", 2.0)),
+                       password=ctx.redis_password)
     return _store_pair(ctx, "redis", store)
 
 
