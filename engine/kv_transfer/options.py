@@ -24,7 +24,10 @@ def add_kv_transfer_arguments(parser: argparse.ArgumentParser, default_connector
                    help=f"how KV blocks move between pods: {', '.join(BUILTIN_CONNECTORS)} (or package.module:factory)")
     g.add_argument("--kv-path", default=None, help="shared-fs: the directory every pod mounts")
     g.add_argument("--kv-max-bytes", type=int, default=0,
-                   help="shared-fs / redis: size cap of the stored blocks, least recently used go first (0: none)")
+                   help="shared-fs / redis: size cap of the stored blocks, least recently used go first (0: none for "
+                        "redis, 16 GiB for shared-fs)")
+    g.add_argument("--kv-max-age", type=float, default=3600.0,
+                   help="shared-fs: seconds a block file lives unread before the sweep deletes it")
     g.add_argument("--redis-url", default=None,
                    help="redis: the server, e.g. redis://redis:6379/0 (rediss:// for TLS); no password in it: "
                         f"the password comes from the environment variable {REDIS_PASSWORD_ENV}")
@@ -60,7 +63,8 @@ def kv_transfer_kwargs(args: argparse.Namespace, role: str, cluster_secret: Clus
         check_redis_url(args.redis_url)
     options = {
         "load_failure_policy": args.kv_load_failure_policy, "kv_load_timeout_s": args.kv_load_timeout,
-        "kv_path": args.kv_path, "kv_max_bytes": args.kv_max_bytes, "redis_url": args.redis_url,
+        "kv_path": args.kv_path, "kv_max_bytes": args.kv_max_bytes,
+        "kv_max_age_s": getattr(args, "kv_max_age", None), "redis_url": args.redis_url,
         "redis_ttl_s": args.redis_ttl, "kv_port": args.kv_port, "kv_advertise_host": args.kv_advertise_host,
         "kv_lease_s": args.kv_lease, "kv_transport": getattr(args, "kv_transport", None),
     }

@@ -8,7 +8,7 @@ Options every built-in connector reads (``KVTransferConfig.options``; CLI flags 
 
     load_failure_policy   recompute | fail                   (--kv-load-failure-policy)
     kv_load_timeout_s     wait for blocks being written / a pull's deadline (--kv-load-timeout)
-    kv_path, kv_max_bytes                           shared-fs (--kv-path, --kv-max-bytes)
+    kv_path, kv_max_bytes, kv_max_age_s             shared-fs (--kv-path, --kv-max-bytes, --kv-max-age)
     redis_url, redis_ttl_s, kv_max_bytes            redis     (--redis-url, --redis-ttl, --kv-max-bytes)
     kv_host, kv_port, kv_advertise_host, kv_lease_s grpc      (--kv-port, --kv-advertise-host, --kv-lease)
     kv_transport          auto | stream | ipc        grpc      (--kv-transport)
@@ -61,9 +61,12 @@ def _store_pair(ctx: KVConnectorContext, name: str, store: Any) -> ConnectorPair
 
 
 def _shared_fs(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.stores.shared_fs import SharedFSStore
+    from pdserve.engine.kv_transfer.stores.shared_fs import DEFAULT_MAX_AGE_S, SharedFSStore
 
-    store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)))
+    # The largest block object: a full block's payload plus its header (a few hundred bytes; 64 KiB of room).
+    max_object = ctx.descriptor.payload_bytes() + (64 << 10)
+    store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)),
+                          float(ctx.option("kv_max_age_s", DEFAULT_MAX_AGE_S)), max_object)
     return _store_pair(ctx, "shared-fs", store)
 
 
