@@ -274,10 +274,13 @@ class KVConnectorMetadata:
     saves: list[SaveSpec] = field(default_factory=list)
     # Transfers the worker should stop serving (lease over, request aborted): connector-specific ids.
     revoked: list[str] = field(default_factory=list)
+    # (KV server, transfer id) of verified handles that will never be loaded (the request finished or was aborted
+    # first): the worker tells the prefill pod to free the blocks now instead of at the lease's end.
+    releases: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.revoked)
+        return not (self.loads or self.saves or self.revoked or self.releases)
 
 
 @dataclass(frozen=True)

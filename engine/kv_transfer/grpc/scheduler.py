@@ -6,15 +6,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pdserve.engine.kv_transfer.base import BlockRef, KVConnectorContext, KVConnectorOutput, KVTransferParams
+from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorMetadata, KVConnectorOutput,
+                                             KVHandleError, KVTransferParams)
 from pdserve.engine.kv_transfer.block_format import KVFormatError
-from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
+from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler, handle_of
 from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.security import CLOCK_SKEW_S
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks
 
 if TYPE_CHECKING:
+    from pdserve.engine.core.sched_output import SchedulerOutput
     from pdserve.engine.request import Request
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,9 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         # transfer token -> request id: the KV server knows transfers only by their random token
         self._request_of: dict[str, str] = {}
         self._token_of: dict[str, str] = {}
+        # Consumer: requests whose pull started (the worker releases those), and releases to hand the worker.
+        self._pulled: set[str] = set()
+        self._pending_releases: list[tuple[str, str, str]] = []  # (request id, KV server, transfer id)
 
     @property
     def handle_ttl_s(self) -> float:
@@ -49,8 +54,34 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         # Trust the handle: asking the peer now would cost a round trip per admission; the pull will tell.
         return len(wanted), {"kv_server": handle.kv_server, "transfer_id": handle.transfer_id}
 
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+        super().update_state_after_alloc(request, block_ids, num_external_tokens)
+        if request.request_id in self._loading:
+            self._pulled.add(request.request_id)
+
+    def build_connector_meta(self, sched_out: SchedulerOutput) -> KVConnectorMetadata:
+        meta = super().build_connector_meta(sched_out)
+        pending, self._pending_releases = self._pending_releases, []
+        meta.releases = [(address, tid) for _, address, tid in pending]
+        for rid, _, _ in pending:
+            self._maybe_release(rid)  # handed to the worker: the (usually empty) hold can end
+        return meta
+
+    def has_pending_work(self) -> bool:
+        return super().has_pending_work() or len(self.registry) > 0 or bool(self._pending_releases)
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        release = self._unpulled_transfer(request) if rid not in self._pulled else None
+        self._pulled.discard(rid)
         hold, params = super().request_finished(request, block_ids)
+        if release is not None:
+            # Abandoned before its pull (client gone, aborted while waiting, prefix all cached here): the prefill
+            # pod would hold the blocks until the lease ends. Hold until the next step hands the release over.
+            self._pending_releases.append((rid, *release))
+            self._held[rid] = len(block_ids)
+            self._stats.set_blocks_held(sum(self._held.values()))
+            hold = True
         if params is not None:
             blocks = prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
             refs = [BlockRef(block_ids[b.index], b.block_hash, b.num_tokens, b.index) for b in blocks]
@@ -77,8 +108,18 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
             self._maybe_release(rid)
         return super().take_released()
 
-    def has_pending_work(self) -> bool:
-        return super().has_pending_work() or len(self.registry) > 0
+    def _unpulled_transfer(self, request: Request) -> tuple[str, str] | None:
+        """``(KV server, transfer id)`` of the verified handle a consumer request carries, if any."""
+        if not self.ctx.is_consumer or not request.kv_transfer_params or self.ctx.cluster_secret is None:
+            return None
+        try:
+            handle = handle_of(request)
+            if handle is None or handle.connector != self.name or not handle.kv_server:
+                return None
+            handle.verify(self.ctx.cluster_secret)  # never dial an address nobody vouched for
+        except KVHandleError:
+            return None
+        return handle.kv_server, handle.transfer_id
 
     def _is_held_elsewhere(self, request_id: str) -> bool:
         token = self._token_of.get(request_id)

@@ -70,6 +70,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._ipc_lock = threading.Lock()
         self._copy_stream = None
         self.loads_by_transport = {"stream": 0, "ipc": 0}
+        self._closed = False
         self._loader = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="kv-pull")
         self.server, self.address = None, None
         if ctx.is_producer:
@@ -83,6 +84,9 @@ class GrpcConnectorWorker(KVConnectorWorker):
             logger.info("KV server listening on port %d (announced as %s)", port, self.address)
 
     def start_load_kv(self) -> None:
+        for address, transfer_id in self._meta.releases:
+            if not self._closed:  # after shutdown the peer's lease frees the blocks
+                self._loader.submit(self._client.release, address, transfer_id)
         for spec in self._meta.loads:
             with self._lock:
                 self._inflight += 1
@@ -239,6 +243,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
             return self._inflight > 0
 
     def shutdown(self) -> None:
+        self._closed = True
         if self.server is not None:
             self.server.stop(grace=1.0)
         self._loader.shutdown(wait=True, cancel_futures=True)
