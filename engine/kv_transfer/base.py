@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pdserve.engine.core.block_hash import HASH_BYTES, hash_to_bytes
 from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.security import ClusterSecret
@@ -144,7 +145,7 @@ class KVTransferParams:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["block_hashes"] = [f"{h:016x}" for h in self.block_hashes]  # JSON numbers lose 64-bit precision
+        d["block_hashes"] = [f"{h:032x}" for h in self.block_hashes]  # 128 bits: JSON numbers cannot hold them
         return d
 
     def canonical(self) -> bytes:
@@ -185,6 +186,8 @@ class KVTransferParams:
             if isinstance(data["block_hashes"], (str, bytes)) or not isinstance(data["block_hashes"], Sequence):
                 raise TypeError
             hashes = tuple(int(h, 16) if isinstance(h, str) else _plain_int(h) for h in data["block_hashes"])
+            if any(not 0 <= h < 1 << (8 * HASH_BYTES) for h in hashes):
+                raise ValueError
             field_name = "num_tokens"
             num_tokens = _plain_int(data["num_tokens"])
             field_name = "descriptor"
@@ -214,7 +217,8 @@ class KVTransferParams:
 
         return disagg_pb2.KVTransferHandle(
             connector=self.connector, transfer_id=self.transfer_id, num_tokens=self.num_tokens,
-            block_hashes=list(self.block_hashes), descriptor=KVDescriptor.from_dict(self.descriptor).to_proto(),
+            block_hashes=[hash_to_bytes(h) for h in self.block_hashes],
+            descriptor=KVDescriptor.from_dict(self.descriptor).to_proto(),
             engine_id=self.engine_id, kv_server=self.kv_server or "", expires_at=self.expires_at, mac=self.mac)
 
     @classmethod
@@ -223,7 +227,8 @@ class KVTransferParams:
 
         desc = {f.name: getattr(msg.descriptor, f.name) for f in dataclasses.fields(KVDescriptor)}
         return cls.from_dict({"connector": msg.connector, "transfer_id": msg.transfer_id,
-                              "num_tokens": msg.num_tokens, "block_hashes": list(msg.block_hashes),
+                              "num_tokens": msg.num_tokens,
+                              "block_hashes": [h.hex() for h in msg.block_hashes],  # 16 bytes big-endian
                               "descriptor": desc, "engine_id": msg.engine_id, "kv_server": msg.kv_server or None,
                               "expires_at": msg.expires_at, "mac": msg.mac})
 

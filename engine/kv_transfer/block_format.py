@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.engine.core.block_hash import HASH_VERSION
+from pdserve.engine.core.block_hash import HASH_VERSION, hash_from_bytes, hash_to_bytes
 
 KV_FORMAT_VERSION = 1
 KV_LAYOUT = "layer,kv,token,head,dim"
@@ -166,9 +166,9 @@ def block_mac(key: bytes, header: BlockHeader, payload: Any) -> bytes:
 def verify_mac(key: bytes, header: BlockHeader, payload: Any) -> None:
     """Raise :class:`MACError` unless the header carries the right MAC of ``payload``."""
     if not header.mac:
-        raise MACError(f"KV block {header.block_hash:016x} carries no MAC (not written by this cluster)")
+        raise MACError(f"KV block {header.block_hash:032x} carries no MAC (not written by this cluster)")
     if not hmac.compare_digest(block_mac(key, header, payload), header.mac):
-        raise MACError(f"KV block {header.block_hash:016x} failed its MAC check (planted or written under "
+        raise MACError(f"KV block {header.block_hash:032x} failed its MAC check (planted or written under "
                        f"another cluster secret)")
 
 
@@ -207,13 +207,17 @@ def make_header(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: A
 
 
 def header_to_proto(header: BlockHeader) -> Any:
-    return _pb().KVBlockHeader(descriptor=header.descriptor.to_proto(), block_hash=header.block_hash,
+    return _pb().KVBlockHeader(descriptor=header.descriptor.to_proto(), block_hash=hash_to_bytes(header.block_hash),
                                num_tokens=header.num_tokens, payload_bytes=header.payload_bytes,
                                checksum=header.checksum, mac=header.mac)
 
 
 def header_from_proto(msg: Any) -> BlockHeader:
-    return BlockHeader(KVDescriptor.from_proto(msg.descriptor), msg.block_hash, msg.num_tokens,
+    try:
+        block_hash = hash_from_bytes(msg.block_hash)
+    except ValueError as exc:
+        raise KVFormatError(f"KV block header: {exc}") from None
+    return BlockHeader(KVDescriptor.from_proto(msg.descriptor), block_hash, msg.num_tokens,
                        msg.payload_bytes, msg.checksum, bytes(msg.mac))
 
 
@@ -244,7 +248,7 @@ def decode_block(blob: Any, expected: KVDescriptor, block_hash: int | None = Non
     start = _PREFIX.size + struct.unpack_from("<I", view, 4)[0]
     payload = view[start:]
     if payload.nbytes != header.payload_bytes:
-        raise KVFormatError(f"KV block {header.block_hash:016x} is truncated: {payload.nbytes} of "
+        raise KVFormatError(f"KV block {header.block_hash:032x} is truncated: {payload.nbytes} of "
                             f"{header.payload_bytes} payload bytes")
     verify_payload(header, payload)
     if mac_key is not None:
@@ -281,13 +285,13 @@ def check_header(header: BlockHeader, expected: KVDescriptor, block_hash: int | 
                                           f"this engine's ({expected.format_version})")
     expected.check_compatible(header.descriptor)
     if block_hash is not None and header.block_hash != block_hash:
-        raise KVFormatError(f"KV block {header.block_hash:016x} was returned for {block_hash:016x}")
+        raise KVFormatError(f"KV block {header.block_hash:032x} was returned for {block_hash:032x}")
     if num_tokens is not None and header.num_tokens != num_tokens:
-        raise KVFormatError(f"KV block {header.block_hash:016x} holds {header.num_tokens} tokens, "
+        raise KVFormatError(f"KV block {header.block_hash:032x} holds {header.num_tokens} tokens, "
                             f"expected {num_tokens}")
     if not 0 < header.num_tokens <= expected.block_size or \
             header.payload_bytes != expected.payload_bytes(header.num_tokens):
-        raise KVFormatError(f"KV block {header.block_hash:016x} has an inconsistent size "
+        raise KVFormatError(f"KV block {header.block_hash:032x} has an inconsistent size "
                             f"({header.num_tokens} tokens, {header.payload_bytes} bytes)")
 
 
@@ -295,7 +299,7 @@ def verify_payload(header: BlockHeader, payload: Any) -> None:
     """Raise :class:`ChecksumError` unless the payload's CRC-32 matches the header's."""
     got = checksum(payload)
     if got != header.checksum:
-        raise ChecksumError(f"KV block {header.block_hash:016x} failed its checksum "
+        raise ChecksumError(f"KV block {header.block_hash:032x} failed its checksum "
                             f"(crc32 {got:08x}, expected {header.checksum:08x})")
 
 

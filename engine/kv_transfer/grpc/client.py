@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import grpc
 
+from pdserve.engine.core.block_hash import hash_to_bytes
 from pdserve.engine.kv_transfer.base import BlockRef
 from pdserve.engine.kv_transfer.block_format import (KVDescriptor, KVFormatError, check_header, header_from_proto,
                                                      verify_mac, verify_payload)
@@ -141,7 +142,8 @@ class KVPullClient:
             raise PullError("missing", f"KV server {address} holds {len(theirs)} of {len(blocks)} blocks of "
                                        f"transfer {transfer_id}", 0)
         for ref, loc in zip(blocks, theirs):
-            if (loc.block_index, loc.block_hash, loc.num_tokens) != (ref.index, ref.block_hash, ref.num_tokens):
+            if (loc.block_index, loc.block_hash, loc.num_tokens) != (ref.index, hash_to_bytes(ref.block_hash),
+                                                                     ref.num_tokens):
                 raise PullError("missing", f"block {ref.index} of transfer {transfer_id} at {address} holds "
                                            f"other tokens than the handle names", 0)
         return reply.cache_id, [loc.block_id for loc in theirs]

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import grpc
 
+from pdserve.engine.core.block_hash import hash_to_bytes
 from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError, header_to_proto, make_header
 from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
 from pdserve.engine.security import AUTH_HEADER, AuthError, ClusterSecret
@@ -149,7 +150,7 @@ class KVTransferServicer:
         wanted = blocks[first:first + count] if count else blocks[first:]
         return pb.BlockLocations(
             cache_id=self._share.cache_id if self._share is not None else "",
-            blocks=[pb.BlockLocation(block_index=b.index, block_id=b.block_id, block_hash=b.block_hash,
+            blocks=[pb.BlockLocation(block_index=b.index, block_id=b.block_id, block_hash=hash_to_bytes(b.block_hash),
                                      num_tokens=b.num_tokens) for b in wanted])
 
     def Release(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -36,8 +36,8 @@ def redact_url(url: str) -> str:
 
 
 def block_key(block_hash: int) -> str:
-    """The store key of a block: its chained hash as 16 hex digits."""
-    return f"{block_hash & 0xFFFFFFFFFFFFFFFF:016x}"
+    """The store key of a block: its chained 128-bit hash as 32 hex digits."""
+    return f"{block_hash & ((1 << 128) - 1):032x}"
 
 
 class BlockStore(ABC):

@@ -22,13 +22,13 @@ class KVTransferHandle(_message.Message):
     connector: str
     transfer_id: str
     num_tokens: int
-    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     descriptor: _kv_transfer_pb2.KVCacheDescriptor
     engine_id: str
     kv_server: str
     expires_at: float
     mac: str
-    def __init__(self, connector: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., descriptor: _Optional[_Union[_kv_transfer_pb2.KVCacheDescriptor, _Mapping]] = ..., engine_id: _Optional[str] = ..., kv_server: _Optional[str] = ..., expires_at: _Optional[float] = ..., mac: _Optional[str] = ...) -> None: ...
+    def __init__(self, connector: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., descriptor: _Optional[_Union[_kv_transfer_pb2.KVCacheDescriptor, _Mapping]] = ..., engine_id: _Optional[str] = ..., kv_server: _Optional[str] = ..., expires_at: _Optional[float] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request",)

@@ -45,12 +45,12 @@ class KVBlockHeader(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     descriptor: KVCacheDescriptor
-    block_hash: int
+    block_hash: bytes
     num_tokens: int
     payload_bytes: int
     checksum: int
     mac: bytes
-    def __init__(self, descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., checksum: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., block_hash: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., checksum: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class PullBlocksRequest(_message.Message):
     __slots__ = ("transfer_id", "descriptor", "first_block", "chunk_bytes", "num_blocks")
@@ -156,9 +156,9 @@ class BlockLocation(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     block_id: int
-    block_hash: int
+    block_hash: bytes
     num_tokens: int
-    def __init__(self, block_index: _Optional[int] = ..., block_id: _Optional[int] = ..., block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, block_index: _Optional[int] = ..., block_id: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class BlockLocations(_message.Message):
     __slots__ = ("cache_id", "blocks")
