@@ -50,6 +50,13 @@ def hash_block(parent_hash: int, token_ids: Sequence[int], extra_keys: Sequence[
     return _digest(algo, b"".join(parts))
 
 
+def seed_id(seed: int) -> int:
+    """A public 64-bit id of a hash seed for KV descriptors: equal seeds give equal ids, and the id does not reveal
+    the seed (whoever knew the seed could hash guessed prompts and test a store for them)."""
+    return int.from_bytes(hashlib.sha256(b"pdserve-hash-seed-id" + struct.pack("<Q", seed & (2**64 - 1))).digest()[:8],
+                          "little")
+
+
 def hash_to_bytes(block_hash: int) -> bytes:
     """A block hash as it travels in protobuf ``bytes`` fields and KV events (16 bytes, big-endian)."""
     return block_hash.to_bytes(HASH_BYTES, "big")

@@ -81,6 +81,8 @@ class KVConnectorContext:
     descriptor: KVDescriptor
     engine_id: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The block-hash seed (the descriptor carries only its public id): secret when derived from the cluster secret.
+    hash_seed: int = field(default=0, compare=False, repr=False)
     # The deployment's secret (signs handles, call tokens and stored blocks); None only in tests of the halves.
     cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
     redis_password: str | None = field(default=None, compare=False, repr=False)

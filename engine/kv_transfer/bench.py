@@ -172,7 +172,7 @@ class _Side:
         gen = torch.Generator(device=device).manual_seed(1)
         self.caches = [torch.randn(shape, generator=gen, device=device).to(dtype) if role == "prefill"
                        else torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        desc = descriptor_for(self.caches, model_fingerprint=spec["fingerprint"], hash_algo="sha256", hash_seed=0)
+        desc = descriptor_for(self.caches, model_fingerprint=spec["fingerprint"], hash_algo="sha256", hash_seed_id=0)
         self.ctx = KVConnectorContext(role=role, descriptor=desc, engine_id=role, options=spec["options"])
         self.sched, self.worker = create_connector(spec["name"], self.ctx)
         self.worker.register_kv_caches(self.caches)

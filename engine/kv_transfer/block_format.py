@@ -65,7 +65,7 @@ class KVDescriptor:
     num_kv_heads: int
     head_dim: int
     hash_algo: str
-    hash_seed: int
+    hash_seed_id: int  # block_hash.seed_id(seed): tells seeds apart, never the seed itself
     hash_version: int = HASH_VERSION
     tp_rank: int = 0
     tp_size: int = 1

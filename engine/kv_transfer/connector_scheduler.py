@@ -57,7 +57,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         desc = ctx.descriptor
         self.name = name
         self.block_size = desc.block_size
-        self.hasher = BlockHasher(desc.block_size, desc.hash_seed, desc.hash_algo)
+        self.hasher = BlockHasher(desc.block_size, ctx.hash_seed, desc.hash_algo)
         self._stats = stats
         self.wait_timeout_s = float(ctx.option("kv_load_timeout_s", 10.0))
         self._first_seen: dict[str, float] = {}  # requests waiting for blocks still being written

@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
     m.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     m.add_argument("--block-size", type=int, default=16, help="KV block size of the engines")
-    m.add_argument("--hash-seed", type=int, default=DEFAULT_HASH_SEED, help="block hash seed of the engines")
+    m.add_argument("--hash-seed", type=int, default=None,
+                   help="block hash seed of the engines (default: derived from the cluster secret when one is set, "
+                        f"else {DEFAULT_HASH_SEED}, as the engines do)")
     m.add_argument("--hash-algo", default=DEFAULT_HASH_ALGO, choices=SUPPORTED_ALGOS)
 
     d = parser.add_argument_group("pods")
@@ -101,9 +103,21 @@ def build_config(args: argparse.Namespace):
     settings = ServerSettings(served_model_names=(name,), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                               request_timeout_s=args.request_timeout)
     config = RouterConfig(model=model, settings=settings, discovery=discovery, routing=routing,
-                          block_size=args.block_size, hash_seed=args.hash_seed, hash_algo=args.hash_algo,
+                          block_size=args.block_size, hash_seed=router_hash_seed(args.hash_seed),
+                          hash_algo=args.hash_algo,
                           retry=RetryPolicy(max_attempts=args.max_attempts), health_interval_s=args.health_interval)
     return config, tokenizer
+
+
+def router_hash_seed(flag: int | None) -> int:
+    """The engines' block-hash seed: ``--hash-seed`` when given, else the cluster secret's (what the engine entry
+    points use when a secret is set), else the default."""
+    if flag is not None:
+        return flag
+    from pdserve.engine.security import load_cluster_secret
+
+    secret = load_cluster_secret()
+    return secret.hash_seed() if secret is not None else DEFAULT_HASH_SEED
 
 
 def run(args: argparse.Namespace) -> int:

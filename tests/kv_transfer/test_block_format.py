@@ -26,7 +26,7 @@ def test_round_trip_full_and_partial(descriptor):
 
 
 @pytest.mark.parametrize("change", [dict(dtype="bfloat16"), dict(block_size=8), dict(num_layers=4),
-                                    dict(num_kv_heads=1), dict(head_dim=16), dict(hash_seed=1),
+                                    dict(num_kv_heads=1), dict(head_dim=16), dict(hash_seed_id=1),
                                     dict(hash_algo="blake2b"), dict(model_fingerprint="other"),
                                     dict(tp_rank=1, tp_size=2), dict(dtype="float8_e4m3fn")])
 def test_incompatible_descriptor_is_refused_with_the_field_named(descriptor, change):
