@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, SUPPORTED_ALGOS
+from pdserve.engine.security import load_cluster_secret
 
 logger = logging.getLogger("pdserve.router")
 
@@ -104,7 +105,7 @@ def build_config(args: argparse.Namespace):
                               request_timeout_s=args.request_timeout)
     config = RouterConfig(model=model, settings=settings, discovery=discovery, routing=routing,
                           block_size=args.block_size, hash_seed=router_hash_seed(args.hash_seed),
-                          hash_algo=args.hash_algo,
+                          hash_algo=args.hash_algo, cluster_secret=load_cluster_secret(),
                           retry=RetryPolicy(max_attempts=args.max_attempts), health_interval_s=args.health_interval)
     return config, tokenizer
 
@@ -114,8 +115,6 @@ def router_hash_seed(flag: int | None) -> int:
     points use when a secret is set), else the default."""
     if flag is not None:
         return flag
-    from pdserve.engine.security import load_cluster_secret
-
     secret = load_cluster_secret()
     return secret.hash_seed() if secret is not None else DEFAULT_HASH_SEED
 

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pdserve.engine.security import ClusterSecret
 from pdserve.services.api.metrics import ServingMetrics
 from pdserve.services.api.settings import ServerSettings
 from pdserve.services.router.backend import GrpcPodBackend, PodBackend
@@ -44,6 +45,8 @@ class RouterConfig:
     health_timeout_s: float = 1.0
     kv_events_live_s: float = 5.0
     session_header: str = "x-session-id"
+    # The deployment's secret: the router releases abandoned KV transfers with it (None: leases free them).
+    cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
 
 
 class SessionMiddleware:
@@ -170,7 +173,7 @@ async def start_router(config: RouterConfig, tokenizer: Any, backend: PodBackend
     metrics = RouterMetrics(serving_metrics.registry)
     hasher = PromptHasher(config.block_size, config.hash_seed, config.hash_algo)
     router = build_router(config.routing, hasher, PodTable(), metrics)
-    backend = backend or GrpcPodBackend()
+    backend = backend or GrpcPodBackend(cluster_secret=config.cluster_secret)
     runner = SequenceRunner(router, backend, config.retry)
     engine = RouterEngine(config.model, tokenizer, runner, stat_loggers=[serving_metrics])
     health = HealthChecker(router.pods, backend, config.health_interval_s, config.health_timeout_s,

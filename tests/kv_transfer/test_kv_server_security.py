@@ -205,3 +205,22 @@ def test_release_during_a_pull_frees_the_blocks_only_when_the_pull_ends():
     assert reg.release("t") is False  # idempotent
     reg.end_pull("t")
     assert reg.take_released() == {"t"} and "t" not in reg and len(reg) == 0
+
+
+def test_the_routers_release_of_an_abandoned_transfer_frees_the_prefill_blocks(producer):
+    """The router's real gRPC backend releases a verified handle at the real KV server; a forged one is not
+    dialled."""
+    import asyncio
+
+    from kv_harness import wait_for
+    from pdserve.services.router.backend import GrpcPodBackend
+
+    params = _prefilled(producer)
+    handle = KVTransferParams.from_dict(params).to_proto()
+    forged = KVTransferParams.from_dict({**params, "mac": "00" * 32}).to_proto()
+    backend = GrpcPodBackend(cluster_secret=SECRET)
+    asyncio.run(backend.release_transfer(forged))
+    assert params["transfer_id"] in producer.worker.registry
+    asyncio.run(backend.release_transfer(handle))
+    wait_for(producer, lambda: "r1" in producer.released)
+    assert producer.sched.stats.snapshot().blocks_held == 0
