@@ -33,3 +33,11 @@ def test_a_handle_carries_the_seed_id_never_the_seed(tmp_path, redis_url):
     assert "hash_seed" not in handle["descriptor"]
     text = json.dumps(handle)
     assert str(seed) not in text and f"{seed:x}" not in text
+
+
+def test_the_routers_info_shows_the_seed_id_not_the_seed():
+    from pdserve.services.router.hashing import PromptHasher
+
+    seed = load_cluster_secret().hash_seed()
+    info = PromptHasher(16, seed).describe()
+    assert info["hash_seed_id"] == seed_id(seed) and seed not in info.values()
