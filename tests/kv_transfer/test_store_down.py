@@ -60,9 +60,10 @@ def test_redact_url_drops_userinfo():
 def test_a_redis_url_with_credentials_or_another_scheme_is_refused():
     with pytest.raises(ValueError, match="PDSERVE_REDIS_PASSWORD"):
         check_redis_url("redis://:s3cret@redis:6379/0")
-    with pytest.raises(ValueError, match="redis:// or rediss://"):
+    with pytest.raises(ValueError, match="redis://, rediss:// .TLS. or unix://"):
         check_redis_url("http://redis:6379/0")
     check_redis_url("rediss://redis:6380/0")
+    check_redis_url("unix:///run/redis.sock?db=0")
     parser = argparse.ArgumentParser()
     add_kv_transfer_arguments(parser)
     args = parser.parse_args(["--kv-connector", "redis", "--redis-url", "redis://u:pw@r:6379/0"])

@@ -142,15 +142,15 @@ class RedisStore(BlockStore):
 
 
 def check_redis_url(url: str) -> None:
-    """Refuse a Redis URL that is not redis:// or rediss://, or that carries a password (it would end up in
-    process lists, configs and logs): the password comes from ``PDSERVE_REDIS_PASSWORD``."""
+    """Refuse a Redis URL that is not redis://, rediss:// (TLS) or unix:// (a socket), or that carries credentials
+    (they would end up in process lists, configs and logs): the password comes from ``PDSERVE_REDIS_PASSWORD``."""
     from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(url)
     except ValueError:
         raise ValueError("--redis-url is not a valid URL") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("--redis-url must start with redis:// or rediss:// (TLS)")
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("--redis-url must start with redis://, rediss:// (TLS) or unix://")
     if parts.password is not None or parts.username is not None:
         raise ValueError("--redis-url must not carry credentials: set the password in PDSERVE_REDIS_PASSWORD")
