@@ -273,6 +273,15 @@ class SaveSpec:
     blocks: tuple[BlockRef, ...]
 
 
+@dataclass(frozen=True)
+class ServeSpec:
+    """A finished prefill's blocks that the worker serves to peers under ``transfer_id`` for ``lease_s`` (grpc)."""
+
+    transfer_id: str
+    blocks: tuple[BlockRef, ...]
+    lease_s: float
+
+
 @dataclass
 class KVConnectorMetadata:
     """What the scheduler half tells the worker half for one step."""
@@ -284,10 +293,12 @@ class KVConnectorMetadata:
     # (KV server, transfer id) of verified handles that will never be loaded (the request finished or was aborted
     # first): the worker tells the prefill pod to free the blocks now instead of at the lease's end.
     releases: list[tuple[str, str]] = field(default_factory=list)
+    # Producer: transfers to start serving (their blocks stay allocated until released or expired).
+    serve: list[ServeSpec] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.revoked or self.releases)
+        return not (self.loads or self.saves or self.revoked or self.releases or self.serve)
 
 
 @dataclass(frozen=True)
@@ -309,10 +320,13 @@ class KVConnectorOutput:
     finished_saving: dict[str, int] = field(default_factory=dict)
     # transfer ids the peer acknowledged (grpc: pulled and released)
     released: set[str] = field(default_factory=set)
+    # transfer ids whose lease ran out before a peer released them
+    expired: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.finished_loading or self.failed_loading or self.finished_saving or self.released)
+        return not (self.finished_loading or self.failed_loading or self.finished_saving or self.released
+                    or self.expired)
 
 
 class KVConnectorScheduler(ABC):

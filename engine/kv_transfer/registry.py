@@ -81,10 +81,8 @@ def _redis(ctx: KVConnectorContext) -> ConnectorPair:
 
 def _grpc(ctx: KVConnectorContext) -> ConnectorPair:
     from pdserve.engine.kv_transfer.grpc.scheduler import GrpcConnectorScheduler
-    from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
     from pdserve.engine.kv_transfer.grpc.worker import GrpcConnectorWorker
 
     stats = KVTransferStats(connector="grpc")
-    registry = TransferRegistry()
-    worker = GrpcConnectorWorker(ctx, stats, registry)
-    return GrpcConnectorScheduler(ctx, stats, registry, worker.address), worker
+    worker = GrpcConnectorWorker(ctx, stats)
+    return GrpcConnectorScheduler(ctx, stats, worker.address), worker

@@ -56,7 +56,10 @@ def run_all(eng: LLMEngine, ids: list[str], timeout_s: float = 60.0) -> dict:
 def prefill_all(prefill: LLMEngine, prompts: list[list[int]], tag: str = "p") -> dict:
     for i, p in enumerate(prompts):
         prefill.add_request(p, greedy(1), request_id=f"{tag}{i}")
-    return run_all(prefill, [f"{tag}{i}" for i in range(len(prompts))])
+    out = run_all(prefill, [f"{tag}{i}" for i in range(len(prompts))])
+    if prefill.has_unfinished_requests():
+        prefill.step()  # as a pod's engine loop does next: the grpc worker registers the finished transfers
+    return out
 
 
 def decode_all(decode: LLMEngine, prompts: list[list[int]], firsts: dict, tag: str = "p",

@@ -97,7 +97,9 @@ def prefill(side: Side, req: Request, block_ids: list[int], chunk: int | None = 
                                    pos + size == n)])
         pos += size
     req.status = RequestStatus.FINISHED_LENGTH
-    return side.sched.request_finished(req, block_ids)
+    result = side.sched.request_finished(req, block_ids)
+    step(side, [])  # the engine steps on while it holds blocks: the next step's metadata reaches the worker
+    return result
 
 
 def admit(side: Side, req: Request, block_ids: list[int], num_local: int = 0) -> int | None:

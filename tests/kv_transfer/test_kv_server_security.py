@@ -148,7 +148,8 @@ def test_a_forged_handle_is_never_dialled(desc, policy):
     d = make_side("grpc", "decode", desc, {"load_failure_policy": policy})
     try:
         forged = KVTransferParams(connector="grpc", transfer_id="ab" * 16, num_tokens=8, block_hashes=(1, 2),
-                                  descriptor=desc.to_dict(), kv_server=f"127.0.0.1:{port}", expires_at=time.time() + 60, mac="00" * 32)
+                                  descriptor=desc.to_dict(), kv_server=f"127.0.0.1:{port}",
+                                  expires_at=time.time() + 60, mac="00" * 32)
         req = make_request("r1", list(range(8)), [1], forged.to_dict())
         if policy == "fail":
             with pytest.raises(KVLoadError, match="does not verify"):
@@ -224,3 +225,19 @@ def test_the_routers_release_of_an_abandoned_transfer_frees_the_prefill_blocks(p
     asyncio.run(backend.release_transfer(handle))
     wait_for(producer, lambda: "r1" in producer.released)
     assert producer.sched.stats.snapshot().blocks_held == 0
+
+
+def test_a_release_or_pull_that_comes_before_the_registration_is_not_lost():
+    """The handle reaches the decode pod one engine step before the worker registers the transfer."""
+    reg = TransferRegistry()
+    assert reg.release("early") is False  # remembered
+    reg.add("early", [BlockRef(4, 1, 16, 0)], lease_s=60.0)
+    assert reg.take_released() == {"early"} and "early" not in reg
+    late = []
+    import threading
+    puller = threading.Thread(target=lambda: late.append(reg.begin_pull("late", wait_s=5.0)))
+    puller.start()
+    time.sleep(0.1)
+    reg.add("late", [BlockRef(5, 2, 16, 0)], lease_s=60.0)
+    puller.join(5)
+    assert late == [(BlockRef(5, 2, 16, 0),)]

@@ -45,6 +45,8 @@ MAX_CHUNK_BYTES = MAX_MESSAGE - (1 << 20)  # room for the header within one mess
 DEFAULT_MAX_CONCURRENT_RPCS = 32
 DEFAULT_MAX_PULL_S = 120.0
 AUTH_SCOPE = "kv"
+# A pull may arrive between the prefill's answer and the next engine step, which registers its transfer.
+REGISTER_WAIT_S = 1.0
 
 
 def clamp_chunk_bytes(requested: int) -> int:
@@ -85,7 +87,7 @@ class KVTransferServicer:
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
         self._check_descriptor(request.descriptor, context)
-        blocks = self.registry.begin_pull(request.transfer_id)
+        blocks = self.registry.begin_pull(request.transfer_id, REGISTER_WAIT_S)
         if blocks is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV transfer {request.transfer_id!r} here (never "
                                                      f"registered, released, or its lease expired)")
@@ -142,7 +144,7 @@ class KVTransferServicer:
         pin = float(request.pin_seconds)
         if not math.isfinite(pin):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pin_seconds must be a finite number of seconds")
-        blocks = self.registry.pin(request.transfer_id, min(max(pin, 1.0), self.max_pin_s))
+        blocks = self.registry.pin(request.transfer_id, min(max(pin, 1.0), self.max_pin_s), REGISTER_WAIT_S)
         if blocks is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no KV transfer {request.transfer_id!r} here (never "
                                                      f"registered, released, or its lease expired)")

@@ -1,5 +1,7 @@
 """The scheduler half of the ``grpc`` connector: holds finished prefills for their peers under a lease and turns
-transfer handles into pull specs on the decode side. Torch-free and grpc-free."""
+transfer handles into pull specs on the decode side. Torch-free and grpc-free; it shares nothing with the worker
+half but metadata: transfers to serve and releases go down in :class:`KVConnectorMetadata`, released and expired
+transfers come back in :class:`KVConnectorOutput`."""
 
 from __future__ import annotations
 
@@ -7,10 +9,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorMetadata, KVConnectorOutput,
-                                             KVHandleError, KVTransferParams)
+                                             KVHandleError, KVTransferParams, ServeSpec)
 from pdserve.engine.kv_transfer.block_format import KVFormatError
 from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler, handle_of
-from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.security import CLOCK_SKEW_S
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks
@@ -28,11 +29,9 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
     saves_blocks = False
     loads_without_handle = False  # blocks live in some prefill pod: only a handle says which
 
-    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, registry: TransferRegistry,
-                 address: str | None) -> None:
+    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, address: str | None) -> None:
         super().__init__(ctx, "grpc", stats)
-        self.registry = registry
-        self.address = address
+        self.address = address  # the worker's KV server, as peers reach it
         self.lease_s = float(ctx.option("kv_lease_s", 60.0))
         # transfer token -> request id: the KV server knows transfers only by their random token
         self._request_of: dict[str, str] = {}
@@ -40,6 +39,7 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         # Consumer: requests whose pull started (the worker releases those), and releases to hand the worker.
         self._pulled: set[str] = set()
         self._pending_releases: list[tuple[str, str, str]] = []  # (request id, KV server, transfer id)
+        self._pending_serve: list[ServeSpec] = []  # producer: transfers for the worker to start serving
 
     @property
     def handle_ttl_s(self) -> float:
@@ -61,6 +61,7 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
 
     def build_connector_meta(self, sched_out: SchedulerOutput) -> KVConnectorMetadata:
         meta = super().build_connector_meta(sched_out)
+        meta.serve, self._pending_serve = self._pending_serve, []
         pending, self._pending_releases = self._pending_releases, []
         meta.releases = [(address, tid) for _, address, tid in pending]
         for rid, _, _ in pending:
@@ -68,7 +69,7 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         return meta
 
     def has_pending_work(self) -> bool:
-        return super().has_pending_work() or len(self.registry) > 0 or bool(self._pending_releases)
+        return super().has_pending_work() or bool(self._request_of or self._pending_releases or self._pending_serve)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
@@ -86,7 +87,7 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
             blocks = prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
             refs = [BlockRef(block_ids[b.index], b.block_hash, b.num_tokens, b.index) for b in blocks]
             token = params["transfer_id"]
-            self.registry.add(token, refs, self.lease_s)
+            self._pending_serve.append(ServeSpec(token, tuple(refs), self.lease_s))
             self._request_of[token] = request.request_id
             self._token_of[request.request_id] = token
             self._held[request.request_id] = len(block_ids)
@@ -98,15 +99,12 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         super().update_connector_output(output)
         for transfer_id in output.released:
             self._maybe_release(self._forget(transfer_id))
-
-    def take_released(self) -> list[str]:
-        for transfer_id in self.registry.expire():
+        for transfer_id in output.expired:
             rid = self._forget(transfer_id)
             logger.warning("KV transfer of request %s: lease of %.0f s expired before a decode pod released it; "
                            "freeing its blocks", rid, self.lease_s)
             self._stats.record_failure("lease_expired")
             self._maybe_release(rid)
-        return super().take_released()
 
     def _unpulled_transfer(self, request: Request) -> tuple[str, str] | None:
         """``(KV server, transfer id)`` of the verified handle a consumer request carries, if any."""
@@ -122,8 +120,7 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         return handle.kv_server, handle.transfer_id
 
     def _is_held_elsewhere(self, request_id: str) -> bool:
-        token = self._token_of.get(request_id)
-        return token is not None and token in self.registry
+        return request_id in self._token_of  # served until the worker reports it released or expired
 
     def _forget(self, transfer_id: str) -> str:
         """The request id of a transfer that ended (released or expired); its token is forgotten."""

@@ -14,9 +14,11 @@ them device to device out of the prefill pod's GPU cache over CUDA IPC (same nod
 and fails the load when that is impossible; ``auto`` (the default) uses IPC where the peer is on this node and
 both caches are on GPUs, else the stream.
 
-The scheduler half (:mod:`.scheduler`) and this worker half share the transfer registry and the server address:
-they live in one process (the engine core). The KV server binds ``kv_host:kv_port`` (default all interfaces, a
-free port) and announces ``kv_advertise_host`` (default 127.0.0.1; a pod sets its own IP).
+This worker half owns the transfer registry the KV server serves from; the scheduler half (:mod:`.scheduler`)
+tells it what to serve through the step's metadata and learns what was released or expired from
+:meth:`get_finished` (it knows the server's address from construction). The KV server binds ``kv_host:kv_port``
+(default all interfaces, a free port) and announces ``kv_advertise_host`` (default 127.0.0.1; a pod sets its own
+IP).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from typing import Any, Callable
 import grpc
 import torch
 
-from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
-                                             LoadFailure, LoadSpec)
+from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorMetadata, KVConnectorOutput,
+                                             KVConnectorWorker, LoadFailure, LoadSpec)
 from pdserve.engine.kv_transfer.grpc.client import KVPullClient, PullError
 from pdserve.engine.kv_transfer.grpc.kv_server import DEFAULT_CHUNK_BYTES, KVTransferServicer, start_kv_server
 from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
@@ -50,10 +52,10 @@ MAX_IPC_PEERS = 16
 class GrpcConnectorWorker(KVConnectorWorker):
     """Runs the KV server (producer) and pulls transfers in loader threads (consumer)."""
 
-    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, registry: TransferRegistry) -> None:
+    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats) -> None:
         super().__init__(ctx)
         self.stats = stats
-        self.registry = registry
+        self.registry = TransferRegistry()  # what the KV server serves; the scheduler half learns of it by metadata
         self.timeout_s = float(ctx.option("kv_load_timeout_s", 10.0))
         self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
         self._inflight = 0
@@ -74,7 +76,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._loader = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="kv-pull")
         self.server, self.address = None, None
         if ctx.is_producer:
-            servicer = KVTransferServicer(registry, ctx.descriptor, lambda: self.kv_caches,
+            servicer = KVTransferServicer(self.registry, ctx.descriptor, lambda: self.kv_caches,
                                           on_sent=lambda n, b: stats.record_transfer("save", n, b, None),
                                           max_pin_s=float(ctx.option("kv_lease_s", 60.0)),
                                           mac_key=self._client.mac_key)
@@ -82,6 +84,11 @@ class GrpcConnectorWorker(KVConnectorWorker):
                                                 int(ctx.option("kv_port", 0)), ctx.cluster_secret)
             self.address = f"{ctx.option('kv_advertise_host', '127.0.0.1')}:{port}"
             logger.info("KV server listening on port %d (announced as %s)", port, self.address)
+
+    def bind_connector_metadata(self, meta: KVConnectorMetadata | None) -> None:
+        super().bind_connector_metadata(meta)
+        for spec in self._meta.serve:
+            self.registry.add(spec.transfer_id, spec.blocks, spec.lease_s)
 
     def start_load_kv(self) -> None:
         for address, transfer_id in self._meta.releases:
@@ -231,7 +238,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
             self._inflight -= 1
 
     def get_finished(self) -> KVConnectorOutput:
-        out = KVConnectorOutput(released=self.registry.take_released())
+        out = KVConnectorOutput(released=self.registry.take_released(), expired=set(self.registry.expire()))
         while True:
             try:
                 self._results.get_nowait()(out)
