@@ -115,8 +115,12 @@ def bench_connector(name: str, options: dict[str, Any], shape: str, dtype: str, 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     fingerprint = f"kv-bench-{shape}-{os.getpid()}-{time.time_ns()}"
+    # One secret per run, shared by both processes (the connectors sign and check calls and blocks with it).
+    from pdserve.engine.security import ClusterSecret
+
     spec = dict(name=name, options=options, shape=shape, dtype=dtype, block_size=block_size, device=device,
-                fingerprint=fingerprint, num_blocks=max(lens) // block_size + 2)
+                fingerprint=fingerprint, num_blocks=max(lens) // block_size + 2,
+                secret=ClusterSecret.generate().to_text())
     proc = ctx.Process(target=_producer_main, args=(child, spec), daemon=True)
     proc.start()
     try:
@@ -162,6 +166,7 @@ class _Side:
         from pdserve.engine.kv_transfer.kv_layout import descriptor_for
         from pdserve.engine.kv_transfer.registry import create_connector
         from pdserve.engine.model_loader.presets import preset_config
+        from pdserve.engine.security import ClusterSecret
 
         cfg = preset_config(spec["shape"])
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -172,8 +177,9 @@ class _Side:
         gen = torch.Generator(device=device).manual_seed(1)
         self.caches = [torch.randn(shape, generator=gen, device=device).to(dtype) if role == "prefill"
                        else torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        desc = descriptor_for(self.caches, model_fingerprint=spec["fingerprint"], hash_algo="sha256", hash_seed=0)
-        self.ctx = KVConnectorContext(role=role, descriptor=desc, engine_id=role, options=spec["options"])
+        desc = descriptor_for(self.caches, model_fingerprint=spec["fingerprint"], hash_algo="sha256", hash_seed_id=0)
+        self.ctx = KVConnectorContext(role=role, descriptor=desc, engine_id=role, options=spec["options"],
+                                      cluster_secret=ClusterSecret.from_text(spec["secret"]))
         self.sched, self.worker = create_connector(spec["name"], self.ctx)
         self.worker.register_kv_caches(self.caches)
         self.block_size = spec["block_size"]

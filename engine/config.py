@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED
+from pdserve.engine.security import ClusterSecret
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -122,6 +123,11 @@ class KVTransferConfig:
     role: str = "both"  # "both" | "prefill" | "decode"
     connector: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    # The deployment's secret (engine/security.py): authenticates KV calls, signs handles and stored blocks.
+    # Set by the entry points (load_cluster_secret()); the built-in connectors refuse to start without it.
+    cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
+    # The redis connector's password (PDSERVE_REDIS_PASSWORD, read by the entry points; never in the URL).
+    redis_password: str | None = field(default=None, compare=False, repr=False)
 
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)

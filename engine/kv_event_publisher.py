@@ -16,21 +16,22 @@ from typing import Any
 
 import msgspec
 
+from pdserve.engine.core.block_hash import hash_from_bytes, hash_to_bytes
 from pdserve.engine.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 TOPIC = b"kv"
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: block hashes are 128 bits, sent as 16 bytes (msgpack integers stop at 64 bits)
 
 
 class StoredMsg(msgspec.Struct, tag="stored", array_like=True):
-    block_hashes: list[int]
-    parent_hash: int | None
+    block_hashes: list[bytes]
+    parent_hash: bytes | None
     token_ids: list[int]
     block_size: int
 
 
 class RemovedMsg(msgspec.Struct, tag="removed", array_like=True):
-    block_hashes: list[int]
+    block_hashes: list[bytes]
 
 
 class ClearedMsg(msgspec.Struct, tag="cleared", array_like=True):
@@ -54,9 +55,11 @@ class EventBatch(msgspec.Struct, array_like=True):
 
 def to_wire(event: KVCacheEvent) -> StoredMsg | RemovedMsg | ClearedMsg:
     if isinstance(event, BlockStored):
-        return StoredMsg(list(event.block_hashes), event.parent_hash, list(event.token_ids), event.block_size)
+        parent = None if event.parent_hash is None else hash_to_bytes(event.parent_hash)
+        return StoredMsg([hash_to_bytes(h) for h in event.block_hashes], parent, list(event.token_ids),
+                         event.block_size)
     if isinstance(event, BlockRemoved):
-        return RemovedMsg(list(event.block_hashes))
+        return RemovedMsg([hash_to_bytes(h) for h in event.block_hashes])
     if isinstance(event, AllBlocksCleared):
         return ClearedMsg()
     raise TypeError(f"not a KV cache event: {event!r}")
@@ -64,9 +67,11 @@ def to_wire(event: KVCacheEvent) -> StoredMsg | RemovedMsg | ClearedMsg:
 
 def from_wire(msg: StoredMsg | RemovedMsg | ClearedMsg) -> KVCacheEvent:
     if isinstance(msg, StoredMsg):
-        return BlockStored(tuple(msg.block_hashes), msg.parent_hash, tuple(msg.token_ids), msg.block_size)
+        parent = None if msg.parent_hash is None else hash_from_bytes(msg.parent_hash)
+        return BlockStored(tuple(hash_from_bytes(h) for h in msg.block_hashes), parent, tuple(msg.token_ids),
+                           msg.block_size)
     if isinstance(msg, RemovedMsg):
-        return BlockRemoved(tuple(msg.block_hashes))
+        return BlockRemoved(tuple(hash_from_bytes(h) for h in msg.block_hashes))
     return AllBlocksCleared()
 
 

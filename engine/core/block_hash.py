@@ -4,7 +4,9 @@ A block's hash covers its parent's hash, the token ids of one full block and opt
 mean equal prefixes. The seed is configured (never random per process): prefill pods, decode pods, the router and
 the KV store must all compute the same values. Pure Python (no torch, no numpy) so the router can import it.
 
-Bump ``HASH_VERSION`` whenever the byte layout below changes; it is part of the KV block descriptor.
+Hashes are 128 bits (Python ints; 16 bytes big-endian on the wire, :func:`hash_to_bytes`): at 64 bits a birthday
+collision needs about 2^32 blocks, within reach of someone who can choose prompts; at 128 bits it does not. Bump
+``HASH_VERSION`` whenever the byte layout below changes; it is part of the KV block descriptor.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import hashlib
 import struct
 from collections.abc import Sequence
 
-HASH_VERSION = 1
+HASH_VERSION = 2  # 2: 128-bit hashes (1 had 64)
+HASH_BYTES = 16
 DEFAULT_HASH_ALGO = "sha256"
 DEFAULT_HASH_SEED = 0
 SUPPORTED_ALGOS = ("sha256", "blake2b")
@@ -25,11 +28,10 @@ def _digest(algo: str, payload: bytes) -> int:
     if algo == "sha256":
         raw = hashlib.sha256(payload).digest()
     elif algo == "blake2b":
-        raw = hashlib.blake2b(payload, digest_size=8).digest()
+        raw = hashlib.blake2b(payload, digest_size=HASH_BYTES).digest()
     else:
         raise ValueError(f"unknown block hash algorithm {algo!r}; supported: {', '.join(SUPPORTED_ALGOS)}")
-    # 64 bits: compact on the wire (uint64 in protobuf) with negligible collision odds for a cache.
-    return int.from_bytes(raw[:8], "little")
+    return int.from_bytes(raw[:HASH_BYTES], "little")
 
 
 def root_hash(seed: int = DEFAULT_HASH_SEED, algo: str = DEFAULT_HASH_ALGO) -> int:
@@ -40,11 +42,31 @@ def root_hash(seed: int = DEFAULT_HASH_SEED, algo: str = DEFAULT_HASH_ALGO) -> i
 def hash_block(parent_hash: int, token_ids: Sequence[int], extra_keys: Sequence[str | int] = (),
                algo: str = DEFAULT_HASH_ALGO) -> int:
     """Hash one full block given its parent's hash."""
-    parts = [struct.pack("<QI", parent_hash, len(token_ids)), struct.pack(f"<{len(token_ids)}I", *token_ids)]
+    parts = [parent_hash.to_bytes(HASH_BYTES, "little") + struct.pack("<I", len(token_ids)),
+             struct.pack(f"<{len(token_ids)}I", *token_ids)]
     for key in extra_keys:
         encoded = str(key).encode()
         parts.append(struct.pack("<I", len(encoded)) + encoded)
     return _digest(algo, b"".join(parts))
+
+
+def seed_id(seed: int) -> int:
+    """A public 64-bit id of a hash seed for KV descriptors: equal seeds give equal ids, and the id does not reveal
+    the seed (whoever knew the seed could hash guessed prompts and test a store for them)."""
+    return int.from_bytes(hashlib.sha256(b"pdserve-hash-seed-id" + struct.pack("<Q", seed & (2**64 - 1))).digest()[:8],
+                          "little")
+
+
+def hash_to_bytes(block_hash: int) -> bytes:
+    """A block hash as it travels in protobuf ``bytes`` fields and KV events (16 bytes, big-endian)."""
+    return block_hash.to_bytes(HASH_BYTES, "big")
+
+
+def hash_from_bytes(raw: bytes) -> int:
+    """The inverse of :func:`hash_to_bytes`; ``ValueError`` for anything but 16 bytes."""
+    if len(raw) != HASH_BYTES:
+        raise ValueError(f"a block hash is {HASH_BYTES} bytes, got {len(raw)}")
+    return int.from_bytes(raw, "big")
 
 
 class BlockHasher:

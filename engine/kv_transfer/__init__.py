@@ -1,10 +1,12 @@
-"""KV transfer between engines: the connector interface, the block format, and the built-in connectors.
+"""KV transfer between engines: the connector contract at the top, the connectors in two rooms below it.
 
 Submodules, imported on demand so that light users (the router) never load torch, grpc or redis:
 
-- :mod:`.base` — the two connector halves and the data between them; :mod:`.registry` — connectors by name
-- :mod:`.block_format` — the versioned, checksummed block object; :mod:`.kv_layout` — cache <-> payload (torch)
-- :mod:`.store_connector` over :mod:`.shared_fs` and :mod:`.redis_connector`; :mod:`.grpc_connector` with
-  :mod:`.grpc_kv_server`
-- :mod:`.metrics` — counters and their Prometheus collector (``pdserve bench kv-transfer`` lives in bench/)
+- the contract: :mod:`.base` (the two connector halves and the data between them), :mod:`.block_format` (the
+  versioned, checksummed block object and the transfer handle format), :mod:`.kv_layout` (cache <-> payload,
+  torch), :mod:`.metrics`, :mod:`.registry` / :mod:`.factory` (connectors by name), :mod:`.options` (CLI flags),
+  :mod:`.connector_scheduler` and :mod:`.prompt_blocks` (the torch-free scheduler half every connector shares)
+- :mod:`.stores` — ``shared-fs`` and ``redis`` stores and the connector over them
+- :mod:`.grpc` — the ``grpc`` connector: scheduler half, worker half, KV server, pull client, CUDA IPC
+- ``pdserve bench kv-transfer`` lives in bench/
 """

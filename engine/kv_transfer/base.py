@@ -23,19 +23,46 @@ or its peer acknowledges a pull, under a lease; ``take_released`` hands them bac
 from __future__ import annotations
 
 import dataclasses
+import enum
+import json
 import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pdserve.engine.core.block_hash import HASH_BYTES, hash_to_bytes
 from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
+from pdserve.engine.security import ClusterSecret
+
+if TYPE_CHECKING:
+    from pdserve.engine.core.sched_output import SchedulerOutput
+    from pdserve.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("both", "prefill", "decode")
-LOAD_FAILURE_POLICIES = ("recompute", "fail")
+
+class KVRole(str, enum.Enum):
+    """What an engine does with KV: ``both`` (monolithic), ``prefill`` (producer), ``decode`` (consumer)."""
+
+    BOTH = "both"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class LoadFailurePolicy(str, enum.Enum):
+    """What a consumer does when KV cannot be loaded: compute it locally, or fail the request."""
+
+    RECOMPUTE = "recompute"
+    FAIL = "fail"
+
+
+# Load failures that are a cache miss whatever the policy (a planted block: recomputing is always right).
+MISS_REASONS = frozenset({"mac"})
+ROLES = tuple(r.value for r in KVRole)
+LOAD_FAILURE_POLICIES = tuple(p.value for p in LoadFailurePolicy)
 
 
 class KVLoadError(RuntimeError):
@@ -50,35 +77,50 @@ class KVLoadError(RuntimeError):
 class KVConnectorContext:
     """Plain values a connector is built from (taken from the engine config and the allocated KV cache)."""
 
-    role: str
+    role: KVRole  # a plain string is accepted and converted
     descriptor: KVDescriptor
     engine_id: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The block-hash seed (the descriptor carries only its public id): secret when derived from the cluster secret.
+    hash_seed: int = field(default=0, compare=False, repr=False)
+    # The deployment's secret (signs handles, call tokens and stored blocks); None only in tests of the halves.
+    cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
+    redis_password: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"unknown KV transfer role {self.role!r}; choose one of {', '.join(ROLES)}")
-        if self.load_failure_policy not in LOAD_FAILURE_POLICIES:
-            raise ValueError(f"unknown kv load failure policy {self.load_failure_policy!r}; choose "
+        try:
+            object.__setattr__(self, "role", KVRole(self.role))
+        except ValueError:
+            raise ValueError(f"unknown KV transfer role {self.role!r}; choose one of {', '.join(ROLES)}") from None
+        policy = self.options.get("load_failure_policy", LoadFailurePolicy.RECOMPUTE.value)
+        if policy not in LOAD_FAILURE_POLICIES:
+            raise ValueError(f"unknown kv load failure policy {policy!r}; choose "
                              f"{' or '.join(LOAD_FAILURE_POLICIES)}")
 
     @property
     def is_producer(self) -> bool:
         """Saves the KV it computes (prefill pods; a monolithic engine with a shared store)."""
-        return self.role in ("both", "prefill")
+        return self.role in (KVRole.BOTH, KVRole.PREFILL)
 
     @property
     def is_consumer(self) -> bool:
         """Loads KV computed elsewhere (decode pods; a monolithic engine with a shared store)."""
-        return self.role in ("both", "decode")
+        return self.role in (KVRole.BOTH, KVRole.DECODE)
 
     @property
-    def load_failure_policy(self) -> str:
-        return str(self.options.get("load_failure_policy", "recompute"))
+    def load_failure_policy(self) -> LoadFailurePolicy:
+        return LoadFailurePolicy(self.options.get("load_failure_policy", LoadFailurePolicy.RECOMPUTE.value))
 
     def option(self, key: str, default: Any = None) -> Any:
         value = self.options.get(key)
         return default if value is None else value
+
+
+class KVHandleError(ValueError):
+    """A transfer handle that is malformed, unsigned, forged or expired. The message never echoes secrets."""
+
+
+_HANDLE_FIELDS = ("connector", "transfer_id", "num_tokens", "block_hashes", "descriptor")
 
 
 @dataclass(frozen=True)
@@ -87,7 +129,10 @@ class KVTransferParams:
 
     ``block_hashes`` are the chained hashes of the prompt's full blocks, then, when ``num_tokens`` is not a
     multiple of the block size, the hash of the last, partial block. ``kv_server`` is the prefill pod's KV server
-    (grpc connector); ``transfer_id`` names the prefill's blocks there (its request id).
+    (grpc connector); ``transfer_id`` is a random 128-bit token that names the prefill's blocks there (never the
+    request id, so it cannot be guessed). ``mac`` is ``ClusterSecret.sign("kv-handle", ...)`` over
+    :meth:`canonical` (every other field, ``expires_at`` included): a decode pod dials only the KV server of a
+    handle that verifies, so only a pod holding the cluster secret can send it anywhere.
     """
 
     connector: str
@@ -97,31 +142,75 @@ class KVTransferParams:
     descriptor: dict[str, Any]
     engine_id: str = ""
     kv_server: str | None = None
+    expires_at: float = 0.0  # unix time after which the handle is refused
+    mac: str = ""  # hex HMAC-SHA256 over canonical()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["block_hashes"] = [f"{h:016x}" for h in self.block_hashes]  # JSON numbers lose 64-bit precision
+        d["block_hashes"] = [f"{h:032x}" for h in self.block_hashes]  # 128 bits: JSON numbers cannot hold them
         return d
+
+    def canonical(self) -> bytes:
+        """The bytes the MAC covers: every field but ``mac``, as sorted, compact JSON."""
+        d = self.to_dict()
+        del d["mac"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, secret: ClusterSecret, ttl_s: float) -> "KVTransferParams":
+        """This handle, valid for ``ttl_s`` seconds from now, with its MAC."""
+        unsigned = dataclasses.replace(self, expires_at=round(time.time() + ttl_s, 3), mac="")
+        return dataclasses.replace(unsigned, mac=secret.sign("kv-handle", unsigned.canonical()).hex())
+
+    def verify(self, secret: ClusterSecret, now: float | None = None) -> None:
+        """Raise :class:`KVHandleError` unless the handle was signed under ``secret`` and has not expired."""
+        if not self.mac:
+            raise KVHandleError("the transfer handle is not signed")
+        try:
+            mac = bytes.fromhex(self.mac)
+        except ValueError:
+            raise KVHandleError("the transfer handle's signature is malformed") from None
+        if not secret.verify("kv-handle", self.canonical(), mac):
+            raise KVHandleError("the transfer handle's signature does not verify (forged, altered, or signed "
+                                "under another cluster secret)")
+        if (time.time() if now is None else now) > self.expires_at:
+            raise KVHandleError("the transfer handle expired")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KVTransferParams":
-        """Parse a handle; ``ValueError`` with a clear message for a malformed one."""
+        """Parse a handle; :class:`KVHandleError` (a ``ValueError``) naming the field for a malformed one."""
         if not isinstance(data, Mapping):
-            raise ValueError("kv_transfer_params must be an object")
+            raise KVHandleError("kv_transfer_params must be an object")
+        for name in _HANDLE_FIELDS:
+            if name not in data:
+                raise KVHandleError(f"kv_transfer_params lacks {name!r}")
+        field_name = "block_hashes"
         try:
-            hashes = tuple(int(h, 16) if isinstance(h, str) else int(h) for h in data["block_hashes"])
-            params = cls(connector=str(data["connector"]), transfer_id=str(data["transfer_id"]),
-                         num_tokens=int(data["num_tokens"]), block_hashes=hashes,
-                         descriptor=dict(data["descriptor"]), engine_id=str(data.get("engine_id") or ""),
-                         kv_server=data.get("kv_server") or None)
-        except KeyError as exc:  # name the field, never echo a Python exception repr to the client
-            raise ValueError(f"malformed kv_transfer_params: missing field {exc.args[0]!r}") from None
-        except (TypeError, ValueError):
-            raise ValueError("malformed kv_transfer_params: block_hashes, num_tokens and descriptor must be a "
-                             "list of hex strings, an integer and an object") from None
-        if params.num_tokens <= 0:
-            raise ValueError("kv_transfer_params.num_tokens must be positive")
-        return params
+            if isinstance(data["block_hashes"], (str, bytes)) or not isinstance(data["block_hashes"], Sequence):
+                raise TypeError
+            hashes = tuple(int(h, 16) if isinstance(h, str) else _plain_int(h) for h in data["block_hashes"])
+            if any(not 0 <= h < 1 << (8 * HASH_BYTES) for h in hashes):
+                raise ValueError
+            field_name = "num_tokens"
+            num_tokens = _plain_int(data["num_tokens"])
+            field_name = "descriptor"
+            if not isinstance(data["descriptor"], Mapping):
+                raise TypeError
+            field_name = "expires_at"
+            expires_at = float(data.get("expires_at") or 0.0)
+            field_name = "mac"
+            mac = data.get("mac") or ""
+            if not isinstance(mac, str):
+                raise TypeError
+        except (TypeError, ValueError, OverflowError):
+            raise KVHandleError(f"kv_transfer_params.{field_name} is malformed") from None
+        if num_tokens <= 0:
+            raise KVHandleError("kv_transfer_params.num_tokens must be positive")
+        kv_server = data.get("kv_server") or None
+        if kv_server is not None and not isinstance(kv_server, str):
+            raise KVHandleError("kv_transfer_params.kv_server must be a string")
+        return cls(connector=str(data["connector"]), transfer_id=str(data["transfer_id"]), num_tokens=num_tokens,
+                   block_hashes=hashes, descriptor=dict(data["descriptor"]),
+                   engine_id=str(data.get("engine_id") or ""), kv_server=kv_server, expires_at=expires_at, mac=mac)
 
     def to_proto(self) -> Any:
         """As a ``pdserve.v1.KVTransferHandle`` message (disagg.proto)."""
@@ -130,8 +219,9 @@ class KVTransferParams:
 
         return disagg_pb2.KVTransferHandle(
             connector=self.connector, transfer_id=self.transfer_id, num_tokens=self.num_tokens,
-            block_hashes=list(self.block_hashes), descriptor=KVDescriptor.from_dict(self.descriptor).to_proto(),
-            engine_id=self.engine_id, kv_server=self.kv_server or "")
+            block_hashes=[hash_to_bytes(h) for h in self.block_hashes],
+            descriptor=KVDescriptor.from_dict(self.descriptor).to_proto(),
+            engine_id=self.engine_id, kv_server=self.kv_server or "", expires_at=self.expires_at, mac=self.mac)
 
     @classmethod
     def from_proto(cls, msg: Any) -> "KVTransferParams":
@@ -139,8 +229,17 @@ class KVTransferParams:
 
         desc = {f.name: getattr(msg.descriptor, f.name) for f in dataclasses.fields(KVDescriptor)}
         return cls.from_dict({"connector": msg.connector, "transfer_id": msg.transfer_id,
-                              "num_tokens": msg.num_tokens, "block_hashes": list(msg.block_hashes),
-                              "descriptor": desc, "engine_id": msg.engine_id, "kv_server": msg.kv_server or None})
+                              "num_tokens": msg.num_tokens,
+                              "block_hashes": [h.hex() for h in msg.block_hashes],  # 16 bytes big-endian
+                              "descriptor": desc, "engine_id": msg.engine_id, "kv_server": msg.kv_server or None,
+                              "expires_at": msg.expires_at, "mac": msg.mac})
+
+
+def _plain_int(value: Any) -> int:
+    """An int from JSON (bools and floats are refused: ``True`` or ``1.5`` is no token count or hash)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value
 
 
 @dataclass(frozen=True)
@@ -174,6 +273,15 @@ class SaveSpec:
     blocks: tuple[BlockRef, ...]
 
 
+@dataclass(frozen=True)
+class ServeSpec:
+    """A finished prefill's blocks that the worker serves to peers under ``transfer_id`` for ``lease_s`` (grpc)."""
+
+    transfer_id: str
+    blocks: tuple[BlockRef, ...]
+    lease_s: float
+
+
 @dataclass
 class KVConnectorMetadata:
     """What the scheduler half tells the worker half for one step."""
@@ -182,10 +290,15 @@ class KVConnectorMetadata:
     saves: list[SaveSpec] = field(default_factory=list)
     # Transfers the worker should stop serving (lease over, request aborted): connector-specific ids.
     revoked: list[str] = field(default_factory=list)
+    # (KV server, transfer id) of verified handles that will never be loaded (the request finished or was aborted
+    # first): the worker tells the prefill pod to free the blocks now instead of at the lease's end.
+    releases: list[tuple[str, str]] = field(default_factory=list)
+    # Producer: transfers to start serving (their blocks stay allocated until released or expired).
+    serve: list[ServeSpec] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.revoked)
+        return not (self.loads or self.saves or self.revoked or self.releases or self.serve)
 
 
 @dataclass(frozen=True)
@@ -207,10 +320,13 @@ class KVConnectorOutput:
     finished_saving: dict[str, int] = field(default_factory=dict)
     # transfer ids the peer acknowledged (grpc: pulled and released)
     released: set[str] = field(default_factory=set)
+    # transfer ids whose lease ran out before a peer released them
+    expired: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.finished_loading or self.failed_loading or self.finished_saving or self.released)
+        return not (self.finished_loading or self.failed_loading or self.finished_saving or self.released
+                    or self.expired)
 
 
 class KVConnectorScheduler(ABC):
@@ -220,7 +336,7 @@ class KVConnectorScheduler(ABC):
         self.ctx = ctx
 
     @abstractmethod
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
         """Prompt tokens beyond ``num_computed_tokens`` (local prefix hits) that can be loaded from outside.
 
         ``None`` means "ask again later" (e.g. the blocks are still being written): the request stays waiting.
@@ -229,15 +345,15 @@ class KVConnectorScheduler(ABC):
         """
 
     @abstractmethod
-    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         """Blocks are allocated for a newly admitted request (``num_external_tokens`` of them to be loaded)."""
 
     @abstractmethod
-    def build_connector_meta(self, sched_out: Any) -> KVConnectorMetadata:
+    def build_connector_meta(self, sched_out: SchedulerOutput) -> KVConnectorMetadata:
         """The worker's instructions for the step just scheduled (consumes what was queued since last time)."""
 
     @abstractmethod
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """A request ends. Returns ``(hold, kv_transfer_params)``: when ``hold``, the scheduler keeps its blocks
         until :meth:`take_released` names it."""
 
@@ -255,10 +371,13 @@ class KVConnectorScheduler(ABC):
     def request_aborted(self, request_id: str) -> None:
         """A waiting request left before it was admitted; drop any state kept for it."""
 
-    def load_failed(self, request: Any, num_external_tokens: int, failure: "LoadFailure") -> int:
+    def load_failed(self, request: Request, num_external_tokens: int, failure: "LoadFailure") -> int:
         """A load failed: how many of its tokens did land (the scheduler computes the rest), or raise
-        :class:`KVLoadError` under the ``fail`` policy."""
-        if self.ctx.load_failure_policy == "fail":
+        :class:`KVLoadError` under the ``fail`` policy. A block that failed its MAC is a miss under either policy
+        (whoever can write the store must not be able to fail other tenants' requests), and so is any failure of
+        a request without a handle (its lookup was optional: nothing was promised)."""
+        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL and failure.reason not in MISS_REASONS \
+                and request.kv_transfer_params:
             raise KVLoadError(failure.reason, f"KV transfer failed ({failure.reason}): {failure.message}")
         logger.warning("request %s: %s; computing the missing KV locally", request.request_id, failure.message)
         return min(num_external_tokens, failure.num_valid_blocks * self.ctx.descriptor.block_size)

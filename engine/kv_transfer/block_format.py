@@ -7,20 +7,24 @@ An object is ``b"PDKV" | uint32 header length | KVBlockHeader (protobuf) | paylo
 
 A reader never copies a payload it cannot trust: :func:`decode_block` refuses a foreign magic, an unknown format
 version, a descriptor that differs from the reader's own (:class:`IncompatibleDescriptorError`), a truncated payload
-or a bad CRC-32 (:class:`ChecksumError`). Connectors turn those errors into a cache miss or a failed request,
-following the engine's load-failure policy. No torch here: stores and the router can import it.
+or a bad CRC-32 (:class:`ChecksumError`), and, given the cluster secret's block key, a missing or wrong MAC
+(:class:`MACError`: the CRC only catches accidents, the keyed MAC catches a block planted by anyone without the
+secret). Connectors turn those errors into a cache miss or a failed request, following the engine's load-failure
+policy (a MAC failure is always a miss). No torch here: stores and the router can import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
+import json
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.engine.core.block_hash import HASH_VERSION
+from pdserve.engine.core.block_hash import HASH_VERSION, hash_from_bytes, hash_to_bytes
 
 KV_FORMAT_VERSION = 1
 KV_LAYOUT = "layer,kv,token,head,dim"
@@ -44,6 +48,12 @@ class ChecksumError(KVFormatError):
     reason = "checksum"
 
 
+class MACError(KVFormatError):
+    """The block's keyed MAC is missing or wrong: written by someone without the cluster secret."""
+
+    reason = "mac"
+
+
 @dataclass(frozen=True)
 class KVDescriptor:
     """What a KV cache is made of; two engines exchange blocks only when their descriptors are equal."""
@@ -55,7 +65,7 @@ class KVDescriptor:
     num_kv_heads: int
     head_dim: int
     hash_algo: str
-    hash_seed: int
+    hash_seed_id: int  # block_hash.seed_id(seed): tells seeds apart, never the seed itself
     hash_version: int = HASH_VERSION
     tp_rank: int = 0
     tp_size: int = 1
@@ -138,6 +148,28 @@ class BlockHeader:
     num_tokens: int
     payload_bytes: int
     checksum: int
+    mac: bytes = b""
+
+
+def block_mac(key: bytes, header: BlockHeader, payload: Any) -> bytes:
+    """HMAC-SHA256 under ``key`` (``ClusterSecret.derive("kv-block")``) over the header's fields but ``mac``
+    and the payload (one buffer or a sequence of them); equal to ``ClusterSecret.sign("kv-block", ...)`` of the
+    same bytes. hashlib releases the GIL on large buffers, so I/O threads compute it in parallel."""
+    desc = json.dumps(header.descriptor.to_dict(), sort_keys=True, separators=(",", ":"))
+    mac = hmac.new(key, f"pdkv-block-v1|{desc}|{header.block_hash:x}|{header.num_tokens}|"
+                        f"{header.payload_bytes}|{header.checksum}|".encode(), hashlib.sha256)
+    for part in payload if isinstance(payload, (list, tuple)) else (payload,):
+        mac.update(part)
+    return mac.digest()
+
+
+def verify_mac(key: bytes, header: BlockHeader, payload: Any) -> None:
+    """Raise :class:`MACError` unless the header carries the right MAC of ``payload``."""
+    if not header.mac:
+        raise MACError(f"KV block {header.block_hash:032x} carries no MAC (not written by this cluster)")
+    if not hmac.compare_digest(block_mac(key, header, payload), header.mac):
+        raise MACError(f"KV block {header.block_hash:032x} failed its MAC check (planted or written under "
+                       f"another cluster secret)")
 
 
 def checksum(payload: Any) -> int:
@@ -160,55 +192,67 @@ def _nbytes(payload: Any) -> int:
     return memoryview(payload).nbytes
 
 
-def make_header(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any) -> BlockHeader:
-    """The header of ``payload`` (one buffer or a sequence of buffers); checks its size against the descriptor."""
+def make_header(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any,
+                mac_key: bytes | None = None) -> BlockHeader:
+    """The header of ``payload`` (one buffer or a sequence of buffers); checks its size against the descriptor.
+    With ``mac_key`` the header carries the block's MAC."""
     if not 0 < num_tokens <= desc.block_size:
         raise ValueError(f"a block holds 1..{desc.block_size} tokens, got {num_tokens}")
     size = _nbytes(payload)
     if size != desc.payload_bytes(num_tokens):
         raise ValueError(f"payload of {size} bytes does not match {num_tokens} tokens of this KV cache "
                          f"({desc.payload_bytes(num_tokens)} bytes)")
-    return BlockHeader(desc, block_hash, num_tokens, size, checksum(payload))
+    header = BlockHeader(desc, block_hash, num_tokens, size, checksum(payload))
+    return dataclasses.replace(header, mac=block_mac(mac_key, header, payload)) if mac_key else header
 
 
 def header_to_proto(header: BlockHeader) -> Any:
-    return _pb().KVBlockHeader(descriptor=header.descriptor.to_proto(), block_hash=header.block_hash,
+    return _pb().KVBlockHeader(descriptor=header.descriptor.to_proto(), block_hash=hash_to_bytes(header.block_hash),
                                num_tokens=header.num_tokens, payload_bytes=header.payload_bytes,
-                               checksum=header.checksum)
+                               checksum=header.checksum, mac=header.mac)
 
 
 def header_from_proto(msg: Any) -> BlockHeader:
-    return BlockHeader(KVDescriptor.from_proto(msg.descriptor), msg.block_hash, msg.num_tokens,
-                       msg.payload_bytes, msg.checksum)
+    try:
+        block_hash = hash_from_bytes(msg.block_hash)
+    except ValueError as exc:
+        raise KVFormatError(f"KV block header: {exc}") from None
+    return BlockHeader(KVDescriptor.from_proto(msg.descriptor), block_hash, msg.num_tokens,
+                       msg.payload_bytes, msg.checksum, bytes(msg.mac))
 
 
-def encode_block_parts(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any) -> list[Any]:
+def encode_block_parts(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any,
+                       mac_key: bytes | None = None) -> list[Any]:
     """One block object as a list of buffers: prefix and header, then the payload's parts (no copy of them)."""
-    header = header_to_proto(make_header(desc, block_hash, num_tokens, payload)).SerializeToString()
+    header = header_to_proto(make_header(desc, block_hash, num_tokens, payload, mac_key)).SerializeToString()
     parts = list(payload) if isinstance(payload, (list, tuple)) else [payload]
     return [_PREFIX.pack(MAGIC, len(header)) + header, *parts]
 
 
-def encode_block(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any) -> bytes:
+def encode_block(desc: KVDescriptor, block_hash: int, num_tokens: int, payload: Any,
+                 mac_key: bytes | None = None) -> bytes:
     """One block object in one bytes object (``payload``: a buffer or a sequence of buffers)."""
-    return b"".join(encode_block_parts(desc, block_hash, num_tokens, payload))
+    return b"".join(encode_block_parts(desc, block_hash, num_tokens, payload, mac_key))
 
 
 def decode_block(blob: Any, expected: KVDescriptor, block_hash: int | None = None,
-                 num_tokens: int | None = None) -> tuple[BlockHeader, memoryview]:
+                 num_tokens: int | None = None, mac_key: bytes | None = None) -> tuple[BlockHeader, memoryview]:
     """Validate a block object against the reader's descriptor; return its header and a view of its payload.
 
-    ``block_hash`` / ``num_tokens``, when given, must match too (a store must never hand back another block).
-    Raises :class:`KVFormatError` (or a subclass) with a message that says what is wrong.
+    ``block_hash`` / ``num_tokens``, when given, must match too (a store must never hand back another block);
+    with ``mac_key`` the block's MAC must verify. Raises :class:`KVFormatError` (or a subclass) with a message
+    that says what is wrong.
     """
     header = verify_header(blob, expected, block_hash, num_tokens)
     view = memoryview(blob)
     start = _PREFIX.size + struct.unpack_from("<I", view, 4)[0]
     payload = view[start:]
     if payload.nbytes != header.payload_bytes:
-        raise KVFormatError(f"KV block {header.block_hash:016x} is truncated: {payload.nbytes} of "
+        raise KVFormatError(f"KV block {header.block_hash:032x} is truncated: {payload.nbytes} of "
                             f"{header.payload_bytes} payload bytes")
     verify_payload(header, payload)
+    if mac_key is not None:
+        verify_mac(mac_key, header, payload)
     return header, payload
 
 
@@ -241,13 +285,13 @@ def check_header(header: BlockHeader, expected: KVDescriptor, block_hash: int | 
                                           f"this engine's ({expected.format_version})")
     expected.check_compatible(header.descriptor)
     if block_hash is not None and header.block_hash != block_hash:
-        raise KVFormatError(f"KV block {header.block_hash:016x} was returned for {block_hash:016x}")
+        raise KVFormatError(f"KV block {header.block_hash:032x} was returned for {block_hash:032x}")
     if num_tokens is not None and header.num_tokens != num_tokens:
-        raise KVFormatError(f"KV block {header.block_hash:016x} holds {header.num_tokens} tokens, "
+        raise KVFormatError(f"KV block {header.block_hash:032x} holds {header.num_tokens} tokens, "
                             f"expected {num_tokens}")
     if not 0 < header.num_tokens <= expected.block_size or \
             header.payload_bytes != expected.payload_bytes(header.num_tokens):
-        raise KVFormatError(f"KV block {header.block_hash:016x} has an inconsistent size "
+        raise KVFormatError(f"KV block {header.block_hash:032x} has an inconsistent size "
                             f"({header.num_tokens} tokens, {header.payload_bytes} bytes)")
 
 
@@ -255,7 +299,7 @@ def verify_payload(header: BlockHeader, payload: Any) -> None:
     """Raise :class:`ChecksumError` unless the payload's CRC-32 matches the header's."""
     got = checksum(payload)
     if got != header.checksum:
-        raise ChecksumError(f"KV block {header.block_hash:016x} failed its checksum "
+        raise ChecksumError(f"KV block {header.block_hash:032x} failed its checksum "
                             f"(crc32 {got:08x}, expected {header.checksum:08x})")
 
 

@@ -13,20 +13,25 @@ A request's prompt blocks, seen from a consumer (block size 4, prompt of 10 toke
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from abc import abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.engine.core.block_hash import BlockHasher
 from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorMetadata,
-                                             KVConnectorOutput, KVConnectorScheduler, KVLoadError,
-                                             KVTransferParams, LoadSpec, SaveSpec)
+                                             KVConnectorOutput, KVConnectorScheduler, KVHandleError, KVLoadError,
+                                             KVRole, KVTransferParams, LoadFailurePolicy, LoadSpec, SaveSpec)
 from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks, tokens_covered
-from pdserve.engine.kv_transfer.store import StoreUnavailableError
+from pdserve.engine.kv_transfer.stores.store import StoreUnavailableError
+
+if TYPE_CHECKING:
+    from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
+    from pdserve.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         desc = ctx.descriptor
         self.name = name
         self.block_size = desc.block_size
-        self.hasher = BlockHasher(desc.block_size, desc.hash_seed, desc.hash_algo)
+        self.hasher = BlockHasher(desc.block_size, ctx.hash_seed, desc.hash_algo)
         self._stats = stats
         self.wait_timeout_s = float(ctx.option("kv_load_timeout_s", 10.0))
         self._first_seen: dict[str, float] = {}  # requests waiting for blocks still being written
@@ -69,13 +74,15 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         return self._stats
 
     # ------------------------------------------------------------------ consumer
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
         if not self.ctx.is_consumer:
             return 0
         rid = request.request_id
         try:
             handle = handle_of(request)
-        except ValueError as exc:
+            if handle is not None and self.ctx.cluster_secret is not None:
+                handle.verify(self.ctx.cluster_secret)  # before anything in it is trusted (or dialled)
+        except KVHandleError as exc:
             return self._miss_or_fail(rid, "bad_handle", str(exc))
         if handle is None and not self.loads_without_handle:
             return 0
@@ -93,6 +100,10 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         try:
             found, source = self._lookup(request, handle, wanted)
         except (StoreUnavailableError, KVFormatError) as exc:
+            if handle is None:  # an optional lookup (no prefill promised anything): a miss under any policy
+                self._stats.record_failure(exc.reason)
+                self._first_seen.pop(rid, None)
+                return 0
             return self._miss_or_fail(rid, exc.reason, str(exc))
         if found < len(wanted) and handle is not None:
             # The prefill answered before its writes landed: wait for them, up to the load timeout.
@@ -108,7 +119,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         self._found[rid] = (got, source)
         return min(num_computed_tokens + tokens_covered(got), limit) - num_computed_tokens
 
-    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         """Queue the load of the external tokens; start tracking a producer's saves.
 
         ``request.num_computed_tokens`` must already count the local prefix-cache hits (not the external tokens).
@@ -128,7 +139,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         if self.ctx.is_producer and self.saves_blocks:
             self._start_producing(request, num_local, loaded_until)
 
-    def build_connector_meta(self, sched_out: Any) -> KVConnectorMetadata:
+    def build_connector_meta(self, sched_out: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
         if self.ctx.is_producer and self.saves_blocks:
@@ -140,13 +151,13 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         return meta
 
     # ------------------------------------------------------------------ finish, holds
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         self._first_seen.pop(rid, None)
         self._found.pop(rid, None)
         producing = self._producing.pop(rid, None)
         params = None
-        if self.ctx.role == "prefill" and getattr(request, "abort_reason", None) is None \
+        if self.ctx.role is KVRole.PREFILL and getattr(request, "abort_reason", None) is None \
                 and request.status.value != "abort":
             params = self._make_handle(request, producing, block_ids).to_dict()
         hold = self._pending_saves.get(rid, 0) > 0 or rid in self._loading
@@ -178,7 +189,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
 
     # ------------------------------------------------------------------ hooks for subclasses
     @abstractmethod
-    def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
+    def _lookup(self, request: Request, handle: KVTransferParams | None, wanted: list[PromptBlock]
                 ) -> tuple[int, dict[str, Any]]:
         """How many leading blocks of ``wanted`` can be loaded, and the load's source description."""
 
@@ -194,7 +205,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         """A load that cannot happen: count it, then fail the request or let it compute (a miss)."""
         self._stats.record_failure(reason)
         self._first_seen.pop(request_id, None)
-        if self.ctx.load_failure_policy == "fail":
+        if self.ctx.load_failure_policy is LoadFailurePolicy.FAIL:
             raise KVLoadError(reason, f"KV transfer failed ({reason}): {message}")
         logger.warning("request %s: %s; computing its KV locally", request_id, message)
         return 0
@@ -213,7 +224,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
             return "the prompt's block hashes differ from the prefill's (other tokens or hash settings)"
         return None
 
-    def _start_producing(self, request: Any, num_local: int, loaded_until: int) -> None:
+    def _start_producing(self, request: Request, num_local: int, loaded_until: int) -> None:
         n = request.num_prompt_tokens
         blocks = prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
         bs = self.block_size
@@ -233,7 +244,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
     def _contains(self, hashes: list[int]) -> list[bool]:
         return [True] * len(hashes)
 
-    def _save_spec(self, chunk: Any) -> SaveSpec | None:
+    def _save_spec(self, chunk: ScheduledChunk) -> SaveSpec | None:
         state = self._producing.get(chunk.request_id)
         if state is None:
             return None
@@ -250,14 +261,21 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         refs = tuple(BlockRef(chunk.block_ids[i], blocks[i].block_hash, blocks[i].num_tokens, i) for i in indices)
         return SaveSpec(chunk.request_id, refs)
 
-    def _make_handle(self, request: Any, producing: _Producing | None, block_ids: list[int]) -> KVTransferParams:
+    def _make_handle(self, request: Request, producing: _Producing | None, block_ids: list[int]) -> KVTransferParams:
         blocks = producing.blocks if producing is not None else \
             prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
-        return KVTransferParams(connector=self.name, transfer_id=request.request_id,
-                                num_tokens=request.num_prompt_tokens,
-                                block_hashes=tuple(b.block_hash for b in blocks),
-                                descriptor=self.ctx.descriptor.to_dict(), engine_id=self.ctx.engine_id,
-                                kv_server=self._kv_server_address())
+        handle = KVTransferParams(connector=self.name, transfer_id=secrets.token_hex(16),
+                                  num_tokens=request.num_prompt_tokens,
+                                  block_hashes=tuple(b.block_hash for b in blocks),
+                                  descriptor=self.ctx.descriptor.to_dict(), engine_id=self.ctx.engine_id,
+                                  kv_server=self._kv_server_address())
+        secret = self.ctx.cluster_secret
+        return handle.signed(secret, self.handle_ttl_s) if secret is not None else handle
+
+    @property
+    def handle_ttl_s(self) -> float:
+        """How long a handle this producer returns stays valid (the store's time to live by default)."""
+        return float(self.ctx.option("redis_ttl_s", 3600))
 
     def _maybe_release(self, request_id: str) -> None:
         if request_id in self._held and self._pending_saves.get(request_id, 0) <= 0 \
@@ -267,7 +285,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
             self._released.append(request_id)
 
 
-def handle_of(request: Any) -> KVTransferParams | None:
+def handle_of(request: Request) -> KVTransferParams | None:
     """The request's transfer handle, parsed (None when it has none)."""
     raw = getattr(request, "kv_transfer_params", None)
     return KVTransferParams.from_dict(raw) if raw else None

@@ -40,7 +40,7 @@ def model_fingerprint(hf_config: Any, model: str, load_format: str = "auto", see
     return hashlib.sha256("|".join([identity, *parts]).encode()).hexdigest()[:32]
 
 
-def descriptor_for(kv_caches: Sequence[torch.Tensor], *, model_fingerprint: str, hash_algo: str, hash_seed: int,
+def descriptor_for(kv_caches: Sequence[torch.Tensor], *, model_fingerprint: str, hash_algo: str, hash_seed_id: int,
                    tp_rank: int = 0, tp_size: int = 1) -> KVDescriptor:
     """The descriptor of an allocated cache (one ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer)."""
     first = kv_caches[0]
@@ -50,7 +50,7 @@ def descriptor_for(kv_caches: Sequence[torch.Tensor], *, model_fingerprint: str,
     _, _, block_size, heads, head_dim = first.shape
     return KVDescriptor(model_fingerprint=model_fingerprint, dtype=dtype_name(first.dtype), block_size=block_size,
                         num_layers=len(kv_caches), num_kv_heads=heads, head_dim=head_dim, hash_algo=hash_algo,
-                        hash_seed=hash_seed, tp_rank=tp_rank, tp_size=tp_size)
+                        hash_seed_id=hash_seed_id, tp_rank=tp_rank, tp_size=tp_size)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

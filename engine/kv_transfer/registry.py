@@ -8,7 +8,7 @@ Options every built-in connector reads (``KVTransferConfig.options``; CLI flags 
 
     load_failure_policy   recompute | fail                   (--kv-load-failure-policy)
     kv_load_timeout_s     wait for blocks being written / a pull's deadline (--kv-load-timeout)
-    kv_path, kv_max_bytes                           shared-fs (--kv-path, --kv-max-bytes)
+    kv_path, kv_max_bytes, kv_max_age_s             shared-fs (--kv-path, --kv-max-bytes, --kv-max-age)
     redis_url, redis_ttl_s, kv_max_bytes            redis     (--redis-url, --redis-ttl, --kv-max-bytes)
     kv_host, kv_port, kv_advertise_host, kv_lease_s grpc      (--kv-port, --kv-advertise-host, --kv-lease)
     kv_transport          auto | stream | ipc        grpc      (--kv-transport)
@@ -50,32 +50,39 @@ def resolve_factory(name: str) -> Callable[[KVConnectorContext], ConnectorPair]:
 
 
 def _store_pair(ctx: KVConnectorContext, name: str, store: Any) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.store_connector import StoreConnectorScheduler, StoreConnectorWorker
+    if ctx.cluster_secret is None:
+        raise ValueError(f"the {name} KV connector signs and checks every stored block with the cluster secret: "
+                         f"set PDSERVE_CLUSTER_SECRET or PDSERVE_CLUSTER_SECRET_FILE (the same on every pod)")
+    from pdserve.engine.kv_transfer.stores.scheduler import StoreConnectorScheduler
+    from pdserve.engine.kv_transfer.stores.worker import StoreConnectorWorker
 
     stats = KVTransferStats(connector=name)
     return StoreConnectorScheduler(ctx, name, stats, store), StoreConnectorWorker(ctx, stats, store)
 
 
 def _shared_fs(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.shared_fs import SharedFSStore
+    from pdserve.engine.kv_transfer.stores.shared_fs import DEFAULT_MAX_AGE_S, SharedFSStore
 
-    store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)))
+    # The largest block object: a full block's payload plus its header (a few hundred bytes; 64 KiB of room).
+    max_object = ctx.descriptor.payload_bytes() + (64 << 10)
+    store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)),
+                          float(ctx.option("kv_max_age_s", DEFAULT_MAX_AGE_S)), max_object)
     return _store_pair(ctx, "shared-fs", store)
 
 
 def _redis(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.redis_connector import RedisStore
+    from pdserve.engine.kv_transfer.stores.redis_store import RedisStore
 
     store = RedisStore(ctx.option("redis_url", ""), ctx.descriptor.namespace, int(ctx.option("redis_ttl_s", 3600)),
-                       int(ctx.option("kv_max_bytes", 0)), float(ctx.option("redis_timeout_s", 2.0)))
+                       int(ctx.option("kv_max_bytes", 0)), float(ctx.option("redis_timeout_s", 2.0)),
+                       password=ctx.redis_password)
     return _store_pair(ctx, "redis", store)
 
 
 def _grpc(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.grpc_connector import GrpcConnectorScheduler, GrpcConnectorWorker
-    from pdserve.engine.kv_transfer.grpc_kv_server import TransferRegistry
+    from pdserve.engine.kv_transfer.grpc.scheduler import GrpcConnectorScheduler
+    from pdserve.engine.kv_transfer.grpc.worker import GrpcConnectorWorker
 
     stats = KVTransferStats(connector="grpc")
-    registry = TransferRegistry()
-    worker = GrpcConnectorWorker(ctx, stats, registry)
-    return GrpcConnectorScheduler(ctx, stats, registry, worker.address), worker
+    worker = GrpcConnectorWorker(ctx, stats)
+    return GrpcConnectorScheduler(ctx, stats, worker.address), worker

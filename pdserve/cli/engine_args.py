@@ -6,6 +6,7 @@ import argparse
 from typing import Any, Callable
 
 from pdserve.engine.config import DEFAULT_MODEL, check_parallel_size
+from pdserve.engine.security import load_cluster_secret
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,4 +69,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         async_scheduling=getattr(args, "async_scheduling", None))  # None: "auto"
     if args.served_model_name:
         kw["served_model_name"] = args.served_model_name
+    secret = load_cluster_secret()
+    if secret is not None:
+        # The block-hash seed derives from the cluster secret: equal on every pod and the router, never sent, so
+        # whoever reads a KV store or a handle cannot hash guessed prompts to test whether they were seen.
+        kw["hash_seed"] = secret.hash_seed()
     return kw

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from pdserve.cli.engine_args import add_engine_arguments
 from pdserve.engine.kv_transfer.options import add_kv_transfer_arguments, kv_transfer_kwargs
+from pdserve.engine.security import load_cluster_secret
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def run_role(args: argparse.Namespace, role: str, add_service: Callable[[Any, An
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        overrides = kv_transfer_kwargs(args, role)
+        overrides = kv_transfer_kwargs(args, role, load_cluster_secret())
     except ValueError as exc:
         logger.error("bad KV transfer configuration: %s", exc)
         return 2

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from pdserve.engine.kv_transfer.base import KVTransferParams
+from pdserve.engine.security import ClusterSecret
 from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.services.api.errors import bad_request, from_exception
@@ -70,7 +71,7 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
         elif params.max_tokens == 1 or n_prompt + 1 >= self.engine.max_model_len:
             finish = "length"
         if finish and handle:
-            await release_transfer(handle)
+            await release_transfer(handle, self.engine.config.kv_transfer.cluster_secret)
             handle = None
         choice = pb.Choice(index=0, text=comp.text, token_ids=comp.token_ids,
                            logprobs=[self.gen.token_logprob(row) for row in comp.logprobs or []],
@@ -84,15 +85,16 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
         return resp
 
 
-async def release_transfer(handle: dict[str, Any]) -> None:
-    """Free a transfer nobody will load (grpc connector: tell our own KV server; stores keep their blocks)."""
+async def release_transfer(handle: dict[str, Any], secret: ClusterSecret | None) -> None:
+    """Free a transfer nobody will load (grpc connector: tell the KV server, with a call token of ``secret``;
+    stores keep their blocks). Best effort: a server that cannot be told frees the blocks at the lease's end."""
     server = handle.get("kv_server")
     if not server:
         return
-    from pdserve.engine.kv_transfer.grpc_kv_server import KVPullClient
+    from pdserve.engine.kv_transfer.grpc.client import KVPullClient
 
     def release() -> None:
-        client = KVPullClient(None)  # type: ignore[arg-type]  # releasing needs no descriptor
+        client = KVPullClient(None, secret)  # releasing needs no descriptor
         try:
             client.release(server, handle["transfer_id"])
         finally:

@@ -94,6 +94,10 @@ class PodBackend(Protocol):
         """Compute the prompt on a prefill pod: its first token, and the KV transfer handle for the decode pod
         (None when the request already ended at that token)."""
 
+    async def release_transfer(self, handle: Any) -> None:
+        """Free a prefill's KV transfer (the handle :meth:`prefill` returned) that no decode pod will load.
+        Best effort: the prefill pod's lease frees it anyway."""
+
     async def check_health(self, pod: Endpoint, timeout_s: float) -> bool:
         """True when the pod answers its health check as serving."""
 
@@ -132,7 +136,7 @@ class GrpcPodBackend:
     def __init__(self, connect_timeout_s: float = 5.0, max_message_bytes: int = 64 << 20,
                  cluster_secret: ClusterSecret | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
-        self.cluster_secret = cluster_secret
+        self.cluster_secret = cluster_secret  # also signs KV Release calls and verifies handles before dialling
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes),
                          # Notice a dead peer mid-stream within seconds, not at the OS's TCP timeout.
@@ -208,6 +212,28 @@ class GrpcPodBackend:
             raise self._error(pod, exc) from None
         handle = resp.kv_transfer_params if resp.HasField("kv_transfer_params") else None
         return _delta(resp.choice), handle
+
+    async def release_transfer(self, handle: Any) -> None:
+        if handle is None or self.cluster_secret is None or not handle.kv_server:
+            return  # store connectors keep no blocks for a handle; without the secret no KV server listens
+        from pdserve.engine.kv_transfer.base import KVHandleError, KVTransferParams
+        from pdserve.engine.kv_transfer.grpc.client import KVPullClient
+
+        try:
+            params = KVTransferParams.from_proto(handle)
+            params.verify(self.cluster_secret)  # dial only addresses a prefill pod of this cluster signed
+        except KVHandleError:
+            return
+        secret = self.cluster_secret
+
+        def release() -> None:
+            client = KVPullClient(None, secret)
+            try:
+                client.release(params.kv_server or "", params.transfer_id)
+            finally:
+                client.close()
+
+        await asyncio.to_thread(release)
 
     async def check_health(self, pod: Endpoint, timeout_s: float) -> bool:
         stub = health_pb2_grpc.HealthStub(self._channel(pod))

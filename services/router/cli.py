@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, SUPPORTED_ALGOS
+from pdserve.engine.security import ClusterSecret, load_cluster_secret
 
 logger = logging.getLogger("pdserve.router")
 
@@ -39,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
     m.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     m.add_argument("--block-size", type=int, default=16, help="KV block size of the engines")
-    m.add_argument("--hash-seed", type=int, default=DEFAULT_HASH_SEED, help="block hash seed of the engines")
+    m.add_argument("--hash-seed", type=int, default=None,
+                   help="block hash seed of the engines (default: derived from the cluster secret when one is set, "
+                        f"else {DEFAULT_HASH_SEED}, as the engines do)")
     m.add_argument("--hash-algo", default=DEFAULT_HASH_ALGO, choices=SUPPORTED_ALGOS)
 
     d = parser.add_argument_group("pods")
@@ -112,16 +115,22 @@ def build_config(args: argparse.Namespace, cluster_secret=None):
                               body_timeout_s=args.body_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
                               max_concurrent_requests=args.max_concurrent_requests)
     config = RouterConfig(model=model, settings=settings, discovery=discovery, routing=routing,
-                          cluster_secret=cluster_secret,
-                          block_size=args.block_size, hash_seed=args.hash_seed, hash_algo=args.hash_algo,
+                          block_size=args.block_size, hash_seed=router_hash_seed(args.hash_seed, cluster_secret),
+                          hash_algo=args.hash_algo, cluster_secret=cluster_secret,
                           retry=RetryPolicy(max_attempts=args.max_attempts), health_interval_s=args.health_interval)
     return config, tokenizer
 
 
+def router_hash_seed(flag: int | None, secret: ClusterSecret | None) -> int:
+    """The engines' block-hash seed: ``--hash-seed`` when given, else the cluster secret's (what the engine entry
+    points use when a secret is set), else the default."""
+    if flag is not None:
+        return flag
+    return secret.hash_seed() if secret is not None else DEFAULT_HASH_SEED
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pdserve.engine.security import load_cluster_secret
-
     try:
         secret = load_cluster_secret()
         if secret is None:

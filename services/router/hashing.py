@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, HASH_VERSION, BlockHasher
+from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, HASH_VERSION, BlockHasher, seed_id
 
 
 class PromptHasher:
@@ -26,6 +26,7 @@ class PromptHasher:
         return self._hasher.hash_prefix(token_ids, (cache_salt,) if cache_salt else ())
 
     def describe(self) -> dict[str, object]:
-        """What must equal the engines' settings (shown by the router's info endpoint and checked at start)."""
-        return {"block_size": self.block_size, "hash_seed": self.seed, "hash_algo": self.algo,
+        """What must equal the engines' settings (shown by the router's info endpoint and checked at start).
+        The seed appears only as its public id (the seed is a secret when derived from the cluster secret)."""
+        return {"block_size": self.block_size, "hash_seed_id": seed_id(self.seed), "hash_algo": self.algo,
                 "hash_version": self.version}

@@ -67,6 +67,7 @@ class SequenceRunner:
         self.router = router
         self.backend = backend
         self.policy = policy
+        self._releases: set[asyncio.Task] = set()  # fire-and-forget releases of abandoned KV transfers
 
     async def run(self, spec: SequenceSpec, emit: Emit) -> None:
         """Emit the sequence's tokens until a delta carries a finish reason; raise :class:`SequenceFailed`."""
@@ -114,6 +115,7 @@ class SequenceRunner:
         self.router.started(ctx, decision)
         open_pods = [p for p in (decision.prefill, decision.decode) if p is not None]
         current, stage, failed = decision.decode, "decode", None
+        handle = None  # a prefill's transfer that no decode pod has taken over yet
         try:
             if decision.prefill is not None:
                 current, stage = decision.prefill, "prefill"
@@ -122,6 +124,7 @@ class SequenceRunner:
                 open_pods.remove(current)
                 emit(first)
                 if first.finish_reason is not None:
+                    handle = None  # ended at the first token: the prefill pod released it itself
                     return
                 # The decode pod continues after the prefill's token(s), loading the prompt's KV by the handle.
                 req = dataclasses.replace(
@@ -131,6 +134,7 @@ class SequenceRunner:
             # aclosing: leaving the loop early (finish, stop string, cancel) cancels the pod's stream at once.
             async with contextlib.aclosing(self.backend.generate(current.endpoint, req)) as deltas:
                 async for delta in deltas:
+                    handle = None  # the decode pod loaded the KV (its first token needs it) and released it
                     emit(delta)
                     if delta.finish_reason is not None:
                         return
@@ -143,6 +147,12 @@ class SequenceRunner:
             self.router.failed(current, str(exc))
             raise _AttemptFailed(current, stage, exc) from None
         finally:
+            if handle is not None:
+                # Abandoned before a decode pod answered (client gone, decode pod failed): free the prefill pod's
+                # blocks now rather than at its lease's end. A task: this may run under cancellation.
+                task = asyncio.get_running_loop().create_task(self.backend.release_transfer(handle))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
             for pod in open_pods:
                 self.router.finished(pod, ok=pod is not failed)
 

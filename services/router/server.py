@@ -45,7 +45,9 @@ class RouterConfig:
     health_timeout_s: float = 1.0
     kv_events_live_s: float = 5.0
     session_header: str = "x-session-id"
-    cluster_secret: ClusterSecret | None = None  # signs every call to a pod (None: unsigned calls)
+    # The deployment's secret: signs every call to a pod and releases abandoned KV transfers (None: unsigned calls,
+    # leases free abandoned transfers).
+    cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
 
 
 class SessionMiddleware:

@@ -19,4 +19,4 @@ def redis_url():
 @pytest.fixture
 def descriptor() -> KVDescriptor:
     return KVDescriptor(model_fingerprint="test-model", dtype="float32", block_size=4, num_layers=3,
-                        num_kv_heads=2, head_dim=8, hash_algo="sha256", hash_seed=0)
+                        num_kv_heads=2, head_dim=8, hash_algo="sha256", hash_seed_id=0)

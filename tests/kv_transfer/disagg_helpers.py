@@ -15,6 +15,7 @@ from typing import Any
 from pdserve.engine.config import EngineConfig, KVTransferConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.security import load_cluster_secret
 
 MAX_TOKENS = 6
 BLOCK = 16
@@ -29,7 +30,8 @@ def base_config(model: str, **overrides: Any) -> EngineConfig:
 def engine(model: str, role: str = "both", connector: str | None = None, config_overrides: dict | None = None,
            **options: Any) -> LLMEngine:
     cfg = base_config(model, **(config_overrides or {}))
-    kvt = KVTransferConfig(role=role, connector=connector, options=tuple(sorted(options.items())))
+    kvt = KVTransferConfig(role=role, connector=connector, options=tuple(sorted(options.items())),
+                           cluster_secret=load_cluster_secret())
     return LLMEngine(dataclasses.replace(cfg, kv_transfer=kvt))
 
 
@@ -54,7 +56,10 @@ def run_all(eng: LLMEngine, ids: list[str], timeout_s: float = 60.0) -> dict:
 def prefill_all(prefill: LLMEngine, prompts: list[list[int]], tag: str = "p") -> dict:
     for i, p in enumerate(prompts):
         prefill.add_request(p, greedy(1), request_id=f"{tag}{i}")
-    return run_all(prefill, [f"{tag}{i}" for i in range(len(prompts))])
+    out = run_all(prefill, [f"{tag}{i}" for i in range(len(prompts))])
+    if prefill.has_unfinished_requests():
+        prefill.step()  # as a pod's engine loop does next: the grpc worker registers the finished transfers
+    return out
 
 
 def decode_all(decode: LLMEngine, prompts: list[list[int]], firsts: dict, tag: str = "p",

@@ -14,6 +14,7 @@ import torch
 
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.kv_transfer.base import KVConnectorContext, KVConnectorOutput
+from pdserve.engine.security import load_cluster_secret
 from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.engine.kv_transfer.registry import create_connector
 from pdserve.engine.request import Request, RequestStatus
@@ -34,7 +35,8 @@ class Side:
 
 def make_side(connector: str, role: str, desc: KVDescriptor, options: dict[str, Any], num_blocks: int = 32,
               fill: str = "random") -> Side:
-    ctx = KVConnectorContext(role=role, descriptor=desc, engine_id=f"{role}-engine", options=options)
+    ctx = KVConnectorContext(role=role, descriptor=desc, engine_id=f"{role}-engine", options=options,
+                             cluster_secret=load_cluster_secret())
     sched, worker = create_connector(connector, ctx)
     shape = (2, num_blocks, desc.block_size, desc.num_kv_heads, desc.head_dim)
     dtype = getattr(torch, desc.dtype)
@@ -95,7 +97,9 @@ def prefill(side: Side, req: Request, block_ids: list[int], chunk: int | None = 
                                    pos + size == n)])
         pos += size
     req.status = RequestStatus.FINISHED_LENGTH
-    return side.sched.request_finished(req, block_ids)
+    result = side.sched.request_finished(req, block_ids)
+    step(side, [])  # the engine steps on while it holds blocks: the next step's metadata reaches the worker
+    return result
 
 
 def admit(side: Side, req: Request, block_ids: list[int], num_local: int = 0) -> int | None:

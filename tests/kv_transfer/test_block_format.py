@@ -26,7 +26,7 @@ def test_round_trip_full_and_partial(descriptor):
 
 
 @pytest.mark.parametrize("change", [dict(dtype="bfloat16"), dict(block_size=8), dict(num_layers=4),
-                                    dict(num_kv_heads=1), dict(head_dim=16), dict(hash_seed=1),
+                                    dict(num_kv_heads=1), dict(head_dim=16), dict(hash_seed_id=1),
                                     dict(hash_algo="blake2b"), dict(model_fingerprint="other"),
                                     dict(tp_rank=1, tp_size=2), dict(dtype="float8_e4m3fn")])
 def test_incompatible_descriptor_is_refused_with_the_field_named(descriptor, change):
@@ -77,7 +77,7 @@ def test_transfer_params_round_trip_keeps_64_bit_hashes(descriptor):
                               block_hashes=(2**64 - 1, 12345), descriptor=descriptor.to_dict(),
                               kv_server="127.0.0.1:5000")
     assert KVTransferParams.from_dict(params.to_dict()) == params
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(ValueError, match="kv_transfer_params lacks 'transfer_id'"):
         KVTransferParams.from_dict({"connector": "grpc"})
 
 

@@ -12,7 +12,7 @@ import pytest
 from kv_harness import admit, make_request, make_side, prefill, same_kv, wait_for
 
 from pdserve.engine.kv_transfer.base import KVLoadError
-from pdserve.engine.kv_transfer.store import block_key
+from pdserve.engine.kv_transfer.stores.store import block_key
 
 CONNECTORS = ["shared-fs", "redis", "grpc"]
 

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from disagg_helpers import (MAX_TOKENS, connector_stats, decode_all, disagg, engine, monolithic, options_for,
-                            prefill_all, prompts_of, settle)
+from disagg_helpers import (MAX_TOKENS, connector_stats, decode_all, disagg, engine, greedy, monolithic,
+                            options_for, prefill_all, prompts_of, run_all, settle)
 from pdserve.cli.local_servers import free_port
-from pdserve.engine.kv_transfer.store import block_key
+from pdserve.engine.kv_transfer.stores.store import block_key
 from tests.helpers.tiny_models import make_tiny_model
 
 PROMPTS = prompts_of([21, 40, 9])  # 2, 3 and 1 blocks of 16, each ending in a partial block

@@ -13,9 +13,11 @@ import pytest
 
 from kv_harness import admit, make_request, make_side, prefill, same_kv, wait_for
 
-from pdserve.engine.kv_transfer import cuda_ipc
+from pdserve.engine.kv_transfer.grpc import cuda_ipc
 from pdserve.engine.kv_transfer.base import BlockRef
-from pdserve.engine.kv_transfer.grpc_kv_server import KVPullClient, PullError, TransferRegistry
+from pdserve.engine.kv_transfer.grpc.client import KVPullClient, PullError
+from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
+from pdserve.engine.security import load_cluster_secret
 
 
 @pytest.fixture
@@ -64,23 +66,25 @@ def test_unknown_transport_is_refused(desc):
 
 def test_locate_blocks_names_the_peer_block_ids_and_checks_hashes(desc):
     p = make_side("grpc", "prefill", desc, {})
-    client = KVPullClient(desc)
+    client = KVPullClient(desc, load_cluster_secret())
     try:
         prompt = list(range(7))  # blocks of 4 tokens: 4 + 3
         _, params = prefill(p, make_request("r1", prompt), [3, 7])
         hashes = [int(h, 16) for h in params["block_hashes"]]
         refs = [BlockRef(-1, hashes[0], 4, 0), BlockRef(-1, hashes[1], 3, 1)]
-        assert client.locate(p.worker.address, "r1", refs, 5.0) == ("", [3, 7])
-        assert client.locate(p.worker.address, "r1", refs[1:], 5.0) == ("", [7])  # decode-side prefix reuse
+        tid = params["transfer_id"]  # a random token, not the request id
+        assert tid != "r1" and len(bytes.fromhex(tid)) == 16
+        assert client.locate(p.worker.address, tid, refs, 5.0) == ("", [3, 7])
+        assert client.locate(p.worker.address, tid, refs[1:], 5.0) == ("", [7])  # decode-side prefix reuse
         with pytest.raises(PullError) as bad_hash:
-            client.locate(p.worker.address, "r1", [BlockRef(-1, hashes[0] ^ 1, 4, 0)], 5.0)
+            client.locate(p.worker.address, tid, [BlockRef(-1, hashes[0] ^ 1, 4, 0)], 5.0)
         assert bad_hash.value.reason == "missing"
         with pytest.raises(PullError) as unknown:
             client.locate(p.worker.address, "nope", refs, 5.0)
         assert unknown.value.reason == "lease_expired"
-        other = KVPullClient(dataclasses.replace(desc, block_size=desc.block_size * 2))
+        other = KVPullClient(dataclasses.replace(desc, block_size=desc.block_size * 2), load_cluster_secret())
         with pytest.raises(PullError) as incompatible:
-            other.locate(p.worker.address, "r1", refs, 5.0)
+            other.locate(p.worker.address, tid, refs, 5.0)
         assert incompatible.value.reason == "incompatible"
         other.close()
     finally:
@@ -90,7 +94,7 @@ def test_locate_blocks_names_the_peer_block_ids_and_checks_hashes(desc):
 
 def test_share_cache_refuses_a_cpu_cache_and_another_node(desc):
     p = make_side("grpc", "prefill", desc, {})
-    client = KVPullClient(desc)
+    client = KVPullClient(desc, load_cluster_secret())
     try:
         with pytest.raises(grpc.RpcError) as cpu:
             client.share_cache(p.worker.address, cuda_ipc.node_id(), 5.0)

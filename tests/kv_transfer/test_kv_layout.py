@@ -20,7 +20,7 @@ def test_gather_encode_decode_write_round_trip(dtype, descriptor):
     shape = (2, 6, desc.block_size, desc.num_kv_heads, desc.head_dim)
     src = [torch.randn(shape).to(getattr(torch, dtype)) for _ in range(desc.num_layers)]
     dst = [torch.zeros(shape).to(getattr(torch, dtype)) for _ in range(desc.num_layers)]
-    assert kv_layout.descriptor_for(src, model_fingerprint="test-model", hash_algo="sha256", hash_seed=0) == desc
+    assert kv_layout.descriptor_for(src, model_fingerprint="test-model", hash_algo="sha256", hash_seed_id=0) == desc
     stage = kv_layout.gather_blocks(src, [4, 1])
     for row, (block, n) in enumerate([(4, 4), (1, 3)]):
         blob = encode_block(desc, 9, n, kv_layout.payload_from_stage(stage, row, n))

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from pdserve.cli.local_servers import LocalRedis, free_port
-from pdserve.engine.kv_transfer.redis_connector import RedisStore
-from pdserve.engine.kv_transfer.shared_fs import SharedFSStore
-from pdserve.engine.kv_transfer.store import StoreUnavailableError, block_key
+from pdserve.engine.kv_transfer.stores.redis_store import RedisStore
+from pdserve.engine.kv_transfer.stores.shared_fs import SharedFSStore
+from pdserve.engine.kv_transfer.stores.store import StoreUnavailableError, block_key
 
 
 @pytest.fixture(params=["shared-fs", "redis"])
@@ -57,7 +57,8 @@ def test_shared_fs_readers_never_see_half_a_block(tmp_path):
 
 
 def test_shared_fs_size_cap_evicts_least_recently_used(tmp_path):
-    store = SharedFSStore(str(tmp_path), "ns", max_bytes=10_000)
+    # No age limit here: the mtimes below are set in 1970 to order the blocks (ages have their own test).
+    store = SharedFSStore(str(tmp_path), "ns", max_bytes=10_000, max_age_s=float("inf"))
     keys = [block_key(i) for i in range(6)]
     for i, key in enumerate(keys[:4]):
         store.put(key, b"x" * 2000)

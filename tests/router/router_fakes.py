@@ -59,6 +59,7 @@ class FakePodBackend:
     active: dict[str, int] = field(default_factory=dict)
     kill_first_stream_after: int | None = None  # whichever pod streams first dies after this many tokens
     refuse_first_stream: bool = False  # whichever pod gets the first stream refuses it (and goes down)
+    released: list = field(default_factory=list)  # transfer handles the router gave back
 
     def of(self, pod: Endpoint) -> PodBehaviour:
         return self.behaviours.setdefault(pod.name, PodBehaviour())
@@ -102,6 +103,9 @@ class FakePodBackend:
         tok = next_token(list(req.prompt_token_ids))
         finish = "stop" if tok == EOS else ("length" if req.params.max_tokens == 1 else None)
         return TokenDelta([tok], finish_reason=finish), {"transfer_id": req.request_id, "from": pod.name}
+
+    async def release_transfer(self, handle) -> None:
+        self.released.append(handle)
 
     async def check_health(self, pod: Endpoint, timeout_s: float) -> bool:
         return self.of(pod).healthy

@@ -96,6 +96,8 @@ async def start_router(engines_, tokenizer, routing=None):
     from pdserve.services.router.routing_config import preset
     from pdserve.services.router.sequence import RetryPolicy
     from pdserve.services.router.server import RouterConfig, start_router as start
+    from pdserve.engine.security import load_cluster_secret
+    from pdserve.services.router.cli import router_hash_seed
 
     def entries(command: str) -> list[str]:
         return [f"grpc://127.0.0.1:{e.grpc},events=tcp://127.0.0.1:{e.events},name={e.name}"
@@ -105,7 +107,9 @@ async def start_router(engines_, tokenizer, routing=None):
     config = RouterConfig(model=ModelInfo(MODEL, 512, len(tokenizer), tokenizer.eos_token_id),
                           settings=ServerSettings((MODEL,)), discovery=StaticDiscovery(pods),
                           routing=routing or preset("prefix-load"), retry=RetryPolicy(max_attempts=4, no_pod_wait_s=10),
-                          health_interval_s=0.3, cluster_secret=load_cluster_secret())
+                          health_interval_s=0.3,
+                          # The engines (pdserve CLIs) seed their block hashes from the cluster secret.
+                          hash_seed=router_hash_seed(None, load_cluster_secret()), cluster_secret=load_cluster_secret())
     return await start(config, tokenizer)
 
 

@@ -10,7 +10,7 @@ from router_builders import hasher
 from pdserve.engine.core.kv_cache_manager import KVCacheManager
 from pdserve.engine.core.kv_events import BlockStored
 from pdserve.engine.core.sched_output import SchedulerStats
-from pdserve.engine.kv_event_publisher import WIRE_VERSION, EventBatch, KVEventPublisher, LoadMsg, StoredMsg
+from pdserve.engine.kv_event_publisher import WIRE_VERSION, EventBatch, KVEventPublisher, LoadMsg, to_wire
 from pdserve.engine.request import Request
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.services.router.kv_events import KVEventSubscriber
@@ -76,7 +76,7 @@ def batch(engine_id, seq, events=(), load=None):
 
 def stored_msg(tokens):
     hs = hasher().hash_prefix(tokens)
-    return StoredMsg(hs, None, tokens[:len(hs) * 4], 4)
+    return to_wire(BlockStored(tuple(hs), None, tuple(tokens[:len(hs) * 4]), 4))  # hashes travel as bytes
 
 
 async def test_gap_is_counted_and_a_restarted_engine_starts_over():

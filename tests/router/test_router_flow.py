@@ -98,6 +98,40 @@ async def test_remote_prefill_then_decode_with_handle():
         await running.stop()
 
 
+async def test_a_transfer_no_decode_pod_took_over_is_released():
+    """The decode pod refuses the stream after the prefill answered: the router gives the prefill's transfer back
+    (the retry makes a new one); a decode pod that streams answers for its transfer itself (issue 11)."""
+    backend = FakePodBackend(refuse_first_stream=True)
+    running = await started(backend)
+    try:
+        assert await tokens_of(running.engine, PROMPT) == expected_tokens(PROMPT, 12)
+        for _ in range(20):
+            await asyncio.sleep(0)  # the release runs as a task
+        handles = [req.kv_transfer_params for kind, _, req in backend.calls if kind == "generate"]
+        assert len(handles) == 2 and backend.released == [handles[0]]
+    finally:
+        await running.stop()
+
+
+async def test_a_client_gone_after_the_prefill_releases_the_transfer():
+    backend = FakePodBackend({"decode-0": PodBehaviour(delay_s=5.0), "decode-1": PodBehaviour(delay_s=5.0)})
+    running = await started(backend)
+    try:
+        task = asyncio.ensure_future(tokens_of(running.engine, PROMPT))
+        for _ in range(200):
+            if any(kind == "generate" for kind, _, _ in backend.calls):
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()  # the client goes away while the decode pod is still loading
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert backend.released == [backend.calls[1][2].kv_transfer_params]
+    finally:
+        await running.stop()
+
+
 async def test_no_pod_left_fails_cleanly_and_a_returning_pod_gets_traffic():
     backend = FakePodBackend({"decode-0": PodBehaviour(healthy=False)})
     running = await started(backend, prefill=0, decode=1)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVTransferHandle(_message.Message):
-    __slots__ = ("connector", "transfer_id", "num_tokens", "block_hashes", "descriptor", "engine_id", "kv_server")
+    __slots__ = ("connector", "transfer_id", "num_tokens", "block_hashes", "descriptor", "engine_id", "kv_server", "expires_at", "mac")
     CONNECTOR_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -17,14 +17,18 @@ class KVTransferHandle(_message.Message):
     DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     KV_SERVER_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     connector: str
     transfer_id: str
     num_tokens: int
-    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     descriptor: _kv_transfer_pb2.KVCacheDescriptor
     engine_id: str
     kv_server: str
-    def __init__(self, connector: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., descriptor: _Optional[_Union[_kv_transfer_pb2.KVCacheDescriptor, _Mapping]] = ..., engine_id: _Optional[str] = ..., kv_server: _Optional[str] = ...) -> None: ...
+    expires_at: float
+    mac: str
+    def __init__(self, connector: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., descriptor: _Optional[_Union[_kv_transfer_pb2.KVCacheDescriptor, _Mapping]] = ..., engine_id: _Optional[str] = ..., kv_server: _Optional[str] = ..., expires_at: _Optional[float] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request",)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve/v1/kv_transfer.proto\x12\npdserve.v1\"\x93\x02\n\x11KVCacheDescriptor\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x11\n\thash_algo\x18\t \x01(\t\x12\x11\n\thash_seed\x18\n \x01(\x04\x12\x14\n\x0chash_version\x18\x0b \x01(\r\x12\x0f\n\x07tp_rank\x18\x0c \x01(\r\x12\x0f\n\x07tp_size\x18\r \x01(\r\"\x93\x01\n\rKVBlockHeader\x12\x31\n\ndescriptor\x18\x01 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x12\n\nblock_hash\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\r\"\x99\x01\n\x11PullBlocksRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x31\n\ndescriptor\x18\x02 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\"W\n\x07KVChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12)\n\x06header\x18\x02 \x01(\x0b\x32\x19.pdserve.v1.KVBlockHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"W\n\x11ShareCacheRequest\x12\x31\n\ndescriptor\x18\x01 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xf6\x01\n\tIpcTensor\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x1c\n\x14storage_offset_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12storage_size_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\x12\r\n\x05shape\x18\x08 \x03(\x03\x12\x0e\n\x06stride\x18\t \x03(\x03\x12\x15\n\rtensor_offset\x18\n \x01(\x03\"|\n\nCacheShare\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61\x63he_id\x18\x03 \x01(\t\x12%\n\x06layers\x18\x04 \x03(\x0b\x32\x15.pdserve.v1.IpcTensor\x12\x12\n\nprocess_id\x18\x05 \x01(\t\"\x9b\x01\n\x13LocateBlocksRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x31\n\ndescriptor\x18\x02 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0bpin_seconds\x18\x05 \x01(\x02\"^\n\rBlockLocation\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x10\n\x08\x62lock_id\x18\x02 \x01(\r\x12\x12\n\nblock_hash\x18\x03 \x01(\x04\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\"M\n\x0e\x42lockLocations\x12\x10\n\x08\x63\x61\x63he_id\x18\x01 \x01(\t\x12)\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.BlockLocation2\xa6\x02\n\nKVTransfer\x12\x42\n\nPullBlocks\x12\x1d.pdserve.v1.PullBlocksRequest\x1a\x13.pdserve.v1.KVChunk0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12\x43\n\nShareCache\x12\x1d.pdserve.v1.ShareCacheRequest\x1a\x16.pdserve.v1.CacheShare\x12K\n\x0cLocateBlocks\x12\x1f.pdserve.v1.LocateBlocksRequest\x1a\x1a.pdserve.v1.BlockLocationsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve/v1/kv_transfer.proto\x12\npdserve.v1\"\x96\x02\n\x11KVCacheDescriptor\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06layout\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x11\n\thash_algo\x18\t \x01(\t\x12\x14\n\x0chash_seed_id\x18\n \x01(\x04\x12\x14\n\x0chash_version\x18\x0b \x01(\r\x12\x0f\n\x07tp_rank\x18\x0c \x01(\r\x12\x0f\n\x07tp_size\x18\r \x01(\r\"\xa6\x01\n\rKVBlockHeader\x12\x31\n\ndescriptor\x18\x01 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x12\n\nblock_hash\x18\x07 \x01(\x0c\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\r\x12\x0b\n\x03mac\x18\x06 \x01(\x0cJ\x04\x08\x02\x10\x03\"\x99\x01\n\x11PullBlocksRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x31\n\ndescriptor\x18\x02 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\"W\n\x07KVChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12)\n\x06header\x18\x02 \x01(\x0b\x32\x19.pdserve.v1.KVBlockHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"W\n\x11ShareCacheRequest\x12\x31\n\ndescriptor\x18\x01 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xf6\x01\n\tIpcTensor\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x1c\n\x14storage_offset_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12storage_size_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\x12\r\n\x05shape\x18\x08 \x03(\x03\x12\x0e\n\x06stride\x18\t \x03(\x03\x12\x15\n\rtensor_offset\x18\n \x01(\x03\"|\n\nCacheShare\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61\x63he_id\x18\x03 \x01(\t\x12%\n\x06layers\x18\x04 \x03(\x0b\x32\x15.pdserve.v1.IpcTensor\x12\x12\n\nprocess_id\x18\x05 \x01(\t\"\x9b\x01\n\x13LocateBlocksRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x31\n\ndescriptor\x18\x02 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0bpin_seconds\x18\x05 \x01(\x02\"d\n\rBlockLocation\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\x10\n\x08\x62lock_id\x18\x02 \x01(\r\x12\x12\n\nblock_hash\x18\x05 \x01(\x0c\x12\x12\n\nnum_tokens\x18\x04 \x01(\rJ\x04\x08\x03\x10\x04\"M\n\x0e\x42lockLocations\x12\x10\n\x08\x63\x61\x63he_id\x18\x01 \x01(\t\x12)\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.BlockLocation2\xa6\x02\n\nKVTransfer\x12\x42\n\nPullBlocks\x12\x1d.pdserve.v1.PullBlocksRequest\x1a\x13.pdserve.v1.KVChunk0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12\x43\n\nShareCache\x12\x1d.pdserve.v1.ShareCacheRequest\x1a\x16.pdserve.v1.CacheShare\x12K\n\x0cLocateBlocks\x12\x1f.pdserve.v1.LocateBlocksRequest\x1a\x1a.pdserve.v1.BlockLocationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.kv_transfer_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVCACHEDESCRIPTOR']._serialized_start=45
-  _globals['_KVCACHEDESCRIPTOR']._serialized_end=320
-  _globals['_KVBLOCKHEADER']._serialized_start=323
-  _globals['_KVBLOCKHEADER']._serialized_end=470
-  _globals['_PULLBLOCKSREQUEST']._serialized_start=473
-  _globals['_PULLBLOCKSREQUEST']._serialized_end=626
-  _globals['_KVCHUNK']._serialized_start=628
-  _globals['_KVCHUNK']._serialized_end=715
-  _globals['_RELEASEREQUEST']._serialized_start=717
-  _globals['_RELEASEREQUEST']._serialized_end=754
-  _globals['_RELEASERESPONSE']._serialized_start=756
-  _globals['_RELEASERESPONSE']._serialized_end=791
-  _globals['_SHARECACHEREQUEST']._serialized_start=793
-  _globals['_SHARECACHEREQUEST']._serialized_end=880
-  _globals['_IPCTENSOR']._serialized_start=883
-  _globals['_IPCTENSOR']._serialized_end=1129
-  _globals['_CACHESHARE']._serialized_start=1131
-  _globals['_CACHESHARE']._serialized_end=1255
-  _globals['_LOCATEBLOCKSREQUEST']._serialized_start=1258
-  _globals['_LOCATEBLOCKSREQUEST']._serialized_end=1413
-  _globals['_BLOCKLOCATION']._serialized_start=1415
-  _globals['_BLOCKLOCATION']._serialized_end=1509
-  _globals['_BLOCKLOCATIONS']._serialized_start=1511
-  _globals['_BLOCKLOCATIONS']._serialized_end=1588
-  _globals['_KVTRANSFER']._serialized_start=1591
-  _globals['_KVTRANSFER']._serialized_end=1885
+  _globals['_KVCACHEDESCRIPTOR']._serialized_end=323
+  _globals['_KVBLOCKHEADER']._serialized_start=326
+  _globals['_KVBLOCKHEADER']._serialized_end=492
+  _globals['_PULLBLOCKSREQUEST']._serialized_start=495
+  _globals['_PULLBLOCKSREQUEST']._serialized_end=648
+  _globals['_KVCHUNK']._serialized_start=650
+  _globals['_KVCHUNK']._serialized_end=737
+  _globals['_RELEASEREQUEST']._serialized_start=739
+  _globals['_RELEASEREQUEST']._serialized_end=776
+  _globals['_RELEASERESPONSE']._serialized_start=778
+  _globals['_RELEASERESPONSE']._serialized_end=813
+  _globals['_SHARECACHEREQUEST']._serialized_start=815
+  _globals['_SHARECACHEREQUEST']._serialized_end=902
+  _globals['_IPCTENSOR']._serialized_start=905
+  _globals['_IPCTENSOR']._serialized_end=1151
+  _globals['_CACHESHARE']._serialized_start=1153
+  _globals['_CACHESHARE']._serialized_end=1277
+  _globals['_LOCATEBLOCKSREQUEST']._serialized_start=1280
+  _globals['_LOCATEBLOCKSREQUEST']._serialized_end=1435
+  _globals['_BLOCKLOCATION']._serialized_start=1437
+  _globals['_BLOCKLOCATION']._serialized_end=1537
+  _globals['_BLOCKLOCATIONS']._serialized_start=1539
+  _globals['_BLOCKLOCATIONS']._serialized_end=1616
+  _globals['_KVTRANSFER']._serialized_start=1619
+  _globals['_KVTRANSFER']._serialized_end=1913
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVCacheDescriptor(_message.Message):
-    __slots__ = ("format_version", "model_fingerprint", "dtype", "layout", "block_size", "num_layers", "num_kv_heads", "head_dim", "hash_algo", "hash_seed", "hash_version", "tp_rank", "tp_size")
+    __slots__ = ("format_version", "model_fingerprint", "dtype", "layout", "block_size", "num_layers", "num_kv_heads", "head_dim", "hash_algo", "hash_seed_id", "hash_version", "tp_rank", "tp_size")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -17,7 +17,7 @@ class KVCacheDescriptor(_message.Message):
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     HASH_ALGO_FIELD_NUMBER: _ClassVar[int]
-    HASH_SEED_FIELD_NUMBER: _ClassVar[int]
+    HASH_SEED_ID_FIELD_NUMBER: _ClassVar[int]
     HASH_VERSION_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -30,25 +30,27 @@ class KVCacheDescriptor(_message.Message):
     num_kv_heads: int
     head_dim: int
     hash_algo: str
-    hash_seed: int
+    hash_seed_id: int
     hash_version: int
     tp_rank: int
     tp_size: int
-    def __init__(self, format_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hash_algo: _Optional[str] = ..., hash_seed: _Optional[int] = ..., hash_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, format_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hash_algo: _Optional[str] = ..., hash_seed_id: _Optional[int] = ..., hash_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class KVBlockHeader(_message.Message):
-    __slots__ = ("descriptor", "block_hash", "num_tokens", "payload_bytes", "checksum")
+    __slots__ = ("descriptor", "block_hash", "num_tokens", "payload_bytes", "checksum", "mac")
     DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     descriptor: KVCacheDescriptor
-    block_hash: int
+    block_hash: bytes
     num_tokens: int
     payload_bytes: int
     checksum: int
-    def __init__(self, descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, descriptor: _Optional[_Union[KVCacheDescriptor, _Mapping]] = ..., block_hash: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., checksum: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class PullBlocksRequest(_message.Message):
     __slots__ = ("transfer_id", "descriptor", "first_block", "chunk_bytes", "num_blocks")
@@ -154,9 +156,9 @@ class BlockLocation(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     block_id: int
-    block_hash: int
+    block_hash: bytes
     num_tokens: int
-    def __init__(self, block_index: _Optional[int] = ..., block_id: _Optional[int] = ..., block_hash: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, block_index: _Optional[int] = ..., block_id: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class BlockLocations(_message.Message):
     __slots__ = ("cache_id", "blocks")

@@ -1,4 +1,4 @@
-"""The ``grpc`` connector: decode pods pull blocks from the prefill pod's KV server over a gRPC stream.
+"""The worker half of the ``grpc`` connector: decode pods pull blocks from the prefill pod's KV server over gRPC.
 
 Producer (prefill pod): nothing is copied during the forward pass; when a request finishes, its blocks stay in
 the KV cache under a lease (``kv_lease_s``, default 60 s), registered with the pod's KV server, and the transfer
@@ -14,9 +14,11 @@ them device to device out of the prefill pod's GPU cache over CUDA IPC (same nod
 and fails the load when that is impossible; ``auto`` (the default) uses IPC where the peer is on this node and
 both caches are on GPUs, else the stream.
 
-The scheduler and worker halves share the transfer registry and the server address: they live in one process
-(the engine core). The KV server binds ``kv_host:kv_port`` (default all interfaces, a free port) and announces
-``kv_advertise_host`` (default 127.0.0.1; a pod sets its own IP).
+This worker half owns the transfer registry the KV server serves from; the scheduler half (:mod:`.scheduler`)
+tells it what to serve through the step's metadata and learns what was released or expired from
+:meth:`get_finished` (it knows the server's address from construction). The KV server binds ``kv_host:kv_port``
+(default all interfaces, a free port) and announces ``kv_advertise_host`` (default 127.0.0.1; a pod sets its own
+IP).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,106 +35,65 @@ from typing import Any, Callable
 import grpc
 import torch
 
-from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
-                                             KVTransferParams, LoadFailure, LoadSpec)
-from pdserve.engine.kv_transfer.block_format import KVFormatError
-from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
-from pdserve.engine.kv_transfer.grpc_kv_server import (DEFAULT_CHUNK_BYTES, KVPullClient, KVTransferServicer,
-                                                       PullError, TransferRegistry, start_kv_server)
+from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVConnectorMetadata, KVConnectorOutput,
+                                             KVConnectorWorker, LoadFailure, LoadSpec)
+from pdserve.engine.kv_transfer.grpc.client import KVPullClient, PullError
+from pdserve.engine.kv_transfer.grpc.kv_server import DEFAULT_CHUNK_BYTES, KVTransferServicer, start_kv_server
+from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
-from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks
 
 logger = logging.getLogger(__name__)
 
 
-class GrpcConnectorScheduler(BlockConnectorScheduler):
-    """Holds finished prefills for their peers; turns handles into pull specs on the decode side."""
-
-    saves_blocks = False
-    loads_without_handle = False  # blocks live in some prefill pod: only a handle says which
-
-    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, registry: TransferRegistry,
-                 address: str | None) -> None:
-        super().__init__(ctx, "grpc", stats)
-        self.registry = registry
-        self.address = address
-        self.lease_s = float(ctx.option("kv_lease_s", 60.0))
-
-    def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
-                ) -> tuple[int, dict[str, Any]]:
-        if handle is None or not handle.kv_server:
-            raise KVFormatError("the transfer handle names no KV server")
-        # Trust the handle: asking the peer now would cost a round trip per admission; the pull will tell.
-        return len(wanted), {"kv_server": handle.kv_server, "transfer_id": handle.transfer_id}
-
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        hold, params = super().request_finished(request, block_ids)
-        if params is not None:
-            blocks = prompt_blocks(self.hasher, request.prompt_token_ids, extra_keys_of(request))
-            refs = [BlockRef(block_ids[b.index], b.block_hash, b.num_tokens, b.index) for b in blocks]
-            self.registry.add(request.request_id, refs, self.lease_s)
-            self._held[request.request_id] = len(block_ids)
-            self._stats.set_blocks_held(sum(self._held.values()))
-            hold = True
-        return hold, params
-
-    def update_connector_output(self, output: KVConnectorOutput) -> None:
-        super().update_connector_output(output)
-        for transfer_id in output.released:
-            self._maybe_release(transfer_id)
-
-    def take_released(self) -> list[str]:
-        for transfer_id in self.registry.expire():
-            logger.warning("KV transfer %s: lease of %.0f s expired before a decode pod released it; freeing "
-                           "its blocks", transfer_id, self.lease_s)
-            self._stats.record_failure("lease_expired")
-            self._maybe_release(transfer_id)
-        return super().take_released()
-
-    def has_pending_work(self) -> bool:
-        return super().has_pending_work() or len(self.registry) > 0
-
-    def _is_held_elsewhere(self, request_id: str) -> bool:
-        return request_id in self.registry
-
-    def _kv_server_address(self) -> str | None:
-        return self.address
-
-
 TRANSPORTS = ("auto", "stream", "ipc")
+MAX_IPC_PEERS = 16
 
 
 class GrpcConnectorWorker(KVConnectorWorker):
     """Runs the KV server (producer) and pulls transfers in loader threads (consumer)."""
 
-    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, registry: TransferRegistry) -> None:
+    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats) -> None:
         super().__init__(ctx)
         self.stats = stats
-        self.registry = registry
+        self.registry = TransferRegistry()  # what the KV server serves; the scheduler half learns of it by metadata
         self.timeout_s = float(ctx.option("kv_load_timeout_s", 10.0))
         self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
         self._inflight = 0
         self._lock = threading.Lock()
-        self._client = KVPullClient(ctx.descriptor, int(ctx.option("kv_chunk_bytes", DEFAULT_CHUNK_BYTES)))
+        self._client = KVPullClient(ctx.descriptor, ctx.cluster_secret,
+                                    int(ctx.option("kv_chunk_bytes", DEFAULT_CHUNK_BYTES)))
         self.streams = int(ctx.option("kv_pull_streams", 4))
         self.transport = str(ctx.option("kv_transport", "auto"))
         if self.transport not in TRANSPORTS:
             raise ValueError(f"unknown kv_transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
-        self._ipc_peers: dict[str, Any] = {}  # KV server address -> _IpcPeer, or None where IPC is impossible
+        # KV server address -> _IpcPeer, or None where IPC is impossible; bounded, least recently used dropped
+        # (dropping unmaps the peer's cache)
+        self._ipc_peers: OrderedDict[str, Any] = OrderedDict()
         self._ipc_lock = threading.Lock()
         self._copy_stream = None
         self.loads_by_transport = {"stream": 0, "ipc": 0}
+        self._closed = False
         self._loader = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="kv-pull")
         self.server, self.address = None, None
         if ctx.is_producer:
-            servicer = KVTransferServicer(registry, ctx.descriptor, lambda: self.kv_caches,
-                                          on_sent=lambda n, b: stats.record_transfer("save", n, b, None))
+            servicer = KVTransferServicer(self.registry, ctx.descriptor, lambda: self.kv_caches,
+                                          on_sent=lambda n, b: stats.record_transfer("save", n, b, None),
+                                          max_pin_s=float(ctx.option("kv_lease_s", 60.0)),
+                                          mac_key=self._client.mac_key)
             self.server, port = start_kv_server(servicer, str(ctx.option("kv_host", "0.0.0.0")),
-                                                int(ctx.option("kv_port", 0)))
+                                                int(ctx.option("kv_port", 0)), ctx.cluster_secret)
             self.address = f"{ctx.option('kv_advertise_host', '127.0.0.1')}:{port}"
             logger.info("KV server listening on port %d (announced as %s)", port, self.address)
 
+    def bind_connector_metadata(self, meta: KVConnectorMetadata | None) -> None:
+        super().bind_connector_metadata(meta)
+        for spec in self._meta.serve:
+            self.registry.add(spec.transfer_id, spec.blocks, spec.lease_s)
+
     def start_load_kv(self) -> None:
+        for address, transfer_id in self._meta.releases:
+            if not self._closed:  # after shutdown the peer's lease frees the blocks
+                self._loader.submit(self._client.release, address, transfer_id)
         for spec in self._meta.loads:
             with self._lock:
                 self._inflight += 1
@@ -158,7 +120,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
     def _load_via_ipc(self, spec: LoadSpec, t0: float) -> None:
         """Copy a transfer's blocks device to device from a peer on this node (falls back to the stream under
         ``auto`` when the peer's cache cannot be mapped here)."""
-        from pdserve.engine.kv_transfer import cuda_ipc
+        from pdserve.engine.kv_transfer.grpc import cuda_ipc
 
         address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
         job = _PullJob(spec, 1, t0)
@@ -197,10 +159,11 @@ class GrpcConnectorWorker(KVConnectorWorker):
     def _ipc_peer(self, address: str, refresh: bool = False) -> "_IpcPeer | None":
         """The peer's cache mapped into this process (opened once per KV server), or None when IPC is impossible
         (another node, an invisible GPU, a CPU cache, this very process)."""
-        from pdserve.engine.kv_transfer import cuda_ipc
+        from pdserve.engine.kv_transfer.grpc import cuda_ipc
 
         with self._ipc_lock:
             if address in self._ipc_peers and not refresh:
+                self._ipc_peers.move_to_end(address)
                 return self._ipc_peers[address]
             peer = None
             try:
@@ -214,6 +177,9 @@ class GrpcConnectorWorker(KVConnectorWorker):
             except RuntimeError as exc:
                 logger.info("KV server %s: no CUDA IPC (%s); streaming its blocks", address, exc)
             self._ipc_peers[address] = peer
+            self._ipc_peers.move_to_end(address)
+            while len(self._ipc_peers) > MAX_IPC_PEERS:
+                self._ipc_peers.popitem(last=False)
             return peer
 
     def _pull_range(self, job: "_PullJob", blocks: tuple) -> None:
@@ -272,7 +238,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
             self._inflight -= 1
 
     def get_finished(self) -> KVConnectorOutput:
-        out = KVConnectorOutput(released=self.registry.take_released())
+        out = KVConnectorOutput(released=self.registry.take_released(), expired=set(self.registry.expire()))
         while True:
             try:
                 self._results.get_nowait()(out)
@@ -284,6 +250,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
             return self._inflight > 0
 
     def shutdown(self) -> None:
+        self._closed = True
         if self.server is not None:
             self.server.stop(grace=1.0)
         self._loader.shutdown(wait=True, cancel_futures=True)

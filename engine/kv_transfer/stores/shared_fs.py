@@ -6,18 +6,27 @@ or nothing; rename is atomic on local filesystems and on NFS within one director
 a size cap: when the files written by this process push the estimated total over ``max_bytes``, the oldest files
 (by modification time, which a read refreshes) are deleted until the total is 90 % of the cap. Temporary files left
 by a killed writer are removed by the same sweep once they are a minute old.
+
+Other processes can write the directory too, so nothing read from it is trusted: files are opened with
+``O_NOFOLLOW`` (a planted symlink is a miss, not a read of another file), only regular files are read (a FIFO or a
+device is a miss), and a file larger than the largest block object (``max_object_bytes``) is a miss before any
+byte is allocated; the block format then checks the header, the CRC and the MAC. Files are created ``0600`` and
+directories ``0700``. The directory is always capped (``DEFAULT_MAX_BYTES`` when no cap is given) and blocks not
+read for ``max_age_s`` are swept (a read refreshes the age), at the latest every ``_SWEEP_EVERY_S`` of writes.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 
-from pdserve.engine.kv_transfer.store import Blob, BlockStore, StoreUnavailableError, blob_size
+from pdserve.engine.kv_transfer.stores.store import Blob, BlockStore, StoreUnavailableError, blob_size
 
 logger = logging.getLogger(__name__)
 
@@ -25,24 +34,34 @@ _SUFFIX = ".kv"
 _TMP_MARK = ".tmp-"
 _STALE_TMP_S = 60.0
 _IOV_MAX = 512  # buffers per writev (Linux allows 1024)
+DEFAULT_MAX_BYTES = 16 << 30  # the cap when none is configured: a shared volume must not fill up unnoticed
+DEFAULT_MAX_AGE_S = 3600.0
+_SWEEP_EVERY_S = 60.0
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 class SharedFSStore(BlockStore):
-    """Block objects as files under ``root/namespace``; ``max_bytes`` (0: unlimited) caps the directory."""
+    """Block objects as files under ``root/namespace``; ``max_bytes`` (0: ``DEFAULT_MAX_BYTES``) caps the
+    directory, ``max_age_s`` bounds how long an unread block stays, ``max_object_bytes`` (0: no bound) is the
+    largest file :meth:`get` reads."""
 
     name = "shared-fs"
 
-    def __init__(self, root: str, namespace: str, max_bytes: int = 0) -> None:
+    def __init__(self, root: str, namespace: str, max_bytes: int = 0, max_age_s: float = DEFAULT_MAX_AGE_S,
+                 max_object_bytes: int = 0) -> None:
         if not root:
             raise ValueError("the shared-fs connector needs a directory (--kv-path)")
         self.dir = os.path.join(root, namespace)
-        self.max_bytes = int(max_bytes)
+        self.max_bytes = int(max_bytes) or DEFAULT_MAX_BYTES
+        self.max_age_s = float(max_age_s)
+        self.max_object_bytes = int(max_object_bytes)
         try:
-            os.makedirs(self.dir, exist_ok=True)
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailableError(f"cannot create KV directory {self.dir}: {exc}") from exc
         self._lock = threading.Lock()
-        self._estimate = self._scan_total() if self.max_bytes else 0
+        self._estimate = self._scan_total()
+        self._last_sweep = time.monotonic()
 
     def path_of(self, key: str) -> str:
         return os.path.join(self.dir, key[:2], key + _SUFFIX)
@@ -52,8 +71,8 @@ class SharedFSStore(BlockStore):
         tmp = f"{final}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
         parts = list(blob) if isinstance(blob, (list, tuple)) else [blob]
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 _write_all(fd, parts)
             finally:
@@ -62,23 +81,49 @@ class SharedFSStore(BlockStore):
         except OSError as exc:
             _unlink_quietly(tmp)
             raise StoreUnavailableError(f"cannot write KV block {final}: {exc}") from exc
-        if self.max_bytes:
-            with self._lock:
-                self._estimate += blob_size(blob)
-                over = self._estimate > self.max_bytes
-            if over:
-                self.evict()
+        with self._lock:
+            self._estimate += blob_size(blob)
+            over = self._estimate > self.max_bytes
+            due = time.monotonic() - self._last_sweep > _SWEEP_EVERY_S
+            if due:
+                self._last_sweep = time.monotonic()
+        if over or due:
+            self.evict()
 
     def get(self, key: str) -> bytearray | None:
+        """The block file's bytes; None when absent, too old, or not something this store wrote (a symlink, not
+        a regular file, larger than ``max_object_bytes``)."""
         path = self.path_of(key)
         try:
-            with open(path, "rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)  # writable: loaders wrap it without a copy
-                f.readinto(data)
+            fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StoreUnavailableError(f"cannot read KV block {path}: {exc}") from exc
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: never follow what another writer planted
+                logger.warning("shared-fs: %s is a symlink; ignoring it", path)
+                return None
+            raise StoreUnavailableError(f"cannot read KV block {key}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                logger.warning("shared-fs: %s is not a regular file; ignoring it", path)
+                return None
+            if self.max_object_bytes and st.st_size > self.max_object_bytes:
+                logger.warning("shared-fs: %s has %d bytes, more than a block object (%d); ignoring it", path,
+                               st.st_size, self.max_object_bytes)
+                return None
+            if time.time() - st.st_mtime > self.max_age_s:
+                _unlink_quietly(path)
+                return None
+            data = bytearray(st.st_size)  # writable: loaders wrap it without a copy
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                got = f.readinto(data)
+            if got != st.st_size:
+                return None  # shrank under us: not a whole block
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot read KV block {key}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
         try:
             os.utime(path)  # a read makes the block recently used for the LRU sweep
         except OSError:
@@ -95,13 +140,15 @@ class SharedFSStore(BlockStore):
 
     # ------------------------------------------------------------------ size cap
     def evict(self) -> int:
-        """Delete the least recently used blocks until the directory is under 90 % of the cap; returns bytes freed."""
+        """Delete blocks unread for ``max_age_s``, then the least recently used ones until the directory is under
+        90 % of the cap; returns bytes freed."""
         files, total = self._list()
         target = int(self.max_bytes * 0.9)
+        oldest_kept = time.time() - self.max_age_s
         freed = 0
         files.sort()  # oldest mtime first
-        for _mtime, size, path in files:
-            if total - freed <= target:
+        for mtime, size, path in files:
+            if total - freed <= target and mtime >= oldest_kept:
                 break
             _unlink_quietly(path)
             freed += size

@@ -17,10 +17,13 @@ the accounting by the next write. A down or unreachable server raises :class:`St
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-from pdserve.engine.kv_transfer.store import Blob, BlockStore, StoreUnavailableError, join_blob
+from pdserve.engine.kv_transfer.stores.store import Blob, BlockStore, StoreUnavailableError, join_blob, redact_url
+
+logger = logging.getLogger(__name__)
 
 # Runs in the same MULTI as the SET of the value (values never pass through Lua: big arguments are slow there).
 # KEYS: block key, lru, sizes, total. ARGV: value size, ttl s, budget bytes (0: none). Returns the total bytes.
@@ -65,18 +68,21 @@ class RedisStore(BlockStore):
     name = "redis"
 
     def __init__(self, url: str, namespace: str, ttl_s: int = 3600, max_bytes: int = 0,
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, password: str | None = None) -> None:
         if not url:
             raise ValueError("the redis connector needs a server URL (--redis-url redis://host:port/db)")
+        check_redis_url(url)
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         # Fail fast: a down server must cost a request milliseconds (then it recomputes), not a retry loop.
+        # rediss:// URLs connect over TLS (redis-py's own handling of the scheme).
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                            retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self.url = url
+                                            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+                                            password=password or None)
+        self.url = redact_url(url)  # the only form kept: it reaches logs and errors
         self.prefix = f"pdkv:{namespace}:"
         self.ttl_s = int(ttl_s)
         self.max_bytes = int(max_bytes)
@@ -130,4 +136,21 @@ class RedisStore(BlockStore):
         try:
             return fn()
         except self._errors as exc:
-            raise StoreUnavailableError(f"Redis at {self.url} is unavailable: {exc}") from exc
+            # The details (address, OS error) go to the pod's log; clients see only that the store is down.
+            logger.warning("Redis KV store at %s is unavailable: %s", self.url, type(exc).__name__)
+            raise StoreUnavailableError("the redis KV store is unavailable") from exc
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL that is not redis://, rediss:// (TLS) or unix:// (a socket), or that carries credentials
+    (they would end up in process lists, configs and logs): the password comes from ``PDSERVE_REDIS_PASSWORD``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("--redis-url is not a valid URL") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("--redis-url must start with redis://, rediss:// (TLS) or unix://")
+    if parts.password is not None or parts.username is not None:
+        raise ValueError("--redis-url must not carry credentials: set the password in PDSERVE_REDIS_PASSWORD")

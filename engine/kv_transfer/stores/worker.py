@@ -1,4 +1,5 @@
-"""Connectors over a :class:`BlockStore` (``shared-fs``, ``redis``): save layer by layer, load asynchronously.
+"""The worker half of the connectors over a :class:`BlockStore` (``shared-fs``, ``redis``): save layer by layer,
+load asynchronously.
 
 Saving (producer): for every block a step completes, ``save_kv_layer`` copies that layer's slice into a host
 staging tensor right after the layer wrote it (on a GPU: an asynchronous device-to-host copy that overlaps the next
@@ -21,33 +22,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from pdserve.engine.kv_transfer.base import (KVConnectorContext, KVConnectorOutput, KVConnectorWorker,
-                                             KVTransferParams, LoadFailure, LoadSpec, SaveSpec)
+from pdserve.engine.kv_transfer.base import (KVConnectorContext, KVConnectorOutput, KVConnectorWorker, LoadFailure,
+                                             LoadSpec, SaveSpec)
 from pdserve.engine.kv_transfer.block_format import KVFormatError, decode_block, encode_block_parts
-from pdserve.engine.kv_transfer.connector_scheduler import BlockConnectorScheduler
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
-from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock
-from pdserve.engine.kv_transfer.store import BlockStore, StoreUnavailableError, block_key
+from pdserve.engine.kv_transfer.stores.store import BlockStore, StoreUnavailableError, block_key
 
 logger = logging.getLogger(__name__)
 
 # Blocks per I/O task: one store round trip and one batched copy into the cache per group when loading.
 _GROUP = 8
-
-
-class StoreConnectorScheduler(BlockConnectorScheduler):
-    """Finds a request's prompt blocks in the store (a handle is optional: any stored prefix is reused)."""
-
-    def __init__(self, ctx: KVConnectorContext, name: str, stats: KVTransferStats, store: BlockStore) -> None:
-        super().__init__(ctx, name, stats)
-        self.store = store
-
-    def _lookup(self, request: Any, handle: KVTransferParams | None, wanted: list[PromptBlock]
-                ) -> tuple[int, dict[str, Any]]:
-        return self.store.count_prefix([block_key(b.block_hash) for b in wanted]), {}
-
-    def _contains(self, hashes: list[int]) -> list[bool]:
-        return self.store.contains([block_key(h) for h in hashes])
 
 
 class StoreConnectorWorker(KVConnectorWorker):
@@ -62,6 +46,8 @@ class StoreConnectorWorker(KVConnectorWorker):
         self.store = store
         self.stats = stats
         self.desc = ctx.descriptor
+        # Every block written carries a MAC under this key and every block read must carry a valid one.
+        self.mac_key = ctx.cluster_secret.derive("kv-block") if ctx.cluster_secret is not None else None
         threads = int(ctx.option("kv_io_threads", min(8, os.cpu_count() or 1)))
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kv-io")
         self._results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]] = queue.SimpleQueue()
@@ -94,7 +80,8 @@ class StoreConnectorWorker(KVConnectorWorker):
                                                              f"{self.store.name} store (evicted or never written)")
                     break
                 try:
-                    header, payload = decode_block(blob, self.desc, ref.block_hash, ref.num_tokens)
+                    header, payload = decode_block(blob, self.desc, ref.block_hash, ref.num_tokens,
+                                                   self.mac_key)
                 except KVFormatError as exc:
                     failure = _Failure(start + i, exc.reason, str(exc))
                     break
@@ -172,7 +159,6 @@ class StoreConnectorWorker(KVConnectorWorker):
 
     def _begin_stage(self, saves: list[SaveSpec]) -> None:
         import torch
-
         from pdserve.engine.kv_transfer import kv_layout
 
         ids = [ref.block_id for spec in saves for ref in spec.blocks]
@@ -189,7 +175,8 @@ class StoreConnectorWorker(KVConnectorWorker):
             for j, ref in enumerate(group):
                 parts = kv_layout.stage_segments(stage, row + j, ref.num_tokens)
                 self.store.put(block_key(ref.block_hash),
-                               encode_block_parts(self.desc, ref.block_hash, ref.num_tokens, parts))
+                               encode_block_parts(self.desc, ref.block_hash, ref.num_tokens, parts,
+                                                  self.mac_key))
                 job.add_bytes(self.desc.payload_bytes(ref.num_tokens))
             job.finish()
         except StoreUnavailableError as exc:

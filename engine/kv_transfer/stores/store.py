@@ -21,9 +21,23 @@ class StoreUnavailableError(RuntimeError):
     reason = "store_unavailable"
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its userinfo (``redis://user:pass@host`` -> ``redis://host``): for logs, errors, labels."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<unparsable URL>"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def block_key(block_hash: int) -> str:
-    """The store key of a block: its chained hash as 16 hex digits."""
-    return f"{block_hash & 0xFFFFFFFFFFFFFFFF:016x}"
+    """The store key of a block: its chained 128-bit hash as 32 hex digits."""
+    return f"{block_hash & ((1 << 128) - 1):032x}"
 
 
 class BlockStore(ABC):
