@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from disagg_helpers import (MAX_TOKENS, connector_stats, decode_all, disagg, engine, greedy, monolithic,
-                            options_for, prefill_all, prompts_of, run_all, settle)
+from disagg_helpers import (MAX_TOKENS, connector_stats, decode_all, disagg, engine, monolithic,
+                            options_for, prefill_all, prompts_of, settle)
 from pdserve.cli.local_servers import free_port
 from pdserve.engine.kv_transfer.stores.store import block_key
 from tests.helpers.tiny_models import make_tiny_model

@@ -96,7 +96,6 @@ async def start_router(engines_, tokenizer, routing=None):
     from pdserve.services.router.routing_config import preset
     from pdserve.services.router.sequence import RetryPolicy
     from pdserve.services.router.server import RouterConfig, start_router as start
-    from pdserve.engine.security import load_cluster_secret
     from pdserve.services.router.cli import router_hash_seed
 
     def entries(command: str) -> list[str]:
