@@ -60,16 +60,19 @@ def assert_good_request_works(srv) -> None:
 
 # -- credentials ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("headers,status", [
-    ({}, 401),
-    ({"Authorization": "Bearer wrong"}, 401),
-    ({AUTH_HEADER: OTHER_SECRET.sign_call(ENGINE_SCOPE)}, 401),           # another deployment's secret
-    ({AUTH_HEADER: SECRET.sign_call("kv")}, 401),                         # a token for another scope
-    ({AUTH_HEADER: SECRET.sign_call(ENGINE_SCOPE, now=time.time() - 600)}, 401),  # expired
-    ({AUTH_HEADER: SECRET.sign_call(ENGINE_SCOPE)}, 200),                 # what the router sends
-    ({"Authorization": f"Bearer {KEY}"}, 200),                            # a user with the pod's own key
+# Headers are made when the test runs, not at collection: a call token lives 120 s, and a long suite collects this
+# module many minutes before it runs.
+@pytest.mark.parametrize("make_headers,status", [
+    (lambda: {}, 401),
+    (lambda: {"Authorization": "Bearer wrong"}, 401),
+    (lambda: {AUTH_HEADER: OTHER_SECRET.sign_call(ENGINE_SCOPE)}, 401),           # another deployment's secret
+    (lambda: {AUTH_HEADER: SECRET.sign_call("kv")}, 401),                         # a token for another scope
+    (lambda: {AUTH_HEADER: SECRET.sign_call(ENGINE_SCOPE, now=time.time() - 600)}, 401),  # expired
+    (lambda: {AUTH_HEADER: SECRET.sign_call(ENGINE_SCOPE)}, 200),                 # what the router sends
+    (lambda: {"Authorization": f"Bearer {KEY}"}, 200),                            # a user with the pod's own key
 ], ids=["none", "wrong-key", "other-secret", "other-scope", "expired", "token", "api-key"])
-def test_http_calls_need_a_token_or_the_api_key(srv, headers, status):
+def test_http_calls_need_a_token_or_the_api_key(srv, make_headers, status):
+    headers = make_headers()
     r = httpx.post(f"{srv.url}/v1/completions", json=body(), headers=headers, timeout=30)
     assert r.status_code == status, r.text
     if status == 401:
