@@ -15,9 +15,11 @@ import pytest
 from disagg_helpers import greedy, prefill_server_process, prompts_of, run_all
 from pdserve.engine.config import EngineConfig, KVTransferConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.security import load_cluster_secret
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.gpu
+SECRET = load_cluster_secret()  # tests/conftest.py sets one; the grpc and store connectors need it
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_disaggregated_equals_monolithic_on_gpu(connector, base, tmp_path, reque
     if redis_url:
         opts["redis_url"] = redis_url
     opts = tuple(sorted(opts.items()))
-    p, d = (LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig(role, connector, opts)))
+    p, d = (LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig(role, connector, opts, cluster_secret=SECRET)))
             for role in ("prefill", "decode"))
     for rid, prompt in zip(ids, prompts):
         p.add_request(prompt, greedy(1), request_id=rid)
@@ -82,12 +84,12 @@ def test_grpc_over_cuda_ipc_between_two_processes_equals_monolithic(base):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=prefill_server_process, daemon=True, args=(
-        child, dataclasses.replace(base, kv_transfer=KVTransferConfig("prefill", "grpc", opts)), prompts, ids))
+        child, dataclasses.replace(base, kv_transfer=KVTransferConfig("prefill", "grpc", opts, cluster_secret=SECRET)), prompts, ids))
     proc.start()
     try:
         assert parent.poll(300), "the prefill process did not answer"
         firsts = parent.recv()
-        d = LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig("decode", "grpc", opts)))
+        d = LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig("decode", "grpc", opts, cluster_secret=SECRET)))
         for rid, prompt in zip(ids, prompts):
             t0, params = firsts[rid]
             d.add_request(prompt + t0, greedy(7), request_id=rid, kv_transfer_params=params)
