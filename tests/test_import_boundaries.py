@@ -19,7 +19,8 @@ ENGINE = ("pdserve.engine",)
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "pdserve.proto": (),
     "pdserve.kernels": (),
-    "pdserve.operator": (),
+    # The operator generates each InferenceService's cluster secret in the format the pods read.
+    "pdserve.operator": ("pdserve.engine.security",),
     "pdserve.engine.core": ("pdserve.engine.config", "pdserve.engine.request", "pdserve.engine.sampling_params",
                             "pdserve.engine.outputs", "pdserve.engine.kv_transfer"),
     "pdserve.engine": ("pdserve.kernels", "pdserve.proto"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Any, Callable
 
 from fastapi.responses import JSONResponse
@@ -34,7 +33,6 @@ from pdserve.services.api.settings import ServerSettings
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/router/")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # A JSON escape of a UTF-16 surrogate; only bodies that contain one need the (slower) full text check.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class GuardMiddleware:
@@ -134,30 +132,32 @@ async def _send_error(err: ApiError, scope: dict, receive: Callable, send: Calla
     await JSONResponse(err.body(), err.status, headers=headers)(scope, receive, send)
 
 
-def _bounded_int(text: str) -> int:
-    value = int(text)
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise ValueError("an integer in the request is outside the 64-bit range")
-    return value
+class _OutOfRange(ValueError):
+    """An integer in the body does not fit int64 (what every integer field of the API is, down to the engine)."""
 
 
-def _check_text(value: Any) -> None:
-    """Raise ``UnicodeEncodeError`` if any string in ``value`` holds a lone surrogate (not encodable as UTF-8)."""
+def _check_values(value: Any) -> None:
+    """Raise :class:`_OutOfRange` for an integer outside int64 and ``UnicodeEncodeError`` for a string holding a lone
+    surrogate (not encodable as UTF-8), anywhere in ``value``."""
     if isinstance(value, str):
         value.encode("utf-8")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise _OutOfRange
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_text(k)
-            _check_text(v)
+            _check_values(k)
+            _check_values(v)
     elif isinstance(value, list):
         for v in value:
-            _check_text(v)
+            _check_values(v)
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object; a 400 ``ApiError`` naming the problem (never a Python exception repr)."""
+    """The body as a JSON object; a 400 ``ApiError`` naming the problem and, where one is to blame, the top-level
+    field that holds it (never a Python exception repr)."""
     try:
-        data = json.loads(body, parse_int=_bounded_int)
+        data = json.loads(body)
     except RecursionError:
         raise bad_request("the request body is nested too deeply", code="invalid_json") from None
     except UnicodeDecodeError:
@@ -165,17 +165,20 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc.msg} at position {exc.pos}",
                           code="invalid_json") from None
-    except ValueError as exc:  # from _bounded_int, or int() refusing thousands of digits
-        message = str(exc) if "64-bit" in str(exc) else "an integer in the request is too large"
-        raise bad_request(message, code="invalid_json") from None
+    except ValueError:  # int() refusing an integer of thousands of digits
+        raise bad_request("an integer in the request is too large", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(body):
+    for key, value in data.items():
         try:
-            _check_text(data)
-        except UnicodeEncodeError:
-            raise bad_request("the request holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode text",
+            _check_values(key)
+            _check_values(value)
+        except _OutOfRange:
+            raise bad_request(f"{key} holds an integer outside the 64-bit range", param=key,
                               code="invalid_json") from None
+        except UnicodeEncodeError:
+            raise bad_request(f"{key} holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode text",
+                              param=key, code="invalid_json") from None
         except RecursionError:
             raise bad_request("the request body is nested too deeply", code="invalid_json") from None
     return data

@@ -46,7 +46,8 @@ def test_disaggregated_equals_monolithic_on_gpu(connector, base, tmp_path, reque
     if redis_url:
         opts["redis_url"] = redis_url
     opts = tuple(sorted(opts.items()))
-    p, d = (LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig(role, connector, opts, cluster_secret=SECRET)))
+    p, d = (LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig(role, connector, opts,
+                                                                             cluster_secret=SECRET)))
             for role in ("prefill", "decode"))
     for rid, prompt in zip(ids, prompts):
         p.add_request(prompt, greedy(1), request_id=rid)
@@ -84,12 +85,14 @@ def test_grpc_over_cuda_ipc_between_two_processes_equals_monolithic(base):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=prefill_server_process, daemon=True, args=(
-        child, dataclasses.replace(base, kv_transfer=KVTransferConfig("prefill", "grpc", opts, cluster_secret=SECRET)), prompts, ids))
+        child, dataclasses.replace(base, kv_transfer=KVTransferConfig("prefill", "grpc", opts, cluster_secret=SECRET)),
+        prompts, ids))
     proc.start()
     try:
         assert parent.poll(300), "the prefill process did not answer"
         firsts = parent.recv()
-        d = LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig("decode", "grpc", opts, cluster_secret=SECRET)))
+        decode_kvt = KVTransferConfig("decode", "grpc", opts, cluster_secret=SECRET)
+        d = LLMEngine(dataclasses.replace(base, kv_transfer=decode_kvt))
         for rid, prompt in zip(ids, prompts):
             t0, params = firsts[rid]
             d.add_request(prompt + t0, greedy(7), request_id=rid, kv_transfer_params=params)

@@ -12,8 +12,11 @@ import pdserve.services.router as router_pkg
 
 ALLOWED = ("pdserve.engine.frontend", "pdserve.engine.core", "pdserve.engine.security")
 # Known exceptions, each with its reason: the CLI resolves the model directory (config and tokenizer files) as an
-# engine does; the KV-event subscriber decodes the engine publisher's wire format.
-EXCEPTIONS = {("cli.py", "pdserve.engine.model_loader"), ("kv_events.py", "pdserve.engine.kv_event_publisher")}
+# engine does; the KV-event subscriber decodes the engine publisher's wire format; the pod backend verifies a KV
+# handle and releases a transfer no decode pod took over (the KV handle contract and its torch-free client).
+EXCEPTIONS = {("cli.py", "pdserve.engine.model_loader"), ("kv_events.py", "pdserve.engine.kv_event_publisher"),
+              ("backend.py", "pdserve.engine.kv_transfer.base"),
+              ("backend.py", "pdserve.engine.kv_transfer.grpc.client")}
 
 
 def engine_imports(path: Path) -> set[str]:

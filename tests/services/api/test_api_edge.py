@@ -136,10 +136,10 @@ BAD_BODIES = [
     ("nested-10000", '{"model": "%s", "prompt": "hi", "x": ' % NAME + "[" * 10000 + "]" * 10000 + "}", "nested"),
     ("not-utf8", b'{"prompt": "\xff"}', "UTF-8"),
     # Found by the fuzzer: the message carried "KeyError('block_hashes')".
-    ("kv-handle-missing-field", json.dumps(body(kv_transfer_params={"connector": "grpc"})), "missing field"),
+    ("kv-handle-missing-field", json.dumps(body(kv_transfer_params={"connector": "grpc"})), "lacks 'transfer_id'"),
     ("kv-handle-bad-types", json.dumps(body(kv_transfer_params={"connector": "grpc", "transfer_id": "t",
                                                                 "num_tokens": "x", "block_hashes": 5,
-                                                                "descriptor": 1})), "must be"),
+                                                                "descriptor": 1})), "block_hashes is malformed"),
 ]
 
 

@@ -157,24 +157,27 @@ def test_http_malformed_and_forged_handles(pods, reference):
     is never dialled: a 409 under the fail policy, a local computation under recompute (issue 11)."""
     import openai
 
+    def pod_client(url: str, **kw):  # pods take calls signed with the cluster secret, as the router makes them
+        return openai.OpenAI(base_url=f"{url}/v1", api_key="x", default_headers=pod_auth(), **kw)
+
     prefill, recompute, fail = pods
     prompt = PROMPTS[2]
     with pytest.raises(openai.BadRequestError) as bad:
-        openai.OpenAI(base_url=f"{recompute.url}/v1", api_key="x").completions.create(
+        pod_client(recompute.url).completions.create(
             model=recompute.model, prompt=prompt, max_tokens=2,
             extra_body={"kv_transfer_params": {"connector": "grpc"}})
     assert "lacks 'transfer_id'" in str(bad.value) and "Error(" not in str(bad.value)
-    pre = openai.OpenAI(base_url=f"{prefill.url}/v1", api_key="x").completions.create(
+    pre = pod_client(prefill.url).completions.create(
         model=prefill.model, prompt=prompt, max_tokens=1, temperature=0.0, extra_body={"ignore_eos": True})
     handle = pre.model_extra["kv_transfer_params"]
     forged = {**handle, "kv_server": "127.0.0.1:9"}
     with pytest.raises(openai.APIStatusError) as conflict:
-        openai.OpenAI(base_url=f"{fail.url}/v1", api_key="x", max_retries=0).completions.create(  # 409 is retried
+        pod_client(fail.url, max_retries=0).completions.create(  # 409 is retried
             model=fail.model, prompt=prompt, max_tokens=2, extra_body={"kv_transfer_params": forged})
     assert conflict.value.status_code == 409 and "does not verify" in str(conflict.value)
     assert fail.metric("kv_transfer_failures_total", reason="bad_handle") == 1
     # The genuine handle still works (and its pull releases the prefill pod's blocks).
-    client = openai.OpenAI(base_url=f"{recompute.url}/v1", api_key="x")
+    client = pod_client(recompute.url)
     out = client.completions.create(model=recompute.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                     extra_body={"ignore_eos": True, "kv_transfer_params": handle})
     assert out.usage.completion_tokens == MAX_TOKENS
