@@ -11,12 +11,14 @@ Only the model runner and the sampler are stand-ins:
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.scheduler import Scheduler
 from pdserve.engine.engine_core import EngineCore
+from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.engine.outputs import Logprob
 from pdserve.sim.clock import Clock
 from pdserve.sim.cost_model import CostProfile, load_profile
@@ -109,7 +111,8 @@ class SimEngineCore(EngineCore):
         kv_scheduler_half = None
         self.kv_connector = None
         if role != "both" or connector == "sim":
-            kv_scheduler_half = SimKVScheduler(self.kv_state, role, pod, load_failure_policy)
+            kv_scheduler_half = SimKVScheduler(self.kv_state, role, pod, _descriptor(config, profile),
+                                               load_failure_policy)
             self.kv_connector = SimKVWorker(self.kv_state)
         self.async_scheduling = False
         self._in_flight = None
@@ -139,7 +142,20 @@ class SimEngineCore(EngineCore):
             self.clock.spend(min(wait, 0.02))
 
 
+def _descriptor(config: EngineConfig, profile: CostProfile) -> KVDescriptor:
+    """The descriptor the simulated KV claims: the model's shapes as the HF config gives them."""
+    hf = config.model.hf_config
+    heads = getattr(hf, "num_attention_heads", 1) or 1
+    return KVDescriptor(model_fingerprint=f"sim:{profile.name}", dtype="bfloat16",
+                        block_size=config.cache.block_size, num_layers=getattr(hf, "num_hidden_layers", 1) or 1,
+                        num_kv_heads=getattr(hf, "num_key_value_heads", heads) or heads,
+                        head_dim=getattr(hf, "head_dim", None) or (getattr(hf, "hidden_size", heads) // heads),
+                        hash_algo=config.cache.hash_algo, hash_seed=config.cache.hash_seed)
+
+
 def make_sim_core(config: EngineConfig, profile: str, faults: KVFaults | None = None,
                   load_failure_policy: str = "recompute") -> SimEngineCore:
-    """Picklable factory (with :func:`functools.partial`) for :class:`AsyncLLM`'s ``core_factory``."""
-    return SimEngineCore(config, load_profile(profile), faults=faults, load_failure_policy=load_failure_policy)
+    """Picklable factory (with :func:`functools.partial`) for :class:`AsyncLLM`'s ``core_factory``; the pod gets
+    a random name for its KV handles."""
+    return SimEngineCore(config, load_profile(profile), faults=faults, pod=f"sim-{uuid.uuid4().hex[:12]}",
+                         load_failure_policy=load_failure_policy)

@@ -1,7 +1,7 @@
 """The simulated KV connector: the real scheduler's load path, with transfers that take modelled time and fail
 as the fault spec says.
 
-No bytes move. A prefill engine's finished request returns a handle naming its pod and token count; a decode
+No bytes move. A prefill engine's finished request returns a handle (``engine_id``: its pod) with its token count; a decode
 engine given that handle asks the scheduler to load those tokens (the scheduler allocates the blocks and parks the
 request in ``WAITING_FOR_REMOTE_KV``, as with a real connector), and the worker half reports the load finished once
 ``latency + bytes / bandwidth`` has passed on the engine's clock — or failed, with the reasons a real connector
@@ -16,7 +16,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pdserve.engine.kv_transfer.base import KVConnectorMetadata, KVConnectorOutput, KVLoadError, LoadFailure
+from pdserve.engine.kv_transfer.base import (KVConnectorMetadata, KVConnectorOutput, KVLoadError, KVTransferParams,
+                                             LoadFailure)
+from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.sim.clock import Clock
 
 logger = logging.getLogger(__name__)
@@ -88,10 +90,12 @@ class SimKVScheduler:
     ``both``. ``pod`` names this engine in the handles it writes.
     """
 
-    def __init__(self, state: SimKVState, role: str, pod: str, load_failure_policy: str = "recompute") -> None:
+    def __init__(self, state: SimKVState, role: str, pod: str, descriptor: KVDescriptor,
+                 load_failure_policy: str = "recompute") -> None:
         if load_failure_policy not in ("recompute", "fail"):
             raise ValueError(f"unknown kv load failure policy {load_failure_policy!r}; choose recompute or fail")
         self.state, self.role, self.pod, self.policy = state, role, pod, load_failure_policy
+        self.descriptor = descriptor.to_dict()
         self.stats = None  # the engine's KV transfer metrics are those of real connectors
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
@@ -103,7 +107,7 @@ class SimKVScheduler:
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         if num_external_tokens:
-            self.state.pending[request.request_id] = (str(request.kv_transfer_params.get("pod", "")),
+            self.state.pending[request.request_id] = (str(request.kv_transfer_params.get("engine_id", "")),
                                                       num_external_tokens)
 
     def build_connector_meta(self, sched_out: Any) -> KVConnectorMetadata:
@@ -127,8 +131,9 @@ class SimKVScheduler:
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self.role == "decode" or request.status.finish_reason == "abort":
             return False, None
-        return False, {"connector": SIM_CONNECTOR, "pod": self.pod, "transfer_id": request.request_id,
-                       "num_tokens": request.num_prompt_tokens}
+        # A real handle (the gRPC Prefill reply carries it as a KVTransferHandle); ``engine_id`` names the pod.
+        return False, KVTransferParams(SIM_CONNECTOR, request.request_id, request.num_prompt_tokens,
+                                       tuple(request.block_hashes), self.descriptor, engine_id=self.pod).to_dict()
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         pass

@@ -103,7 +103,9 @@ def test_prefill_handle_lets_decode_load_instead_of_computing():
     prefill, decode = _core("prefill"), _core("decode")
     prefill.add_request(_req("p", 200, 1))
     handle = _run(prefill)["p"][2]
-    assert handle == {"connector": "sim", "pod": "prefill-0", "transfer_id": "p", "num_tokens": 200}
+    assert (handle["connector"], handle["engine_id"], handle["transfer_id"], handle["num_tokens"]) == \
+        ("sim", "prefill-0", "p", 200)
+    assert len(handle["block_hashes"]) == 200 // 16
     decode.add_request(_req("d", 200, 3, handle))
     out = _run(decode)
     assert out["d"][1] == "length"
@@ -115,7 +117,7 @@ def test_prefill_handle_lets_decode_load_instead_of_computing():
 @pytest.mark.parametrize("fault", [KVFaults(fail_rate=1.0), KVFaults(corrupt_rate=1.0)])
 def test_failed_or_corrupted_load_is_recomputed_locally(fault):
     decode = _core("decode", faults=fault)
-    handle = {"connector": "sim", "pod": "prefill-0", "transfer_id": "p", "num_tokens": 200}
+    handle = {"connector": "sim", "engine_id": "prefill-0", "transfer_id": "p", "num_tokens": 200}
     decode.add_request(_req("d", 200, 3, handle))
     out = _run(decode)
     assert out["d"][1] == "length" and len(out["d"][0]) == 3
@@ -125,7 +127,7 @@ def test_failed_or_corrupted_load_is_recomputed_locally(fault):
 
 def test_failed_load_under_fail_policy_ends_the_request_with_a_clear_error():
     decode = _core("decode", faults=KVFaults(fail_rate=1.0), policy="fail")
-    decode.add_request(_req("d", 200, 3, {"connector": "sim", "pod": "p0", "transfer_id": "p", "num_tokens": 200}))
+    decode.add_request(_req("d", 200, 3, {"connector": "sim", "engine_id": "p0", "transfer_id": "p", "num_tokens": 200}))
     out = _run(decode)
     assert out["d"][1] == "abort" and out["d"][0] == []
     assert "KV transfer failed (transfer_failed)" in out["d"][3]
@@ -135,7 +137,7 @@ def test_slow_connector_delays_the_load_by_latency_and_bandwidth():
     fast = _core("decode")
     slow = _core("decode", faults=KVFaults(latency_s=0.5, bandwidth_gbps=0.001))
     for core in (fast, slow):
-        core.add_request(_req("d", 200, 2, {"connector": "sim", "pod": "p", "transfer_id": "p",
+        core.add_request(_req("d", 200, 2, {"connector": "sim", "engine_id": "p", "transfer_id": "p",
                                             "num_tokens": 200}))
         _run(core)
     # 199 tokens x 1000 B at 1 MB/s = 0.199 s, plus 0.5 s; the idle waits land on the load's finishing time
@@ -145,7 +147,7 @@ def test_slow_connector_delays_the_load_by_latency_and_bandwidth():
 def test_load_from_a_killed_prefill_pod_fails_as_peer_gone():
     decode = _core("decode", policy="fail")
     decode.kv_state.dead_sources.add("p0")
-    decode.add_request(_req("d", 50, 2, {"connector": "sim", "pod": "p0", "transfer_id": "p", "num_tokens": 50}))
+    decode.add_request(_req("d", 50, 2, {"connector": "sim", "engine_id": "p0", "transfer_id": "p", "num_tokens": 50}))
     assert "peer_gone" in _run(decode)["d"][3]
 
 

@@ -1,0 +1,92 @@
+"""``pdserve sim-engine`` as a user runs it: prefill and decode processes behind the real HTTP API (official openai
+client), KV handles between them, the real ``/metrics``, injected KV faults ending in a clear error."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers.server_process import log_tail, scrape_metrics, wait_healthy
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = "The simulator answers with the time a cost model says, and loads KV handles. " * 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pods(tmp_path_factory):
+    """A prefill pod, a decode pod with 0.5 s of added KV latency, and a decode pod whose every load fails under
+    the ``fail`` policy."""
+    logs = tmp_path_factory.mktemp("sim")
+    specs = {"prefill": ["--role", "prefill"],
+             "decode": ["--role", "decode", "--kv-fault-latency", "0.5"],
+             "broken": ["--role", "decode", "--kv-fault-fail-rate", "1", "--kv-load-failure-policy", "fail"]}
+    procs, urls = {}, {}
+    try:
+        for name, extra in specs.items():
+            port = _free_port()
+            log = open(logs / f"{name}.log", "w")
+            procs[name] = (subprocess.Popen([sys.executable, "-m", "pdserve.cli.main", "sim-engine", "--model", MODEL,
+                                             "--port", str(port), "--grpc-port", str(_free_port()), *extra],
+                                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)),
+                           str(logs / f"{name}.log"))
+            urls[name] = f"http://127.0.0.1:{port}"
+        for name, (proc, log_path) in procs.items():
+            wait_healthy(proc, urls[name], log_path, name, timeout_s=180)
+        yield urls
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, log_path in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                print(log_tail(log_path))
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_prefill_handle_is_loaded_by_the_decode_pod_after_the_injected_latency(pods):
+    first = _client(pods["prefill"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+    handle = first.model_extra["kv_transfer_params"]
+    assert handle["connector"] == "sim" and handle["num_tokens"] == first.usage.prompt_tokens
+    start = time.monotonic()
+    out = _client(pods["decode"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
+                                                     extra_body={"kv_transfer_params": handle})
+    elapsed = time.monotonic() - start
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
+    assert elapsed >= 0.5  # the injected latency (only a load pays it), then 8 modelled steps of ~6 ms
+    metrics = scrape_metrics(pods["decode"])
+    assert metrics[f'pdserve:generation_tokens_total{{model_name="{MODEL}"}}'] == 8
+    assert metrics[f'pdserve:time_to_first_token_seconds_count{{model_name="{MODEL}"}}'] == 1
+
+
+def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
+    handle = _client(pods["prefill"]).completions.create(model=MODEL, prompt=PROMPT,
+                                                         max_tokens=1).model_extra["kv_transfer_params"]
+    r = httpx.post(f"{pods['broken']}/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "kv_transfer_params": handle})
+    assert r.status_code == 409, r.text
+    assert "KV transfer failed (transfer_failed)" in r.json()["error"]["message"]
+    assert httpx.get(f"{pods['broken']}/health").status_code == 200  # the pod keeps serving
+
+
+def test_monolithic_sim_engine_refuses_kv_fault_flags():
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli.main", "sim-engine", "--kv-fault-fail-rate", "0.1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "only a decode pod does" in r.stderr
