@@ -14,7 +14,8 @@ Decode. Each decode pod's step time is its ITL; it grows with the batch: ``itl(b
 exponentially weighted least squares over (batch, ITL) samples of every pod and window. The largest batch that
 keeps the ITL under target is ``b* = (itl_target * headroom_d - a) / c`` (capped by ``max_batch``), and
 ``decode = ceil(concurrent sequences / b*)``. Until the fit is usable (two distinct batch sizes seen) the decode
-count follows the observed ITL proportionally. KV memory above ``kv_high`` adds a pod.
+count follows the observed ITL proportionally. Never fewer pods than ``sequences / max_batch`` (a full pod queues
+instead of slowing down), and KV memory above 90 % adds a pod.
 
 Then min/max per role, the GPU budget (shared in proportion to need, each role keeping its minimum), and
 hysteresis: scaling up happens at once, scaling down only to the highest count wanted during the last
@@ -162,6 +163,8 @@ def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obser
         wanted = math.ceil(obs.decode_pods * obs.itl_p / (policy.itl_target_s * state.decode_headroom))
     else:
         wanted = obs.decode_pods
+    # Sequence slots: beyond max_batch a pod queues sequences instead of slowing its ITL, which the fit cannot see.
+    wanted = max(wanted, math.ceil(obs.decode_sequences / policy.max_batch))
     if obs.kv_usage > 0.9:
         wanted = max(wanted, obs.decode_pods + 1)
     return wanted

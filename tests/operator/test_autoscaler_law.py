@@ -39,6 +39,8 @@ CASES = [
     ("decode without a fit follows ITL proportionally",
      obs(decode_sequences=100, itl_samples=((30, 0.09), (30, 0.09)), itl_p=0.09), (2, 4)),
     ("KV memory pressure adds a decode pod", obs(kv_usage=0.95), (2, 3)),
+    # 600 sequences and pods of at most 256: 3, however fast the ITL
+    ("sequence slots bound the decode count", obs(decode_sequences=600, itl_p=0.01), (2, 3)),
     ("a maximum caps", obs(arrived_prompt_tokens=10_000_000, prefill_computed_tokens=25_000, prefill_busy_s=5.0),
      (20, 2)),
 ]
