@@ -102,6 +102,8 @@ class Cluster:
         self.decisions: list[tuple[float, Decision]] = []
         self.kills = 0
         self.remaining = 0
+        self.requests: list[SimRequest] = []
+        self._end_s = 0.0
         self._state = AutoscalerState()
         self._window: dict[str, Any] = {"arrived": 0.0, "ttfts": [], "gaps": []}
         roles = ("prefill", "decode") if cfg.prefill else ("both",)
@@ -135,16 +137,27 @@ class Cluster:
         heapq.heappush(self._events, (t, next(self._seq), kind, data))
 
     def run(self, trace: list[TraceRequest]) -> list[SimRequest]:
-        requests = [SimRequest(f"r{i}", tr) for i, tr in enumerate(trace)]
-        for r in requests:
+        """Simulate ``trace`` to the end; every request ends answered or with an error."""
+        self.start(trace)
+        self.advance(None)
+        return self.finish()
+
+    def start(self, trace: list[TraceRequest]) -> list[SimRequest]:
+        """Queue the trace (and the faults and autoscaler ticks); :meth:`advance` runs it."""
+        self.requests = [SimRequest(f"r{i}", tr) for i, tr in enumerate(trace)]
+        for r in self.requests:
             self._push(r.trace.arrival_s, "arrive", r)
-        end = trace[-1].arrival_s if trace else 0.0
+        self._end_s = trace[-1].arrival_s if trace else 0.0
         if self.cfg.kill_decode_every_s > 0:
             self._push(self.cfg.kill_decode_every_s, "kill", None)
         if self.cfg.autoscaling is not None:
             self._push(self.cfg.autoscaling.interval_s, "tick", None)
-        self.remaining = len(requests)
-        while self._events and self.remaining:
+        self.remaining = len(self.requests)
+        return self.requests
+
+    def advance(self, until: float | None) -> None:
+        """Run the events up to virtual time ``until`` (None: until every request has ended)."""
+        while self._events and self.remaining and (until is None or self._events[0][0] <= until):
             t, _, kind, data = heapq.heappop(self._events)
             alive = sum(1 for p in self.pods.values() if p.state != "gone")
             self.gpu_seconds += alive * (t - self.now)
@@ -160,16 +173,23 @@ class Cluster:
                 if data.state == "starting":
                     data.state = "ready"
                     self._drain_router_queue()
-            elif kind == "kill" and t <= end:
+            elif kind == "kill" and t <= self._end_s:
                 self._kill_a_decode_pod()
                 self._push(t + self.cfg.kill_decode_every_s, "kill", None)
-            elif kind == "tick" and t <= end + 60:
+            elif kind == "tick" and t <= self._end_s + 60:
                 self._autoscale()
                 self._push(t + self.cfg.autoscaling.interval_s, "tick", None)  # type: ignore[union-attr]
-        for r in requests:
+        if until is not None and until > self.now:
+            alive = sum(1 for p in self.pods.values() if p.state != "gone")
+            self.gpu_seconds += alive * (until - self.now)
+            self.now = until
+
+    def finish(self) -> list[SimRequest]:
+        """End what never got served (no pod of its role came up) and return every request."""
+        for r in self.requests:
             if not r.done:
                 self._end(r, "never served: no pod of its role became ready")
-        return requests
+        return self.requests
 
     def _end(self, req: SimRequest, error: str | None = None) -> None:
         req.error, req.done = error, True
@@ -265,11 +285,9 @@ class Cluster:
             self._add_pod(role, ready_at=self.now + self.cfg.startup_s)
         self._record_timeline()
 
-    def observe(self) -> Observation:
-        """The autoscaler's view of the last window (what the pods' metrics would say)."""
-        policy = self.cfg.autoscaling
-        assert policy is not None
-        w, win = policy.interval_s, self._window
+    def observe(self, window_s: float, percentile: float) -> Observation:
+        """The autoscaler's view of the last ``window_s`` (what the pods' metrics would say)."""
+        w, win = window_s, self._window
         pre, dec = self._live("prefill", ("ready",)), self._live("decode", ("ready",))
         busy = computed = queued = 0.0
         for p in pre:
@@ -287,9 +305,9 @@ class Cluster:
         obs = Observation(
             window_s=w, prefill_pods=len(pre), decode_pods=len(dec), arrived_prompt_tokens=win["arrived"],
             queued_prompt_tokens=queued, prefill_computed_tokens=computed, prefill_busy_s=busy,
-            ttft_p=_quantile(win["ttfts"], policy.percentile), decode_sequences=float(sum(len(p.requests)
+            ttft_p=_quantile(win["ttfts"], percentile), decode_sequences=float(sum(len(p.requests)
                                                                                          for p in dec)),
-            itl_p=_quantile(win["gaps"], policy.percentile), itl_samples=samples,
+            itl_p=_quantile(win["gaps"], percentile), itl_samples=samples,
             kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
             mean_prompt_tokens=win["arrived"] / n_arrived)
         self._window = {"arrived": 0.0, "ttfts": [], "gaps": []}
@@ -298,16 +316,19 @@ class Cluster:
     def _autoscale(self) -> None:
         policy = self.cfg.autoscaling
         assert policy is not None
-        decision = decide(policy, self._state, self.observe(), self.now)
+        decision = decide(policy, self._state, self.observe(policy.interval_s, policy.percentile), self.now)
         self.decisions.append((self.now, decision))
-        if policy.dry_run:
-            return
-        for role, want in (("prefill", decision.prefill), ("decode", decision.decode)):
-            alive = self._live(role, ("starting", "ready"))
-            for _ in range(want - len(alive)):
-                self._add_pod(role, ready_at=self.now + self.cfg.startup_s)
-            for pod in sorted(alive, key=lambda p: (p.state == "ready", len(p.requests)))[:max(0, len(alive) - want)]:
-                pod.state = "draining" if pod.requests or pod.stepping else "gone"
+        if not policy.dry_run:
+            self.scale_to("prefill", decision.prefill)
+            self.scale_to("decode", decision.decode)
+
+    def scale_to(self, role: str, want: int) -> None:
+        """Start pods (ready after ``startup_s``) or drain the emptiest ones until ``want`` remain."""
+        alive = self._live(role, ("starting", "ready"))
+        for _ in range(want - len(alive)):
+            self._add_pod(role, ready_at=self.now + self.cfg.startup_s)
+        for pod in sorted(alive, key=lambda p: (p.state == "ready", len(p.requests)))[:max(0, len(alive) - want)]:
+            pod.state = "draining" if pod.requests or pod.stepping else "gone"
         self._record_timeline()
 
 
