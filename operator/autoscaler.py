@@ -110,6 +110,7 @@ class AutoscalerState:
     # exponentially weighted sums for the least-squares fit of itl = a + c * batch
     fit: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])  # w, wb, wi, wbb, wbi
     history: list[tuple[float, int, int]] = field(default_factory=list)  # (time, wanted prefill, wanted decode)
+    last_prefill: int = 0  # the prefill count last decided
 
     def itl_line(self) -> tuple[float, float] | None:
         """``(a, c)`` of ``itl = a + c * batch``, or None until two batch sizes make the slope meaningful."""
@@ -131,7 +132,9 @@ def _prefill_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obse
     if obs.prefill_busy_s > 0 and obs.prefill_computed_tokens > 0:
         mu = obs.prefill_computed_tokens / obs.prefill_busy_s
         state.prefill_mu = mu if state.prefill_mu is None else (1 - EWMA) * state.prefill_mu + EWMA * mu
-    if obs.ttft_p is not None:
+    # Learn the headroom only once the pods last decided are ready: a TTFT that misses while new pods still start
+    # says nothing about the headroom (without this it winds down to its floor during every scale-up).
+    if obs.ttft_p is not None and obs.prefill_pods >= state.last_prefill:
         if obs.ttft_p > policy.ttft_target_s:
             state.prefill_headroom = max(0.3, state.prefill_headroom * 0.85)
         elif obs.ttft_p < 0.5 * policy.ttft_target_s:
@@ -183,13 +186,15 @@ def _fit_budget(policy: AutoscalingPolicy, p: int, d: int) -> tuple[int, int, bo
 
 
 def _settle(current: int, wanted: int, recent_max: int, tolerance: float) -> int:
-    """Up at once; down only to the highest count wanted within the window; small moves ignored."""
-    if wanted > current:
-        return wanted if wanted - current > tolerance * current else current
+    """Never below the highest count wanted within the window (so up at once, down only once the window has
+    forgotten the peak); a move within ``tolerance`` of the current count is ignored.
+
+    ``current`` counts ready pods; pods decided earlier may still be starting, and the window keeps them.
+    """
     target = max(wanted, recent_max)
-    if target < current and current - target > tolerance * current:
-        return target
-    return current
+    if target == current or abs(target - current) <= tolerance * current:
+        return current
+    return target
 
 
 def decide(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, now: float) -> Decision:
@@ -207,6 +212,7 @@ def decide(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, 
     p = _settle(obs.prefill_pods, want_p, recent_p, policy.tolerance)
     d = _settle(obs.decode_pods, want_d, recent_d, policy.tolerance)
     p, d, limited = _fit_budget(policy, p, d)
+    state.last_prefill = p
     mu = state.prefill_mu
     colocate = (obs.mean_prompt_tokens > 0 and obs.mean_prompt_tokens < policy.colocate_max_prompt_tokens
                 and mu is not None

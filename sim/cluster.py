@@ -39,7 +39,7 @@ class ClusterConfig:
     profile: CostProfile
     prefill: int
     decode: int
-    model: str = "smollm2-135m-instruct"  # tokenizer-side config only: vocabulary and context length
+    model: str | None = None  # the engine's shapes (vocabulary, KV descriptor); default: the profile's model preset
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192
@@ -92,7 +92,8 @@ class Cluster:
         self.now = 0.0
         kw = dict(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                   max_model_len=cfg.max_model_len, block_size=cfg.profile.block_size)
-        self._configs = {role: EngineConfig.create(cfg.model, role=role, **kw)
+        # No weights and no tokenizer are needed: the model's shape preset (load_format dummy) gives the sizes.
+        self._configs = {role: EngineConfig.create(cfg.model or cfg.profile.model, load_format="dummy", role=role, **kw)
                          for role in (("prefill", "decode") if cfg.prefill else ("both",))}
         self.pods: dict[str, _Pod] = {}
         self._names = itertools.count()

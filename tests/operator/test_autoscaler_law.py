@@ -100,3 +100,24 @@ def test_colocation_is_recommended_for_short_prompts_at_low_load():
     assert decide(POLICY, AutoscalerState(), light, 0.0).colocate
     long_prompts = dataclasses.replace(light, mean_prompt_tokens=2000)
     assert not decide(POLICY, AutoscalerState(), long_prompts, 0.0).colocate
+
+
+def test_headroom_is_not_learned_while_new_prefill_pods_start():
+    state = AutoscalerState()
+    slow = dict(arrived_prompt_tokens=100_000, prefill_computed_tokens=25_000, prefill_busy_s=5.0, ttft_p=5.0)
+    assert decide(POLICY, state, obs(prefill_pods=2, **slow), now=0.0).prefill == 4
+    assert state.prefill_headroom == pytest.approx(0.595)
+    decide(POLICY, state, obs(prefill_pods=2, **slow), now=30.0)  # the 2 new pods are not ready yet
+    assert state.prefill_headroom == pytest.approx(0.595)
+    decide(POLICY, state, obs(prefill_pods=4, **slow), now=60.0)  # they are, and TTFT still misses
+    assert state.prefill_headroom == pytest.approx(0.595 * 0.85)
+
+
+def test_pods_still_starting_are_kept():
+    """Decided 4 with 2 ready; the next window wants 3 with 3 ready: the 4th, still starting, stays."""
+    state = AutoscalerState()
+    load = dict(arrived_prompt_tokens=100_000, prefill_computed_tokens=25_000, prefill_busy_s=5.0, ttft_p=5.0)
+    assert decide(POLICY, state, obs(prefill_pods=2, **load), now=0.0).prefill == 4
+    calm = dict(arrived_prompt_tokens=70_000, prefill_computed_tokens=25_000, prefill_busy_s=5.0, ttft_p=0.8)
+    d = decide(POLICY, state, obs(prefill_pods=3, **calm), now=10.0)
+    assert d.wanted_prefill == 3 and d.prefill == 4  # 7000 / (5000 * 0.595) = 2.35 -> 3

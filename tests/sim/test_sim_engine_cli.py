@@ -76,6 +76,19 @@ def test_prefill_handle_is_loaded_by_the_decode_pod_after_the_injected_latency(p
     assert metrics[f'pdserve:time_to_first_token_seconds_count{{model_name="{MODEL}"}}'] == 1
 
 
+def test_the_autoscalers_metrics_parser_reads_a_pods_real_metrics(pods):
+    """What operator/autoscaling.py's PodMetricsSource reads, from a real pod's /metrics (after the test above)."""
+    from pdserve.operator.autoscaling import histogram_quantile, parse_metrics
+
+    m = parse_metrics(httpx.get(f"{pods['decode']}/metrics", timeout=10).text)
+    assert m["pdserve:generation_tokens_total"] == 8 and m["pdserve:num_requests_running"] == 0
+    assert 0 <= m["pdserve:kv_cache_usage_perc"] <= 1
+    ttft, itl = m["pdserve:time_to_first_token_seconds"], m["pdserve:inter_token_latency_seconds"]
+    assert ttft["count"] == 1 and itl["count"] == 7
+    assert histogram_quantile(None, ttft, 0.9) >= 0.5  # the load paid 0.5 s of injected latency
+    assert histogram_quantile(ttft, ttft, 0.9) is None  # nothing new between two equal scrapes
+
+
 def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
     handle = _client(pods["prefill"]).completions.create(model=MODEL, prompt=PROMPT,
                                                          max_tokens=1).model_extra["kv_transfer_params"]

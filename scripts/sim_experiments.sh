@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The simulated results of docs/autoscaling.md: every number there comes from one of these commands.
+#   scripts/sim_experiments.sh OUTDIR [autoscale|static|colocation|faults|scale]...
+set -euo pipefail
+out=${1:?usage: $0 OUTDIR [experiment...]}; shift
+mkdir -p "$out"
+PD=${PDSERVE:-pdserve}
+# Prompt-heavy -> decode-heavy -> prompt-heavy, with 30 s ramps between (Llama-3.1-8B on H100).
+SHIFT="duration=90,rate=20,in=4000,out=50;duration=30,rate=20,in=2000,out=500;duration=90,rate=20,in=200,out=1000;duration=30,rate=20,in=2000,out=500;duration=90,rate=20,in=4000,out=50"
+SLO="--ttft-slo 1 --tpot-slo 0.012"
+for exp in "${@:-autoscale static colocation faults scale}"; do
+  case $exp in
+    autoscale)
+      $PD sim --prefill 3 --decode 1 --autoscale --min-prefill 1 --max-prefill 12 --max-decode 12 --gpu-budget 14 \
+        --interval 5 --scale-down-window 30 --startup-s 10 --trace "$SHIFT" $SLO --output "$out/autoscale.json" ;;
+    static)  # the static splits around the peak needs of each phase
+      for p in 3 4 5; do for d in 2 3 4; do
+        $PD sim --prefill $p --decode $d --trace "$SHIFT" $SLO --output "$out/static_${p}p${d}d.json"
+      done; done ;;
+    colocation)  # DistServe-style: goodput of P/D vs colocated at equal GPU count, short and long prompts
+      for load in "in=2000,out=200,rate=24" "in=100,out=200,rate=40"; do
+        tag=$(echo "$load" | tr ',=' '__')
+        $PD sim --prefill 2 --decode 2 --trace "duration=120,$load" $SLO --output "$out/pd_$tag.json"
+        $PD sim --prefill 0 --decode 4 --trace "duration=120,$load" $SLO --output "$out/colo_$tag.json"
+      done ;;
+    faults)  # 5 % failed KV loads, a decode pod killed per minute, a slow connector (50 ms + 5 GB/s)
+      $PD sim --prefill 2 --decode 4 --trace "duration=300,rate=10,in=1000,out=300" $SLO --kv-fault-fail-rate 0.05 \
+        --kill-decode-every 60 --kv-fault-latency 0.05 --kv-bandwidth-gbps 5 --startup-s 20 \
+        --output "$out/faults.json" ;;
+    scale)  # 120 pods in one simulation
+      $PD sim --prefill 40 --decode 80 --trace "duration=30,rate=200,in=3000,out=20" $SLO --output "$out/scale120.json" ;;
+  esac
+done
