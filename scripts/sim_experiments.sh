@@ -13,10 +13,10 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
     autoscale)
       $PD sim --prefill 3 --decode 1 --autoscale --min-prefill 1 --max-prefill 12 --max-decode 12 --gpu-budget 14 \
         --interval 5 --scale-down-window 30 --startup-s 10 --trace "$SHIFT" $SLO --output "$out/autoscale.json" ;;
-    static)  # the static splits around the peak needs of each phase
-      for p in 3 4 5; do for d in 2 3 4; do
-        $PD sim --prefill $p --decode $d --trace "$SHIFT" $SLO --output "$out/static_${p}p${d}d.json"
-      done; done ;;
+    static)  # the static splits around the peak needs of each phase (fewer GPUs miss the SLOs in one phase)
+      for pd in 2:2 3:1 3:2 2:3 4:2; do
+        $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT" $SLO --output "$out/static_${pd%:*}p${pd#*:}d.json"
+      done ;;
     colocation)  # DistServe-style: goodput of P/D vs colocated at equal GPU count, short and long prompts
       for load in "in=2000,out=200,rate=24" "in=100,out=200,rate=40"; do
         tag=$(echo "$load" | tr ',=' '__')

@@ -73,6 +73,7 @@ class _Pod:
     state: str = "starting"  # starting | ready | draining | gone
     requests: dict[str, SimRequest] = field(default_factory=dict)
     stepping: bool = False
+    prompt_tokens: int = 0  # prompt tokens of the requests it holds (the router's prefill load signal)
     # window counters for the autoscaler
     busy_mark: float = 0.0
     computed_mark: int = 0
@@ -203,7 +204,7 @@ class Cluster:
             req.waiting_for = role
             return
         if role == "prefill":
-            pod = min(pods, key=lambda p: sum(len(r.trace.prompt) for r in p.requests.values()))
+            pod = min(pods, key=lambda p: p.prompt_tokens)
         else:
             pod = min(pods, key=lambda p: len(p.requests))
         prompt = list(req.trace.prompt) + (req.tokens[:1] if role == "decode" else [])
@@ -211,6 +212,7 @@ class Cluster:
         if role != "prefill":
             req.decode_pod = pod.name
         pod.requests[req.id] = req
+        pod.prompt_tokens += len(req.trace.prompt)
         pod.core.add_request(EngineCoreRequest(req.id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                                                kv_transfer_params=handle))
         if not pod.stepping:
@@ -261,6 +263,7 @@ class Cluster:
         if out.finish_reason is None:
             return
         del pod.requests[req.id]
+        pod.prompt_tokens -= len(req.trace.prompt)
         if out.finish_reason == "abort":
             self._end(req, f"{pod.name}: {out.stop_reason or 'aborted'}")
         elif pod.role == "prefill" and req.trace.max_tokens > 1:
