@@ -33,18 +33,27 @@ def pods(tmp_path_factory):
     specs = {"prefill": ["--role", "prefill"],
              "decode": ["--role", "decode", "--kv-fault-latency", "0.5"],
              "broken": ["--role", "decode", "--kv-fault-fail-rate", "1", "--kv-load-failure-policy", "fail"]}
-    procs, urls = {}, {}
+    procs, urls, grpc = {}, {}, {}
     try:
         for name, extra in specs.items():
-            port = _free_port()
+            port, grpc[name] = _free_port(), _free_port()
             log = open(logs / f"{name}.log", "w")
             procs[name] = (subprocess.Popen([sys.executable, "-m", "pdserve.cli.main", "sim-engine", "--model", MODEL,
-                                             "--port", str(port), "--grpc-port", str(_free_port()), *extra],
+                                             "--port", str(port), "--grpc-port", str(grpc[name]), *extra],
                                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)),
                            str(logs / f"{name}.log"))
             urls[name] = f"http://127.0.0.1:{port}"
         for name, (proc, log_path) in procs.items():
             wait_healthy(proc, urls[name], log_path, name, timeout_s=180)
+        # The real router in front of the prefill pod and the (slow-connector) decode pod, over gRPC.
+        port = _free_port()
+        log = open(logs / "router.log", "w")
+        procs["router"] = (subprocess.Popen(
+            [sys.executable, "-m", "pdserve.cli.main", "router", "--model", MODEL, "--port", str(port),
+             "--prefill", f"127.0.0.1:{grpc['prefill']}", "--decode", f"127.0.0.1:{grpc['decode']}"],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)), str(logs / "router.log"))
+        urls["router"] = f"http://127.0.0.1:{port}"
+        wait_healthy(procs["router"][0], urls["router"], procs["router"][1], "router", timeout_s=120)
         yield urls
     finally:
         for proc, _ in procs.values():
@@ -87,6 +96,19 @@ def test_the_autoscalers_metrics_parser_reads_a_pods_real_metrics(pods):
     assert ttft["count"] == 1 and itl["count"] == 7
     assert histogram_quantile(None, ttft, 0.9) >= 0.5  # the load paid 0.5 s of injected latency
     assert histogram_quantile(ttft, ttft, 0.9) is None  # nothing new between two equal scrapes
+
+
+def test_the_real_router_runs_prefill_then_decode_on_simulated_pods(pods):
+    before = {r: scrape_metrics(pods[r]) for r in ("prefill", "decode")}
+    prompt = "word " * 700  # long enough for the router to prefill remotely
+    start = time.monotonic()
+    out = _client(pods["router"]).completions.create(model=MODEL, prompt=prompt, max_tokens=6)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
+    assert time.monotonic() - start >= 0.5  # the decode pod's injected KV latency
+    key = f'pdserve:generation_tokens_total{{model_name="{MODEL}"}}'
+    after = {r: scrape_metrics(pods[r]) for r in ("prefill", "decode")}
+    assert after["prefill"][key] - before["prefill"][key] == 1  # the first token
+    assert after["decode"][key] - before["decode"][key] == 5  # the rest, after loading the prompt's KV
 
 
 def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
