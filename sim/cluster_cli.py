@@ -63,6 +63,9 @@ def config_from_args(args: argparse.Namespace):  # -> ClusterConfig
 
     if args.prefill < 0 or args.decode < 1:
         raise ValueError("need --prefill >= 0 and --decode >= 1")
+    faults = faults_from_args(args)
+    if args.prefill == 0 and (faults != type(faults)() or args.kv_load_failure_policy != "recompute"):
+        raise ValueError("KV fault flags act on KV loads: colocated pods (--prefill 0) load none")
     policy = None
     if args.autoscale:
         if args.prefill == 0:
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace):  # -> ClusterConfig
         raise ValueError("--dry-run and --gpu-budget are autoscaler options: add --autoscale")
     return ClusterConfig(profile=load_profile(args.profile), prefill=args.prefill, decode=args.decode,
                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                         faults=faults_from_args(args), load_failure_policy=args.kv_load_failure_policy,
+                         faults=faults, load_failure_policy=args.kv_load_failure_policy,
                          kill_decode_every_s=args.kill_decode_every, startup_s=args.startup_s, autoscaling=policy,
                          seed=args.seed)
 

@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         profile = load_profile(args.profile)
         faults = faults_from_args(args)
-        if args.role == "both" and faults != type(faults)():
-            raise ValueError("--kv-fault-* flags act on KV loads, which only a decode pod does (--role decode)")
+        if args.role != "decode" and (faults != type(faults)() or args.kv_load_failure_policy != "recompute"):
+            raise ValueError("--kv-fault-*, --kv-bandwidth-gbps and --kv-load-failure-policy act on KV loads, "
+                             "which only a decode pod does (--role decode)")
         if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
             raise ValueError("a simulated engine models one GPU: profile a multi-GPU setup as its own profile")
     except ValueError as exc:

@@ -100,3 +100,5 @@ def test_cli_writes_a_report_and_refuses_contradictions(tmp_path, capsys):
     assert "needs --prefill >= 1" in capsys.readouterr().err
     assert main(["sim", "--gpu-budget", "4"]) == 2
     assert "add --autoscale" in capsys.readouterr().err
+    assert main(["sim", "--prefill", "0", "--kv-fault-fail-rate", "0.1"]) == 2
+    assert "colocated pods (--prefill 0) load none" in capsys.readouterr().err

@@ -121,7 +121,9 @@ def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
     assert httpx.get(f"{pods['broken']}/health").status_code == 200  # the pod keeps serving
 
 
-def test_monolithic_sim_engine_refuses_kv_fault_flags():
-    r = subprocess.run([sys.executable, "-m", "pdserve.cli.main", "sim-engine", "--kv-fault-fail-rate", "0.1"],
+@pytest.mark.parametrize("flags", [["--kv-fault-fail-rate", "0.1"], ["--role", "prefill", "--kv-fault-latency", "1"],
+                                   ["--role", "prefill", "--kv-load-failure-policy", "fail"]])
+def test_kv_fault_flags_are_refused_where_no_load_happens(flags):
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli.main", "sim-engine", *flags],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "only a decode pod does" in r.stderr
