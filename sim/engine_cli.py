@@ -26,8 +26,9 @@ ROLES = ("both", "prefill", "decode")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pdserve.cli.engine_args import add_engine_arguments
     from pdserve.services.api.cli import add_server_arguments
+
+    from pdserve.cli.engine_args import add_engine_arguments
 
     add_server_arguments(parser)
     add_engine_arguments(parser)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from pdserve.operator.autoscaler import AutoscalerState, AutoscalingPolicy, Observation, decide
 
 POLICY = AutoscalingPolicy(ttft_target_s=1.0, itl_target_s=0.05, min_prefill=1, max_prefill=20, min_decode=1,

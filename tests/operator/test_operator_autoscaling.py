@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import kubernetes
-
 from pdserve.operator.autoscaler import Observation
 from pdserve.sim.cluster import Cluster, ClusterConfig
 from pdserve.sim.cost_model import load_profile

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from pdserve.cli.main import main
 from pdserve.operator.autoscaler import AutoscalingPolicy
 from pdserve.sim.cluster import Cluster, ClusterConfig
 from pdserve.sim.cost_model import load_profile
 from pdserve.sim.kv import KVFaults
 from pdserve.sim.report import summarize
 from pdserve.sim.workload import Phase, generate, parse_trace
+
+from pdserve.cli.main import main
 
 H100 = load_profile("llama-3.1-8b_h100")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_core import EngineCoreRequest
 from pdserve.engine.sampling_params import SamplingParams
@@ -127,7 +126,8 @@ def test_failed_or_corrupted_load_is_recomputed_locally(fault):
 
 def test_failed_load_under_fail_policy_ends_the_request_with_a_clear_error():
     decode = _core("decode", faults=KVFaults(fail_rate=1.0), policy="fail")
-    decode.add_request(_req("d", 200, 3, {"connector": "sim", "engine_id": "p0", "transfer_id": "p", "num_tokens": 200}))
+    handle = {"connector": "sim", "engine_id": "p0", "transfer_id": "p", "num_tokens": 200}
+    decode.add_request(_req("d", 200, 3, handle))
     out = _run(decode)
     assert out["d"][1] == "abort" and out["d"][0] == []
     assert "KV transfer failed (transfer_failed)" in out["d"][3]
