@@ -96,7 +96,7 @@ def parse_metrics(text: str) -> dict[str, Any]:
 
 
 _HISTOGRAMS = {"pdserve:time_to_first_token_seconds", "pdserve:inter_token_latency_seconds",
-               "pdserve:request_prefill_time_seconds"}
+               "pdserve:request_prefill_time_seconds", "pdserve:iteration_tokens_total"}
 
 
 def histogram_quantile(prev: dict | None, cur: dict | None, q: float) -> float | None:
@@ -121,33 +121,46 @@ def _delta(prev: dict, cur: dict, key: str, part: str | None = None) -> float:
     return max(0.0, (b or 0.0) - (a or 0.0))
 
 
+def pod_metrics_urls(api: Any, namespace: str, name: str, role: str, port: int = c.METRICS_PORT) -> dict[str, str]:
+    """``/metrics`` URLs of the ready pods of one role of ``namespace/name``, by pod name."""
+    import kubernetes
+
+    core = kubernetes.client.CoreV1Api(api)
+    pods = core.list_namespaced_pod(namespace, label_selector=f"{c.LABEL_SERVICE}={name},{c.LABEL_ROLE}={role}")
+    out = {}
+    for pod in pods.items:
+        ip = pod.status.pod_ip if pod.status else None
+        ready = any(cond.type == "Ready" and cond.status == "True" for cond in (pod.status.conditions or []))
+        if ip and ready:
+            out[pod.metadata.name] = f"http://{ip}:{port}/metrics"
+    return out
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (a pod IP the API server gave)
+        return resp.read().decode()
+
+
 @dataclass
 class PodMetricsSource:
-    """Scrapes the ready engine pods of both roles (``http://<pod IP>:<metrics port>/metrics``).
+    """Scrapes the ready engine pods of both roles (``targets``: by default the pods' IPs on the metrics port).
 
     Prefill capacity uses the summed time requests spent in prefill as busy time: requests batched together count
     it twice, so the capacity comes out low and the law errs towards more prefill pods.
     """
 
-    port: int = c.METRICS_PORT
-    fetch: Callable[[str], str] = field(default=lambda url: urllib.request.urlopen(url, timeout=5).read().decode())
+    targets: Callable[[Any, str, str, str], dict[str, str]] = pod_metrics_urls
+    fetch: Callable[[str], str] = _fetch
     _last: dict[str, dict] = field(default_factory=dict)
     _last_time: float | None = None
 
     def _scrape(self, api: Any, namespace: str, name: str, role: str) -> dict[str, dict]:
-        import kubernetes
-
-        core = kubernetes.client.CoreV1Api(api)
-        pods = core.list_namespaced_pod(namespace, label_selector=f"{c.LABEL_SERVICE}={name},{c.LABEL_ROLE}={role}")
         out = {}
-        for pod in pods.items:
-            ip = pod.status.pod_ip if pod.status else None
-            ready = any(cond.type == "Ready" and cond.status == "True" for cond in (pod.status.conditions or []))
-            if ip and ready:
-                try:
-                    out[pod.metadata.name] = parse_metrics(self.fetch(f"http://{ip}:{self.port}/metrics"))
-                except OSError as exc:
-                    log.info("metrics of %s/%s unavailable: %s", namespace, pod.metadata.name, exc)
+        for pod, url in self.targets(api, namespace, name, role).items():
+            try:
+                out[pod] = parse_metrics(self.fetch(url))
+            except OSError as exc:
+                log.info("metrics of %s/%s unavailable: %s", namespace, pod, exc)
         return out
 
     def observe(self, api: Any, namespace: str, name: str, policy: AutoscalingPolicy) -> Observation | None:
@@ -168,9 +181,10 @@ class PodMetricsSource:
         samples = []
         for p, m in dec.items():
             n = _delta(last.get(p, z), m, "pdserve:inter_token_latency_seconds", "count")
-            if n:
-                samples.append((m.get("pdserve:num_requests_running", 0.0),
-                                _delta(last.get(p, z), m, "pdserve:inter_token_latency_seconds", "sum") / n))
+            steps = _delta(last.get(p, z), m, "pdserve:iteration_tokens_total", "count")
+            if n and steps:  # the window's mean batch: tokens per step (a decode step computes one per sequence)
+                batch = _delta(last.get(p, z), m, "pdserve:iteration_tokens_total", "sum") / steps
+                samples.append((batch, _delta(last.get(p, z), m, "pdserve:inter_token_latency_seconds", "sum") / n))
         return Observation(
             window_s=window, prefill_pods=len(pre), decode_pods=len(dec), arrived_prompt_tokens=arrived,
             queued_prompt_tokens=waiting * mean_prompt, prefill_computed_tokens=arrived, prefill_busy_s=busy,

@@ -111,6 +111,26 @@ def test_the_real_router_runs_prefill_then_decode_on_simulated_pods(pods):
     assert after["decode"][key] - before["decode"][key] == 5  # the rest, after loading the prompt's KV
 
 
+def test_the_operators_pod_metrics_source_observes_real_pods(pods):
+    """PodMetricsSource.observe over two scrapes of the simulated pods' real /metrics, one request between."""
+    from pdserve.operator.autoscaler import AutoscalingPolicy
+    from pdserve.operator.autoscaling import PodMetricsSource
+
+    source = PodMetricsSource(targets=lambda api, ns, name, role: {f"{role}-0": f"{pods[role]}/metrics"})
+    policy = AutoscalingPolicy(ttft_target_s=1.0, itl_target_s=0.05)
+    assert source.observe(None, "default", "chat", policy) is None  # the first scrape is the baseline
+    first = _client(pods["prefill"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+    _client(pods["decode"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
+                                               extra_body={"kv_transfer_params": first.model_extra["kv_transfer_params"]})
+    obs = source.observe(None, "default", "chat", policy)
+    assert (obs.prefill_pods, obs.decode_pods) == (1, 1)
+    assert obs.arrived_prompt_tokens == first.usage.prompt_tokens
+    assert obs.prefill_busy_s > 0 and obs.ttft_p is not None and obs.ttft_p < 0.5  # prefill: no KV load
+    (batch, itl), = obs.itl_samples
+    assert batch == 1 and 0 < itl < 0.1  # one sequence a step; 7 gaps of ~6 ms
+    assert obs.decode_sequences == 0 and 0 <= obs.kv_usage <= 1
+
+
 def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
     handle = _client(pods["prefill"]).completions.create(model=MODEL, prompt=PROMPT,
                                                          max_tokens=1).model_extra["kv_transfer_params"]
