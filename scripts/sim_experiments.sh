@@ -18,10 +18,11 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
         $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT" $SLO --output "$out/static_${pd%:*}p${pd#*:}d.json"
       done ;;
     colocation)  # DistServe-style: goodput of P/D vs colocated at equal GPU count, short and long prompts
-      for load in "in=2000,out=200,rate=24" "in=100,out=200,rate=40"; do
+      for load in ${LOADS:-duration=120,in=2000,out=200,rate=24 duration=120,in=2000,out=200,rate=36 \
+                   duration=120,in=100,out=200,rate=40 duration=40,in=100,out=200,rate=250}; do
         tag=$(echo "$load" | tr ',=' '__')
-        $PD sim --prefill 2 --decode 2 --trace "duration=120,$load" $SLO --output "$out/pd_$tag.json"
-        $PD sim --prefill 0 --decode 4 --trace "duration=120,$load" $SLO --output "$out/colo_$tag.json"
+        $PD sim --prefill 2 --decode 2 --trace "$load" $SLO --output "$out/pd_$tag.json"
+        $PD sim --prefill 0 --decode 4 --trace "$load" $SLO --output "$out/colo_$tag.json"
       done ;;
     faults)  # 5 % failed KV loads, a decode pod killed per minute, a slow connector (50 ms + 5 GB/s)
       $PD sim --prefill 2 --decode 4 --trace "duration=300,rate=10,in=1000,out=300" $SLO --kv-fault-fail-rate 0.05 \
@@ -32,6 +33,9 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
         --scale-down-window 30 --startup-s 10 \
         --trace "duration=60,rate=200,in=4000,out=10;duration=60,rate=600,in=4000,out=10;duration=60,rate=200,in=4000,out=10" \
         $SLO --output "$out/scale_autoscale.json" ;;
+    gpu-check)  # docs/performance.md's 1,000-request ShareGPT-like run (54.7 req/s on an H100), all at once
+      $PD sim --prefill 0 --decode 1 --trace "duration=0.01,rate=100000,in=30:400,out=30:370" \
+        --ttft-slo 1000 --tpot-slo 1000 --output "$out/gpu_check.json" ;;  # goodput_rps = req/s
     scale)  # 120 pods in one simulation
       $PD sim --prefill 40 --decode 80 --trace "duration=30,rate=200,in=3000,out=20" $SLO --output "$out/scale120.json" ;;
   esac
