@@ -145,5 +145,5 @@ def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
                                    ["--role", "prefill", "--kv-load-failure-policy", "fail"]])
 def test_kv_fault_flags_are_refused_where_no_load_happens(flags):
     r = subprocess.run([sys.executable, "-m", "pdserve.cli.main", "sim-engine", *flags],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "only a decode pod does" in r.stderr
