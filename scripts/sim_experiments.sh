@@ -28,6 +28,11 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
       $PD sim --prefill 2 --decode 4 --trace "duration=300,rate=10,in=1000,out=300" $SLO --kv-fault-fail-rate 0.05 \
         --kill-decode-every 60 --kv-fault-latency 0.05 --kv-bandwidth-gbps 5 --startup-s 20 \
         --output "$out/faults.json" ;;
+    scale-autoscale)  # the autoscaler past 100 pods: a prompt-heavy load that triples, then falls back
+      $PD sim --prefill 20 --decode 4 --autoscale --max-prefill 150 --max-decode 20 --gpu-budget 170 --interval 5 \
+        --scale-down-window 30 --startup-s 10 \
+        --trace "duration=40,rate=200,in=4000,out=10;duration=40,rate=600,in=4000,out=10;duration=40,rate=200,in=4000,out=10" \
+        $SLO --output "$out/scale_autoscale.json" ;;
     gpu-check)  # docs/performance.md's 1,000-request ShareGPT-like run (54.7 req/s on an H100), all at once
       $PD sim --prefill 0 --decode 1 --trace "duration=0.01,rate=100000,in=30:400,out=30:370" \
         --ttft-slo 1000 --tpot-slo 1000 --output "$out/gpu_check.json" ;;  # goodput_rps = req/s

@@ -165,7 +165,7 @@ class Cluster:
             self.gpu_seconds += alive * (t - self.now)
             self.now = t
             if kind == "arrive":
-                self._window["arrived"] += len(data.trace.prompt)
+                self._window["arrived"] += data.trace.num_prompt_tokens
                 self._dispatch(data, "prefill" if self.cfg.prefill else "both")
             elif kind == "step":
                 self._step(data)
@@ -212,7 +212,7 @@ class Cluster:
         if role != "prefill":
             req.decode_pod = pod.name
         pod.requests[req.id] = req
-        pod.prompt_tokens += len(req.trace.prompt)
+        pod.prompt_tokens += req.trace.num_prompt_tokens
         pod.core.add_request(EngineCoreRequest(req.id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                                                kv_transfer_params=handle))
         if not pod.stepping:
@@ -263,7 +263,7 @@ class Cluster:
         if out.finish_reason is None:
             return
         del pod.requests[req.id]
-        pod.prompt_tokens -= len(req.trace.prompt)
+        pod.prompt_tokens -= req.trace.num_prompt_tokens
         if out.finish_reason == "abort":
             self._end(req, f"{pod.name}: {out.stop_reason or 'aborted'}")
         elif pod.role == "prefill" and req.trace.max_tokens > 1:
@@ -300,7 +300,7 @@ class Cluster:
             p.busy_mark, p.computed_mark = p.core.runner.busy_s, p.core.num_computed_tokens_total
             for r in p.requests.values():  # prompt tokens not computed yet
                 engine_req = p.core.scheduler.get_request(r.id)
-                queued += len(r.trace.prompt) - (engine_req.num_computed_tokens if engine_req else 0)
+                queued += r.trace.num_prompt_tokens - (engine_req.num_computed_tokens if engine_req else 0)
         samples = tuple((p.batch_sum / p.steps, p.step_sum / p.steps) for p in dec if p.steps)
         for p in dec:
             p.batch_sum = p.step_sum = 0.0

@@ -40,10 +40,26 @@ class Phase:
 
 @dataclass(frozen=True)
 class TraceRequest:
+    """One request. Its prompt (a tenant's shared head, then a body of distinct tokens) is made when asked for,
+    so a trace of 10^8 prompt tokens takes a few bytes a request."""
+
     arrival_s: float
-    prompt: tuple[int, ...]
     max_tokens: int
-    tenant: int | None = None
+    tenant: int | None
+    head: tuple[int, ...]
+    body_start: int
+    body_len: int
+    vocab_size: int
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.head) + self.body_len
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        # A random start and a fixed stride: distinct prompts, cheap to make.
+        v = self.vocab_size - 1
+        return self.head + tuple((self.body_start + i * 2654435761) % v + 1 for i in range(self.body_len))
 
 
 def _span(text: str) -> tuple[int, int]:
@@ -86,9 +102,6 @@ def generate(phases: list[Phase], vocab_size: int = 32000, seed: int = 0) -> lis
             n_in, n_out = rng.randint(*ph.input_len), rng.randint(*ph.output_len)
             tenant = rng.randrange(ph.tenants) if ph.tenants else None
             head = prefixes[tenant] if tenant is not None else ()
-            # A random start and a fixed stride: distinct prompts, cheap to make (traces hold 10^7 tokens).
-            r = rng.getrandbits(32)
-            body = tuple((r + i * 2654435761) % (vocab_size - 1) + 1 for i in range(max(1, n_in - len(head))))
-            out.append(TraceRequest(t, head + body, n_out, tenant))
+            out.append(TraceRequest(t, n_out, tenant, head, rng.getrandbits(32), max(1, n_in - len(head)), vocab_size))
         start += ph.duration_s
     return out
