@@ -12,7 +12,7 @@ from setuptools import setup
 # Repository folder -> import name; the same mapping as [tool.setuptools] package-dir in pyproject.toml.
 ROOTS = {"pdserve": "pdserve", "engine": "pdserve.engine", "kernels": "pdserve.kernels",
          "services": "pdserve.services", "operator": "pdserve.operator", "proto": "pdserve.proto",
-         "bench": "pdserve.bench"}
+         "bench": "pdserve.bench", "sim": "pdserve.sim"}
 
 
 def find_packages() -> list[str]:

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from pdserve.operator import constants as c
+from pdserve.operator import autoscaler
 from pdserve.operator import spec as s
 
 Schema = dict[str, Any]
@@ -236,7 +237,29 @@ def spec_schema() -> Schema:
                 "Namespaces (a label selector) whose pods may scrape the metrics port; {} allows every namespace.",
                 default=s.DEFAULT_PROMETHEUS_NAMESPACES)},
             "Ingress policies of the service's pods.", default={}),
+        "autoscaling": autoscaling_schema(),
     }, "What to serve and how.", default={})
+
+
+def autoscaling_schema() -> Schema:
+    """``spec.autoscaling`` (docs/autoscaling.md). Absent: the roles' replicas are fixed as written."""
+    d = autoscaler.AutoscalingPolicy
+    return obj({
+        "ttftTargetSeconds": number("Time-to-first-token objective at the percentile (seconds)."),
+        "itlTargetSeconds": number("Inter-token latency objective at the percentile (seconds)."),
+        "percentile": number("Percentile the targets apply to, in [0.5, 1).", d.percentile),
+        "minPrefill": integer("Fewest prefill pods.", d.min_prefill, minimum=0),
+        "maxPrefill": integer("Most prefill pods.", d.max_prefill, minimum=0),
+        "minDecode": integer("Fewest decode pods.", d.min_decode, minimum=1),
+        "maxDecode": integer("Most decode pods.", d.max_decode, minimum=1),
+        "gpuBudget": integer("Most GPUs of both roles together (default: only the maxima bound).", minimum=1),
+        "intervalSeconds": number("Seconds between two decisions.", d.interval_s),
+        "scaleDownWindowSeconds": number("A count goes down only to the highest one wanted within this window.",
+                                         d.scale_down_window_s),
+        "tolerance": number("Relative changes smaller than this are ignored, in [0, 1).", d.tolerance),
+        "dryRun": boolean("Decide and report (status, Events) without changing replicas.", False),
+    }, "SLO-driven scaling of the prefill and decode Deployments; the roles' replicas are the starting counts.",
+        required=("ttftTargetSeconds", "itlTargetSeconds"))
 
 
 def status_schema() -> Schema:
@@ -255,6 +278,16 @@ def status_schema() -> Schema:
         "observedGeneration": {"type": "integer", "format": "int64"},
         "url": string("The router's in-cluster URL."), "servedModel": string("Model name clients use."),
         "prefill": counts, "decode": counts, "router": counts,
+        "autoscaling": obj({
+            "prefillReplicas": integer("Prefill pods decided."), "decodeReplicas": integer("Decode pods decided."),
+            "wantedPrefill": integer("Prefill pods the load asks for (before hysteresis and budget)."),
+            "wantedDecode": integer("Decode pods the load asks for (before hysteresis and budget)."),
+            "budgetLimited": boolean("The GPU budget cut the counts."),
+            "colocateRecommended": boolean("Short prompts at low load: colocated serving (prefill 0) would do "
+                                           "better; reported only."),
+            "dryRun": boolean("Decisions are reported, not applied."),
+            "lastDecisionTime": {"type": "string", "format": "date-time"},
+            "reason": string("The estimates behind the last decision.")}, "The autoscaler's last decision."),
         "conditions": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
                        "items": cond},
     }, "Observed state, written by the operator.")

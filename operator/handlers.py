@@ -16,14 +16,14 @@ import asyncio
 import datetime
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 import kubernetes
 from kubernetes.client import ApiException
 
 from pdserve.operator import constants as c
-from pdserve.operator import kube, render, secrets, spec, status
+from pdserve.operator import autoscaling, kube, render, secrets, spec, status
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ class OperatorOptions:
     status_interval: float = 10.0
     liveness_port: int | None = None
     permissions: spec.Permissions = spec.Permissions()  # hostPath sources and raw extraArgs: off unless allowed
+    # Where the autoscaler's observations come from: a factory of one MetricsSource per InferenceService
+    # (default: scrape the engine pods' /metrics). Tests and the simulator pass their own.
+    metrics_source: Callable[[], autoscaling.MetricsSource] | None = None
 
 
 def parse_body(body: Any, options: OperatorOptions) -> spec.ServiceSpec:
@@ -69,6 +72,11 @@ def sync_status(api: kubernetes.client.ApiClient, namespace: str, name: str, opt
     deployments = {role: kube.read_deployment(api, namespace, f"{name}-{role}") for role in c.ROLES}
     desired = ({"prefill": parsed.prefill.replicas, "decode": parsed.decode.replicas,
                 "router": parsed.router.replicas} if parsed else None)
+    if parsed is not None and parsed.autoscaling is not None and desired is not None:
+        for role in ("prefill", "decode"):  # the autoscaler owns these counts: the Deployments say what it wants
+            replicas = ((deployments.get(role) or {}).get("spec") or {}).get("replicas")
+            if replicas is not None:
+                desired[role] = replicas
     new = status.compute(generation=meta.get("generation") or 0, desired=desired, deployments=deployments,
                          spec_error=error, spec_error_reason=reason,
                          served_model=parsed.model.served_name if parsed else None,
@@ -148,6 +156,51 @@ async def status_loop(api: kubernetes.client.ApiClient, namespace: str, name: st
         await asyncio.sleep(options.status_interval)
 
 
+def autoscale_step(api: kubernetes.client.ApiClient, namespace: str, name: str, options: OperatorOptions,
+                   run: autoscaling.AutoscalerRun | None) -> tuple[bool, autoscaling.AutoscalerRun | None, float,
+                                                                  tuple[dict, str, str] | None]:
+    """One autoscaling round of ``namespace/name``: (still there?, the run to keep, seconds to the next round,
+    an Event to post as (body, reason, message) or None)."""
+    body = kube.read_inference_service(api, namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return False, None, 0.0, None
+    try:
+        parsed = parse_body(body, options)
+    except spec.SpecError:
+        return True, run, options.status_interval, None  # reconcile reports it
+    policy = parsed.autoscaling
+    if policy is None:
+        return True, None, options.status_interval, None
+    if run is None:
+        run = autoscaling.AutoscalerRun((options.metrics_source or autoscaling.PodMetricsSource)())
+    result = autoscaling.autoscale_round(api, namespace, name, parsed, run, now_rfc3339())
+    if result is None or not result[1]:
+        return True, run, policy.interval_s, None
+    decision, changes = result
+    reason = "AutoscaleDryRun" if policy.dry_run else "Autoscaled"
+    verb = "would scale" if policy.dry_run else "scaled"
+    return True, run, policy.interval_s, (body, reason, f"{verb} {', '.join(changes)}: {decision.reason}"[:1000])
+
+
+async def autoscale_loop(api: kubernetes.client.ApiClient, namespace: str, name: str,
+                         options: OperatorOptions) -> None:
+    """Run the autoscaler of one object while it exists (idle, checking its spec, while autoscaling is off)."""
+    run = None
+    while True:
+        delay = options.status_interval
+        try:
+            alive, run, delay, event = await asyncio.to_thread(autoscale_step, api, namespace, name, options, run)
+            if not alive:
+                return
+            if event is not None:
+                kopf.event(event[0], type="Normal", reason=event[1], message=event[2])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a scrape or API hiccup must not end the loop
+            log.warning("autoscaling of %s/%s failed: %s", namespace, name, exc)
+        await asyncio.sleep(delay)
+
+
 def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
     """A registry with every handler of the operator, bound to ``options``."""
     registry = kopf.OperatorRegistry()
@@ -186,14 +239,19 @@ def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
         uid = body.metadata.uid
         loops: dict[str, asyncio.Task[None]] = memo.loops
         if event["type"] == "DELETED":
-            task = loops.pop(uid, None)
-            if task is not None:
-                task.cancel()
+            for key in (uid, f"autoscale/{uid}"):
+                task = loops.pop(key, None)
+                if task is not None:
+                    task.cancel()
             return
+        namespace, name = body.metadata.namespace, body.metadata.name
         if uid not in loops or loops[uid].done():
-            namespace, name = body.metadata.namespace, body.metadata.name
             loops[uid] = asyncio.create_task(status_loop(memo.api, namespace, name, options),
                                              name=f"pdserve status {namespace}/{name}")
+        key = f"autoscale/{uid}"
+        if key not in loops or loops[key].done():
+            loops[key] = asyncio.create_task(autoscale_loop(memo.api, namespace, name, options),
+                                             name=f"pdserve autoscaler {namespace}/{name}")
 
     return registry
 

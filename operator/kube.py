@@ -238,6 +238,12 @@ def read_deployment(api: kubernetes.client.ApiClient, namespace: str, name: str)
     return _read(_verbs(api, "apps/v1", "Deployment"), api, namespace, name)
 
 
+def scale_deployment(api: kubernetes.client.ApiClient, namespace: str, name: str, replicas: int) -> None:
+    """Set a Deployment's replicas (the autoscaler). Only ``spec.replicas`` changes, so the last-applied
+    annotation still holds the rendered count and a later reconcile leaves the autoscaler's value alone."""
+    _verbs(api, "apps/v1", "Deployment").patch(namespace, name, {"spec": {"replicas": replicas}})
+
+
 def read_inference_service(api: kubernetes.client.ApiClient, namespace: str, name: str) -> Obj | None:
     custom = kubernetes.client.CustomObjectsApi(api)
     try:

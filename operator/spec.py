@@ -10,11 +10,13 @@ defaulting.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pdserve.operator import constants as c
+from pdserve.operator.autoscaling import AUTOSCALING_FIELDS, parse_autoscaling
 from pdserve.operator.fields import Fields as _Fields
 from pdserve.operator.fields import SpecError as SpecError  # re-exported: callers catch spec.SpecError
 
@@ -167,6 +169,7 @@ class ServiceSpec:
     scrape_interval: str = "15s"
     network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
     rotation: str = ""  # the value of the secrets.pdserve.io/rotation annotation
+    autoscaling: Any = None  # an operator.autoscaler.AutoscalingPolicy, or None: replicas as written
 
     def role(self, role: str) -> RoleSpec:
         return self.prefill if role == "prefill" else self.decode
@@ -184,7 +187,7 @@ def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_
                                          f"{c.MAX_NAME_LENGTH} characters, got {name!r}")
     f = _Fields(spec, "spec", ("model", "engine", "prefill", "decode", "router", "kvConnector", "image",
                                "imagePullPolicy", "imagePullSecrets", "serviceAccountName", "monitoring",
-                               "networkPolicy"))
+                               "networkPolicy", "autoscaling"))
     pull_secrets = f.data("imagePullSecrets", list)
     if not all(isinstance(s, Mapping) and isinstance(s.get("name"), str) for s in pull_secrets):
         raise SpecError("spec.imagePullSecrets", "must be a list of {name: ...}")
@@ -211,6 +214,9 @@ def parse(name: str, namespace: str, spec: Mapping[str, Any] | None, *, default_
                                    if policy.has("prometheusNamespaceSelector")
                                    else copy.deepcopy(DEFAULT_PROMETHEUS_NAMESPACES))),
         rotation=str(rotation))
+    if f.has("autoscaling"):
+        parsed = dataclasses.replace(parsed, autoscaling=parse_autoscaling(f.sub("autoscaling", AUTOSCALING_FIELDS),
+                                                                           parsed))
     _check_permissions(parsed, permissions)
     return parsed
 

@@ -16,7 +16,7 @@ tree=build/typecheck/pdserve
 rm -rf build/typecheck && mkdir -p "$tree"
 ln -s ../../../pdserve/__init__.py "$tree/__init__.py"
 ln -s ../../../pdserve/cli "$tree/cli"
-for folder in engine kernels services operator proto bench; do ln -s "../../../$folder" "$tree/$folder"; done
+for folder in engine kernels services operator proto bench sim; do ln -s "../../../$folder" "$tree/$folder"; done
 
 # Add a contract here when it joins the checked set (a file or a package folder, through the tree above).
 "$PY" -m mypy --python-executable "$PY" \

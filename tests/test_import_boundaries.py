@@ -30,6 +30,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
                                 "pdserve.cli.engine_args"),
     "pdserve.services.router": (*ENGINE, "pdserve.proto", "pdserve.services.api"),
     "pdserve.bench": ("pdserve",),
+    # The simulator runs the real scheduler, servers and the operator's control law around a costed core.
+    "pdserve.sim": (*ENGINE, "pdserve.services.api", "pdserve.operator.autoscaler", "pdserve.cli.engine_args"),
     "pdserve.cli": ("pdserve",),
     "pdserve": ENGINE,
 }

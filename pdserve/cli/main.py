@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "decode": ("pdserve.services.decode.cli", "run a decode server (disaggregated serving)"),
     "router": ("pdserve.services.router.cli", "run the router in front of prefill and decode servers"),
     "up": ("pdserve.cli.up", "start the whole stack (router, prefill, decode) on this machine"),
+    "sim-engine": ("pdserve.sim.engine_cli", "a simulated engine pod: real APIs, modelled step times, no GPU"),
+    "sim": ("pdserve.sim.cluster_cli", "simulate a cluster of prefill/decode pods and an autoscaler in virtual time"),
     "operator": ("pdserve.operator.cli", "the Kubernetes operator: run it, or render what it would create"),
 }
 

@@ -141,12 +141,14 @@ def _server_class() -> type:
 
 async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | None = None,
                 grpc_services: Sequence[Callable[[Any, Any], None]] = (),
-                on_started: Callable[[Any, Any], None] | None = None) -> int:
+                on_started: Callable[[Any, Any], None] | None = None,
+                core_factory: Callable[[Any], Any] | None = None) -> int:
     """Start the engine, then HTTP (and gRPC) until a signal or the engine's death; returns the exit code.
 
     The disaggregated roles reuse this: ``engine_overrides`` are more :meth:`EngineConfig.create` keywords (role,
     connector), ``grpc_services`` add servicers next to ``Generation`` (see :func:`start_grpc_server`), and
     ``on_started(engine, metrics)`` runs once the engine is up (e.g. to register more metrics).
+    ``core_factory`` (picklable, taking the config) replaces the engine core: ``pdserve sim-engine``.
     """
     import asyncio
 
@@ -177,7 +179,7 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
     name = config.model.served_model_name
     settings = settings_from_args(args, name, secret)
     metrics = ServingMetrics(name)
-    engine = AsyncLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting)
+    engine = AsyncLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting, core_factory=core_factory)
     logger.info("starting the engine core for %s (loading the model)", config.model.model)
     try:
         await engine.start()

@@ -1,0 +1,230 @@
+"""The SLO-driven prefill/decode autoscaler's control law: pure functions and a small state, no Kubernetes.
+
+Every ``interval`` the operator (or ``pdserve sim``) hands :func:`decide` one :class:`Observation` of the last
+window — what the pods' metrics say — and gets both replica counts back. No profiling run: capacities are
+estimated online from what the pods do.
+
+Prefill. Demand is the prompt tokens that arrived in the window plus the backlog still queued, per second. A pod's
+capacity ``mu`` is the prompt tokens it computed per second *of busy time* (an exponentially weighted average, so
+it follows the prompt mix and the prefix-cache hit rate). The pool must run below a utilization ``headroom`` for
+queueing to stay short; the headroom is itself learned from the observed TTFT percentile: above target it shrinks
+(more pods for the same load), far below target it grows back. ``prefill = ceil(demand / (mu * headroom))``.
+
+Decode. Each decode pod's step time is its ITL; it grows with the batch: ``itl(b) = a + c*b`` is fitted by
+exponentially weighted least squares over (batch, ITL) samples of every pod and window. The largest batch that
+keeps the ITL under target is ``b* = (itl_target * headroom_d - a) / c`` (capped by ``max_batch``), and
+``decode = ceil(concurrent sequences / b*)``. Until the fit is usable (two distinct batch sizes seen) the decode
+count follows the observed ITL proportionally. Never fewer pods than ``sequences / max_batch`` (a full pod queues
+instead of slowing down), and KV memory above 90 % adds a pod.
+
+Then min/max per role, the GPU budget (shared in proportion to need, each role keeping its minimum), and
+hysteresis: scaling up happens at once, scaling down only to the highest count wanted during the last
+``scale_down_window_s`` seconds (so a count never goes down and back up within that window because of noise), and a
+change smaller than ``tolerance`` of the current count is ignored.
+
+Where disaggregation loses: short prompts at low load make the KV handoff cost more than the interference it
+removes. When the mean prompt is under ``colocate_max_prompt_tokens`` and the whole prefill demand needs less than
+``colocate_max_prefill_load`` of one pod, the decision says ``colocate=True`` (a recommendation to serve with
+``--prefill 0``, reported in status and Events; the operator does not switch on its own).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AutoscalingPolicy:
+    """``spec.autoscaling`` of an InferenceService, parsed (see docs/autoscaling.md)."""
+
+    ttft_target_s: float
+    itl_target_s: float
+    percentile: float = 0.9
+    min_prefill: int = 1
+    max_prefill: int = 8
+    min_decode: int = 1
+    max_decode: int = 8
+    gpu_budget: int | None = None  # total GPUs of both roles; None: only the per-role maxima
+    gpus_per_prefill: int = 1
+    gpus_per_decode: int = 1
+    interval_s: float = 30.0
+    scale_down_window_s: float = 300.0
+    tolerance: float = 0.1
+    max_batch: int = 256
+    dry_run: bool = False
+    colocate_max_prompt_tokens: int = 256
+    colocate_max_prefill_load: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_target_s > 0 and self.itl_target_s > 0):
+            raise ValueError("autoscaling: TTFT and ITL targets must be positive")
+        if not 0.5 <= self.percentile < 1:
+            raise ValueError(f"autoscaling: percentile must be within [0.5, 1), got {self.percentile}")
+        if not 0 <= self.min_prefill <= self.max_prefill or not 1 <= self.min_decode <= self.max_decode:
+            raise ValueError("autoscaling: need 0 <= minPrefill <= maxPrefill and 1 <= minDecode <= maxDecode")
+        if self.gpu_budget is not None and self.gpu_budget < (self.min_prefill * self.gpus_per_prefill
+                                                              + self.min_decode * self.gpus_per_decode):
+            raise ValueError(f"autoscaling: gpuBudget {self.gpu_budget} cannot hold the minimum replicas")
+        if self.interval_s <= 0 or self.scale_down_window_s < 0 or not 0 <= self.tolerance < 1:
+            raise ValueError("autoscaling: interval must be > 0, scale-down window >= 0, tolerance within [0, 1)")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the pods' metrics say about the last ``window_s`` seconds."""
+
+    window_s: float
+    prefill_pods: int  # ready pods of each role now
+    decode_pods: int
+    arrived_prompt_tokens: float  # prompt tokens of requests that arrived in the window (to be prefilled)
+    queued_prompt_tokens: float  # prompt tokens waiting on prefill pods now (backlog)
+    prefill_computed_tokens: float  # prompt tokens the prefill pods computed in the window
+    prefill_busy_s: float  # summed over prefill pods: seconds spent in engine steps
+    ttft_p: float | None  # observed TTFT at the policy's percentile (None: no request finished prefill)
+    decode_sequences: float  # sequences running or waiting on decode pods (mean over the window)
+    itl_p: float | None  # observed ITL at the percentile
+    itl_samples: tuple[tuple[float, float], ...] = ()  # (batch, mean ITL) per decode pod in the window
+    kv_usage: float = 0.0  # highest KV cache usage among decode pods, in [0, 1]
+    mean_prompt_tokens: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    prefill: int
+    decode: int
+    wanted_prefill: int  # before hysteresis and the budget: what the load asks for
+    wanted_decode: int
+    budget_limited: bool
+    colocate: bool
+    reason: str
+
+
+@dataclass
+class AutoscalerState:
+    """What the law learns across windows (kept by the operator per InferenceService, or by the simulator)."""
+
+    prefill_mu: float | None = None  # prompt tokens per busy second of one prefill pod
+    prefill_headroom: float = 0.7
+    decode_headroom: float = 0.9
+    # exponentially weighted sums for the least-squares fit of itl = a + c * batch
+    fit: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])  # w, wb, wi, wbb, wbi
+    history: list[tuple[float, int, int]] = field(default_factory=list)  # (time, wanted prefill, wanted decode)
+    last_prefill: int = 0  # the prefill count last decided
+
+    def itl_line(self) -> tuple[float, float] | None:
+        """``(a, c)`` of ``itl = a + c * batch``, or None until two batch sizes make the slope meaningful."""
+        w, wb, wi, wbb, wbi = self.fit
+        if w <= 0:
+            return None
+        var = wbb / w - (wb / w) ** 2
+        if var < 1.0:  # batches too alike to see a slope
+            return None
+        c = (wbi / w - (wb / w) * (wi / w)) / var
+        a = wi / w - c * wb / w
+        return (a, c) if c > 0 else None
+
+
+EWMA = 0.3  # weight of the newest window in the running estimates
+
+
+def _prefill_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation) -> int:
+    if obs.prefill_busy_s > 0 and obs.prefill_computed_tokens > 0:
+        mu = obs.prefill_computed_tokens / obs.prefill_busy_s
+        state.prefill_mu = mu if state.prefill_mu is None else (1 - EWMA) * state.prefill_mu + EWMA * mu
+    # Learn the headroom only once the pods last decided are ready: a TTFT that misses while new pods still start
+    # says nothing about the headroom (without this it winds down to its floor during every scale-up).
+    if obs.ttft_p is not None and obs.prefill_pods >= state.last_prefill:
+        if obs.ttft_p > policy.ttft_target_s:
+            state.prefill_headroom = max(0.3, state.prefill_headroom * 0.85)
+        elif obs.ttft_p < 0.5 * policy.ttft_target_s:
+            state.prefill_headroom = min(0.9, state.prefill_headroom * 1.05)
+    demand = (obs.arrived_prompt_tokens + obs.queued_prompt_tokens) / obs.window_s
+    if state.prefill_mu is None:  # nothing computed yet: keep what runs, one more if a backlog waits
+        return obs.prefill_pods + (1 if obs.queued_prompt_tokens > 0 else 0)
+    return math.ceil(demand / (state.prefill_mu * state.prefill_headroom))
+
+
+def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation) -> int:
+    decay = 1 - EWMA
+    state.fit = [v * decay for v in state.fit]
+    for b, itl in obs.itl_samples:
+        if b > 0 and itl > 0:
+            f = state.fit
+            f[0] += EWMA
+            f[1] += EWMA * b
+            f[2] += EWMA * itl
+            f[3] += EWMA * b * b
+            f[4] += EWMA * b * itl
+    line = state.itl_line()
+    if line is not None:
+        a, c = line
+        best = (policy.itl_target_s * state.decode_headroom - a) / c
+        best = max(1.0, min(float(policy.max_batch), best))
+        wanted = math.ceil(obs.decode_sequences / best) if obs.decode_sequences > 0 else policy.min_decode
+    elif obs.itl_p is not None and obs.decode_pods > 0:
+        wanted = math.ceil(obs.decode_pods * obs.itl_p / (policy.itl_target_s * state.decode_headroom))
+    else:
+        wanted = obs.decode_pods
+    # Sequence slots: beyond max_batch a pod queues sequences instead of slowing its ITL, which the fit cannot see.
+    wanted = max(wanted, math.ceil(obs.decode_sequences / policy.max_batch))
+    if obs.kv_usage > 0.9:
+        wanted = max(wanted, obs.decode_pods + 1)
+    return wanted
+
+
+def _fit_budget(policy: AutoscalingPolicy, p: int, d: int) -> tuple[int, int, bool]:
+    """Cut (p, d) to the GPU budget in proportion to what each role asked, each keeping its minimum."""
+    gp, gd, budget = policy.gpus_per_prefill, policy.gpus_per_decode, policy.gpu_budget
+    if budget is None or p * gp + d * gd <= budget:
+        return p, d, False
+    share = p * gp / (p * gp + d * gd)
+    p2 = max(policy.min_prefill, min(p, int(budget * share) // gp))
+    d2 = max(policy.min_decode, min(d, (budget - p2 * gp) // gd))
+    p2 = max(policy.min_prefill, min(p, (budget - d2 * gd) // gp))  # hand back what decode could not use
+    return p2, d2, True
+
+
+def _settle(current: int, wanted: int, recent_max: int, tolerance: float) -> int:
+    """Never below the highest count wanted within the window (so up at once, down only once the window has
+    forgotten the peak); a move within ``tolerance`` of the current count is ignored.
+
+    ``current`` counts ready pods; pods decided earlier may still be starting, and the window keeps them.
+    """
+    target = max(wanted, recent_max)
+    if target == current or abs(target - current) <= tolerance * current:
+        return current
+    return target
+
+
+def decide(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, now: float) -> Decision:
+    """Both replica counts for the next window (updates ``state``)."""
+    if obs.window_s <= 0:
+        raise ValueError("an observation window must be positive")
+    raw_p = _prefill_wanted(policy, state, obs)
+    raw_d = _decode_wanted(policy, state, obs)
+    want_p = min(policy.max_prefill, max(policy.min_prefill, raw_p))
+    want_d = min(policy.max_decode, max(policy.min_decode, raw_d))
+    state.history = [h for h in state.history if now - h[0] < policy.scale_down_window_s]
+    state.history.append((now, want_p, want_d))
+    recent_p = max(h[1] for h in state.history)
+    recent_d = max(h[2] for h in state.history)
+    p = _settle(obs.prefill_pods, want_p, recent_p, policy.tolerance)
+    d = _settle(obs.decode_pods, want_d, recent_d, policy.tolerance)
+    p, d, limited = _fit_budget(policy, p, d)
+    state.last_prefill = p
+    mu = state.prefill_mu
+    colocate = (obs.mean_prompt_tokens > 0 and obs.mean_prompt_tokens < policy.colocate_max_prompt_tokens
+                and mu is not None
+                and (obs.arrived_prompt_tokens / obs.window_s) / mu < policy.colocate_max_prefill_load)
+    line = state.itl_line()
+    reason = (f"prefill {obs.prefill_pods}->{p} (wants {raw_p}: mu={mu or 0:.0f} tok/s, "
+              f"headroom {state.prefill_headroom:.2f}, ttft_p={_fmt(obs.ttft_p)}); "
+              f"decode {obs.decode_pods}->{d} (wants {raw_d}: {obs.decode_sequences:.0f} seqs, "
+              f"itl fit {'a=%.4f c=%.6f' % line if line else 'none'}, itl_p={_fmt(obs.itl_p)})"
+              + ("; GPU budget binds" if limited else ""))
+    return Decision(p, d, want_p, want_d, limited, colocate, reason)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}s"
