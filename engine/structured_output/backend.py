@@ -70,7 +70,10 @@ def _choice_grammar(choices: list[str]) -> str:
 
 def build_grammar(params: StructuredOutputsParams) -> Any:
     """The backend's grammar for a spec (no tokenizer needed); ``ValueError`` with the backend's message."""
-    import xgrammar as xgr
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        raise ValueError("structured outputs need the grammar backend: pip install 'pdserve[structured]'") from None
 
     kind = params.kind
     try:

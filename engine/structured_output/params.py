@@ -24,8 +24,8 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 class StructuredOutputsParams:
     """Exactly one of the constraints is set (vLLM's ``structured_outputs`` object, the same field names).
 
-    * ``json``: a JSON Schema (a dict, or its JSON text; kept as compact JSON text in its key order -- the order properties
-      are generated in --, the compile cache's key);
+    * ``json``: a JSON Schema (a dict, or its JSON text; kept as compact JSON text in its key order, which is the
+      order properties are generated in; the compile cache's key);
     * ``json_object``: any JSON object (OpenAI's ``response_format: {"type": "json_object"}``);
     * ``regex``: a regular expression the whole output matches;
     * ``choice``: the output is exactly one of these strings;
