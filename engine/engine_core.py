@@ -25,6 +25,7 @@ A device fault (CUDA error, device or host out of memory) propagates: the device
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import time
@@ -199,7 +200,7 @@ class EngineCore:
     def get_stats(self) -> SchedulerStats:
         stats = self.scheduler.get_stats()
         if self.structured is not None:
-            stats.structured_output = self.structured.stats.to_dict()
+            stats = dataclasses.replace(stats, structured_output=self.structured.stats.to_dict())
         return stats
 
     def record_step_stats(self, enable: bool = True) -> None:

@@ -12,6 +12,7 @@ from pdserve.engine.frontend.tokenizer import apply_chat_template
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
+from pdserve.services.api.structured import structured_outputs_async
 from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage, merge_streams,
                                                  new_id, sse)
 
@@ -48,7 +49,8 @@ class ChatServing(ServingBase):
         if self.engine.tokenizer is None:
             raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
         prompt = await render_chat_async(self.engine.tokenizer, req.messages, req.add_generation_prompt)
-        params = self.sampling_params(req, max_tokens, logprobs)
+        structured = await structured_outputs_async(req)
+        params = self.sampling_params(req, max_tokens, logprobs, structured)
         handle = self.transfer_handle(req)
         request_id, created = new_id("chatcmpl"), int(time.time())
         streams = self.start([prompt], params, request_id, req.stream, handle)
