@@ -115,3 +115,27 @@ def test_bad_specs_are_400_and_the_server_serves_on(client, body, param, message
     ok = client.chat.completions.create(model=MODEL, messages=chat("hi"), max_tokens=3,
                                         extra_body={"guided_choice": ["fine"]})
     assert ok.choices[0].message.content == "fine"
+
+
+def test_grpc_api_takes_the_same_constraints(real_server) -> None:
+    import grpc
+
+    from pdserve.engine.frontend.params_wire import sampling_to_pb
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.proto.pdserve.v1 import generate_pb2 as pb
+    from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
+
+    auth = (("authorization", f"Bearer {real_server.api_key}"),)
+    with grpc.insecure_channel(real_server.grpc_target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        params = SamplingParams(max_tokens=10, temperature=1.0, seed=3,
+                                structured_outputs={"choice": ["alpha", "beta"]})
+        req = pb.GenerateRequest(text="Pick one:", sampling_params=sampling_to_pb(params))
+        text = "".join(c.text for r in stub.Generate(req, metadata=auth, timeout=120) for c in r.choices)
+        assert text in ("alpha", "beta")
+        bad = pb.GenerateRequest(text="x", sampling_params=pb.SamplingParams(
+            max_tokens=3, structured_outputs=pb.StructuredOutputs(regex="a(b")))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(bad, metadata=auth, timeout=60))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Regex parsing error at position 4" in info.value.details()
