@@ -113,6 +113,9 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # Tool calling: an assistant turn's calls, and the call a tool turn answers (handed to the chat template).
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -131,13 +134,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    # Tool calling (services/api/tools.py): OpenAI function tools; "none", "auto", "required" or a named function.
     tools: list[Any] | None = None
     tool_choice: Any = None
-
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tool calling is not supported"
-        return super().unsupported()
 
 
 class TokenizeRequest(_Strict):

@@ -222,3 +222,73 @@ def parse_tool_calls(text: str, names: frozenset[str]) -> tuple[str, list[ToolCa
     first, calls = parser.feed(text)
     rest, more = parser.finish()
     return first + rest, calls + more
+
+
+def finish_reason(plan: ToolPlan, reason: str | None, calls: list[ToolCall]) -> str | None:
+    """OpenAI's: ``tool_calls`` when the model chose to call (``auto``, ``required``); a forced named call ends as
+    ``stop``; a cut answer keeps ``length``."""
+    if reason == "stop" and calls and plan.mode in ("auto", "required"):
+        return "tool_calls"
+    return reason
+
+
+def message_of(plan: ToolPlan, text: str) -> tuple[dict[str, Any], list[ToolCall]]:
+    """The assistant message of a finished, non-streamed choice."""
+    if plan.mode in ("named", "required"):
+        calls = calls_of_constrained(plan, text)
+        content: str | None = None if calls else text
+    elif plan.mode == "auto":
+        content, calls = parse_tool_calls(text, plan.names)
+        content = content or None
+    else:
+        return {"role": "assistant", "content": text}, []
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.as_dict() for c in calls]
+    return message, calls
+
+
+class ChoiceStream:
+    """One streamed choice's text deltas as chat ``delta`` objects for its plan (content and ``tool_calls``)."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.calls: list[ToolCall] = []
+        self._parser = ToolCallParser(plan.names) if plan.mode == "auto" else None
+        self._held = ""  # required: the whole answer, parsed at the end
+        self._named_id = f"call_{uuid.uuid4().hex[:24]}"
+
+    def delta(self, text: str, final: bool) -> dict[str, Any]:
+        mode = self.plan.mode
+        if mode == "none":
+            return {"content": text} if text else {}
+        if mode == "named":
+            if not text and not (final and not self.calls):
+                return {}
+            fn: dict[str, Any] = {"arguments": text}
+            call: dict[str, Any] = {"index": 0, "function": fn}
+            if not self.calls:  # the first delta names the call
+                self.calls.append(ToolCall(self.plan.named, "", self._named_id))
+                call.update(id=self._named_id, type="function")
+                fn["name"] = self.plan.named
+            return {"tool_calls": [call]}
+        if mode == "required":
+            self._held += text
+            if not final:
+                return {}
+            self.calls = calls_of_constrained(self.plan, self._held)
+            if not self.calls:
+                return {"content": self._held} if self._held else {}
+            return {"tool_calls": [c.as_dict(i) for i, c in enumerate(self.calls)]}
+        content, calls = self._parser.feed(text)
+        if final:
+            more, later = self._parser.finish()
+            content, calls = content + more, calls + later
+        out: dict[str, Any] = {}
+        if content:
+            out["content"] = content
+        if calls:
+            first = len(self.calls)
+            self.calls += calls
+            out["tool_calls"] = [c.as_dict(first + i) for i, c in enumerate(calls)]
+        return out
