@@ -2,8 +2,9 @@
 
 Fields are matched by name, so a new sampling parameter is one field in ``SamplingParams`` plus its declaration
 in each schema that carries it (the pydantic request model, the ``.proto`` message) -- no list of names to keep
-in step. A message-typed field (``structured_outputs``) adds its two conversions to ``_MESSAGE_FIELDS``. Everything past the first conversion (fan-out, retries, resumes) copies with ``dataclasses.replace``,
-which runs the same checks again.
+in step. A message-typed field (``structured_outputs``) adds its two conversions to ``_MESSAGE_FIELDS``.
+Everything past the first conversion (fan-out, retries, resumes) copies with ``dataclasses.replace``, which runs
+the same checks again.
 """
 
 from __future__ import annotations

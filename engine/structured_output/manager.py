@@ -90,7 +90,8 @@ class StructuredOutputManager:
         self.stats = StructuredOutputStats()
 
     # ------------------------------------------------------------------ compiling
-    def _get_backend(self) -> Any:
+    def backend(self) -> Any:
+        """The grammar backend (built on first use: loads the tokenizer and its vocabulary tables)."""
         with self._backend_lock:
             if self._backend is None:
                 self._backend = self._make_backend()
@@ -98,7 +99,7 @@ class StructuredOutputManager:
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         start = time.perf_counter()
-        compiled = self._get_backend().compile(params)
+        compiled = self.backend().compile(params)
         self.stats.num_compiles += 1
         self.stats.compile_seconds += time.perf_counter() - start
         return compiled
@@ -129,7 +130,7 @@ class StructuredOutputManager:
         rows = [i for i, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return None, {}
-        backend = self._get_backend()
+        backend = self.backend()
         bitmask = torch.full((len(requests), backend.bitmask_width), -1, dtype=torch.int32)
         errors: dict[int, str] = {}
         for i in rows:
@@ -148,7 +149,7 @@ class StructuredOutputManager:
         if error is not None:
             raise ValueError(error)
         if state.matcher is None:
-            state.matcher = self._get_backend().matcher(state.compiled(), request.eos_token_id)
+            state.matcher = self.backend().matcher(state.compiled(), request.eos_token_id)
             state.num_accepted = 0
         prefix = state.params.num_prefix_tokens
         target = prefix + request.num_output_tokens

@@ -9,6 +9,7 @@ import importlib
 KINDS: dict[str, tuple[str, str]] = {
     "throughput": ("pdserve.bench.throughput", "offline throughput on N requests (optionally vs transformers)"),
     "latency": ("pdserve.bench.latency", "batch-1 decode speed and prefill time (optionally vs transformers)"),
+    "structured": ("pdserve.bench.structured", "decode throughput with a JSON Schema vs unconstrained, cold compile"),
     "serve": ("pdserve.services.bench.serve", "online serving benchmark against an OpenAI-compatible endpoint"),
     "kv-transfer": ("pdserve.engine.kv_transfer.bench", "KV transfer speed of a connector between two processes"),
     "kernels": ("pdserve.kernels.bench", "paged attention kernel vs scaled_dot_product_attention"),

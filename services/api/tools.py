@@ -280,6 +280,7 @@ class ChoiceStream:
             if not self.calls:
                 return {"content": self._held} if self._held else {}
             return {"tool_calls": [c.as_dict(i) for i, c in enumerate(self.calls)]}
+        assert self._parser is not None  # mode "auto"
         content, calls = self._parser.feed(text)
         if final:
             more, later = self._parser.finish()

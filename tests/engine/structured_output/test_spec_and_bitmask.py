@@ -48,7 +48,8 @@ def test_after_tokens_counts_generated_prefix() -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    (S(regex="a(b"), "invalid structured_outputs.regex: Regex parsing error at position 4: The parenthesis is not closed."),
+    (S(regex="a(b"),
+     "invalid structured_outputs.regex: Regex parsing error at position 4: The parenthesis is not closed."),
     (S(json={"type": "strin"}), 'invalid structured_outputs.json: Unsupported type "strin"'),
     (S(json={"type": "object", "properties": {"a": {"not": {"type": "string"}}}}),
      "unsupported JSON Schema keyword 'not' at $.properties.a"),

@@ -22,7 +22,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": WEATHER_PARAMS}},
          {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
-HERMES = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "unit": "celsius"\}\}\n</tool_call>'
+HERMES = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "unit": "celsius"\}\}'
+          r'\n</tool_call>')
 LLAMA = r'\{"name": "get_time", "parameters": \{\}\}'
 
 
