@@ -38,8 +38,13 @@ def run(llm: LLM) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[list[str]]:
-    return run(LLM(MODEL, max_model_len=256, device="cpu"))
+def sync_llm() -> LLM:
+    return LLM(MODEL, max_model_len=256, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(sync_llm) -> list[list[str]]:
+    return run(sync_llm)
 
 
 def test_answers_obey_their_constraints(reference) -> None:
@@ -59,3 +64,9 @@ def test_other_engine_shapes_give_the_same_tokens(reference, kwargs) -> None:
     assert run(llm) == reference
     if "num_blocks" in kwargs:
         assert llm.engine.core.get_stats().num_preemptions > 0
+
+
+def test_offline_api_refuses_a_bad_spec_up_front(sync_llm) -> None:
+    with pytest.raises(ValueError, match="Regex parsing error at position 4"):
+        sync_llm.generate(["hi"], SamplingParams(max_tokens=4, structured_outputs={"regex": "a(b"}))
+    assert not sync_llm.engine.has_unfinished_requests()
