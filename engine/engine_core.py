@@ -25,6 +25,7 @@ A device fault (CUDA error, device or host out of memory) propagates: the device
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import time
@@ -127,6 +128,7 @@ class EngineCore:
             async_scheduling=self.async_scheduling,
         )
         self.sampler = Sampler(self.runner.device)
+        self.structured = _structured_output_manager(config, self.vocab_size)
         # Startup left millions of long-lived objects (torch, transformers, the model's modules) that every full
         # garbage collection would scan again: measured, a ~300 ms pause every hundred or so steps, 3 ms a step
         # on average at batch 128. Freezing moves them out of the collector's view; later objects are still
@@ -148,6 +150,13 @@ class EngineCore:
         if not isinstance(req.sampling_params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         validate_prompt(req.prompt_token_ids, req.sampling_params, self.max_model_len, self.vocab_size)
+        structured = req.sampling_params.structured_outputs
+        if structured is not None:
+            if self.structured is None:
+                raise ValueError("structured_outputs needs the model's tokenizer, and this model has none")
+            if structured.num_prefix_tokens >= len(req.prompt_token_ids):
+                raise ValueError(f"structured_outputs.num_prefix_tokens ({structured.num_prefix_tokens}) must be "
+                                 f"less than the prompt's {len(req.prompt_token_ids)} tokens")
         if self.scheduler.has_request_id(req.request_id):
             raise ValueError(f"request id {req.request_id!r} is already in use")
 
@@ -159,6 +168,8 @@ class EngineCore:
                           arrival_time=req.arrival_time or time.time(),
                           kv_transfer_params=req.kv_transfer_params, cache_salt=req.sampling_params.cache_salt)
         try:
+            if self.structured is not None:
+                self.structured.add_request(request)  # compiles off the loop; the scheduler waits for it
             self.sampler.add_request(request)
             self.scheduler.add_request(request)
         except Exception as exc:
@@ -169,7 +180,8 @@ class EngineCore:
                 raise
             raise ValueError(f"the request cannot be served: {describe(exc)}") from exc
         params = req.sampling_params
-        if self.async_scheduling and (params.needs_penalties or params.min_tokens > 0):
+        if self.async_scheduling and (params.needs_penalties or params.min_tokens > 0
+                                      or params.structured_outputs is not None):
             self._host_token_ids.add(req.request_id)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -186,7 +198,10 @@ class EngineCore:
         return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def get_stats(self) -> SchedulerStats:
-        return self.scheduler.get_stats()
+        stats = self.scheduler.get_stats()
+        if self.structured is not None:
+            stats = dataclasses.replace(stats, structured_output=self.structured.stats.to_dict())
+        return stats
 
     def record_step_stats(self, enable: bool = True) -> None:
         """Start (with a fresh list) or stop recording a :class:`StepStat` per step into ``step_stats``."""
@@ -227,6 +242,8 @@ class EngineCore:
                 self.kv_connector.bind_connector_metadata(sched_out.kv_connector_metadata)
                 self.kv_connector.start_load_kv()
             self._poll_kv_transfers(idle=True)
+            if self.structured is not None:
+                self.structured.wait_for_compiles(timeout=0.01)  # nothing to run but grammars compiling: no spin
             return self._drain_finished_without_step()
         try:
             logits = self.runner.execute_model(sched_out)
@@ -234,8 +251,10 @@ class EngineCore:
             return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
-        result = self.sampler.sample(logits, requests)
-        failed = self._fail_rows(sample_ids, result.errors)
+        # Filled on the CPU while the device still runs the forward pass queued above.
+        bitmask, mask_errors = self._fill_bitmask(requests)
+        result = self.sampler.sample(logits, requests, bitmask)
+        failed = self._fail_rows(sample_ids, {**result.errors, **mask_errors})
         return failed + self._apply(sched_out, sample_ids, result, start) + self._drain_finished_without_step()
 
     def _launch(self, sched_out: SchedulerOutput, start: float) -> _InFlight:
@@ -250,9 +269,12 @@ class EngineCore:
         logits = self.runner.execute_model(sched_out, sampled=sampled)
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
-        pending = self.sampler.launch(logits, requests)
+        # No constrained row gets here while its previous token is pending (_needs_sync_step), so the matchers
+        # are current.
+        bitmask, mask_errors = self._fill_bitmask(requests)
+        pending = self.sampler.launch(logits, requests, bitmask)
         # Failed rows are aborted now; the scheduler skips their placeholder tokens when the step is applied.
-        self._failed_outputs.extend(self._fail_rows(sample_ids, pending.errors))
+        self._failed_outputs.extend(self._fail_rows(sample_ids, {**pending.errors, **mask_errors}))
         return _InFlight(sched_out, sample_ids, pending, start)
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
@@ -263,14 +285,22 @@ class EngineCore:
         result = done.sample.result()  # the one wait for the device
         return self._apply(done.sched_out, done.sample_ids, result, max(done.start, self._last_done))
 
+    def _fill_bitmask(self, requests: list[Request]) -> tuple[Any, dict[int, str]]:
+        if self.structured is None:
+            return None, {}
+        return self.structured.fill_bitmask(requests)
+
     def _needs_sync_step(self) -> bool:
-        """Whether a request may sample next with penalties (they read every earlier token) or before its
-        ``min_tokens`` (the sampler counts its known outputs): then the step in flight must land first."""
+        """Whether a request may sample next with penalties (they read every earlier token), before its
+        ``min_tokens`` (the sampler counts its known outputs) or under a structured-output constraint (its
+        bitmask follows every earlier token; overlapping it with the step in flight is future work): then the
+        step in flight must land first."""
         for rid in list(self._host_token_ids):
             req = self.scheduler.get_request(rid)
             if req is not None:
                 params = req.sampling_params
-                if params.needs_penalties or req.num_output_tokens + req.num_pending_tokens < params.min_tokens:
+                if (params.needs_penalties or params.structured_outputs is not None
+                        or req.num_output_tokens + req.num_pending_tokens < params.min_tokens):
                     return True
             self._host_token_ids.discard(rid)  # finished, or past min_tokens for good
         return False
@@ -349,6 +379,8 @@ class EngineCore:
         """Stop the KV connector's threads and server (the rest needs no clean-up)."""
         if self.kv_connector is not None:
             self.kv_connector.shutdown()
+        if self.structured is not None:
+            self.structured.shutdown()
 
     def _drain_finished_without_step(self) -> list[EngineCoreOutput]:
         """Requests the scheduler finished on its own (e.g. one that can never fit the KV pool)."""
@@ -359,3 +391,20 @@ class EngineCore:
                                          finish_reason=req.status.finish_reason,
                                          stop_reason=req.abort_reason or req.stop_reason))
         return outs
+
+
+def _structured_output_manager(config: EngineConfig, vocab_size: int) -> Any:
+    """The structured-output manager, or None for a model without a tokenizer (constrained requests are refused).
+    The backend (tokenizer and vocabulary tables) is built on first use, in the compile pool."""
+    tokenizer_path = config.model.tokenizer_path
+    if tokenizer_path is None:
+        return None
+    from pdserve.engine.structured_output.manager import StructuredOutputManager
+
+    def make_backend() -> Any:
+        from pdserve.engine.frontend.tokenizer import load_tokenizer
+        from pdserve.engine.structured_output.backend import XgrammarBackend
+
+        return XgrammarBackend(load_tokenizer(tokenizer_path), vocab_size)
+
+    return StructuredOutputManager(make_backend)

@@ -50,6 +50,10 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         text = prompt if isinstance(prompt, str) else None
         params = with_default_max_tokens(params, len(token_ids), self.config.model.max_model_len)
+        if params.structured_outputs is not None:
+            from pdserve.engine.structured_output.backend import check_spec
+
+            check_spec(params.structured_outputs)  # a bad schema, regex or grammar: ValueError now, as the API's 400
         added: list[str] = []
         try:
             for index, (seq_id, p) in enumerate(fan_out(request_id, params)):

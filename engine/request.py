@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -74,6 +75,9 @@ class Request:
     # the handle a finished request's saved KV can be loaded by (prefill role), returned with its output.
     kv_transfer_params: dict | None = None
     kv_transfer_output: dict | None = None
+    # Structured output: the request's matcher state (a RequestGrammar from engine/structured_output), or None.
+    # The scheduler admits the request only once ``grammar.ready`` (its grammar compiled off the model loop).
+    grammar: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

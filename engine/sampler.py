@@ -21,6 +21,7 @@ import torch
 from pdserve.engine.faults import describe, is_device_fault
 from pdserve.engine.outputs import Logprob
 from pdserve.engine.request import Request
+from pdserve.engine.structured_output.bitmask import apply_token_bitmask, small_bitmask_to
 from pdserve.engine.worker.input_batch import small_tensor_to
 
 
@@ -92,12 +93,14 @@ class Sampler:
     def remove_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+    def sample(self, logits: torch.Tensor, requests: list[Request],
+               bitmask: torch.Tensor | None = None) -> SampleResult:
         """``logits``: [S, V] float32, one row per request in ``requests`` (same order)."""
-        return self.launch(logits, requests).result()
+        return self.launch(logits, requests, bitmask).result()
 
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+    def launch(self, logits: torch.Tensor, requests: list[Request],
+               bitmask: torch.Tensor | None = None) -> PendingSample:
         """Queue the sampling of ``logits`` ([S, V], one row per request) and the copy of its results to the
         host; returns without waiting for the device (see the module docstring).
 
@@ -105,21 +108,27 @@ class Sampler:
         caught), every row is sampled again on its own, so the rows that fail again are the culprits; they come
         back in ``errors`` (row -> text) and the engine aborts only their requests. Rows are independent, so the
         others get the tokens the batch would have given them (a seeded row's generator may have advanced).
+
+        ``bitmask``: structured output's allowed tokens, ``[S, ceil(V / 32)]`` int32 on the CPU (bit ``v % 32`` of
+        word ``v // 32`` set: token ``v`` allowed), or None; applied on the device (see
+        :mod:`pdserve.engine.structured_output.bitmask`). Logprobs stay those of the unconstrained model.
         """
         try:
-            return self._launch_batch(logits, requests)
+            return self._launch_batch(logits, requests, bitmask)
         except Exception as exc:
             if is_device_fault(exc) or not requests:
                 raise
-            return self._launch_row_by_row(logits, requests)
+            return self._launch_row_by_row(logits, requests, bitmask)
 
-    def _launch_row_by_row(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+    def _launch_row_by_row(self, logits: torch.Tensor, requests: list[Request],
+                           bitmask: torch.Tensor | None) -> PendingSample:
         ids: list[int] = []
         logprobs: list[list[Logprob] | None] = []
         errors: dict[int, str] = {}
         for i, req in enumerate(requests):
             try:
-                row = self._launch_batch(logits[i:i + 1], [req]).result()
+                row_mask = bitmask[i:i + 1] if bitmask is not None else None
+                row = self._launch_batch(logits[i:i + 1], [req], row_mask).result()
             except Exception as exc:
                 if is_device_fault(exc):
                     raise
@@ -133,17 +142,21 @@ class Sampler:
         has_lp = any(lp is not None for lp in logprobs)
         return _ReadySample(token_ids, SampleResult(ids, logprobs if has_lp else None, errors))
 
-    def _launch_batch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+    def _launch_batch(self, logits: torch.Tensor, requests: list[Request],
+                      bitmask: torch.Tensor | None = None) -> PendingSample:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (logits.shape, len(requests))
         raw = logits.float()
         x = raw
-        # Penalties and min-tokens masking edit the logits in place; only then is a copy needed (a [S, V] float32
-        # copy per step is a few hundred MB of traffic at large batch and vocabulary).
+        # Penalties, min-tokens masking and the structured-output bitmask edit the logits in place; only then is a
+        # copy needed (a [S, V] float32 copy per step is a few hundred MB of traffic at large batch and vocabulary).
         if any(r.sampling_params.needs_penalties or r.num_output_tokens < r.sampling_params.min_tokens
                for r in requests):
             x = raw.clone()
             self._apply_penalties(x, requests)
             self._mask_stop_tokens_before_min(x, requests)
+        if bitmask is not None:
+            x = raw.clone() if x is raw else x
+            apply_token_bitmask(x, small_bitmask_to(bitmask, x.device))
         token_ids = self._pick(x, requests)
         wanted = [r.sampling_params.logprobs for r in requests]
         results = [token_ids]

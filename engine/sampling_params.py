@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pdserve.engine.structured_output.params import StructuredOutputsParams
+
 # Bounds that keep a single request from asking for unbounded work.
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -62,8 +64,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Mixed into the first block's hash: requests with different salts never share prefix-cached KV (per tenant).
     cache_salt: str | None = None
+    # Constrained decoding (engine/structured_output): the output obeys this JSON Schema, regex, choice or grammar.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -113,6 +119,10 @@ class SamplingParams:
         check(self.cache_salt is None or (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt)
                                           <= MAX_CACHE_SALT_LEN and is_valid_text(self.cache_salt)),
               "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT_LEN} characters or None")
+
+        if self.structured_outputs is not None and (self.ignore_eos or self.min_tokens):
+            # The constraint decides where the output ends (its end state admits only EOS).
+            raise ValueError("structured_outputs cannot be combined with ignore_eos or min_tokens")
 
     @property
     def greedy(self) -> bool:

@@ -146,6 +146,16 @@ def serving() -> Obj:
         "percentunit", "Prompt tokens found in the prefix cache, of the tokens looked up.")
     b.panel("Preemptions per second", [rate("pdserve:num_preemptions_total", ENGINES, "pod")], "ops",
             "Requests evicted to free KV cache; sustained preemption means too little KV memory.")
+    b.row("Structured output")
+    b.panel("Constrained requests and grammar compiles per second", [
+        rate("pdserve:structured_output_requests_total", ENGINES, "role"),
+        rate("pdserve:structured_output_compiles_total", ENGINES, "role"),
+        rate("pdserve:structured_output_cache_hits_total", ENGINES, "role")], "ops",
+        "Sequences with a JSON Schema, regex, choice or grammar constraint; compiles (cache misses); cache hits.")
+    b.panel("Mean grammar compile time", [
+        (f"sum by (role) (rate(pdserve:structured_output_compile_seconds_total{{{ENGINES}}}[{RATE}])) / "
+         f"sum by (role) (rate(pdserve:structured_output_compiles_total{{{ENGINES}}}[{RATE}]))", "{{role}}")],
+        "s", "Time to compile a grammar for the vocabulary, off the model loop (a cold schema's cost).")
     b.row("Replicas")
     b.panel("Prefill and decode pods", [
         (f"count by (role) (pdserve:num_requests_running{{{ENGINES}}})", "{{role}}")],

@@ -28,6 +28,11 @@ METRICS: list[tuple[str, str, tuple[str, ...]]] = [
     ("pdserve:request_prefill_time_seconds", "histogram", ("model_name",)),
     ("pdserve:request_decode_time_seconds", "histogram", ("model_name",)),
     ("pdserve:iteration_tokens_total", "histogram", ("model_name",)),
+    # structured output (every engine; engine/structured_output)
+    ("pdserve:structured_output_requests_total", "counter", ("model_name",)),
+    ("pdserve:structured_output_compiles_total", "counter", ("model_name",)),
+    ("pdserve:structured_output_compile_seconds_total", "counter", ("model_name",)),
+    ("pdserve:structured_output_cache_hits_total", "counter", ("model_name",)),
     # KV transfer (prefill and decode pods; engine/kv_transfer/metrics.py)
     ("pdserve:kv_transfer_bytes_total", "counter", ("model_name", "connector", "direction")),
     ("pdserve:kv_transfer_blocks_total", "counter", ("model_name", "connector", "direction")),

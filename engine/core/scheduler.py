@@ -297,7 +297,8 @@ class Scheduler:
     def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
         """Admit waiting requests in order until the budget, the sequence slots or the blocks run out."""
         kv = self.kv_cache_manager
-        later: list[Request] = []  # the connector said "ask again later": the others may go first meanwhile
+        # The connector said "ask again later", or the grammar is still compiling: the others may go first.
+        later: list[Request] = []
         while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._waiting[0]
             if request.num_pending_tokens:
@@ -307,6 +308,9 @@ class Scheduler:
             if not self._fits_pool(request):
                 self._waiting.popleft()
                 self._abort_by_engine(request, self._pool_too_small(request))
+                continue
+            if request.grammar is not None and not request.grammar.ready:
+                later.append(self._waiting.popleft())  # its grammar is compiling: the others go first meanwhile
                 continue
             loaded = request.request_id in self._loaded
             computed_blocks, num_cached = ([], 0) if loaded else kv.get_computed_blocks(request)

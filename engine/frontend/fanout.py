@@ -48,9 +48,12 @@ def with_default_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_
 
 def after_tokens(params: SamplingParams, num_tokens: int) -> SamplingParams:
     """The parameters that continue a sequence after ``num_tokens`` of its tokens were generated elsewhere (a
-    prefill pod's first token, a resumed stream): ``max_tokens`` and ``min_tokens`` shrink by that many."""
+    prefill pod's first token, a resumed stream): ``max_tokens`` and ``min_tokens`` shrink by that many, and a
+    structured-output constraint learns that the prompt ends with that many tokens generated under it."""
+    structured = params.structured_outputs
     return dataclasses.replace(params, max_tokens=params.max_tokens - num_tokens,
-                               min_tokens=max(0, params.min_tokens - num_tokens))
+                               min_tokens=max(0, params.min_tokens - num_tokens),
+                               structured_outputs=structured.after_tokens(num_tokens) if structured else None)
 
 
 def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:

@@ -2,8 +2,9 @@
 
 Fields are matched by name, so a new sampling parameter is one field in ``SamplingParams`` plus its declaration
 in each schema that carries it (the pydantic request model, the ``.proto`` message) -- no list of names to keep
-in step. Everything past the first conversion (fan-out, retries, resumes) copies with ``dataclasses.replace``,
-which runs the same checks again.
+in step. A message-typed field (``structured_outputs``) adds its two conversions to ``_MESSAGE_FIELDS``.
+Everything past the first conversion (fan-out, retries, resumes) copies with ``dataclasses.replace``, which runs
+the same checks again.
 """
 
 from __future__ import annotations
@@ -14,9 +15,35 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.structured_output.params import StructuredOutputsParams
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _structured_to_pb(value: StructuredOutputsParams, msg: pb.StructuredOutputs) -> None:
+    kind = value.kind
+    if kind == "choice":
+        msg.choice.values.extend(value.choice)
+    else:
+        setattr(msg, kind, getattr(value, kind))
+    msg.num_prefix_tokens = value.num_prefix_tokens
+
+
+def _structured_from_pb(msg: pb.StructuredOutputs) -> dict[str, Any]:
+    """The HTTP API's ``structured_outputs`` object (what ``StructuredOutputsParams.from_dict`` reads)."""
+    kind = msg.WhichOneof("constraint")
+    if kind is None:
+        raise ValueError("structured_outputs sets no constraint")
+    value = list(msg.choice.values) if kind == "choice" else getattr(msg, kind)
+    fields: dict[str, Any] = {kind: value}
+    if msg.num_prefix_tokens:
+        fields["num_prefix_tokens"] = msg.num_prefix_tokens
+    return fields
+
+
+# The message-typed fields, by name: (fill the message from the value, the value's wire dict from the message).
+_MESSAGE_FIELDS = {"structured_outputs": (_structured_to_pb, _structured_from_pb)}
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
@@ -33,13 +60,17 @@ def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
         value = getattr(params, field.name)
         if _is_repeated(field):
             getattr(msg, field.name).extend(value)
+        elif field.name in _MESSAGE_FIELDS:
+            if value is not None:
+                _MESSAGE_FIELDS[field.name][0](value, getattr(msg, field.name))
         elif value is not None:
             setattr(msg, field.name, value)
     return msg
 
 
 def pb_set_fields(msg: Any) -> dict[str, Any]:
-    """The fields of a protobuf message that the sender set (non-empty lists, present optionals), by name."""
+    """The fields of a protobuf message that the sender set (non-empty lists, present optionals), by name;
+    message-typed fields (``structured_outputs``) as the HTTP API's objects. ``ValueError`` for a malformed one."""
     fields: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
         if _is_repeated(field):
@@ -47,7 +78,8 @@ def pb_set_fields(msg: Any) -> dict[str, Any]:
             if values:
                 fields[field.name] = list(values)
         elif msg.HasField(field.name):
-            fields[field.name] = getattr(msg, field.name)
+            value = getattr(msg, field.name)
+            fields[field.name] = _MESSAGE_FIELDS[field.name][1](value) if field.name in _MESSAGE_FIELDS else value
     return fields
 
 

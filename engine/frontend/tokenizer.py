@@ -26,8 +26,10 @@ def load_tokenizer(path: str | None) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """Render a conversation with the tokenizer's own chat template; clear errors for bad messages."""
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                        tools: list[dict[str, Any]] | None = None) -> str:
+    """Render a conversation with the tokenizer's own chat template; clear errors for bad messages. ``tools``: the
+    OpenAI tool definitions, handed to the template (templates that know tools render them)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so chat is unavailable (pass token ids instead)")
     if not isinstance(messages, list) or not messages:
@@ -37,7 +39,9 @@ def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], add_gene
             raise ValueError("each message must be an object with string 'role' and 'content'")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **extra)
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, size: int) -> T:

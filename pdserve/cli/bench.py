@@ -11,6 +11,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "throughput": ("pdserve.bench.throughput", "offline throughput on N requests (optionally vs transformers)"),
     "latency": ("pdserve.bench.latency", "batch-1 decode speed and prefill time (optionally vs transformers)"),
     "decode-profile": ("pdserve.bench.decode_profile", "decode steps at a fixed batch and context, timed and profiled"),
+    "structured": ("pdserve.bench.structured", "decode throughput with a JSON Schema vs unconstrained, cold compile"),
     "serve": ("pdserve.bench.serve", "online serving benchmark against an OpenAI-compatible endpoint"),
     "kv-transfer": ("pdserve.bench.kv_transfer", "KV transfer speed of a connector between two processes"),
     "kernels": ("pdserve.bench.kernels", "paged attention kernel vs scaled_dot_product_attention"),

@@ -28,6 +28,7 @@ from pdserve.services.api.protocol import ChatCompletionRequest, CompletionReque
 from pdserve.services.api.serving_chat import ChatServing, render_chat_async
 from pdserve.services.api.serving_common import Prompt, merge_streams, new_id
 from pdserve.services.api.settings import ServerSettings
+from pdserve.services.api.structured import structured_outputs_async
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def prepare(self, req: pb.GenerateRequest) -> tuple[Prompt, Any]:
         """The prompt (tokenized) and SamplingParams of a ``GenerateRequest``, validated as the HTTP API does."""
-        fields = request_fields(req)
+        try:
+            fields = request_fields(req)
+        except ValueError as exc:  # a malformed message-typed field (structured_outputs without a constraint)
+            raise bad_request(str(exc), param="structured_outputs") from None
         kind = req.WhichOneof("prompt")
         try:
             if kind == "chat":
@@ -89,7 +93,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 raise bad_request(str(exc), param="prompt") from None
             max_tokens = model.max_tokens
         logprobs = fields.get("logprobs")
-        return prompt_obj, self.serving.sampling_params(model, max_tokens, logprobs)
+        structured = await structured_outputs_async(model)
+        return prompt_obj, self.serving.sampling_params(model, max_tokens, logprobs, structured)
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:

@@ -65,6 +65,16 @@ class ServingMetrics:
         self.request_prefill_time = histogram("request_prefill_time_seconds", "Time in prefill.", _LONG)
         self.request_decode_time = histogram("request_decode_time_seconds", "Time in decode.", _LONG)
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens computed per engine step.", _TOKENS)
+        # Structured output (engine/structured_output): constrained sequences, grammar compiles and their time,
+        # compiled grammars reused from the cache.
+        self.structured_counters = {
+            "num_requests": counter("structured_output_requests", "Sequences with a structured-output constraint."),
+            "num_compiles": counter("structured_output_compiles", "Grammars compiled (cache misses)."),
+            "compile_seconds": counter("structured_output_compile_seconds", "Time spent compiling grammars."),
+            "cache_hits": counter("structured_output_cache_hits", "Constrained sequences that reused a compiled "
+                                                                  "grammar."),
+        }
+        self._last_structured: dict[str, float] = {}
         # The engine reports cumulative counts; counters take the increments.
         self._last_queries = self._last_hits = self._last_preemptions = 0
 
@@ -79,6 +89,10 @@ class ServingMetrics:
             self.num_preemptions.inc(max(0, stats.num_preemptions - self._last_preemptions))
             self._last_queries, self._last_hits = stats.prefix_cache_queries, stats.prefix_cache_hits
             self._last_preemptions = stats.num_preemptions
+            for key, value in (stats.structured_output or {}).items():
+                if key in self.structured_counters:
+                    self.structured_counters[key].inc(max(0.0, value - self._last_structured.get(key, 0)))
+                    self._last_structured[key] = value
         if it.num_step_tokens:
             self.iteration_tokens.observe(it.num_step_tokens)
         self.prompt_tokens.inc(it.num_prompt_tokens)

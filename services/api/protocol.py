@@ -17,6 +17,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``. The schema is enforced whether or not ``strict`` is set."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # "schema" is taken by pydantic's BaseModel; the JSON key stays "schema".
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -52,6 +67,14 @@ class _SamplingFields(_Strict):
     # Per-tenant prefix-cache isolation (as vLLM): mixed into the first block's hash, so requests with different
     # salts never share cached KV.
     cache_salt: str | None = None
+    # Structured output (see services/api/structured.py): OpenAI's response_format, vLLM's structured_outputs
+    # object ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}) and its older guided_* names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a requested feature this server does not implement."""
@@ -90,6 +113,9 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # Tool calling: an assistant turn's calls, and the call a tool turn answers (handed to the chat template).
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -97,10 +123,6 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
-
-
-class ResponseFormat(_Strict):
-    type: str
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -112,16 +134,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    response_format: ResponseFormat | None = None
+    # Tool calling (services/api/tools.py): OpenAI function tools; "none", "auto", "required" or a named function.
     tools: list[Any] | None = None
     tool_choice: Any = None
-
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tool calling is not supported"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", "only response_format type 'text' is supported"
-        return super().unsupported()
 
 
 class TokenizeRequest(_Strict):

@@ -12,26 +12,39 @@ from pdserve.engine.frontend.tokenizer import apply_chat_template
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
+from pdserve.services.api.tools import ChoiceStream, ToolPlan, finish_reason, message_of, plan_tools
+from pdserve.services.api.structured import structured_outputs_async
 from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage, merge_streams,
                                                  new_id, sse)
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
-    """The prompt that the model sees for a conversation (the same rendering as the offline ``LLM.chat``)."""
-    conv = [{"role": m.role, "content": m.text()} for m in messages]
+def _turn(m: ChatMessage) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": m.role, "content": m.text()}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(m, key) is not None:
+            turn[key] = getattr(m, key)
+    return turn
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> Prompt:
+    """The prompt that the model sees for a conversation (the same rendering as the offline ``LLM.chat``), with
+    the tool definitions handed to the template."""
+    conv = [_turn(m) for m in messages]
     if not all(is_valid_text(m["content"]) for m in conv):
         raise bad_request("a message is not valid Unicode text (it holds a lone surrogate)", param="messages")
     try:
-        text = apply_chat_template(tokenizer, conv, add_generation_prompt)
+        text = apply_chat_template(tokenizer, conv, add_generation_prompt, tools)
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from None
     return Prompt(list(tokenizer(text, add_special_tokens=False).input_ids), text)
 
 
-async def render_chat_async(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+async def render_chat_async(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                            tools: list[dict[str, Any]] | None = None) -> Prompt:
     """:func:`render_chat`, off the event loop for a long conversation."""
     size = sum(len(m.text()) for m in messages)
-    return await off_loop(render_chat, tokenizer, messages, add_generation_prompt, size=size)
+    return await off_loop(render_chat, tokenizer, messages, add_generation_prompt, tools, size=size)
 
 
 class ChatServing(ServingBase):
@@ -47,21 +60,29 @@ class ChatServing(ServingBase):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if self.engine.tokenizer is None:
             raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
-        prompt = await render_chat_async(self.engine.tokenizer, req.messages, req.add_generation_prompt)
-        params = self.sampling_params(req, max_tokens, logprobs)
+        plan = plan_tools(req.tools, req.tool_choice)
+        prompt = await render_chat_async(self.engine.tokenizer, req.messages, req.add_generation_prompt,
+                                         plan.template_tools)
+        tool_constraint = ("tool_choice", plan.constraint) if plan.constraint is not None else None
+        structured = await structured_outputs_async(req, tool_constraint)
+        params = self.sampling_params(req, max_tokens, logprobs, structured)
         handle = self.transfer_handle(req)
         request_id, created = new_id("chatcmpl"), int(time.time())
         streams = self.start([prompt], params, request_id, req.stream, handle)
         if req.stream:
-            events = self._events(req, prompt, streams, request_id, created)
+            events = self._events(req, prompt, streams, request_id, created, plan)
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
         handles: list[dict | None] = []
         (outs,) = await self.collect(streams, handles)
         self.check_transfer_outcome(outs, handle is not None)
         usage = Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=sum(len(c.token_ids) for c in outs))
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(c.logprobs) if req.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in outs]
+        choices = []
+        for c in outs:
+            message, calls = message_of(plan, c.text)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": self._logprobs(c.logprobs) if req.logprobs else None,
+                            "finish_reason": finish_reason(plan, c.finish_reason, calls),
+                            "stop_reason": c.stop_reason})
         body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name(),
                 "choices": choices, "usage": usage.as_dict()}
         if handles[0] is not None:
@@ -69,7 +90,7 @@ class ChatServing(ServingBase):
         return body
 
     async def _events(self, req: ChatCompletionRequest, prompt: Prompt, streams: list[OutputStream],
-                      request_id: str, created: int) -> AsyncIterator[str]:
+                      request_id: str, created: int, plan: ToolPlan) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage = Usage(prompt_tokens=len(prompt.token_ids))
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name()}
@@ -77,20 +98,23 @@ class ChatServing(ServingBase):
         for index in range(req.n):
             yield sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
+        choice_streams = {index: ChoiceStream(plan) for index in range(req.n)}
         async for _, out in merge_streams(streams):
             comp = out.outputs[0]
             usage.completion_tokens += len(comp.token_ids)
             if not comp.text and not comp.finished and not comp.logprobs:
                 continue
-            yield sse({**head, "choices": [self._delta(comp, req.logprobs)]})
+            yield sse({**head, "choices": [self._delta(comp, req.logprobs, choice_streams[comp.index])]})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage.as_dict()})
         yield DONE
 
-    def _delta(self, comp: CompletionOutput, logprobs: bool) -> dict[str, Any]:
-        return {"index": comp.index, "delta": {"content": comp.text} if comp.text else {},
+    def _delta(self, comp: CompletionOutput, logprobs: bool, stream: ChoiceStream) -> dict[str, Any]:
+        delta = stream.delta(comp.text, comp.finished)
+        return {"index": comp.index, "delta": delta,
                 "logprobs": self._logprobs(comp.logprobs) if logprobs else None,
-                "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
+                "finish_reason": finish_reason(stream.plan, comp.finish_reason, stream.calls),
+                "stop_reason": comp.stop_reason}
 
     def _logprobs(self, rows: list[list[Logprob]] | None) -> dict[str, Any]:
         def entry(lp: Logprob) -> dict[str, Any]:

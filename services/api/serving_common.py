@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 from pdserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pdserve.engine.frontend.params_wire import sampling_from_model
+from pdserve.engine.structured_output.params import StructuredOutputsParams
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.services.api.engine_client import EngineClient, OutputStream
 from pdserve.services.api.errors import ApiError, bad_request, from_exception, from_value_error
@@ -77,8 +78,10 @@ class ServingBase:
         if len(stops) > s.max_stop:
             raise bad_request(f"at most {s.max_stop} stop strings are allowed, got {len(stops)}", param="stop")
 
-    def sampling_params(self, req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams from a request; OpenAI defaults where the client left a field out."""
+    def sampling_params(self, req: _SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        """SamplingParams from a request; OpenAI defaults where the client left a field out. ``structured``: the
+        request's output constraint, already checked (:mod:`.structured`)."""
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and limit is not None and max_tokens > limit:
             raise bad_request(f"max_tokens must be at most {limit}, got {max_tokens}", param="max_tokens")
@@ -87,7 +90,7 @@ class ServingBase:
                               param="logprobs")
 
         try:
-            return sampling_from_model(req, max_tokens=max_tokens, logprobs=logprobs)
+            return sampling_from_model(req, max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured)
         except ValueError as exc:
             raise from_value_error(exc) from None
 

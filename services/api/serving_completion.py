@@ -10,6 +10,7 @@ from pdserve.engine.outputs import CompletionOutput, Logprob
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import CompletionRequest
+from pdserve.services.api.structured import structured_outputs_async
 from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage, merge_streams,
                                                  new_id, sse)
 
@@ -42,7 +43,8 @@ class CompletionServing(ServingBase):
     async def create(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_common(req)
         prompts = await self.prompts(req)
-        params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        structured = await structured_outputs_async(req)
+        params = self.sampling_params(req, req.max_tokens, req.logprobs, structured)
         handle = self.transfer_handle(req)
         request_id, created = new_id("cmpl"), int(time.time())
         streams = self.start(prompts, params, request_id, req.stream, handle)

@@ -62,11 +62,16 @@ class _MockSampler:
     def remove_request(self, request_id: str) -> None:
         pass
 
-    def sample(self, logits: Any, requests: list[Any]) -> _Sample:
+    def sample(self, logits: Any, requests: list[Any], bitmask: Any = None) -> _Sample:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)  # stands in for a model step's latency
         vocab = self.vocab_size
         ids = [mock_next_token(r.all_token_ids, vocab) for r in requests]
+        if bitmask is not None:  # structured output: the mock's token if allowed, else the first allowed one
+            from pdserve.engine.structured_output.bitmask import unpack_bitmask
+
+            allowed = unpack_bitmask(bitmask, vocab)
+            ids = [t if allowed[i, t] else int(allowed[i].nonzero()[0]) for i, t in enumerate(ids)]
         rows = [[Logprob(t, -0.5, 1)] + [Logprob((t + j) % vocab, -1.0 - j, j + 1)
                                          for j in range(1, (r.sampling_params.logprobs or 0) + 1)]
                 if r.sampling_params.logprobs is not None else None for t, r in zip(ids, requests)]

@@ -86,7 +86,7 @@ CASES = [
     Bad("chat content wrong type", CHAT, 400, chat(messages=[{"role": "user", "content": 5}]),
         param="messages.0.content"),
     Bad("chat top_logprobs without logprobs", CHAT, 400, chat(top_logprobs=3), param="top_logprobs"),
-    Bad("chat tools unsupported", CHAT, 400, chat(tools=[{"type": "function"}]), param="tools"),
+    Bad("chat malformed tool", CHAT, 400, chat(tools=[{"type": "function"}]), param="tools"),
     Bad("chat max_completion_tokens negative", CHAT, 400, chat(max_completion_tokens=-1), param="max_tokens"),
     Bad("detokenize out of vocabulary", "/detokenize", 400, {"tokens": [-1]}, param="tokens"),
     Bad("tokenize with nothing", "/tokenize", 400, {}, param="prompt"),
