@@ -3,7 +3,8 @@ as the fault spec says.
 
 No bytes move. A prefill engine's finished request returns a handle (``engine_id``: its pod) with its token count;
 a decode engine given that handle asks the scheduler to load those tokens (the scheduler allocates the blocks and
-parks the request in ``WAITING_FOR_REMOTE_KV``, as with a real connector), and the worker half reports the load finished once
+parks the request in ``WAITING_FOR_REMOTE_KV``, as with a real connector), and the worker half reports the load
+finished once
 ``latency + bytes / bandwidth`` has passed on the engine's clock — or failed, with the reasons a real connector
 reports (``checksum`` for a corrupted payload, ``peer_gone`` for a killed prefill pod, ``transfer_failed``), after
 which the scheduler's failure policy applies (``recompute`` the prompt locally, or ``fail`` the request).

@@ -120,8 +120,9 @@ def test_the_operators_pod_metrics_source_observes_real_pods(pods):
     policy = AutoscalingPolicy(ttft_target_s=1.0, itl_target_s=0.05)
     assert source.observe(None, "default", "chat", policy) is None  # the first scrape is the baseline
     first = _client(pods["prefill"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+    handle = first.model_extra["kv_transfer_params"]
     _client(pods["decode"]).completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
-                                               extra_body={"kv_transfer_params": first.model_extra["kv_transfer_params"]})
+                                               extra_body={"kv_transfer_params": handle})
     obs = source.observe(None, "default", "chat", policy)
     assert (obs.prefill_pods, obs.decode_pods) == (1, 1)
     assert obs.arrived_prompt_tokens == first.usage.prompt_tokens
