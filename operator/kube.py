@@ -142,30 +142,46 @@ def apply(api: kubernetes.client.ApiClient, obj: Obj, owner_uid: str) -> str:
     applied_json = canonical_json(obj)
     desired = json.loads(applied_json)
     desired["metadata"].setdefault("annotations", {})[c.ANNOTATION_LAST_APPLIED] = applied_json
+
+    def patch_for(live: Obj) -> Obj | None:
+        last = ((live.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_LAST_APPLIED)
+        if last == applied_json:
+            return None
+        previous = json.loads(last) if last else {}
+        previous.setdefault("metadata", {}).setdefault("annotations", {})[c.ANNOTATION_LAST_APPLIED] = last
+        return merge_patch(previous, desired)
+
+    return _create_or_patch(verbs, api, obj["kind"], ns, name, owner_uid, lambda: desired, patch_for)
+
+
+def _create_or_patch(verbs: Any, api: kubernetes.client.ApiClient, kind: str, ns: str, name: str, owner_uid: str,
+                     create_body: Callable[[], Obj], patch_for: Callable[[Obj], Obj | None]) -> str:
+    """The race-tolerant create-or-patch loop behind :func:`apply` and :func:`ensure_secret`.
+
+    ``patch_for(live)`` returns the patch to send, or None when the live object is already as wanted. A 409 on
+    create and a 404 on patch mean someone else changed the object meanwhile: read it again (three tries)."""
     for _ in range(3):
         live = _read(verbs, api, ns, name)
         if live is None:
             try:
-                verbs.create(ns, desired)
+                verbs.create(ns, create_body())
                 return "created"
             except ApiException as exc:
                 if exc.status != 409:
                     raise
                 continue
         if not _owned_by(live, owner_uid):
-            raise ChildConflict(f"{obj['kind']} {ns}/{name} exists and is not owned by this InferenceService")
-        last = ((live.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_LAST_APPLIED)
-        if last == applied_json:
+            raise ChildConflict(f"{kind} {ns}/{name} exists and is not owned by this InferenceService")
+        patch = patch_for(live)
+        if patch is None:
             return "unchanged"
-        previous = json.loads(last) if last else {}
-        previous.setdefault("metadata", {}).setdefault("annotations", {})[c.ANNOTATION_LAST_APPLIED] = last
         try:
-            verbs.patch(ns, name, merge_patch(previous, desired))
+            verbs.patch(ns, name, patch)
             return "patched"
         except ApiException as exc:
             if exc.status != 404:
                 raise
-    raise RuntimeError(f"{obj['kind']} {ns}/{name} kept changing under the operator; will retry")
+    raise RuntimeError(f"{kind} {ns}/{name} kept changing under the operator; will retry")
 
 
 def ensure_secret(api: kubernetes.client.ApiClient, obj: Obj, owner_uid: str,
@@ -187,29 +203,14 @@ def ensure_secret(api: kubernetes.client.ApiClient, obj: Obj, owner_uid: str,
 
     keys = (meta.get("annotations") or {}).get(c.ANNOTATION_SECRET_KEYS, "").split(",")
 
-    for _ in range(3):
-        live = _read(verbs, api, ns, name)
-        if live is None:
-            try:
-                verbs.create(ns, {**json.loads(canonical_json(obj)), "data": encoded()})
-                return "created"
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                continue
-        if not _owned_by(live, owner_uid):
-            raise ChildConflict(f"Secret {ns}/{name} exists and is not owned by this InferenceService")
+    def patch_for(live: Obj) -> Obj | None:
         live_rotation = ((live.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_ROTATE_SECRETS, "")
         if live_rotation == rotation and set(keys) <= set(live.get("data") or {}):
-            return "unchanged"
-        try:
-            verbs.patch(ns, name, {"metadata": {"annotations": {c.ANNOTATION_ROTATE_SECRETS: rotation}},
-                                   "data": encoded()})
-            return "patched"
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-    raise RuntimeError(f"Secret {ns}/{name} kept changing under the operator; will retry")
+            return None
+        return {"metadata": {"annotations": {c.ANNOTATION_ROTATE_SECRETS: rotation}}, "data": encoded()}
+
+    return _create_or_patch(verbs, api, "Secret", ns, name, owner_uid,
+                            lambda: {**json.loads(canonical_json(obj)), "data": encoded()}, patch_for)
 
 
 def prune(api: kubernetes.client.ApiClient, keys: list[tuple[str, str, str]], namespace: str,

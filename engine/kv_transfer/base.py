@@ -26,11 +26,12 @@ import dataclasses
 import enum
 import json
 import logging
+import queue
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pdserve.engine.core.block_hash import HASH_BYTES, hash_to_bytes
 from pdserve.engine.kv_transfer.block_format import KVDescriptor
@@ -327,6 +328,17 @@ class KVConnectorOutput:
     def is_empty(self) -> bool:
         return not (self.finished_loading or self.failed_loading or self.finished_saving or self.released
                     or self.expired)
+
+    def apply_all(self, results: queue.SimpleQueue[Callable[[KVConnectorOutput], None]]) -> KVConnectorOutput:
+        """Apply every result a worker's threads queued (each a small edit of an output) and return ``self``.
+
+        Worker threads never touch the output the engine reads: they queue edits, and the engine's thread applies
+        them here, in ``get_finished``."""
+        while True:
+            try:
+                results.get_nowait()(self)
+            except queue.Empty:
+                return self
 
 
 class KVConnectorScheduler(ABC):

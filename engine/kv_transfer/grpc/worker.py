@@ -239,11 +239,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
 
     def get_finished(self) -> KVConnectorOutput:
         out = KVConnectorOutput(released=self.registry.take_released(), expired=set(self.registry.expire()))
-        while True:
-            try:
-                self._results.get_nowait()(out)
-            except queue.Empty:
-                return out
+        return out.apply_all(self._results)
 
     def has_pending_work(self) -> bool:
         with self._lock:

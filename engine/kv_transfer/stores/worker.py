@@ -198,12 +198,7 @@ class StoreConnectorWorker(KVConnectorWorker):
 
     # ------------------------------------------------------------------ reporting
     def get_finished(self) -> KVConnectorOutput:
-        out = KVConnectorOutput()
-        while True:
-            try:
-                self._results.get_nowait()(out)
-            except queue.Empty:
-                return out
+        return KVConnectorOutput().apply_all(self._results)
 
     def has_pending_work(self) -> bool:
         with self._inflight_lock:
