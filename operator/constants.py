@@ -40,6 +40,9 @@ KV_PORT = 50052  # the grpc connector: a prefill pod's KV block server, pulled b
 KV_EVENTS_PORT = 5557  # an engine's KV event publisher; the router finds it by the port name "kv-events"
 REDIS_PORT = 6379
 METRICS_PORT = 9090  # /metrics on its own listener, so NetworkPolicies can open it to Prometheus alone
+# On the operator's pods (the chart sets it): the autoscaler scrapes the engines' metrics port, so an autoscaled
+# service's NetworkPolicies admit pods with this label there too.
+LABEL_METRICS_READER = "pdserve.io/metrics-reader"
 CONFIG_DIR = "/etc/pdserve"
 KV_DIR = "/var/lib/pdserve/kv"
 MODEL_DIR = "/models"

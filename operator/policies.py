@@ -8,7 +8,9 @@ prefill        kv (grpc connector)                         this service's decode
 decode         http, grpc, kv-events                       this service's router pods
 router         http                                        anywhere (the API; clients need the key)
 redis          redis (managed Redis)                       this service's prefill and decode pods
-all but redis  metrics                                     pods of the Prometheus namespaces
+all but redis  metrics                                     pods of the Prometheus namespaces; with
+                                                           autoscaling, the operator's pods (their
+                                                           ``pdserve.io/metrics-reader`` label)
 =============  ==========================================  ==========================================
 
 Only ingress is restricted (egress stays open: pods pull images and models, and talk to the API server).
@@ -49,8 +51,11 @@ def network_policies(s: ServiceSpec) -> list[Obj]:
     """Every NetworkPolicy of ``s`` (none when ``spec.networkPolicy.enabled`` is false)."""
     if not s.network_policy.enabled:
         return []
-    metrics = {"from": [{"namespaceSelector": s.network_policy.prometheus_namespaces}],
-               "ports": _ports(c.METRICS_PORT)}
+    readers: list[Obj] = [{"namespaceSelector": s.network_policy.prometheus_namespaces}]
+    if s.autoscaling is not None:  # the autoscaler in the operator's pods reads the engines' metrics
+        readers.append({"namespaceSelector": {},
+                        "podSelector": {"matchLabels": {c.LABEL_METRICS_READER: "true"}}})
+    metrics = {"from": readers, "ports": _ports(c.METRICS_PORT)}
     api = {"from": _from_role(s.name, "router"), "ports": _ports(c.HTTP_PORT, c.GRPC_PORT, c.KV_EVENTS_PORT)}
     prefill = [api]
     if s.kv.type == "grpc":

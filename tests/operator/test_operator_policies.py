@@ -81,3 +81,14 @@ def test_metrics_are_scraped_on_the_metrics_port() -> None:
     for svc in (o for o in objs if o["kind"] == "Service"):
         assert {"name": "metrics", "port": c.METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"} in svc[
             "spec"]["ports"]
+
+
+def test_an_autoscaled_service_admits_the_operator_to_its_metrics_port() -> None:
+    """The autoscaler runs in the operator's pods and scrapes the engines' metrics port: with ``autoscaling`` the
+    metrics ingress admits pods labelled ``pdserve.io/metrics-reader`` (the chart labels the operator so)."""
+    autoscaled = {**GRPC_KV, "autoscaling": {"ttftTargetSeconds": 1.0, "itlTargetSeconds": 0.02}}
+    reader = {"namespaceSelector": {}, "podSelector": {"matchLabels": {c.LABEL_METRICS_READER: "true"}}}
+    for name, pol in policies(autoscaled).items():
+        assert pol["ingress"][-1] == {"from": [*PROMETHEUS["from"], reader], "ports": ports(c.METRICS_PORT)}, name
+    for name, pol in policies(GRPC_KV).items():
+        assert pol["ingress"][-1] == PROMETHEUS, name
