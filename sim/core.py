@@ -12,10 +12,11 @@ Only the model runner and the sampler are stand-ins:
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.core.block_hash import seed_id
 from pdserve.engine.core.scheduler import Scheduler
 from pdserve.engine.engine_core import EngineCore
 from pdserve.engine.kv_transfer.block_format import KVDescriptor
@@ -37,6 +38,7 @@ def sim_next_token(token_ids: list[int], vocab_size: int, eos_token_id: int | No
 class _Sample:
     token_ids: list[int]
     logprobs: list[list[Logprob] | None] | None
+    errors: dict[int, str] = field(default_factory=dict)  # as the real sampler's: rows that failed (none here)
 
 
 class SimRunner:
@@ -71,7 +73,7 @@ class SimSampler:
     def remove_request(self, request_id: str) -> None:
         pass
 
-    def sample(self, logits: Any, requests: list[Any]) -> _Sample:
+    def sample(self, logits: Any, requests: list[Any], bitmask: Any = None) -> _Sample:
         vocab = self.vocab_size
         ids = [sim_next_token(r.all_token_ids, vocab, r.eos_token_id) for r in requests]
         rows = [[Logprob(t, -0.5, 1)] + [Logprob((t + j) % vocab, -1.0 - j, j + 1)
@@ -126,6 +128,8 @@ class SimEngineCore(EngineCore):
             hash_algo=cache.hash_algo, enable_kv_events=cache.kv_events_endpoint is not None,
             kv_connector=kv_scheduler_half, async_scheduling=False)
         self.sampler = SimSampler(vocab)
+        # No grammars: a simulated step samples no logits, so a constraint could not be honoured (refused instead).
+        self.structured = None
         self.num_steps = 0
         self.num_computed_tokens_total = 0
         self.step_stats = None
@@ -150,7 +154,7 @@ def _descriptor(config: EngineConfig, profile: CostProfile) -> KVDescriptor:
                         block_size=config.cache.block_size, num_layers=getattr(hf, "num_hidden_layers", 1) or 1,
                         num_kv_heads=getattr(hf, "num_key_value_heads", heads) or heads,
                         head_dim=getattr(hf, "head_dim", None) or (getattr(hf, "hidden_size", heads) // heads),
-                        hash_algo=config.cache.hash_algo, hash_seed=config.cache.hash_seed)
+                        hash_algo=config.cache.hash_algo, hash_seed_id=seed_id(config.cache.hash_seed))
 
 
 def make_sim_core(config: EngineConfig, profile: str, faults: KVFaults | None = None,

@@ -31,7 +31,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "pdserve.services.router": (*ENGINE, "pdserve.proto", "pdserve.services.api"),
     "pdserve.bench": ("pdserve",),
     # The simulator runs the real scheduler, servers and the operator's control law around a costed core.
-    "pdserve.sim": (*ENGINE, "pdserve.services.api", "pdserve.operator.autoscaler", "pdserve.cli.engine_args"),
+    "pdserve.sim": (*ENGINE, "pdserve.services", "pdserve.operator.autoscaler", "pdserve.cli.engine_args"),
     "pdserve.cli": ("pdserve",),
     "pdserve": ENGINE,
 }

@@ -38,8 +38,9 @@ def pods(tmp_path_factory):
         for name, extra in specs.items():
             port, grpc[name] = _free_port(), _free_port()
             log = open(logs / f"{name}.log", "w")
-            procs[name] = (subprocess.Popen([sys.executable, "-m", "pdserve.cli.main", "sim-engine", "--model", MODEL,
-                                             "--port", str(port), "--grpc-port", str(grpc[name]), *extra],
+            argv = [sys.executable, "-P", "-m", "pdserve.cli.main", "sim-engine", "--model", MODEL,
+                    "--port", str(port), "--grpc-port", str(grpc[name]), *extra]
+            procs[name] = (subprocess.Popen(argv,
                                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)),
                            str(logs / f"{name}.log"))
             urls[name] = f"http://127.0.0.1:{port}"
@@ -49,7 +50,7 @@ def pods(tmp_path_factory):
         port = _free_port()
         log = open(logs / "router.log", "w")
         procs["router"] = (subprocess.Popen(
-            [sys.executable, "-m", "pdserve.cli.main", "router", "--model", MODEL, "--port", str(port),
+            [sys.executable, "-P", "-m", "pdserve.cli.main", "router", "--model", MODEL, "--port", str(port),
              "--prefill", f"127.0.0.1:{grpc['prefill']}", "--decode", f"127.0.0.1:{grpc['decode']}"],
             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)), str(logs / "router.log"))
         urls["router"] = f"http://127.0.0.1:{port}"
@@ -67,7 +68,12 @@ def pods(tmp_path_factory):
 
 
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    """A client of one pod: pods take calls signed with the cluster secret (what the router sends)."""
+    from pdserve.engine.security import load_cluster_secret
+    from pdserve.services.api.auth import ENGINE_SCOPE
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                         default_headers=load_cluster_secret().call_headers(ENGINE_SCOPE))
 
 
 def test_prefill_handle_is_loaded_by_the_decode_pod_after_the_injected_latency(pods):
@@ -135,7 +141,11 @@ def test_the_operators_pod_metrics_source_observes_real_pods(pods):
 def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
     handle = _client(pods["prefill"]).completions.create(model=MODEL, prompt=PROMPT,
                                                          max_tokens=1).model_extra["kv_transfer_params"]
+    from pdserve.engine.security import load_cluster_secret
+    from pdserve.services.api.auth import ENGINE_SCOPE
+
     r = httpx.post(f"{pods['broken']}/v1/completions", timeout=30,
+                   headers=load_cluster_secret().call_headers(ENGINE_SCOPE),
                    json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "kv_transfer_params": handle})
     assert r.status_code == 409, r.text
     assert "KV transfer failed (transfer_failed)" in r.json()["error"]["message"]
@@ -145,6 +155,6 @@ def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
 @pytest.mark.parametrize("flags", [["--kv-fault-fail-rate", "0.1"], ["--role", "prefill", "--kv-fault-latency", "1"],
                                    ["--role", "prefill", "--kv-load-failure-policy", "fail"]])
 def test_kv_fault_flags_are_refused_where_no_load_happens(flags):
-    r = subprocess.run([sys.executable, "-m", "pdserve.cli.main", "sim-engine", *flags],
+    r = subprocess.run([sys.executable, "-P", "-m", "pdserve.cli.main", "sim-engine", *flags],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "only a decode pod does" in r.stderr
