@@ -8,6 +8,7 @@ iterates it -- stops whatever still runs (:meth:`OutputStream._stop`, which each
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from typing import Any
 
 from pdserve.engine.outputs import RequestOutput
@@ -15,7 +16,7 @@ from pdserve.engine.outputs import RequestOutput
 ABORTED = object()  # queued to end a stream with no more output (an abort by id)
 
 
-class OutputStream:
+class OutputStream(ABC):
     """Async iterator over one request's outputs; :meth:`close` (or ``aclose``) stops what still runs.
 
     ``request_id`` is the client's label for the request; ``internal_id`` the server's own id.
@@ -61,6 +62,6 @@ class OutputStream:
     async def aclose(self) -> None:
         self.close()
 
+    @abstractmethod
     def _stop(self) -> None:
         """Stop the request's sequences that still run (called once, by :meth:`close`)."""
-        raise NotImplementedError
