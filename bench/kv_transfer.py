@@ -217,6 +217,9 @@ class _Side:
         t_saved = time.perf_counter()
         req.status = RequestStatus.FINISHED_LENGTH
         _, params = self.sched.request_finished(req, block_ids)
+        # As the engine's next step does: the metadata hands the finished transfer to the worker (the grpc
+        # connector registers it with its KV server then; the store connectors have nothing to do).
+        self.worker.bind_connector_metadata(self.sched.build_connector_meta(SchedulerOutput()))
         bs, n = self.block_size, len(prompt)
         nbytes = sum(self.ctx.descriptor.payload_bytes(min(bs, n - i * bs)) for i in range(len(block_ids)))
         return {"params": params, "stage_s": t_staged - t0, "save_s": (t_saved - t0) if num_saves else 0.0,
