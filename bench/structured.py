@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64, help="sequences decoded together")
     parser.add_argument("--output-len", type=int, default=256, help="max_tokens of every sequence")
     parser.add_argument("--schema", default=None, help="a JSON Schema file (default: a nested array of objects)")
+    parser.add_argument("--min-items", type=int, default=1,
+                        help="minItems of the default schema: a value the answers cannot reach keeps every "
+                             "constrained sequence decoding, so both runs compare at the same batch")
     parser.add_argument("--json-out", default=None, help="write the results here as JSON")
     add_engine_arguments(parser)
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.engine.structured_output.params import StructuredOutputsParams
 
-    schema = json.load(open(args.schema)) if args.schema else DEFAULT_SCHEMA
+    schema = json.load(open(args.schema)) if args.schema else {**DEFAULT_SCHEMA, "minItems": args.min_items}
     llm = LLM(**engine_kwargs(args))
     core = llm.engine.core
     if core.structured is None:
