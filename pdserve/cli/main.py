@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("pdserve.cli.up", "start the whole stack (router, prefill, decode) on this machine"),
     "sim-engine": ("pdserve.sim.engine_cli", "a simulated engine pod: real APIs, modelled step times, no GPU"),
     "sim": ("pdserve.sim.cluster_cli", "simulate a cluster of prefill/decode pods and an autoscaler in virtual time"),
-    "sim-check": ("pdserve.sim.check_cli", "replay a trace through the real engine and the simulator; compare TTFT/ITL"),
+    "sim-check": ("pdserve.sim.check_cli", "replay a trace through the real engine and the simulator, compare"),
     "operator": ("pdserve.operator.cli", "the Kubernetes operator: run it, or render what it would create"),
 }
 
