@@ -130,7 +130,9 @@ def check_parts(content: Any, where: str) -> None:
             raise bad_request(f"{where}.content[{j}]: content parts {what} not supported: this server's models "
                               "read text only (parts of type 'text')", param="messages", code="unsupported")
         key = TEXT_PART_KEYS[kind]
-        if set(part) != {"type", key} or not isinstance(part[key], str):
+        # prompt_cache_breakpoint: OpenAI's prompt-cache hint, informational here (the prefix cache is automatic)
+        if not ({"type", key} <= set(part) <= {"type", key, "prompt_cache_breakpoint"}) \
+                or not isinstance(part[key], str):
             raise bad_request(f"{where}.content[{j}]: a {kind!r} part is {{'type': {kind!r}, {key!r}: string}}",
                               param="messages")
 
