@@ -15,7 +15,7 @@ from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
 from pdserve.services.api.reasoning import ReasoningSplitter, opens_reasoning, split_reasoning
 from pdserve.services.api.tools import ChoiceStream, ToolPlan, finish_reason, message_of, plan_tools
 from pdserve.services.api.structured import structured_outputs_async
-from pdserve.services.api.serving_common import (DONE, CachedTokens, GuardedEvents, Prompt, ServingBase, Usage,
+from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage,
                                                  merge_streams, new_id, sse, usage_chunks)
 
 
@@ -133,7 +133,7 @@ class ChatServing(ServingBase):
             events = self._events(req, prompt, streams, request_id, created, plan)
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
         handles: list[dict | None] = []
-        cached = CachedTokens()
+        cached = self.cached_tokens()
         (outs,) = await self.collect(streams, handles, cached)
         self.check_transfer_outcome(outs, handle is not None)
         usage = Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=sum(len(c.token_ids) for c in outs),
@@ -168,7 +168,8 @@ class ChatServing(ServingBase):
     async def _events(self, req: ChatCompletionRequest, prompt: Prompt, streams: list[OutputStream],
                       request_id: str, created: int, plan: ToolPlan) -> AsyncIterator[str]:
         include_usage, continuous = usage_chunks(req)
-        usage, cached = Usage(prompt_tokens=len(prompt.token_ids)), CachedTokens()
+        cached = self.cached_tokens()
+        usage = Usage(prompt_tokens=len(prompt.token_ids), cached_tokens=cached.total)
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name()}
         # OpenAI sends the role first, in a chunk of its own, for every choice.
         for index in range(req.n):

@@ -45,16 +45,19 @@ class Prompt:
 @dataclass
 class Usage:
     """OpenAI's ``usage``. ``cached_tokens``: prompt tokens the engine did not compute (prefix-cache hits, and KV
-    a connector loaded), reported as ``prompt_tokens_details.cached_tokens``."""
+    a connector loaded), reported as ``prompt_tokens_details.cached_tokens``; None where the engine client does
+    not know them (then no ``prompt_tokens_details``)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int | None = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        out: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                               "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.cached_tokens is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
 
 
 class CachedTokens:
@@ -65,14 +68,17 @@ class CachedTokens:
     cached tokens here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, known: bool = True) -> None:
+        self.known = known  # False: the engine client does not report them (``total`` is None)
         self._by_seq: dict[tuple[int, int], int] = {}  # (prompt, choice index) -> cached tokens
 
     def add(self, prompt_index: int, out: RequestOutput) -> None:
         self._by_seq[(prompt_index, out.outputs[0].index)] = out.num_cached_tokens
 
     @property
-    def total(self) -> int:
+    def total(self) -> int | None:
+        if not self.known:
+            return None
         fewest: dict[int, int] = {}
         for (prompt, _), n in self._by_seq.items():
             fewest[prompt] = min(n, fewest.get(prompt, n))
@@ -214,6 +220,11 @@ class ServingBase:
 
     def model_name(self) -> str:
         return self.settings.model_name
+
+    def cached_tokens(self) -> CachedTokens:
+        """A counter of a request's cached prompt tokens (unknown behind an engine client that does not report
+        them, such as the router's)."""
+        return CachedTokens(getattr(self.engine, "reports_cached_tokens", True))
 
 
 def usage_chunks(req: _SamplingFields) -> tuple[bool, bool]:

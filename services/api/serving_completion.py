@@ -11,7 +11,7 @@ from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import CompletionRequest
 from pdserve.services.api.structured import structured_outputs_async
-from pdserve.services.api.serving_common import (DONE, CachedTokens, GuardedEvents, Prompt, ServingBase, Usage,
+from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage,
                                                  merge_streams, new_id, sse, usage_chunks)
 
 
@@ -52,7 +52,7 @@ class CompletionServing(ServingBase):
             events = self._events(req, prompts, streams, request_id, created)
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
         handles: list[dict | None] = []
-        cached = CachedTokens()
+        cached = self.cached_tokens()
         results = await self.collect(streams, handles, cached)
         choices = []
         usage = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts), cached_tokens=cached.total)
@@ -71,7 +71,8 @@ class CompletionServing(ServingBase):
     async def _events(self, req: CompletionRequest, prompts: list[Prompt], streams: list[OutputStream],
                       request_id: str, created: int) -> AsyncIterator[str]:
         include_usage, continuous = usage_chunks(req)
-        usage, cached = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts)), CachedTokens()
+        cached = self.cached_tokens()
+        usage = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts), cached_tokens=cached.total)
         echoed: set[int] = set()
         async for i, out in merge_streams(streams):
             comp = out.outputs[0]

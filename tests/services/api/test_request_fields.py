@@ -24,10 +24,10 @@ from openai.types.chat import completion_create_params as chat_params
 from api_servers import MODEL
 from pdserve.services.api.fields import CHAT_FIELDS, COMPLETION_FIELDS, Handling
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
-           "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "parameters": WEATHER}}]
+# Tools without arguments: a forced call is a handful of tokens.
+NO_ARGS = {"type": "object", "properties": {}, "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_date", "parameters": NO_ARGS}},
+         {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGS}}]
 
 
 def openai_fields(module: Any) -> set[str]:
@@ -113,16 +113,16 @@ CHAT: dict[str, Case] = {
     "top_logprobs": Case(2, {"logprobs": True},
                          check=lambda r: len(r.choices[0].logprobs.content[0].top_logprobs) == 2 or pytest.fail("tl")),
     "tools": Case(TOOLS),
-    "tool_choice": Case({"type": "function", "function": {"name": "get_weather"}}, {"tools": TOOLS, "max_tokens": 30},
-                        check=lambda r: r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    "tool_choice": Case({"type": "function", "function": {"name": "get_time"}}, {"tools": TOOLS, "max_tokens": 8},
+                        check=lambda r: r.choices[0].message.tool_calls[0].function.name == "get_time"
                         or pytest.fail("tool_choice")),
-    "parallel_tool_calls": Case(False, {"tools": TOOLS, "tool_choice": "required", "max_tokens": 60},
+    "parallel_tool_calls": Case(False, {"tools": TOOLS, "tool_choice": "required", "max_tokens": 30},
                                 check=_one_tool_call),
     "modalities": Case(["text"]),
     "reasoning_effort": Case("low"),  # what the template receives: test_chat_template.py
     "audio": Case({"voice": "alloy", "format": "wav"}),
     "function_call": Case("auto"),
-    "functions": Case([{"name": "f", "parameters": WEATHER}]),
+    "functions": Case([{"name": "f", "parameters": NO_ARGS}]),
     "moderation": Case({"model": "omni-moderation-latest"}),
     "verbosity": Case("low"),
     "web_search_options": Case({}),
