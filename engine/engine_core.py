@@ -327,7 +327,8 @@ class EngineCore:
             outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[req.output_token_ids[-1]], new_logprobs=lp,
                 finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
-                num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output))
+                num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output,
+                num_external_cached_tokens=req.num_external_cached_tokens))
             if req.is_finished:
                 self.sampler.remove_request(req.request_id)
         return outputs

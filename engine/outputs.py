@@ -28,6 +28,8 @@ class EngineCoreOutput:
     kv_transfer_params: dict | None = None
     # Set when the engine failed while serving this request (it is aborted; the engine serves on): the reason.
     error: str | None = None
+    # Of ``num_cached_tokens``: those a KV connector loaded (disaggregation); the rest were prefix-cache hits.
+    num_external_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

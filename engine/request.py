@@ -61,8 +61,10 @@ class Request:
     # Sampled in a step whose result the scheduler has not received yet (0 outside asynchronous scheduling,
     # where every step is applied before the next is scheduled).
     num_pending_tokens: int = 0
-    # Prompt tokens found in the prefix cache when the request was (last) admitted.
+    # Prompt tokens not computed here when the request was (last) admitted: prefix-cache hits plus, of those,
+    # ``num_external_cached_tokens`` loaded by a KV connector.
     num_cached_tokens: int = 0
+    num_external_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     # Chained hashes of this request's full blocks, extended as tokens are appended.

@@ -144,6 +144,8 @@ def serving() -> Obj:
         (f"sum by (role) (rate(pdserve:prefix_cache_hits_total{{{ENGINES}}}[{RATE}])) / "
          f"sum by (role) (rate(pdserve:prefix_cache_queries_total{{{ENGINES}}}[{RATE}]))", "{{role}}")],
         "percentunit", "Prompt tokens found in the prefix cache, of the tokens looked up.")
+    b.panel("Prompt tokens not computed", [rate("pdserve:prompt_tokens_cached_total", ENGINES, "role, source")],
+            "tok/s", "Prompt tokens whose KV came from the prefix cache or, on decode pods, over the KV connector.")
     b.panel("Preemptions per second", [rate("pdserve:num_preemptions_total", ENGINES, "pod")], "ops",
             "Requests evicted to free KV cache; sustained preemption means too little KV memory.")
     b.row("Structured output")

@@ -18,6 +18,7 @@ METRICS: list[tuple[str, str, tuple[str, ...]]] = [
     ("pdserve:prefix_cache_hits_total", "counter", ("model_name",)),
     ("pdserve:num_preemptions_total", "counter", ("model_name",)),
     ("pdserve:prompt_tokens_total", "counter", ("model_name",)),
+    ("pdserve:prompt_tokens_cached_total", "counter", ("model_name", "source")),
     ("pdserve:generation_tokens_total", "counter", ("model_name",)),
     ("pdserve:request_success_total", "counter", ("model_name", "finished_reason")),
     ("pdserve:time_to_first_token_seconds", "histogram", ("model_name",)),

@@ -384,7 +384,7 @@ class AsyncLLM:
                 continue
             times = self._times.get(out.request_id)
             if times is not None:
-                times.on_tokens(now, len(out.new_token_ids), it)
+                times.on_tokens(now, len(out.new_token_ids), it, out.num_cached_tokens, out.num_external_cached_tokens)
             outputs.append(out)
         processed = self._processor.process(outputs)
         if processed.stop_string_finished:

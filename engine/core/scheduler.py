@@ -348,6 +348,7 @@ class Scheduler:
                 self._loaded.discard(request.request_id)
             else:
                 request.num_cached_tokens = num_cached
+                request.num_external_cached_tokens = 0
                 request.num_computed_tokens = num_cached
                 if self.kv_connector is not None:
                     self.kv_connector.update_state_after_alloc(request, block_ids, 0)
@@ -369,6 +370,7 @@ class Scheduler:
         self._waiting.popleft()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         request.num_cached_tokens = request.num_computed_tokens = num_cached
+        request.num_external_cached_tokens = 0
         self.kv_connector.update_state_after_alloc(request, block_ids, num_external)
         self._loading[request.request_id] = (request, num_external)
         return True
@@ -377,6 +379,7 @@ class Scheduler:
         """The load ended with ``num_loaded`` tokens in place: back to the head of the queue to compute the rest."""
         request.num_computed_tokens += num_loaded
         request.num_cached_tokens += num_loaded  # not computed here: reported like prefix-cache hits
+        request.num_external_cached_tokens += num_loaded  # ... and counted apart in the metrics
         request.status = RequestStatus.WAITING
         self._loaded.add(request.request_id)
         self._waiting.appendleft(request)

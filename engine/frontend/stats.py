@@ -36,6 +36,9 @@ class IterationStats:
 
     timestamp: float
     num_prompt_tokens: int = 0  # prompts whose first token arrived in this step
+    # Of those prompts' tokens: found in the prefix cache, and loaded by a KV connector (neither was computed).
+    num_prefix_cached_tokens: int = 0
+    num_connector_cached_tokens: int = 0
     num_generation_tokens: int = 0
     num_step_tokens: int = 0  # tokens the model computed in the step (prefill chunks + decodes)
     time_to_first_tokens: list[float] = field(default_factory=list)
@@ -70,13 +73,17 @@ class SequenceTimes:
     last_token: float | None = None
     num_generation_tokens: int = 0
 
-    def on_tokens(self, now: float, count: int, it: IterationStats) -> None:
-        """Account ``count`` new tokens received at ``now`` into ``it``."""
+    def on_tokens(self, now: float, count: int, it: IterationStats, num_cached: int = 0,
+                  num_external_cached: int = 0) -> None:
+        """Account ``count`` new tokens received at ``now`` into ``it``; with the first, the prompt's tokens and
+        how many of them were not computed (``num_cached``, of which ``num_external_cached`` a connector loaded)."""
         if count <= 0:
             return
         if self.first_token is None:
             self.first_token = now
             it.num_prompt_tokens += self.num_prompt_tokens
+            it.num_prefix_cached_tokens += max(0, num_cached - num_external_cached)
+            it.num_connector_cached_tokens += num_external_cached
             it.time_to_first_tokens.append(now - self.arrival)
         elif self.last_token is not None:
             it.inter_token_latencies.append(now - self.last_token)

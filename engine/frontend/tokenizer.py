@@ -26,10 +26,21 @@ def load_tokenizer(path: str | None) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+# apply_chat_template's own parameters (and the variables it sets for the template): a template keyword may not
+# replace them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"})
+
+
 def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                        tools: list[dict[str, Any]] | None = None) -> str:
-    """Render a conversation with the tokenizer's own chat template; clear errors for bad messages. ``tools``: the
-    OpenAI tool definitions, handed to the template (templates that know tools render them)."""
+                        tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
+                        chat_template: str | None = None) -> str:
+    """Render a conversation with the tokenizer's own chat template (or ``chat_template``, a Jinja text that
+    replaces it); clear errors for bad messages. ``tools``: the OpenAI tool definitions, handed to the template
+    (templates that know tools render them). ``template_kwargs``: more template variables (e.g. Qwen3's
+    ``enable_thinking``); a name of :data:`RESERVED_TEMPLATE_KWARGS` is a ``ValueError``."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so chat is unavailable (pass token ids instead)")
     if not isinstance(messages, list) or not messages:
@@ -37,9 +48,16 @@ def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_gene
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError("each message must be an object with string 'role' and 'content'")
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template")
-    extra = {"tools": tools} if tools else {}
+    extra = dict(template_kwargs or {})
+    clash = sorted(RESERVED_TEMPLATE_KWARGS.intersection(extra))
+    if clash:
+        raise ValueError(f"chat template keywords may not set {', '.join(clash)}")
+    if tools:
+        extra["tools"] = tools
+    if chat_template is not None:
+        extra["chat_template"] = chat_template
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          **extra)
 

@@ -61,6 +61,9 @@ def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
     loc = [str(p) for p in first.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in ("str", "int",
                                                                                                  "float", "bool")))]
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":  # a key a nested object does not know (fields.py: none ignored)
+        return bad_request(f"{param}: unknown field, not supported by this server", param=param,
+                           code="unknown_field")
     return bad_request(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param)
 
 
@@ -171,7 +174,8 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of 'prompt' and 'messages'", param="prompt")
         if req.messages is not None:
-            tokens = (await render_chat_async(tok, req.messages, req.add_generation_prompt)).token_ids
+            tokens = (await render_chat_async(tok, req.messages, req.add_generation_prompt,
+                                              chat_template=settings.chat_template)).token_ids
         else:
             if not is_valid_text(req.prompt):
                 raise bad_request("the prompt is not valid Unicode text (it holds a lone surrogate)", param="prompt")

@@ -20,6 +20,7 @@ import signal
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
+from pdserve.services.api.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger("pdserve.serve")
 
@@ -44,6 +45,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template text) replacing the tokenizer's")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split chat answers' <think>...</think> into message.reasoning_content (default: off)")
     if "--kv-events-endpoint" not in parser._option_string_actions:
         g.add_argument("--kv-events-endpoint", default=None,
                        help="ZeroMQ address where the engine publishes KV cache events and load reports for "
@@ -107,7 +112,21 @@ def settings_from_args(args: argparse.Namespace, served_name: str, cluster_secre
                           max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout,
                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                           max_concurrent_rpcs=args.max_concurrent_rpcs,
-                          max_concurrent_requests=args.max_concurrent_requests)
+                          max_concurrent_requests=args.max_concurrent_requests,
+                          chat_template=chat_template_from(getattr(args, "chat_template", None)),
+                          reasoning_parser=getattr(args, "reasoning_parser", None))
+
+
+def chat_template_from(value: str | None) -> str | None:
+    """``--chat-template``: the text of a file when it names one, else the template text itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:  # neither a file nor a template: most likely a mistyped path
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -83,7 +83,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if isinstance(model, ChatCompletionRequest):
             if self.engine.tokenizer is None:
                 raise bad_request("this model has no tokenizer, so chat is unavailable", param="messages")
-            prompt_obj = await render_chat_async(self.engine.tokenizer, model.messages, model.add_generation_prompt)
+            prompt_obj = await render_chat_async(self.engine.tokenizer, model.messages, model.add_generation_prompt,
+                                                 chat_template=self.settings.chat_template)
             max_tokens = model.max_tokens
         else:
             try:

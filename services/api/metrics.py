@@ -52,6 +52,12 @@ class ServingMetrics:
         self.num_preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Generation tokens processed.")
+        # Prompt tokens not computed, by where their KV came from: this engine's prefix cache, or a KV connector
+        # (a decode pod loading what a prefill pod computed). What usage.prompt_tokens_details.cached_tokens sums.
+        cached = Counter("pdserve:prompt_tokens_cached", "Prompt tokens not computed, by the source of their KV.",
+                         ["model_name", "source"], registry=r)
+        self.prompt_tokens_cached = {source: cached.labels(model_name, source)
+                                     for source in ("prefix_cache", "connector")}
         success = Counter("pdserve:request_success", "Finished sequences, by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -96,6 +102,8 @@ class ServingMetrics:
         if it.num_step_tokens:
             self.iteration_tokens.observe(it.num_step_tokens)
         self.prompt_tokens.inc(it.num_prompt_tokens)
+        self.prompt_tokens_cached["prefix_cache"].inc(it.num_prefix_cached_tokens)
+        self.prompt_tokens_cached["connector"].inc(it.num_connector_cached_tokens)
         self.generation_tokens.inc(it.num_generation_tokens)
         for v in it.time_to_first_tokens:
             self.time_to_first_token.observe(v)

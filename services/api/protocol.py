@@ -1,20 +1,24 @@
 """OpenAI request bodies, validated strictly: a wrong type is a 400 that names the field, never a guess.
 
-Only what the server implements is declared; unknown fields are ignored (OpenAI clients send extras such as
-``metadata``), except a few that would change the answer's meaning, which are refused (see ``unsupported``).
-Responses are built as plain dicts in :mod:`.serving` (cheaper than models, and their shape is fixed).
+Only what the server implements (or accepts as purely informational) is declared: :mod:`.fields` classifies every
+field, and a field that is refused or unknown is a 400 naming it before the model validates anything else.
+Responses are built as plain dicts in the ``serving_*`` modules (cheaper than models, and their shape is fixed).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pdserve.services.api.errors import bad_request
+from pdserve.services.api.fields import CHAT_FIELDS, COMPLETION_FIELDS, check_fields
 
 
 class _Strict(BaseModel):
     # strict: "5" is not an int and 1.0 is not an int; an int is still accepted where a float is expected.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # forbid: a key a nested object does not know is a 400 naming it, not a silent default.
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class JsonSchemaFormat(_Strict):
@@ -58,7 +62,7 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # informational (fields.py): accepted, ignored
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     # Disaggregation (a pdserve extension, named as vLLM names it): on a decode pod, the transfer handle a prefill
@@ -98,31 +102,72 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        check_fields(data, COMPLETION_FIELDS, "/v1/completions")
+        return data
+
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix", "suffix is not supported"
         return super().unsupported()
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+# The content-part types of OpenAI's messages that carry text; the others (image_url, input_audio, file) are
+# refused by name: the models served here read text only.
+TEXT_PART_KEYS = {"text": "text", "refusal": "refusal"}
+
+
+def check_parts(content: Any, where: str) -> None:
+    """400 naming the part when a message's content list holds a part this server cannot take."""
+    if not isinstance(content, list):
+        return
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PART_KEYS:
+            what = f"of type {kind!r} are" if isinstance(kind, str) else "without a string 'type' are"
+            raise bad_request(f"{where}.content[{j}]: content parts {what} not supported: this server's models "
+                              "read text only (parts of type 'text')", param="messages", code="unsupported")
+        key = TEXT_PART_KEYS[kind]
+        # prompt_cache_breakpoint: OpenAI's prompt-cache hint, informational here (the prefix cache is automatic)
+        if not ({"type", key} <= set(part) <= {"type", key, "prompt_cache_breakpoint"}) \
+                or not isinstance(part[key], str):
+            raise bad_request(f"{where}.content[{j}]: a {kind!r} part is {{'type': {kind!r}, {key!r}: string}}",
+                              param="messages")
 
 
 class ChatMessage(_Strict):
+    """One turn. ``content`` is a string or a list of text parts (``{"type": "text", "text": ...}``)."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     # Tool calling: an assistant turn's calls, and the call a tool turn answers (handed to the chat template).
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # An earlier assistant turn's reasoning (what the reasoning parser split off), for templates that render it.
+    reasoning_content: str | None = None
+    # An earlier assistant turn's refusal: the text of that turn when it has no content.
+    refusal: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_parts(data.get("content"), "messages")
+        return data
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
+        """The turn's text: its content (text parts joined), or its refusal when it has no content."""
+        if self.content is None or self.content == []:
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part[TEXT_PART_KEYS[part["type"]]] for part in self.content)
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -137,10 +182,37 @@ class ChatCompletionRequest(_SamplingFields):
     # Tool calling (services/api/tools.py): OpenAI function tools; "none", "auto", "required" or a named function.
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # False: at most one tool call per answer
+    modalities: list[Literal["text"]] | None = None  # "audio" is refused by the type
+    # Passed to the chat template as variables (vLLM's names): e.g. {"enable_thinking": false} for Qwen3, and the
+    # effort as ``reasoning_effort`` for templates that read it.
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = None  # type: ignore[valid-type]
+    # Informational (fields.py): accepted and ignored, they cannot change the answer.
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        check_fields(data, CHAT_FIELDS, "/v1/chat/completions")
+        messages = data.get("messages") if isinstance(data, dict) else None
+        for i, m in enumerate(messages if isinstance(messages, list) else []):
+            if isinstance(m, dict):
+                check_parts(m.get("content"), f"messages[{i}]")
+        return data
 
 
 class TokenizeRequest(_Strict):
     """``POST /tokenize``: either ``prompt`` or chat ``messages``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None
     prompt: str | None = None
@@ -151,6 +223,8 @@ class TokenizeRequest(_Strict):
 
 class DetokenizeRequest(_Strict):
     """``POST /detokenize``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None
     tokens: list[int]

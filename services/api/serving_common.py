@@ -44,12 +44,45 @@ class Prompt:
 
 @dataclass
 class Usage:
+    """OpenAI's ``usage``. ``cached_tokens``: prompt tokens the engine did not compute (prefix-cache hits, and KV
+    a connector loaded), reported as ``prompt_tokens_details.cached_tokens``; None where the engine client does
+    not know them (then no ``prompt_tokens_details``)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | None = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                               "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.cached_tokens is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
+
+
+class CachedTokens:
+    """The cached prompt tokens of a request's prompts, from their outputs as they arrive.
+
+    A prompt with ``n > 1`` runs as ``n`` sequences, each looked up in the prefix cache on its own (the later ones
+    usually hit what the first computed); the prompt counts once in ``prompt_tokens``, so it counts its fewest
+    cached tokens here.
+    """
+
+    def __init__(self, known: bool = True) -> None:
+        self.known = known  # False: the engine client does not report them (``total`` is None)
+        self._by_seq: dict[tuple[int, int], int] = {}  # (prompt, choice index) -> cached tokens
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None:
+        self._by_seq[(prompt_index, out.outputs[0].index)] = out.num_cached_tokens
+
+    @property
+    def total(self) -> int | None:
+        if not self.known:
+            return None
+        fewest: dict[int, int] = {}
+        for (prompt, _), n in self._by_seq.items():
+            fewest[prompt] = min(n, fewest.get(prompt, n))
+        return sum(fewest.values())
 
 
 class ServingBase:
@@ -71,6 +104,10 @@ class ServingBase:
         unsupported = req.unsupported()
         if unsupported is not None:
             raise bad_request(unsupported[1], param=unsupported[0], code="unsupported")
+        if req.stream_options is not None and req.stream_options.continuous_usage_stats \
+                and not req.stream_options.include_usage:
+            raise bad_request("stream_options.continuous_usage_stats needs include_usage to be true",
+                              param="stream_options")
         s = self.settings
         if req.n > s.max_n or req.n < 1:
             raise bad_request(f"n must be an integer in [1, {s.max_n}], got {req.n}", param="n")
@@ -130,23 +167,26 @@ class ServingBase:
             raise err from None
         return streams
 
-    async def collect(self, streams: list[OutputStream], handles: list[dict | None] | None = None
-                      ) -> list[list[CompletionOutput]]:
+    async def collect(self, streams: list[OutputStream], handles: list[dict | None] | None = None,
+                      cached: CachedTokens | None = None) -> list[list[CompletionOutput]]:
         """Final outputs of every stream (per prompt, sorted by sequence index).
 
-        With ``handles``, each stream's KV transfer handle (a prefill-role engine's, else None) is appended to it.
+        With ``handles``, each stream's KV transfer handle (a prefill-role engine's, else None) is appended to it;
+        with ``cached``, the final outputs are counted into it.
         """
 
-        async def one(stream: OutputStream) -> tuple[list[CompletionOutput], dict | None]:
+        async def one(i: int, stream: OutputStream) -> tuple[list[CompletionOutput], dict | None]:
             outs, handle = [], None
             async for out in stream:
                 if out.outputs[0].finished:
                     outs.append(out.outputs[0])
                     handle = getattr(out, "kv_transfer_params", None) or handle
+                    if cached is not None:
+                        cached.add(i, out)
             return sorted(outs, key=lambda c: c.index), handle
 
         try:
-            results = list(await self.with_timeout(asyncio.gather(*(one(s) for s in streams))))
+            results = list(await self.with_timeout(asyncio.gather(*(one(i, s) for i, s in enumerate(streams)))))
         finally:
             for s in streams:
                 s.close()
@@ -180,6 +220,19 @@ class ServingBase:
 
     def model_name(self) -> str:
         return self.settings.model_name
+
+    def cached_tokens(self) -> CachedTokens:
+        """A counter of a request's cached prompt tokens (unknown behind an engine client that does not report
+        them, such as the router's)."""
+        return CachedTokens(getattr(self.engine, "reports_cached_tokens", True))
+
+
+def usage_chunks(req: _SamplingFields) -> tuple[bool, bool]:
+    """(a final usage chunk, usage on every chunk): ``stream_options.include_usage`` and
+    ``continuous_usage_stats``."""
+    opts = req.stream_options
+    include = bool(opts and opts.include_usage)
+    return include, include and bool(opts and opts.continuous_usage_stats)
 
 
 async def merge_streams(streams: list[OutputStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

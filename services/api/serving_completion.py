@@ -11,8 +11,8 @@ from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import CompletionRequest
 from pdserve.services.api.structured import structured_outputs_async
-from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage, merge_streams,
-                                                 new_id, sse)
+from pdserve.services.api.serving_common import (DONE, GuardedEvents, Prompt, ServingBase, Usage,
+                                                 merge_streams, new_id, sse, usage_chunks)
 
 
 class CompletionServing(ServingBase):
@@ -52,8 +52,10 @@ class CompletionServing(ServingBase):
             events = self._events(req, prompts, streams, request_id, created)
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
         handles: list[dict | None] = []
-        results = await self.collect(streams, handles)
-        choices, usage = [], Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts))
+        cached = self.cached_tokens()
+        results = await self.collect(streams, handles, cached)
+        choices = []
+        usage = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts), cached_tokens=cached.total)
         for i, (prompt, outs) in enumerate(zip(prompts, results)):
             self.check_transfer_outcome(outs, handle is not None)
             for comp in outs:
@@ -68,21 +70,25 @@ class CompletionServing(ServingBase):
 
     async def _events(self, req: CompletionRequest, prompts: list[Prompt], streams: list[OutputStream],
                       request_id: str, created: int) -> AsyncIterator[str]:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        usage = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts))
+        include_usage, continuous = usage_chunks(req)
+        cached = self.cached_tokens()
+        usage = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts), cached_tokens=cached.total)
         echoed: set[int] = set()
         async for i, out in merge_streams(streams):
             comp = out.outputs[0]
             index = i * req.n + comp.index
             usage.completion_tokens += len(comp.token_ids)
+            cached.add(i, out)
+            usage.cached_tokens = cached.total
             text = comp.text
             if req.echo and index not in echoed:
                 echoed.add(index)
                 text = self._echo_text(prompts[i]) + text
             if not text and not comp.finished and not comp.logprobs:
                 continue  # nothing visible yet (a partial character or a possible stop string)
-            yield sse({"id": request_id, "object": "text_completion", "created": created,
-                       "model": self.model_name(), "choices": [self._choice(index, text, comp, req.logprobs)]})
+            chunk = {"id": request_id, "object": "text_completion", "created": created,
+                     "model": self.model_name(), "choices": [self._choice(index, text, comp, req.logprobs)]}
+            yield sse({**chunk, "usage": usage.as_dict()} if continuous else chunk)
         if include_usage:
             yield sse({"id": request_id, "object": "text_completion", "created": created,
                        "model": self.model_name(), "choices": [], "usage": usage.as_dict()})

@@ -20,7 +20,9 @@ class ServerSettings:
     client may take to send a request's headers / its whole body before the connection is closed with a 408
     (0: no limit). ``max_concurrent_rpcs``: gRPC calls served at once; more get RESOURCE_EXHAUSTED (0: no limit).
     ``max_concurrent_requests``: HTTP API requests (``/v1``, tokenizer) served at once; more get 429 (0: no
-    limit) -- the router's bound, which has no waiting queue of its own.
+    limit) -- the router's bound, which has no waiting queue of its own. ``chat_template``: a Jinja chat template
+    that replaces the tokenizer's (None: the tokenizer's). ``reasoning_parser``: how chat answers split into
+    ``reasoning_content`` and ``content`` (:mod:`.reasoning`; None: not split).
     """
 
     served_model_names: tuple[str, ...]
@@ -39,6 +41,8 @@ class ServerSettings:
     max_concurrent_rpcs: int = 256
     max_concurrent_requests: int = 1024
     retry_after_s: int = 1
+    chat_template: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def model_name(self) -> str:

@@ -10,6 +10,9 @@
   is a single JSON object ``{"name": ..., "parameters": {...}}`` (optionally after ``<|python_tag|>``). Calls of
   unknown tools stay text.
 
+``parallel_tool_calls: false`` allows at most one call: ``required`` is constrained to a one-call array, and an
+``auto`` answer keeps its first call only.
+
 The chat template receives ``tools`` so the model sees them the way it was trained to.
 """
 
@@ -50,6 +53,11 @@ class ToolPlan:
     named: str | None = None
     constraint: dict[str, Any] | None = None  # a structured_outputs object for named / required
     template_tools: list[dict[str, Any]] | None = None  # what the chat template receives
+    parallel: bool = True  # False: at most one call per answer
+
+    def limit(self, calls: list["ToolCall"]) -> list["ToolCall"]:
+        """The calls an answer may return (one without parallel calls)."""
+        return calls if self.parallel else calls[:1]
 
 
 def _functions(tools: list[Any]) -> dict[str, dict[str, Any]]:
@@ -72,8 +80,9 @@ def _functions(tools: list[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plan_tools(tools: list[Any] | None, tool_choice: Any) -> ToolPlan:
-    """Check ``tools`` and ``tool_choice`` (400 naming the field) and decide the mode."""
+def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool = True) -> ToolPlan:
+    """Check ``tools`` and ``tool_choice`` (400 naming the field) and decide the mode. ``parallel``: OpenAI's
+    ``parallel_tool_calls`` (False: at most one call)."""
     if not tools:
         if tool_choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", param="tool_choice")
@@ -82,14 +91,15 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any) -> ToolPlan:
     names = frozenset(functions)
     template_tools = [t for t in tools]
     if tool_choice is None or tool_choice == "auto":
-        return ToolPlan("auto", names, template_tools=template_tools)
+        return ToolPlan("auto", names, template_tools=template_tools, parallel=parallel)
     if tool_choice == "none":
         return ToolPlan("none", names, template_tools=template_tools)
     if tool_choice == "required":
         call = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": functions[n]},
                            "required": ["name", "arguments"], "additionalProperties": False} for n in sorted(names)]}
-        schema = {"type": "array", "items": call, "minItems": 1}
-        return ToolPlan("required", names, constraint={"json": schema}, template_tools=template_tools)
+        schema = {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+        return ToolPlan("required", names, constraint={"json": schema}, template_tools=template_tools,
+                        parallel=parallel)
     fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     if not (isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(fn, dict)
             and isinstance(fn.get("name"), str)):
@@ -239,7 +249,7 @@ def message_of(plan: ToolPlan, text: str) -> tuple[dict[str, Any], list[ToolCall
         content: str | None = None if calls else text
     elif plan.mode == "auto":
         content, calls = parse_tool_calls(text, plan.names)
-        content = content or None
+        content, calls = content or None, plan.limit(calls)
     else:
         return {"role": "assistant", "content": text}, []
     message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -288,6 +298,7 @@ class ChoiceStream:
         out: dict[str, Any] = {}
         if content:
             out["content"] = content
+        calls = calls[:max(0, len(self.plan.limit(self.calls + calls)) - len(self.calls))]
         if calls:
             first = len(self.calls)
             self.calls += calls

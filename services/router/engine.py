@@ -46,6 +46,10 @@ class ModelInfo:
 class RouterEngine:
     """Serves requests by routing each sequence to pods; see the module docstring."""
 
+    # The pods' streams do not carry their prefix-cache hits: usage leaves prompt_tokens_details out rather than
+    # report 0 (services/api/serving_common.py reads this).
+    reports_cached_tokens = False
+
     def __init__(self, model: ModelInfo, tokenizer: Any, runner: SequenceRunner,
                  stat_loggers: Iterable[StatLogger] = ()) -> None:
         self.model = model
