@@ -26,8 +26,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/pdserve
 ENV PATH=/opt/pdserve/bin:$PATH
-# torch first and alone: its index differs per accelerator, and this layer changes least often.
-RUN ${PIP_CA:+env PIP_CERT="$PIP_CA"} pip install ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
+# torch first and alone: its index differs per accelerator, and this layer changes least often. An empty
+# TORCH_INDEX means pip's default index.
+RUN ${PIP_CA:+env PIP_CERT="$PIP_CA"} pip install ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+    ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "${TORCH_SPEC}"
 WORKDIR /src
 # Dependencies before the sources, so that editing the code does not download them again: with no package folder
 # present, setup.py finds no packages and this installs only the requirements of pyproject.toml, each pinned to the

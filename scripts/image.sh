@@ -19,8 +19,13 @@ export BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"
 # buildah picks overlay where the kernel allows it, else vfs; STORAGE_DRIVER=vfs forces vfs (slower, more disk).
 if [ -n "${STORAGE_DRIVER:-}" ]; then buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }; fi
 SUITE="${DEBIAN_SUITE:-$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")}"
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-SECURITY_MIRROR="${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
+# This machine's Debian mirror, as apt is configured (DEBIAN_MIRROR overrides): the base comes from the same release.
+apt_uri() {
+    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | grep -E '^(URIs:|deb )' | grep -oE "https?://[^ ]+/$1/?( |\$)" | head -1 | tr -d ' '
+}
+MIRROR="${DEBIAN_MIRROR:-$(apt_uri debian)}"
+SECURITY_MIRROR="${DEBIAN_SECURITY_MIRROR:-$(apt_uri debian-security)}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/pdserve-base:debian-$SUITE}"
 VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)"
 IMAGE="${IMAGE:-localhost/pdserve:$VERSION-cpu}"
@@ -49,6 +54,7 @@ make_base() {
         return
     fi
     local rootfs ctr mnt
+    [ -n "$MIRROR" ] || { log "no Debian mirror in /etc/apt/sources.list*: set DEBIAN_MIRROR"; exit 1; }
     rootfs="$(mktemp -d /var/tmp/pdserve-rootfs.XXXXXX)"
     log "debootstrap --variant=minbase $SUITE from $MIRROR"
     debootstrap --variant=minbase "$SUITE" "$rootfs" "$MIRROR" >&2
@@ -56,7 +62,7 @@ make_base() {
     cat > "$rootfs/etc/apt/sources.list" <<EOF
 deb $MIRROR $SUITE main
 deb $MIRROR $SUITE-updates main
-deb $SECURITY_MIRROR $SUITE-security main
+${SECURITY_MIRROR:+deb $SECURITY_MIRROR $SUITE-security main}
 EOF
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*.log \
         "$rootfs"/etc/hostname "$rootfs"/etc/resolv.conf
@@ -66,7 +72,7 @@ EOF
     tar -C "$rootfs" -cf - . | tar -C "$mnt" -xpf -
     buildah umount "$ctr" >/dev/null
     buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash \
-        --label org.opencontainers.image.description="Debian $SUITE minbase (debootstrap from $MIRROR)" "$ctr"
+        --label org.opencontainers.image.description="Debian $SUITE minbase (debootstrap)" "$ctr"
     buildah commit --rm "$ctr" "$BASE_IMAGE" >&2
     rm -rf "$rootfs"
     log "base image $BASE_IMAGE: $(buildah inspect --type image --format '{{.Docker.Size}}' "$BASE_IMAGE" 2>/dev/null) bytes"
@@ -77,7 +83,7 @@ build_cpu() {
                 --build-arg "TORCH_INDEX=$TORCH_INDEX" --build-arg "TORCH_SPEC=$TORCH_SPEC")
     if [ -n "$WHEELS" ]; then
         args+=(--volume "$WHEELS:/wheels:ro" --build-arg "PIP_FIND_LINKS=/wheels"
-               --build-arg "TORCH_INDEX=https://pypi.org/simple")
+               --build-arg "TORCH_INDEX=")  # pip's default index for torch's own dependencies
     fi
     # Behind a TLS-intercepting proxy pip needs this machine's CA bundle: bind-mounted for the build, in no layer.
     if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ]; then

@@ -52,8 +52,8 @@ def ignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_sends_the_sources_and_nothing_else() -> None:
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
-    for needed in ["pyproject.toml", "setup.py", "README.md", "docker/constraints.txt", "pdserve/cli/main.py", "operator/spec.py",
-                   "engine/config.py", "services/router/cli.py"]:
+    for needed in ["pyproject.toml", "setup.py", "README.md", "docker/constraints.txt", "pdserve/cli/main.py",
+                   "operator/spec.py", "engine/config.py", "services/router/cli.py", "sim/profiles/x.json"]:
         assert not ignored(needed, patterns), needed
     for unwanted in [".git", "tests/operator/conftest.py", ".venv", "engine/__pycache__/x.pyc", "charts/pdserve",
                      "docs/kubernetes.md", "scripts/image.sh", "Makefile"]:
