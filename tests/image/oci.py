@@ -30,6 +30,11 @@ def buildah(*args: str) -> str:
     return subprocess.run(["buildah", *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def inspect(image: str) -> dict[str, Any]:
+    """``buildah inspect`` of an image: its OCI and Docker configurations, its history."""
+    return json.loads(buildah("inspect", "--type", "image", image))
+
+
 @dataclass
 class ImageConfig:
     """The parts of an image's OCI configuration a runtime applies."""
@@ -43,7 +48,7 @@ class ImageConfig:
 
     @classmethod
     def of(cls, image: str) -> ImageConfig:
-        cfg = json.loads(buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", image))
+        cfg = inspect(image)["OCIv1"]["config"]
         return cls(user=cfg.get("User") or "0", env=cfg.get("Env") or [], entrypoint=cfg.get("Entrypoint") or [],
                    cmd=cfg.get("Cmd") or [], workdir=cfg.get("WorkingDir") or "/", labels=cfg.get("Labels") or {})
 
@@ -103,7 +108,6 @@ class Mounted:
                 "args": self.config.entrypoint + args,
                 "env": [f"{k}={v}" for k, v in {**image_env, **(env or {})}.items()],
                 "cwd": self.config.workdir, "capabilities": NO_CAPABILITIES, "noNewPrivileges": True,
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
             },
             "mounts": mounts,
             # No network namespace: the host's, so the test reaches the servers on 127.0.0.1.
