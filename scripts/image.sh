@@ -21,8 +21,8 @@ if [ -n "${STORAGE_DRIVER:-}" ]; then buildah() { command buildah --storage-driv
 SUITE="${DEBIAN_SUITE:-$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")}"
 # This machine's Debian mirror, as apt is configured (DEBIAN_MIRROR overrides): the base comes from the same release.
 apt_uri() {
-    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-        | grep -E '^(URIs:|deb )' | grep -oE "https?://[^ ]+/$1/?( |\$)" | head -1 | tr -d ' '
+    { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
+        | grep -E '^(URIs:|deb )' | grep -oE "https?://[^ ]+/$1/?( |\$)" | head -1 | tr -d ' ' || true
 }
 MIRROR="${DEBIAN_MIRROR:-$(apt_uri debian)}"
 SECURITY_MIRROR="${DEBIAN_SECURITY_MIRROR:-$(apt_uri debian-security)}"
