@@ -3,7 +3,7 @@
 #
 #   GPU:  docker build -t pdserve:0.1.0 .
 #   CPU:  docker build -t pdserve:0.1.0-cpu --build-arg BASE=debian:bookworm-slim \
-#             --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu --build-arg TORCH_SPEC=torch==2.13.0+cpu .
+#             --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
 #
 # Without a Docker daemon: scripts/image.sh builds the CPU variant with buildah on a debootstrapped Debian base, and
 # `make image-test` runs it (docs/kubernetes.md, step 1).
