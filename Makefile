@@ -2,6 +2,8 @@
 #   make run   - install everything into .venv, then start the local stack (router + prefill + decode) with the
 #                bundled model; Ctrl-C stops it
 #   make test  - install everything into .venv, then run the test suite
+#   make image-test - build the CPU container image with buildah (no Docker daemon; root) and run it as its pods do
+#                (tests/image); ~15 min the first time on 2 cores, not part of `make test` (docs/kubernetes.md)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,7 @@ PORT ?= 8000
 UP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install clean
+.PHONY: run test install clean image-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,9 @@ run: install
 
 test: install
 	bash scripts/test.sh $(PYTEST_ARGS)
+
+image-test: install
+	bash scripts/image.sh test
 
 clean:
 	rm -rf $(VENV)

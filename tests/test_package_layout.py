@@ -68,3 +68,24 @@ def test_every_python_folder_under_a_mapped_root_is_a_package() -> None:
                and not (d / "__init__.py").is_file()]
     missing += [folder for folder in mapping.values() if not (ROOT / folder / "__init__.py").is_file()]
     assert missing == []
+
+
+def test_a_built_wheel_carries_every_data_file_the_packages_read(tmp_path: Path) -> None:
+    """A non-editable install (the container image's) gets only what the wheel holds: every tracked non-Python
+    file under a mapped root must be in it, or code that reads it (the simulator's profiles) fails there."""
+    import zipfile
+
+    roots = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    tracked = subprocess.run(["git", "ls-files", *roots.values()], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    data = {f for f in tracked if not f.endswith((".py", ".pyi"))}
+    subprocess.run([sys.executable, "-P", "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                    "-w", str(tmp_path)], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    wheel = next(tmp_path.glob("pdserve-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    folder_of = {folder: name.replace(".", "/") for name, folder in roots.items()}
+    expected = set()
+    for f in data:
+        folder, _, rest = f.partition("/")
+        expected.add(f"{folder_of[folder]}/{rest}")
+    assert expected and expected <= names, sorted(expected - names)

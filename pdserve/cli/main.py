@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pdserve import __version__
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.cli.generate", "generate text offline with a model"),
@@ -28,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
+    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_lazy_subcommands(sub, SUBCOMMANDS, prog="pdserve", key="_module")
     return parser

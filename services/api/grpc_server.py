@@ -166,6 +166,14 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
+# Accept the router's keepalive pings (services/router/backend.py: every 5 s, with or without a call). With grpc's
+# defaults a server allows one ping per 5 minutes while it sends no data, so a call whose first token took longer
+# than ~15 s (a long prefill, a busy CPU) ended in GOAWAY "too_many_pings" and the router dropped the pod.
+KEEPALIVE_POLICY = [("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.min_ping_interval_without_data_ms", 4000),
+                    ("grpc.http2.max_ping_strikes", 0)]
+
+
 async def start_grpc_server(engine: EngineClient, settings: ServerSettings, host: str, port: int,
                             services: Iterable[Callable[[grpc.aio.Server, GenerationServicer], None]] = ()
                             ) -> GrpcServer:
@@ -174,7 +182,7 @@ async def start_grpc_server(engine: EngineClient, settings: ServerSettings, host
     ``services``: more servicers to mount (e.g. a role's ``Prefill`` or ``Decode``), each added by a function
     given the server and the generation servicer (whose checks and conversions it may reuse).
     """
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes)],
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes), *KEEPALIVE_POLICY],
                              interceptors=[EdgeInterceptor(settings)],
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
     generation = GenerationServicer(engine, settings)
