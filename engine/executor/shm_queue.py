@@ -75,7 +75,9 @@ class ShmRingBuffer:
     # ------------------------------------------------------------------ writer
     def write(self, *parts: bytes | memoryview, on_idle: Callable[[], None] | None = None) -> None:
         """Write one message, the concatenation of ``parts`` (a header and a tensor's bytes, say: no join copy)."""
-        length = sum(len(memoryview(p).cast("B")) for p in parts)
+        views = [memoryview(p) for p in parts]
+        views = [v.cast("B") for v in views if v.nbytes]  # (an empty tensor's view cannot be cast: skipped)
+        length = sum(len(v) for v in views)
         if length > self.capacity:
             raise MessageTooLargeError(f"a {length}-byte message does not fit the {self.capacity}-byte slots of "
                                        f"the shared-memory queue")
@@ -83,8 +85,7 @@ class ShmRingBuffer:
         _wait(lambda: m - min(self._words[:self.num_readers]) < self.num_slots, on_idle)
         base = self._slot_base(m)
         pos = base + 2 * _WORD
-        for part in parts:
-            view = memoryview(part).cast("B")
+        for view in views:
             self._shm.buf[pos:pos + len(view)] = view
             pos += len(view)
         self._words[base // _WORD + 1] = length
