@@ -87,8 +87,9 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """How many devices one engine spans: ``tensor_parallel_size * pipeline_parallel_size`` ranks, one worker
-    process each (engine/executor); 1 × 1 runs in the engine core's own process. Data parallelism is not
-    implemented yet: its size must be 1, and a larger one is refused here rather than silently ignored."""
+    process each (engine/executor); 1 × 1 runs in the engine core's own process. ``data_parallel_size`` engine
+    cores run behind one API server (``pdserve serve``, engine/async_engine/dp_client.py); an engine core itself
+    refuses a size above 1."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -104,17 +105,10 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
-_IMPLEMENTED_PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size")
-
-
 def check_parallel_size(name: str, value: Any) -> int:
-    """``value`` if it is a supported parallel size; a ValueError naming ``name`` otherwise."""
+    """``value`` if it is a positive integer; a ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if value != 1 and name not in _IMPLEMENTED_PARALLELISM:
-        kind = name.removesuffix("_size").replace("_", " ") + "ism"
-        raise ValueError(f"{name}={value}: {kind} is not implemented yet; pdserve runs one engine on one device, "
-                         f"so only 1 is accepted")
     return value
 
 

@@ -92,6 +92,9 @@ class EngineCore:
         from pdserve.engine.executor import build_executor
         from pdserve.engine.sampler import Sampler
 
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={config.parallel.data_parallel_size}: data parallelism runs several "
+                             f"engine cores behind `pdserve serve`; one engine core (or the offline LLM) takes only 1")
         self.config = config
         # The model runner itself on one device; with tensor/pipeline parallelism, the multi-process executor
         # (same interface: the logits of each step come back here, engine/executor).

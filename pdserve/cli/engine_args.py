@@ -42,6 +42,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "at a time; not with a KV connector yet)")
 
 
+def positive_int(name: str) -> Callable[[str], int]:
+    """An argparse type for a parallel size (``--data-parallel-size`` of ``pdserve serve`` too)."""
+    return _parallel_size(name)
+
+
 def _parallel_size(name: str) -> Callable[[str], int]:
     """An argparse type: an integer that :func:`check_parallel_size` accepts (a clear usage error otherwise)."""
 

@@ -59,12 +59,12 @@ class RealServer:
             time.sleep(0.1)
 
 
-def start_real_server() -> RealServer:
-    """Start ``pdserve serve`` with the bundled model and wait until it is healthy."""
+def start_real_server(extra_args: tuple[str, ...] = ()) -> RealServer:
+    """Start ``pdserve serve`` with the bundled model (plus ``extra_args``) and wait until it is healthy."""
     port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-P", "-m", "pdserve.cli.main", "serve", "--model", MODEL, "--port", str(port),
            "--grpc-port", str(grpc_port), "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN),
-           "--num-blocks", str(NUM_BLOCKS), "--max-num-seqs", "128", "--log-level", "warning"]
+           "--num-blocks", str(NUM_BLOCKS), "--max-num-seqs", "128", "--log-level", "warning", *extra_args]
     log = tempfile.NamedTemporaryFile("w+", prefix="pdserve-serve-", suffix=".log", delete=False)
     # -P and a neutral cwd: the repository root holds a folder named 'operator' that must not shadow the stdlib.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(),
