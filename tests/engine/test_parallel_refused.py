@@ -1,6 +1,6 @@
-"""Parallel sizes: tensor and pipeline sizes above 1 are accepted (issue 15; engine/executor), data parallelism is
-not implemented and is refused by the config, and every CLI that has the flags refuses a size that is not a positive
-integer at parse time (issue 12, item 5)."""
+"""Parallel sizes: tensor and pipeline sizes above 1 are accepted by every engine command, data parallelism by
+``pdserve serve`` (issue 15), and a size that is not a positive integer is refused by the config and at parse time
+(issue 12, item 5)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,7 @@ FLAGS = ("--tensor-parallel-size", "--pipeline-parallel-size")
 @pytest.mark.parametrize("name", FIELDS)
 def test_parallel_config_sizes(name: str) -> None:
     assert getattr(ParallelConfig(**{name: 1}), name) == 1
-    if name == "data_parallel_size":
-        with pytest.raises(ValueError, match=rf"^{name}=2: data parallelism is not implemented yet; .* only 1 is "
-                                             r"accepted$"):
-            ParallelConfig(**{name: 2})
-    else:
-        assert getattr(ParallelConfig(**{name: 2}), name) == 2
+    assert getattr(ParallelConfig(**{name: 2}), name) == 2
     for bad in (0, -1, 1.0, True, "1"):
         with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got "):
             ParallelConfig(**{name: bad})
@@ -31,8 +26,18 @@ def test_parallel_config_sizes(name: str) -> None:
 
 def test_engine_config_refuses_before_resolving_the_model() -> None:
     # A model name that does not exist: the parallel size is what fails, before any model is looked up.
-    with pytest.raises(ValueError, match="^data_parallel_size=4: data parallelism is not implemented yet"):
-        EngineConfig.create("no-such-model", data_parallel_size=4)
+    with pytest.raises(ValueError, match="^data_parallel_size must be a positive integer, got 0"):
+        EngineConfig.create("no-such-model", data_parallel_size=0)
+
+
+def test_serve_takes_data_parallel_size(capsys) -> None:
+    serve = _parsers_with_flags()["serve"]
+    assert serve.parse_args(["--data-parallel-size", "2"]).data_parallel_size == 2
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--data-parallel-size", "0"])
+    assert "data_parallel_size must be a positive integer, got 0" in capsys.readouterr().err
+    # Only the server runs several engine cores: the other engine commands have no such flag.
+    assert "--data-parallel-size" not in _parsers_with_flags()["generate"]._option_string_actions
 
 
 def _parsers_with_flags() -> dict[str, argparse.ArgumentParser]:
