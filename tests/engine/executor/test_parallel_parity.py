@@ -70,8 +70,8 @@ def test_bundled_model_matches_one_device(tp: int, pp: int) -> None:
 @pytest.mark.parametrize(("model", "kwargs", "message"), [
     ("smollm2-135m-instruct", {"tensor_parallel_size": 2},
      "tensor_parallel_size=2 does not divide the model's 9 attention heads"),
-    ("smollm2-135m-instruct", {"tensor_parallel_size": 9},
-     "tensor_parallel_size=9 is not a multiple of the model's 3 KV heads"),
+    ("smollm2-135m-instruct", {"tensor_parallel_size": 6},
+     "tensor_parallel_size=6 does not divide the model's 9 attention heads"),
     ("tiny-llama", {"tensor_parallel_size": 3}, "tensor_parallel_size=3 does not divide the model's 4 attention heads"),
     ("tiny-llama", {"pipeline_parallel_size": 3}, "pipeline_parallel_size=3 exceeds the model's 2 layers"),
     ("tiny-llama", {"tensor_parallel_size": 2, "connector": "shared_fs"}, "cannot be combined with tensor"),
