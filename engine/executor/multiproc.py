@@ -60,7 +60,8 @@ class MultiProcExecutor:
         self._closing = False
         sched, vocab = config.scheduler, config.model.hf_config.vocab_size
         self._broadcast = ShmRingBuffer(self.world_size, num_slots=4, capacity=_broadcast_capacity(config))
-        self._results = ShmRingBuffer(1, num_slots=2, capacity=sched.max_num_seqs * vocab * 4 + (1 << 16))
+        # One step is in flight at a time: one slot, sized for the largest logits (float32, every row sampled).
+        self._results = ShmRingBuffer(1, num_slots=1, capacity=sched.max_num_seqs * vocab * 4 + (1 << 16))
         ctx = multiprocessing.get_context("spawn")  # CUDA and torch.distributed do not survive a fork
         port = _free_port()
         self._procs: list[Any] = []
