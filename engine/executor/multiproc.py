@@ -56,6 +56,7 @@ class MultiProcExecutor:
         self.tp_size, self.pp_size = par.tensor_parallel_size, par.pipeline_parallel_size
         self.world_size = self.tp_size * self.pp_size
         self.device = torch.device("cpu")
+        _check_devices(config.device.device, self.world_size)
         self._failure: str | None = None
         self._closing = False
         sched, vocab = config.scheduler, config.model.hf_config.vocab_size
@@ -164,6 +165,18 @@ class MultiProcExecutor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=_STOP_GRACE_S)
+
+
+def _check_devices(device: str, world_size: int) -> None:
+    """One GPU per rank: refuse before spawning if there are too few (device_count creates no CUDA context)."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return
+    if device not in ("auto", "cuda"):
+        raise ValueError(f"with tensor or pipeline parallelism rank i runs on cuda:i: pass --device cuda (or auto), "
+                         f"not {device!r}")
+    if torch.cuda.device_count() < world_size:
+        raise ValueError(f"tensor x pipeline = {world_size} ranks need {world_size} GPUs, "
+                         f"found {torch.cuda.device_count()}")
 
 
 def _broadcast_capacity(config: EngineConfig) -> int:
