@@ -86,8 +86,10 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many devices one engine spans. Parallelism is not implemented yet: every size must be 1, and a larger
-    one is refused here rather than silently run on one device (the fields keep the names it will use)."""
+    """How many devices one engine spans: ``tensor_parallel_size * pipeline_parallel_size`` ranks, one worker
+    process each (engine/executor); 1 × 1 runs in the engine core's own process. ``data_parallel_size`` engine
+    cores run behind one API server (``pdserve serve``, engine/async_engine/dp_client.py); an engine core itself
+    refuses a size above 1."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -97,15 +99,16 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             check_parallel_size(name, getattr(self, name))
 
+    @property
+    def world_size(self) -> int:
+        """Ranks (devices) of one engine."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
 
 def check_parallel_size(name: str, value: Any) -> int:
-    """``value`` if it is the one supported parallel size (1); a ValueError naming ``name`` otherwise."""
+    """``value`` if it is a positive integer; a ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if value != 1:
-        kind = name.removesuffix("_size").replace("_", " ") + "ism"
-        raise ValueError(f"{name}={value}: {kind} is not implemented yet; pdserve runs one engine on one device, "
-                         f"so only 1 is accepted")
     return value
 
 
@@ -173,9 +176,26 @@ class EngineConfig:
         sched_kw = groups[SchedulerConfig]
         if groups[KVTransferConfig].get("connector"):  # fail here, not after loading the model
             SchedulerConfig(**sched_kw).use_async_scheduling("", has_kv_connector=True)
+        if parallel.world_size > 1:
+            _check_parallel_fits(parallel, resolved.hf_config, groups)
         if not sched_kw.get("enable_chunked_prefill", True):
             sched_kw.setdefault("max_num_batched_tokens", max(max_model_len, 2048))
         return cls(model=model_cfg, cache=CacheConfig(**groups[CacheConfig]),
                    scheduler=SchedulerConfig(**sched_kw), parallel=parallel,
                    device=DeviceConfig(**groups[DeviceConfig]),
                    kv_transfer=KVTransferConfig(**groups[KVTransferConfig]))
+
+
+def _check_parallel_fits(parallel: ParallelConfig, hf_config: Any, groups: dict[type, dict[str, Any]]) -> None:
+    """Refuse, before any worker starts, a parallel layout the model or the other options cannot take."""
+    from pdserve.engine.models.parallel_layers import ModelShard, heads_per_rank
+
+    heads = hf_config.num_attention_heads
+    heads_per_rank(heads, getattr(hf_config, "num_key_value_heads", None) or heads, parallel.tensor_parallel_size)
+    ModelShard(pp_size=parallel.pipeline_parallel_size).layer_range(hf_config.num_hidden_layers)
+    if groups[KVTransferConfig].get("connector"):
+        raise ValueError("a KV connector (prefill/decode disaggregation) cannot be combined with tensor or pipeline "
+                         "parallelism yet; run the prefill and decode engines with tensor_parallel_size=1 and "
+                         "pipeline_parallel_size=1")
+    if groups[SchedulerConfig].get("async_scheduling") is True:
+        raise ValueError("async_scheduling cannot be used with tensor or pipeline parallelism yet")

@@ -89,11 +89,16 @@ class EngineCore:
     """Owns the scheduler, the model runner and the sampler; :meth:`step` runs one batch."""
 
     def __init__(self, config: EngineConfig) -> None:
+        from pdserve.engine.executor import build_executor
         from pdserve.engine.sampler import Sampler
-        from pdserve.engine.worker.model_runner import ModelRunner
 
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={config.parallel.data_parallel_size}: data parallelism runs several "
+                             f"engine cores behind `pdserve serve`; one engine core (or the offline LLM) takes only 1")
         self.config = config
-        self.runner = ModelRunner(config)
+        # The model runner itself on one device; with tensor/pipeline parallelism, the multi-process executor
+        # (same interface: the logits of each step come back here, engine/executor).
+        self.runner = build_executor(config)
         self.vocab_size = self.runner.vocab_size
         self.max_model_len = config.model.max_model_len
         cache, sched = config.cache, config.scheduler
@@ -376,10 +381,19 @@ class EngineCore:
         if idle and out.is_empty:
             time.sleep(0.002 if self.scheduler.num_loading else 0.02)
 
+    def check_health(self) -> None:
+        """Raise if the engine can no longer step (a parallel engine's worker died); cheap, called while idle."""
+        check = getattr(self.runner, "check_health", None)
+        if check is not None:
+            check()
+
     def shutdown(self) -> None:
-        """Stop the KV connector's threads and server (the rest needs no clean-up)."""
+        """Stop the KV connector's threads and server, and a parallel engine's workers."""
         if self.kv_connector is not None:
             self.kv_connector.shutdown()
+        stop_workers = getattr(self.runner, "shutdown", None)
+        if stop_workers is not None:
+            stop_workers()
         if self.structured is not None:
             self.structured.shutdown()
 

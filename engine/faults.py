@@ -19,7 +19,8 @@ def is_device_fault(exc: BaseException) -> bool:
     """True for an error after which the engine must not serve again (see the module docstring)."""
     if isinstance(exc, MemoryError):
         return True
-    if type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError"):
+    # ExecutorFailedError: a worker process of a parallel engine died (engine/executor/multiproc.py).
+    if type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError", "ExecutorFailedError"):
         return True
     text = str(exc)
     return any(marker in text for marker in _DEVICE_MARKERS)

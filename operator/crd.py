@@ -125,8 +125,9 @@ def _pod_props(gpus: bool) -> dict[str, Schema]:
 
 def engine_role(description: str) -> Schema:
     props = _pod_props(gpus=True)
-    # maximum 1 until the engine runs several ranks: the API server refuses larger sizes at admission.
-    later = "; only 1 until parallelism is implemented."
+    # maximum 1 until the engine runs several ranks with a KV connector (every prefill and decode pod has one):
+    # the API server refuses larger sizes at admission.
+    later = "; only 1 until parallel engines run with a KV connector."
     props["parallelism"] = obj({"tensor": integer("Tensor-parallel size" + later, 1, minimum=1,
                                                   maximum=s.MAX_PARALLEL),
                                 "pipeline": integer("Pipeline-parallel size" + later, 1, minimum=1,

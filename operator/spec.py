@@ -312,8 +312,8 @@ def _role(f: _Fields) -> RoleSpec:
     for key in ("tensor", "pipeline"):
         size = par.int(key, 1, minimum=1)
         if size > MAX_PARALLEL:
-            raise SpecError(f"{par.path}.{key}", f"must be 1: {key} parallelism is not implemented yet (a pod "
-                                                 f"would get {size} GPUs and use one), got {size}")
+            raise SpecError(f"{par.path}.{key}", f"must be 1: {key} parallelism does not run with a KV connector "
+                                                 f"yet, and every prefill and decode pod uses one, got {size}")
     role = RoleSpec(tensor_parallel=par.int("tensor", RoleSpec.tensor_parallel, minimum=1),
                     pipeline_parallel=par.int("pipeline", RoleSpec.pipeline_parallel, minimum=1),
                     **_pod_fields(f, gpus=True))

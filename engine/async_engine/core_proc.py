@@ -121,6 +121,7 @@ class EngineCoreProc:
                 if self._parent_gone():
                     logger.warning("engine core: parent process is gone; exiting")
                     break
+                core.check_health()  # a parallel engine's dead worker ends the core even while it idles
                 outputs, step_tokens, scheduled = [], 0, []
                 if core.has_unfinished_requests():
                     start = time.time()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pdserve.engine.models.layers import RMSNorm
+from pdserve.engine.models.parallel_layers import ModelShard
 from pdserve.engine.models.registry import get_model_class, supported_architecture
 from pdserve.engine.worker.attention import AttentionBackend
 
@@ -55,12 +56,16 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(model_config, device: torch.device | str, dtype: torch.dtype | str,
-               attn_backend: AttentionBackend | None = None) -> nn.Module:
+               attn_backend: AttentionBackend | None = None, shard: ModelShard | None = None) -> nn.Module:
     """Build the model for ``model_config.hf_config`` on ``device`` in ``dtype`` and load its weights.
 
     Weights come from the safetensors files in ``model_config.path``; with ``load_format="dummy"`` (or no
     path) they are random, deterministic from ``model_config.seed`` and generated on the device.
     ``attn_backend`` defaults to the pure-torch backend.
+
+    ``shard`` (multi-process executor): build this rank's part of the model; its checkpoint tensors are read as
+    lazy slices, so only the rank's rows and columns leave the file. Dummy weights are then drawn per rank (they
+    are random either way, but differ from the single-device ones).
     """
     from pdserve.engine.worker.torch_attention import TorchAttentionBackend
 
@@ -76,18 +81,38 @@ def load_model(model_config, device: torch.device | str, dtype: torch.dtype | st
                        "outputs differ from the reference beyond that length", model_config.model, window)
     start = time.perf_counter()
     with torch.device(device), _default_dtype(dtype):
-        model = get_model_class(arch)(hf_config, attn_backend or TorchAttentionBackend())
+        backend = attn_backend or TorchAttentionBackend()
+        model_class = get_model_class(arch)
+        model = model_class(hf_config, backend) if shard is None else model_class(hf_config, backend, shard=shard)
     model.requires_grad_(False)
     if model_config.load_format == "dummy" or model_config.path is None:
-        init_dummy_weights(model, model_config.seed)
+        init_dummy_weights(model, model_config.seed + (0 if shard is None else 1000 * shard.pp_rank + shard.tp_rank))
     else:
-        load_safetensors(model, Path(model_config.path))
+        load_safetensors(model, Path(model_config.path), lazy=shard is not None)
     logger.info("loaded %s (%s, %s) in %.1fs", model_config.model, arch, dtype, time.perf_counter() - start)
     return model.eval()
 
 
-def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of every ``*.safetensors`` file in ``directory`` (on CPU, one at a time)."""
+class LazyTensor:
+    """A checkpoint tensor not read yet: :meth:`narrow` reads only a slice of it, :meth:`full` all of it.
+    Tensor-parallel weight loaders take these, so a rank reads just its shard."""
+
+    def __init__(self, source) -> None:
+        self._source = source  # a safetensors slice (get_slice)
+        self.shape = torch.Size(source.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._source[tuple(index)]
+
+    def full(self) -> torch.Tensor:
+        return self._source[:]
+
+
+def iter_safetensors(directory: Path, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+    """Every tensor of every ``*.safetensors`` file in ``directory`` (on CPU, one at a time); with ``lazy``,
+    :class:`LazyTensor` handles that read on demand."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -96,13 +121,13 @@ def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (LazyTensor(f.get_slice(name)) if lazy else f.get_tensor(name))
 
 
 @torch.no_grad()
-def load_safetensors(model: nn.Module, directory: Path) -> None:
+def load_safetensors(model: nn.Module, directory: Path, lazy: bool = False) -> None:
     """Load a checkpoint through the model's ``load_weights``; every parameter must be filled."""
-    loaded = model.load_weights(iter_safetensors(directory))
+    loaded = model.load_weights(iter_safetensors(directory, lazy))
     missing = sorted(set(dict(model.named_parameters())) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -21,10 +21,17 @@ from torch import nn
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
     """Copy a whole checkpoint tensor into ``param`` (shapes must match exactly)."""
+    loaded = full_tensor(loaded)
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter of shape "
                          f"{tuple(param.shape)}")
     param.data.copy_(loaded)
+
+
+def full_tensor(loaded: Any) -> torch.Tensor:
+    """A checkpoint tensor, read whole if the loader handed a lazy slice (tensor-parallel loading does, see
+    :class:`pdserve.engine.model_loader.weights.LazyTensor`)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.full()
 
 
 class RMSNorm(nn.Module):
@@ -190,6 +197,7 @@ def _load_shard(offsets: dict[Any, tuple[int, int]], param: nn.Parameter, loaded
                 shard_id: Any) -> None:
     start, width = offsets[shard_id]
     dest = param.data.narrow(0, start, width)
+    loaded = full_tensor(loaded)
     if dest.shape != loaded.shape:
         raise ValueError(f"shard {shard_id!r}: checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
     dest.copy_(loaded)

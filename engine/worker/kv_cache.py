@@ -48,6 +48,18 @@ def kv_cache_spec(hf_config, block_size: int, model_dtype: torch.dtype, kv_cache
     )
 
 
+def shard_kv_spec(spec: KVCacheSpec, hf_config, shard) -> KVCacheSpec:
+    """The cache of one rank of a parallel engine: its KV heads (replicated ones count once per rank) of its
+    pipeline stage's layers."""
+    import dataclasses
+
+    from pdserve.engine.models.parallel_layers import heads_per_rank
+
+    _, kv_heads = heads_per_rank(hf_config.num_attention_heads, spec.num_kv_heads, shard.tp_size)
+    start, end = shard.layer_range(spec.num_layers)
+    return dataclasses.replace(spec, num_kv_heads=kv_heads, num_layers=end - start)
+
+
 def num_blocks_for_bytes(spec: KVCacheSpec, budget_bytes: int) -> int:
     return max(0, int(budget_bytes) // spec.bytes_per_block)
 

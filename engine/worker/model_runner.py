@@ -9,6 +9,7 @@ import torch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtype
+from pdserve.engine.models.parallel_layers import ModelShard
 from pdserve.engine.worker.attention import get_attention_backend
 from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.worker.warmup import warm_up, warmup_cases
@@ -18,6 +19,7 @@ from pdserve.engine.worker.kv_cache import (
     gpu_kv_cache_bytes,
     kv_cache_spec,
     num_blocks_for_bytes,
+    shard_kv_spec,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,17 +33,22 @@ class ModelRunner:
     ``kv_spec`` and ``kv_caches`` (one ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer, for connectors).
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, shard: ModelShard | None = None) -> None:
+        """``shard``: this rank's part of a tensor/pipeline-parallel model (the multi-process executor's workers,
+        :mod:`pdserve.engine.executor`); None for the whole model on one device."""
         self.config = config
+        self.shard = shard
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         hf_config = config.model.hf_config
         self.vocab_size: int = hf_config.vocab_size
         self.kv_spec = kv_cache_spec(hf_config, self.block_size, self.dtype, config.cache.kv_cache_dtype)
+        if shard is not None:  # this rank's KV heads of this stage's layers
+            self.kv_spec = shard_kv_spec(self.kv_spec, hf_config, shard)
         self.attn_backend = get_attention_backend(config.device.attention_backend, self.device,
                                                   self.kv_spec.head_dim, self.block_size)
-        self.model = load_model(config.model, self.device, self.dtype, self.attn_backend)
+        self.model = load_model(config.model, self.device, self.dtype, self.attn_backend, shard=shard)
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
         self.kv_connector = None  # a KV connector's worker half (engine/kv_transfer), see attach_kv_connector
@@ -98,7 +105,8 @@ class ModelRunner:
     def _warm_up_kernels(self) -> None:
         """Compile the Triton kernel variants eager steps use now, not in the middle of serving."""
         spec, sched = self.kv_spec, self.config.scheduler
-        group = self.config.model.hf_config.num_attention_heads // spec.num_kv_heads
+        tp_size = self.shard.tp_size if self.shard is not None else 1
+        group = self.config.model.hf_config.num_attention_heads // tp_size // spec.num_kv_heads
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         cases = warmup_cases(group, spec.num_kv_heads, num_sms, sched.max_num_seqs, sched.max_num_batched_tokens)
         warm_up(lambda out: self._run(out, self.kv_caches), cases, self.block_size, self.num_blocks)

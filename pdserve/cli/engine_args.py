@@ -34,11 +34,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the GPU runs this one (default: on for CUDA without a KV "
                         "connector)")
-    # Accepted so that argument lists written for parallel engines parse, but only 1 until parallelism exists.
     g.add_argument("--tensor-parallel-size", type=_parallel_size("tensor_parallel_size"), default=1,
-                   help="devices per engine for tensor parallelism (not implemented yet: only 1)")
+                   help="devices per pipeline stage, each holding a slice of every layer's heads (one worker "
+                        "process per device; not with a KV connector yet)")
     g.add_argument("--pipeline-parallel-size", type=_parallel_size("pipeline_parallel_size"), default=1,
-                   help="pipeline stages per engine (not implemented yet: only 1)")
+                   help="pipeline stages per engine, each holding a contiguous range of layers (one batch in flight "
+                        "at a time; not with a KV connector yet)")
+
+
+def positive_int(name: str) -> Callable[[str], int]:
+    """An argparse type for a parallel size (``--data-parallel-size`` of ``pdserve serve`` too)."""
+    return _parallel_size(name)
 
 
 def _parallel_size(name: str) -> Callable[[str], int]:

@@ -99,6 +99,11 @@ def check_edge_limits(args: argparse.Namespace) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     add_engine_arguments(parser)
+    from pdserve.cli.engine_args import positive_int
+
+    parser.add_argument("--data-parallel-size", type=positive_int("data_parallel_size"), default=1,
+                        help="engine cores behind this server, each with its own scheduler and KV cache (on CUDA "
+                             "core i uses GPU i); new requests go to the least-loaded core")
 
 
 def settings_from_args(args: argparse.Namespace, served_name: str, cluster_secret: Any = None) -> Any:
@@ -188,6 +193,9 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
         logger.warning("no cluster secret (PDSERVE_CLUSTER_SECRET): %s", "calls need the API key" if
                        api_key_from(args) else "this server takes calls from anyone who can reach it")
     kwargs = {**engine_kwargs(args), **(engine_overrides or {})}
+    data_parallel = getattr(args, "data_parallel_size", 1)
+    if data_parallel > 1:
+        kwargs["data_parallel_size"] = data_parallel
     if getattr(args, "kv_events_endpoint", None):
         kwargs["kv_events_endpoint"] = args.kv_events_endpoint
     try:
@@ -198,7 +206,21 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
     name = config.model.served_model_name
     settings = settings_from_args(args, name, secret)
     metrics = ServingMetrics(name)
-    engine = AsyncLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting, core_factory=core_factory)
+    engine: Any
+    if config.parallel.data_parallel_size > 1:
+        from pdserve.engine.async_engine.dp_client import DataParallelLLM
+        from pdserve.services.api.metrics import CoreMetrics
+
+        cores = CoreMetrics(name, metrics.registry, config.parallel.data_parallel_size)
+        try:
+            engine = DataParallelLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting,
+                                     core_stat_loggers=[[cores.for_core(i)] for i in range(len(cores))],
+                                     core_factory=core_factory)
+        except ValueError as exc:
+            logger.error("bad engine configuration: %s", exc)
+            return 2
+    else:
+        engine = AsyncLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting, core_factory=core_factory)
     logger.info("starting the engine core for %s (loading the model)", config.model.model)
     try:
         await engine.start()

@@ -7,6 +7,8 @@ step, and the app exposes :meth:`render` at ``/metrics``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -125,6 +127,44 @@ class ServingMetrics:
     def render(self) -> bytes:
         """The text exposition format for ``/metrics``."""
         return generate_latest(self.registry)
+
+
+class CoreMetrics:
+    """Per-core metrics of a data-parallel server (label ``engine``, the core's index), on the server's registry:
+    how the load is split. Each core's stat logger is :meth:`for_core`."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry, size: int) -> None:
+        labels = ["model_name", "engine"]
+
+        def family(kind: type, name: str, doc: str):
+            return kind(f"pdserve:engine_{name}", doc, labels, registry=registry)
+
+        running = family(Gauge, "num_requests_running", "Sequences in one engine core's batches.")
+        waiting = family(Gauge, "num_requests_waiting", "Sequences waiting in one engine core.")
+        usage = family(Gauge, "kv_cache_usage_perc", "One engine core's KV cache usage; 1 means 100 percent.")
+        tokens = family(Counter, "generation_tokens", "Generation tokens one engine core produced.")
+        finished = family(Counter, "requests_finished", "Sequences one engine core finished.")
+        self._cores = [_CoreLogger(*(m.labels(model_name, str(i)) for m in (running, waiting, usage, tokens,
+                                                                            finished))) for i in range(size)]
+
+    def __len__(self) -> int:
+        return len(self._cores)
+
+    def for_core(self, index: int) -> "_CoreLogger":
+        return self._cores[index]
+
+
+class _CoreLogger:
+    def __init__(self, running: Any, waiting: Any, usage: Any, tokens: Any, finished: Any) -> None:
+        self.running, self.waiting, self.usage, self.tokens, self.finished = running, waiting, usage, tokens, finished
+
+    def record(self, stats: SchedulerStats | None, it: IterationStats) -> None:
+        if stats is not None:
+            self.running.set(stats.num_running)
+            self.waiting.set(stats.num_waiting)
+            self.usage.set(stats.kv_cache_usage)
+        self.tokens.inc(it.num_generation_tokens)
+        self.finished.inc(len(it.finished))
 
 
 class MetricsListener:

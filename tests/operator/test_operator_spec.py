@@ -48,11 +48,12 @@ def test_gpus_follow_the_parallelism_unless_set() -> None:
 
 @pytest.mark.parametrize("role, key", [("prefill", "tensor"), ("decode", "pipeline")])
 def test_parallelism_above_one_is_refused_until_it_exists(role: str, key: str) -> None:
-    """Issue 12 item 5: a tensor: 2 pod would get two GPUs and use one."""
+    """Issue 12 item 5 / issue 15: engines run tensor and pipeline parallel, but not yet with the KV connector that
+    every prefill and decode pod has, so a pod would fail to start: refused at admission instead."""
     with pytest.raises(SpecError) as err:
         parse({role: {"parallelism": {key: 2}}})
     assert err.value.path == f"spec.{role}.parallelism.{key}"
-    assert "not implemented yet" in str(err.value) and "got 2" in str(err.value)
+    assert "does not run with a KV connector yet" in str(err.value) and "got 2" in str(err.value)
 
 
 def test_bounded_limits_have_finite_defaults() -> None:
