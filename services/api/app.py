@@ -77,9 +77,13 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            # Wait for the cancellation to land: the work's own clean-up (closing its engine streams, which
+            # aborts the request and frees its KV blocks) runs now, and its outcome is read below, never left
+            # pending (reading a pending task's result raised InvalidStateError into the log).
+            await asyncio.wait({task})
     if task.cancelled():
         return None  # nobody is listening any more
     return task.result()
