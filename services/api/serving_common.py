@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from pdserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pdserve.engine.frontend.params_wire import sampling_from_model
@@ -225,8 +225,10 @@ class GuardedEvents:
     """
 
     def __init__(self, events: AsyncIterator[str], streams: list[OutputStream], timeout_s: float,
-                 retry_after: int) -> None:
+                 retry_after: int, error_events: Callable[[ApiError], list[str]] | None = None) -> None:
         self._streams = streams
+        # How an error ends the stream; OpenAI's error chunk and [DONE] unless the endpoint speaks another dialect.
+        self._error_events = error_events or (lambda err: [sse(err.body()), DONE])
         self._gen = self._run(events, timeout_s, retry_after)
 
     def __aiter__(self) -> "GuardedEvents":
@@ -253,8 +255,8 @@ class GuardedEvents:
                     return
                 yield event
         except (Exception, asyncio.TimeoutError) as exc:
-            yield sse(from_exception(exc, retry_after).body())
-            yield DONE
+            for event in self._error_events(from_exception(exc, retry_after)):
+                yield event
         finally:
             await events.aclose()  # type: ignore[attr-defined]
             for s in self._streams:

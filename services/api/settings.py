@@ -39,6 +39,9 @@ class ServerSettings:
     max_concurrent_rpcs: int = 256
     max_concurrent_requests: int = 1024
     retry_after_s: int = 1
+    max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings request
+    # Responses kept for ``previous_response_id`` (an LRU; 0 keeps none), see services/api/response_store.py.
+    responses_store_size: int = 1024
 
     @property
     def model_name(self) -> str:
