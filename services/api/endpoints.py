@@ -72,7 +72,11 @@ def add_endpoints(app: FastAPI, engine: Any, settings: ServerSettings, run: Runn
         reset = getattr(engine, "reset_prefix_cache", None)
         if reset is None:
             raise ApiError(400, "this server's engine has no prefix cache to reset", code="unsupported")
-        if not await reset():
+        outcome = await reset()
+        if isinstance(outcome, dict):  # a router: one outcome per pod
+            ok = bool(outcome) and all(v == "ok" for v in outcome.values())
+            return JSONResponse({"status": "ok" if ok else "partial", "pods": outcome}, 200 if ok else 409)
+        if not outcome:
             raise ApiError(409, "the prefix cache was not reset: requests are holding KV blocks; retry when idle",
                            code="engine_busy")
         return JSONResponse({"status": "ok"})

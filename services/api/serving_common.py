@@ -145,8 +145,12 @@ class ServingBase:
                     handle = getattr(out, "kv_transfer_params", None) or handle
             return sorted(outs, key=lambda c: c.index), handle
 
+        gathered = asyncio.gather(*(one(s) for s in streams))
+        # Cancelled inside wait_for (the client left), a gather ends with an exception that nobody reads, which
+        # asyncio logs with a traceback when the future is collected: read it here.
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            results = list(await self.with_timeout(asyncio.gather(*(one(s) for s in streams))))
+            results = list(await self.with_timeout(gathered))
         finally:
             for s in streams:
                 s.close()

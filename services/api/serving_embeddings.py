@@ -45,9 +45,9 @@ class EmbeddingsServing(ServingBase):
         self.check_model(req.model)
         embed = getattr(self.engine, "embed", None)
         if embed is None:
-            raise bad_request("this server does not serve embeddings: it runs the generate runner. Start one with "
-                              "`pdserve serve --runner pooling` for /v1/embeddings", param="model",
-                              code="unsupported")
+            raise bad_request("/v1/embeddings needs a pooling runner and this server (or deployment behind this "
+                              "router) has none: it runs the generate runner. Serve embeddings with "
+                              "`pdserve serve --runner pooling`", param="model", code="unsupported")
         hidden = self.engine.hidden_size
         if req.dimensions is not None and req.dimensions != hidden:
             raise bad_request(f"dimensions must equal the model's hidden size ({hidden}): this server does not "
