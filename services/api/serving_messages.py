@@ -66,8 +66,8 @@ class MessagesRequest(_Model):
     metadata: dict[str, Any] | None = None
 
 
-# Accepted and ignored: hints that change nothing about a text-only answer.
-IGNORED_FIELDS = frozenset({"service_tier"})
+# Accepted and ignored: hints that change nothing about a text-only answer (prompt caching is automatic here).
+IGNORED_FIELDS = frozenset({"service_tier", "cache_control", "inference_geo"})
 
 
 def _sse(kind: str, data: dict[str, Any]) -> str:
