@@ -14,7 +14,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from pdserve.services.api.conversation import ConversationServing, Reply, deltas, refuse_unsupported
-from pdserve.services.api.errors import ApiError
+from pdserve.services.api.errors import ApiError, bad_request
 from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
 from pdserve.services.api.response_store import ResponseStore
 from pdserve.services.api.responses_protocol import IGNORED_FIELDS, ResponsesRequest, input_messages
@@ -53,6 +53,8 @@ class ResponsesServing(ConversationServing):
         refuse_unsupported(req.model_extra, IGNORED_FIELDS)
         self.check_model(req.model)
         conversation = self._conversation(req)
+        if not req.input:
+            raise bad_request("input must not be empty", param="input")
         turns = ([{"role": "system", "content": req.instructions}] if req.instructions is not None else [])
         chat = ChatCompletionRequest(
             model=req.model, messages=[ChatMessage(**t) for t in turns + conversation],
