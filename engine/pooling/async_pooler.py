@@ -39,6 +39,7 @@ class AsyncPooler:
 
     def __init__(self, config: EngineConfig, pooling_type: str = "mean", normalize: bool = True,
                  max_waiting: int = 0) -> None:
+        """``max_waiting`` (0: unbounded): requests queued for a step beyond which new ones get a 429."""
         self.config = config
         self.model_name = config.model.served_model_name
         self.max_model_len = config.model.max_model_len
@@ -106,8 +107,8 @@ class AsyncPooler:
             bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
                 raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})")
-        if self.max_waiting and sum(len(j.prompts) for j in self._queue) + len(prompts) > self.max_waiting:
-            raise QueueFullError(f"the engine's waiting queue is full ({self.max_waiting} prompts)")
+        if self.max_waiting and len(self._queue) >= self.max_waiting:
+            raise QueueFullError(f"the engine's waiting queue is full ({self.max_waiting} requests)")
         job = _Job(prompts)
         self._queue.append(job)
         self._wake.set()
