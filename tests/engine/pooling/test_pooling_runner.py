@@ -13,6 +13,9 @@ from pdserve.engine.pooling.runner import PoolingRunner
 from tests.helpers.tiny_models import make_tiny_model
 
 TOL = 1e-5
+# Float32 everywhere; on a GPU machine the same checks run on CUDA too (its kernels reorder sums: a looser bound).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOLS = {"cpu": TOL, "cuda": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -29,26 +32,29 @@ def tiny(tmp_path_factory):
     return directory, prompts, hidden
 
 
-def _runner(directory: str, pooling_type: str, normalize: bool = True) -> PoolingRunner:
+def _runner(directory: str, pooling_type: str, normalize: bool = True, device: str = "cpu") -> PoolingRunner:
     config = EngineConfig.create(directory, max_model_len=128, num_blocks=24, block_size=4,
-                                 max_num_batched_tokens=48)
+                                 max_num_batched_tokens=48, device=device, dtype="float32")
     return PoolingRunner(config, pooling_type, normalize)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pooling_type", ["mean", "last", "cls"])
-def test_pooled_states_equal_transformers(tiny, pooling_type):
+def test_pooled_states_equal_transformers(tiny, pooling_type, device):
     directory, prompts, hidden = tiny
-    runner = _runner(directory, pooling_type, normalize=False)
+    runner = _runner(directory, pooling_type, normalize=False, device=device)
     ours = runner.embed(prompts)
     pick = {"mean": lambda h: h.mean(0), "last": lambda h: h[-1], "cls": lambda h: h[0]}[pooling_type]
     ref = torch.stack([pick(h) for h in hidden])
     assert ours.shape == (len(prompts), runner.hidden_size)
-    torch.testing.assert_close(ours, ref, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(ours, ref, atol=TOLS[device], rtol=TOLS[device])
 
 
-def test_normalized_batch_equals_singles_and_repeats(tiny):
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalized_batch_equals_singles_and_repeats(tiny, device):
     directory, prompts, hidden = tiny
-    runner = _runner(directory, "mean")
+    runner = _runner(directory, "mean", device=device)
+    TOL = TOLS[device]
     batch = runner.embed(prompts)
     singles = torch.stack([runner.embed([p])[0] for p in prompts])
     torch.testing.assert_close(batch, singles, atol=TOL, rtol=TOL)
