@@ -8,10 +8,12 @@ type) fails the type check instead of a request at run time. Add a line when a n
 from __future__ import annotations
 
 from pdserve.engine.async_engine.client import AsyncLLM
+from pdserve.engine.pooling.async_pooler import AsyncPooler
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.router.engine import RouterEngine
 
 
-def engine_clients(local: AsyncLLM, router: RouterEngine) -> list[EngineClient]:
-    """The monolithic/pod engine and the router's engine both serve the HTTP and gRPC front ends."""
-    return [local, router]
+def engine_clients(local: AsyncLLM, router: RouterEngine, pooler: AsyncPooler) -> list[EngineClient]:
+    """The monolithic/pod engine, the router's engine and the pooling engine all serve the HTTP and gRPC front
+    ends."""
+    return [local, router, pooler]
