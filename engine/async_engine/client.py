@@ -25,8 +25,8 @@ import zmq.asyncio
 
 from pdserve.engine.async_engine.core_proc import run_engine_core
 from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, FatalMessage, FinishRequests,
-                                                  ReadyMessage, Shutdown, StepMessage, client_decoder,
-                                                  client_encoder)
+                                                  ReadyMessage, ResetPrefixCache, ResetPrefixCacheDone, Shutdown,
+                                                  StepMessage, client_decoder, client_encoder)
 from pdserve.engine.async_engine.request_stream import ABORTED, RequestState, RequestStream
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import SchedulerStats
@@ -84,6 +84,7 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._encoder = client_encoder()
         self._decoder = client_decoder()
+        self._resets: dict[int, asyncio.Future[bool]] = {}  # reset_prefix_cache calls awaiting the core
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "AsyncLLM":
@@ -206,6 +207,9 @@ class AsyncLLM:
             self._dead = exc
         for state in self._requests.values():
             state.queue.put_nowait(exc)
+        for waiter in self._resets.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
 
     # ------------------------------------------------------------------ state
     @property
@@ -304,6 +308,18 @@ class AsyncLLM:
             self._release(state)
             state.queue.put_nowait(ABORTED)
 
+    async def reset_prefix_cache(self, timeout_s: float = 10.0) -> bool:
+        """Make the core forget every cached prefix block. False (nothing reset) while requests hold blocks."""
+        self._check_usable()
+        token = uuid.uuid4().int & ((1 << 63) - 1)
+        waiter = self._resets[token] = asyncio.get_running_loop().create_future()
+        try:
+            if not self._send(ResetPrefixCache(token)):
+                raise EngineDeadError("the engine core is not connected")
+            return await asyncio.wait_for(waiter, timeout_s)
+        finally:
+            self._resets.pop(token, None)
+
     def _release(self, state: RequestState) -> None:
         """Forget a request; abort in the core whatever of it is still running."""
         if self._requests.get(state.request_id) is not state:
@@ -348,6 +364,10 @@ class AsyncLLM:
                 msg = self._decoder.decode(await self._out_sock.recv())
                 if isinstance(msg, StepMessage):
                     self._on_step(msg)
+                elif isinstance(msg, ResetPrefixCacheDone):
+                    waiter = self._resets.pop(msg.token, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(msg.ok)
                 elif isinstance(msg, FatalMessage):
                     logger.error("engine core failed: %s\n%s", msg.message, msg.traceback)
                     self._fail_all(EngineDeadError(f"the engine core failed: {msg.message}"))

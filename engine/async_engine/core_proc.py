@@ -29,8 +29,8 @@ import msgspec
 import zmq
 
 from pdserve.engine.async_engine.protocol import (AbortRequests, AddRequests, FatalMessage, FinishRequests,
-                                                  ReadyMessage, Shutdown, StepMessage, client_encoder,
-                                                  core_decoder)
+                                                  ReadyMessage, ResetPrefixCache, ResetPrefixCacheDone, Shutdown,
+                                                  StepMessage, client_encoder, core_decoder)
 from pdserve.engine.faults import describe, is_device_fault
 from pdserve.engine.request import RequestStatus
 
@@ -179,6 +179,8 @@ class EngineCoreProc:
         elif isinstance(msg, FinishRequests):
             core.finish_requests(msg.request_ids, RequestStatus.FINISHED_STOPPED)
             self._unscheduled.difference_update(msg.request_ids)
+        elif isinstance(msg, ResetPrefixCache):
+            self._outputs.put(ResetPrefixCacheDone(msg.token, core.scheduler.reset_prefix_cache()))
         elif isinstance(msg, Shutdown):
             self._stop = True
 

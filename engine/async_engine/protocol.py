@@ -38,7 +38,13 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Leave the busy loop and exit cleanly."""
 
 
-ClientMessage = AddRequests | AbortRequests | FinishRequests | Shutdown
+class ResetPrefixCache(msgspec.Struct, tag="reset_prefix_cache", array_like=True):
+    """Forget every cached prefix block; the core answers with a :class:`ResetPrefixCacheDone` of this ``token``."""
+
+    token: int
+
+
+ClientMessage = AddRequests | AbortRequests | FinishRequests | Shutdown | ResetPrefixCache
 
 # ----------------------------------------------------------------------------------------- core -> client
 
@@ -76,7 +82,14 @@ class FatalMessage(msgspec.Struct, tag="fatal", array_like=True):
     traceback: str
 
 
-CoreMessage = ReadyMessage | StepMessage | FatalMessage
+class ResetPrefixCacheDone(msgspec.Struct, tag="reset_prefix_cache_done", array_like=True):
+    """The outcome of a :class:`ResetPrefixCache`: ``ok`` is false when blocks were in use (nothing was reset)."""
+
+    token: int
+    ok: bool
+
+
+CoreMessage = ReadyMessage | StepMessage | FatalMessage | ResetPrefixCacheDone
 
 
 def client_encoder() -> msgspec.msgpack.Encoder:

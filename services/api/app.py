@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.engine.frontend.tokenizer import off_loop
 from pdserve.engine.sampling_params import is_valid_text
+from pdserve.services.api.endpoints import add_endpoints
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import ApiError, bad_request, from_exception
 from pdserve.services.api.guard import GuardMiddleware, parse_json_body
@@ -80,9 +81,13 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            # Wait for the cancellation to land: the work's own clean-up (closing its engine streams, which
+            # aborts the request and frees its KV blocks) runs now, and its outcome is read below, never left
+            # pending (reading a pending task's result raised InvalidStateError into the log).
+            await asyncio.wait({task})
     if task.cancelled():
         return None  # nobody is listening any more
     return task.result()
@@ -121,14 +126,15 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
             return JSONResponse(result)
         return _EventStream(result)
 
-    async def _run(request: Request, create: Callable[[Any], Awaitable[Any]], body: Any) -> Response:
+    async def _run(request: Request, create: Callable[[Any], Awaitable[Any]], body: Any,
+                   error_body: Callable[[ApiError], dict] = ApiError.body) -> Response:
         try:
             result = await _until_disconnect(request, create(body))
-        except Exception as exc:  # bad input, full queue, dead engine, timeout: all leave as OpenAI errors
+        except Exception as exc:  # bad input, full queue, dead engine, timeout: all leave as API errors
             err = from_exception(exc, settings.retry_after_s)
             if err.status == 500:
                 logger.exception("request failed: %s %s", request.method, request.url.path)
-            return JSONResponse(err.body(), err.status, headers=err.headers())
+            return JSONResponse(error_body(err), err.status, headers=err.headers())
         if result is None:
             return Response(status_code=499)  # client closed the request; nothing will read this
         return await _serve(request, result)
@@ -140,6 +146,8 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _run(request, chat.create, await _parse(request, ChatCompletionRequest))
+
+    add_endpoints(app, engine, settings, _run, _parse)  # responses, messages, embeddings, version, ...
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

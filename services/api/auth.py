@@ -5,7 +5,8 @@ A server has up to two credentials (both in :class:`ServerSettings`):
 * ``cluster_secret`` -- pdserve's own parts (the router) sign every call with a fresh call token under the
   deployment's secret, sent as ``x-pdserve-auth`` (HTTP header or gRPC metadata) for the scope
   :data:`ENGINE_SCOPE`;
-* ``api_key`` -- a user calling the server directly sends ``Authorization: Bearer <key>``.
+* ``api_key`` -- a user calling the server directly sends ``Authorization: Bearer <key>`` (or, as Anthropic's
+  clients do, ``x-api-key: <key>``).
 
 A call passes when it carries either valid credential; with neither configured the server is open (a standalone
 ``pdserve serve`` without ``--api-key`` on a trusted machine). Health checks and metrics need none.
@@ -41,10 +42,13 @@ def check_credentials(settings: ServerSettings, headers: Mapping[str, str]) -> A
         given = headers.get("authorization", "").encode()
         if hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             return None
+        # Anthropic's clients send the key as x-api-key.
+        if hmac.compare_digest(headers.get("x-api-key", "").encode(), api_key.encode()):
+            return None
     if token_problem is not None:
         message = token_problem
     elif api_key:
-        message = "invalid or missing API key (send 'Authorization: Bearer <key>')"
+        message = "invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')"
     else:
         message = f"missing {AUTH_HEADER}: this server takes calls from pdserve's own parts only"
     return ApiError(401, message, code="invalid_api_key")

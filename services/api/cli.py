@@ -79,6 +79,9 @@ def add_edge_limit_arguments(group: argparse._ArgumentGroup) -> None:
                        help="gRPC calls served at once; more get RESOURCE_EXHAUSTED (0: no limit)")
     group.add_argument("--max-concurrent-requests", type=int, default=1024,
                        help="HTTP API requests served at once; more get 429 + Retry-After (0: no limit)")
+    group.add_argument("--responses-store-size", type=int, default=1024,
+                       help="responses kept in memory for /v1/responses' previous_response_id, least recently "
+                            "used forgotten first (default 1024; 0: none kept)")
 
 
 def api_key_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:
@@ -91,7 +94,8 @@ def check_edge_limits(args: argparse.Namespace) -> None:
     """``ValueError`` for a negative limit (0 means "no limit" for every one but the body size)."""
     if args.max_body_bytes <= 0:
         raise ValueError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
-    for flag in ("request_timeout", "header_timeout", "body_timeout", "max_concurrent_rpcs", "max_concurrent_requests"):
+    for flag in ("request_timeout", "header_timeout", "body_timeout", "max_concurrent_rpcs", "max_concurrent_requests",
+                 "responses_store_size"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit), got {getattr(args, flag)}")
 
@@ -104,6 +108,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-parallel-size", type=positive_int("data_parallel_size"), default=1,
                         help="engine cores behind this server, each with its own scheduler and KV cache (on CUDA "
                              "core i uses GPU i); new requests go to the least-loaded core")
+    g = parser.add_argument_group("runner")
+    g.add_argument("--runner", choices=["generate", "pooling"], default="generate",
+                   help="generate: completions, chat, responses, messages (default). pooling: /v1/embeddings only "
+                        "(prefill-only requests returning the pooled final hidden state)")
+    g.add_argument("--pooling-type", choices=["mean", "last", "cls"], default="mean",
+                   help="how --runner pooling pools a prompt's final hidden states (after the final norm): their "
+                        "mean, the last token's, or the first token's (default mean)")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="--runner pooling: return the pooled vectors as they are, not L2-normalized")
 
 
 def settings_from_args(args: argparse.Namespace, served_name: str, cluster_secret: Any = None) -> Any:
@@ -119,7 +132,8 @@ def settings_from_args(args: argparse.Namespace, served_name: str, cluster_secre
                           max_concurrent_rpcs=args.max_concurrent_rpcs,
                           max_concurrent_requests=args.max_concurrent_requests,
                           chat_template=chat_template_from(getattr(args, "chat_template", None)),
-                          reasoning_parser=getattr(args, "reasoning_parser", None))
+                          reasoning_parser=getattr(args, "reasoning_parser", None),
+                          responses_store_size=args.responses_store_size)
 
 
 def chat_template_from(value: str | None) -> str | None:
@@ -203,6 +217,12 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
     except (ValueError, TypeError) as exc:
         logger.error("bad engine configuration: %s", exc)
         return 2
+    par = config.parallel
+    if getattr(args, "runner", "generate") == "pooling" and (
+            par.data_parallel_size * par.tensor_parallel_size * par.pipeline_parallel_size > 1):
+        logger.error("bad engine configuration: --runner pooling runs on one device in the server process: "
+                     "data, tensor and pipeline parallel sizes must be 1")
+        return 2
     name = config.model.served_model_name
     settings = settings_from_args(args, name, secret)
     metrics = ServingMetrics(name)
@@ -219,6 +239,10 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
         except ValueError as exc:
             logger.error("bad engine configuration: %s", exc)
             return 2
+    elif getattr(args, "runner", "generate") == "pooling":
+        from pdserve.engine.pooling.async_pooler import AsyncPooler
+
+        engine = AsyncPooler(config, args.pooling_type, args.normalize, max_waiting=args.max_waiting)
     else:
         engine = AsyncLLM(config, stat_loggers=[metrics], max_waiting=args.max_waiting, core_factory=core_factory)
     logger.info("starting the engine core for %s (loading the model)", config.model.model)

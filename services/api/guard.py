@@ -30,7 +30,7 @@ from pdserve.services.api.settings import ServerSettings
 
 # Paths that need the caller's credentials when the server has any (health and metrics stay open for probes and
 # scrapers: they carry no request data).
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/router/")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/router/", "/reset_prefix_cache")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # A JSON escape of a UTF-16 surrogate; only bodies that contain one need the (slower) full text check.
 
@@ -129,7 +129,12 @@ async def _send_error(err: ApiError, scope: dict, receive: Callable, send: Calla
     headers = err.headers()
     if close:
         headers["Connection"] = "close"
-    await JSONResponse(err.body(), err.status, headers=headers)(scope, receive, send)
+    body = err.body()
+    if scope.get("path") == "/v1/messages":  # Anthropic's clients read Anthropic's error shape
+        from pdserve.services.api.serving_messages import anthropic_error_body
+
+        body = anthropic_error_body(err)
+    await JSONResponse(body, err.status, headers=headers)(scope, receive, send)
 
 
 class _OutOfRange(ValueError):

@@ -14,6 +14,9 @@ from pydantic import BaseModel
 
 from pdserve.services.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                            TokenizeRequest)
+from pdserve.services.api.responses_protocol import ResponsesRequest
+from pdserve.services.api.serving_embeddings import EmbeddingsRequest
+from pdserve.services.api.serving_messages import MessagesRequest
 
 # POST route -> the model its body is validated with.
 REQUEST_BODIES: dict[str, type[BaseModel]] = {
@@ -21,6 +24,9 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
+    "/v1/responses": ResponsesRequest,
+    "/v1/messages": MessagesRequest,
+    "/v1/embeddings": EmbeddingsRequest,
 }
 
 

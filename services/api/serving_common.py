@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from pdserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pdserve.engine.frontend.params_wire import sampling_from_model
@@ -185,8 +185,12 @@ class ServingBase:
                         cached.add(i, out)
             return sorted(outs, key=lambda c: c.index), handle
 
+        gathered = asyncio.gather(*(one(i, s) for i, s in enumerate(streams)))
+        # Cancelled inside wait_for (the client left), a gather ends with an exception that nobody reads, which
+        # asyncio logs with a traceback when the future is collected: read it here.
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            results = list(await self.with_timeout(asyncio.gather(*(one(i, s) for i, s in enumerate(streams)))))
+            results = list(await self.with_timeout(gathered))
         finally:
             for s in streams:
                 s.close()
@@ -278,8 +282,10 @@ class GuardedEvents:
     """
 
     def __init__(self, events: AsyncIterator[str], streams: list[OutputStream], timeout_s: float,
-                 retry_after: int) -> None:
+                 retry_after: int, error_events: Callable[[ApiError], list[str]] | None = None) -> None:
         self._streams = streams
+        # How an error ends the stream; OpenAI's error chunk and [DONE] unless the endpoint speaks another dialect.
+        self._error_events = error_events or (lambda err: [sse(err.body()), DONE])
         self._gen = self._run(events, timeout_s, retry_after)
 
     def __aiter__(self) -> "GuardedEvents":
@@ -306,8 +312,8 @@ class GuardedEvents:
                     return
                 yield event
         except (Exception, asyncio.TimeoutError) as exc:
-            yield sse(from_exception(exc, retry_after).body())
-            yield DONE
+            for event in self._error_events(from_exception(exc, retry_after)):
+                yield event
         finally:
             await events.aclose()  # type: ignore[attr-defined]
             for s in self._streams:

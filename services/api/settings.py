@@ -43,6 +43,9 @@ class ServerSettings:
     retry_after_s: int = 1
     chat_template: str | None = None
     reasoning_parser: str | None = None
+    max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings request
+    # Responses kept for ``previous_response_id`` (an LRU; 0 keeps none), see services/api/response_store.py.
+    responses_store_size: int = 1024
 
     @property
     def model_name(self) -> str:

@@ -113,7 +113,8 @@ def build_config(args: argparse.Namespace, cluster_secret=None):
                               max_body_bytes=args.max_body_bytes,
                               request_timeout_s=args.request_timeout, header_timeout_s=args.header_timeout,
                               body_timeout_s=args.body_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
-                              max_concurrent_requests=args.max_concurrent_requests)
+                              max_concurrent_requests=args.max_concurrent_requests,
+                              responses_store_size=args.responses_store_size)
     config = RouterConfig(model=model, settings=settings, discovery=discovery, routing=routing,
                           block_size=args.block_size, hash_seed=router_hash_seed(args.hash_seed, cluster_secret),
                           hash_algo=args.hash_algo, cluster_secret=cluster_secret,

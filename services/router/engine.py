@@ -114,6 +114,19 @@ class RouterEngine:
                 self._run(result, spec, times), name=f"router-seq-{seq_id}")
         return result
 
+    async def reset_prefix_cache(self) -> dict[str, str]:
+        """Reset the prefix cache of every known pod (per pod: ``"ok"`` or why not); the router's prefix index
+        forgets the pods that were reset."""
+        from pdserve.services.router.admin import reset_prefix_caches
+
+        pods = self.runner.router.pods.all()
+        results = await reset_prefix_caches([p.endpoint for p in pods],
+                                            getattr(self.runner.backend, "cluster_secret", None))
+        for name, outcome in results.items():
+            if outcome == "ok":
+                self.runner.router.deps.prefix.remove_pod(name)
+        return results
+
     async def abort(self, request_id: str) -> None:
         """Cancel the live requests with this id or label."""
         for stream in [s for s in self._streams.values() if request_id in (s.internal_id, s.label)]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pdserve.engine.async_engine.client import AsyncLLM
 from pdserve.engine.async_engine.dp_client import DataParallelLLM
+from pdserve.engine.pooling.async_pooler import AsyncPooler
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.router.engine import RouterEngine
 
 
-def engine_clients(local: AsyncLLM, router: RouterEngine, data_parallel: DataParallelLLM) -> list[EngineClient]:
-    """The monolithic/pod engine, the router's engine and the data-parallel engine all serve the HTTP and gRPC
-    front ends."""
-    return [local, router, data_parallel]
+def engine_clients(local: AsyncLLM, router: RouterEngine, data_parallel: DataParallelLLM,
+                   pooler: AsyncPooler) -> list[EngineClient]:
+    """The monolithic/pod engine, the router's engine, the data-parallel engine and the pooling engine all serve
+    the HTTP and gRPC front ends."""
+    return [local, router, data_parallel, pooler]
