@@ -28,6 +28,8 @@ class EngineCoreOutput:
     kv_transfer_params: dict | None = None
     # Set when the engine failed while serving this request (it is aborted; the engine serves on): the reason.
     error: str | None = None
+    # On a request's first token only: the core's wall-clock marks of its way there (``Request.timing_marks``).
+    timing: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -58,3 +60,5 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None  # see EngineCoreOutput
+    # The per-request timeline (engine/frontend/timing.py), on the outputs of servers that keep one.
+    timing: dict | None = None

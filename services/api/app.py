@@ -195,6 +195,11 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
     return app
 
 
-def with_guard(app: FastAPI, settings: ServerSettings) -> GuardMiddleware:
-    """The ASGI application to serve: ``app`` behind the credentials, size and time guard (:mod:`.guard`)."""
-    return GuardMiddleware(app, settings)
+def with_guard(app: Any, settings: ServerSettings) -> Any:
+    """The ASGI application to serve: ``app`` behind the credentials, size and time guard (:mod:`.guard`), inside
+    the tracing span (:mod:`.tracing`) and, outermost, the request's arrival mark and opt-in timeline
+    (:mod:`.request_timing`)."""
+    from pdserve.services.api.request_timing import TimingMiddleware
+    from pdserve.services.api.tracing import TracingMiddleware
+
+    return TimingMiddleware(TracingMiddleware(GuardMiddleware(app, settings)))

@@ -9,6 +9,7 @@ from pdserve.engine.frontend.tokenizer import off_loop
 from pdserve.engine.outputs import CompletionOutput, Logprob
 from pdserve.engine.sampling_params import is_valid_text
 from pdserve.engine.frontend.tokenizer import apply_chat_template
+from pdserve.services.api import request_timing
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
@@ -73,7 +74,8 @@ class ChatServing(ServingBase):
             events = self._events(req, prompt, streams, request_id, created, plan)
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
         handles: list[dict | None] = []
-        (outs,) = await self.collect(streams, handles)
+        timelines: list[dict] = []
+        (outs,) = await self.collect(streams, handles, timelines if request_timing.wanted() else None)
         self.check_transfer_outcome(outs, handle is not None)
         usage = Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=sum(len(c.token_ids) for c in outs))
         choices = []
@@ -87,6 +89,7 @@ class ChatServing(ServingBase):
                 "choices": choices, "usage": usage.as_dict()}
         if handles[0] is not None:
             body["kv_transfer_params"] = handles[0]  # a prefill pod's: where a decode pod loads this KV from
+        request_timing.publish(body, timelines[0] if timelines else None)
         return body
 
     async def _events(self, req: ChatCompletionRequest, prompt: Prompt, streams: list[OutputStream],
@@ -99,14 +102,19 @@ class ChatServing(ServingBase):
             yield sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
         choice_streams = {index: ChoiceStream(plan) for index in range(req.n)}
+        timeline = None
         async for _, out in merge_streams(streams):
             comp = out.outputs[0]
+            if comp.finished and timeline is None and request_timing.wanted():
+                timeline = request_timing.timeline_of(out, self.engine)
             usage.completion_tokens += len(comp.token_ids)
             if not comp.text and not comp.finished and not comp.logprobs:
                 continue
             yield sse({**head, "choices": [self._delta(comp, req.logprobs, choice_streams[comp.index])]})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage.as_dict()})
+        if timeline is not None:
+            yield sse({**head, "choices": [], "pdserve_timing": timeline})
         yield DONE
 
     def _delta(self, comp: CompletionOutput, logprobs: bool, stream: ChoiceStream) -> dict[str, Any]:
