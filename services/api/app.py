@@ -85,9 +85,19 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
+def _no_native_telemetry() -> dict[str, Any]:
+    """FastAPI >= 0.165 traces requests itself once a tracer provider is installed (and logs rejected bodies with
+    their values). pdserve's own spans (:mod:`.tracing`) cover the API; switch FastAPI's off where it exists."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+
+
 def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMetrics | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``: OpenAI endpoints, health, metrics and the tokenizer endpoints."""
-    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None, **_no_native_telemetry())
     completion = CompletionServing(engine, settings)
     chat = ChatServing(engine, settings)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
