@@ -167,9 +167,11 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
         return JSONResponse(err.body(), 503, headers=err.headers())
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        body = metrics.render() if metrics is not None else b""
-        return Response(body, media_type=CONTENT_TYPE)
+    async def prometheus(request: Request) -> Response:
+        if metrics is None:
+            return Response(b"", media_type=CONTENT_TYPE)
+        body, content_type = metrics.render_for(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:

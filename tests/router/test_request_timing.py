@@ -150,3 +150,18 @@ def test_timeline_tiles_and_names_its_kinds():
     assert [phase_kind(p.name)[0] for p in tl.phases] == ["routing", "transit", "queue", "compute", "respond",
                                                          "transit", "respond"]
     assert phase_kind("decode_stream") == ("stream", {})
+
+
+def test_openmetrics_scrape_carries_trace_exemplars():
+    """A request in a trace leaves its trace id as an exemplar on the timeline histograms (OpenMetrics only)."""
+    async def run(client, running):
+        await client.post("/v1/completions", json=body(),
+                          headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+        om = await client.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+        text = await client.get("/metrics")
+        return om, text
+
+    om, text = asyncio.run(with_router(run))
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    assert '# {trace_id="4bf92f3577b34da6a3ce929d0e0e4736"}' in om.text
+    assert "trace_id" not in text.text and text.headers["content-type"].startswith("text/plain")

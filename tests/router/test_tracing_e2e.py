@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers.server_process import log_tail, wait_healthy
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 pytest.importorskip("opentelemetry.sdk")
 trace_service_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
 
