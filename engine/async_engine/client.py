@@ -390,8 +390,6 @@ class AsyncLLM:
                 if out.timing is not None:  # the first token: the core's marks, when this process queued it
                     # and when the token got here
                     self._marks[out.request_id] = {"arrival": times.arrival, **out.timing, "delivered": now}
-                if out.finished and out.request_id in self._marks:
-                    self._marks[out.request_id]["finished"] = now
             outputs.append(out)
         processed = self._processor.process(outputs)
         if processed.stop_string_finished:
@@ -404,6 +402,8 @@ class AsyncLLM:
             comp = ro.outputs[0]
             seq_id = state.seq_ids[comp.index]
             ro.timing = self._marks.get(seq_id)
+            if comp.finished and ro.timing is not None:
+                ro.timing["finished"] = now  # the last token (a stop string ends it here, not in the core)
             if comp.finished:
                 state.finished.add(seq_id)
                 self._forget_seq(seq_id, comp.finish_reason or "stop", now, it)

@@ -44,6 +44,7 @@ def start_up(work, connector: str, env: dict[str, str]) -> tuple[subprocess.Pope
         wait_http(url + "/health", proc)
     except BaseException:
         stop(proc, log)
+        print((work / f"up-{connector}.log").read_text(errors="replace")[-6000:])
         raise
     return proc, url, log
 
