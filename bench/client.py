@@ -30,6 +30,10 @@ class RequestResult:
     output_tokens: int = 0
     error: str = ""
     tenant: str | None = None
+    # The server's per-request timeline (pdserve's opt-in x-pdserve-timing extension): seconds per phase, in the
+    # timeline's order, and which of them make up the time to first token.
+    phases: dict[str, float] = field(default_factory=dict)
+    ttft_phases: list[str] = field(default_factory=list)
 
     @property
     def tpot(self) -> float | None:
@@ -50,6 +54,7 @@ class Endpoint:
     ignore_eos: bool = False
     temperature: float = 0.0
     extra_body: tuple[tuple[str, Any], ...] = ()
+    timing: bool = False  # ask a pdserve server for each request's timeline (x-pdserve-timing: 1)
 
     @property
     def url(self) -> str:
@@ -57,7 +62,10 @@ class Endpoint:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.timing:
+            headers["x-pdserve-timing"] = "1"
+        return headers
 
     def body(self, req: BenchRequest) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": req.expected_output_len, "stream": True,
@@ -106,6 +114,8 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, req: Bench
                 if "error" in chunk:
                     result.error = str(chunk["error"].get("message", chunk["error"]))
                     return result
+                if "pdserve_timing" in chunk:
+                    _take_timeline(result, chunk["pdserve_timing"])
                 usage = chunk.get("usage")
                 if usage:
                     result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -129,6 +139,15 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, req: Bench
     result.output_tokens = result.output_tokens or chunks
     result.success = True
     return result
+
+
+def _take_timeline(result: RequestResult, timing: dict[str, Any]) -> None:
+    """Seconds per phase of a server's timeline (a phase that repeats, e.g. after a retry, is summed)."""
+    for phase in timing.get("phases") or []:
+        name = str(phase["phase"])
+        result.phases[name] = result.phases.get(name, 0.0) + float(phase["seconds"])
+        if phase.get("ttft") and name not in result.ttft_phases:
+            result.ttft_phases.append(name)
 
 
 async def served_model(client: httpx.AsyncClient, base_url: str, api_key: str | None) -> str:

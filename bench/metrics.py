@@ -104,9 +104,29 @@ def summarize(results: list[RequestResult], duration_s: float, slos: list[Slo] |
         out["meets_slos"] = bool(ok) and not (len(results) - len(ok)) and all(
             out["slo_values_s"][s.key] <= s.bound_s for s in slos)
         out["goodput"] = sum(_request_is_good(r, slos) for r in results) / d
+    phases = phase_breakdown(ok)
+    if phases:
+        out["phases"] = phases
     errors = sorted({r.error for r in results if not r.success})
     if errors:
         out["errors"] = errors[:10]
+    return out
+
+
+def phase_breakdown(results: list[RequestResult]) -> dict[str, dict[str, Any]]:
+    """Per phase of the servers' timelines (requests that returned one): mean and percentiles in milliseconds,
+    how many requests had it, and whether it counts toward the time to first token. In timeline order."""
+    order: list[str] = []
+    for r in results:
+        order += [name for name in r.phases if name not in order]
+    out: dict[str, dict[str, Any]] = {}
+    for name in order:
+        values = [r.phases[name] for r in results if name in r.phases]
+        row: dict[str, Any] = {"requests": len(values), "ttft": any(name in r.ttft_phases for r in results),
+                               "mean_ms": stat(values, "mean") * 1000}
+        for p in PERCENTILES:
+            row[f"p{p}_ms"] = percentile(values, p) * 1000
+        out[name] = row
     return out
 
 
@@ -135,5 +155,13 @@ def format_summary(s: dict[str, Any], title: str) -> str:
         row(f"Mean {metric.upper()} (ms):", s[f"mean_{metric}_ms"])
         for p in PERCENTILES:
             row(f"P{p} {metric.upper()} (ms):", s[f"p{p}_{metric}_ms"])
+    if s.get("phases"):
+        lines.append(f"{'-' * 14} Where the time went (server timeline) {'-' * 14}")
+        lines.append(f"{'phase (* = part of TTFT)':<28}{'mean ms':>10}" + "".join(f"{f'p{p} ms':>10}"
+                                                                            for p in PERCENTILES))
+        for name, row in s["phases"].items():
+            label = f"{'*' if row['ttft'] else ' '} {name}"
+            lines.append(f"{label:<28}{row['mean_ms']:>10.2f}" + "".join(f"{row[f'p{p}_ms']:>10.2f}"
+                                                                     for p in PERCENTILES))
     lines.append("=" * 56)
     return "\n".join(lines)

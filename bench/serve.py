@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     g.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens (vLLM/pdserve extension)")
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--no-timing", dest="timing", action="store_false",
+                   help="do not ask pdserve servers for each request's phase timeline (x-pdserve-timing); by "
+                        "default the run reports where the time went, phase by phase")
     g = parser.add_argument_group("workload")
     g.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
     g.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file (--dataset sharegpt)")
@@ -146,7 +149,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=30) as client:
             model = await served_model(client, args.base_url, args.api_key)
     endpoint = Endpoint(args.base_url, model, chat=args.endpoint == "chat", api_key=args.api_key,
-                        ignore_eos=args.ignore_eos, temperature=args.temperature)
+                        ignore_eos=args.ignore_eos, temperature=args.temperature, timing=args.timing)
     bench = Bench(args, endpoint, requests, slos)
     best = None
     if args.sweep:

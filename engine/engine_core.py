@@ -325,6 +325,7 @@ class EngineCore:
                 self._last_done - start, sched_out.total_num_tokens, len(chunks),
                 sum(1 for c in chunks if c.num_tokens == 1), sum(c.context_len for c in chunks)))
         row_of = {rid: i for i, rid in enumerate(sample_ids)}
+        now = time.time()
         outputs = []
         for req in updated:
             row_lp = result.logprobs[row_of[req.request_id]] if result.logprobs is not None else None
@@ -333,7 +334,8 @@ class EngineCore:
                 request_id=req.request_id, new_token_ids=[req.output_token_ids[-1]], new_logprobs=lp,
                 finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output,
-                num_external_cached_tokens=req.num_external_cached_tokens))
+                num_external_cached_tokens=req.num_external_cached_tokens,
+                timing=req.timing_marks(now) if req.num_output_tokens == 1 else None))
             if req.is_finished:
                 self.sampler.remove_request(req.request_id)
         return outputs

@@ -30,6 +30,8 @@ class EngineCoreOutput:
     error: str | None = None
     # Of ``num_cached_tokens``: those a KV connector loaded (disaggregation); the rest were prefix-cache hits.
     num_external_cached_tokens: int = 0
+    # On a request's first token only: the core's wall-clock marks of its way there (``Request.timing_marks``).
+    timing: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -60,3 +62,5 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None  # see EngineCoreOutput
+    # The per-request timeline (engine/frontend/timing.py), on the outputs of servers that keep one.
+    timing: dict | None = None

@@ -80,6 +80,24 @@ class Request:
     # Structured output: the request's matcher state (a RequestGrammar from engine/structured_output), or None.
     # The scheduler admits the request only once ``grammar.ready`` (its grammar compiled off the model loop).
     grammar: Any = None
+    # Wall-clock marks (``time.time()``) of the request's way to its first token, for the per-request timeline
+    # (docs/observability.md): when the scheduler first waited on or started a KV load for it, when that load
+    # ended (and how many bytes it moved), when its first chunk was scheduled for compute.
+    kv_load_started_at: float | None = None
+    kv_load_ended_at: float | None = None
+    kv_load_bytes: int = 0
+    first_scheduled_at: float | None = None
+
+    def timing_marks(self, first_token_at: float) -> dict[str, float]:
+        """The marks above (those that happened) and ``first_token_at``, as sent with the first token."""
+        marks = {"first_token": first_token_at}
+        if self.first_scheduled_at is not None:
+            marks["scheduled"] = self.first_scheduled_at
+        if self.kv_load_started_at is not None:
+            marks["kv_load_start"] = self.kv_load_started_at
+            marks["kv_load_end"] = self.kv_load_ended_at if self.kv_load_ended_at is not None else first_token_at
+            marks["kv_load_bytes"] = float(self.kv_load_bytes)
+        return marks
 
     @property
     def num_prompt_tokens(self) -> int:

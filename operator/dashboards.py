@@ -65,16 +65,22 @@ class Board:
         self.y += 1
 
     def panel(self, title: str, targets: list[tuple[str, str]], unit: str, description: str,
-              kind: str = "timeseries", width: int = 12) -> None:
+              kind: str = "timeseries", width: int = 12, stacked: bool = False, exemplars: bool = False) -> None:
+        """``stacked``: series stacked (parts of a whole); ``exemplars``: show the trace ids the histograms carry
+        (OpenMetrics scrapes), each linking to its trace."""
         if self.x + width > 24:
             self._newline()
+        defaults: Obj = {"unit": unit}
+        if stacked:
+            defaults["custom"] = {"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 60}
         self.panels.append({
             "id": len(self.panels) + 1, "type": kind, "title": title, "description": description,
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
             "gridPos": {"x": self.x, "y": self.y, "w": width, "h": 8},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "fieldConfig": {"defaults": defaults, "overrides": []},
             "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if kind == "timeseries" else {},
-            "targets": [{"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
+            "targets": [{"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend,
+                         **({"exemplar": True} if exemplars else {})}
                         for i, (expr, legend) in enumerate(targets)],
         })
         self.x += width
@@ -220,7 +226,59 @@ def router() -> Obj:
     return b.json()
 
 
-DASHBOARDS = {"pdserve-serving.json": serving, "pdserve-kv-transfer.json": kv_transfer, "pdserve-router.json": router}
+# The phase kinds of the router's request timeline (services/router/anatomy.py), in timeline order.
+ANATOMY_KINDS = ("routing", "transit", "queue", "kv_load", "compute", "respond", "failed_attempt")
+ANATOMY_BY = "exported_role, connector"  # the router's own role label is exported_role (see above)
+
+
+def anatomy_mean(kind: str, by: str = ANATOMY_BY) -> tuple[str, str]:
+    """(expr, legend) of the mean seconds one request spends in a phase kind, by role and connector."""
+    metric = f"pdserve:request_{kind}_seconds"
+    expr = (f"sum by ({by}) (rate({metric}_sum{{{NS}}}[{RATE}])) / "
+            f"sum by ({by}) (rate({metric}_count{{{NS}}}[{RATE}]))")
+    return expr, f"{kind} {{{{exported_role}}}} {{{{connector}}}}"
+
+
+def anatomy() -> Obj:
+    b = Board("pdserve-request-anatomy", "pdserve / Request anatomy",
+              "Where a request's time to first token goes: the router's per-request timeline (routing, hand-offs, "
+              "each pod's queue, KV load and compute), by role and KV connector. docs/observability.md.")
+    b.row("Where the time to first token goes")
+    b.panel("Mean seconds per phase (stacked)", [anatomy_mean(k) for k in ANATOMY_KINDS], "s",
+            "Per request, the mean time in each phase kind, stacked: the stack's height is the mean time to the "
+            "decode pod's first token (remote prefill) or to the first token (decode only). The tallest band is "
+            "the cause.", stacked=True, width=24)
+    b.panel("p90 per phase (stacked)", [
+        (quantiles(f"pdserve:request_{k}_seconds", NS, by=ANATOMY_BY, qs=(0.9,))[0][0],
+         f"{k} {{{{exported_role}}}} {{{{connector}}}}") for k in ANATOMY_KINDS], "s",
+        "The 90th percentile of each phase kind, stacked (percentiles do not add up exactly; the shape shows the "
+        "slow phase).", stacked=True)
+    b.panel("Time to first token from the timeline, with slow-request exemplars",
+            quantiles("pdserve:request_timeline_ttft_seconds", NS, by="connector"), "s",
+            "The sum of each request's phases up to its first token. Exemplars (OpenMetrics scrapes) carry the "
+            "trace id of a request; follow one to its trace.", exemplars=True)
+    b.row("KV transfer and hand-offs")
+    b.panel("KV load (waiting for and loading a prompt's KV)",
+            quantiles("pdserve:request_kv_load_seconds", NS, by=ANATOMY_BY, qs=(0.5, 0.9, 0.99)), "s",
+            "Per request, on the pod that loads it (decode after a remote prefill; prefill on a store hit).",
+            exemplars=True)
+    b.panel("KV bytes per request (p50)",
+            quantiles("pdserve:request_kv_load_bytes", NS, by=ANATOMY_BY, qs=(0.5,)), "bytes",
+            "Payload bytes one request's KV load moved, by role and connector.")
+    b.panel("Hand-offs between router and pods (p90)",
+            quantiles("pdserve:request_transit_seconds", NS, by="exported_role, direction", qs=(0.9,)), "s",
+            "Router to pod and back: network, gRPC, the pods' event loops (and the hosts' clock offset).")
+    b.panel("Pod compute to first token (p90)",
+            quantiles("pdserve:request_compute_seconds", NS, by=ANATOMY_BY, qs=(0.9,)), "s",
+            "From a pod's first scheduling (or the KV load's end) to its first token.", exemplars=True)
+    b.panel("After the first token: streaming the rest (p50, p90)",
+            quantiles("pdserve:request_stream_seconds", NS, by="connector", qs=(0.5, 0.9)), "s",
+            "Router: from the first token after the prefill to the last token.")
+    return b.json()
+
+
+DASHBOARDS = {"pdserve-serving.json": serving, "pdserve-kv-transfer.json": kv_transfer, "pdserve-router.json": router,
+              "pdserve-request-anatomy.json": anatomy}
 
 
 def render_all() -> dict[str, str]:

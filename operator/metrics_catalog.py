@@ -55,6 +55,17 @@ METRICS: list[tuple[str, str, tuple[str, ...]]] = [
     ("pdserve:router_pod_ready", "gauge", ("pod", "role")),
     ("pdserve:router_kv_events_total", "counter", ("pod", "type")),
     ("pdserve:router_kv_event_gaps_total", "counter", ("pod",)),
+    # request anatomy (the router's per-request timeline; services/router/anatomy.py)
+    ("pdserve:request_routing_seconds", "histogram", ("role", "connector")),
+    ("pdserve:request_transit_seconds", "histogram", ("role", "connector", "direction")),
+    ("pdserve:request_queue_seconds", "histogram", ("role", "connector")),
+    ("pdserve:request_kv_load_seconds", "histogram", ("role", "connector")),
+    ("pdserve:request_compute_seconds", "histogram", ("role", "connector")),
+    ("pdserve:request_respond_seconds", "histogram", ("role", "connector")),
+    ("pdserve:request_stream_seconds", "histogram", ("role", "connector")),
+    ("pdserve:request_failed_attempt_seconds", "histogram", ("role", "connector")),
+    ("pdserve:request_kv_load_bytes", "histogram", ("role", "connector")),
+    ("pdserve:request_timeline_ttft_seconds", "histogram", ("connector",)),
 ]
 
 

@@ -73,6 +73,7 @@ class AsyncLLM:
         self._requests: dict[str, RequestState] = {}
         self._parent_of: dict[str, str] = {}  # seq id -> request id
         self._times: dict[str, SequenceTimes] = {}  # live sequences
+        self._marks: dict[str, dict[str, float]] = {}  # seq id -> timeline marks, from its first token on
         self._unscheduled: set[str] = set()
         self._stats: SchedulerStats | None = None
         self._ready = False
@@ -340,6 +341,7 @@ class AsyncLLM:
 
     def _forget_seq(self, seq_id: str, reason: str, now: float, it: IterationStats) -> None:
         times = self._times.pop(seq_id, None)
+        self._marks.pop(seq_id, None)
         self._parent_of.pop(seq_id, None)
         self._unscheduled.discard(seq_id)
         if times is not None:
@@ -405,6 +407,9 @@ class AsyncLLM:
             times = self._times.get(out.request_id)
             if times is not None:
                 times.on_tokens(now, len(out.new_token_ids), it, out.num_cached_tokens, out.num_external_cached_tokens)
+                if out.timing is not None:  # the first token: the core's marks, when this process queued it
+                    # and when the token got here
+                    self._marks[out.request_id] = {"arrival": times.arrival, **out.timing, "delivered": now}
             outputs.append(out)
         processed = self._processor.process(outputs)
         if processed.stop_string_finished:
@@ -415,8 +420,11 @@ class AsyncLLM:
                 continue
             ro.request_id = state.label  # the client's label; internal ids stay inside the server
             comp = ro.outputs[0]
+            seq_id = state.seq_ids[comp.index]
+            ro.timing = self._marks.get(seq_id)
+            if comp.finished and ro.timing is not None:
+                ro.timing["finished"] = now  # the last token (a stop string ends it here, not in the core)
             if comp.finished:
-                seq_id = state.seq_ids[comp.index]
                 state.finished.add(seq_id)
                 self._forget_seq(seq_id, comp.finish_reason or "stop", now, it)
             if state.stream or comp.finished:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -216,15 +217,22 @@ class Scheduler:
         to the head of the queue, failed loads follow the failure policy, released holds free their blocks."""
         connector = self.kv_connector
         connector.update_connector_output(output)
+        now = time.time()
+        for rid, nbytes in output.loaded_bytes.items():
+            entry = self._loading.get(rid)
+            if entry is not None:
+                entry[0].kv_load_bytes += nbytes
         for rid in output.finished_loading:
             entry = self._loading.pop(rid, None)
             if entry is not None:
+                entry[0].kv_load_ended_at = now
                 self._resume_after_load(*entry)
         for rid, failure in output.failed_loading.items():
             entry = self._loading.pop(rid, None)
             if entry is None:
                 continue
             request, num_external = entry
+            request.kv_load_ended_at = now
             try:
                 self._resume_after_load(request, connector.load_failed(request, num_external, failure))
             except KVLoadError as exc:
@@ -321,13 +329,19 @@ class Scheduler:
                     self._waiting.popleft()
                     self._abort_by_engine(request, str(exc))
                     continue
-                if num_external is None:
+                if num_external is None:  # blocks still being written: the transfer phase has begun
+                    if request.kv_load_started_at is None:
+                        request.kv_load_started_at = time.time()
                     later.append(self._waiting.popleft())
                     continue
                 if num_external:
+                    if request.kv_load_started_at is None:
+                        request.kv_load_started_at = time.time()
                     if not self._start_load(request, computed_blocks, num_cached, num_external):
                         break
                     continue
+                if request.kv_load_started_at is not None and request.kv_load_ended_at is None:
+                    request.kv_load_ended_at = time.time()  # waited for blocks that never came: a miss
             start = request.num_computed_tokens if loaded else num_cached
             remaining = request.num_tokens - start
             if not self.enable_chunked_prefill:
@@ -389,6 +403,8 @@ class Scheduler:
         return stats.to_dict() if stats is not None else None
 
     def _make_chunk(self, request: Request, num_new: int, block_ids: list[int]) -> ScheduledChunk:
+        if request.first_scheduled_at is None:
+            request.first_scheduled_at = time.time()
         start = request.num_computed_tokens
         end = start + num_new
         request.num_computed_tokens = end  # advanced now, so the next schedule() continues after this chunk

@@ -316,6 +316,8 @@ class KVConnectorOutput:
     """What the worker half finished since the last call (see :meth:`KVConnectorWorker.get_finished`)."""
 
     finished_loading: set[str] = field(default_factory=set)
+    # request id -> payload bytes its finished load moved (for the per-request timeline)
+    loaded_bytes: dict[str, int] = field(default_factory=dict)
     failed_loading: dict[str, LoadFailure] = field(default_factory=dict)
     # request id -> number of its SaveSpecs now fully written
     finished_saving: dict[str, int] = field(default_factory=dict)

@@ -69,6 +69,31 @@ def kv_transfer_kwargs(args: argparse.Namespace, role: str, cluster_secret: Clus
         "kv_lease_s": args.kv_lease, "kv_transport": getattr(args, "kv_transport", None),
     }
     env = os.environ if environ is None else environ
+    delay = fault_write_delay(env, connector)
+    if delay:
+        options["fault_write_delay_s"] = delay
     return {"role": role, "connector": connector, "cluster_secret": cluster_secret,
             "redis_password": env.get(REDIS_PASSWORD_ENV) or None,
             "options": tuple(sorted((k, v) for k, v in options.items() if v is not None))}
+
+
+# Fault injection for tests and drills (docs/observability.md): every block the shared-fs connector writes waits
+# this many seconds first, as a slow shared volume would. Never set it in production.
+FAULT_WRITE_DELAY_ENV = "PDSERVE_FAULT_KV_WRITE_DELAY_S"
+
+
+def fault_write_delay(environ: Mapping[str, str], connector: str | None) -> float:
+    """The injected per-block write delay (0 when unset); ``ValueError`` for a bad value or another connector."""
+    raw = environ.get(FAULT_WRITE_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        delay = float(raw)
+    except ValueError:
+        raise ValueError(f"{FAULT_WRITE_DELAY_ENV} must be a number of seconds, got {raw!r}") from None
+    if not 0 <= delay <= 60:
+        raise ValueError(f"{FAULT_WRITE_DELAY_ENV} must be in [0, 60] seconds, got {delay}")
+    if delay and connector != "shared-fs":
+        raise ValueError(f"{FAULT_WRITE_DELAY_ENV} (fault injection) works only with the shared-fs connector, "
+                         f"not {connector!r}")
+    return delay

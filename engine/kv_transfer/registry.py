@@ -66,7 +66,8 @@ def _shared_fs(ctx: KVConnectorContext) -> ConnectorPair:
     # The largest block object: a full block's payload plus its header (a few hundred bytes; 64 KiB of room).
     max_object = ctx.descriptor.payload_bytes() + (64 << 10)
     store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)),
-                          float(ctx.option("kv_max_age_s", DEFAULT_MAX_AGE_S)), max_object)
+                          float(ctx.option("kv_max_age_s", DEFAULT_MAX_AGE_S)), max_object,
+                          fault_write_delay_s=float(ctx.option("fault_write_delay_s", 0.0)))
     return _store_pair(ctx, "shared-fs", store)
 
 

@@ -93,9 +93,19 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
+def _no_native_telemetry() -> dict[str, Any]:
+    """FastAPI >= 0.165 traces requests itself once a tracer provider is installed (and logs rejected bodies with
+    their values). pdserve's own spans (:mod:`.tracing`) cover the API; switch FastAPI's off where it exists."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+
+
 def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMetrics | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``: OpenAI endpoints, health, metrics and the tokenizer endpoints."""
-    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None, **_no_native_telemetry())
     completion = CompletionServing(engine, settings)
     chat = ChatServing(engine, settings)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
@@ -168,9 +178,11 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
         return JSONResponse(err.body(), 503, headers=err.headers())
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        body = metrics.render() if metrics is not None else b""
-        return Response(body, media_type=CONTENT_TYPE)
+    async def prometheus(request: Request) -> Response:
+        if metrics is None:
+            return Response(b"", media_type=CONTENT_TYPE)
+        body, content_type = metrics.render_for(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -207,6 +219,11 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
     return app
 
 
-def with_guard(app: FastAPI, settings: ServerSettings) -> GuardMiddleware:
-    """The ASGI application to serve: ``app`` behind the credentials, size and time guard (:mod:`.guard`)."""
-    return GuardMiddleware(app, settings)
+def with_guard(app: Any, settings: ServerSettings) -> Any:
+    """The ASGI application to serve: ``app`` behind the credentials, size and time guard (:mod:`.guard`), inside
+    the tracing span (:mod:`.tracing`) and, outermost, the request's arrival mark and opt-in timeline
+    (:mod:`.request_timing`)."""
+    from pdserve.services.api.request_timing import TimingMiddleware
+    from pdserve.services.api.tracing import TracingMiddleware
+
+    return TimingMiddleware(TracingMiddleware(GuardMiddleware(app, settings)))

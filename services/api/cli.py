@@ -49,10 +49,18 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template (a file, or the template text) replacing the tokenizer's")
     g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="split chat answers' <think>...</think> into message.reasoning_content (default: off)")
+    add_tracing_argument(g)
     if "--kv-events-endpoint" not in parser._option_string_actions:
         g.add_argument("--kv-events-endpoint", default=None,
                        help="ZeroMQ address where the engine publishes KV cache events and load reports for "
                             "routers, e.g. tcp://*:5557 (default: none)")
+
+
+def add_tracing_argument(group: argparse._ArgumentGroup) -> None:
+    """``--otlp-traces-endpoint`` (shared by the serving roles and the router; docs/observability.md)."""
+    group.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                       help="export OpenTelemetry spans over OTLP/HTTP to this URL (default: "
+                            "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT; none: no export)")
 
 
 def add_api_key_argument(group: argparse._ArgumentGroup, where: str) -> None:
@@ -225,6 +233,13 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
         return 2
     name = config.model.served_model_name
     settings = settings_from_args(args, name, secret)
+    from pdserve.services.api.tracing import setup_tracing, shutdown_tracing
+
+    try:
+        setup_tracing(f"pdserve-{config.kv_transfer.role}", getattr(args, "otlp_traces_endpoint", None))
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 2
     metrics = ServingMetrics(name)
     engine: Any
     if config.parallel.data_parallel_size > 1:
@@ -302,4 +317,5 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
             metrics_listener.stop()
         dead = engine.dead_error is not None
         await engine.shutdown()
+        shutdown_tracing()
     return 1 if dead or not server.started else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator, Callable, Iterable, NoReturn
 
 import grpc
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from pdserve.engine.frontend.params_wire import pb_set_fields
+from pdserve.engine.frontend.timing import PodMarks
 from pdserve.engine.frontend.tokenizer import tokenize_async
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
@@ -29,6 +31,7 @@ from pdserve.services.api.serving_chat import ChatServing, render_chat_async
 from pdserve.services.api.serving_common import Prompt, merge_streams, new_id
 from pdserve.services.api.settings import ServerSettings
 from pdserve.services.api.structured import structured_outputs_async
+from pdserve.services.api.tracing import PodCallSpan
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +100,33 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         structured = await structured_outputs_async(model)
         return prompt_obj, self.serving.sampling_params(model, max_tokens, logprobs, structured)
 
+    def pod_timing(self, out: Any, received: float, span: PodCallSpan | None = None) -> pb.PodTiming | None:
+        """This pod's marks of a sequence whose output carries the engine's (``RequestOutput.timing``), for the
+        router's per-request timeline (docs/observability.md), also recorded as ``span``'s child spans; None when
+        the engine keeps none."""
+        marks = getattr(out, "timing", None)
+        if not marks:
+            return None
+        kv = getattr(getattr(self.engine, "config", None), "kv_transfer", None)
+        role = kv.role if kv is not None else "both"
+        connector = kv.connector if kv is not None else None
+        pod_marks = PodMarks.from_engine(marks, received=received, sent=time.time(), role=role, connector=connector)
+        if span is not None:
+            span.add_phases(pod_marks)
+        return pod_marks.to_pb(pb.PodTiming)
+
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        received = time.time()
+        span = PodCallSpan("pdserve.v1.Generation/Generate", context)
+        try:
+            async for msg in self._generate(request, context, received, span):
+                yield msg
+        finally:
+            span.end()
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, received: float,
+                        span: PodCallSpan) -> AsyncIterator[pb.GenerateResponse]:
         try:
             prompt, params = await self.prepare(request)
             request_id = request.request_id or new_id("grpc")
@@ -107,15 +135,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self.abort_call(context, from_exception(exc, self.settings.retry_after_s))
             return
         completion_tokens = 0
+        timed: set[int] = set()  # sequences whose first token (and marks) went out
         try:
             async for _, out in merge_streams(streams):
                 comp = out.outputs[0]
                 completion_tokens += len(comp.token_ids)
-                yield pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
+                msg = pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
                     index=comp.index, text=comp.text, token_ids=comp.token_ids,
                     logprobs=[self.token_logprob(row) for row in comp.logprobs or []],
                     finish_reason=comp.finish_reason or "",
                     stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
+                if comp.index not in timed and comp.token_ids:
+                    timed.add(comp.index)
+                    timing = self.pod_timing(out, received, span)
+                    if timing is not None:
+                        msg.timing.CopyFrom(timing)
+                yield msg
         except Exception as exc:
             await self.abort_call(context, from_exception(exc, self.settings.retry_after_s))
             return

@@ -128,6 +128,15 @@ class ServingMetrics:
         """The text exposition format for ``/metrics``."""
         return generate_latest(self.registry)
 
+    def render_for(self, accept: str) -> tuple[bytes, str]:
+        """``/metrics`` in the format the scraper accepts, with its content type: OpenMetrics when asked (it
+        carries the exemplars -- trace ids of requests -- the router's timeline histograms hold), else text."""
+        if "application/openmetrics-text" in accept:
+            from prometheus_client.openmetrics import exposition as openmetrics
+
+            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
+        return self.render(), CONTENT_TYPE
+
 
 class CoreMetrics:
     """Per-core metrics of a data-parallel server (label ``engine``, the core's index), on the server's registry:

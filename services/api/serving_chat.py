@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 from pdserve.engine.frontend.tokenizer import apply_chat_template, off_loop
 from pdserve.engine.outputs import CompletionOutput, Logprob
 from pdserve.engine.sampling_params import is_valid_text
+from pdserve.services.api import request_timing
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import ChatCompletionRequest, ChatMessage
@@ -134,7 +135,8 @@ class ChatServing(ServingBase):
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
         handles: list[dict | None] = []
         cached = self.cached_tokens()
-        (outs,) = await self.collect(streams, handles, cached)
+        timelines: list[dict] = []
+        (outs,) = await self.collect(streams, handles, cached, timelines if request_timing.wanted() else None)
         self.check_transfer_outcome(outs, handle is not None)
         usage = Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=sum(len(c.token_ids) for c in outs),
                       cached_tokens=cached.total)
@@ -152,6 +154,7 @@ class ChatServing(ServingBase):
                 "choices": choices, "usage": usage.as_dict()}
         if handles[0] is not None:
             body["kv_transfer_params"] = handles[0]  # a prefill pod's: where a decode pod loads this KV from
+        request_timing.publish(body, timelines[0] if timelines else None)
         return body
 
     def _split(self, prompt: Prompt, text: str) -> tuple[str | None, str]:
@@ -177,8 +180,11 @@ class ChatServing(ServingBase):
                                           "logprobs": None, "finish_reason": None}]}
             yield sse({**chunk, "usage": usage.as_dict()} if continuous else chunk)
         choice_streams = {index: ChatChoiceStream(plan, self._splitter(prompt)) for index in range(req.n)}
+        timeline = None
         async for _, out in merge_streams(streams):
             comp = out.outputs[0]
+            if comp.finished and timeline is None and request_timing.wanted():
+                timeline = request_timing.timeline_of(out, self.engine)
             usage.completion_tokens += len(comp.token_ids)
             cached.add(0, out)
             usage.cached_tokens = cached.total
@@ -188,6 +194,8 @@ class ChatServing(ServingBase):
             yield sse({**chunk, "usage": usage.as_dict()} if continuous else chunk)
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage.as_dict()})
+        if timeline is not None:
+            yield sse({**head, "choices": [], "pdserve_timing": timeline})
         yield DONE
 
     def _delta(self, comp: CompletionOutput, logprobs: bool, stream: ChatChoiceStream) -> dict[str, Any]:

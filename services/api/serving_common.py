@@ -20,6 +20,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.services.api.engine_client import EngineClient, OutputStream
 from pdserve.services.api.errors import ApiError, bad_request, from_exception, from_value_error
 from pdserve.services.api.protocol import _SamplingFields
+from pdserve.services.api.request_timing import timeline_of
 from pdserve.services.api.settings import ServerSettings
 
 DONE = "data: [DONE]\n\n"
@@ -168,11 +169,13 @@ class ServingBase:
         return streams
 
     async def collect(self, streams: list[OutputStream], handles: list[dict | None] | None = None,
-                      cached: CachedTokens | None = None) -> list[list[CompletionOutput]]:
+                      cached: CachedTokens | None = None, timelines: list[dict] | None = None
+                      ) -> list[list[CompletionOutput]]:
         """Final outputs of every stream (per prompt, sorted by sequence index).
 
         With ``handles``, each stream's KV transfer handle (a prefill-role engine's, else None) is appended to it;
-        with ``cached``, the final outputs are counted into it.
+        with ``cached``, the final outputs are counted into it; with ``timelines``, the timeline of each finished
+        sequence that has one, in finishing order.
         """
 
         async def one(i: int, stream: OutputStream) -> tuple[list[CompletionOutput], dict | None]:
@@ -183,6 +186,9 @@ class ServingBase:
                     handle = getattr(out, "kv_transfer_params", None) or handle
                     if cached is not None:
                         cached.add(i, out)
+                    timeline = timeline_of(out, self.engine) if timelines is not None else None
+                    if timeline is not None and timelines is not None:
+                        timelines.append(timeline)
             return sorted(outs, key=lambda c: c.index), handle
 
         gathered = asyncio.gather(*(one(i, s) for i, s in enumerate(streams)))

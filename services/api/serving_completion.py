@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 
 from pdserve.engine.frontend.tokenizer import tokenize_async
 from pdserve.engine.outputs import CompletionOutput, Logprob
+from pdserve.services.api import request_timing
 from pdserve.services.api.engine_client import OutputStream
 from pdserve.services.api.errors import bad_request
 from pdserve.services.api.protocol import CompletionRequest
@@ -53,7 +54,8 @@ class CompletionServing(ServingBase):
             return GuardedEvents(events, streams, self.settings.request_timeout_s, self.settings.retry_after_s)
         handles: list[dict | None] = []
         cached = self.cached_tokens()
-        results = await self.collect(streams, handles, cached)
+        timelines: list[dict] = []
+        results = await self.collect(streams, handles, cached, timelines if request_timing.wanted() else None)
         choices = []
         usage = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts), cached_tokens=cached.total)
         for i, (prompt, outs) in enumerate(zip(prompts, results)):
@@ -66,6 +68,7 @@ class CompletionServing(ServingBase):
                 "choices": choices, "usage": usage.as_dict()}
         if len(handles) == 1 and handles[0] is not None:
             body["kv_transfer_params"] = handles[0]  # a prefill pod's: where a decode pod loads this KV from
+        request_timing.publish(body, timelines[0] if timelines else None)
         return body
 
     async def _events(self, req: CompletionRequest, prompts: list[Prompt], streams: list[OutputStream],
@@ -74,8 +77,11 @@ class CompletionServing(ServingBase):
         cached = self.cached_tokens()
         usage = Usage(prompt_tokens=sum(len(p.token_ids) for p in prompts), cached_tokens=cached.total)
         echoed: set[int] = set()
+        timeline = None
         async for i, out in merge_streams(streams):
             comp = out.outputs[0]
+            if comp.finished and timeline is None and request_timing.wanted():
+                timeline = request_timing.timeline_of(out, self.engine)
             index = i * req.n + comp.index
             usage.completion_tokens += len(comp.token_ids)
             cached.add(i, out)
@@ -92,6 +98,9 @@ class CompletionServing(ServingBase):
         if include_usage:
             yield sse({"id": request_id, "object": "text_completion", "created": created,
                        "model": self.model_name(), "choices": [], "usage": usage.as_dict()})
+        if timeline is not None:
+            yield sse({"id": request_id, "object": "text_completion", "created": created,
+                       "model": self.model_name(), "choices": [], "pdserve_timing": timeline})
         yield DONE
 
     def _echo_text(self, prompt: Prompt) -> str:

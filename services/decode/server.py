@@ -11,6 +11,7 @@ FAILED_PRECONDITION and the reason.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, AsyncIterator
 
 import grpc
@@ -21,6 +22,7 @@ from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.services.api.errors import ApiError, bad_request, from_exception
 from pdserve.services.api.grpc_server import GenerationServicer
 from pdserve.services.api.serving_common import new_id
+from pdserve.services.api.tracing import PodCallSpan
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,16 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
         self.engine = generation.engine
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        received = time.time()
+        span = PodCallSpan("pdserve.v1.Decode/Decode", context)
+        try:
+            async for msg in self._decode(request, context, received, span):
+                yield msg
+        finally:
+            span.end()
+
+    async def _decode(self, request: Any, context: grpc.aio.ServicerContext, received: float,
+                      span: PodCallSpan) -> AsyncIterator[Any]:
         settings = self.gen.settings
         try:
             if request.request.WhichOneof("prompt") != "token_ids":
@@ -58,12 +70,17 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
                 if comp.finish_reason == "abort" and comp.stop_reason:
                     # The engine ended it (its reason rides in stop_reason): under the fail policy, a failed load.
                     raise ApiError(409, str(comp.stop_reason))
+                first = completion_tokens == 0 and bool(comp.token_ids)
                 completion_tokens += len(comp.token_ids)
-                yield pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
+                msg = pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
                     index=comp.index, text=comp.text, token_ids=comp.token_ids,
                     logprobs=[self.gen.token_logprob(row) for row in comp.logprobs or []],
                     finish_reason=comp.finish_reason or "",
                     stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
+                timing = self.gen.pod_timing(out, received, span) if first else None
+                if timing is not None:
+                    msg.timing.CopyFrom(timing)  # the router's timeline: this pod's marks, with the first token
+                yield msg
         except ApiError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION if exc.status == 409
                                 else grpc.StatusCode.INTERNAL, exc.message)

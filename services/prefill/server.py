@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.services.api.errors import bad_request, from_exception
 from pdserve.services.api.grpc_server import GenerationServicer
 from pdserve.services.api.serving_common import new_id
+from pdserve.services.api.tracing import PodCallSpan
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,15 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
         self.engine = generation.engine
 
     async def Prefill(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        received = time.time()
+        span = PodCallSpan("pdserve.v1.Prefill/Prefill", context)
+        try:
+            return await self._prefill(request, context, received, span)
+        finally:
+            span.end()
+
+    async def _prefill(self, request: Any, context: grpc.aio.ServicerContext, received: float,
+                       span: PodCallSpan) -> Any:
         settings = self.gen.settings
         try:
             prompt, params = await self.gen.prepare(request.request)
@@ -82,6 +93,9 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
                                           num_cached_tokens=final.num_cached_tokens, max_tokens=budget)
         if handle:
             resp.kv_transfer_params.CopyFrom(KVTransferParams.from_dict(handle).to_proto())
+        timing = self.gen.pod_timing(final, received, span)
+        if timing is not None:
+            resp.timing.CopyFrom(timing)  # the router's timeline: this pod's marks of the request
         return resp
 
 

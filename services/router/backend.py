@@ -22,11 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.engine.frontend import Logprob, SamplingParams
 from pdserve.engine.frontend.params_wire import sampling_to_pb
+from pdserve.engine.frontend.timing import PodMarks
 from pdserve.engine.security import ClusterSecret
 from pdserve.proto.pdserve.v1 import disagg_pb2, disagg_pb2_grpc
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.auth import ENGINE_SCOPE
+from pdserve.services.api.tracing import outgoing_metadata
 from pdserve.services.router.types import Endpoint
 
 # The longest a channel waits before reconnecting to a pod that went away (so a restarted pod rejoins within about
@@ -72,6 +74,8 @@ class TokenDelta:
     logprobs: list[list[Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # The pod's marks of the sequence's way to its first token (on the delta with a pod's first token).
+    pod_timing: PodMarks | None = None
 
 
 @dataclass(frozen=True)
@@ -151,10 +155,11 @@ class GrpcPodBackend:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
-        """The call token of one call (None without a secret)."""
-        if self.cluster_secret is None:
-            return None
-        return tuple(self.cluster_secret.call_headers(ENGINE_SCOPE).items())
+        """The call token of one call (none without a secret) and the current trace context (W3C
+        ``traceparent``, when in a trace); None when there is neither."""
+        items = list(self.cluster_secret.call_headers(ENGINE_SCOPE).items()) if self.cluster_secret else []
+        items += outgoing_metadata()
+        return tuple(items) or None
 
     def _channel(self, pod: Endpoint) -> grpc.aio.Channel:
         if not pod.grpc_target:
@@ -198,7 +203,10 @@ class GrpcPodBackend:
         try:
             async for resp in call:
                 for choice in resp.choices:
-                    yield _delta(choice)
+                    delta = _delta(choice)
+                    if resp.HasField("timing"):
+                        delta.pod_timing = PodMarks.from_pb(resp.timing)
+                    yield delta
         except grpc.aio.AioRpcError as exc:
             raise self._error(pod, exc, decoding_kv) from None
         finally:
@@ -211,7 +219,10 @@ class GrpcPodBackend:
         except grpc.aio.AioRpcError as exc:
             raise self._error(pod, exc) from None
         handle = resp.kv_transfer_params if resp.HasField("kv_transfer_params") else None
-        return _delta(resp.choice), handle
+        delta = _delta(resp.choice)
+        if resp.HasField("timing"):
+            delta.pod_timing = PodMarks.from_pb(resp.timing)
+        return delta, handle
 
     async def release_transfer(self, handle: Any) -> None:
         if handle is None or self.cluster_secret is None or not handle.kv_server:

@@ -23,7 +23,7 @@ logger = logging.getLogger("pdserve.router")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pdserve.services.api.cli import add_api_key_argument, add_edge_limit_arguments
+    from pdserve.services.api.cli import add_api_key_argument, add_edge_limit_arguments, add_tracing_argument
 
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--access-log", default="text", choices=["text", "json", "off"],
+                   help="one 'pdserve.access' log line per finished request with its phase times (default text)")
+    add_tracing_argument(g)
 
     m = parser.add_argument_group("model (must match the engines)")
     m.add_argument("--model", default="smollm2-135m-instruct", help="the served model (for its tokenizer)")
@@ -118,7 +121,8 @@ def build_config(args: argparse.Namespace, cluster_secret=None):
     config = RouterConfig(model=model, settings=settings, discovery=discovery, routing=routing,
                           block_size=args.block_size, hash_seed=router_hash_seed(args.hash_seed, cluster_secret),
                           hash_algo=args.hash_algo, cluster_secret=cluster_secret,
-                          retry=RetryPolicy(max_attempts=args.max_attempts), health_interval_s=args.health_interval)
+                          retry=RetryPolicy(max_attempts=args.max_attempts), health_interval_s=args.health_interval,
+                          access_log=getattr(args, "access_log", "text"))
     return config, tokenizer
 
 
@@ -148,7 +152,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(config, tokenizer, args: argparse.Namespace) -> int:
+    from pdserve.services.api.tracing import setup_tracing, shutdown_tracing
     from pdserve.services.router.server import start_router
+
+    try:
+        setup_tracing("pdserve-router", getattr(args, "otlp_traces_endpoint", None))
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 2
 
     running = await start_router(config, tokenizer)
     metrics_listener = None
@@ -173,4 +184,5 @@ async def serve(config, tokenizer, args: argparse.Namespace) -> int:
         await running.stop()
         if metrics_listener is not None:
             metrics_listener.stop()
+        shutdown_tracing()
     return 0 if server.started else 1

@@ -22,7 +22,10 @@ from typing import Any, Iterable
 from pdserve.engine.frontend import (EngineCoreOutput, IterationStats, OutputProcessor, OutputStream, SamplingParams,
                                      SequenceTimes, StatLogger, fan_out, record_all, tokenize_prompt,
                                      validate_prompt, with_default_max_tokens)
+from pdserve.engine.frontend import timing
 from pdserve.services.api.errors import ApiError
+from pdserve.services.api.tracing import current_context, current_trace_id, record_timeline
+from pdserve.services.router.anatomy import AnatomyMetrics, access_line, access_logger
 from pdserve.services.router.backend import PodRejected, TokenDelta
 from pdserve.services.router.sequence import SequenceFailed, SequenceRunner, SequenceSpec
 
@@ -51,7 +54,14 @@ class RouterEngine:
     reports_cached_tokens = False
 
     def __init__(self, model: ModelInfo, tokenizer: Any, runner: SequenceRunner,
-                 stat_loggers: Iterable[StatLogger] = ()) -> None:
+                 stat_loggers: Iterable[StatLogger] = (), anatomy: AnatomyMetrics | None = None,
+                 access_log: str = "off") -> None:
+        """``anatomy``: the per-phase histograms each finished sequence's timeline goes into; ``access_log``:
+        ``off``, ``text`` or ``json`` (one ``pdserve.access`` log line per finished sequence)."""
+        if access_log not in ("off", "text", "json"):
+            raise ValueError(f"access_log must be off, text or json, got {access_log!r}")
+        self.anatomy = anatomy
+        self.access_log = access_log
         self.model = model
         self.model_name = model.name
         self.max_model_len = model.max_model_len
@@ -106,10 +116,12 @@ class RouterEngine:
         self._streams[internal_id] = result
         now = time.time()
         session = SESSION_KEY.get()
+        current = timing.CURRENT.get()
+        received = current.received if current is not None else now  # the front end's arrival mark
         for index, (seq_id, seq_params) in enumerate(fan_out(internal_id, params)):
             self._processor.add_sequence(seq_id, result.label, index, text, token_ids, seq_params, stream=stream)
             times = SequenceTimes(arrival=now, num_prompt_tokens=len(token_ids))
-            spec = SequenceSpec(seq_id, token_ids, seq_params, session)
+            spec = SequenceSpec(seq_id, token_ids, seq_params, session, timing.Timeline(received))
             result.tasks[seq_id] = asyncio.get_running_loop().create_task(
                 self._run(result, spec, times), name=f"router-seq-{seq_id}")
         return result
@@ -141,9 +153,15 @@ class RouterEngine:
     async def _run(self, result: "RouterStream", spec: SequenceSpec, times: SequenceTimes) -> None:
         finished = False
 
+        timeline = spec.timeline
+        trace_parent = current_context()  # the request's span: the phases' spans go under it
+
         def emit(delta: TokenDelta) -> None:
             nonlocal finished
             it = IterationStats(timestamp=time.time())
+            if delta.token_ids and timeline.first_token_at is None:
+                timeline.add("router_respond", it.timestamp, "router", "router")
+                timeline.mark_first_token()
             times.on_tokens(it.timestamp, len(delta.token_ids), it)
             out = EngineCoreOutput(spec.seq_id, list(delta.token_ids), delta.logprobs, delta.finish_reason,
                                    delta.stop_reason)
@@ -153,6 +171,7 @@ class RouterEngine:
                 if comp.finished:
                     finished = True
                     it.finished.append(times.finish(comp.finish_reason or "stop", it.timestamp))
+                    ro.timeline = self._close_timeline(timeline, ro, times, trace_parent)
                 if result.stream or comp.finished:
                     result.queue.put_nowait(ro)
             self._log(it)
@@ -180,6 +199,26 @@ class RouterEngine:
                                              code="internal_error"))
         finally:
             result.tasks.pop(spec.seq_id, None)
+
+    def _close_timeline(self, timeline: timing.Timeline, ro: Any, times: SequenceTimes,
+                        trace_parent: Any) -> dict[str, Any]:
+        """End a finished sequence's timeline at its last token; count it and log it. Returns the timeline as
+        the response's ``pdserve_timing`` object."""
+        last = times.last_token if times.last_token is not None else time.time()
+        if timeline.first_token_at is not None and last > timeline.end:
+            pod = next((p.pod for p in reversed(timeline.phases) if p.role != "router"), "router")
+            timeline.add("decode_stream", last, "decode", pod)
+        comp = ro.outputs[0]
+        record_timeline(timeline, trace_parent)
+        trace_id = current_trace_id(trace_parent)
+        if self.anatomy is not None:
+            self.anatomy.observe(timeline, {"trace_id": trace_id} if trace_id else None)
+        if self.access_log != "off":
+            access_logger.info(access_line(
+                timeline, request_id=ro.request_id, index=comp.index, finish_reason=comp.finish_reason or "stop",
+                num_prompt_tokens=times.num_prompt_tokens, num_generation_tokens=times.num_generation_tokens,
+                trace_id=trace_id, as_json=self.access_log == "json"))
+        return timeline.as_dict()
 
     def _log_finish(self, times: SequenceTimes, reason: str) -> None:
         it = IterationStats(timestamp=time.time())

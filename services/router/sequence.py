@@ -18,10 +18,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.engine.frontend import SamplingParams, after_tokens
+from pdserve.engine.frontend.timing import Timeline
+from pdserve.services.api.tracing import client_span
 from pdserve.services.router.backend import BackendRequest, PodBackend, PodError, TokenDelta
 from pdserve.services.router.pipeline import NoPodAvailable
 from pdserve.services.router.router import Router
@@ -55,6 +58,8 @@ class SequenceSpec:
     prompt_token_ids: list[int]
     params: SamplingParams  # n == 1, concrete max_tokens
     session_key: str | None = None
+    # Where the sequence's time goes (engine/frontend/timing.py); the runner adds the routing and pod phases.
+    timeline: Timeline = field(default_factory=lambda: Timeline(time.time()))
 
 
 Emit = Callable[[TokenDelta], None]
@@ -90,12 +95,14 @@ class SequenceRunner:
             prompt = spec.prompt_token_ids + generated
             ctx = self.router.context(spec.seq_id, prompt, spec.session_key, excluded, spec.params.cache_salt)
             decision = await self._route(ctx)
+            spec.timeline.add("routing", time.time(), "router", "router")
             params = after_tokens(spec.params, len(generated))
             try:
                 await self._attempt(decision, BackendRequest(f"{spec.seq_id}-a{attempt}", prompt, params),
-                                    emit_and_track, ctx)
+                                    emit_and_track, ctx, spec.timeline)
                 return
             except _AttemptFailed as failure:
+                spec.timeline.add("failed_attempt", time.time(), "router", failure.pod.name)
                 last_error = str(failure.error)
                 logger.warning("sequence %r attempt %d failed on pod %s: %r", spec.seq_id, attempt + 1,
                                failure.pod.name, failure.error)
@@ -110,7 +117,7 @@ class SequenceRunner:
         raise SequenceFailed(f"gave up after {self.policy.max_attempts} attempts; last error: {last_error}")
 
     async def _attempt(self, decision: RoutingDecision, req: BackendRequest, emit: Emit,
-                       ctx: RoutingContext) -> None:
+                       ctx: RoutingContext, timeline: Timeline) -> None:
         """Serve one attempt on the decided pods; raise :class:`_AttemptFailed` naming the pod that failed."""
         self.router.started(ctx, decision)
         open_pods = [p for p in (decision.prefill, decision.decode) if p is not None]
@@ -119,7 +126,9 @@ class SequenceRunner:
         try:
             if decision.prefill is not None:
                 current, stage = decision.prefill, "prefill"
-                first, handle = await self.backend.prefill(current.endpoint, req)
+                with client_span("pdserve.v1.Prefill/Prefill", current.name):
+                    first, handle = await self.backend.prefill(current.endpoint, req)
+                _add_pod_phases(timeline, "prefill", current.name, first)
                 self.router.finished(current)
                 open_pods.remove(current)
                 emit(first)
@@ -132,12 +141,19 @@ class SequenceRunner:
                     params=after_tokens(req.params, len(first.token_ids)))
                 current, stage = decision.decode, "decode"
             # aclosing: leaving the loop early (finish, stop string, cancel) cancels the pod's stream at once.
-            async with contextlib.aclosing(self.backend.generate(current.endpoint, req)) as deltas:
-                async for delta in deltas:
-                    handle = None  # the decode pod loaded the KV (its first token needs it) and released it
-                    emit(delta)
-                    if delta.finish_reason is not None:
-                        return
+            call = "pdserve.v1.Decode/Decode" if req.kv_transfer_params is not None \
+                else "pdserve.v1.Generation/Generate"
+            with client_span(call, current.name):
+                async with contextlib.aclosing(self.backend.generate(current.endpoint, req)) as deltas:
+                    timed = False
+                    async for delta in deltas:
+                        if not timed and delta.token_ids:
+                            timed = True
+                            _add_pod_phases(timeline, "decode", current.name, delta)
+                        handle = None  # the decode pod loaded the KV (its first token needs it) and released it
+                        emit(delta)
+                        if delta.finish_reason is not None:
+                            return
             raise PodError(current.name, "the stream ended without a finish reason")
         except PodError as exc:
             if exc.pod_healthy:
@@ -169,3 +185,15 @@ class SequenceRunner:
                         self.router.metrics.failures.labels("no-pod").inc()
                     raise SequenceFailed(str(exc)) from None
                 await asyncio.sleep(0.1)
+
+
+def _add_pod_phases(timeline: Timeline, prefix: str, pod: str, delta: TokenDelta) -> None:
+    """A pod's first token reached the router: the hop there, the pod's own phases and the hop back (one phase
+    named ``prefix`` when the pod sent no marks)."""
+    now = time.time()
+    marks = delta.pod_timing
+    if marks is None or not marks.complete:
+        timeline.add(prefix, now, prefix, pod)
+        return
+    timeline.add_pod(prefix, marks, pod, f"router_to_{prefix}")
+    timeline.add(f"{prefix}_to_router", now, marks.role or prefix, pod)

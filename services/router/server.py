@@ -15,6 +15,7 @@ from typing import Any, Callable
 from pdserve.engine.security import ClusterSecret
 from pdserve.services.api.metrics import ServingMetrics
 from pdserve.services.api.settings import ServerSettings
+from pdserve.services.router.anatomy import AnatomyMetrics
 from pdserve.services.router.backend import GrpcPodBackend, PodBackend
 from pdserve.services.router.engine import SESSION_KEY, ModelInfo, RouterEngine
 from pdserve.services.router.hashing import PromptHasher
@@ -45,6 +46,7 @@ class RouterConfig:
     health_timeout_s: float = 1.0
     kv_events_live_s: float = 5.0
     session_header: str = "x-session-id"
+    access_log: str = "off"  # off | text | json: one pdserve.access line per finished sequence
     # The deployment's secret: signs every call to a pod and releases abandoned KV transfers (None: unsigned calls,
     # leases free abandoned transfers).
     cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
@@ -178,7 +180,8 @@ async def start_router(config: RouterConfig, tokenizer: Any, backend: PodBackend
     router = build_router(config.routing, hasher, PodTable(), metrics)
     backend = backend or GrpcPodBackend(cluster_secret=config.cluster_secret)
     runner = SequenceRunner(router, backend, config.retry)
-    engine = RouterEngine(config.model, tokenizer, runner, stat_loggers=[serving_metrics])
+    engine = RouterEngine(config.model, tokenizer, runner, stat_loggers=[serving_metrics],
+                          anatomy=AnatomyMetrics(serving_metrics.registry), access_log=config.access_log)
     health = HealthChecker(router.pods, backend, config.health_interval_s, config.health_timeout_s,
                            metrics=metrics)
     events = KVEventSubscriber(router.pods, router.deps.prefix, metrics, config.kv_events_live_s)

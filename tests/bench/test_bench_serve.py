@@ -131,6 +131,10 @@ def test_bench_serve_against_a_server(mock_server, tmp_path):
     s = data["runs"][0]["summary"]
     assert s["completed"] == 12 and s["failed"] == 0 and s["total_output_tokens"] == 60 and s["meets_slos"]
     assert s["goodput"] > 0 and len(data["runs"][0]["requests"]) == 12
+    # The server's timelines, phase by phase (a single server: its own queue, compute and stream).
+    assert list(s["phases"]) == ["api_receive", "queue", "compute", "respond", "stream"]
+    assert s["phases"]["compute"]["requests"] == 12 and s["phases"]["compute"]["ttft"]
+    assert not s["phases"]["stream"]["ttft"] and s["phases"]["stream"]["mean_ms"] > 0
     assert (out / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -52,9 +52,11 @@ def registered_series() -> dict[str, str]:
     pytest.importorskip("prometheus_client")
     api = pytest.importorskip("pdserve.services.api.metrics")
     router = pytest.importorskip("pdserve.services.router.metrics")
+    anatomy = pytest.importorskip("pdserve.services.router.anatomy")
     kv = pytest.importorskip("pdserve.engine.kv_transfer.metrics")
     registry = api.ServingMetrics("model").registry  # engines, and routers (client-side latency)
     router.RouterMetrics(registry)
+    anatomy.AnatomyMetrics(registry)
     registry.register(kv.KVTransferCollector(lambda: kv.KVTransferStats(connector="grpc"), "model"))
     out: dict[str, str] = {}
     for family in registry.collect():

@@ -224,6 +224,8 @@ class GrpcConnectorWorker(KVConnectorWorker):
         address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
         if job.failure is None:
             self.stats.record_transfer("load", len(spec.blocks), job.nbytes, time.perf_counter() - job.t0)
+            nbytes = job.nbytes
+            self._results.put(lambda out: out.loaded_bytes.__setitem__(spec.request_id, nbytes))
             # The blocks are in place: the request may run now; the acknowledgement's round trip follows.
             self._results.put(lambda out: out.finished_loading.add(spec.request_id))
             self._client.release(address, transfer_id)

@@ -48,7 +48,13 @@ class SharedFSStore(BlockStore):
     name = "shared-fs"
 
     def __init__(self, root: str, namespace: str, max_bytes: int = 0, max_age_s: float = DEFAULT_MAX_AGE_S,
-                 max_object_bytes: int = 0) -> None:
+                 max_object_bytes: int = 0, fault_write_delay_s: float = 0.0) -> None:
+        """``fault_write_delay_s``: injected fault (``PDSERVE_FAULT_KV_WRITE_DELAY_S``, tests and drills only):
+        every :meth:`put` sleeps this long first, like a slow shared volume."""
+        self.fault_write_delay_s = float(fault_write_delay_s)
+        if self.fault_write_delay_s:
+            logger.warning("fault injection: every KV block write waits %.3f s (PDSERVE_FAULT_KV_WRITE_DELAY_S)",
+                           self.fault_write_delay_s)
         if not root:
             raise ValueError("the shared-fs connector needs a directory (--kv-path)")
         self.dir = os.path.join(root, namespace)
@@ -67,6 +73,8 @@ class SharedFSStore(BlockStore):
         return os.path.join(self.dir, key[:2], key + _SUFFIX)
 
     def put(self, key: str, blob: Blob) -> None:
+        if self.fault_write_delay_s:
+            time.sleep(self.fault_write_delay_s)
         final = self.path_of(key)
         tmp = f"{final}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
         parts = list(blob) if isinstance(blob, (list, tuple)) else [blob]

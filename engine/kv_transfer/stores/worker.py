@@ -105,6 +105,8 @@ class StoreConnectorWorker(KVConnectorWorker):
         failure = job.first_failure
         if failure is None:
             self.stats.record_transfer("load", len(spec.blocks), job.nbytes, time.perf_counter() - job.t0)
+            nbytes = job.nbytes
+            self._results.put(lambda out: out.loaded_bytes.__setitem__(spec.request_id, nbytes))
             self._results.put(lambda out: out.finished_loading.add(spec.request_id))
         else:
             # Blocks before the first failing one all loaded (a group either finished or failed at or after it).

@@ -26,7 +26,7 @@ from . import generate_pb2 as pdserve_dot_v1_dot_generate__pb2
 from . import kv_transfer_pb2 as pdserve_dot_v1_dot_kv__transfer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/disagg.proto\x12\npdserve.v1\x1a\x19pdserve/v1/generate.proto\x1a\x1cpdserve/v1/kv_transfer.proto\"\xe4\x01\n\x10KVTransferHandle\x12\x11\n\tconnector\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\n \x03(\x0c\x12\x31\n\ndescriptor\x18\x05 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x11\n\tengine_id\x18\x06 \x01(\t\x12\x11\n\tkv_server\x18\x07 \x01(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0b\n\x03mac\x18\t \x01(\tJ\x04\x08\x04\x10\x05\">\n\x0ePrefillRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\"\xcc\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\"\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x12.pdserve.v1.Choice\x12\x38\n\x12kv_transfer_params\x18\x04 \x01(\x0b\x32\x1c.pdserve.v1.KVTransferHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\"w\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12\x38\n\x12kv_transfer_params\x18\x02 \x01(\x0b\x32\x1c.pdserve.v1.KVTransferHandle2M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse2M\n\x06\x44\x65\x63ode\x12\x43\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/disagg.proto\x12\npdserve.v1\x1a\x19pdserve/v1/generate.proto\x1a\x1cpdserve/v1/kv_transfer.proto\"\xe4\x01\n\x10KVTransferHandle\x12\x11\n\tconnector\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\n \x03(\x0c\x12\x31\n\ndescriptor\x18\x05 \x01(\x0b\x32\x1d.pdserve.v1.KVCacheDescriptor\x12\x11\n\tengine_id\x18\x06 \x01(\t\x12\x11\n\tkv_server\x18\x07 \x01(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0b\n\x03mac\x18\t \x01(\tJ\x04\x08\x04\x10\x05\">\n\x0ePrefillRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\"\xf3\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\"\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x12.pdserve.v1.Choice\x12\x38\n\x12kv_transfer_params\x18\x04 \x01(\x0b\x32\x1c.pdserve.v1.KVTransferHandle\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.pdserve.v1.PodTiming\"w\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequest\x12\x38\n\x12kv_transfer_params\x18\x02 \x01(\x0b\x32\x1c.pdserve.v1.KVTransferHandle2M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse2M\n\x06\x44\x65\x63ode\x12\x43\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=327
   _globals['_PREFILLREQUEST']._serialized_end=389
   _globals['_PREFILLRESPONSE']._serialized_start=392
-  _globals['_PREFILLRESPONSE']._serialized_end=596
-  _globals['_DECODEREQUEST']._serialized_start=598
-  _globals['_DECODEREQUEST']._serialized_end=717
-  _globals['_PREFILL']._serialized_start=719
-  _globals['_PREFILL']._serialized_end=796
-  _globals['_DECODE']._serialized_start=798
-  _globals['_DECODE']._serialized_end=875
+  _globals['_PREFILLRESPONSE']._serialized_end=635
+  _globals['_DECODEREQUEST']._serialized_start=637
+  _globals['_DECODEREQUEST']._serialized_end=756
+  _globals['_PREFILL']._serialized_start=758
+  _globals['_PREFILL']._serialized_end=835
+  _globals['_DECODE']._serialized_start=837
+  _globals['_DECODE']._serialized_end=914
 # @@protoc_insertion_point(module_scope)

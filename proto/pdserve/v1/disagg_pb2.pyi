@@ -37,20 +37,22 @@ class PrefillRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[_generate_pb2.GenerateRequest, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "choice", "kv_transfer_params", "num_cached_tokens", "max_tokens")
+    __slots__ = ("request_id", "prompt_token_ids", "choice", "kv_transfer_params", "num_cached_tokens", "max_tokens", "timing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHOICE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_PARAMS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     choice: _generate_pb2.Choice
     kv_transfer_params: KVTransferHandle
     num_cached_tokens: int
     max_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., choice: _Optional[_Union[_generate_pb2.Choice, _Mapping]] = ..., kv_transfer_params: _Optional[_Union[KVTransferHandle, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    timing: _generate_pb2.PodTiming
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., choice: _Optional[_Union[_generate_pb2.Choice, _Mapping]] = ..., kv_transfer_params: _Optional[_Union[KVTransferHandle, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., timing: _Optional[_Union[_generate_pb2.PodTiming, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request", "kv_transfer_params")

@@ -161,14 +161,38 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "choices", "usage")
+    __slots__ = ("request_id", "choices", "usage", "timing")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     choices: _containers.RepeatedCompositeFieldContainer[Choice]
     usage: Usage
-    def __init__(self, request_id: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    timing: PodTiming
+    def __init__(self, request_id: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[PodTiming, _Mapping]] = ...) -> None: ...
+
+class PodTiming(_message.Message):
+    __slots__ = ("received", "kv_load_start", "kv_load_end", "kv_load_bytes", "scheduled", "first_token", "sent", "role", "connector")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    KV_LOAD_START_FIELD_NUMBER: _ClassVar[int]
+    KV_LOAD_END_FIELD_NUMBER: _ClassVar[int]
+    KV_LOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTOR_FIELD_NUMBER: _ClassVar[int]
+    received: float
+    kv_load_start: float
+    kv_load_end: float
+    kv_load_bytes: int
+    scheduled: float
+    first_token: float
+    sent: float
+    role: str
+    connector: str
+    def __init__(self, received: _Optional[float] = ..., kv_load_start: _Optional[float] = ..., kv_load_end: _Optional[float] = ..., kv_load_bytes: _Optional[int] = ..., scheduled: _Optional[float] = ..., first_token: _Optional[float] = ..., sent: _Optional[float] = ..., role: _Optional[str] = ..., connector: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("model", "text", "add_special_tokens")
