@@ -45,10 +45,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    g.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template (a file, or the template text) replacing the tokenizer's")
-    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-                   help="split chat answers' <think>...</think> into message.reasoning_content (default: off)")
+    add_chat_arguments(g)
     if "--kv-events-endpoint" not in parser._option_string_actions:
         g.add_argument("--kv-events-endpoint", default=None,
                        help="ZeroMQ address where the engine publishes KV cache events and load reports for "
@@ -79,6 +76,14 @@ def add_edge_limit_arguments(group: argparse._ArgumentGroup) -> None:
                        help="gRPC calls served at once; more get RESOURCE_EXHAUSTED (0: no limit)")
     group.add_argument("--max-concurrent-requests", type=int, default=1024,
                        help="HTTP API requests served at once; more get 429 + Retry-After (0: no limit)")
+
+
+def add_chat_arguments(g: Any) -> None:
+    """How chat requests are rendered and answers split (``serve``, the pod roles and the router)."""
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template text) replacing the tokenizer's")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split chat answers' <think>...</think> into message.reasoning_content (default: off)")
 
 
 def api_key_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:
