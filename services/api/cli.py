@@ -45,10 +45,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics on this port, a listener of its own (default: only the HTTP port)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    g.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template (a file, or the template text) replacing the tokenizer's")
-    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-                   help="split chat answers' <think>...</think> into message.reasoning_content (default: off)")
+    add_chat_arguments(g)
     add_tracing_argument(g)
     if "--kv-events-endpoint" not in parser._option_string_actions:
         g.add_argument("--kv-events-endpoint", default=None,
@@ -90,6 +87,14 @@ def add_edge_limit_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--responses-store-size", type=int, default=1024,
                        help="responses kept in memory for /v1/responses' previous_response_id, least recently "
                             "used forgotten first (default 1024; 0: none kept)")
+
+
+def add_chat_arguments(g: Any) -> None:
+    """How chat requests are rendered and answers split (``serve``, the pod roles and the router)."""
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template text) replacing the tokenizer's")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split chat answers' <think>...</think> into message.reasoning_content (default: off)")
 
 
 def api_key_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:

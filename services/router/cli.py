@@ -23,7 +23,8 @@ logger = logging.getLogger("pdserve.router")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pdserve.services.api.cli import add_api_key_argument, add_edge_limit_arguments, add_tracing_argument
+    from pdserve.services.api.cli import (add_api_key_argument, add_chat_arguments, add_edge_limit_arguments,
+                                          add_tracing_argument)
 
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--access-log", default="text", choices=["text", "json", "off"],
                    help="one 'pdserve.access' log line per finished request with its phase times (default text)")
     add_tracing_argument(g)
+    add_chat_arguments(g)
 
     m = parser.add_argument_group("model (must match the engines)")
     m.add_argument("--model", default="smollm2-135m-instruct", help="the served model (for its tokenizer)")
@@ -79,7 +81,7 @@ def build_config(args: argparse.Namespace, cluster_secret=None):
     from pdserve.engine.frontend.fanout import eos_token_id_of
     from pdserve.engine.frontend.tokenizer import load_tokenizer
     from pdserve.engine.model_loader import resolve_model
-    from pdserve.services.api.cli import api_key_from, check_edge_limits
+    from pdserve.services.api.cli import api_key_from, chat_template_from, check_edge_limits
     from pdserve.services.api.settings import ServerSettings
     from pdserve.services.router.discovery import KubernetesDiscovery, PodPorts, StaticDiscovery, static_endpoints
     from pdserve.services.router.engine import ModelInfo
@@ -117,7 +119,9 @@ def build_config(args: argparse.Namespace, cluster_secret=None):
                               request_timeout_s=args.request_timeout, header_timeout_s=args.header_timeout,
                               body_timeout_s=args.body_timeout, max_concurrent_rpcs=args.max_concurrent_rpcs,
                               max_concurrent_requests=args.max_concurrent_requests,
-                              responses_store_size=args.responses_store_size)
+                              responses_store_size=args.responses_store_size,
+                              chat_template=chat_template_from(args.chat_template),
+                              reasoning_parser=args.reasoning_parser)
     config = RouterConfig(model=model, settings=settings, discovery=discovery, routing=routing,
                           block_size=args.block_size, hash_seed=router_hash_seed(args.hash_seed, cluster_secret),
                           hash_algo=args.hash_algo, cluster_secret=cluster_secret,

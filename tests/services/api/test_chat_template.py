@@ -14,14 +14,14 @@ import pytest
 from api_servers import MODEL, start_real_server, stop_real_server
 
 # Prints each turn with its tool calls (arguments read as an object) and the call a tool turn answers, then the
-# request's template variables, then opens a think block when asked to.
+# request's template variables, then opens a think block when asked to. (Hugging Face renders templates with
+# trim_blocks: the newline after a block tag is dropped.)
 TEMPLATE = """\
 {%- for m in messages -%}
 <|im_start|>{{ m.role }}
 {%- if m.tool_calls %} calls:{% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments.city }})\
 {% endfor %}{% endif %}
-{%- if m.tool_call_id %} answers:{{ m.tool_call_id }}{% endif %}
-{{ m.content }}<|im_end|>
+{%- if m.tool_call_id %} answers:{{ m.tool_call_id }}{% endif %} | {{ m.content }}<|im_end|>
 {% endfor -%}
 {%- if note %}note:{{ note }}
 {% endif -%}
@@ -68,7 +68,7 @@ def rendered(server, messages: list[dict]) -> str:
 def test_tool_calls_and_tool_messages_reach_the_template(server, client) -> None:
     text = rendered(server, HISTORY)
     assert "<|im_start|>assistant calls:get_weather(Paris)" in text  # arguments as an object, not JSON text
-    assert "<|im_start|>tool answers:call_7\nsunny" in text
+    assert "<|im_start|>tool answers:call_7 | sunny" in text
     # The chat endpoint renders the same prompt.
     resp = client.chat.completions.create(model=MODEL, messages=HISTORY, max_tokens=1)
     assert resp.usage.prompt_tokens == len(httpx.post(f"{server.url}/tokenize", headers=server.headers, json={

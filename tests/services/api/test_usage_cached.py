@@ -68,3 +68,21 @@ def test_streamed_chat_usage(client) -> None:
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, stream=True,
                                        stream_options={"continuous_usage_stats": True})
     assert info.value.body["param"] == "stream_options"
+
+
+def test_cached_tokens_of_several_prompts_and_choices() -> None:
+    from pdserve.engine.outputs import CompletionOutput, RequestOutput
+    from pdserve.services.api.serving_common import CachedTokens, Usage
+
+    def out(index: int, cached: int) -> RequestOutput:
+        return RequestOutput("r", None, [1] * 64, [CompletionOutput(index, "", [])], num_cached_tokens=cached)
+
+    cached = CachedTokens()
+    cached.add(0, out(0, 16))
+    cached.add(0, out(1, 48))  # the second choice hit what the first computed: the prompt counts 16
+    cached.add(1, out(0, 32))
+    assert cached.total == 48
+    assert Usage(10, 2, cached.total).as_dict()["prompt_tokens_details"] == {"cached_tokens": 48}
+    unknown = CachedTokens(known=False)  # behind the router
+    unknown.add(0, out(0, 0))
+    assert unknown.total is None and "prompt_tokens_details" not in Usage(10, 2, unknown.total).as_dict()
