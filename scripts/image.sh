@@ -75,7 +75,7 @@ EOF
         --label org.opencontainers.image.description="Debian $SUITE minbase (debootstrap)" "$ctr"
     buildah commit --rm "$ctr" "$BASE_IMAGE" >&2
     rm -rf "$rootfs"
-    log "base image $BASE_IMAGE: $(buildah inspect --type image --format '{{.Docker.Size}}' "$BASE_IMAGE" 2>/dev/null) bytes"
+    log "base image $BASE_IMAGE: $(buildah images --format '{{.Size}}' "$BASE_IMAGE")"
 }
 
 build_cpu() {

