@@ -106,7 +106,11 @@ class EngineCore:
             kv_scheduler_half, self.kv_connector = build_connector(config, self.runner.kv_caches)
             self.runner.attach_kv_connector(self.kv_connector)
         device_type = getattr(self.runner.device, "type", str(self.runner.device))
-        self.async_scheduling = sched.use_async_scheduling(device_type, self.kv_connector is not None)
+        # Speculative decoding (engine/spec_decode) steps synchronously: a step's drafts follow from the tokens
+        # the step before emitted (EngineConfig.create refuses async_scheduling=True with it).
+        self.spec = _spec_decoder(config, self.vocab_size)
+        self.async_scheduling = (self.spec is None
+                                 and sched.use_async_scheduling(device_type, self.kv_connector is not None))
         self._in_flight: _InFlight | None = None
         self._failed_outputs: list[EngineCoreOutput] = []  # requests aborted by a failure, not yet reported
         self._last_done = 0.0  # when the last step completed (perf_counter), for StepStat durations
@@ -189,6 +193,11 @@ class EngineCore:
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """Finish requests from outside the step (aborts, stop strings found by the front end)."""
+        if self.spec is not None:
+            for rid in request_ids:
+                request = self.scheduler.get_request(rid)
+                if request is not None:
+                    self.spec.finished(request, completed=False)
         self.scheduler.finish_requests(list(request_ids), status)
         for rid in request_ids:
             self.sampler.remove_request(rid)
@@ -201,6 +210,8 @@ class EngineCore:
         stats = self.scheduler.get_stats()
         if self.structured is not None:
             stats = dataclasses.replace(stats, structured_output=self.structured.stats.to_dict())
+        if self.spec is not None:
+            stats = dataclasses.replace(stats, spec_decode=self.spec.stats.to_dict())
         return stats
 
     def record_step_stats(self, enable: bool = True) -> None:
@@ -250,12 +261,21 @@ class EngineCore:
         except Exception as exc:
             return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
+        spec_tokens: dict[str, list[int]] = {}
+        if self.spec is not None:  # rows of chunks with drafts are verified; the others sampled as usual
+            try:
+                split = self.spec.verify(logits, sched_out, {rid: self.scheduler.get_request(rid)
+                                                             for rid in sample_ids}, self.sampler)
+            except Exception as exc:
+                return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
+            logits, sample_ids, spec_tokens = split.logits, split.sample_ids, split.spec_tokens
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
         # Filled on the CPU while the device still runs the forward pass queued above.
         bitmask, mask_errors = self._fill_bitmask(requests)
         result = self.sampler.sample(logits, requests, bitmask)
         failed = self._fail_rows(sample_ids, {**result.errors, **mask_errors})
-        return failed + self._apply(sched_out, sample_ids, result, start) + self._drain_finished_without_step()
+        return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens)
+                + self._drain_finished_without_step())
 
     def _launch(self, sched_out: SchedulerOutput, start: float) -> _InFlight:
         """Queue a step's forward pass and sampling on the device; nothing here waits for it. Placeholder
@@ -306,9 +326,14 @@ class EngineCore:
         return False
 
     def _apply(self, sched_out: SchedulerOutput, sample_ids: list[str], result: Any,
-               start: float) -> list[EngineCoreOutput]:
-        """Hand a step's sampled tokens to the scheduler; returns the outputs of the requests that got one."""
-        sampled = dict(zip(sample_ids, result.token_ids))
+               start: float, spec_tokens: dict[str, list[int]] | None = None) -> list[EngineCoreOutput]:
+        """Hand a step's sampled tokens to the scheduler; returns the outputs of the requests that got one.
+        ``spec_tokens``: what verification emitted for the requests whose chunks carried drafts."""
+        sampled: dict[str, Any] = dict(zip(sample_ids, result.token_ids))
+        num_before = {}
+        if spec_tokens:
+            sampled.update(spec_tokens)
+            num_before = {rid: self.scheduler.get_request(rid).num_output_tokens for rid in spec_tokens}
         updated = self.scheduler.update_from_output(sched_out, sampled)
         self._poll_kv_transfers(idle=False)
         self.num_steps += 1
@@ -322,14 +347,21 @@ class EngineCore:
         row_of = {rid: i for i, rid in enumerate(sample_ids)}
         outputs = []
         for req in updated:
-            row_lp = result.logprobs[row_of[req.request_id]] if result.logprobs is not None else None
+            rid = req.request_id
+            row = row_of.get(rid)
+            row_lp = result.logprobs[row] if result.logprobs is not None and row is not None else None
             lp = [row_lp] if row_lp is not None else None
+            new = req.output_token_ids[num_before[rid]:] if rid in num_before else [req.output_token_ids[-1]]
             outputs.append(EngineCoreOutput(
-                request_id=req.request_id, new_token_ids=[req.output_token_ids[-1]], new_logprobs=lp,
+                request_id=rid, new_token_ids=new, new_logprobs=lp,
                 finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output))
             if req.is_finished:
-                self.sampler.remove_request(req.request_id)
+                self.sampler.remove_request(rid)
+                if self.spec is not None:
+                    self.spec.finished(req, completed=True)
+        if self.spec is not None:
+            self.spec.propose(updated, self.scheduler.num_running)
         return outputs
 
     def _fail_step(self, sched_out: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
@@ -391,6 +423,15 @@ class EngineCore:
                                          finish_reason=req.status.finish_reason,
                                          stop_reason=req.abort_reason or req.stop_reason))
         return outs
+
+
+def _spec_decoder(config: EngineConfig, vocab_size: int) -> Any:
+    """The speculative decoder when ``config.speculative`` asks for one, else None."""
+    if config.speculative is None:
+        return None
+    from pdserve.engine.spec_decode.decoder import SpecDecoder
+
+    return SpecDecoder(config.speculative, vocab_size)
 
 
 def _structured_output_manager(config: EngineConfig, vocab_size: int) -> Any:

@@ -78,6 +78,9 @@ class Request:
     # Structured output: the request's matcher state (a RequestGrammar from engine/structured_output), or None.
     # The scheduler admits the request only once ``grammar.ready`` (its grammar compiled off the model loop).
     grammar: Any = None
+    # Speculative decoding (engine/spec_decode): guesses of the next tokens, proposed after the request's latest
+    # step. The scheduler appends them to its next decode chunk; they become output tokens only once verified.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
