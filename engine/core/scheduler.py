@@ -310,6 +310,8 @@ class Scheduler:
             if block_ids is None:
                 break  # it preempted itself, and it was the last running request
             chunks.append(self._make_chunk(request, num_new, block_ids, drafts))
+            if request.spec_token_ids:
+                request.spec_token_ids = []  # guesses for this step only: the next ones follow from its outcome
             budget -= num_new + len(drafts)
             i += 1
         return budget
