@@ -186,15 +186,11 @@ class EngineConfig:
 
 
 def _speculative_config(value: Any, kwargs: dict[str, Any]) -> SpeculativeConfig | None:
-    """Parse ``speculative_config`` and refuse what cannot go with it, before the model loads: a prefill pod
-    never decodes, and a speculating engine steps synchronously (the drafts of step N+1 follow from step N's
-    tokens; docs/speculative_decoding.md)."""
+    """Parse ``speculative_config`` and refuse it, before the model loads, on a prefill pod (it never decodes)."""
     config = SpeculativeConfig.parse(value)
     if config is None:
         return None
     if kwargs.get("role") == "prefill":
         raise ValueError("speculative decoding is for engines that decode: a prefill pod never does, so "
                          "--speculative-config is refused with --role prefill (give it to the decode pods)")
-    if kwargs.get("async_scheduling") is True:
-        raise ValueError("async_scheduling cannot be used with speculative decoding (it steps synchronously)")
     return config

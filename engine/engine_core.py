@@ -106,11 +106,10 @@ class EngineCore:
             kv_scheduler_half, self.kv_connector = build_connector(config, self.runner.kv_caches)
             self.runner.attach_kv_connector(self.kv_connector)
         device_type = getattr(self.runner.device, "type", str(self.runner.device))
-        # Speculative decoding (engine/spec_decode) steps synchronously: a step's drafts follow from the tokens
-        # the step before emitted (EngineConfig.create refuses async_scheduling=True with it).
+        self.async_scheduling = sched.use_async_scheduling(device_type, self.kv_connector is not None)
+        # Speculative decoding (engine/spec_decode). A step with drafts runs synchronously (its drafts follow from
+        # the tokens the step before emitted): see _needs_sync_step.
         self.spec = _spec_decoder(config, self.vocab_size)
-        self.async_scheduling = (self.spec is None
-                                 and sched.use_async_scheduling(device_type, self.kv_connector is not None))
         self._in_flight: _InFlight | None = None
         self._failed_outputs: list[EngineCoreOutput] = []  # requests aborted by a failure, not yet reported
         self._last_done = 0.0  # when the last step completed (perf_counter), for StepStat durations
@@ -313,8 +312,12 @@ class EngineCore:
     def _needs_sync_step(self) -> bool:
         """Whether a request may sample next with penalties (they read every earlier token), before its
         ``min_tokens`` (the sampler counts its known outputs) or under a structured-output constraint (its
-        bitmask follows every earlier token; overlapping it with the step in flight is future work): then the
-        step in flight must land first."""
+        bitmask follows every earlier token; overlapping it with the step in flight is future work), or when the
+        last proposal gave some request drafts (speculative decoding: drafts are guessed from every earlier
+        token, and the scheduler attaches them only when no step is in flight): then the step in flight must land
+        first. When adaptive k proposes nothing (large batches, low acceptance) the steps overlap again."""
+        if self.spec is not None and self.spec.num_proposed:
+            return True
         for rid in list(self._host_token_ids):
             req = self.scheduler.get_request(rid)
             if req is not None:

@@ -427,11 +427,12 @@ class Scheduler:
                               block_ids=block_ids, sample=sample, num_draft_tokens=len(drafts))
 
     def _drafts_for(self, request: Request, remaining: int, budget: int) -> list[int]:
-        """The drafts a decode chunk carries (speculative decoding, synchronous steps only): the proposer's
-        tokens, cut to the budget, the context limit (their slots must fit ``max_model_len``) and
-        ``max_tokens`` (a draft past the last allowed token could never be emitted)."""
+        """The drafts a decode chunk carries (speculative decoding): the proposer's tokens, cut to the budget,
+        the context limit (their slots must fit ``max_model_len``) and ``max_tokens`` (a draft past the last
+        allowed token could never be emitted). Only while no step is in flight (asynchronous scheduling): drafts
+        guess what follows the known tokens, and verification needs every earlier token settled."""
         drafts = request.spec_token_ids
-        if not drafts or remaining != 1 or self.async_scheduling:
+        if not drafts or remaining != 1 or self._sampled_in:
             return []
         n = min(len(drafts), budget - 1, self.max_model_len - request.num_tokens)
         max_tokens = request.sampling_params.max_tokens

@@ -50,11 +50,13 @@ class SpecDecoder:
         self.proposer = build_proposer(config, vocab_size)
         self.adaptive = AdaptiveK(config)
         self.stats = SpecDecodingStats(config.num_speculative_tokens)
+        self.num_proposed = 0  # requests the last propose() gave drafts (the engine steps synchronously then)
 
     # ------------------------------------------------------------------ proposing
     def propose(self, requests: list[Request], num_running: int) -> None:
         """Set ``spec_token_ids`` of each request (unfinished ones get guesses, the others none)."""
         limit = self.adaptive.batch_k(num_running)
+        self.num_proposed = 0
         for request in requests:
             request.spec_token_ids = []
             if limit == 0 or request.is_finished or not may_speculate(request):
@@ -62,6 +64,7 @@ class SpecDecoder:
             k = self.adaptive.request_k(request.request_id, limit)
             if k:
                 request.spec_token_ids = self.proposer.propose(request, k)[:k]
+                self.num_proposed += bool(request.spec_token_ids)
 
     def finished(self, request: Request, completed: bool) -> None:
         """A request left the engine; ``completed`` when it stopped or hit its length (not aborted)."""

@@ -89,8 +89,10 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
 
 
 def test_greedy_identity_llama_chunked_prefill_prefix_caching_preemption(llama, tmp_path) -> None:
-    # Default pool (prefix hits on the shared prefix), then a pool so small that requests are preempted.
-    greedy_matrix(llama, tmp_path, [({}, [ORACLE, NGRAM]), ({"num_blocks": 6}, [ORACLE])])
+    # Default pool (prefix hits on the shared prefix), a pool so small that requests are preempted, and
+    # asynchronous scheduling (speculating steps run synchronously, the others overlap).
+    greedy_matrix(llama, tmp_path, [({}, [ORACLE, NGRAM]), ({"num_blocks": 6}, [ORACLE]),
+                                    ({"async_scheduling": True}, [ORACLE])])
 
 
 def test_greedy_identity_qwen3(qwen3, tmp_path) -> None:
