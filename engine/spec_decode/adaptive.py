@@ -5,9 +5,10 @@ batches, memory-bound decode) and when drafts are accepted. So it backs off:
 
 * by batch: at ``disable_by_batch_size`` running requests or more nothing is proposed (the verify step would
   cost more than it saves), at half that at most ``k // 2`` (at least 1);
-* by acceptance: each request keeps an exponential average of its acceptance rate (starting optimistic, at 1);
-  below ``min_acceptance`` it stops proposing, except every ``probe_interval``-th step, so a request whose text
-  turns repetitive later can win speculation back.
+* by acceptance: each request keeps an exponential average of its acceptance rate, starting from the engine's
+  own average over recent proposals (optimistic, 1, at start-up: a benchmark's first requests teach the later
+  ones); below ``min_acceptance`` it stops proposing, except a one-token probe every ``probe_interval``-th step,
+  so a request whose text turns repetitive later can win speculation back.
 
 With ``adaptive`` off every eligible request gets ``k``.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 
 EMA_WEIGHT = 0.3  # weight of the newest step: a request's acceptance reacts within a few steps
+PRIOR_WEIGHT = 0.05  # the engine-wide average, a new request's starting point, moves more slowly
 
 
 @dataclass
@@ -37,6 +39,7 @@ class AdaptiveK:
         self.probe_interval = config.probe_interval
         self.disable_by_batch_size = config.disable_by_batch_size
         self._state: dict[str, _RequestState] = {}
+        self.prior = 1.0  # the engine-wide acceptance average
 
     def batch_k(self, num_running: int) -> int:
         """The most tokens any request may propose in a step with ``num_running`` running requests."""
@@ -52,19 +55,23 @@ class AdaptiveK:
         """How many tokens this request proposes this step, at most ``limit`` (from :meth:`batch_k`)."""
         if not self.enabled or limit == 0:
             return limit
-        state = self._state.setdefault(request_id, _RequestState())
+        state = self._state.get(request_id)
+        if state is None:
+            state = self._state[request_id] = _RequestState(self.prior)
         if state.acceptance >= self.min_acceptance:
             return limit
         state.steps_off += 1
         if state.steps_off >= self.probe_interval:
             state.steps_off = 0
-            return limit
+            return 1
         return 0
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """A verified proposal's outcome."""
-        state = self._state.setdefault(request_id, _RequestState())
-        state.acceptance = (1 - EMA_WEIGHT) * state.acceptance + EMA_WEIGHT * num_accepted / num_drafts
+        rate = num_accepted / num_drafts
+        state = self._state.setdefault(request_id, _RequestState(self.prior))
+        state.acceptance = (1 - EMA_WEIGHT) * state.acceptance + EMA_WEIGHT * rate
+        self.prior = (1 - PRIOR_WEIGHT) * self.prior + PRIOR_WEIGHT * rate
 
     def remove(self, request_id: str) -> None:
         self._state.pop(request_id, None)

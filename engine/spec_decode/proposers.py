@@ -62,8 +62,8 @@ class OracleProposer(Proposer):
     A proposal of ``k`` tokens keeps its first ``round(acceptance * k)`` tokens correct and makes the rest wrong
     (the recorded token plus one), so greedy verification accepts exactly that share. Outputs come from
     ``oracle_path`` (a JSON list of ``{"prompt_token_ids": [...], "output_token_ids": [...]}``) and from every
-    request this engine finished (the latest output per prompt wins). ``acceptance`` may be changed between
-    runs (the latency benchmark sweeps it on one engine).
+    request this engine finished (the longest output per prompt is kept: greedy runs of one prompt only differ
+    in length). ``acceptance`` may be changed between runs (the latency benchmark sweeps it on one engine).
     """
 
     def __init__(self, vocab_size: int, acceptance: float = 1.0, path: str | None = None) -> None:
@@ -87,8 +87,9 @@ class OracleProposer(Proposer):
         return drafts[:num_right] + [(t + 1) % self.vocab_size for t in drafts[num_right:]]
 
     def on_finished(self, request: Request) -> None:
-        if request.output_token_ids:
-            self._outputs[tuple(request.prompt_token_ids)] = list(request.output_token_ids)
+        key = tuple(request.prompt_token_ids)
+        if request.num_output_tokens > len(self._outputs.get(key, ())):
+            self._outputs[key] = list(request.output_token_ids)
 
     def dump(self, path: str) -> None:
         """Write the recorded outputs in the ``oracle_path`` format."""
