@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together (only with --speculative-config)")
     parser.add_argument("--oracle-acceptance", default="1.0,0.5,0.0",
                         help="acceptances the oracle proposer replays at, comma-separated")
+    parser.add_argument("--prompt", default=None,
+                        help="with --speculative-config: this text (e.g. a copy-heavy task for the n-gram "
+                             "proposer) as every prompt, instead of --input-len random tokens")
     add_engine_arguments(parser)
 
 
@@ -106,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = [rng.randint(100, cfg.model.hf_config.vocab_size - 1) for _ in range(args.input_len)]
     if cfg.speculative is not None:
         return _run_speculative(args, llm, rng)
-    if args.batch_size != 1:
-        raise SystemExit("--batch-size is only supported with --speculative-config (this bench is batch 1)")
+    if args.batch_size != 1 or args.prompt is not None:
+        raise SystemExit("--batch-size and --prompt are only supported with --speculative-config")
     device = runner.device
     bandwidth = roofline.measure_copy_bandwidth(device)
     peak = roofline.measure_matmul_flops(device)
@@ -151,7 +154,13 @@ def _run_speculative(args: argparse.Namespace, llm, rng: random.Random) -> int:
     from pdserve.bench.spec_decode import print_results, run_sweep
 
     vocab = llm.config.model.hf_config.vocab_size
-    prompts = [[rng.randint(100, vocab - 1) for _ in range(args.input_len)] for _ in range(args.batch_size)]
+    if args.prompt is not None:
+        tokenizer = llm.get_tokenizer()
+        if tokenizer is None:
+            raise SystemExit("--prompt needs a model with a tokenizer")
+        prompts = [tokenizer.encode(args.prompt)] * args.batch_size
+    else:
+        prompts = [[rng.randint(100, vocab - 1) for _ in range(args.input_len)] for _ in range(args.batch_size)]
     acceptances = [float(a) for a in args.oracle_acceptance.split(",") if a.strip()]
     results = run_sweep(llm, prompts, args.output_len, args.iters, acceptances)
     print(f"model={llm.config.model.model} device={llm.engine.core.runner.device}")

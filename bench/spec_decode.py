@@ -52,7 +52,7 @@ def run_sweep(llm, prompts: list[list[int]], output_len: int, iters: int,
                 raise AssertionError(f"{mode}: greedy outputs differ from the baseline's")
 
     def measure(mode: str, opt_out: bool) -> SpecResult:
-        gen(2, opt_out, mode)  # warm-up
+        gen(min(output_len, 16), opt_out, mode)  # warm-up, verify steps included (their first kernel compiles)
         before = dict(spec.stats.to_dict())
         prefill = _median(lambda: gen(1, opt_out, mode), iters)
         total = _median(lambda: gen(output_len, opt_out, mode), iters)

@@ -4,5 +4,5 @@ pass, and an acceptance rule keeps exactly the target's outputs (greedy) or its 
 ``config`` (the ``--speculative-config`` flag), ``proposers`` (n-gram prompt lookup, the benchmark oracle),
 ``rejection`` (greedy and rejection-sampling verification), ``adaptive`` (how many tokens to propose),
 ``decoder`` (the engine core's one entry point) and ``metrics`` (vLLM's ``spec_decode_*`` counters).
-See docs/speculative_decoding.md.
+See docs/speculative-decoding.md.
 """

@@ -1,6 +1,6 @@
 """The engine core's one entry point into speculative decoding: propose after a step, verify within the next.
 
-A step with drafts, as the engine core runs it (synchronously: see docs/speculative_decoding.md)::
+A step with drafts, as the engine core runs it (synchronously: see docs/speculative-decoding.md)::
 
     after step N      propose(): each running request that may speculate gets up to k guesses (adaptive k)
     schedule N+1      a decode chunk carries [last token, d_1 .. d_k]; lookahead slots are allocated for them
