@@ -109,7 +109,7 @@ class EngineCore:
         self.async_scheduling = sched.use_async_scheduling(device_type, self.kv_connector is not None)
         # Speculative decoding (engine/spec_decode). A step with drafts runs synchronously (its drafts follow from
         # the tokens the step before emitted): see _needs_sync_step.
-        self.spec = _spec_decoder(config, self.vocab_size)
+        self.spec = _spec_decoder(config, self.vocab_size, self.runner)
         self._in_flight: _InFlight | None = None
         self._failed_outputs: list[EngineCoreOutput] = []  # requests aborted by a failure, not yet reported
         self._last_done = 0.0  # when the last step completed (perf_counter), for StepStat durations
@@ -422,19 +422,21 @@ class EngineCore:
         outs = []
         for req in self.scheduler.take_finished_without_output():
             self.sampler.remove_request(req.request_id)
+            if self.spec is not None:
+                self.spec.finished(req, completed=False)
             outs.append(EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
                                          finish_reason=req.status.finish_reason,
                                          stop_reason=req.abort_reason or req.stop_reason))
         return outs
 
 
-def _spec_decoder(config: EngineConfig, vocab_size: int) -> Any:
+def _spec_decoder(config: EngineConfig, vocab_size: int, runner: Any) -> Any:
     """The speculative decoder when ``config.speculative`` asks for one, else None."""
     if config.speculative is None:
         return None
     from pdserve.engine.spec_decode.decoder import SpecDecoder
 
-    return SpecDecoder(config.speculative, vocab_size)
+    return SpecDecoder(config.speculative, vocab_size, runner)
 
 
 def _structured_output_manager(config: EngineConfig, vocab_size: int) -> Any:

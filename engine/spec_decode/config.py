@@ -1,8 +1,8 @@
 """``SpeculativeConfig``: what ``--speculative-config`` (a JSON object, vLLM's shape) turns into.
 
 Example: ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}``.
-Methods that are not implemented (``draft_model``, ``eagle``, ``eagle3``, ``medusa``) are refused by name with a
-clear error rather than accepted and ignored.
+Methods that are not implemented (``eagle``, ``eagle3``, ``medusa``) are refused by name with a clear error rather
+than accepted and ignored.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "oracle")
+METHODS = ("ngram", "draft_model", "oracle")
 NOT_IMPLEMENTED = {
-    "draft_model": "a draft model proposer is not implemented yet",
     "eagle": "EAGLE heads are not implemented yet",
     "eagle3": "EAGLE-3 heads are not implemented yet",
     "medusa": "Medusa heads are not implemented yet",
@@ -25,7 +24,9 @@ class SpeculativeConfig:
     """How the engine speculates.
 
     ``num_speculative_tokens`` (k) is the most drafts a request gets per step. ``prompt_lookup_min/max``: the
-    n-gram sizes the ``ngram`` proposer matches (the longest first). ``oracle_path``: a JSON file of earlier
+    n-gram sizes the ``ngram`` proposer matches (the longest first). ``model``: the ``draft_model`` proposer's
+    model (same vocabulary as the target; ``draft_load_format`` as ``--load-format``), with a KV cache of
+    ``draft_kv_cache_gib``. ``oracle_path``: a JSON file of earlier
     outputs the ``oracle`` proposer replays (benchmarks; it also replays what this engine produced before), and
     ``oracle_acceptance`` the share of each proposal it keeps correct (the rest is made wrong on purpose).
 
@@ -39,6 +40,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    model: str | None = None
+    draft_load_format: str = "auto"
+    draft_kv_cache_gib: float = 1.0
     oracle_path: str | None = None
     oracle_acceptance: float = 1.0
     adaptive: bool = True
@@ -64,6 +68,15 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"speculative_config.{name} must be a number in [0, 1], got {value!r}")
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            raise ValueError('speculative method "draft_model" needs "model": the draft model to load')
+        if self.draft_load_format not in ("auto", "dummy"):
+            raise ValueError(f"speculative_config.draft_load_format must be auto or dummy, got "
+                             f"{self.draft_load_format!r}")
+        if (isinstance(self.draft_kv_cache_gib, bool) or not isinstance(self.draft_kv_cache_gib, (int, float))
+                or self.draft_kv_cache_gib <= 0):
+            raise ValueError(f"speculative_config.draft_kv_cache_gib must be a positive number, got "
+                             f"{self.draft_kv_cache_gib!r}")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"speculative_config.adaptive must be true or false, got {self.adaptive!r}")
 

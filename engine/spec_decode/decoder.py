@@ -45,9 +45,9 @@ def may_speculate(request: Request) -> bool:
 class SpecDecoder:
     """Owns the proposer, adaptive k and the counters; stateless between steps apart from those."""
 
-    def __init__(self, config: SpeculativeConfig, vocab_size: int) -> None:
+    def __init__(self, config: SpeculativeConfig, vocab_size: int, runner=None) -> None:
         self.config = config
-        self.proposer = build_proposer(config, vocab_size)
+        self.proposer = build_proposer(config, vocab_size, runner)
         self.adaptive = AdaptiveK(config)
         self.stats = SpecDecodingStats(config.num_speculative_tokens)
         self.num_proposed = 0  # requests the last propose() gave drafts (the engine steps synchronously then)
@@ -57,20 +57,27 @@ class SpecDecoder:
         """Set ``spec_token_ids`` of each request (unfinished ones get guesses, the others none)."""
         limit = self.adaptive.batch_k(num_running)
         self.num_proposed = 0
+        asking, ks = [], []
         for request in requests:
             request.spec_token_ids = []
             if limit == 0 or request.is_finished or not may_speculate(request):
                 continue
             k = self.adaptive.request_k(request.request_id, limit)
             if k:
-                request.spec_token_ids = self.proposer.propose(request, k)[:k]
-                self.num_proposed += bool(request.spec_token_ids)
+                asking.append(request)
+                ks.append(k)
+        if not asking:
+            return
+        for request, k, guesses in zip(asking, ks, self.proposer.propose_batch(asking, ks)):
+            request.spec_token_ids = guesses[:k]
+            self.num_proposed += bool(guesses)
 
     def finished(self, request: Request, completed: bool) -> None:
         """A request left the engine; ``completed`` when it stopped or hit its length (not aborted)."""
         self.adaptive.remove(request.request_id)
         if completed:
             self.proposer.on_finished(request)
+        self.proposer.forget(request.request_id)
 
     # ------------------------------------------------------------------ verifying
     def verify(self, logits: torch.Tensor, sched_out: SchedulerOutput, requests: dict[str, Request],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,16 @@ class Proposer(ABC):
     def propose(self, request: Request, k: int) -> list[int]:
         """Up to ``k`` guesses of the tokens that follow ``request.all_token_ids`` (known tokens only)."""
 
+    def propose_batch(self, requests: list[Request], ks: list[int]) -> list[list[int]]:
+        """:meth:`propose` for several requests (``ks[i]`` guesses for ``requests[i]``, 0: none); a proposer that
+        runs a model batches them."""
+        return [self.propose(r, k) if k else [] for r, k in zip(requests, ks)]
+
     def on_finished(self, request: Request) -> None:
-        """A request finished (its outputs are final); stateless proposers ignore it."""
+        """A request completed (its outputs are final); stateless proposers ignore it."""
+
+    def forget(self, request_id: str) -> None:
+        """A request left the engine (completed or aborted): drop any state kept for it."""
 
 
 class NgramProposer(Proposer):
@@ -97,8 +106,18 @@ class OracleProposer(Proposer):
             json.dump([{"prompt_token_ids": list(p), "output_token_ids": o} for p, o in self._outputs.items()], f)
 
 
-def build_proposer(config: SpeculativeConfig, vocab_size: int) -> Proposer:
-    """The proposer ``config.method`` names (the config already refused unimplemented methods)."""
+def build_proposer(config: SpeculativeConfig, vocab_size: int, runner: Any = None) -> Proposer:
+    """The proposer ``config.method`` names (the config already refused unimplemented methods). ``runner``: the
+    target's model runner (device, dtype, attention backend, block size), needed by the draft model."""
+    if config.method == "draft_model":
+        from pdserve.engine.spec_decode.draft_model import DraftModelProposer
+
+        assert config.model is not None
+        return DraftModelProposer(
+            config.model, load_format=config.draft_load_format, target_vocab_size=vocab_size,
+            max_model_len=runner.config.model.max_model_len, device=runner.device, dtype=runner.dtype,
+            attention_backend=runner.config.device.attention_backend, block_size=runner.block_size,
+            kv_cache_bytes=int(config.draft_kv_cache_gib * (1 << 30)), max_k=config.num_speculative_tokens)
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "oracle":

@@ -99,6 +99,32 @@ def test_greedy_identity_qwen3(qwen3, tmp_path) -> None:
     greedy_matrix(qwen3, tmp_path, [({}, [ORACLE])], enable_prefix_caching=False)
 
 
+def test_draft_model_proposer(llama, qwen3) -> None:
+    """The target itself as its draft model accepts everything; another model with the same vocabulary (a tiny
+    Qwen3) guesses too; outputs equal plain decoding's either way, preemption included (the draft keeps its own
+    KV cache, and gives every block back when requests finish)."""
+    requests = [(p, GREEDY) for p in prompts()]
+    base = run(engine(llama), requests)
+    for draft, small in ((llama, False), (qwen3, True)):
+        spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3, "draft_kv_cache_gib": 0.01}
+        core = engine(llama, spec, **({"num_blocks": 6} if small else {}))
+        assert run(core, requests) == base
+        stats = core.get_stats().spec_decode
+        if small:
+            assert stats["num_draft_tokens"] > 0  # unrelated random weights: acceptance near 0, outputs still exact
+            assert core.get_stats().num_preemptions > 0
+        else:
+            assert stats["num_accepted_tokens"] == stats["num_draft_tokens"] > 0
+        proposer = core.spec.proposer
+        assert not proposer._tables and len(proposer._free) == proposer.num_blocks  # every block returned
+
+
+def test_draft_model_must_share_the_vocabulary(llama, tmp_path) -> None:
+    other = make_tiny_model("llama", tmp_path / "v8", vocab_size=8)
+    with pytest.raises(ValueError, match="same tokenizer|share the target"):
+        engine(llama, {"method": "draft_model", "model": other})
+
+
 def test_opt_out_and_oracle_sweep(llama) -> None:
     """One engine, as the latency benchmark drives it: a baseline that opts out (and is recorded by the oracle),
     then replays at 100 % and 0 % acceptance; the outputs stay the baseline's."""

@@ -12,7 +12,7 @@ from pdserve.engine.spec_decode.config import SpeculativeConfig
 from pdserve.engine.spec_decode.proposers import NgramProposer, OracleProposer, ngram_lookup
 
 
-@pytest.mark.parametrize("method", ["eagle", "eagle3", "medusa", "draft_model"])
+@pytest.mark.parametrize("method", ["eagle", "eagle3", "medusa"])
 def test_unimplemented_methods_are_refused_by_name(method: str) -> None:
     with pytest.raises(ValueError, match="not implemented"):
         SpeculativeConfig.parse({"method": method})
@@ -21,7 +21,9 @@ def test_unimplemented_methods_are_refused_by_name(method: str) -> None:
 @pytest.mark.parametrize("value, match", [
     ("{", "not valid JSON"), ('["ngram"]', "JSON object"), ('{"method": "lookahead"}', "unknown speculative"),
     ('{"num_speculative_tokens": 0}', "positive integer"), ('{"k": 3}', "unknown speculative_config keys"),
-    ('{"prompt_lookup_min": 5, "prompt_lookup_max": 2}', "exceeds"), ('{"oracle_acceptance": 1.5}', r"\[0, 1\]")])
+    ('{"prompt_lookup_min": 5, "prompt_lookup_max": 2}', "exceeds"), ('{"oracle_acceptance": 1.5}', r"\[0, 1\]"),
+    ('{"method": "draft_model"}', "needs \"model\""),
+    ('{"method": "draft_model", "model": "x", "draft_kv_cache_gib": 0}', "positive number")])
 def test_bad_configs_are_refused(value: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SpeculativeConfig.parse(value)
