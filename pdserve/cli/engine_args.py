@@ -36,7 +36,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "connector)")
     g.add_argument("--speculative-config", default=None, type=_speculative_config,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                        "(methods: ngram, oracle; see docs/speculative-decoding.md); refused on prefill pods")
+                        "(methods: ngram, draft_model, oracle; see docs/speculative-decoding.md); refused on "
+                        "prefill pods")
     # Accepted so that argument lists written for parallel engines parse, but only 1 until parallelism exists.
     g.add_argument("--tensor-parallel-size", type=_parallel_size("tensor_parallel_size"), default=1,
                    help="devices per engine for tensor parallelism (not implemented yet: only 1)")
