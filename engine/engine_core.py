@@ -364,7 +364,15 @@ class EngineCore:
                 if self.spec is not None:
                     self.spec.finished(req, completed=True)
         if self.spec is not None:
-            self.spec.propose(updated, self.scheduler.num_running)
+            try:
+                self.spec.propose(updated, self.scheduler.num_running)
+            except Exception as exc:  # a proposer's failure costs this step's guesses, not the requests
+                if is_device_fault(exc):
+                    raise
+                logger.exception("speculative proposer failed; no drafts this step")
+                for req in updated:
+                    req.spec_token_ids = []
+                self.spec.num_proposed = 0
         return outputs
 
     def _fail_step(self, sched_out: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
