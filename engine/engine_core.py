@@ -231,6 +231,7 @@ class EngineCore:
             failed, self._failed_outputs = self._failed_outputs, []
             return failed + outputs + self._step_sync()
         start = time.perf_counter()
+        self.scheduler.allow_drafts = False  # launched without waiting: verification needs a synchronous step
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
@@ -245,6 +246,7 @@ class EngineCore:
 
     def _step_sync(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
+        self.scheduler.allow_drafts = True
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if self.kv_connector is not None and sched_out.kv_connector_metadata is not None:

@@ -89,6 +89,9 @@ class Scheduler:
         self.async_scheduling = async_scheduling
         self._step_id = 0
         self._sampled_in: dict[int, list[Request]] = {}
+        # Speculative decoding: whether this schedule() may attach drafts (the engine core clears it for steps it
+        # launches asynchronously, whose runner path samples one row per chunk).
+        self.allow_drafts = True
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -432,7 +435,7 @@ class Scheduler:
         allowed token could never be emitted). Only while no step is in flight (asynchronous scheduling): drafts
         guess what follows the known tokens, and verification needs every earlier token settled."""
         drafts = request.spec_token_ids
-        if not drafts or remaining != 1 or self._sampled_in:
+        if not drafts or remaining != 1 or self._sampled_in or not self.allow_drafts:
             return []
         n = min(len(drafts), budget - 1, self.max_model_len - request.num_tokens)
         max_tokens = request.sampling_params.max_tokens

@@ -109,3 +109,17 @@ def test_unverified_tokens_never_enter_the_prefix_cache() -> None:
     s.add_request(other)
     s.schedule()
     assert other.num_cached_tokens == 8
+
+
+def test_no_drafts_while_a_step_is_in_flight_or_for_asynchronous_launches() -> None:
+    s = make(async_scheduling=True)
+    r = decoding(s)
+    r.spec_token_ids = [20, 21]
+    s.allow_drafts = False  # the engine core launches this step without waiting
+    assert s.schedule().chunks[0].num_draft_tokens == 0
+    s = make(async_scheduling=True)
+    r = decoding(s)
+    s.schedule()  # in flight: its token is pending
+    r.spec_token_ids = [20, 21]
+    (c,) = s.schedule().chunks
+    assert c.request_id == "a" and c.num_draft_tokens == 0 and c.token_ids == [-1]  # a placeholder, no drafts
