@@ -3,6 +3,10 @@
 Decode tokens/s = (output_len - 1) / (time to generate output_len tokens - time to generate 1 token), so the
 prefill is not counted in the decode rate. The roofline share compares the bytes a decode step reads with the
 memory copy bandwidth measured in the same run; MFU compares prefill FLOPs with the measured matmul peak.
+
+With ``--speculative-config`` it measures speculative decoding instead (``pdserve.bench.spec_decode``): the
+baseline and the proposer on one engine, at ``--batch-size`` sequences, with the ``oracle`` method at each
+acceptance of ``--oracle-acceptance``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=3, help="repetitions; the median is reported")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="sequences decoded together (only with --speculative-config)")
+    parser.add_argument("--oracle-acceptance", default="1.0,0.5,0.0",
+                        help="acceptances the oracle proposer replays at, comma-separated")
+    parser.add_argument("--prompt", default=None,
+                        help="with --speculative-config: this text (e.g. a copy-heavy task for the n-gram "
+                             "proposer) as every prompt, instead of --input-len random tokens")
     add_engine_arguments(parser)
 
 
@@ -90,12 +101,16 @@ def run(args: argparse.Namespace) -> int:
     kw = engine_kwargs(args)
     kw["enable_prefix_caching"] = False
     # The prefill is timed as one step: a token budget below the prompt would split it into chunks.
-    kw["max_num_batched_tokens"] = max(kw["max_num_batched_tokens"], args.input_len)
+    kw["max_num_batched_tokens"] = max(kw["max_num_batched_tokens"], args.input_len * args.batch_size)
     llm = LLM(**kw)
     cfg = llm.config
     runner = llm.engine.core.runner
     rng = random.Random(0)
     prompt = [rng.randint(100, cfg.model.hf_config.vocab_size - 1) for _ in range(args.input_len)]
+    if cfg.speculative is not None:
+        return _run_speculative(args, llm, rng)
+    if args.batch_size != 1 or args.prompt is not None:
+        raise SystemExit("--batch-size and --prompt are only supported with --speculative-config")
     device = runner.device
     bandwidth = roofline.measure_copy_bandwidth(device)
     peak = roofline.measure_matmul_flops(device)
@@ -131,5 +146,27 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": str(device), "bandwidth": bandwidth, "matmul_peak": peak,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+    return 0
+
+
+def _run_speculative(args: argparse.Namespace, llm, rng: random.Random) -> int:
+    from pdserve.bench.spec_decode import print_results, run_sweep
+
+    vocab = llm.config.model.hf_config.vocab_size
+    if args.prompt is not None:
+        tokenizer = llm.get_tokenizer()
+        if tokenizer is None:
+            raise SystemExit("--prompt needs a model with a tokenizer")
+        prompts = [tokenizer.encode(args.prompt)] * args.batch_size
+    else:
+        prompts = [[rng.randint(100, vocab - 1) for _ in range(args.input_len)] for _ in range(args.batch_size)]
+    acceptances = [float(a) for a in args.oracle_acceptance.split(",") if a.strip()]
+    results = run_sweep(llm, prompts, args.output_len, args.iters, acceptances)
+    print(f"model={llm.config.model.model} device={llm.engine.core.runner.device}")
+    print_results(results, args.batch_size, llm.config.speculative.num_speculative_tokens)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"batch_size": args.batch_size, "speculative_config": asdict(llm.config.speculative),
                        "results": [asdict(r) for r in results]}, f, indent=2)
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED
 from pdserve.engine.security import ClusterSecret
+from pdserve.engine.spec_decode.config import SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -144,6 +145,8 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    # Speculative decoding (engine/spec_decode), or None. Build with ``speculative_config=`` (JSON, dict).
+    speculative: SpeculativeConfig | None = None
 
     @classmethod
     def create(cls, model: str = DEFAULT_MODEL, **kwargs: Any) -> "EngineConfig":
@@ -153,6 +156,7 @@ class EngineConfig:
         """
         from pdserve.engine.model_loader import resolve_model
 
+        speculative = _speculative_config(kwargs.pop("speculative_config", None), kwargs)
         groups: dict[type, dict[str, Any]] = {c: {} for c in (ModelConfig, CacheConfig, SchedulerConfig,
                                                               ParallelConfig, DeviceConfig, KVTransferConfig)}
         for key, value in kwargs.items():
@@ -183,7 +187,7 @@ class EngineConfig:
         return cls(model=model_cfg, cache=CacheConfig(**groups[CacheConfig]),
                    scheduler=SchedulerConfig(**sched_kw), parallel=parallel,
                    device=DeviceConfig(**groups[DeviceConfig]),
-                   kv_transfer=KVTransferConfig(**groups[KVTransferConfig]))
+                   kv_transfer=KVTransferConfig(**groups[KVTransferConfig]), speculative=speculative)
 
 
 def _check_parallel_fits(parallel: ParallelConfig, hf_config: Any, groups: dict[type, dict[str, Any]]) -> None:
@@ -199,3 +203,18 @@ def _check_parallel_fits(parallel: ParallelConfig, hf_config: Any, groups: dict[
                          "pipeline_parallel_size=1")
     if groups[SchedulerConfig].get("async_scheduling") is True:
         raise ValueError("async_scheduling cannot be used with tensor or pipeline parallelism yet")
+
+
+def _speculative_config(value: Any, kwargs: dict[str, Any]) -> SpeculativeConfig | None:
+    """Parse ``speculative_config`` and refuse it, before the model loads, on a prefill pod (it never decodes) and
+    with parallel engines (the verification step runs in the engine core's own model runner)."""
+    config = SpeculativeConfig.parse(value)
+    if config is None:
+        return None
+    if kwargs.get("role") == "prefill":
+        raise ValueError("speculative decoding is for engines that decode: a prefill pod never does, so "
+                         "--speculative-config is refused with --role prefill (give it to the decode pods)")
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if (kwargs.get(name) or 1) > 1:
+            raise ValueError(f"speculative decoding cannot be combined with {name} > 1 yet")
+    return config

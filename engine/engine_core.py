@@ -112,6 +112,9 @@ class EngineCore:
             self.runner.attach_kv_connector(self.kv_connector)
         device_type = getattr(self.runner.device, "type", str(self.runner.device))
         self.async_scheduling = sched.use_async_scheduling(device_type, self.kv_connector is not None)
+        # Speculative decoding (engine/spec_decode). A step with drafts runs synchronously (its drafts follow from
+        # the tokens the step before emitted): see _needs_sync_step.
+        self.spec = _spec_decoder(config, self.vocab_size, self.runner)
         self._in_flight: _InFlight | None = None
         self._failed_outputs: list[EngineCoreOutput] = []  # requests aborted by a failure, not yet reported
         self._last_done = 0.0  # when the last step completed (perf_counter), for StepStat durations
@@ -194,6 +197,11 @@ class EngineCore:
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """Finish requests from outside the step (aborts, stop strings found by the front end)."""
+        if self.spec is not None:
+            for rid in request_ids:
+                request = self.scheduler.get_request(rid)
+                if request is not None:
+                    self.spec.finished(request, completed=False)
         self.scheduler.finish_requests(list(request_ids), status)
         for rid in request_ids:
             self.sampler.remove_request(rid)
@@ -206,6 +214,8 @@ class EngineCore:
         stats = self.scheduler.get_stats()
         if self.structured is not None:
             stats = dataclasses.replace(stats, structured_output=self.structured.stats.to_dict())
+        if self.spec is not None:
+            stats = dataclasses.replace(stats, spec_decode=self.spec.stats.to_dict())
         return stats
 
     def record_step_stats(self, enable: bool = True) -> None:
@@ -226,6 +236,7 @@ class EngineCore:
             failed, self._failed_outputs = self._failed_outputs, []
             return failed + outputs + self._step_sync()
         start = time.perf_counter()
+        self.scheduler.allow_drafts = False  # launched without waiting: verification needs a synchronous step
         sched_out = self.scheduler.schedule()
         launched = None
         if not sched_out.is_empty:
@@ -240,6 +251,7 @@ class EngineCore:
 
     def _step_sync(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
+        self.scheduler.allow_drafts = True
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if self.kv_connector is not None and sched_out.kv_connector_metadata is not None:
@@ -255,12 +267,21 @@ class EngineCore:
         except Exception as exc:
             return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
+        spec_tokens: dict[str, list[int]] = {}
+        if self.spec is not None:  # rows of chunks with drafts are verified; the others sampled as usual
+            try:
+                split = self.spec.verify(logits, sched_out, {rid: self.scheduler.get_request(rid)
+                                                             for rid in sample_ids}, self.sampler)
+            except Exception as exc:
+                return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
+            logits, sample_ids, spec_tokens = split.logits, split.sample_ids, split.spec_tokens
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
         # Filled on the CPU while the device still runs the forward pass queued above.
         bitmask, mask_errors = self._fill_bitmask(requests)
         result = self.sampler.sample(logits, requests, bitmask)
         failed = self._fail_rows(sample_ids, {**result.errors, **mask_errors})
-        return failed + self._apply(sched_out, sample_ids, result, start) + self._drain_finished_without_step()
+        return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens)
+                + self._drain_finished_without_step())
 
     def _launch(self, sched_out: SchedulerOutput, start: float) -> _InFlight:
         """Queue a step's forward pass and sampling on the device; nothing here waits for it. Placeholder
@@ -298,8 +319,12 @@ class EngineCore:
     def _needs_sync_step(self) -> bool:
         """Whether a request may sample next with penalties (they read every earlier token), before its
         ``min_tokens`` (the sampler counts its known outputs) or under a structured-output constraint (its
-        bitmask follows every earlier token; overlapping it with the step in flight is future work): then the
-        step in flight must land first."""
+        bitmask follows every earlier token; overlapping it with the step in flight is future work), or when the
+        last proposal gave some request drafts (speculative decoding: drafts are guessed from every earlier
+        token, and the scheduler attaches them only when no step is in flight): then the step in flight must land
+        first. When adaptive k proposes nothing (large batches, low acceptance) the steps overlap again."""
+        if self.spec is not None and self.spec.num_proposed:
+            return True
         for rid in list(self._host_token_ids):
             req = self.scheduler.get_request(rid)
             if req is not None:
@@ -311,9 +336,14 @@ class EngineCore:
         return False
 
     def _apply(self, sched_out: SchedulerOutput, sample_ids: list[str], result: Any,
-               start: float) -> list[EngineCoreOutput]:
-        """Hand a step's sampled tokens to the scheduler; returns the outputs of the requests that got one."""
-        sampled = dict(zip(sample_ids, result.token_ids))
+               start: float, spec_tokens: dict[str, list[int]] | None = None) -> list[EngineCoreOutput]:
+        """Hand a step's sampled tokens to the scheduler; returns the outputs of the requests that got one.
+        ``spec_tokens``: what verification emitted for the requests whose chunks carried drafts."""
+        sampled: dict[str, Any] = dict(zip(sample_ids, result.token_ids))
+        num_before = {}
+        if spec_tokens:
+            sampled.update(spec_tokens)
+            num_before = {rid: self.scheduler.get_request(rid).num_output_tokens for rid in spec_tokens}
         updated = self.scheduler.update_from_output(sched_out, sampled)
         self._poll_kv_transfers(idle=False)
         self.num_steps += 1
@@ -328,16 +358,31 @@ class EngineCore:
         now = time.time()
         outputs = []
         for req in updated:
-            row_lp = result.logprobs[row_of[req.request_id]] if result.logprobs is not None else None
+            rid = req.request_id
+            row = row_of.get(rid)
+            row_lp = result.logprobs[row] if result.logprobs is not None and row is not None else None
             lp = [row_lp] if row_lp is not None else None
+            new = req.output_token_ids[num_before[rid]:] if rid in num_before else [req.output_token_ids[-1]]
             outputs.append(EngineCoreOutput(
-                request_id=req.request_id, new_token_ids=[req.output_token_ids[-1]], new_logprobs=lp,
+                request_id=rid, new_token_ids=new, new_logprobs=lp,
                 finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output,
                 num_external_cached_tokens=req.num_external_cached_tokens,
                 timing=req.timing_marks(now) if req.num_output_tokens == 1 else None))
             if req.is_finished:
-                self.sampler.remove_request(req.request_id)
+                self.sampler.remove_request(rid)
+                if self.spec is not None:
+                    self.spec.finished(req, completed=True)
+        if self.spec is not None:
+            try:
+                self.spec.propose(updated, self.scheduler.num_running)
+            except Exception as exc:  # a proposer's failure costs this step's guesses, not the requests
+                if is_device_fault(exc):
+                    raise
+                logger.exception("speculative proposer failed; no drafts this step")
+                for req in updated:
+                    req.spec_token_ids = []
+                self.spec.num_proposed = 0
         return outputs
 
     def _fail_step(self, sched_out: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
@@ -404,10 +449,21 @@ class EngineCore:
         outs = []
         for req in self.scheduler.take_finished_without_output():
             self.sampler.remove_request(req.request_id)
+            if self.spec is not None:
+                self.spec.finished(req, completed=False)
             outs.append(EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
                                          finish_reason=req.status.finish_reason,
                                          stop_reason=req.abort_reason or req.stop_reason))
         return outs
+
+
+def _spec_decoder(config: EngineConfig, vocab_size: int, runner: Any) -> Any:
+    """The speculative decoder when ``config.speculative`` asks for one, else None."""
+    if config.speculative is None:
+        return None
+    from pdserve.engine.spec_decode.decoder import SpecDecoder
+
+    return SpecDecoder(config.speculative, vocab_size, runner)
 
 
 def _structured_output_manager(config: EngineConfig, vocab_size: int) -> Any:

@@ -87,6 +87,9 @@ class Request:
     kv_load_ended_at: float | None = None
     kv_load_bytes: int = 0
     first_scheduled_at: float | None = None
+    # Speculative decoding (engine/spec_decode): guesses of the next tokens, proposed after the request's latest
+    # step. The scheduler appends them to its next decode chunk; they become output tokens only once verified.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def timing_marks(self, first_token_at: float) -> dict[str, float]:
         """The marks above (those that happened) and ``first_token_at``, as sent with the first token."""

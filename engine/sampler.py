@@ -146,17 +146,7 @@ class Sampler:
                       bitmask: torch.Tensor | None = None) -> PendingSample:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (logits.shape, len(requests))
         raw = logits.float()
-        x = raw
-        # Penalties, min-tokens masking and the structured-output bitmask edit the logits in place; only then is a
-        # copy needed (a [S, V] float32 copy per step is a few hundred MB of traffic at large batch and vocabulary).
-        if any(r.sampling_params.needs_penalties or r.num_output_tokens < r.sampling_params.min_tokens
-               for r in requests):
-            x = raw.clone()
-            self._apply_penalties(x, requests)
-            self._mask_stop_tokens_before_min(x, requests)
-        if bitmask is not None:
-            x = raw.clone() if x is raw else x
-            apply_token_bitmask(x, small_bitmask_to(bitmask, x.device))
+        x = self.process_logits(raw, requests, bitmask)
         token_ids = self._pick(x, requests)
         wanted = [r.sampling_params.logprobs for r in requests]
         results = [token_ids]
@@ -174,6 +164,34 @@ class Sampler:
         return PendingSample(token_ids, host, event, wanted)
 
     # ------------------------------------------------------------------ logits processing
+    def process_logits(self, raw: torch.Tensor, requests: list[Request],
+                       bitmask: torch.Tensor | None = None) -> torch.Tensor:
+        """``raw`` ([S, V] float32) with penalties, min-tokens masking and the bitmask applied: what greedy rows
+        take the argmax of and what temperature and the filters then shape (speculative decoding's verifier
+        reads the same). Returns ``raw`` itself when nothing applies."""
+        x = raw
+        # Penalties, min-tokens masking and the structured-output bitmask edit the logits in place; only then is a
+        # copy needed (a [S, V] float32 copy per step is a few hundred MB of traffic at large batch and vocabulary).
+        if any(r.sampling_params.needs_penalties or r.num_output_tokens < r.sampling_params.min_tokens
+               for r in requests):
+            x = raw.clone()
+            self._apply_penalties(x, requests)
+            self._mask_stop_tokens_before_min(x, requests)
+        if bitmask is not None:
+            x = raw.clone() if x is raw else x
+            apply_token_bitmask(x, small_bitmask_to(bitmask, x.device))
+        return x
+
+    def target_probs(self, x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The distribution sampled rows draw from: processed logits ``x`` over temperature, then top-k, top-p
+        and min-p, softmaxed ([S, V]; meaningless on greedy rows, which take ``x``'s argmax)."""
+        temps = small_tensor_to([r.sampling_params.temperature or 1.0 for r in requests], x.dtype, x.device)
+        return torch.softmax(self._top_k_top_p_min_p(x / temps.unsqueeze(1), requests), dim=-1)
+
+    def generator(self, request_id: str) -> torch.Generator | None:
+        """The seeded generator of a request that asked for a seed (None otherwise)."""
+        return self._generators.get(request_id)
+
     def _apply_penalties(self, x: torch.Tensor, requests: list[Request]) -> None:
         rows = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
         for i in rows:  # penalties are rare; a per-row loop keeps the common path free of them
@@ -209,10 +227,7 @@ class Sampler:
         if all(greedy_flags):  # decided on the host: no device sync
             return picked
         greedy = small_tensor_to(greedy_flags, torch.bool, x.device)
-        temps = small_tensor_to([r.sampling_params.temperature or 1.0 for r in requests], x.dtype, x.device)
-        x = x / temps.unsqueeze(1)
-        x = self._top_k_top_p_min_p(x, requests)
-        probs = torch.softmax(x, dim=-1)
+        probs = self.target_probs(x, requests)
         # Exponential race: argmax(p / q) with q ~ Exp(1) is a sample from p, and lets each row draw its q from
         # its own seeded generator without a per-row multinomial call.
         q = torch.empty_like(probs).exponential_()

@@ -66,6 +66,8 @@ class SamplingParams:
     cache_salt: str | None = None
     # Constrained decoding (engine/structured_output): the output obeys this JSON Schema, regex, choice or grammar.
     structured_outputs: StructuredOutputsParams | None = None
+    # Speculative decoding (engine/spec_decode): True opts this request out on an engine that speculates.
+    disable_speculation: bool = False
 
     def __post_init__(self) -> None:
         if self.structured_outputs is not None:
@@ -119,6 +121,7 @@ class SamplingParams:
         check(self.cache_salt is None or (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt)
                                           <= MAX_CACHE_SALT_LEN and is_valid_text(self.cache_salt)),
               "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT_LEN} characters or None")
+        check(isinstance(self.disable_speculation, bool), "disable_speculation", "must be true or false")
 
         if self.structured_outputs is not None and (self.ignore_eos or self.min_tokens):
             # The constraint decides where the output ends (its end state admits only EOS).

@@ -164,6 +164,19 @@ def serving() -> Obj:
         (f"sum by (role) (rate(pdserve:structured_output_compile_seconds_total{{{ENGINES}}}[{RATE}])) / "
          f"sum by (role) (rate(pdserve:structured_output_compiles_total{{{ENGINES}}}[{RATE}]))", "{{role}}")],
         "s", "Time to compile a grammar for the vocabulary, off the model loop (a cold schema's cost).")
+    b.row("Speculative decoding")
+    accepted = f"rate(pdserve:spec_decode_num_accepted_tokens_total{{{ENGINES}}}[{RATE}])"
+    b.panel("Draft acceptance rate and mean acceptance length", [
+        (f"sum by (pod) ({accepted}) / "
+         f"sum by (pod) (rate(pdserve:spec_decode_num_draft_tokens_total{{{ENGINES}}}[{RATE}]))",
+         "acceptance {{pod}}"),
+        (f"1 + sum by (pod) ({accepted}) / "
+         f"sum by (pod) (rate(pdserve:spec_decode_num_drafts_total{{{ENGINES}}}[{RATE}]))", "mean length {{pod}}")],
+        "short", "Accepted draft tokens per draft token, and tokens emitted per verified proposal (1 + accepted "
+                 "per proposal), by decode pod.")
+    b.panel("Accepted draft tokens per second, by position", [
+        rate("pdserve:spec_decode_num_accepted_tokens_per_pos_total", ENGINES, "position")], "ops",
+        "Acceptance falls along the proposal: position 0 is accepted most often.")
     b.row("Replicas")
     b.panel("Prefill and decode pods", [
         (f"count by (role) (pdserve:num_requests_running{{{ENGINES}}})", "{{role}}")],

@@ -34,6 +34,11 @@ METRICS: list[tuple[str, str, tuple[str, ...]]] = [
     ("pdserve:structured_output_compiles_total", "counter", ("model_name",)),
     ("pdserve:structured_output_compile_seconds_total", "counter", ("model_name",)),
     ("pdserve:structured_output_cache_hits_total", "counter", ("model_name",)),
+    # speculative decoding (engines started with --speculative-config; engine/spec_decode)
+    ("pdserve:spec_decode_num_drafts_total", "counter", ("model_name",)),
+    ("pdserve:spec_decode_num_draft_tokens_total", "counter", ("model_name",)),
+    ("pdserve:spec_decode_num_accepted_tokens_total", "counter", ("model_name",)),
+    ("pdserve:spec_decode_num_accepted_tokens_per_pos_total", "counter", ("model_name", "position")),
     # KV transfer (prefill and decode pods; engine/kv_transfer/metrics.py)
     ("pdserve:kv_transfer_bytes_total", "counter", ("model_name", "connector", "direction")),
     ("pdserve:kv_transfer_blocks_total", "counter", ("model_name", "connector", "direction")),

@@ -36,6 +36,19 @@ step qwen06b_256_noprefix 60 $PD bench throughput --model qwen3-0.6b --load-form
 step llama8b_sharegpt_like 150 $PD bench throughput --model llama-3.1-8b --load-format dummy --num-prompts 1000 \
     --input-len 30:400 --output-len 30:370 --max-num-seqs 256 --max-num-batched-tokens 8192 \
     --json-out "$RES/llama8b_sharegpt_like.json"
+# Speculative decoding (docs/speculative-decoding.md): the oracle replays the baseline's outputs at 100/50/0 %
+# acceptance on one engine; batch 64 shows adaptive k switching speculation off (never slower).
+step spec_llama8b_b1 300 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 256 \
+    --iters 3 --batch-size 1 --speculative-config '{"method": "oracle", "num_speculative_tokens": 4}' \
+    --oracle-acceptance 1.0,0.5,0.0 --json-out "$RES/spec_llama8b_b1.json"
+step spec_llama8b_b64 300 $PD bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 256 \
+    --iters 3 --batch-size 64 --speculative-config '{"method": "oracle", "num_speculative_tokens": 4}' \
+    --oracle-acceptance 1.0,0.0 --json-out "$RES/spec_llama8b_b64.json"
+# The n-gram proposer on the bundled model, on a copy-heavy prompt (a list whose continuation repeats its pattern).
+COPY_PROMPT=$(python3 -c "print(' '.join(f'Fact {i}: the number {i} is {\"even\" if i % 2 == 0 else \"odd\"}.' for i in range(40)))")
+step spec_ngram_smollm2 200 $PD bench latency --model smollm2-135m-instruct --max-model-len 2048 --output-len 128 \
+    --iters 3 --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --prompt "$COPY_PROMPT" \
+    --json-out "$RES/spec_ngram_smollm2.json"
 step kv_transfer 150 $PD bench kv-transfer --connector grpc-ipc,grpc,shared-fs --shape llama-3.1-8b --prompt-lens 4096 \
     --device cuda --model llama-3.1-8b --output "$RES/kv_transfer.json"
 # Prefix caching's cost at a 0 % hit rate: with and without, interleaved, twice each (one run each is too noisy).

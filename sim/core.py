@@ -130,6 +130,9 @@ class SimEngineCore(EngineCore):
         self.sampler = SimSampler(vocab)
         # No grammars: a simulated step samples no logits, so a constraint could not be honoured (refused instead).
         self.structured = None
+        if config.speculative is not None:  # no logits to verify drafts against either
+            raise ValueError("the simulated engine cannot speculate: --speculative-config is refused")
+        self.spec = None
         self.num_steps = 0
         self.num_computed_tokens_total = 0
         self.step_stats = None

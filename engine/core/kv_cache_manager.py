@@ -165,6 +165,21 @@ class KVCacheManager:
         self._num_cached.pop(request.request_id, None)
         self.pool.free_blocks(reversed(table))
 
+    def free_excess_blocks(self, request: Request, num_slots: int) -> None:
+        """Release the table's blocks beyond the first ``num_slots`` slots (speculative decoding: blocks that
+        held only rejected drafts). They were never registered in the prefix cache: only blocks full of known
+        tokens are, and drafts are not known tokens."""
+        table = self._tables.get(request.request_id)
+        keep = self.num_blocks_needed(num_slots)
+        if table is None or len(table) <= keep:
+            return
+        if self._num_cached[request.request_id] > keep:
+            raise ValueError(f"request {request.request_id!r}: cannot free prefix-cached blocks")
+        extra = table[keep:]
+        del table[keep:]
+        del self._table_ids[request.request_id][keep:]
+        self.pool.free_blocks(reversed(extra))
+
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block hash; refused (False) while requests hold blocks."""
         return self.pool.reset_prefix_cache()

@@ -19,6 +19,10 @@ class ScheduledChunk:
     ``start_pos + len(token_ids)`` slots). When ``sample`` is set the chunk reaches the end of the request's known
     tokens and the runner returns a logits row for its last position. With asynchronous scheduling the last
     token of a decode chunk may be :data:`PLACEHOLDER_TOKEN_ID`: the token the previous step is still sampling.
+
+    Speculative decoding: the last ``num_draft_tokens`` of ``token_ids`` are a proposer's guesses (the chunk is a
+    decode plus its drafts, ``sample`` set); the runner returns ``num_draft_tokens + 1`` logits rows for it, the
+    chunk's last positions in order, and the verified outcome may roll ``num_computed_tokens`` back.
     """
 
     request_id: str
@@ -26,6 +30,12 @@ class ScheduledChunk:
     start_pos: int
     block_ids: list[int]
     sample: bool
+    num_draft_tokens: int = 0
+
+    @property
+    def num_logits_rows(self) -> int:
+        """Logits rows the runner returns for this chunk."""
+        return self.num_draft_tokens + 1 if self.sample else 0
 
     @property
     def num_tokens(self) -> int:
@@ -75,3 +85,5 @@ class SchedulerStats:
     kv_transfer: dict[str, Any] | None = None  # the KV connector's counters (KVTransferStats.to_dict()), if any
     # Structured output's counters (StructuredOutputStats.to_dict()), on engines that can constrain outputs.
     structured_output: dict[str, Any] | None = None
+    # Speculative decoding's counters (SpecDecodingStats.to_dict()), on engines that speculate.
+    spec_decode: dict[str, Any] | None = None

@@ -90,6 +90,9 @@ class Scheduler:
         self.async_scheduling = async_scheduling
         self._step_id = 0
         self._sampled_in: dict[int, list[Request]] = {}
+        # Speculative decoding: whether this schedule() may attach drafts (the engine core clears it for steps it
+        # launches asynchronously, whose runner path samples one row per chunk).
+        self.allow_drafts = True
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -180,8 +183,11 @@ class Scheduler:
     def update_from_output(self, sched_out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Append each sampled token, apply stop conditions, free the blocks of requests that finished.
 
-        ``sampled`` maps the id of every chunk with ``sample=True`` to its new token. Returns the requests that
-        got a token this step, in chunk order; finished ones carry a finished status (and ``stop_reason``).
+        ``sampled`` maps the id of every chunk with ``sample=True`` to its new token, or, for a chunk with drafts
+        (speculative decoding), to the list of tokens verification emitted: the accepted drafts and one more.
+        The slots of rejected drafts are rolled back (``num_computed_tokens``; blocks that held only them are
+        freed), and tokens after one that stops the request are dropped. Returns the requests that got tokens
+        this step, in chunk order; finished ones carry a finished status (and ``stop_reason``).
         Requests finished or aborted between ``schedule()`` and now are skipped: with asynchronous scheduling
         that includes a request that stopped in the previous step (its row here was computed for nothing).
         A request preempted since (its blocks freed, waiting to recompute) still gets its token.
@@ -199,15 +205,28 @@ class Scheduler:
         if missing:
             raise ValueError(f"no sampled token for requests {missing} whose chunks asked for one")
         finished = False
+        num_drafts = {c.request_id: c.num_draft_tokens for c in sched_out.chunks if c.num_draft_tokens}
         for request in todo:
-            request.append_output_token(sampled[request.request_id])
-            decision = check_stop(request, self.max_model_len)
+            value = sampled[request.request_id]
+            tokens = value if isinstance(value, list) else [value]
+            num_rejected = num_drafts.get(request.request_id, 0) + 1 - len(tokens)
+            if num_rejected < 0:
+                raise ValueError(f"request {request.request_id!r} got {len(tokens)} tokens from one step")
+            request.num_computed_tokens -= num_rejected
+            decision = None
+            for token in tokens:
+                request.append_output_token(token)
+                decision = check_stop(request, self.max_model_len)
+                if decision is not None:
+                    break
             if decision is not None:
                 request.stop_reason = decision.stop_reason
                 if request.status != RequestStatus.RUNNING:  # preempted while its token was in flight
                     self._waiting.remove(request)
                 self._retire(request, decision.status)
                 finished = True
+            elif num_rejected:
+                self.kv_cache_manager.free_excess_blocks(request, request.num_tokens)
         if finished:
             self._running = [r for r in self._running if not r.is_finished]
         return todo
@@ -287,7 +306,11 @@ class Scheduler:
                 self._abort_by_engine(request, self._pool_too_small(request))
                 continue
             num_new = min(remaining, budget)
-            block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            drafts = self._drafts_for(request, remaining, budget)
+            block_ids = self.kv_cache_manager.allocate_slots(request, num_new + len(drafts))
+            if block_ids is None and drafts:
+                drafts = []  # no room for the lookahead: a plain decode, preempting others only for that
+                block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
             while block_ids is None:
                 victim = self._running.pop()
                 self._preempt(victim)
@@ -297,8 +320,10 @@ class Scheduler:
                 block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
             if block_ids is None:
                 break  # it preempted itself, and it was the last running request
-            chunks.append(self._make_chunk(request, num_new, block_ids))
-            budget -= num_new
+            chunks.append(self._make_chunk(request, num_new, block_ids, drafts))
+            if request.spec_token_ids:
+                request.spec_token_ids = []  # guesses for this step only: the next ones follow from its outcome
+            budget -= num_new + len(drafts)
             i += 1
         return budget
 
@@ -402,12 +427,16 @@ class Scheduler:
         stats = self.kv_connector.stats if self.kv_connector is not None else None
         return stats.to_dict() if stats is not None else None
 
-    def _make_chunk(self, request: Request, num_new: int, block_ids: list[int]) -> ScheduledChunk:
+    def _make_chunk(self, request: Request, num_new: int, block_ids: list[int],
+                    drafts: list[int] | None = None) -> ScheduledChunk:
         if request.first_scheduled_at is None:
             request.first_scheduled_at = time.time()
         start = request.num_computed_tokens
         end = start + num_new
-        request.num_computed_tokens = end  # advanced now, so the next schedule() continues after this chunk
+        drafts = drafts or []
+        # Advanced now, so the next schedule() continues after this chunk; draft slots optimistically too (the
+        # update rolls the rejected ones back).
+        request.num_computed_tokens = end + len(drafts)
         known = request.num_tokens
         if end <= known:
             token_ids = _token_slice(request, start, end)
@@ -416,8 +445,22 @@ class Scheduler:
         sample = end == known + request.num_pending_tokens
         if sample:
             request.num_pending_tokens += 1
-        return ScheduledChunk(request_id=request.request_id, token_ids=token_ids, start_pos=start,
-                              block_ids=block_ids, sample=sample)
+        return ScheduledChunk(request_id=request.request_id, token_ids=token_ids + drafts, start_pos=start,
+                              block_ids=block_ids, sample=sample, num_draft_tokens=len(drafts))
+
+    def _drafts_for(self, request: Request, remaining: int, budget: int) -> list[int]:
+        """The drafts a decode chunk carries (speculative decoding): the proposer's tokens, cut to the budget,
+        the context limit (their slots must fit ``max_model_len``) and ``max_tokens`` (a draft past the last
+        allowed token could never be emitted). Only while no step is in flight (asynchronous scheduling): drafts
+        guess what follows the known tokens, and verification needs every earlier token settled."""
+        drafts = request.spec_token_ids
+        if not drafts or remaining != 1 or self._sampled_in or not self.allow_drafts:
+            return []
+        n = min(len(drafts), budget - 1, self.max_model_len - request.num_tokens)
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            n = min(n, max_tokens - request.num_output_tokens - 1)
+        return drafts[:n] if n > 0 else []
 
     def _ends_by_length(self, request: Request) -> bool:
         """Whether the request's pending tokens surely finish it (``max_tokens`` or the context limit), so

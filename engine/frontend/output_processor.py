@@ -104,7 +104,15 @@ class OutputProcessor:
             # A sequence nobody watches token by token (not streamed, no stop strings) is detokenized once, at
             # the end: per-step text for hundreds of running sequences is pure overhead between model steps.
             final_only = not s.stream and not s.params.stop
+            seen = len(s.detok.token_ids)
             stop = None if final_only else s.detok.append(out.new_token_ids)
+            if stop is not None:
+                # Several tokens in one output (speculative decoding): drop those after the stop string's token.
+                extra = len(out.new_token_ids) - (len(s.detok.token_ids) - seen)
+                if extra > 0:
+                    del s.token_ids[-extra:]
+                    if s.logprobs is not None and out.new_logprobs:
+                        del s.logprobs[-extra:]
             if out.finish_reason is not None:
                 s.finish_reason, s.stop_reason = out.finish_reason, out.stop_reason
             elif stop is not None:

@@ -88,6 +88,10 @@ def build_inputs(sched_out: SchedulerOutput, block_size: int, device: torch.devi
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     sample_mask = np.fromiter((c.sample for c in chunks), dtype=bool, count=B)
     logits_indices = query_start_loc[1:][sample_mask] - 1  # last row of each sampled chunk
+    if any(c.num_draft_tokens for c in chunks):
+        # Speculative decoding: a chunk with d drafts gets its last d + 1 rows (see ScheduledChunk).
+        logits_indices = np.concatenate([np.arange(end - c.num_logits_rows, end) for c, end
+                                         in zip(chunks, query_start_loc[1:].tolist()) if c.sample])
     num_decodes = int(np.argmin(query_lens == 1)) if (query_lens != 1).any() else B
 
     # One host-to-device copy of everything, sliced apart on the device.

@@ -34,6 +34,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the GPU runs this one (default: on for CUDA without a KV "
                         "connector)")
+    g.add_argument("--speculative-config", default=None, type=_speculative_config,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        "(methods: ngram, draft_model, oracle; see docs/speculative-decoding.md); refused on "
+                        "prefill pods and with tensor/pipeline/data parallelism")
     g.add_argument("--tensor-parallel-size", type=_parallel_size("tensor_parallel_size"), default=1,
                    help="devices per pipeline stage, each holding a slice of every layer's heads (one worker "
                         "process per device; not with a KV connector yet)")
@@ -61,6 +65,19 @@ def _parallel_size(name: str) -> Callable[[str], int]:
     return parse
 
 
+def _speculative_config(text: str) -> Any:
+    """An argparse type: the flag's JSON, checked now (a clear usage error otherwise)."""
+    from pdserve.engine.spec_decode.config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_speculative_config.__name__ = "speculative_config"
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Flat keyword arguments for :meth:`EngineConfig.create` (plus ``model``)."""
     kw: dict[str, Any] = dict(
@@ -72,7 +89,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
-        async_scheduling=getattr(args, "async_scheduling", None))  # None: "auto"
+        async_scheduling=getattr(args, "async_scheduling", None),  # None: "auto"
+        speculative_config=getattr(args, "speculative_config", None))
     if args.served_model_name:
         kw["served_model_name"] = args.served_model_name
     secret = load_cluster_secret()

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-command", default="decode", choices=["decode", "serve"],
                         help="run decode pods as `pdserve decode` (default) or monolithic `pdserve serve` engines")
     parser.add_argument("--engine-args", default="", help="extra flags for every engine, e.g. '--device cpu'")
+    parser.add_argument("--decode-args", default="",
+                        help="extra flags for the decode pods only, e.g. '--speculative-config {...}' (prefill pods "
+                             "never decode, so they refuse it)")
     parser.add_argument("--router-args", default="", help="extra flags for the router")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for healthy parts")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
@@ -107,6 +110,8 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
         if command != "serve":  # a monolithic engine moves no KV
             argv += ["--kv-connector", args.kv_connector, *kv_opts]
         argv += engine_extra
+        if role == "decode":
+            argv += shlex.split(args.decode_args)
         name = f"{role}-{i}"
         parts.append(Part(name, argv, ("grpc", f"127.0.0.1:{grpc}")))
         flag = "prefill" if role == "prefill" else ("decode" if command == "decode" else "both")

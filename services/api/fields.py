@@ -59,7 +59,7 @@ _COMMON: dict[str, Handling] = {
     # vLLM extensions
     **_all(IMPL, "top_k min_p stop_token_ids repetition_penalty ignore_eos min_tokens skip_special_tokens "
                  "include_stop_str_in_output kv_transfer_params cache_salt response_format structured_outputs "
-                 "guided_json guided_regex guided_choice guided_grammar"),
+                 "guided_json guided_regex guided_choice guided_grammar disable_speculation"),
 }
 
 CHAT_FIELDS: dict[str, Handling] = {

@@ -83,6 +83,19 @@ class ServingMetrics:
                                                                   "grammar."),
         }
         self._last_structured: dict[str, float] = {}
+        # Speculative decoding (engine/spec_decode), named as vLLM names them: proposals verified, their tokens,
+        # the accepted ones, and accepted ones by position in the proposal. Acceptance rate = accepted / draft
+        # tokens; mean acceptance length = 1 + accepted / drafts (the dashboard computes both).
+        self.spec_counters = {
+            "num_drafts": counter("spec_decode_num_drafts", "Speculative proposals verified."),
+            "num_draft_tokens": counter("spec_decode_num_draft_tokens", "Draft tokens verified."),
+            "num_accepted_tokens": counter("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+        }
+        self._spec_per_pos = Counter("pdserve:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the proposal (from 0).",
+                                     ["model_name", "position"], registry=r)
+        self._last_spec: dict[str, float] = {}
+        self._last_spec_per_pos: list[int] = []
         # The engine reports cumulative counts; counters take the increments.
         self._last_queries = self._last_hits = self._last_preemptions = 0
 
@@ -101,6 +114,8 @@ class ServingMetrics:
                 if key in self.structured_counters:
                     self.structured_counters[key].inc(max(0.0, value - self._last_structured.get(key, 0)))
                     self._last_structured[key] = value
+            if stats.spec_decode:
+                self._record_spec(stats.spec_decode)
         if it.num_step_tokens:
             self.iteration_tokens.observe(it.num_step_tokens)
         self.prompt_tokens.inc(it.num_prompt_tokens)
@@ -123,6 +138,17 @@ class ServingMetrics:
                                 (f.mean_time_per_output_token, self.time_per_output_token)):
                 if value is not None:
                     hist.observe(max(0.0, value))
+
+    def _record_spec(self, spec: dict) -> None:
+        for key, counter in self.spec_counters.items():
+            value = spec.get(key, 0)
+            counter.inc(max(0, value - self._last_spec.get(key, 0)))
+            self._last_spec[key] = value
+        per_pos = list(spec.get("accepted_per_pos", ()))
+        for pos, value in enumerate(per_pos):
+            last = self._last_spec_per_pos[pos] if pos < len(self._last_spec_per_pos) else 0
+            self._spec_per_pos.labels(self.model_name, str(pos)).inc(max(0, value - last))
+        self._last_spec_per_pos = per_pos
 
     def render(self) -> bytes:
         """The text exposition format for ``/metrics``."""

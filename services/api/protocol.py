@@ -71,6 +71,7 @@ class _SamplingFields(_Strict):
     # Per-tenant prefix-cache isolation (as vLLM): mixed into the first block's hash, so requests with different
     # salts never share cached KV.
     cache_salt: str | None = None
+    disable_speculation: bool | None = None  # opt out of speculative decoding (an engine flag)
     # Structured output (see services/api/structured.py): OpenAI's response_format, vLLM's structured_outputs
     # object ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}) and its older guided_* names.
     response_format: ResponseFormat | None = None

@@ -1,8 +1,12 @@
 """Acceptance: through ``pdserve up`` (router + prefill + decode processes) the official ``openai`` client gets the
-same greedy answers as from a monolithic ``pdserve serve``: completions and chat, streamed and not."""
+same greedy answers as from a monolithic ``pdserve serve``: completions and chat, streamed and not.
+
+The decode pod speculates (n-gram prompt lookup, ``--decode-args``) and the monolithic server does not, so every
+answer here also shows speculative decoding token-identical to plain decoding, after a KV handover."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +23,7 @@ MODEL = "smollm2-135m-instruct"
 ENGINE_FLAGS = "--device cpu --max-model-len 1024 --cpu-kv-cache-gib 0.25 --max-num-seqs 8"
 PROMPTS = ["The capital of France is", "List three prime numbers:", "def fibonacci(n):"]
 CHAT = [{"role": "user", "content": "Name three colours."}]
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
 
 def free_port() -> int:
@@ -48,10 +53,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 400.0) -> None:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     work = tmp_path_factory.mktemp("up")
-    up_port, mono_port = free_port(), free_port()
+    up_port, mono_port, decode_metrics = free_port(), free_port(), free_port()
     up_log, mono_log = open(work / "up.log", "wb"), open(work / "serve.log", "wb")
-    up = subprocess.Popen([sys.executable, "-c", LAUNCH, "up", "--port", str(up_port), "--engine-args", ENGINE_FLAGS],
-                          cwd=work, stdout=up_log, stderr=subprocess.STDOUT)
+    decode_args = f"--speculative-config '{json.dumps(SPEC)}' --metrics-port {decode_metrics}"
+    up = subprocess.Popen([sys.executable, "-c", LAUNCH, "up", "--port", str(up_port), "--engine-args", ENGINE_FLAGS,
+                           "--decode-args", decode_args], cwd=work, stdout=up_log, stderr=subprocess.STDOUT)
     # The reference server holds the tests' cluster secret, so it takes calls with a token or its API key (given in
     # the environment, as PDSERVE_API_KEY): the key the client below sends.
     mono = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", "--model", MODEL, "--port", str(mono_port),
@@ -60,7 +66,7 @@ def servers(tmp_path_factory):
     try:
         wait_http(f"http://127.0.0.1:{mono_port}/health", mono)
         wait_http(f"http://127.0.0.1:{up_port}/health", up)
-        yield f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{mono_port}/v1", up, work
+        yield f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{mono_port}/v1", up, work, decode_metrics
     finally:
         for proc in (up, mono):
             if proc.poll() is None:
@@ -89,12 +95,12 @@ def answers(base_url: str) -> list[str]:
 
 
 def test_openai_client_gets_the_monolithic_answers(servers):
-    up_url, mono_url, _, _ = servers
+    up_url, mono_url, _, _, _ = servers
     assert answers(up_url) == answers(mono_url)
 
 
 async def test_async_client_and_a_long_prompt_with_remote_prefill(servers):
-    up_url, mono_url, _, _ = servers
+    up_url, mono_url, _, _, _ = servers
     long_prompt = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60))
     results = []
     for url in (up_url, mono_url):
@@ -110,8 +116,29 @@ async def test_async_client_and_a_long_prompt_with_remote_prefill(servers):
     assert 'pdserve:router_pd_decisions_total{decision="remote-prefill",reason="remote-prefill"}' in metrics
 
 
+def test_decode_pod_speculates_on_a_copy_heavy_prompt(servers):
+    """After a KV handover from the prefill pod, the speculating decode pod continues a repetitive text exactly
+    as the monolithic engine does, and its /metrics count accepted drafts."""
+    up_url, mono_url, _, _, decode_metrics = servers
+    prompt = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(50))
+    texts = []
+    for url in (up_url, mono_url):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        texts.append(client.completions.create(model=MODEL, prompt=prompt, max_tokens=40,
+                                               temperature=0).choices[0].text)
+    assert texts[0] == texts[1] and "Fact 50" in texts[0]
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{decode_metrics}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("pdserve:spec_decode_num_") and "_per_pos" not in line}
+    accepted = values["pdserve:spec_decode_num_accepted_tokens_total"]
+    assert 10 < accepted <= values["pdserve:spec_decode_num_draft_tokens_total"]
+
+
 def test_ctrl_c_stops_every_part(servers):
-    _, _, up, work = servers
+    _, _, up, work, _ = servers
     children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) >= 3  # prefill, decode, router
     up.send_signal(signal.SIGINT)

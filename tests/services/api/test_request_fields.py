@@ -88,6 +88,7 @@ COMMON: dict[str, Case] = {
     # A handle for a KV connector this monolithic server does not have: honoured means refused by name.
     "kv_transfer_params": Case({"prefill_pod": "p", "request_id": "r"}, status=400),
     "cache_salt": Case("tenant-1"),
+    "disable_speculation": Case(True),  # this server does not speculate: opting out changes nothing
     # Constraints share their specs where they can: the engine compiles each spec once (a slow step on a CPU).
     "response_format": Case({"type": "json_schema", "json_schema": {"name": "n", "schema": {"enum": ["up", "down"]}}},
                             {"max_tokens": 5}, check=lambda r: _text(r) in ('"up"', '"down"') or pytest.fail("rf")),

@@ -1,0 +1,153 @@
+"""The engine core's one entry point into speculative decoding: propose after a step, verify within the next.
+
+A step with drafts, as the engine core runs it (synchronously: see docs/speculative-decoding.md)::
+
+    after step N      propose(): each running request that may speculate gets up to k guesses (adaptive k)
+    schedule N+1      a decode chunk carries [last token, d_1 .. d_k]; lookahead slots are allocated for them
+    forward N+1       the target returns k + 1 logits rows for that chunk (one pass, multi-token query)
+    verify()          greedy / rejection sampling picks the accepted drafts and one more token per request
+    update N+1        the scheduler appends them and rolls the rejected drafts' KV slots back
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.core.sched_output import SchedulerOutput
+from pdserve.engine.request import Request
+from pdserve.engine.spec_decode.adaptive import AdaptiveK
+from pdserve.engine.spec_decode.config import SpeculativeConfig
+from pdserve.engine.spec_decode.metrics import SpecDecodingStats
+from pdserve.engine.spec_decode.proposers import build_proposer
+from pdserve.engine.spec_decode.rejection import emitted_tokens, rejection_rows
+
+
+@dataclass
+class SplitStep:
+    """A step's logits split between plain rows (for the ordinary sampler) and verified requests."""
+
+    logits: torch.Tensor  # [S, V] the plain rows, in chunk order
+    sample_ids: list[str]  # their requests
+    spec_tokens: dict[str, list[int]]  # request id -> tokens verification emitted
+
+
+def may_speculate(request: Request) -> bool:
+    """Requests that never get drafts: those that opted out (``disable_speculation``), constrained ones (their
+    matcher would have to check and roll back drafts), and those asking for logprobs (reported per sampled row
+    only)."""
+    params = request.sampling_params
+    return not params.disable_speculation and params.structured_outputs is None and params.logprobs is None
+
+
+class SpecDecoder:
+    """Owns the proposer, adaptive k and the counters; stateless between steps apart from those."""
+
+    def __init__(self, config: SpeculativeConfig, vocab_size: int, runner=None) -> None:
+        self.config = config
+        self.proposer = build_proposer(config, vocab_size, runner)
+        self.adaptive = AdaptiveK(config)
+        self.stats = SpecDecodingStats(config.num_speculative_tokens)
+        self.num_proposed = 0  # requests the last propose() gave drafts (the engine steps synchronously then)
+
+    # ------------------------------------------------------------------ proposing
+    def propose(self, requests: list[Request], num_running: int) -> None:
+        """Set ``spec_token_ids`` of each request (unfinished ones get guesses, the others none)."""
+        limit = self.adaptive.batch_k(num_running)
+        self.num_proposed = 0
+        asking, ks = [], []
+        for request in requests:
+            request.spec_token_ids = []
+            if limit == 0 or request.is_finished or not may_speculate(request):
+                continue
+            k = self.adaptive.request_k(request.request_id, limit)
+            if k:
+                asking.append(request)
+                ks.append(k)
+        if not asking:
+            return
+        for request, k, guesses in zip(asking, ks, self.proposer.propose_batch(asking, ks)):
+            request.spec_token_ids = guesses[:k]
+            self.num_proposed += bool(guesses)
+
+    def finished(self, request: Request, completed: bool) -> None:
+        """A request left the engine; ``completed`` when it stopped or hit its length (not aborted)."""
+        self.adaptive.remove(request.request_id)
+        if completed:
+            self.proposer.on_finished(request)
+        self.proposer.forget(request.request_id)
+
+    # ------------------------------------------------------------------ verifying
+    def verify(self, logits: torch.Tensor, sched_out: SchedulerOutput, requests: dict[str, Request],
+               sampler) -> SplitStep:
+        """Split ``logits`` (the runner's rows, see ``ScheduledChunk.num_logits_rows``) and verify the chunks that
+        carry drafts. ``requests``: the step's sampled requests by id; ``sampler``: the engine's
+        :class:`~pdserve.engine.sampler.Sampler` (its logits processing and seeded generators)."""
+        plain_rows: list[int] = []
+        plain_ids: list[str] = []
+        spec_rows: list[int] = []
+        spec_chunks = []
+        row = 0
+        for chunk in sched_out.chunks:
+            if not chunk.sample:
+                continue
+            if chunk.num_draft_tokens:
+                spec_rows.extend(range(row, row + chunk.num_logits_rows))
+                spec_chunks.append(chunk)
+            else:
+                plain_rows.append(row)
+                plain_ids.append(chunk.request_id)
+            row += chunk.num_logits_rows
+        if not spec_chunks:
+            return SplitStep(logits, plain_ids, {})
+        index = torch.tensor(plain_rows, dtype=torch.long, device=logits.device)
+        spec_index = torch.tensor(spec_rows, dtype=torch.long, device=logits.device)
+        drafts = [c.token_ids[-c.num_draft_tokens:] for c in spec_chunks]
+        emitted = self._verify_rows(logits.index_select(0, spec_index), [requests[c.request_id] for c in spec_chunks],
+                                    drafts, sampler)
+        spec_tokens = {}
+        for chunk, tokens in zip(spec_chunks, emitted):
+            self.stats.observe(chunk.num_draft_tokens, len(tokens) - 1)
+            self.adaptive.observe(chunk.request_id, chunk.num_draft_tokens, len(tokens) - 1)
+            spec_tokens[chunk.request_id] = tokens
+        return SplitStep(logits.index_select(0, index), plain_ids, spec_tokens)
+
+    def _verify_rows(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]],
+                     sampler) -> list[list[int]]:
+        """``logits``: ``[R, V]``, each request's ``len(drafts) + 1`` rows in order; returns what each emits."""
+        rows: list[Request] = []  # the request each row is sampled as: its outputs so far plus the drafts before
+        for request, ds in zip(requests, drafts):
+            params = request.sampling_params
+            history = params.needs_penalties or params.min_tokens > request.num_output_tokens
+            for j in range(len(ds) + 1):
+                if history and j:
+                    row = copy.copy(request)
+                    row.output_token_ids = request.output_token_ids + ds[:j]
+                    rows.append(row)
+                else:
+                    rows.append(request)
+        device = logits.device
+        x = sampler.process_logits(logits.float(), rows)
+        argmax = x.argmax(dim=-1)
+        num_drafts = [len(ds) for ds in drafts]
+        draft_ids = torch.tensor([t for ds in drafts for t in ds + [0]], dtype=torch.long, device=device)
+        if all(r.sampling_params.greedy for r in requests):
+            accepted = (draft_ids == argmax).tolist()
+            return emitted_tokens(num_drafts, drafts, accepted, argmax.tolist())
+        is_bonus = torch.tensor([j == len(ds) for ds in drafts for j in range(len(ds) + 1)], device=device)
+        greedy = torch.tensor([r.sampling_params.greedy for r in rows], device=device)
+        probs = sampler.target_probs(x, rows)
+        uniform = torch.rand(len(rows), device=device)
+        noise = torch.empty_like(probs).exponential_()
+        row = 0
+        for request, ds in zip(requests, drafts):
+            gen = sampler.generator(request.request_id)
+            n = len(ds) + 1
+            if gen is not None:  # a seeded request draws from its own generator, as without speculation
+                uniform[row:row + n] = torch.rand(n, device=device, generator=gen)
+                noise[row:row + n].exponential_(generator=gen)
+            row += n
+        accepted_t, emit = rejection_rows(probs, argmax, draft_ids, is_bonus, greedy, uniform, noise)
+        return emitted_tokens(num_drafts, drafts, accepted_t.tolist(), emit.tolist())
