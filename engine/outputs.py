@@ -28,6 +28,9 @@ class EngineCoreOutput:
     kv_transfer_params: dict | None = None
     # Set when the engine failed while serving this request (it is aborted; the engine serves on): the reason.
     error: str | None = None
+    # With the first token of a request that asked for prompt_logprobs: one row per prompt token after the first
+    # ([its Logprob, then the top-k alternatives]), the first prompt token having none.
+    prompt_logprobs: list[list[Logprob]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -58,3 +61,5 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None  # see EngineCoreOutput
+    # When asked for (SamplingParams.prompt_logprobs): one entry per prompt token, None for the first (as vLLM).
+    prompt_logprobs: list[list[Logprob] | None] | None = None

@@ -78,6 +78,10 @@ class Request:
     # Structured output: the request's matcher state (a RequestGrammar from engine/structured_output), or None.
     # The scheduler admits the request only once ``grammar.ready`` (its grammar compiled off the model loop).
     grammar: Any = None
+    # Prompt logprobs computed so far (engine/prompt_logprobs.py; row j: prompt token j + 1), until sent with the
+    # first output; and the token sequences of ``bad_words`` (engine/logits_processors.py), tokenized at admission.
+    prompt_logprobs: list | None = None
+    bad_words_token_ids: list[list[int]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
