@@ -130,20 +130,22 @@ class ServingBase:
             raise err from None
         return streams
 
-    async def collect(self, streams: list[OutputStream], handles: list[dict | None] | None = None
-                      ) -> list[list[CompletionOutput]]:
+    async def collect(self, streams: list[OutputStream], handles: list[dict | None] | None = None,
+                      prompt_logprobs: list[list | None] | None = None) -> list[list[CompletionOutput]]:
         """Final outputs of every stream (per prompt, sorted by sequence index).
 
-        With ``handles``, each stream's KV transfer handle (a prefill-role engine's, else None) is appended to it.
+        With ``handles``, each stream's KV transfer handle (a prefill-role engine's, else None) is appended to it;
+        with ``prompt_logprobs``, each stream's prompt logprobs (``RequestOutput.prompt_logprobs``, or None).
         """
 
-        async def one(stream: OutputStream) -> tuple[list[CompletionOutput], dict | None]:
-            outs, handle = [], None
+        async def one(stream: OutputStream) -> tuple[list[CompletionOutput], dict | None, list | None]:
+            outs, handle, prompt_lp = [], None, None
             async for out in stream:
                 if out.outputs[0].finished:
                     outs.append(out.outputs[0])
                     handle = getattr(out, "kv_transfer_params", None) or handle
-            return sorted(outs, key=lambda c: c.index), handle
+                    prompt_lp = prompt_lp or getattr(out, "prompt_logprobs", None)
+            return sorted(outs, key=lambda c: c.index), handle, prompt_lp
 
         try:
             results = list(await self.with_timeout(asyncio.gather(*(one(s) for s in streams))))
@@ -151,8 +153,10 @@ class ServingBase:
             for s in streams:
                 s.close()
         if handles is not None:
-            handles.extend(h for _, h in results)
-        return [outs for outs, _ in results]
+            handles.extend(h for _, h, _ in results)
+        if prompt_logprobs is not None:
+            prompt_logprobs.extend(p for _, _, p in results)
+        return [outs for outs, _, _ in results]
 
     @staticmethod
     def check_transfer_outcome(outs: list[CompletionOutput], had_handle: bool) -> None:
