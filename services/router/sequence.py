@@ -91,6 +91,8 @@ class SequenceRunner:
             ctx = self.router.context(spec.seq_id, prompt, spec.session_key, excluded, spec.params.cache_salt)
             decision = await self._route(ctx)
             params = after_tokens(spec.params, len(generated))
+            if generated and params.prompt_logprobs is not None:
+                params = dataclasses.replace(params, prompt_logprobs=None)  # the client has them already
             try:
                 await self._attempt(decision, BackendRequest(f"{spec.seq_id}-a{attempt}", prompt, params),
                                     emit_and_track, ctx)
@@ -127,9 +129,10 @@ class SequenceRunner:
                     handle = None  # ended at the first token: the prefill pod released it itself
                     return
                 # The decode pod continues after the prefill's token(s), loading the prompt's KV by the handle.
+                # The prefill pod computed the prompt logprobs; the decode pod loads the KV, computing nothing.
                 req = dataclasses.replace(
                     req, prompt_token_ids=req.prompt_token_ids + first.token_ids, kv_transfer_params=handle,
-                    params=after_tokens(req.params, len(first.token_ids)))
+                    params=dataclasses.replace(after_tokens(req.params, len(first.token_ids)), prompt_logprobs=None))
                 current, stage = decision.decode, "decode"
             # aclosing: leaving the loop early (finish, stop string, cancel) cancels the pod's stream at once.
             async with contextlib.aclosing(self.backend.generate(current.endpoint, req)) as deltas:
