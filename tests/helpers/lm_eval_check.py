@@ -33,7 +33,8 @@ def run_lm_eval(completions_url: str, model_name: str, model_dir: str, api_key: 
         model_args=dict(model=model_name, base_url=completions_url, tokenizer=model_dir,
                         tokenizer_backend="huggingface", tokenized_requests=True, max_length=MAX_LENGTH,
                         num_concurrent=1, max_retries=1),
-        tasks=tasks, task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=True)
+        tasks=tasks, task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+        log_samples=True)
     assert result is not None
     return result["samples"]
 
