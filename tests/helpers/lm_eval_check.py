@@ -8,7 +8,6 @@ for a context/continuation, one window after the prefix token for a short rollin
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
