@@ -39,7 +39,7 @@ def is_valid_text(text: str) -> bool:
 
 def _token_key(key: object) -> object:
     """A logit_bias key as a token id: OpenAI's JSON keys are strings of digits."""
-    if isinstance(key, str) and key.strip().isdigit():
+    if isinstance(key, str) and key.isascii() and key.strip().isdigit():
         return int(key)
     return key
 

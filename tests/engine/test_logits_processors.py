@@ -33,10 +33,14 @@ def test_logit_bias_forces_and_bans(llm) -> None:
     assert mixed[1].outputs[0].token_ids == plain[1]
 
 
-def test_allowed_token_ids(llm) -> None:
+def test_allowed_token_ids(llm, tmp_path) -> None:
     allowed = [7, 70, 170, 270]
-    for ids in _greedy(llm, PROMPTS, allowed_token_ids=allowed):
+    expected = _greedy(llm, PROMPTS, allowed_token_ids=allowed)
+    for ids in expected:
         assert set(ids) <= set(allowed)
+    overlapped = LLM(llm.config.model.path, async_scheduling=True)  # steps overlap; the rows are still edited
+    assert _greedy(overlapped, PROMPTS, allowed_token_ids=allowed, logit_bias={70: 3}) == \
+        _greedy(llm, PROMPTS, allowed_token_ids=allowed, logit_bias={70: 3})
     sampled = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, seed=3, allowed_token_ids=allowed))
     assert all(set(o.outputs[0].token_ids) <= set(allowed) for o in sampled)
 

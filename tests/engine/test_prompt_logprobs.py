@@ -43,10 +43,10 @@ def _check(out, reference: torch.Tensor, k: int) -> None:
         assert all(math.isclose(lp.logprob, v, abs_tol=1e-4) for lp, v in zip(row[1:], top_vals.tolist()))
 
 
-@pytest.mark.parametrize("chunk", [None, 16, 7])
-def test_prompt_logprobs_match_transformers(model_dir, reference, chunk) -> None:
+@pytest.mark.parametrize("chunk, async_scheduling", [(None, False), (16, False), (7, False), (7, True)])
+def test_prompt_logprobs_match_transformers(model_dir, reference, chunk, async_scheduling) -> None:
     extra = {"max_num_batched_tokens": chunk, "max_num_seqs": 4} if chunk else {}
-    llm = LLM(model_dir, block_size=16, **extra)
+    llm = LLM(model_dir, block_size=16, async_scheduling=async_scheduling, **extra)
     out = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3))[0]
     _check(out, reference, 3)
     plain = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0))[0]
