@@ -26,6 +26,7 @@ class LegacyLogprobs:
     """Builds the four lists; ``offset`` is where the next token starts in the choice's text."""
 
     token_text: TokenText
+    num_top: int  # alternatives shown per token (the request's logprobs)
     offset: int = 0
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
@@ -43,7 +44,7 @@ class LegacyLogprobs:
     def add_rows(self, rows: list[list[Logprob]]) -> None:
         """Tokens with their logprob rows (``[the token's Logprob, then the top-k]``)."""
         for row in rows:
-            top = {self.token_text(lp): lp.logprob for lp in row[1:]}
+            top = {self.token_text(lp): lp.logprob for lp in row[1:1 + self.num_top]}
             self._add(self.token_text(row[0]), row[0].logprob, top or None)
 
     def _add(self, text: str, logprob: float | None, top: dict[str, float] | None) -> None:

@@ -140,7 +140,7 @@ class CompletionServing(ServingBase):
         choice: dict[str, Any] = {"index": index, "text": head + generated, "logprobs": None,
                                   "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
         if req.logprobs is not None:
-            lp = LegacyLogprobs(self.token_text, offset)
+            lp = LegacyLogprobs(self.token_text, req.logprobs, offset)
             if echo and prompt_lp is not None:
                 lp.add_prompt(prompt.token_ids, prompt_lp)
             lp.offset = offset + len(head)

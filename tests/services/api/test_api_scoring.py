@@ -58,8 +58,7 @@ def test_echo_scores_the_prompt_like_transformers(client, hf_logprobs, tokenizer
 
     # vLLM's prompt_logprobs field, and the same in a stream.
     raw = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 0})
-    plp = raw.model_extra["choices"][0]["prompt_logprobs"] if "choices" in raw.model_extra else \
-        raw.choices[0].model_extra["prompt_logprobs"]
+    plp = raw.choices[0].model_extra["prompt_logprobs"]
     assert plp[0] is None and len(plp) == len(ids)
     assert plp[1][str(ids[1])]["logprob"] == pytest.approx(ref[0, ids[1]].item(), abs=1e-3)
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=0,
