@@ -110,16 +110,6 @@ async def test_async_client_and_a_long_prompt_with_remote_prefill(servers):
     assert 'pdserve:router_pd_decisions_total{decision="remote-prefill",reason="remote-prefill"}' in metrics
 
 
-def test_ctrl_c_stops_every_part(servers):
-    _, _, up, work = servers
-    children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) >= 3  # prefill, decode, router
-    up.send_signal(signal.SIGINT)
-    assert up.wait(60) == 0
-    for pid in children:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-
-
 def test_prompt_scoring_through_the_router(servers, monkeypatch, tmp_path):
     """Issue 13: echo + logprobs through the router, the prompt's logprobs computed by the prefill pod (a long
     prompt is prefilled remotely), and lm-evaluation-harness's loglikelihoods through the router: both equal
@@ -154,3 +144,13 @@ def test_prompt_scoring_through_the_router(servers, monkeypatch, tmp_path):
     samples = run_lm_eval(f"{up_url}/completions", MODEL, model_dir, "unused", ["pdserve_tiny_mc"], monkeypatch,
                           tmp_path / "datasets")
     assert assert_samples_match(samples, scorer) == 9
+
+
+def test_ctrl_c_stops_every_part(servers):
+    _, _, up, work = servers
+    children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 3  # prefill, decode, router
+    up.send_signal(signal.SIGINT)
+    assert up.wait(60) == 0
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
