@@ -56,7 +56,8 @@ _COMMON: dict[str, Handling] = {
     # vLLM extensions
     **_all(IMPL, "top_k min_p stop_token_ids repetition_penalty ignore_eos min_tokens skip_special_tokens "
                  "include_stop_str_in_output kv_transfer_params cache_salt response_format structured_outputs "
-                 "guided_json guided_regex guided_choice guided_grammar disable_speculation allowed_token_ids bad_words"),
+                 "guided_json guided_regex guided_choice guided_grammar disable_speculation allowed_token_ids "
+                 "bad_words"),
 }
 
 CHAT_FIELDS: dict[str, Handling] = {
