@@ -137,6 +137,7 @@ class EngineCore:
         )
         self.sampler = Sampler(self.runner.device)
         self.structured = _structured_output_manager(config, self.vocab_size)
+        self._tokenizer: Any = None  # loaded on first use (bad_words)
         # Startup left millions of long-lived objects (torch, transformers, the model's modules) that every full
         # garbage collection would scan again: measured, a ~300 ms pause every hundred or so steps, 3 ms a step
         # on average at batch 128. Freezing moves them out of the collector's view; later objects are still
@@ -165,6 +166,9 @@ class EngineCore:
             if structured.num_prefix_tokens >= len(req.prompt_token_ids):
                 raise ValueError(f"structured_outputs.num_prefix_tokens ({structured.num_prefix_tokens}) must be "
                                  f"less than the prompt's {len(req.prompt_token_ids)} tokens")
+        if req.sampling_params.prompt_logprobs is not None and req.kv_transfer_params is not None:
+            raise ValueError("prompt_logprobs cannot be combined with kv_transfer_params: a request whose KV is "
+                             "loaded never computes its prompt's logits")
         if self.scheduler.has_request_id(req.request_id):
             raise ValueError(f"request id {req.request_id!r} is already in use")
 
@@ -176,6 +180,8 @@ class EngineCore:
                           arrival_time=req.arrival_time or time.time(),
                           kv_transfer_params=req.kv_transfer_params, cache_salt=req.sampling_params.cache_salt)
         try:
+            if req.sampling_params.bad_words:
+                request.bad_words_token_ids = self._bad_words_token_ids(req.sampling_params.bad_words)
             if self.structured is not None:
                 self.structured.add_request(request)  # compiles off the loop; the scheduler waits for it
             self.sampler.add_request(request)
@@ -188,7 +194,7 @@ class EngineCore:
                 raise
             raise ValueError(f"the request cannot be served: {describe(exc)}") from exc
         params = req.sampling_params
-        if self.async_scheduling and (params.needs_penalties or params.min_tokens > 0
+        if self.async_scheduling and (params.needs_penalties or params.min_tokens > 0 or params.bad_words
                                       or params.structured_outputs is not None):
             self._host_token_ids.add(req.request_id)
 
@@ -263,7 +269,7 @@ class EngineCore:
                 self.structured.wait_for_compiles(timeout=0.01)  # nothing to run but grammars compiling: no spin
             return self._drain_finished_without_step()
         try:
-            logits = self.runner.execute_model(sched_out)
+            logits = self._execute(sched_out)
         except Exception as exc:
             return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
@@ -292,7 +298,7 @@ class EngineCore:
         sampled = None
         if prev is not None and prev.sample_ids:
             sampled = SampledTokens({rid: i for i, rid in enumerate(prev.sample_ids)}, prev.sample.token_ids)
-        logits = self.runner.execute_model(sched_out, sampled=sampled)
+        logits = self._execute(sched_out, sampled)
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
         # No constrained row gets here while its previous token is pending (_needs_sync_step), so the matchers
@@ -302,6 +308,30 @@ class EngineCore:
         # Failed rows are aborted now; the scheduler skips their placeholder tokens when the step is applied.
         self._failed_outputs.extend(self._fail_rows(sample_ids, {**pending.errors, **mask_errors}))
         return _InFlight(sched_out, sample_ids, pending, start)
+
+    def _execute(self, sched_out: SchedulerOutput, sampled: Any = None) -> Any:
+        """The forward pass, plus the prompt logprobs of the requests that asked (stored on them until sent)."""
+        from pdserve.engine import prompt_logprobs
+
+        sched_out.prompt_logprobs = prompt_logprobs.plan(sched_out, self.scheduler.get_request)
+        logits = (self.runner.execute_model(sched_out) if sampled is None
+                  else self.runner.execute_model(sched_out, sampled=sampled))
+        for rid, (start_pos, rows) in getattr(self.runner, "prompt_logprobs_output", {}).items():
+            request = self.scheduler.get_request(rid)
+            if request is not None:
+                prompt_logprobs.store(request, start_pos, rows)
+        return logits
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        from pdserve.engine.logits_processors import tokenize_bad_words
+
+        if self._tokenizer is None:
+            if self.config.model.tokenizer_path is None:
+                raise ValueError("bad_words needs the model's tokenizer, and this model has none")
+            from pdserve.engine.frontend.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model.tokenizer_path)
+        return tokenize_bad_words(self._tokenizer, words)
 
     def _finish_in_flight(self) -> list[EngineCoreOutput]:
         """Wait for the step in flight (if any), apply it, and return its outputs."""
@@ -329,7 +359,7 @@ class EngineCore:
             req = self.scheduler.get_request(rid)
             if req is not None:
                 params = req.sampling_params
-                if (params.needs_penalties or params.structured_outputs is not None
+                if (params.needs_penalties or params.structured_outputs is not None or params.bad_words
                         or req.num_output_tokens + req.num_pending_tokens < params.min_tokens):
                     return True
             self._host_token_ids.discard(rid)  # finished, or past min_tokens for good
@@ -368,7 +398,8 @@ class EngineCore:
                 finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens, kv_transfer_params=req.kv_transfer_output,
                 num_external_cached_tokens=req.num_external_cached_tokens,
-                timing=req.timing_marks(now) if req.num_output_tokens == 1 else None))
+                timing=req.timing_marks(now) if req.num_output_tokens == 1 else None,
+                prompt_logprobs=_take_prompt_logprobs(req)))
             if req.is_finished:
                 self.sampler.remove_request(rid)
                 if self.spec is not None:
@@ -464,6 +495,14 @@ def _spec_decoder(config: EngineConfig, vocab_size: int, runner: Any) -> Any:
     from pdserve.engine.spec_decode.decoder import SpecDecoder
 
     return SpecDecoder(config.speculative, vocab_size, runner)
+
+
+def _take_prompt_logprobs(req: Request) -> list | None:
+    """A request's prompt logprobs, with its first output token only (then dropped: they are sent once)."""
+    if req.sampling_params.prompt_logprobs is None or req.num_output_tokens != 1:
+        return None
+    rows, req.prompt_logprobs = req.prompt_logprobs or [], None
+    return rows
 
 
 def _structured_output_manager(config: EngineConfig, vocab_size: int) -> Any:

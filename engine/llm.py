@@ -87,6 +87,7 @@ class LLM:
                 head = merged.setdefault(out.request_id, RequestOutput(
                     out.request_id, out.prompt, out.prompt_token_ids, [], False, out.num_cached_tokens))
                 head.outputs.extend(out.outputs)
+                head.prompt_logprobs = head.prompt_logprobs or out.prompt_logprobs
         results = []
         for rid, params in zip(ids, params_list):
             out = merged[rid]

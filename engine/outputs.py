@@ -32,6 +32,9 @@ class EngineCoreOutput:
     num_external_cached_tokens: int = 0
     # On a request's first token only: the core's wall-clock marks of its way there (``Request.timing_marks``).
     timing: dict[str, float] | None = None
+    # With the first token of a request that asked for prompt_logprobs: one row per prompt token after the first
+    # ([its Logprob, then the top-k alternatives]), the first prompt token having none.
+    prompt_logprobs: list[list[Logprob]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -64,3 +67,5 @@ class RequestOutput:
     kv_transfer_params: dict | None = None  # see EngineCoreOutput
     # The per-request timeline (engine/frontend/timing.py), on the outputs of servers that keep one.
     timing: dict | None = None
+    # When asked for (SamplingParams.prompt_logprobs): one entry per prompt token, None for the first (as vLLM).
+    prompt_logprobs: list[list[Logprob] | None] | None = None

@@ -101,6 +101,10 @@ class Request:
             marks["kv_load_end"] = self.kv_load_ended_at if self.kv_load_ended_at is not None else first_token_at
             marks["kv_load_bytes"] = float(self.kv_load_bytes)
         return marks
+    # Prompt logprobs computed so far (engine/prompt_logprobs.py; row j: prompt token j + 1), until sent with the
+    # first output; and the token sequences of ``bad_words`` (engine/logits_processors.py), tokenized at admission.
+    prompt_logprobs: list | None = None
+    bad_words_token_ids: list[list[int]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

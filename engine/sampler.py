@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.engine.faults import describe, is_device_fault
+from pdserve.engine.logits_processors import apply_logits_processors
 from pdserve.engine.outputs import Logprob
 from pdserve.engine.request import Request
 from pdserve.engine.structured_output.bitmask import apply_token_bitmask, small_bitmask_to
@@ -177,6 +178,9 @@ class Sampler:
             x = raw.clone()
             self._apply_penalties(x, requests)
             self._mask_stop_tokens_before_min(x, requests)
+        if any(r.sampling_params.needs_logits_processing for r in requests):  # logit_bias, allowed/bad tokens
+            x = raw.clone() if x is raw else x
+            apply_logits_processors(x, requests)
         if bitmask is not None:
             x = raw.clone() if x is raw else x
             apply_token_bitmask(x, small_bitmask_to(bitmask, x.device))

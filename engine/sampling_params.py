@@ -14,6 +14,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_CACHE_SALT_LEN = 256
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_ALLOWED_TOKEN_IDS = 1 << 20
+MAX_BAD_WORDS = 256
+MAX_BAD_WORD_LEN = 256
 # Every wire format (protobuf, msgpack, torch generators) carries integers as int64: larger ones are refused here
 # rather than overflowing somewhere inside the engine.
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -31,6 +35,13 @@ def is_valid_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _token_key(key: object) -> object:
+    """A logit_bias key as a token id: OpenAI's JSON keys are strings of digits."""
+    if isinstance(key, str) and key.isascii() and key.strip().isdigit():
+        return int(key)
+    return key
 
 
 def _is_number(value: object) -> bool:
@@ -68,6 +79,13 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     # Speculative decoding (engine/spec_decode): True opts this request out on an engine that speculates.
     disable_speculation: bool = False
+    # Number of top logprobs per prompt token (0: only the prompt token's own); the first token has none. A
+    # request asking for them recomputes its whole prompt (prefix-cache hits are not used for it).
+    prompt_logprobs: int | None = None
+    # Logits processing (engine/logits_processors.py), applied only to the rows that set them:
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] added to its logit
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # each word's token sequence is never completed in the output
 
     def __post_init__(self) -> None:
         if self.structured_outputs is not None:
@@ -78,6 +96,12 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None and isinstance(self.logit_bias, dict):
+            self.logit_bias = {_token_key(k): v for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         self._validate()
 
     def _validate(self) -> None:
@@ -123,9 +147,46 @@ class SamplingParams:
               "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT_LEN} characters or None")
         check(isinstance(self.disable_speculation, bool), "disable_speculation", "must be true or false")
 
+        check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+              "prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        self._validate_logits_processing()
+
         if self.structured_outputs is not None and (self.ignore_eos or self.min_tokens):
             # The constraint decides where the output ends (its end state admits only EOS).
             raise ValueError("structured_outputs cannot be combined with ignore_eos or min_tokens")
+
+    def _validate_logits_processing(self) -> None:
+        # Upper bounds against the model's vocabulary are checked with the prompt (validate_prompt).
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
+            for token, value in bias.items():
+                if not _is_int(token) or not 0 <= token <= INT64_MAX:
+                    raise ValueError(f"logit_bias: {token!r} is not a token id")
+                if not _is_number(value) or not -100 <= value <= 100:
+                    raise ValueError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {value!r}")
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not allowed or len(allowed) > MAX_ALLOWED_TOKEN_IDS:
+                raise ValueError(f"allowed_token_ids must hold between 1 and {MAX_ALLOWED_TOKEN_IDS} token ids")
+            bad = next((t for t in allowed if not _is_int(t) or not 0 <= t <= INT64_MAX), None)
+            if bad is not None:
+                raise ValueError(f"allowed_token_ids: {bad!r} is not a token id")
+        words = self.bad_words
+        if words is not None:
+            if len(words) > MAX_BAD_WORDS:
+                raise ValueError(f"bad_words must hold at most {MAX_BAD_WORDS} words")
+            for w in words:
+                if not isinstance(w, str) or not w.strip() or len(w) > MAX_BAD_WORD_LEN or not is_valid_text(w):
+                    raise ValueError(f"bad_words: each word must be a non-blank string of at most {MAX_BAD_WORD_LEN} "
+                                     f"characters, got {w!r}")
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """Whether the sampler must edit this request's logits (logit_bias, allowed_token_ids, bad_words)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or bool(self.bad_words)
 
     @property
     def greedy(self) -> bool:

@@ -84,8 +84,8 @@ class KVCacheManager:
         computed so that the step produces logits to sample from. Nothing is reserved here; pass the result to
         :meth:`allocate_slots`, which takes the references. Only meaningful for a request without blocks.
         """
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need the logits of every prompt position: nothing may be skipped
         max_hit_blocks = max(0, request.num_tokens - 1) // self.block_size
         hashes = self._hashes_for(request, max_hit_blocks)
         blocks: list[KVCacheBlock] = []

@@ -60,6 +60,9 @@ class SchedulerOutput:
     kv_connector_metadata: Any = None
     # Numbers the scheduler's steps (from 1) so that an update finds the requests this step sampled for.
     step_id: int = 0
+    # Prompt logprobs to compute this step (request id -> engine.prompt_logprobs.PromptLogprobsTask), planned by
+    # the engine core after scheduling; empty for steps without requests that asked.
+    prompt_logprobs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_num_tokens(self) -> int:

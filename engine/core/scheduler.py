@@ -347,7 +347,8 @@ class Scheduler:
                 continue
             loaded = request.request_id in self._loaded
             computed_blocks, num_cached = ([], 0) if loaded else kv.get_computed_blocks(request)
-            if not loaded and self.kv_connector is not None:
+            # A request asking for prompt logprobs computes its whole prompt (no externally stored KV either).
+            if not loaded and self.kv_connector is not None and request.sampling_params.prompt_logprobs is None:
                 try:
                     num_external = self.kv_connector.get_num_new_matched_tokens(request, num_cached)
                 except KVLoadError as exc:

@@ -45,6 +45,9 @@ class _SequenceState:
     sent_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Prompt logprobs (None first, as vLLM) once the engine sent them; a stream carries them once.
+    prompt_logprobs: list[list[Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass
@@ -101,6 +104,8 @@ class OutputProcessor:
                 s.kv_transfer_params = out.kv_transfer_params
             if s.logprobs is not None and out.new_logprobs:
                 s.logprobs.extend(out.new_logprobs)
+            if out.prompt_logprobs is not None and s.prompt_logprobs is None:
+                s.prompt_logprobs = [None, *out.prompt_logprobs]
             # A sequence nobody watches token by token (not streamed, no stop strings) is detokenized once, at
             # the end: per-step text for hundreds of running sequences is pure overhead between model steps.
             final_only = not s.stream and not s.params.stop
@@ -138,8 +143,10 @@ class OutputProcessor:
         else:
             text, token_ids, logprobs = s.detok.text, list(s.token_ids), s.logprobs
         cum = sum(row[0].logprob for row in s.logprobs) if s.logprobs else None
+        prompt_lp = s.prompt_logprobs if not (s.stream and s.prompt_logprobs_sent) else None
+        s.prompt_logprobs_sent = s.prompt_logprobs_sent or prompt_lp is not None
         completion = CompletionOutput(index=s.index, text=text, token_ids=token_ids, finish_reason=s.finish_reason,
                                       stop_reason=s.stop_reason, logprobs=logprobs, cumulative_logprob=cum)
         return RequestOutput(request_id=s.parent_id, prompt=s.prompt, prompt_token_ids=s.prompt_token_ids,
                              outputs=[completion], finished=finished, num_cached_tokens=s.num_cached_tokens,
-                             kv_transfer_params=s.kv_transfer_params)
+                             kv_transfer_params=s.kv_transfer_params, prompt_logprobs=prompt_lp)

@@ -42,8 +42,20 @@ def _structured_from_pb(msg: pb.StructuredOutputs) -> dict[str, Any]:
     return fields
 
 
-# The message-typed fields, by name: (fill the message from the value, the value's wire dict from the message).
-_MESSAGE_FIELDS = {"structured_outputs": (_structured_to_pb, _structured_from_pb)}
+def _logit_bias_to_pb(value: dict[int, float], msg: Any) -> None:
+    for token, bias in value.items():
+        msg[token] = bias
+
+
+def _logit_bias_from_pb(msg: Any) -> dict[str, float]:
+    """The HTTP API's ``logit_bias`` (keys are token ids as strings, as OpenAI's JSON has them)."""
+    return {str(token): bias for token, bias in msg.items()}
+
+
+# The message-typed fields (and maps), by name: (fill the message from the value, the value's wire form from the
+# message).
+_MESSAGE_FIELDS = {"structured_outputs": (_structured_to_pb, _structured_from_pb),
+                   "logit_bias": (_logit_bias_to_pb, _logit_bias_from_pb)}
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
@@ -58,11 +70,12 @@ def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams()
     for field in msg.DESCRIPTOR.fields:
         value = getattr(params, field.name)
-        if _is_repeated(field):
-            getattr(msg, field.name).extend(value)
-        elif field.name in _MESSAGE_FIELDS:
+        if field.name in _MESSAGE_FIELDS:
             if value is not None:
                 _MESSAGE_FIELDS[field.name][0](value, getattr(msg, field.name))
+        elif _is_repeated(field):
+            if value is not None:
+                getattr(msg, field.name).extend(value)
         elif value is not None:
             setattr(msg, field.name, value)
     return msg
@@ -73,7 +86,10 @@ def pb_set_fields(msg: Any) -> dict[str, Any]:
     message-typed fields (``structured_outputs``) as the HTTP API's objects. ``ValueError`` for a malformed one."""
     fields: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
-        if _is_repeated(field):
+        if field.name == "logit_bias":  # a map: no presence, empty when unset
+            if msg.logit_bias:
+                fields[field.name] = _logit_bias_from_pb(msg.logit_bias)
+        elif _is_repeated(field):
             values = getattr(msg, field.name)
             if values:
                 fields[field.name] = list(values)

@@ -40,6 +40,10 @@ def validate_prompt(token_ids: list[int], params: SamplingParams, max_model_len:
     bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab_size})")
+    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
     if params.max_tokens is not None and n + params.max_tokens > max_model_len:
         raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                          f"model's context of {max_model_len} tokens")

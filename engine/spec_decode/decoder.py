@@ -36,10 +36,12 @@ class SplitStep:
 
 def may_speculate(request: Request) -> bool:
     """Requests that never get drafts: those that opted out (``disable_speculation``), constrained ones (their
-    matcher would have to check and roll back drafts), and those asking for logprobs (reported per sampled row
-    only)."""
+    matcher would have to check and roll back drafts), those asking for logprobs (reported per sampled row only)
+    and those with logits processing (``bad_words`` depends on the tokens before each position, which a verify
+    step's later positions would not see)."""
     params = request.sampling_params
-    return not params.disable_speculation and params.structured_outputs is None and params.logprobs is None
+    return (not params.disable_speculation and params.structured_outputs is None and params.logprobs is None
+            and not params.needs_logits_processing)
 
 
 class SpecDecoder:

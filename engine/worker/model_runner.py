@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from pdserve.engine import prompt_logprobs
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtype
@@ -52,6 +53,8 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
         self.kv_connector = None  # a KV connector's worker half (engine/kv_transfer), see attach_kv_connector
+        # The last step's prompt logprobs (engine/prompt_logprobs.py): request id -> (start_pos, rows).
+        self.prompt_logprobs_output: dict[str, tuple[int, list]] = {}
         if self.device.type == "cuda" and self.attn_backend.triton_kernels:
             self._warm_up_kernels()
         self.graph_runner = self._make_graph_runner()
@@ -74,9 +77,11 @@ class ModelRunner:
         if connector is not None:
             connector.bind_connector_metadata(sched_out.kv_connector_metadata)
             connector.start_load_kv()
+        self.prompt_logprobs_output = {}
         if self.graph_runner is not None:
             self.graph_runner.release(sched_out.finished_request_ids, sched_out.preempted_request_ids)
-            size = self.graph_runner.padded_size(sched_out.chunks)
+            # A graph returns only the sampled rows' logits; prompt logprobs need every prompt position's.
+            size = None if sched_out.prompt_logprobs else self.graph_runner.padded_size(sched_out.chunks)
             if size is not None:
                 logits = self._run_graph(sched_out, size, sampled)
                 if connector is not None:
@@ -134,6 +139,9 @@ class ModelRunner:
                               sampled=sampled)
         md = inputs.attn_metadata
         hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, md)  # [T, D]
+        if sched_out.prompt_logprobs:  # only steps with requests that asked: logits of their prompt positions
+            self.prompt_logprobs_output = prompt_logprobs.compute(
+                self.model.compute_logits, hidden, sched_out, md.query_start_loc_cpu, sched_out.prompt_logprobs)
         return self.model.compute_logits(hidden[md.logits_indices]).float()  # [S, V]
 
     # ------------------------------------------------------------------ KV cache sizing

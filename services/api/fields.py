@@ -12,8 +12,8 @@ A field in neither table is unknown: a 400 naming it (``code: "unknown_field"``)
 (a test compares the tables with the installed ``openai`` package, so a new field there fails until it is
 classified here), then the vLLM extensions this server implements.
 
-Fields that are declared on the model but refused for some values (``best_of`` other than ``n``, a non-empty
-``logit_bias``, ``suffix``) are checked by ``unsupported()`` on the request model; they are ``REFUSED`` here.
+A field that is declared on the model but refused for some values (``suffix``) is checked by ``unsupported()``
+on the request model; it is ``REFUSED`` here.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ REFUSAL_REASONS: dict[str, str] = {
     "audio": "audio output is not supported: this server generates text only",
     "function_call": "the deprecated function_call is not supported; use tool_choice",
     "functions": "the deprecated functions are not supported; use tools",
-    "logit_bias": "logit_bias is not supported",
-    "best_of": "best_of other than n is not supported",
     "suffix": "suffix (insertion) is not supported",
     "moderation": "moderation is not supported by this server",
     "verbosity": "verbosity is not supported: no model served here takes it",
@@ -53,13 +51,13 @@ def _all(handling: Handling, names: str) -> dict[str, Handling]:
 # Fields shared by both endpoints (OpenAI's first, then the vLLM extensions).
 _COMMON: dict[str, Handling] = {
     **_all(IMPL, "model n temperature top_p seed stop presence_penalty frequency_penalty stream stream_options "
-                 "max_tokens logprobs"),
-    **_all(REFUSE, "logit_bias"),
+                 "max_tokens logprobs logit_bias"),
     **_all(INFO, "user"),
     # vLLM extensions
     **_all(IMPL, "top_k min_p stop_token_ids repetition_penalty ignore_eos min_tokens skip_special_tokens "
                  "include_stop_str_in_output kv_transfer_params cache_salt response_format structured_outputs "
-                 "guided_json guided_regex guided_choice guided_grammar disable_speculation"),
+                 "guided_json guided_regex guided_choice guided_grammar disable_speculation allowed_token_ids "
+                 "bad_words"),
 }
 
 CHAT_FIELDS: dict[str, Handling] = {
@@ -78,8 +76,8 @@ CHAT_FIELDS: dict[str, Handling] = {
 
 COMPLETION_FIELDS: dict[str, Handling] = {
     **_COMMON,
-    **_all(IMPL, "prompt echo"),
-    **_all(REFUSE, "best_of suffix"),
+    **_all(IMPL, "prompt echo best_of prompt_logprobs"),
+    **_all(REFUSE, "suffix"),
 }
 
 
@@ -97,4 +95,4 @@ def check_fields(data: Any, table: Mapping[str, Handling], endpoint: str) -> Non
 
 
 # Refused only for some values (the request model's ``unsupported()`` decides), so let through here.
-_CHECKED_BY_VALUE = frozenset({"logit_bias", "best_of", "suffix"})
+_CHECKED_BY_VALUE = frozenset({"suffix"})

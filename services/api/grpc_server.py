@@ -143,6 +143,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 msg = pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
                     index=comp.index, text=comp.text, token_ids=comp.token_ids,
                     logprobs=[self.token_logprob(row) for row in comp.logprobs or []],
+                    prompt_logprobs=self.prompt_logprobs(out.prompt_logprobs),
                     finish_reason=comp.finish_reason or "",
                     stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
                 if comp.index not in timed and comp.token_ids:
@@ -160,6 +161,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         n_prompt = len(prompt.token_ids)
         yield pb.GenerateResponse(request_id=request_id, usage=pb.Usage(
             prompt_tokens=n_prompt, completion_tokens=completion_tokens, total_tokens=n_prompt + completion_tokens))
+
+    def prompt_logprobs(self, rows: list[Any] | None) -> list[pb.TokenLogprob]:
+        """``RequestOutput.prompt_logprobs`` on the wire: the rows after the first prompt token's (which has none)."""
+        return [self.token_logprob(row) for row in rows[1:]] if rows else []
 
     def token_logprob(self, row: list[Any]) -> pb.TokenLogprob:
         """One position's logprobs (the sampled token, then its top alternatives) as a ``TokenLogprob``."""

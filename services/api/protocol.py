@@ -63,8 +63,11 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # informational (fields.py): accepted, ignored
+    # OpenAI's {"token id": bias in [-100, 100]} (at most 300 entries), vLLM's allowed_token_ids and bad_words
+    # (engine/logits_processors.py).
     logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # Disaggregation (a pdserve extension, named as vLLM names it): on a decode pod, the transfer handle a prefill
     # pod returned for this prompt; its KV is loaded instead of computed. A prefill pod returns one in responses.
     kv_transfer_params: dict[str, Any] | None = None
@@ -83,10 +86,6 @@ class _SamplingFields(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a requested feature this server does not implement."""
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
-        if self.best_of is not None and self.best_of != self.n:
-            return "best_of", "best_of other than n is not supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         if self.kv_transfer_params is not None and self.n != 1:
@@ -102,6 +101,11 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    # Generate best_of candidates, return the n with the highest cumulative logprob (not with streaming).
+    best_of: int | None = None
+    # vLLM's extension: every prompt token's logprob and top-k, as the choice's "prompt_logprobs" (echo with
+    # logprobs also computes them, for the legacy logprobs object).
+    prompt_logprobs: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -112,6 +116,10 @@ class CompletionRequest(_SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix", "suffix is not supported"
+        if self.best_of is not None and self.best_of != self.n and self.stream:
+            return "best_of", "best_of cannot be combined with stream: the best candidates are known only at the end"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens 0 generates nothing: it is only allowed with echo (prompt scoring)"
         return super().unsupported()
 
 

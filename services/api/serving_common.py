@@ -169,27 +169,29 @@ class ServingBase:
         return streams
 
     async def collect(self, streams: list[OutputStream], handles: list[dict | None] | None = None,
-                      cached: CachedTokens | None = None, timelines: list[dict] | None = None
-                      ) -> list[list[CompletionOutput]]:
+                      cached: CachedTokens | None = None, timelines: list[dict] | None = None,
+                      prompt_logprobs: list[list | None] | None = None) -> list[list[CompletionOutput]]:
         """Final outputs of every stream (per prompt, sorted by sequence index).
 
         With ``handles``, each stream's KV transfer handle (a prefill-role engine's, else None) is appended to it;
         with ``cached``, the final outputs are counted into it; with ``timelines``, the timeline of each finished
-        sequence that has one, in finishing order.
+        sequence that has one, in finishing order; with ``prompt_logprobs``, each stream's prompt logprobs
+        (``RequestOutput.prompt_logprobs``, or None).
         """
 
-        async def one(i: int, stream: OutputStream) -> tuple[list[CompletionOutput], dict | None]:
-            outs, handle = [], None
+        async def one(i: int, stream: OutputStream) -> tuple[list[CompletionOutput], dict | None, list | None]:
+            outs, handle, prompt_lp = [], None, None
             async for out in stream:
                 if out.outputs[0].finished:
                     outs.append(out.outputs[0])
                     handle = getattr(out, "kv_transfer_params", None) or handle
+                    prompt_lp = prompt_lp or getattr(out, "prompt_logprobs", None)
                     if cached is not None:
                         cached.add(i, out)
                     timeline = timeline_of(out, self.engine) if timelines is not None else None
                     if timeline is not None and timelines is not None:
                         timelines.append(timeline)
-            return sorted(outs, key=lambda c: c.index), handle
+            return sorted(outs, key=lambda c: c.index), handle, prompt_lp
 
         gathered = asyncio.gather(*(one(i, s) for i, s in enumerate(streams)))
         # Cancelled inside wait_for (the client left), a gather ends with an exception that nobody reads, which
@@ -201,8 +203,10 @@ class ServingBase:
             for s in streams:
                 s.close()
         if handles is not None:
-            handles.extend(h for _, h in results)
-        return [outs for outs, _ in results]
+            handles.extend(h for _, h, _ in results)
+        if prompt_logprobs is not None:
+            prompt_logprobs.extend(p for _, _, p in results)
+        return [outs for outs, _, _ in results]
 
     @staticmethod
     def check_transfer_outcome(outs: list[CompletionOutput], had_handle: bool) -> None:

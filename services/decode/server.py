@@ -75,6 +75,7 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
                 msg = pb.GenerateResponse(request_id=request_id, choices=[pb.Choice(
                     index=comp.index, text=comp.text, token_ids=comp.token_ids,
                     logprobs=[self.gen.token_logprob(row) for row in comp.logprobs or []],
+                    prompt_logprobs=self.gen.prompt_logprobs(out.prompt_logprobs),
                     finish_reason=comp.finish_reason or "",
                     stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
                 timing = self.gen.pod_timing(out, received, span) if first else None

@@ -86,6 +86,7 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
             handle = None
         choice = pb.Choice(index=0, text=comp.text, token_ids=comp.token_ids,
                            logprobs=[self.gen.token_logprob(row) for row in comp.logprobs or []],
+                           prompt_logprobs=self.gen.prompt_logprobs(final.prompt_logprobs),
                            finish_reason=finish,
                            stop_reason="" if not finish or comp.stop_reason is None else str(comp.stop_reason))
         budget = params.max_tokens if params.max_tokens is not None else self.engine.max_model_len - n_prompt

@@ -76,6 +76,8 @@ class TokenDelta:
     stop_reason: int | str | None = None
     # The pod's marks of the sequence's way to its first token (on the delta with a pod's first token).
     pod_timing: PodMarks | None = None
+    # With the first token, when the request asked for prompt_logprobs: a row per prompt token after the first.
+    prompt_logprobs: list[list[Logprob]] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,12 @@ class PodBackend(Protocol):
     async def close(self) -> None: ...
 
 
-def _logprobs_of(choice: Any) -> list[list[Logprob]] | None:
-    if not choice.logprobs:
+def _logprobs_of(entries: Any) -> list[list[Logprob]] | None:
+    """``TokenLogprob`` messages (a choice's ``logprobs`` or ``prompt_logprobs``) as rows, None when empty."""
+    if not entries:
         return None
     rows = []
-    for lp in choice.logprobs:
+    for lp in entries:
         row = [Logprob(int(lp.token_id), float(lp.logprob), int(lp.rank), lp.token or None)]
         row.extend(Logprob(int(t.token_id), float(t.logprob), i + 1, t.token or None)
                    for i, t in enumerate(lp.top_logprobs))
@@ -121,8 +124,8 @@ def _logprobs_of(choice: Any) -> list[list[Logprob]] | None:
 
 
 def _delta(choice: Any) -> TokenDelta:
-    return TokenDelta(list(choice.token_ids), _logprobs_of(choice), choice.finish_reason or None,
-                      _stop_reason(choice.stop_reason))
+    return TokenDelta(list(choice.token_ids), _logprobs_of(choice.logprobs), choice.finish_reason or None,
+                      _stop_reason(choice.stop_reason), _logprobs_of(choice.prompt_logprobs))
 
 
 def _stop_reason(text: str) -> int | str | None:

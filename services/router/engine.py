@@ -152,19 +152,25 @@ class RouterEngine:
     # ------------------------------------------------------------------ sequences
     async def _run(self, result: "RouterStream", spec: SequenceSpec, times: SequenceTimes) -> None:
         finished = False
+        # Prompt logprobs come with the first token (from whichever pod computed the prompt); a one-token prompt
+        # has none on the wire, but still an (empty) answer.
+        want_prompt_logprobs = spec.params.prompt_logprobs is not None
 
         timeline = spec.timeline
         trace_parent = current_context()  # the request's span: the phases' spans go under it
 
         def emit(delta: TokenDelta) -> None:
-            nonlocal finished
+            nonlocal finished, want_prompt_logprobs
             it = IterationStats(timestamp=time.time())
             if delta.token_ids and timeline.first_token_at is None:
                 timeline.add("router_respond", it.timestamp, "router", "router")
                 timeline.mark_first_token()
             times.on_tokens(it.timestamp, len(delta.token_ids), it)
+            prompt_lp = None
+            if want_prompt_logprobs and delta.token_ids:
+                prompt_lp, want_prompt_logprobs = delta.prompt_logprobs or [], False
             out = EngineCoreOutput(spec.seq_id, list(delta.token_ids), delta.logprobs, delta.finish_reason,
-                                   delta.stop_reason)
+                                   delta.stop_reason, prompt_logprobs=prompt_lp)
             processed = self._processor.process([out])
             for ro in processed.request_outputs:
                 comp = ro.outputs[0]

@@ -97,6 +97,8 @@ class SequenceRunner:
             decision = await self._route(ctx)
             spec.timeline.add("routing", time.time(), "router", "router")
             params = after_tokens(spec.params, len(generated))
+            if generated and params.prompt_logprobs is not None:
+                params = dataclasses.replace(params, prompt_logprobs=None)  # the client has them already
             try:
                 await self._attempt(decision, BackendRequest(f"{spec.seq_id}-a{attempt}", prompt, params),
                                     emit_and_track, ctx, spec.timeline)
@@ -136,9 +138,10 @@ class SequenceRunner:
                     handle = None  # ended at the first token: the prefill pod released it itself
                     return
                 # The decode pod continues after the prefill's token(s), loading the prompt's KV by the handle.
+                # The prefill pod computed the prompt logprobs; the decode pod loads the KV, computing nothing.
                 req = dataclasses.replace(
                     req, prompt_token_ids=req.prompt_token_ids + first.token_ids, kv_transfer_params=handle,
-                    params=after_tokens(req.params, len(first.token_ids)))
+                    params=dataclasses.replace(after_tokens(req.params, len(first.token_ids)), prompt_logprobs=None))
                 current, stage = decision.decode, "decode"
             # aclosing: leaving the loop early (finish, stop string, cancel) cancels the pod's stream at once.
             call = "pdserve.v1.Decode/Decode" if req.kv_transfer_params is not None \

@@ -137,6 +137,42 @@ def test_decode_pod_speculates_on_a_copy_heavy_prompt(servers):
     assert 10 < accepted <= values["pdserve:spec_decode_num_draft_tokens_total"]
 
 
+def test_prompt_scoring_through_the_router(servers, monkeypatch, tmp_path):
+    """Issue 13: echo + logprobs through the router, the prompt's logprobs computed by the prefill pod (a long
+    prompt is prefilled remotely), and lm-evaluation-harness's loglikelihoods through the router: both equal
+    transformers' within 1e-3."""
+    import urllib.request
+
+    from pdserve.engine.model_loader.bundled import ensure_bundled
+    from tests.helpers.lm_eval_check import HfScorer, assert_samples_match, run_lm_eval
+
+    up_url, *_ = servers
+    model_dir = str(ensure_bundled(MODEL))
+    scorer = HfScorer(model_dir)
+    long_prompt = " ".join(f"Note {i}: the colour of box {i} is {'red' if i % 3 else 'blue'}." for i in range(30))
+    ids = scorer.encode(long_prompt)
+    assert len(ids) > 256  # over the prefix-aware decider's threshold: remote prefill
+
+    def remote_prefills() -> float:
+        with urllib.request.urlopen(up_url.removesuffix("/v1") + "/metrics", timeout=10) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith('pdserve:router_pd_decisions_total{decision="remote-prefill"'):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = remote_prefills()
+    client = openai.OpenAI(base_url=up_url, api_key="unused", max_retries=0, timeout=120)
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    assert remote_prefills() == before + 1
+    got = out.choices[0].logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    assert got[1:] == pytest.approx(scorer.token_logprobs(ids), abs=1e-3)
+
+    samples = run_lm_eval(f"{up_url}/completions", MODEL, model_dir, "unused", ["pdserve_tiny_mc"], monkeypatch,
+                          tmp_path / "datasets")
+    assert assert_samples_match(samples, scorer) == 9
+
+
 def test_ctrl_c_stops_every_part(servers):
     _, _, up, work, _ = servers
     children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()

@@ -89,6 +89,8 @@ COMMON: dict[str, Case] = {
     "kv_transfer_params": Case({"prefill_pod": "p", "request_id": "r"}, status=400),
     "cache_salt": Case("tenant-1"),
     "disable_speculation": Case(True),  # this server does not speculate: opting out changes nothing
+    "allowed_token_ids": Case([STOP_TOKEN], {"max_tokens": 2}),
+    "bad_words": Case(["the"]),
     # Constraints share their specs where they can: the engine compiles each spec once (a slow step on a CPU).
     "response_format": Case({"type": "json_schema", "json_schema": {"name": "n", "schema": {"enum": ["up", "down"]}}},
                             {"max_tokens": 5}, check=lambda r: _text(r) in ('"up"', '"down"') or pytest.fail("rf")),
@@ -145,6 +147,7 @@ COMPLETION: dict[str, Case] = {
     "echo": Case(True, check=lambda r: r.choices[0].text.startswith("The sky") or pytest.fail("echo")),
     "logprobs": Case(2, check=lambda r: len(r.choices[0].logprobs.top_logprobs[0]) == 2 or pytest.fail("lp")),
     "best_of": Case(2),
+    "prompt_logprobs": Case(1),
     "suffix": Case("The end."),
 }
 
