@@ -13,9 +13,11 @@ from pdserve.engine.pooling.runner import PoolingRunner
 from tests.helpers.tiny_models import make_tiny_model
 
 TOL = 1e-5
-# Float32 everywhere; on a GPU machine the same checks run on CUDA too (its kernels reorder sums: a looser bound).
+# Float32 everywhere; on a GPU machine the same checks run on CUDA too, with a looser bound: the Triton attention
+# kernel's float32 dot products run in TF32 (10-bit mantissa inputs), which moved unit-norm embeddings by up to 8e-4
+# on an H100.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOLS = {"cpu": TOL, "cuda": 1e-4}
+TOLS = {"cpu": TOL, "cuda": 3e-3}
 
 
 @pytest.fixture(scope="module")
