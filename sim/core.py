@@ -54,7 +54,8 @@ class SimRunner:
 
     def execute_model(self, sched_out: Any) -> Any:
         chunks = sched_out.chunks
-        cost = self.profile.step_time_s(sum(c.num_tokens for c in chunks), sum(c.context_len for c in chunks))
+        cost = self.profile.step_time_s(sum(c.num_tokens for c in chunks), sum(c.context_len for c in chunks),
+                                        has_prefill=any(c.num_tokens > 1 for c in chunks))
         self.last_step_s = cost
         self.busy_s += cost
         self.clock.spend(cost)

@@ -5,6 +5,10 @@ token computed (the matmuls: prefill chunks and decodes alike) and a part per to
 KV reads of attention)::
 
     step_ms = base_ms + per_token_ms * num_batched_tokens + per_context_ms * total_context
+              [+ prefill_base_ms when the step computes a prompt chunk]
+
+The last term is the fixed cost a step with a prompt chunk pays on top: on a GPU such a step runs eagerly (CUDA
+graphs capture pure-decode steps only), so its kernel launches are not amortized.
 
 ``total_context`` sums, over the step's chunks, the context each one attends to after the step (the engine's
 ``StepStat.total_context``). Three coefficients are fitted from three figures of ``docs/performance.md`` per model
@@ -36,9 +40,10 @@ class CostProfile:
     num_blocks: int
     block_size: int
     source: str = ""
+    prefill_base_ms: float = 0.0  # extra fixed cost of a step with a prompt chunk (eager, not a CUDA graph)
 
     def __post_init__(self) -> None:
-        for f in ("base_ms", "per_token_ms", "per_context_ms"):
+        for f in ("base_ms", "per_token_ms", "per_context_ms", "prefill_base_ms"):
             if not getattr(self, f) >= 0:
                 raise ValueError(f"profile {self.name!r}: {f} must be >= 0, got {getattr(self, f)!r}")
         for f in ("kv_bytes_per_token", "num_blocks", "block_size"):
@@ -46,11 +51,13 @@ class CostProfile:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"profile {self.name!r}: {f} must be a positive integer, got {value!r}")
 
-    def step_time_s(self, num_tokens: int, total_context: int) -> float:
-        """Seconds one engine step takes with ``num_tokens`` batched tokens attending ``total_context`` tokens."""
+    def step_time_s(self, num_tokens: int, total_context: int, has_prefill: bool = False) -> float:
+        """Seconds one engine step takes with ``num_tokens`` batched tokens attending ``total_context`` tokens
+        (``has_prefill``: one of its chunks computes prompt tokens)."""
         if num_tokens <= 0:
             return 0.0
-        return (self.base_ms + self.per_token_ms * num_tokens + self.per_context_ms * total_context) / 1e3
+        fixed = self.base_ms + (self.prefill_base_ms if has_prefill else 0.0)
+        return (fixed + self.per_token_ms * num_tokens + self.per_context_ms * total_context) / 1e3
 
     def kv_bytes(self, num_tokens: int) -> int:
         """Bytes of KV cache that ``num_tokens`` tokens occupy (what a KV transfer moves)."""

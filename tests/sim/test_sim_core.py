@@ -56,6 +56,9 @@ def test_shipped_profiles_load_and_unknown_ones_are_refused(tmp_path):
     # The three figures it was fitted from (docs/performance.md), within 2 %.
     assert h100.step_time_s(1, 256) == pytest.approx(1 / 166.2, rel=0.02)
     assert h100.step_time_s(64, 64 * 1024) == pytest.approx(9.57e-3, rel=0.02)
+    # Steps with a prompt chunk run eagerly on the GPU: a 128-token prefill measured 17.4 ms, a 4k one ~105 ms.
+    assert h100.step_time_s(128, 128, has_prefill=True) == pytest.approx(17.4e-3, rel=0.05)
+    assert h100.step_time_s(4096, 4096, has_prefill=True) == pytest.approx(105e-3, rel=0.02)
     with pytest.raises(ValueError, match="unknown cost profile"):
         load_profile("no-such-gpu")
     bad = tmp_path / "p.json"
