@@ -182,10 +182,11 @@ class ServingBase:
         async def one(i: int, stream: OutputStream) -> tuple[list[CompletionOutput], dict | None, list | None]:
             outs, handle, prompt_lp = [], None, None
             async for out in stream:
+                # Prompt logprobs come with the first token, which behind a router is not the last output.
+                prompt_lp = prompt_lp or getattr(out, "prompt_logprobs", None)
                 if out.outputs[0].finished:
                     outs.append(out.outputs[0])
                     handle = getattr(out, "kv_transfer_params", None) or handle
-                    prompt_lp = prompt_lp or getattr(out, "prompt_logprobs", None)
                     if cached is not None:
                         cached.add(i, out)
                     timeline = timeline_of(out, self.engine) if timelines is not None else None
