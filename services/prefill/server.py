@@ -60,9 +60,11 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
             await self.gen.abort_call(context, from_exception(exc, settings.retry_after_s))
             return
         try:
-            final = None
+            final, prompt_lp = None, None
             async for out in stream:
                 final = out
+                # With the first token (a streamed request sends them once): not always the final output.
+                prompt_lp = prompt_lp or out.prompt_logprobs
         except Exception as exc:
             await self.gen.abort_call(context, from_exception(exc, settings.retry_after_s))
             return
@@ -86,7 +88,7 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
             handle = None
         choice = pb.Choice(index=0, text=comp.text, token_ids=comp.token_ids,
                            logprobs=[self.gen.token_logprob(row) for row in comp.logprobs or []],
-                           prompt_logprobs=self.gen.prompt_logprobs(final.prompt_logprobs),
+                           prompt_logprobs=self.gen.prompt_logprobs(prompt_lp),
                            finish_reason=finish,
                            stop_reason="" if not finish or comp.stop_reason is None else str(comp.stop_reason))
         budget = params.max_tokens if params.max_tokens is not None else self.engine.max_model_len - n_prompt
