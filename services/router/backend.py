@@ -125,7 +125,7 @@ def _logprobs_of(entries: Any) -> list[list[Logprob]] | None:
 
 def _delta(choice: Any) -> TokenDelta:
     return TokenDelta(list(choice.token_ids), _logprobs_of(choice.logprobs), choice.finish_reason or None,
-                      _stop_reason(choice.stop_reason), _logprobs_of(choice.prompt_logprobs))
+                      _stop_reason(choice.stop_reason), prompt_logprobs=_logprobs_of(choice.prompt_logprobs))
 
 
 def _stop_reason(text: str) -> int | str | None:
