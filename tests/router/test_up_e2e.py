@@ -168,9 +168,9 @@ def test_prompt_scoring_through_the_router(servers, monkeypatch, tmp_path):
     assert got[0] is None and len(got) == len(ids)
     assert got[1:] == pytest.approx(scorer.token_logprobs(ids), abs=1e-3)
 
-    samples = run_lm_eval(f"{up_url}/completions", MODEL, model_dir, "unused", ["pdserve_tiny_mc"], monkeypatch,
-                          tmp_path / "datasets")
-    assert assert_samples_match(samples, scorer) == 9
+    samples = run_lm_eval(f"{up_url}/completions", MODEL, model_dir, "unused", ["pdserve_tiny_mc", "pdserve_tiny_ppl"],
+                          monkeypatch, tmp_path / "datasets")
+    assert assert_samples_match(samples, scorer) == 3 * 3 + 2  # multiple choice, then rolling (perplexity)
 
 
 def test_ctrl_c_stops_every_part(servers):
