@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-def _median_time(fn, iters: int) -> float:
+def median_time(fn, iters: int) -> float:
+    """The median wall time of ``iters`` calls of ``fn``."""
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -67,7 +68,7 @@ def run_pdserve(llm, prompt: list[int], output_len: int, iters: int) -> tuple[fl
     gen(2)  # warm-up
     # A different prompt each time would defeat prefix caching; instead turn the cache off for this bench
     # (see run()), so every iteration really computes the prefill.
-    return _median_time(lambda: gen(1), iters), _median_time(lambda: gen(output_len), iters)
+    return median_time(lambda: gen(1), iters), median_time(lambda: gen(output_len), iters)
 
 
 def run_hf(cfg, prompt: list[int], output_len: int, iters: int) -> tuple[float, float]:
@@ -89,7 +90,7 @@ def run_hf(cfg, prompt: list[int], output_len: int, iters: int) -> tuple[float, 
             torch.cuda.synchronize()
 
     gen(2)
-    return _median_time(lambda: gen(1), iters), _median_time(lambda: gen(output_len), iters)
+    return median_time(lambda: gen(1), iters), median_time(lambda: gen(output_len), iters)
 
 
 def run(args: argparse.Namespace) -> int:

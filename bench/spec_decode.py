@@ -12,8 +12,9 @@ pick another token, after which the sequences part.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
+
+from pdserve.bench.latency import median_time
 
 
 @dataclass
@@ -26,15 +27,6 @@ class SpecResult:
     mean_acceptance_length: float | None = None  # 1 + accepted / proposals
     speedup: float | None = None
     greedy_match: float | None = None  # mean common-prefix share of the baseline's outputs
-
-
-def _median(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_sweep(llm, prompts: list[list[int]], output_len: int, iters: int,
@@ -56,8 +48,8 @@ def run_sweep(llm, prompts: list[list[int]], output_len: int, iters: int,
     def measure(mode: str, opt_out: bool) -> SpecResult:
         gen(min(output_len, 16), opt_out, mode)  # warm-up, verify steps included (their first kernel compiles)
         before = dict(spec.stats.to_dict())
-        prefill = _median(lambda: gen(1, opt_out, mode), iters)
-        total = _median(lambda: gen(output_len, opt_out, mode), iters)
+        prefill = median_time(lambda: gen(1, opt_out, mode), iters)
+        total = median_time(lambda: gen(output_len, opt_out, mode), iters)
         after = spec.stats.to_dict()
         drafts = after["num_drafts"] - before["num_drafts"]
         draft_tokens = after["num_draft_tokens"] - before["num_draft_tokens"]
