@@ -118,12 +118,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         received = time.time()
-        span = PodCallSpan("pdserve.v1.Generation/Generate", context)
-        try:
+        with PodCallSpan("pdserve.v1.Generation/Generate", context) as span:
             async for msg in self._generate(request, context, received, span):
                 yield msg
-        finally:
-            span.end()
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, received: float,
                         span: PodCallSpan) -> AsyncIterator[pb.GenerateResponse]:

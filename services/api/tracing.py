@@ -170,7 +170,7 @@ class PodCallSpan:
     """A pod's server span for one call, its parent the router's client span (from the call's metadata).
 
     Not made the current span: the handlers are async generators, and the phases it gets are added
-    explicitly (:meth:`add_phases`)."""
+    explicitly (:meth:`add_phases`). A context manager: ``with PodCallSpan(name, context) as span:`` ends it."""
 
     def __init__(self, name: str, context: Any) -> None:
         self.span = None
@@ -202,6 +202,13 @@ class PodCallSpan:
         if error:
             self.span.set_status(trace.Status(trace.StatusCode.ERROR, error))
         self.span.end()
+
+    def __enter__(self) -> "PodCallSpan":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Every handler ends its span the same way, also when the call fails or the client cancels it.
+        self.end()
 
 
 __all__ = ["PodCallSpan", "TracingMiddleware", "client_span", "configured_endpoint", "current_context",

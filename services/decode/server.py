@@ -36,12 +36,9 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         received = time.time()
-        span = PodCallSpan("pdserve.v1.Decode/Decode", context)
-        try:
+        with PodCallSpan("pdserve.v1.Decode/Decode", context) as span:
             async for msg in self._decode(request, context, received, span):
                 yield msg
-        finally:
-            span.end()
 
     async def _decode(self, request: Any, context: grpc.aio.ServicerContext, received: float,
                       span: PodCallSpan) -> AsyncIterator[Any]:

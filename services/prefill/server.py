@@ -38,11 +38,8 @@ class PrefillServicer(disagg_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         received = time.time()
-        span = PodCallSpan("pdserve.v1.Prefill/Prefill", context)
-        try:
+        with PodCallSpan("pdserve.v1.Prefill/Prefill", context) as span:
             return await self._prefill(request, context, received, span)
-        finally:
-            span.end()
 
     async def _prefill(self, request: Any, context: grpc.aio.ServicerContext, received: float,
                        span: PodCallSpan) -> Any:
