@@ -108,3 +108,37 @@ def test_padded_verify_step_matches_eager_step(tmp_path) -> None:
     for c, ref in zip(runner.kv_caches, cache_eager):
         torch.testing.assert_close(c, ref, rtol=1e-5, atol=1e-5)
     assert graphs.num_replays == 1
+
+
+def test_model_runner_routes_verify_steps_to_the_verify_graphs(tmp_path) -> None:
+    """The runner's wiring, on CPU: graph runners built as on a GPU (capture is a no-op here) take a verify step,
+    a plain decode step goes to the decode graphs, and both give the eager step's logits."""
+    from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
+
+    model_dir = make_tiny_model("qwen3", tmp_path)
+    config = EngineConfig.create(model_dir, device="cpu", dtype="float32", num_blocks=16, block_size=16,
+                                 attention_backend="triton", max_num_seqs=4, max_model_len=256,
+                                 speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    runner = ModelRunner(config)
+    assert runner.graph_runner is None and runner.verify_graph_runner is None  # CPU: eager
+    prompt = list(range(3, 21))
+    runner.execute_model(SchedulerOutput([ScheduledChunk("a", prompt, 0, [4, 7], True)]))
+    steps = [[_chunk("a", [30, 31, 32], 18, [4, 7], 2)], [_chunk("a", [30], 18, [4, 7], 0)]]
+    saved = [c.clone() for c in runner.kv_caches]
+    want = []
+    for chunks in steps:
+        for c, s in zip(runner.kv_caches, saved):
+            c.copy_(s)
+        want.append(runner.execute_model(SchedulerOutput(chunks)))
+
+    runner.graph_runner = DecodeGraphRunner(runner.model, runner.kv_caches, max_num_seqs=4, max_model_len=256,
+                                            block_size=16, num_blocks=16, device=runner.device)
+    runner.graph_runner.capture()
+    runner.verify_graph_runner = runner._make_verify_graph_runner()
+    assert runner.verify_graph_runner.sizes == [1, 2, 4] and runner.verify_graph_runner.q == 3
+    for chunks, ref in zip(steps, want):
+        for c, s in zip(runner.kv_caches, saved):
+            c.copy_(s)
+        got = runner.execute_model(SchedulerOutput(chunks))
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert runner.verify_graph_runner.num_replays == 1  # the verify step; the decode step took the decode graph
