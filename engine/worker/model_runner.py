@@ -153,7 +153,11 @@ class ModelRunner:
                                    num_speculative_tokens=spec.num_speculative_tokens,
                                    max_model_len=self.config.model.max_model_len, block_size=self.block_size,
                                    num_blocks=self.num_blocks, device=self.device, pool=self.graph_runner.pool)
-        runner.capture()
+        try:
+            runner.capture()
+        except Exception as exc:
+            raise RuntimeError(f"capturing the speculative verify CUDA graphs failed ({exc}); "
+                               f"PDSERVE_VERIFY_CUDA_GRAPHS=0 runs verify steps eagerly instead") from exc
         return runner
 
     def _run_verify_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:
