@@ -45,14 +45,14 @@ def test_greedy_identical_with_verify_graphs(arch: str, tmp_path) -> None:
     assert replays is None  # no speculation, no verify graphs
     oracle = tmp_path / "oracle.json"
     oracle.write_text(json.dumps([{"prompt_token_ids": p, "output_token_ids": o} for p, o in zip(prompts, base)]))
-    for spec in ({"method": "oracle", "oracle_path": str(oracle), "adaptive": False},
-                 {"method": "oracle", "oracle_path": str(oracle), "oracle_acceptance": 0.5, "adaptive": False},
-                 {"method": "oracle", "oracle_path": str(oracle), "num_speculative_tokens": 2}):
-        for batch in (prompts, prompts[:1]):
-            outs, replays, pool = _generate(model, batch, spec)
-            assert outs == base[:len(batch)], (spec, len(batch))
-            assert replays and replays > 0, "no verify step replayed a graph"
-            assert pool is not None and pool >= 0
+    for spec, batch in (({"method": "oracle", "oracle_path": str(oracle), "adaptive": False}, prompts),
+                        ({"method": "oracle", "oracle_path": str(oracle), "adaptive": False}, prompts[:1]),
+                        ({"method": "oracle", "oracle_path": str(oracle), "oracle_acceptance": 0.5}, prompts),
+                        ({"method": "oracle", "oracle_path": str(oracle), "num_speculative_tokens": 2}, prompts)):
+        outs, replays, pool = _generate(model, batch, spec)
+        assert outs == base[:len(batch)], (spec, len(batch))
+        assert replays and replays > 0, "no verify step replayed a graph"
+        assert pool is not None and pool >= 0
 
 
 def test_verify_graphs_can_be_switched_off(tmp_path, monkeypatch) -> None:
