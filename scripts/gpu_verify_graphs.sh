@@ -31,7 +31,7 @@ BENCH=(bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --
 SPEC='{"method": "oracle", "num_speculative_tokens": 4}'
 
 step tests 150 "$PY" -P -m pytest -q -x -p no:cacheprovider tests/engine/worker/test_gpu_verify_graphs.py \
-    tests/engine/worker/test_verify_graphs.py
+    tests/engine/worker/test_verify_graphs.py tests/kernels/test_attention.py -k "verify or Verify"
 step b1 120 $PD "${BENCH[@]}" --batch-size 1 --speculative-config "$SPEC" --oracle-acceptance 1.0,0.5,0.0 \
     --json-out "$RES/spec_verify_graphs_b1.json"
 PDSERVE_VERIFY_CUDA_GRAPHS=0 step b1_eager 90 $PD "${BENCH[@]}" --batch-size 1 --speculative-config "$SPEC" \
