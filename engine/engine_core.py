@@ -274,17 +274,23 @@ class EngineCore:
             return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         spec_tokens: dict[str, list[int]] = {}
+        split = None
         if self.spec is not None:  # rows of chunks with drafts are verified; the others sampled as usual
             try:
                 split = self.spec.verify(logits, sched_out, {rid: self.scheduler.get_request(rid)
                                                              for rid in sample_ids}, self.sampler)
             except Exception as exc:
                 return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
-            logits, sample_ids, spec_tokens = split.logits, split.sample_ids, split.spec_tokens
+            logits, sample_ids = split.logits, split.sample_ids
         requests = [self.scheduler.get_request(rid) for rid in sample_ids]
         # Filled on the CPU while the device still runs the forward pass queued above.
         bitmask, mask_errors = self._fill_bitmask(requests)
         result = self.sampler.sample(logits, requests, bitmask)
+        if split is not None:
+            try:  # queued before the sampler's results, so their wait covered it: no second wait for the device
+                spec_tokens = split.spec_tokens
+            except Exception as exc:
+                return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         failed = self._fail_rows(sample_ids, {**result.errors, **mask_errors})
         return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens)
                 + self._drain_finished_without_step())

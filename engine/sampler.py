@@ -114,6 +114,9 @@ class Sampler:
         word ``v // 32`` set: token ``v`` allowed), or None; applied on the device (see
         :mod:`pdserve.engine.structured_output.bitmask`). Logprobs stay those of the unconstrained model.
         """
+        if not requests:  # e.g. a step whose rows were all verified drafts: no device work, nothing to wait for
+            return PendingSample(torch.empty(0, dtype=torch.int64, device=logits.device),
+                                 [torch.empty(0, dtype=torch.int64)], None, None)
         try:
             return self._launch_batch(logits, requests, bitmask)
         except Exception as exc:

@@ -12,7 +12,6 @@ A step with drafts, as the engine core runs it (synchronously: see docs/speculat
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 
@@ -23,15 +22,49 @@ from pdserve.engine.spec_decode.config import SpeculativeConfig
 from pdserve.engine.spec_decode.metrics import SpecDecodingStats
 from pdserve.engine.spec_decode.proposers import build_proposer
 from pdserve.engine.spec_decode.rejection import emitted_tokens, rejection_rows
+from pdserve.engine.worker.input_batch import small_tensor_to
 
 
-@dataclass
 class SplitStep:
-    """A step's logits split between plain rows (for the ordinary sampler) and verified requests."""
+    """A step's logits split between plain rows (for the ordinary sampler) and verified requests.
 
-    logits: torch.Tensor  # [S, V] the plain rows, in chunk order
-    sample_ids: list[str]  # their requests
-    spec_tokens: dict[str, list[int]]  # request id -> tokens verification emitted
+    ``logits`` ``[S, V]``: the plain rows, in chunk order; ``sample_ids``: their requests. ``spec_tokens``
+    (request id -> the tokens verification emitted) waits for the verification's results: read it after
+    launching the plain rows' sampling, so that the step waits for the device once (the verification's host copy
+    is queued before the sampler's).
+    """
+
+    def __init__(self, logits: torch.Tensor, sample_ids: list[str], resolve=None) -> None:
+        self.logits = logits
+        self.sample_ids = sample_ids
+        self._resolve = resolve
+        self._spec_tokens: dict[str, list[int]] | None = None if resolve is not None else {}
+
+    @property
+    def spec_tokens(self) -> dict[str, list[int]]:
+        if self._spec_tokens is None:
+            self._spec_tokens = self._resolve()
+        return self._spec_tokens
+
+
+class _HostCopy:
+    """Device tensors copied to the host without blocking (pinned memory and an event on CUDA): :meth:`lists`
+    waits for the copy and returns them as lists."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        if tensors[0].device.type != "cuda":
+            self._host, self._event = list(tensors), None
+            return
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for dst, src in zip(self._host, tensors):
+            dst.copy_(src, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def lists(self) -> list[list]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.tolist() for t in self._host]
 
 
 def may_speculate(request: Request) -> bool:
@@ -84,9 +117,11 @@ class SpecDecoder:
     # ------------------------------------------------------------------ verifying
     def verify(self, logits: torch.Tensor, sched_out: SchedulerOutput, requests: dict[str, Request],
                sampler) -> SplitStep:
-        """Split ``logits`` (the runner's rows, see ``ScheduledChunk.num_logits_rows``) and verify the chunks that
-        carry drafts. ``requests``: the step's sampled requests by id; ``sampler``: the engine's
-        :class:`~pdserve.engine.sampler.Sampler` (its logits processing and seeded generators)."""
+        """Split ``logits`` (the runner's rows, see ``ScheduledChunk.num_logits_rows``) and queue the verification
+        of the chunks that carry drafts; nothing here waits for the device (penalties aside, which read tokens on
+        the host), the returned step's ``spec_tokens`` does. ``requests``: the step's sampled
+        requests by id; ``sampler``: the engine's :class:`~pdserve.engine.sampler.Sampler` (its logits
+        processing and seeded generators)."""
         plain_rows: list[int] = []
         plain_ids: list[str] = []
         spec_rows: list[int] = []
@@ -103,22 +138,29 @@ class SpecDecoder:
                 plain_ids.append(chunk.request_id)
             row += chunk.num_logits_rows
         if not spec_chunks:
-            return SplitStep(logits, plain_ids, {})
-        index = torch.tensor(plain_rows, dtype=torch.long, device=logits.device)
-        spec_index = torch.tensor(spec_rows, dtype=torch.long, device=logits.device)
+            return SplitStep(logits, plain_ids)
+        device = logits.device
+        spec_logits = logits if not plain_rows else logits.index_select(
+            0, small_tensor_to(spec_rows, torch.long, device))
+        plain = logits[:0] if not plain_rows else logits.index_select(0, small_tensor_to(plain_rows, torch.long,
+                                                                                          device))
         drafts = [c.token_ids[-c.num_draft_tokens:] for c in spec_chunks]
-        emitted = self._verify_rows(logits.index_select(0, spec_index), [requests[c.request_id] for c in spec_chunks],
-                                    drafts, sampler)
-        spec_tokens = {}
-        for chunk, tokens in zip(spec_chunks, emitted):
-            self.stats.observe(chunk.num_draft_tokens, len(tokens) - 1)
-            self.adaptive.observe(chunk.request_id, chunk.num_draft_tokens, len(tokens) - 1)
-            spec_tokens[chunk.request_id] = tokens
-        return SplitStep(logits.index_select(0, index), plain_ids, spec_tokens)
+        finish = self._verify_rows(spec_logits, [requests[c.request_id] for c in spec_chunks], drafts, sampler)
 
-    def _verify_rows(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]],
-                     sampler) -> list[list[int]]:
-        """``logits``: ``[R, V]``, each request's ``len(drafts) + 1`` rows in order; returns what each emits."""
+        def resolve() -> dict[str, list[int]]:
+            spec_tokens = {}
+            for chunk, tokens in zip(spec_chunks, finish()):
+                self.stats.observe(chunk.num_draft_tokens, len(tokens) - 1)
+                self.adaptive.observe(chunk.request_id, chunk.num_draft_tokens, len(tokens) - 1)
+                spec_tokens[chunk.request_id] = tokens
+            return spec_tokens
+
+        return SplitStep(plain, plain_ids, resolve)
+
+    def _verify_rows(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]], sampler):
+        """``logits``: ``[R, V]``, each request's ``len(drafts) + 1`` rows in order. Queues the verification and a
+        non-blocking copy of its outcome; returns a function that waits for it and gives what each request
+        emits."""
         rows: list[Request] = []  # the request each row is sampled as: its outputs so far plus the drafts before
         for request, ds in zip(requests, drafts):
             params = request.sampling_params
@@ -134,22 +176,28 @@ class SpecDecoder:
         x = sampler.process_logits(logits.float(), rows)
         argmax = x.argmax(dim=-1)
         num_drafts = [len(ds) for ds in drafts]
-        draft_ids = torch.tensor([t for ds in drafts for t in ds + [0]], dtype=torch.long, device=device)
+        draft_ids = small_tensor_to([t for ds in drafts for t in ds + [0]], torch.long, device)
         if all(r.sampling_params.greedy for r in requests):
-            accepted = (draft_ids == argmax).tolist()
-            return emitted_tokens(num_drafts, drafts, accepted, argmax.tolist())
-        is_bonus = torch.tensor([j == len(ds) for ds in drafts for j in range(len(ds) + 1)], device=device)
-        greedy = torch.tensor([r.sampling_params.greedy for r in rows], device=device)
-        probs = sampler.target_probs(x, rows)
-        uniform = torch.rand(len(rows), device=device)
-        noise = torch.empty_like(probs).exponential_()
-        row = 0
-        for request, ds in zip(requests, drafts):
-            gen = sampler.generator(request.request_id)
-            n = len(ds) + 1
-            if gen is not None:  # a seeded request draws from its own generator, as without speculation
-                uniform[row:row + n] = torch.rand(n, device=device, generator=gen)
-                noise[row:row + n].exponential_(generator=gen)
-            row += n
-        accepted_t, emit = rejection_rows(probs, argmax, draft_ids, is_bonus, greedy, uniform, noise)
-        return emitted_tokens(num_drafts, drafts, accepted_t.tolist(), emit.tolist())
+            copied = _HostCopy(draft_ids == argmax, argmax)
+        else:
+            is_bonus = small_tensor_to([j == len(ds) for ds in drafts for j in range(len(ds) + 1)], torch.bool,
+                                       device)
+            greedy = small_tensor_to([r.sampling_params.greedy for r in rows], torch.bool, device)
+            probs = sampler.target_probs(x, rows)
+            uniform = torch.rand(len(rows), device=device)
+            noise = torch.empty_like(probs).exponential_()
+            row = 0
+            for request, ds in zip(requests, drafts):
+                gen = sampler.generator(request.request_id)
+                n = len(ds) + 1
+                if gen is not None:  # a seeded request draws from its own generator, as without speculation
+                    uniform[row:row + n] = torch.rand(n, device=device, generator=gen)
+                    noise[row:row + n].exponential_(generator=gen)
+                row += n
+            copied = _HostCopy(*rejection_rows(probs, argmax, draft_ids, is_bonus, greedy, uniform, noise))
+
+        def finish() -> list[list[int]]:
+            accepted, emit = copied.lists()
+            return emitted_tokens(num_drafts, drafts, accepted, emit)
+
+        return finish

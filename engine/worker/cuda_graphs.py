@@ -101,6 +101,11 @@ class DecodeGraphRunner:
         self._outputs: dict[int, torch.Tensor] = {}  # size -> [size, D] hidden states, in the graph pool
         self._pool = None
 
+    @property
+    def pool(self):
+        """The graphs' memory pool (after :meth:`capture`; None on CPU): the verify graphs share it."""
+        return self._pool
+
     # ------------------------------------------------------------------ capture
     @torch.inference_mode()
     def capture(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -12,7 +13,9 @@ from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtype
 from pdserve.engine.models.parallel_layers import ModelShard
 from pdserve.engine.worker.attention import get_attention_backend
-from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
+from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
+from pdserve.engine.worker.verify_graphs import VerifyGraphRunner
+from pdserve.engine.worker.verify_layout import verify_capture_sizes
 from pdserve.engine.worker.warmup import warm_up, warmup_cases
 from pdserve.engine.worker.input_batch import SampledTokens, build_inputs, small_tensor_to
 from pdserve.engine.worker.kv_cache import (
@@ -58,6 +61,7 @@ class ModelRunner:
         if self.device.type == "cuda" and self.attn_backend.triton_kernels:
             self._warm_up_kernels()
         self.graph_runner = self._make_graph_runner()
+        self.verify_graph_runner = self._make_verify_graph_runner()
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, backend %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self.kv_spec.bytes_per_block / 2**30, self.kv_spec.dtype,
                     self.attn_backend.name)
@@ -82,8 +86,14 @@ class ModelRunner:
             self.graph_runner.release(sched_out.finished_request_ids, sched_out.preempted_request_ids)
             # A graph returns only the sampled rows' logits; prompt logprobs need every prompt position's.
             size = None if sched_out.prompt_logprobs else self.graph_runner.padded_size(sched_out.chunks)
+            logits = None
             if size is not None:
                 logits = self._run_graph(sched_out, size, sampled)
+            elif self.verify_graph_runner is not None and not sched_out.prompt_logprobs:
+                verify_size = self.verify_graph_runner.padded_size(sched_out.chunks)
+                if verify_size is not None:
+                    logits = self._run_verify_graph(sched_out, verify_size)
+            if logits is not None:
                 if connector is not None:
                     connector.wait_for_save()  # a replay runs no hooks: this stages every layer it must save
                 return logits
@@ -125,6 +135,36 @@ class ModelRunner:
                                    num_blocks=self.num_blocks, device=self.device)
         runner.capture()
         return runner
+
+    def _make_verify_graph_runner(self) -> VerifyGraphRunner | None:
+        """CUDA graphs of speculative verify steps (``docs/speculative-decoding.md``): wherever decode graphs are
+        captured and the engine speculates, unless ``PDSERVE_VERIFY_CUDA_GRAPHS=0`` (then verify steps run
+        eagerly, as with ``enforce_eager``; for A/B measurements)."""
+        spec = self.config.speculative
+        if self.graph_runner is None or spec is None:
+            return None
+        if os.environ.get("PDSERVE_VERIFY_CUDA_GRAPHS", "1") == "0":
+            logger.info("PDSERVE_VERIFY_CUDA_GRAPHS=0: speculative verify steps run eagerly")
+            return None
+        max_num_seqs = self.config.scheduler.max_num_seqs
+        sizes = verify_capture_sizes(capture_sizes(max_num_seqs), max_num_seqs,
+                                     spec.disable_by_batch_size if spec.adaptive else None)
+        runner = VerifyGraphRunner(self.model, self.kv_caches, self.graph_runner.rows, sizes=sizes,
+                                   num_speculative_tokens=spec.num_speculative_tokens,
+                                   max_model_len=self.config.model.max_model_len, block_size=self.block_size,
+                                   num_blocks=self.num_blocks, device=self.device, pool=self.graph_runner.pool)
+        try:
+            runner.capture()
+        except Exception as exc:
+            raise RuntimeError(f"capturing the speculative verify CUDA graphs failed ({exc}); "
+                               f"PDSERVE_VERIFY_CUDA_GRAPHS=0 runs verify steps eagerly instead") from exc
+        return runner
+
+    def _run_verify_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:
+        hidden, rows = self.verify_graph_runner.run(sched_out.chunks, size)  # [size * (k + 1), D], [S]
+        # Logits of every row, then the wanted ones: the LM head's matmul keeps one shape per graph size (see
+        # engine/worker/verify_graphs.py).
+        return self.model.compute_logits(hidden).index_select(0, rows).float()  # [S, V]
 
     def _run_graph(self, sched_out: SchedulerOutput, size: int, sampled: SampledTokens | None) -> torch.Tensor:
         hidden = self.graph_runner.run(sched_out.chunks, size, sampled)  # [B, D]

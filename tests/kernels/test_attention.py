@@ -151,3 +151,39 @@ def test_gpu_cuda_graph_replay():
         ref = paged_attention_ref(static["q"], static["kv_cache"], static["query_start_loc"], static["seq_lens"],
                                   static["block_tables"], 1.0 / math.sqrt(128))
         assert rel_err(out, ref) < 1e-2
+
+
+def test_verify_graph_layout_zero_length_padding_sequences(device):
+    # A verify graph's step (engine/worker/verify_layout.py): varlen chunks of up to k + 1 = 5 tokens, then
+    # zero-token padding sequences (seq_len 0, a NaN block-table row) and padding rows no sequence owns.
+    case = make_case([5, 1, 3, 0, 0], [20, 9, 40, 0, 0], num_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                     dtype=torch.float32, device=device, pad_tokens=16)
+    check(case, 2e-3 if device.type == "cuda" else 1e-5, num_kv_splits=3, max_query_len=5)
+
+
+@pytest.mark.gpu
+def test_gpu_verify_graph_replay_with_varlen_layouts():
+    # One capture at N = 4 sequences x 5 rows; replays with other query_start_loc layouts (query lengths are data).
+    shape = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    static = make_case([5] * 4, [3000] * 4, **shape)
+    torch.cuda.synchronize()
+    out = paged_attention(**static, max_query_len=5, max_seq_len=4096)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(**static, max_query_len=5, max_seq_len=4096)
+    for seed, (q_lens, ctx) in enumerate([([5, 1, 3, 0], [2999, 17, 1024, 0]), ([2, 0, 0, 0], [700, 0, 0, 0]),
+                                          ([5, 5, 5, 5], [5, 64, 3000, 129])]):
+        new = make_case(q_lens, ctx, **shape, seed=seed + 1, pad_tokens=20 - sum(q_lens))
+        nb = new["kv_cache"].shape[1]
+        static["kv_cache"][:, :nb].copy_(new["kv_cache"])
+        width = new["block_tables"].shape[1]
+        static["block_tables"].fill_(nb - 1)  # NaN block
+        static["block_tables"][:, :width].copy_(new["block_tables"])
+        for name in ("seq_lens", "query_start_loc", "q"):
+            static[name].copy_(new[name])
+        graph.replay()
+        real = sum(q_lens)
+        ref = paged_attention_ref(static["q"], static["kv_cache"], static["query_start_loc"], static["seq_lens"],
+                                  static["block_tables"], 1.0 / math.sqrt(128))
+        assert not out[:real].isnan().any()
+        assert rel_err(out[:real], ref[:real]) < 1e-2

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Verify-step CUDA graphs (docs/speculative-decoding.md) on one GPU, in about 4 minutes: the GPU tests, then the
+# Llama-3.1-8B-shape oracle benchmark at batch 1 (k = 4; 100/50/0 % acceptance), the same with verify graphs off
+# (PDSERVE_VERIFY_CUDA_GRAPHS=0, the A/B), and batch 64 with adaptive k. Each benchmark's baseline row is the same
+# engine without speculation (its requests opt out).
+# Usage (repository root, CUDA machine, pdserve installed): bash scripts/gpu_verify_graphs.sh [RESULT_DIR]
+# STEPS="tests b1" runs only the named steps (tests b1 b1_eager b64).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES=${1:-${OUT:-bench-results}}
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+"$PY" -P -c "import pdserve.engine" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+  || { echo "pdserve does not import with $PY and the editable install failed" >&2; exit 1; }
+"$PY" -P -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "no CUDA device visible to torch" >&2; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
+PD="$PY -P -m pdserve.cli.main"
+status=0
+step() {
+  local name=$1 limit=$2; shift 2
+  [[ -z "${STEPS:-}" || " $STEPS " == *" $name "* ]] || return 0
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  grep -v -E "Warning|warn\(" "$RES/$name.log" | tail -40
+  [[ $rc == 0 ]] || { echo "=== $name FAILED (exit $rc; 124 = timed out after ${limit}s); log: $RES/$name.log"; status=1; }
+}
+BENCH=(bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 128 --iters 2
+       --max-num-seqs 64 --max-model-len 1024)
+SPEC='{"method": "oracle", "num_speculative_tokens": 4}'
+
+step tests 150 "$PY" -P -m pytest -q -x -p no:cacheprovider tests/engine/worker/test_gpu_verify_graphs.py \
+    tests/engine/worker/test_verify_graphs.py tests/kernels/test_attention.py -k "verify or Verify"
+step b1 120 $PD "${BENCH[@]}" --batch-size 1 --speculative-config "$SPEC" --oracle-acceptance 1.0,0.5,0.0 \
+    --json-out "$RES/spec_verify_graphs_b1.json"
+PDSERVE_VERIFY_CUDA_GRAPHS=0 step b1_eager 90 $PD "${BENCH[@]}" --batch-size 1 --speculative-config "$SPEC" \
+    --oracle-acceptance 1.0 --json-out "$RES/spec_verify_eager_b1.json"
+step b64 120 $PD "${BENCH[@]}" --batch-size 64 --speculative-config "$SPEC" --oracle-acceptance 1.0,0.0 \
+    --json-out "$RES/spec_verify_graphs_b64.json"
+exit $status
