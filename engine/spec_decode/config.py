@@ -29,6 +29,10 @@ class SpeculativeConfig:
     ``draft_kv_cache_gib``. ``oracle_path``: a JSON file of earlier
     outputs the ``oracle`` proposer replays (benchmarks; it also replays what this engine produced before), and
     ``oracle_acceptance`` the share of each proposal it keeps correct (the rest is made wrong on purpose).
+    ``oracle_forced`` (timing only): the verifier accepts exactly that share whatever the target computes, and the
+    oracle keeps proposing after the output leaves its record. For bf16 benchmarks on random weights, whose logits
+    are near ties, so a verify step's argmax parts from a plain decode step's and the record stops matching; the
+    kernels, shapes and host work are those of real verification, but the outputs are not the target's own.
 
     Adaptive k: with ``adaptive`` on, a request whose recent acceptance (an exponential average) falls below
     ``min_acceptance`` stops proposing, except for a probe every ``probe_interval`` steps; a step with
@@ -45,6 +49,7 @@ class SpeculativeConfig:
     draft_kv_cache_gib: float = 1.0
     oracle_path: str | None = None
     oracle_acceptance: float = 1.0
+    oracle_forced: bool = False
     adaptive: bool = True
     min_acceptance: float = 0.2
     probe_interval: int = 16
@@ -77,6 +82,10 @@ class SpeculativeConfig:
                 or self.draft_kv_cache_gib <= 0):
             raise ValueError(f"speculative_config.draft_kv_cache_gib must be a positive number, got "
                              f"{self.draft_kv_cache_gib!r}")
+        if not isinstance(self.oracle_forced, bool):
+            raise ValueError(f"speculative_config.oracle_forced must be true or false, got {self.oracle_forced!r}")
+        if self.oracle_forced and self.method != "oracle":
+            raise ValueError('speculative_config.oracle_forced is for the "oracle" method (benchmarks) only')
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"speculative_config.adaptive must be true or false, got {self.adaptive!r}")
 

@@ -196,8 +196,13 @@ class SpecDecoder:
                 row += n
             copied = _HostCopy(*rejection_rows(probs, argmax, draft_ids, is_bonus, greedy, uniform, noise))
 
+        forced = getattr(self.proposer, "forced", False)
+        kept = [self.proposer.kept.get(r.request_id, 0) for r in requests] if forced else []
+
         def finish() -> list[list[int]]:
             accepted, emit = copied.lists()
+            if forced:  # timing only (oracle_forced): the oracle's kept share, whatever the target computed
+                accepted = [j < n for k, n in zip(num_drafts, kept) for j in range(k + 1)]
             return emitted_tokens(num_drafts, drafts, accepted, emit)
 
         return finish

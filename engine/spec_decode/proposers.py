@@ -75,9 +75,14 @@ class OracleProposer(Proposer):
     in length). ``acceptance`` may be changed between runs (the latency benchmark sweeps it on one engine).
     """
 
-    def __init__(self, vocab_size: int, acceptance: float = 1.0, path: str | None = None) -> None:
+    def __init__(self, vocab_size: int, acceptance: float = 1.0, path: str | None = None,
+                 forced: bool = False) -> None:
         self.vocab_size = vocab_size
         self.acceptance = acceptance
+        # ``oracle_forced`` (see SpeculativeConfig): the verifier accepts ``kept[request_id]`` drafts of the
+        # request's latest proposal, whatever the target computed.
+        self.forced = forced
+        self.kept: dict[str, int] = {}
         self._outputs: dict[tuple[int, ...], list[int]] = {}
         if path is not None:
             with open(path) as f:
@@ -89,16 +94,20 @@ class OracleProposer(Proposer):
         if recorded is None:
             return []
         pos = request.num_output_tokens
-        if recorded[:pos] != request.output_token_ids:
+        if not self.forced and recorded[:pos] != request.output_token_ids:
             return []  # this request went its own way (sampling): the record says nothing about it
         drafts = recorded[pos:pos + k]
         num_right = round(self.acceptance * len(drafts))
+        self.kept[request.request_id] = num_right
         return drafts[:num_right] + [(t + 1) % self.vocab_size for t in drafts[num_right:]]
 
     def on_finished(self, request: Request) -> None:
         key = tuple(request.prompt_token_ids)
         if request.num_output_tokens > len(self._outputs.get(key, ())):
             self._outputs[key] = list(request.output_token_ids)
+
+    def forget(self, request_id: str) -> None:
+        self.kept.pop(request_id, None)
 
     def dump(self, path: str) -> None:
         """Write the recorded outputs in the ``oracle_path`` format."""
@@ -121,5 +130,5 @@ def build_proposer(config: SpeculativeConfig, vocab_size: int, runner: Any = Non
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "oracle":
-        return OracleProposer(vocab_size, config.oracle_acceptance, config.oracle_path)
+        return OracleProposer(vocab_size, config.oracle_acceptance, config.oracle_path, config.oracle_forced)
     raise ValueError(f"no proposer for speculative method {config.method!r}")

@@ -143,6 +143,34 @@ def test_opt_out_and_oracle_sweep(llama) -> None:
     assert core.get_stats().spec_decode["num_accepted_tokens"] == stats["num_accepted_tokens"]
 
 
+@pytest.mark.parametrize("acceptance,kept", [(1.0, 4), (0.5, 2)])
+def test_forced_oracle_accepts_its_share_of_any_record(llama, tmp_path, acceptance, kept) -> None:
+    """``oracle_forced`` (bf16 benchmarks): a record the model would never produce is accepted at exactly the
+    asked share; each step emits the kept drafts and then the target's own token."""
+    prompt = prompts()[0]
+    record = [(7 * i) % 150 + 3 for i in range(40)]  # tokens of the tiny vocabulary, in no order the model knows
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps([{"prompt_token_ids": prompt, "output_token_ids": record}]))
+    core = engine(llama, {"method": "oracle", "num_speculative_tokens": 4, "adaptive": False,
+                          "oracle_path": str(path), "oracle_acceptance": acceptance, "oracle_forced": True})
+    (out,) = run(core, [(prompt, GREEDY)])
+    assert len(out) == 30
+    # Token 0 comes from the prefill; then each step of kept + 1 tokens: kept from the record, one of the target's
+    # (up to the last steps, whose proposals the length limit shortens).
+    from_record = [i for i in range(1, 21) if (i - 1) % (kept + 1) < kept]
+    assert [out[i] for i in from_record] == [record[i] for i in from_record]
+    assert out[kept + 1] != record[kept + 1]  # the target's own token, not the record's
+    stats = core.get_stats().spec_decode
+    assert stats["num_accepted_tokens"] == pytest.approx(acceptance * stats["num_draft_tokens"], abs=2)
+
+
+def test_oracle_forced_is_refused_for_real_proposers() -> None:
+    from pdserve.engine.spec_decode.config import SpeculativeConfig
+
+    with pytest.raises(ValueError, match="oracle_forced is for the \"oracle\" method"):
+        SpeculativeConfig.parse({"method": "ngram", "oracle_forced": True})
+
+
 def test_adaptive_k_turns_off_at_low_acceptance(llama) -> None:
     core = engine(llama, {"method": "oracle", "num_speculative_tokens": 4, "oracle_acceptance": 0.0,
                           "probe_interval": 100})
