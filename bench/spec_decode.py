@@ -80,7 +80,9 @@ def run_sweep(llm, prompts: list[list[int]], output_len: int, iters: int,
     results = [measure("baseline", True)]
     if spec.config.method == "oracle":
         reference = "baseline"
-        if spec.adaptive.batch_k(len(prompts)):  # at batches where adaptive k proposes nothing, nothing to replay
+        # At batches where adaptive k proposes nothing there is nothing to replay; a forced oracle (oracle_forced)
+        # accepts its share whatever the target computes, so it needs no record in verify-step numerics.
+        if spec.adaptive.batch_k(len(prompts)) and not spec.proposer.forced:
             outputs["calibration"] = _calibrate(llm, prompts, output_len)
             reference = "calibration"
         for acceptance in acceptances:
@@ -113,7 +115,7 @@ def _calibrate(llm, prompts: list[list[int]], output_len: int) -> list[list[int]
     try:
         with os.fdopen(fd, "w") as f:
             json.dump([{"prompt_token_ids": p, "output_token_ids": o} for p, o in zip(prompts, outs)], f)
-        spec.proposer = OracleProposer(vocab, oracle.acceptance, path)
+        spec.proposer = OracleProposer(vocab, oracle.acceptance, path, oracle.forced)
     finally:
         os.unlink(path)
     return outs

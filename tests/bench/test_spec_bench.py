@@ -28,3 +28,22 @@ def test_oracle_sweep_with_calibration(tmp_path) -> None:
     assert abs(half.acceptance_rate - 0.5) < 0.05  # exactly 2 of 4, but drafts cut at max_tokens round their own way
     assert half.oracle_match == 1.0
     assert full.verify_graph_steps is None  # no CUDA graphs on CPU
+
+
+def test_forced_oracle_sweep_needs_no_calibration(tmp_path) -> None:
+    """``oracle_forced`` (bf16 timing): the proposer keeps the engine's record of the baseline and its share is
+    accepted as asked."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(make_tiny_model("llama", tmp_path), device="cpu", attention_backend="torch", num_blocks=64,
+                  speculative_config={"method": "oracle", "num_speculative_tokens": 4, "oracle_forced": True})
+        oracle = llm.engine.core.spec.proposer
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(3, 500, (12,), generator=g).tolist() for _ in range(2)]
+        base, full, half = run_sweep(llm, prompts, output_len=17, iters=1, acceptances=[1.0, 0.5])
+    finally:
+        torch.set_num_threads(threads)
+    assert llm.engine.core.spec.proposer is oracle  # not replaced by a calibrated one
+    assert (full.acceptance_rate, full.mean_acceptance_length) == (1.0, 5.0)
+    assert abs(half.acceptance_rate - 0.5) < 0.05
