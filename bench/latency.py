@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from pdserve.bench.peer import PEER_HELP, PROCESS_PEERS, add_offline_arguments
+from pdserve.bench.peer import PEER_HELP, PROCESS_PEERS, add_offline_arguments, refuse_unused_peer_flags
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
 
 
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.engine.llm import LLM
 
     cases_ = cases(args)
+    refuse_unused_peer_flags(args, PROCESS_PEERS)
     if args.peer in PROCESS_PEERS:
         if args.prompt is not None:
             raise SystemExit("--prompt is only supported with --speculative-config")

@@ -20,6 +20,10 @@ from pdserve.bench.peer_process import PeerError, check_importable, peer_env, ru
 
 # Peers that run in a process of their own (the transformers peer, "hf", runs in the benchmark's process).
 PROCESS_PEERS = ("vllm", "pdserve")
+DEFAULT_TIMEOUT_S = 1800.0
+# Flags that only mean something with a process peer (their defaults are None / False, so "given" is visible).
+PROCESS_FLAGS = ("peer_python", "peer_pythonpath", "peer_log_dir")
+OFFLINE_FLAGS = (*PROCESS_FLAGS, "peer_timeout", "peer_engine_args")
 PEER_HELP = ("also run the same workload through a peer engine: hf (transformers, in this process), vllm (in a "
              "process of its own, as is pdserve then), or pdserve (a self-check of that two-process path)")
 
@@ -45,8 +49,7 @@ _json_object.__name__ = "JSON object"
 def add_process_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Flags of the peer's process, shared by the offline benchmarks and ``bench serve``."""
     g = parser.add_argument_group("peer process (--peer vllm | pdserve)")
-    g.add_argument("--peer-python", default=sys.executable,
-                   help="interpreter of the peer's process (default: this one)")
+    g.add_argument("--peer-python", default=None, help="interpreter of the peer's process (default: this one)")
     g.add_argument("--peer-pythonpath", default=None,
                    help="prepended to PYTHONPATH for the peer's process only, e.g. the directory vLLM is unpacked "
                         "into (its pinned dependencies then come before pdserve's)")
@@ -58,11 +61,23 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
 
 def add_offline_arguments(parser: argparse.ArgumentParser) -> None:
     g = add_process_arguments(parser)
-    g.add_argument("--peer-timeout", type=float, default=1800.0,
-                   help="seconds each engine's process may take, start-up included, before it is killed")
-    g.add_argument("--peer-engine-args", type=_json_object, default={},
+    g.add_argument("--peer-timeout", type=float, default=None,
+                   help="seconds each engine's process may take, start-up included, before it is killed "
+                        f"(default {DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--peer-engine-args", type=_json_object, default=None,
                    help="with --peer vllm: more keyword arguments for vllm.LLM, as a JSON object "
                         "(e.g. '{\"enforce_eager\": true}')")
+
+
+def refuse_unused_peer_flags(args: argparse.Namespace, peers: tuple[str, ...],
+                             names: tuple[str, ...] = OFFLINE_FLAGS) -> None:
+    """A peer flag given without a peer that uses it is an error, not silently ignored."""
+    if args.peer in peers:
+        return
+    given = [name for name in names if getattr(args, name) not in (None, False)]
+    if given:
+        raise SystemExit(f"{', '.join('--' + n.replace('_', '-') for n in sorted(given))}: only with "
+                         f"--peer {' or '.join(peers)}")
 
 
 def log_dir(args: argparse.Namespace) -> Path:
@@ -112,25 +127,25 @@ def side_by_side(args: argparse.Namespace, kw: dict[str, Any], workload: dict[st
         raise PeerError("--speculative-config is not compared with a peer (run it without --peer)")
     peer = args.peer
     env = peer_env(args.peer_pythonpath, peer)
-    check_importable(peer, args.peer_python, env)
+    python, timeout_s = args.peer_python or sys.executable, args.peer_timeout or DEFAULT_TIMEOUT_S
+    check_importable(peer, python, env)
     directory = log_dir(args)
     workload_path = directory / "workload.json"
     workload_path.write_text(json.dumps(workload))
     pd_kw = {k: v for k, v in kw.items() if k != "speculative_config"}
     print(f"running pdserve, then {peer}, each in its own process (logs in {directory})", flush=True)
-    ours = _run_engine("pdserve", pd_kw, sys.executable, dict(os.environ), workload_path, directory, "pdserve",
-                       args.peer_timeout)
+    ours = _run_engine("pdserve", pd_kw, sys.executable, peer_env(None, "pdserve"), workload_path, directory,
+                       "pdserve", timeout_s)
     if peer == "vllm":
         from pdserve.bench.model_dir import model_directory
 
         model_dir = model_directory(kw["model"], kw["load_format"], directory / "model")
-        peer_kw = vllm_llm_kwargs(kw, model_dir, ours["dtype"], ours["max_model_len"], args.peer_engine_args)
+        peer_kw = vllm_llm_kwargs(kw, model_dir, ours["dtype"], ours["max_model_len"], args.peer_engine_args or {})
     else:
         if args.peer_engine_args:
             raise PeerError("--peer-engine-args is for --peer vllm")
         peer_kw = pd_kw
-    theirs = _run_engine(peer, peer_kw, args.peer_python, env, workload_path, directory, peer_label(peer),
-                         args.peer_timeout)
+    theirs = _run_engine(peer, peer_kw, python, env, workload_path, directory, peer_label(peer), timeout_s)
     if ours["workload_digest"] != theirs["workload_digest"]:
         raise PeerError(f"the engines ran different requests (digests {ours['workload_digest']} and "
                         f"{theirs['workload_digest']}); see {directory}")

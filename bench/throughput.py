@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from pdserve.bench.peer import PEER_HELP, PROCESS_PEERS, add_offline_arguments
+from pdserve.bench.peer import PEER_HELP, PROCESS_PEERS, add_offline_arguments, refuse_unused_peer_flags
 from pdserve.bench.workload import BenchRequest, random_requests, sharegpt_requests
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
 
@@ -124,6 +124,7 @@ def measure_roofline(llm, stats: list) -> DecodeRoofline:
 def run(args: argparse.Namespace) -> int:
     from pdserve.engine.llm import LLM
 
+    refuse_unused_peer_flags(args, PROCESS_PEERS)
     if args.peer in PROCESS_PEERS:
         from pdserve.bench.throughput_peer import run_with_peer
 
