@@ -3,8 +3,9 @@ transformers peer (batch 1) or, each engine in a process of its own, vLLM (``--p
 
 Decode tokens/s = batch * (output_len - 1) / (time to generate output_len tokens - time to generate 1 token), so
 the prefill is not counted in the decode rate. Several ``--input-len`` values (each with its ``--batch-size``) are
-measured one after the other on the same engine, e.g. ``--input-len 128,4096,1024 --batch-size 1,1,64``. The roofline share compares the bytes a decode step reads with the
-memory copy bandwidth measured in the same run; MFU compares prefill FLOPs with the measured matmul peak.
+measured one after the other on the same engine, e.g. ``--input-len 128,4096,1024 --batch-size 1,1,64``. The
+roofline share compares the bytes a decode step reads with the memory copy bandwidth measured in the same run; MFU
+compares prefill FLOPs with the measured matmul peak.
 
 With ``--speculative-config`` it measures speculative decoding instead (``pdserve.bench.spec_decode``): the
 baseline and the proposer on one engine, at ``--batch-size`` sequences, with the ``oracle`` method at each

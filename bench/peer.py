@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -109,7 +108,8 @@ def vllm_llm_kwargs(kw: dict[str, Any], model_dir: str, dtype: str, max_model_le
 
 def _run_engine(engine: str, engine_kwargs: dict[str, Any], python: str, env: dict[str, str], workload: Path,
                 directory: Path, tag: str, timeout_s: float) -> dict[str, Any]:
-    spec_path, result_path, log = directory / f"{tag}.spec.json", directory / f"{tag}.result.json", directory / f"{tag}.log"
+    spec_path, result_path = directory / f"{tag}.spec.json", directory / f"{tag}.result.json"
+    log = directory / f"{tag}.log"
     spec_path.write_text(json.dumps({"engine": engine, "engine_kwargs": engine_kwargs, "workload": str(workload)}))
     result_path.unlink(missing_ok=True)
     run_to_completion(worker_command(python, spec_path, result_path), env, log, timeout_s, f"the {tag} process")

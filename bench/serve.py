@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.bench.peer import refuse_unused_peer_flags
     from pdserve.bench.serve_peer import SERVE_FLAGS, SERVE_PEERS
 
-    refuse_unused_peer_flags(args, SERVE_PEERS, SERVE_FLAGS)  # without --peer the benchmark loads the server at --base-url
+    # Without --peer the benchmark loads the server at --base-url.
+    refuse_unused_peer_flags(args, SERVE_PEERS, SERVE_FLAGS)
     try:
         result = asyncio.run(_main(args))
     except (ValueError, OSError, RuntimeError, httpx.HTTPError) as exc:

@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"default {SERVE_DEFAULTS['serve_gpu_memory_utilization']}")
     g.add_argument("--serve-no-prefix-caching", action="store_true")
     g.add_argument("--pdserve-server-args", default=None,
-                   help="more flags for `pdserve serve` (after ours, so they win), e.g. '--device cpu'")
+                   help="more flags for `pdserve serve` (after ours, so they win), e.g. "
+                        "--pdserve-server-args='--device cpu'")
     g.add_argument("--peer-server-args", default=None, help="more flags for the peer's server")
     g.add_argument("--server-start-timeout", type=float, default=None,
                    help="seconds each server may take to answer /health before it is killed (default "
@@ -157,6 +158,14 @@ def _bench_one(args: argparse.Namespace, srv: ServerProcess, label: str, name: s
     return result
 
 
+def _unsigned(env: dict[str, str]) -> dict[str, str]:
+    """The environment without pdserve's cluster secret: a pdserve server that has one takes only signed calls
+    from pdserve's own parts, and the benchmark is a client like any other (both servers listen on 127.0.0.1)."""
+    from pdserve.engine.security import SECRET_ENV, SECRET_FILE_ENV
+
+    return {k: v for k, v in env.items() if k not in (SECRET_ENV, SECRET_FILE_ENV)}
+
+
 def run_with_peer(args: argparse.Namespace) -> int:
     """Both servers, one after the other, then the comparison (``<result-dir>/comparison.json``)."""
     from pdserve.bench.model_dir import serving_directory
@@ -177,13 +186,15 @@ def run_with_peer(args: argparse.Namespace) -> int:
         model_dir = serving_directory(args.serve_model, args.serve_load_format, directory / "model")
         name = args.model or Path(args.serve_model.rstrip("/")).name
         results: dict[str, dict[str, Any]] = {}
-        servers = ((args.peer, label, python, env, args.peer_server_args or ""),
-                   ("pdserve", "pdserve", sys.executable, peer_env(None, "pdserve"), args.pdserve_server_args or ""))
+        servers = ((args.peer, label, python, _unsigned(env), args.peer_server_args or ""),
+                   ("pdserve", "pdserve", sys.executable, _unsigned(peer_env(None, "pdserve")),
+                    args.pdserve_server_args or ""))
         for engine, tag, python, engine_env, extra in servers:
             port = free_port()
             cmd = server_command(engine, python, model_dir, args, port, name, extra)
             print(f"starting {tag}: {shlex.join(cmd)}", flush=True)
-            with ServerProcess(tag, cmd, engine_env, directory / f"{tag}.server.log", f"http://127.0.0.1:{port}") as srv:
+            log = directory / f"{tag}.server.log"
+            with ServerProcess(tag, cmd, engine_env, log, f"http://127.0.0.1:{port}") as srv:
                 print(f"{tag} healthy after {srv.wait_healthy(args.server_start_timeout):.1f} s", flush=True)
                 results[tag] = _bench_one(args, srv, tag, name)
     except (PeerError, ValueError, OSError) as exc:

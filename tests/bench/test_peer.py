@@ -55,7 +55,8 @@ def test_peer_flags_without_a_process_peer_are_refused() -> None:
 def test_a_failing_peer_gives_its_log_tail(tmp_path) -> None:
     code = "import sys; print('ImportError: libcudart.so.13: cannot open shared object file'); sys.exit(3)"
     with pytest.raises(PeerError) as exc:
-        run_to_completion([sys.executable, "-c", code], peer_env(None, "vllm"), tmp_path / "peer.log", 60, "the vllm process")
+        run_to_completion([sys.executable, "-c", code], peer_env(None, "vllm"), tmp_path / "peer.log", 60,
+                          "the vllm process")
     message = str(exc.value)
     assert "the vllm process failed with exit code 3" in message and "libcudart.so.13" in message
 
@@ -107,8 +108,9 @@ def test_vllm_missing_fails_fast_with_a_clear_error(tmp_path, tiny_model, capsys
 def test_vllm_gets_pdserve_s_engine_settings() -> None:
     parser = build_parser()
     args = parser.parse_args(["bench", "throughput", "--model", "llama-3.1-8b", "--load-format", "dummy",
-                              "--max-num-seqs", "256", "--max-num-batched-tokens", "8192", "--no-enable-prefix-caching",
-                              "--gpu-memory-utilization", "0.85", "--kv-cache-dtype", "fp8_e4m3", "--num-blocks", "900"])
+                              "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
+                              "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.85",
+                              "--kv-cache-dtype", "fp8_e4m3", "--num-blocks", "900"])
     kw = vllm_llm_kwargs(engine_kwargs(args), "/tmp/cfg", "bfloat16", 8192, {"enforce_eager": True})
     assert kw == dict(model="/tmp/cfg", load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                       max_model_len=8192, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85,
