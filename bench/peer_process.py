@@ -71,8 +71,10 @@ def start(cmd: Sequence[str], env: dict[str, str], log_path: str | os.PathLike[s
                                 start_new_session=True)
 
 
-def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group, give it ``grace_s`` to exit, then SIGKILL whatever is left of the group."""
+def stop_group(proc: subprocess.Popen, grace_s: float = 15.0, gone_s: float = 60.0) -> None:
+    """SIGTERM the process group, give it ``grace_s`` to exit, SIGKILL whatever is left of it, then wait (up to
+    ``gone_s``) until no process of the group is alive: the next engine must find the GPU's memory free, and vLLM
+    refuses to start while less than its ``gpu_memory_utilization`` share of the memory is free."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -84,6 +86,29 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
             except subprocess.TimeoutExpired:
                 pass
     proc.wait()
+    deadline = time.monotonic() + gone_s
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies, which hold no memory, do not count; a
+    container's init may never reap them)."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():  # not Linux: ask the kernel, zombies included
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc_dir.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def run_to_completion(cmd: Sequence[str], env: dict[str, str], log_path: str | os.PathLike[str], timeout_s: float,

@@ -18,7 +18,8 @@ import pytest
 
 from pdserve.bench.latency import case_prompts
 from pdserve.bench.peer import vllm_llm_kwargs
-from pdserve.bench.peer_process import PeerError, check_importable, peer_env, run_to_completion
+from pdserve.bench.peer_process import (PeerError, check_importable, group_alive, peer_env, run_to_completion, start,
+                                         stop_group)
 from pdserve.bench.peer_worker import workload_digest
 from pdserve.bench.workload import random_requests
 from pdserve.cli.engine_args import engine_kwargs
@@ -61,14 +62,6 @@ def test_a_failing_peer_gives_its_log_tail(tmp_path) -> None:
     assert "the vllm process failed with exit code 3" in message and "libcudart.so.13" in message
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"  # exited, not yet reaped by init
-    except FileNotFoundError:
-        return True
-
-
 def test_a_hanging_peer_is_killed_with_its_children(tmp_path) -> None:
     # Like vLLM: the process we start spawns an engine core of its own; both hang.
     code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
@@ -79,10 +72,26 @@ def test_a_hanging_peer_is_killed_with_its_children(tmp_path) -> None:
         run_to_completion([sys.executable, "-c", code], peer_env(None, "vllm"), log, 3, "the vllm process")
     assert time.monotonic() - start < 30
     child = int(log.read_text().split("child")[1].split()[0])
-    deadline = time.monotonic() + 10
-    while not _gone(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _gone(child), "the peer's child process outlived the peer"
+    assert not _running(child), "the peer's child outlived it"  # gone when run_to_completion returns
+
+
+def test_stop_group_returns_once_the_whole_group_is_gone(tmp_path) -> None:
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); time.sleep(120)")
+    proc = start([sys.executable, "-c", code], peer_env(None, "vllm"), tmp_path / "log")
+    time.sleep(1.0)
+    assert group_alive(proc.pid)
+    stop_group(proc, grace_s=1.0)  # the child ignores SIGTERM: SIGKILL it is
+    assert not group_alive(proc.pid)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child the container's init has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
 
 
 def test_peer_pythonpath_is_prepended_for_the_peer_only(monkeypatch) -> None:

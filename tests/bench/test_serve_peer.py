@@ -102,9 +102,10 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
     return directory
 
 
-def _servers_left(log_dir) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pdserve.cli.main serve" in line and str(log_dir) in line]
+def _servers_left(model_dir: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if "pdserve.cli.main serve" in line and model_dir in line and not line.startswith("Z")]
 
 
 def test_self_check_starts_both_servers_and_drives_them_with_one_trace(tmp_path, tiny_model_with_tokenizer,
@@ -132,7 +133,7 @@ def test_self_check_starts_both_servers_and_drives_them_with_one_trace(tmp_path,
     assert (ours["total_input_tokens"], ours["total_output_tokens"]) == (theirs["total_input_tokens"],
                                                                          theirs["total_output_tokens"])
     assert "pdserve / self-check: output throughput" in capsys.readouterr().out
-    assert not _servers_left(tmp_path), "a server outlived the benchmark"
+    assert not _servers_left(tiny_model_with_tokenizer), "a server outlived the benchmark"
 
 
 def test_a_server_that_cannot_start_gives_its_log(tmp_path, tiny_model_with_tokenizer, capsys) -> None:
