@@ -143,3 +143,51 @@ def test_a_server_that_cannot_start_gives_its_log(tmp_path, tiny_model_with_toke
     err = capsys.readouterr().err
     assert code == 2 and "self-check exited with code 2 before it was healthy" in err
     assert "unrecognized arguments: --no-such-flag" in err
+
+
+def _vllm_stream(chat: bool) -> bytes:
+    """A stream in vLLM 0.20's format (serving_completion.py / serving_chat.py: every chunk carries
+    ``"usage": null``, then one ``choices: []`` chunk with the usage, then ``[DONE]``). Only its shape matters here:
+    this checks that the benchmark's client reads vLLM's responses, it measures nothing."""
+    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None,
+                      "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None}
+            kind = "text_completion"
+        return {"id": "cmpl-1", "object": kind, "created": 1, "model": "bench", "choices": [choice], "usage": None}
+
+    events = ([chunk(None, role=True)] if chat else []) + [chunk(" ~100"), chunk(" ~7"), chunk(" ~100", "length")]
+    events.append({"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
+                   "model": "bench", "choices": [],
+                   "usage": {"prompt_tokens": 12, "total_tokens": 15, "completion_tokens": 3}})
+    return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_client_reads_vllm_s_streamed_responses(chat: bool) -> None:
+    import asyncio
+
+    import httpx
+
+    from pdserve.bench.client import Endpoint, send_request
+    from pdserve.bench.datasets import BenchRequest
+
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, content=_vllm_stream(chat), headers={"content-type": "text/event-stream"})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            endpoint = Endpoint("http://vllm", "bench", chat=chat, ignore_eos=True)
+            return await send_request(client, endpoint, BenchRequest("the river", 3), 0.0)
+
+    result = asyncio.run(go())
+    assert result.success and result.error == ""
+    assert (result.prompt_tokens, result.output_tokens, len(result.itl)) == (12, 3, 2)
+    assert sent[0]["ignore_eos"] is True and sent[0]["stream_options"] == {"include_usage": True}
