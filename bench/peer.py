@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.peer_process import PeerError, check_importable, peer_env, run_to_completion, worker_command
+from pdserve.bench.peer_process import (PeerError, check_importable, peer_env, run_to_completion, terminate_as_exit,
+                                       worker_command)
 
 # Peers that run in a process of their own (the transformers peer, "hf", runs in the benchmark's process).
 PROCESS_PEERS = ("vllm", "pdserve")
@@ -123,6 +124,11 @@ def side_by_side(args: argparse.Namespace, kw: dict[str, Any], workload: dict[st
     """Run ``workload`` through pdserve (engine arguments ``kw``) and then through ``args.peer``; returns both
     result records (bench/peer_worker.py). Raises :class:`PeerError` when either process fails or the two
     engines were not given the same requests."""
+    with terminate_as_exit():
+        return _side_by_side(args, kw, workload)
+
+
+def _side_by_side(args: argparse.Namespace, kw: dict[str, Any], workload: dict[str, Any]) -> tuple[dict, dict]:
     if kw.get("speculative_config") is not None:
         raise PeerError("--speculative-config is not compared with a peer (run it without --peer)")
     peer = args.peer

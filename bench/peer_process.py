@@ -8,12 +8,14 @@ with the end of its log, never hangs the benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # The offline benchmarks run this file by path in each engine's process (see its docstring for why by path).
@@ -62,6 +64,24 @@ def check_importable(engine: str, python: str, env: dict[str, str], timeout_s: f
         raise PeerError(f"the peer {engine!r} is not importable by {python} with PYTHONPATH="
                         f"{env.get('PYTHONPATH', '')!r} (pass --peer-pythonpath DIR where {module} is installed, "
                         f"and --peer-python if it needs another interpreter)" + (f":\n{detail}" if detail else ""))
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Inside the block SIGTERM (e.g. from ``timeout``) ends this process through ``SystemExit``, so the code that
+    kills the engines' process groups still runs; by default SIGTERM would leave them holding the GPU."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def start(cmd: Sequence[str], env: dict[str, str], log_path: str | os.PathLike[str]) -> subprocess.Popen:

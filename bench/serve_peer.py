@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.bench.peer import PROCESS_FLAGS, add_process_arguments, log_dir, peer_label, ratio
-from pdserve.bench.peer_process import PeerError, ServerProcess, check_importable, free_port, peer_env
+from pdserve.bench.peer_process import (PeerError, ServerProcess, check_importable, free_port, peer_env,
+                                       terminate_as_exit)
 
 SERVE_PEERS = ("vllm", "pdserve")
 # Both servers get these unless the flags say otherwise. Explicit batch limits: vLLM's own defaults depend on the
@@ -168,6 +169,11 @@ def _unsigned(env: dict[str, str]) -> dict[str, str]:
 
 def run_with_peer(args: argparse.Namespace) -> int:
     """Both servers, one after the other, then the comparison (``<result-dir>/comparison.json``)."""
+    with terminate_as_exit():
+        return _run_with_peer(args)
+
+
+def _run_with_peer(args: argparse.Namespace) -> int:
     from pdserve.bench.model_dir import serving_directory
 
     if not args.serve_model:

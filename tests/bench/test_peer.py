@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -26,6 +28,9 @@ from pdserve.cli.engine_args import engine_kwargs
 from pdserve.cli.main import build_parser, main
 
 pytestmark = pytest.mark.timeout(300)
+# Like vLLM: the process we start spawns an engine core of its own; both hang.
+HANGING_ENGINE = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                  "time.sleep(120)']); print('child', child.pid, flush=True); time.sleep(120)")
 CPU = ["--device", "cpu", "--attention-backend", "torch", "--max-model-len", "64"]
 
 
@@ -63,16 +68,30 @@ def test_a_failing_peer_gives_its_log_tail(tmp_path) -> None:
 
 
 def test_a_hanging_peer_is_killed_with_its_children(tmp_path) -> None:
-    # Like vLLM: the process we start spawns an engine core of its own; both hang.
-    code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
-            "time.sleep(120)']); print('child', child.pid, flush=True); time.sleep(120)")
-    log = tmp_path / "peer.log"
+    code, log = HANGING_ENGINE, tmp_path / "peer.log"
     start = time.monotonic()
     with pytest.raises(PeerError, match=r"did not finish within 3 s and was killed"):
         run_to_completion([sys.executable, "-c", code], peer_env(None, "vllm"), log, 3, "the vllm process")
     assert time.monotonic() - start < 30
     child = int(log.read_text().split("child")[1].split()[0])
     assert not _running(child), "the peer's child outlived it"  # gone when run_to_completion returns
+
+
+def test_a_terminated_benchmark_still_kills_the_engine_s_group(tmp_path) -> None:
+    # `timeout` sends SIGTERM to the benchmark; the engine's process group must not survive it.
+    log = tmp_path / "e.log"
+    bench = ("import sys; from pdserve.bench.peer_process import peer_env, run_to_completion, terminate_as_exit\n"
+             "with terminate_as_exit():\n"
+             f"    run_to_completion([sys.executable, '-c', {HANGING_ENGINE!r}], peer_env(None, 'vllm'), "
+             f"{str(log)!r}, 120, 'the engine')\n")
+    proc = subprocess.Popen([sys.executable, "-P", "-c", bench])
+    deadline = time.monotonic() + 60
+    while "child" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(log.read_text().split("child")[1].split()[0])
+    proc.terminate()
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert not _running(child), "the engine's child outlived the terminated benchmark"
 
 
 def test_stop_group_returns_once_the_whole_group_is_gone(tmp_path) -> None:
