@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pdserve.bench.latency import LatencyResult, case_prompts, latency_result, print_results
-from pdserve.bench.peer import peer_label, side_by_side
+from pdserve.bench.peer import peer_label, ratio, side_by_side
 from pdserve.bench.peer_process import PeerError
 
 
@@ -19,6 +19,15 @@ def _results(name: str, record: dict[str, Any], output_len: int, figures: dict[s
              hf_config: Any) -> list[LatencyResult]:
     return [latency_result(name, c["batch_size"], c["input_len"], output_len, c["prefill_s"], c["total_s"], figures,
                            hf_config) for c in record["cases"]]
+
+
+def _ratios(results: list[LatencyResult]) -> list[dict[str, Any]]:
+    """pdserve's speed over the peer's per case (> 1: pdserve faster)."""
+    ours = {(r.batch_size, r.prompt_len): r for r in results if r.engine == "pdserve"}
+    return [{"batch_size": r.batch_size, "input_len": r.prompt_len,
+             "prefill": ratio(r.prefill_s, ours[r.batch_size, r.prompt_len].prefill_s),
+             "decode": ratio(ours[r.batch_size, r.prompt_len].decode_tokens_per_s, r.decode_tokens_per_s)}
+            for r in results if r.engine != "pdserve"]
 
 
 def run_with_peer(args: argparse.Namespace, cases: list[tuple[int, int]], kw: dict[str, Any]) -> int:
@@ -42,5 +51,5 @@ def run_with_peer(args: argparse.Namespace, cases: list[tuple[int, int]], kw: di
             json.dump({"device": ours["device"], "model": kw["model"], "dtype": ours["dtype"], "peer": args.peer,
                        "peer_version": theirs.get("version"), "workload_digest": ours["workload_digest"],
                        "startup_s": {"pdserve": ours["startup_s"], peer_label(args.peer): theirs["startup_s"]},
-                       **figures, "results": [asdict(r) for r in results]}, f, indent=2)
+                       **figures, "results": [asdict(r) for r in results], "ratios": _ratios(results)}, f, indent=2)
     return 0

@@ -176,9 +176,11 @@ def test_latency_self_check_measures_every_case_on_both_sides(tmp_path, tiny_mod
     assert code == 0
     prompts = case_prompts([(1, 8), (3, 16)], 512)
     assert [c["prompts"] for c in json.loads((logs / "workload.json").read_text())["cases"]] == prompts
-    rows = json.loads(out.read_text())["results"]
+    data = json.loads(out.read_text())
+    rows = data["results"]
     assert [(r["engine"], r["batch_size"], r["prompt_len"]) for r in rows] == [
         ("pdserve", 1, 8), ("pdserve", 3, 16), ("self-check", 1, 8), ("self-check", 3, 16)]
     assert all(r["prefill_s"] > 0 and r["total_s"] > 0 and r["prefill_mfu"] > 0 for r in rows)
+    assert data["ratios"][1]["prefill"] == pytest.approx(rows[3]["prefill_s"] / rows[1]["prefill_s"])
     printed = capsys.readouterr().out
     assert "pdserve / self-check at batch 3, 16 tokens: prefill" in printed
