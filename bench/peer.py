@@ -22,8 +22,8 @@ from pdserve.bench.peer_process import (PeerError, check_importable, peer_env, r
 PROCESS_PEERS = ("vllm", "pdserve")
 DEFAULT_TIMEOUT_S = 1800.0
 # Flags that only mean something with a process peer (their defaults are None / False, so "given" is visible).
-PROCESS_FLAGS = ("peer_python", "peer_pythonpath", "peer_log_dir")
-OFFLINE_FLAGS = (*PROCESS_FLAGS, "peer_timeout", "peer_engine_args")
+PROCESS_FLAGS = ("peer_python", "peer_pythonpath", "peer_log_dir", "peer_timeout")
+OFFLINE_FLAGS = (*PROCESS_FLAGS, "peer_engine_args")
 PEER_HELP = ("also run the same workload through a peer engine: hf (transformers, in this process), vllm (in a "
              "process of its own, as is pdserve then), or pdserve (a self-check of that two-process path)")
 
@@ -56,14 +56,14 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     g.add_argument("--peer-log-dir", default=None,
                    help="where each engine's log (and the shared workload) goes (default: a new temporary "
                         "directory, printed at the end)")
+    g.add_argument("--peer-timeout", type=float, default=None,
+                   help="seconds each engine may run before it is killed: offline its whole process, start-up "
+                        f"included; bench serve its trials after /health (default {DEFAULT_TIMEOUT_S:g})")
     return g
 
 
 def add_offline_arguments(parser: argparse.ArgumentParser) -> None:
     g = add_process_arguments(parser)
-    g.add_argument("--peer-timeout", type=float, default=None,
-                   help="seconds each engine's process may take, start-up included, before it is killed "
-                        f"(default {DEFAULT_TIMEOUT_S:g})")
     g.add_argument("--peer-engine-args", type=_json_object, default=None,
                    help="with --peer vllm: more keyword arguments for vllm.LLM, as a JSON object "
                         "(e.g. '{\"enforce_eager\": true}')")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.peer import PROCESS_FLAGS, add_process_arguments, log_dir, peer_label, ratio
+from pdserve.bench.peer import DEFAULT_TIMEOUT_S, PROCESS_FLAGS, add_process_arguments, log_dir, peer_label, ratio
 from pdserve.bench.peer_process import (PeerError, ServerProcess, check_importable, free_port, peer_env,
                                        terminate_as_exit)
 
@@ -146,8 +146,12 @@ def _bench_one(args: argparse.Namespace, srv: ServerProcess, label: str, name: s
     run_args.base_url, run_args.model = srv.base_url, name
     run_args.result_dir = os.path.join(args.result_dir, label)
     run_args.label = f"{args.label or args.dataset}-{label}"
+    timeout_s = args.peer_timeout or DEFAULT_TIMEOUT_S
     try:
-        result = asyncio.run(_main(run_args))
+        result = asyncio.run(asyncio.wait_for(_main(run_args), timeout_s))
+    except TimeoutError:
+        raise PeerError(f"the benchmark of {label} did not finish within {timeout_s:g} s (--peer-timeout); "
+                        f"{srv.tail()}") from None
     except (ValueError, OSError, RuntimeError, httpx.HTTPError) as exc:
         raise PeerError(f"benchmarking {label} failed: {exc}; {srv.tail()}") from None
     if srv.exited():

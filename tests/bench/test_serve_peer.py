@@ -191,3 +191,41 @@ def test_the_client_reads_vllm_s_streamed_responses(chat: bool) -> None:
     assert result.success and result.error == ""
     assert (result.prompt_tokens, result.output_tokens, len(result.itl)) == (12, 3, 2)
     assert sent[0]["ignore_eos"] is True and sent[0]["stream_options"] == {"include_usage": True}
+
+
+def _silent_server(port: int) -> list[str]:
+    """A process that accepts connections on ``port`` and never answers: a server hung mid-run."""
+    import sys
+
+    code = (f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(64); "
+            "print('listening', flush=True); time.sleep(120)")
+    return [sys.executable, "-c", code]
+
+
+def test_a_server_that_never_gets_healthy_is_killed_at_the_time_limit(tmp_path) -> None:
+    from pdserve.bench.peer_process import PeerError, ServerProcess, free_port, group_alive, peer_env
+
+    port = free_port()
+    with ServerProcess("vllm", _silent_server(port), peer_env(None, "vllm"), tmp_path / "log",
+                       f"http://127.0.0.1:{port}") as srv:
+        with pytest.raises(PeerError, match=r"vllm was not healthy within 2 s \(killed\); the end of vllm's log"):
+            srv.wait_healthy(2)
+    assert srv.proc is not None and not group_alive(srv.proc.pid)
+
+
+def test_a_server_that_hangs_mid_run_ends_the_benchmark_at_the_time_limit(tmp_path) -> None:
+    import time
+
+    from pdserve.bench.peer_process import PeerError, ServerProcess, free_port, peer_env
+    from pdserve.bench.serve_peer import _bench_one
+    from pdserve.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "serve", "--num-prompts", "2", "--warmup", "0", "--disable-tqdm",
+                                      "--result-dir", str(tmp_path / "res"), "--peer-timeout", "2"])
+    port = free_port()
+    with ServerProcess("vllm", _silent_server(port), peer_env(None, "vllm"), tmp_path / "log",
+                       f"http://127.0.0.1:{port}") as srv:
+        while "listening" not in (tmp_path / "log").read_text():
+            time.sleep(0.05)
+        with pytest.raises(PeerError, match=r"the benchmark of vllm did not finish within 2 s \(--peer-timeout\)"):
+            _bench_one(args, srv, "vllm", "bench")
