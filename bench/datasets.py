@@ -1,4 +1,5 @@
-"""Workloads for the serving benchmark: random lengths, a ShareGPT-format file, and multi-tenant shared prefixes.
+"""Workloads for the serving benchmark: random lengths, a ShareGPT-format file, multi-tenant shared prefixes, and
+long prompts mixed with chat-like requests.
 
 Prompts are text (so any OpenAI-compatible server can take them) built from a fixed list of common English words,
 which most tokenizers turn into about one token per word; the benchmark reports the exact token counts from the
@@ -61,6 +62,23 @@ def random_dataset(num: int, input_len: int, output_len: int, range_ratio: float
     rng = random.Random(seed)
     return [BenchRequest(random_words(rng, _around(rng, input_len, range_ratio)),
                          _around(rng, output_len, range_ratio)) for _ in range(num)]
+
+
+def mixed_dataset(num: int, long_fraction: float, long_input_len: int, long_output_len: int, chat_input_len: int,
+                  chat_output_len: int, range_ratio: float = 0.0, seed: int = 0) -> list[BenchRequest]:
+    """Long prompts with short outputs (summaries, retrieval) mixed with chat-like requests: each request is a long
+    one with probability ``long_fraction``; lengths vary by ± ``range_ratio`` around their means."""
+    if not 0 <= long_fraction <= 1:
+        raise ValueError("the share of long requests must be in [0, 1]")
+    if not 0 <= range_ratio < 1:
+        raise ValueError("random range ratio must be in [0, 1)")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        inp, outp = (long_input_len, long_output_len) if rng.random() < long_fraction else (chat_input_len,
+                                                                                             chat_output_len)
+        out.append(BenchRequest(random_words(rng, _around(rng, inp, range_ratio)), _around(rng, outp, range_ratio)))
+    return out
 
 
 def sharegpt_pairs(path: str, seed: int = 0) -> Iterator[tuple[str, str]]:

@@ -4,9 +4,13 @@
         --request-rate 2,4,8 --slo ttft_p99=0.5 --slo tpot_p99=0.05 --result-dir bench-results
     pdserve bench serve --dataset shared-prefix --num-tenants 8 --system-prompt-len 1000 --max-concurrency 16
     pdserve bench serve --sweep --slo ttft_p99=1.0 --slo tpot_p99=0.1   # highest rate that meets the SLOs
+    pdserve bench serve --peer vllm --serve-model llama-3.1-8b --dataset mixed --request-rate 2,4,8 \\
+        --slo ttft_p99=2 --slo itl_p99=0.1 --peer-pythonpath /tmp/vsite   # vllm serve, then pdserve serve
 
 Writes ``<result-dir>/serve.json`` (configuration, every run's summary, the sweep's answer), ``latency_cdf.png``
-and, with several rates or ``--sweep``, ``latency_vs_rate.png``.
+and, with several rates or ``--sweep``, ``latency_vs_rate.png``. With ``--peer`` (bench/serve_peer.py) the
+benchmark starts both servers itself, writes each one's files under ``<result-dir>/<engine>/`` and the side-by-side
+figures to ``<result-dir>/comparison.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import sys
 import time
 from dataclasses import asdict
 from typing import Any
+
+from pdserve.bench.serve_peer import add_arguments as add_peer_arguments
 
 
 def _rates(text: str) -> list[float]:
@@ -43,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="do not ask pdserve servers for each request's phase timeline (x-pdserve-timing); by "
                         "default the run reports where the time went, phase by phase")
     g = parser.add_argument_group("workload")
-    g.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix"], default="random")
+    g.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix", "mixed"], default="random",
+                   help="mixed: long prompts with short outputs (--mixed-*) among chat-like requests (--random-*)")
     g.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file (--dataset sharegpt)")
     g.add_argument("--num-prompts", type=int, default=100)
     g.add_argument("--random-input-len", type=int, default=128)
@@ -54,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--system-prompt-len", type=int, default=1000, help="words in each tenant's system prompt")
     g.add_argument("--question-len", type=int, default=32)
     g.add_argument("--shared-output-len", type=int, default=64)
+    g.add_argument("--mixed-long-fraction", type=float, default=0.2, help="share of long-prompt requests")
+    g.add_argument("--mixed-long-input-len", type=int, default=2000)
+    g.add_argument("--mixed-long-output-len", type=int, default=16)
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("load")
     g.add_argument("--request-rate", type=_rates, default=[math.inf],
@@ -70,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--label", default=None, help="name of this run in the JSON and the plots")
     g.add_argument("--save-detailed", action="store_true", help="also store every request's timings")
     g.add_argument("--disable-tqdm", action="store_true")
+    add_peer_arguments(parser)
 
 
 def build_dataset(args: argparse.Namespace) -> list[Any]:
@@ -78,6 +89,10 @@ def build_dataset(args: argparse.Namespace) -> list[Any]:
     if args.dataset == "random":
         return ds.random_dataset(args.num_prompts, args.random_input_len, args.random_output_len,
                                  args.random_range_ratio, args.seed)
+    if args.dataset == "mixed":
+        return ds.mixed_dataset(args.num_prompts, args.mixed_long_fraction, args.mixed_long_input_len,
+                                args.mixed_long_output_len, args.random_input_len, args.random_output_len,
+                                args.random_range_ratio, args.seed)
     if args.dataset == "sharegpt":
         if not args.dataset_path:
             raise ValueError("--dataset sharegpt needs --dataset-path")
@@ -199,6 +214,15 @@ def run(args: argparse.Namespace) -> int:
 
     import httpx
 
+    if args.peer != "none":
+        from pdserve.bench.serve_peer import run_with_peer
+
+        return run_with_peer(args)
+    from pdserve.bench.peer import refuse_unused_peer_flags
+    from pdserve.bench.serve_peer import SERVE_FLAGS, SERVE_PEERS
+
+    # Without --peer the benchmark loads the server at --base-url.
+    refuse_unused_peer_flags(args, SERVE_PEERS, SERVE_FLAGS)
     try:
         result = asyncio.run(_main(args))
     except (ValueError, OSError, RuntimeError, httpx.HTTPError) as exc:

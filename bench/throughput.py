@@ -6,6 +6,9 @@ It also reports the **decode roofline share** of the run: over the pure-decode s
 must read (all weights once per step, plus the K and V of every live context token) divided by their total
 time and by the device's copy bandwidth, measured in the same process right after the run. Steps that carry
 prefill chunks are left out (they are compute-bound); their share of the time is printed beside it.
+
+``--peer vllm`` runs the same requests through vLLM, pdserve and vLLM each in a process of their own
+(bench/peer.py); ``--peer pdserve`` is that path's self-check.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+from pdserve.bench.peer import PEER_HELP, PROCESS_PEERS, add_offline_arguments, refuse_unused_peer_flags
 from pdserve.bench.workload import BenchRequest, random_requests, sharegpt_requests
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
 
@@ -80,12 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", default="64", help="N or LO:HI (uniform)")
     parser.add_argument("--dataset", default=None, help="ShareGPT-format JSON file instead of random prompts")
     parser.add_argument("--bench-seed", type=int, default=0)
-    parser.add_argument("--peer", choices=["none", "hf"], default="none",
-                        help="also run the same workload through Hugging Face transformers")
+    parser.add_argument("--peer", choices=["none", "hf", *PROCESS_PEERS], default="none", help=PEER_HELP)
     parser.add_argument("--peer-batch-size", type=int, default=0,
                         help="hf peer on CPU: static batches of this size (0: all at once)")
     parser.add_argument("--json-out", default=None, help="write the results here as JSON")
     add_engine_arguments(parser)
+    add_offline_arguments(parser)
 
 
 def run_pdserve(llm, requests: list[BenchRequest]) -> tuple[ThroughputResult, list]:
@@ -120,6 +124,11 @@ def measure_roofline(llm, stats: list) -> DecodeRoofline:
 def run(args: argparse.Namespace) -> int:
     from pdserve.engine.llm import LLM
 
+    refuse_unused_peer_flags(args, PROCESS_PEERS)
+    if args.peer in PROCESS_PEERS:
+        from pdserve.bench.throughput_peer import run_with_peer
+
+        return run_with_peer(args)
     llm = LLM(**engine_kwargs(args))
     cfg = llm.config
     vocab = cfg.model.hf_config.vocab_size
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         del llm  # free the engine's memory before loading the peer
         free_device_memory(device)
         results.append(hf_throughput(cfg, requests, args.peer_batch_size))
-    print_table(results, device_name, cfg)
+    print_table(results, device_name, cfg.model.model, cfg.model.dtype)
     print_roofline(roof)
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -172,8 +181,8 @@ def print_roofline(r: DecodeRoofline) -> None:
           f"{r.decode_time_s / max(r.total_time_s, 1e-12):.0%} of step time; {r.total_steps} steps in all)")
 
 
-def print_table(results: list[ThroughputResult], device: str, cfg) -> None:
-    print(f"model={cfg.model.model} dtype={cfg.model.dtype} device={device} requests={results[0].num_requests} "
+def print_table(results: list[ThroughputResult], device: str, model: str, dtype: str) -> None:
+    print(f"model={model} dtype={dtype} device={device} requests={results[0].num_requests} "
           f"input_tokens={results[0].input_tokens} output_tokens={results[0].output_tokens}")
     print(f"{'engine':<10} {'elapsed s':>10} {'req/s':>8} {'in tok/s':>10} {'out tok/s':>10}")
     for r in results:
