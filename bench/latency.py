@@ -224,6 +224,10 @@ def _run_speculative(args: argparse.Namespace, llm, rng: random.Random) -> int:
     acceptances = [float(a) for a in args.oracle_acceptance.split(",") if a.strip()]
     results = run_sweep(llm, prompts, args.output_len, args.iters, acceptances)
     print(f"model={llm.config.model.model} device={llm.engine.core.runner.device}")
+    graphs = getattr(llm.engine.core.runner, "verify_graph_runner", None)
+    print("verify CUDA graphs: " + (f"batch {','.join(map(str, graphs.sizes))} x {graphs.q} tokens, "
+                                    f"{graphs.pool_bytes / 2**20:.0f} MiB more reserved at capture"
+                                    if graphs is not None else "none (verify steps run eagerly)"))
     print_results(results, args.batch_size, llm.config.speculative.num_speculative_tokens)
     if args.json_out:
         with open(args.json_out, "w") as f:
