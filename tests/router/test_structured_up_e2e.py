@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
 import urllib.request
 
 import jsonschema
 import pytest
 
-from tests.router.test_up_e2e import ENGINE_FLAGS, LAUNCH, MODEL, free_port, wait_http
+from tests.helpers.pdserve_up import ENGINE_FLAGS, MODEL, PdserveProcess, free_port, running_pdserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 openai = pytest.importorskip("openai")
@@ -33,22 +30,10 @@ REGEX = r"(even|odd) number [0-9]{1,2}"
 @pytest.fixture(scope="module", params=["shared-fs", "grpc", "redis"])
 def up_url(request, tmp_path_factory):
     work = tmp_path_factory.mktemp(f"up-{request.param}")
-    port = free_port()
-    log = open(work / "up.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "up", "--port", str(port), "--kv-connector",
-                             request.param, "--engine-args", ENGINE_FLAGS], cwd=work, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    up = PdserveProcess(["up", "--port", str(free_port()), "--kv-connector", request.param, "--engine-args",
+                         ENGINE_FLAGS], work, "up.log")
+    with running_pdserve(up):
+        yield f"{up.url}/v1"
 
 
 def remote_prefills(url: str) -> float:

@@ -12,14 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.router.test_up_e2e import ENGINE_FLAGS, LAUNCH, MODEL, free_port, wait_http
+from tests.helpers.pdserve_up import ENGINE_FLAGS, MODEL, PdserveProcess, free_port, running_pdserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 httpx = pytest.importorskip("httpx")
@@ -31,32 +28,12 @@ AFTER_PHASES = ["router_to_decode", "decode_queue", "decode_kv_load", "decode_co
                 "decode_to_router", "decode_stream"]
 
 
-def start_up(work, connector: str, env: dict[str, str]) -> tuple[subprocess.Popen, str, object]:
-    port = free_port()
+def start_up(work, connector: str, env: dict[str, str]) -> PdserveProcess:
+    """``pdserve up`` with ``connector``, the router sending every request to the prefill pod."""
     routing = work / "always.json"
     routing.write_text(json.dumps({"pd_decider": {"type": "always"}}))
-    log = open(work / f"up-{connector}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-P", "-c", LAUNCH, "up", "--port", str(port), "--kv-connector",
-                             connector, "--routing-config", str(routing), "--engine-args", ENGINE_FLAGS],
-                            cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/health", proc)
-    except BaseException:
-        stop(proc, log)
-        print((work / f"up-{connector}.log").read_text(errors="replace")[-6000:])
-        raise
-    return proc, url, log
-
-
-def stop(proc: subprocess.Popen, log) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    return PdserveProcess(["up", "--port", str(free_port()), "--kv-connector", connector, "--routing-config",
+                           str(routing), "--engine-args", ENGINE_FLAGS], work, f"up-{connector}.log", env=env)
 
 
 def timed_request(client, url: str, prompt: str) -> tuple[float, dict]:
@@ -110,9 +87,10 @@ def phase_means(before: dict[str, float], after: dict[str, float], connector: st
 def serve_and_check(work, connector: str, env: dict[str, str]) -> tuple[dict[str, float], list[float]]:
     """Run ``pdserve up`` with ``connector``, check every request's timeline against its client TTFT and the
     histograms; returns the dashboard's per-phase means of the run and each request's decode KV load seconds."""
-    proc, url, log = start_up(work, connector, env)
+    up = start_up(work, connector, env)
+    url = up.url
     loads = []
-    try:
+    with running_pdserve(up):
         with httpx.Client(timeout=120) as client:
             timed_request(client, url, "Warm-up: the sky is")  # warms the connection and the pods
             before = scrape(client, url)
@@ -131,8 +109,6 @@ def serve_and_check(work, connector: str, env: dict[str, str]) -> tuple[dict[str
                 assert {p["pod"] for p in timing["phases"] if p["role"] == "prefill"} == {"prefill-0"}
                 loads.append(load["seconds"])
             after = scrape(client, url)
-    finally:
-        stop(proc, log)
     key = f"pdserve:request_kv_load_seconds_count|decode|{connector}|"
     assert after[key] - before.get(key, 0) == len(PROMPTS)
     ttft_key = f"pdserve:request_timeline_ttft_seconds_count||{connector}|"

@@ -10,74 +10,32 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
+
+from tests.helpers.pdserve_up import ENGINE_FLAGS, MODEL, PdserveProcess, free_port, running_pdserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 openai = pytest.importorskip("openai")
 
-LAUNCH = "import sys; from pdserve.cli.main import main; sys.exit(main(sys.argv[1:]))"
-MODEL = "smollm2-135m-instruct"
-ENGINE_FLAGS = "--device cpu --max-model-len 1024 --cpu-kv-cache-gib 0.25 --max-num-seqs 8"
 PROMPTS = ["The capital of France is", "List three prime numbers:", "def fibonacci(n):"]
 CHAT = [{"role": "user", "content": "Name three colours."}]
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 400.0) -> None:
-    import urllib.request
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"process exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} not healthy in time")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     work = tmp_path_factory.mktemp("up")
     up_port, mono_port, decode_metrics = free_port(), free_port(), free_port()
-    up_log, mono_log = open(work / "up.log", "wb"), open(work / "serve.log", "wb")
     decode_args = f"--speculative-config '{json.dumps(SPEC)}' --metrics-port {decode_metrics}"
-    up = subprocess.Popen([sys.executable, "-c", LAUNCH, "up", "--port", str(up_port), "--engine-args", ENGINE_FLAGS,
-                           "--decode-args", decode_args], cwd=work, stdout=up_log, stderr=subprocess.STDOUT)
+    up = PdserveProcess(["up", "--port", str(up_port), "--engine-args", ENGINE_FLAGS, "--decode-args", decode_args],
+                        work, "up.log")
     # The reference server holds the tests' cluster secret, so it takes calls with a token or its API key (given in
     # the environment, as PDSERVE_API_KEY): the key the client below sends.
-    mono = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", "--model", MODEL, "--port", str(mono_port),
-                             *ENGINE_FLAGS.split()], cwd=work, stdout=mono_log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PDSERVE_API_KEY": "unused"})
-    try:
-        wait_http(f"http://127.0.0.1:{mono_port}/health", mono)
-        wait_http(f"http://127.0.0.1:{up_port}/health", up)
-        yield f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{mono_port}/v1", up, work, decode_metrics
-    finally:
-        for proc in (up, mono):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in (up, mono):
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        up_log.close()
-        mono_log.close()
+    mono = PdserveProcess(["serve", "--model", MODEL, "--port", str(mono_port), *ENGINE_FLAGS.split()], work,
+                          "serve.log", env={**os.environ, "PDSERVE_API_KEY": "unused"})
+    with running_pdserve(mono, up):
+        yield f"{up.url}/v1", f"{mono.url}/v1", up.proc, work, decode_metrics
 
 
 def answers(base_url: str) -> list[str]:

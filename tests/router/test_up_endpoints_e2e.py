@@ -6,15 +6,12 @@ chat endpoint does; ``/reset_prefix_cache`` reaches every pod; ``/v1/models/{id}
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 import urllib.request
 
 import httpx
 import pytest
 
-from tests.router.test_up_e2e import ENGINE_FLAGS, LAUNCH, MODEL, free_port, wait_http
+from tests.helpers.pdserve_up import ENGINE_FLAGS, MODEL, PdserveProcess, free_port, running_pdserve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 openai = pytest.importorskip("openai")
@@ -35,20 +32,9 @@ REMOTE = 'pdserve:router_pd_decisions_total{decision="remote-prefill",reason="re
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     work = tmp_path_factory.mktemp("up-endpoints")
-    port = free_port()
-    log = open(work / "up.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "up", "--port", str(port), "--engine-args", ENGINE_FLAGS],
-                            cwd=work, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    up = PdserveProcess(["up", "--port", str(free_port()), "--engine-args", ENGINE_FLAGS], work, "up.log")
+    with running_pdserve(up):
+        yield up.url
 
 
 def remote_prefills(url: str) -> float:
