@@ -65,21 +65,17 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     # Long prompts are split into chunks that fit the budget; when False a prompt must fit in one step.
     enable_chunked_prefill: bool = True
-    # Schedule and launch step N+1 while the device runs step N (docs/engine.md). "auto": on for CUDA without a
-    # KV connector; True forces it (it also works on CPU, where there is nothing to overlap).
+    # Schedule and launch step N+1 while the device runs step N (docs/engine.md). "auto": on for CUDA, with or
+    # without a KV connector; True forces it (it also works on CPU, where there is nothing to overlap).
     async_scheduling: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.async_scheduling not in (True, False, "auto"):
             raise ValueError(f"async_scheduling must be True, False or 'auto', got {self.async_scheduling!r}")
 
-    def use_async_scheduling(self, device_type: str, has_kv_connector: bool) -> bool:
-        """Resolve ``async_scheduling`` for the device the model runs on. A KV connector's scheduler half
-        follows every step's outcome before the next is scheduled, so the two never go together."""
-        if has_kv_connector:
-            if self.async_scheduling is True:
-                raise ValueError("async_scheduling cannot be used with a KV connector")
-            return False
+    def use_async_scheduling(self, device_type: str) -> bool:
+        """Resolve ``async_scheduling`` for the device the model runs on (a KV connector's scheduler half
+        follows the steps one behind, as sampling does, so it makes no difference here)."""
         if self.async_scheduling == "auto":
             return device_type == "cuda"
         return bool(self.async_scheduling)
@@ -178,8 +174,6 @@ class EngineConfig:
         model_cfg = ModelConfig(model=model, max_model_len=max_model_len, path=resolved.path,
                                 tokenizer_path=resolved.tokenizer_path, hf_config=resolved.hf_config, **model_kw)
         sched_kw = groups[SchedulerConfig]
-        if groups[KVTransferConfig].get("connector"):  # fail here, not after loading the model
-            SchedulerConfig(**sched_kw).use_async_scheduling("", has_kv_connector=True)
         if parallel.world_size > 1:
             _check_parallel_fits(parallel, resolved.hf_config, groups)
         if not sched_kw.get("enable_chunked_prefill", True):

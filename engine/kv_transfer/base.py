@@ -418,7 +418,10 @@ class KVConnectorWorker(ABC):
         self._meta = meta if meta is not None else KVConnectorMetadata()
 
     def start_load_kv(self) -> None:
-        """Begin the loads of this step's metadata (asynchronously)."""
+        """Begin the loads of this step's metadata (asynchronously). Called from the engine's thread; with
+        asynchronous scheduling a step launched earlier may still be running and writing into blocks that were
+        freed since and now belong to a load, so a worker orders its writes into the cache after the device work
+        queued so far (``kv_layout.device_fence``)."""
 
     def wait_for_layer_load(self, layer_idx: int) -> None:
         """Block until layer ``layer_idx`` of any load this forward pass depends on is in place."""

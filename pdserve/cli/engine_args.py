@@ -32,8 +32,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the next step while the GPU runs this one (default: on for CUDA without a KV "
-                        "connector)")
+                   help="schedule the next step while the GPU runs this one (default: on for CUDA, prefill and "
+                        "decode pods included)")
     g.add_argument("--speculative-config", default=None, type=_speculative_config,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         "(methods: ngram, draft_model, oracle; see docs/speculative-decoding.md); refused on "

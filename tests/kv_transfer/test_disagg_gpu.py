@@ -1,7 +1,8 @@
 """On a GPU (CUDA graphs on): prefill -> connector -> decode equals the monolithic engine, for every connector.
 
 Decode steps replay CUDA graphs, which run no per-layer hooks: this checks that the connector path and the graph
-path agree (and that the device-to-host staging and host-to-device loads are right).
+path agree (and that the device-to-host staging and host-to-device loads are right). The pods run with
+asynchronous scheduling (``auto``: on for CUDA) and synchronously.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def base(tmp_path_factory):
                                max_num_batched_tokens=512, gpu_memory_utilization=0.3)
 
 
+@pytest.mark.parametrize("async_scheduling", ["auto", False])
 @pytest.mark.parametrize("connector", ["shared-fs", "redis", "grpc"])
-def test_disaggregated_equals_monolithic_on_gpu(connector, base, tmp_path, request):
+def test_disaggregated_equals_monolithic_on_gpu(connector, async_scheduling, base, tmp_path, request):
     # Only the redis case needs a server; GPU machines may have none installed (CI's CPU tests always run Redis).
     if connector == "redis" and shutil.which("redis-server") is None:
         pytest.skip("no redis-server on this GPU machine")
@@ -46,9 +48,10 @@ def test_disaggregated_equals_monolithic_on_gpu(connector, base, tmp_path, reque
     if redis_url:
         opts["redis_url"] = redis_url
     opts = tuple(sorted(opts.items()))
-    p, d = (LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig(role, connector, opts,
-                                                                             cluster_secret=SECRET)))
-            for role in ("prefill", "decode"))
+    sched = dataclasses.replace(base.scheduler, async_scheduling=async_scheduling)
+    p, d = (LLMEngine(dataclasses.replace(base, scheduler=sched, kv_transfer=KVTransferConfig(
+        role, connector, opts, cluster_secret=SECRET))) for role in ("prefill", "decode"))
+    assert p.core.async_scheduling == d.core.async_scheduling == (async_scheduling == "auto")
     for rid, prompt in zip(ids, prompts):
         p.add_request(prompt, greedy(1), request_id=rid)
     firsts = run_all(p, ids)
@@ -95,6 +98,7 @@ def test_grpc_over_cuda_ipc_between_two_processes_equals_monolithic(base):
         firsts = parent.recv()
         decode_kvt = KVTransferConfig("decode", "grpc", opts, cluster_secret=SECRET)
         d = LLMEngine(dataclasses.replace(base, kv_transfer=decode_kvt))
+        assert d.core.async_scheduling  # "auto" on CUDA, with a connector too
         for rid, prompt in zip(ids, prompts):
             t0, params = firsts[rid]
             d.add_request(prompt + t0, greedy(7), request_id=rid, kv_transfer_params=params)
