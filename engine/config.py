@@ -114,6 +114,16 @@ class DeviceConfig:
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # no CUDA graphs
+    # Decode batch sizes to capture CUDA graphs for (a larger batch is padded up to the next one; one above the
+    # largest runs eagerly). None: the default ladder up to max_num_seqs (engine/worker/cuda_graphs.py).
+    cuda_graph_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cuda_graph_sizes is not None:
+            sizes = tuple(self.cuda_graph_sizes)
+            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 512 for s in sizes):
+                raise ValueError(f"cuda_graph_sizes must be batch sizes from 1 to 512, got {self.cuda_graph_sizes!r}")
+            object.__setattr__(self, "cuda_graph_sizes", tuple(sorted(set(sizes))))
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,11 @@ class EngineConfig:
             _check_parallel_fits(parallel, resolved.hf_config, groups)
         if not sched_kw.get("enable_chunked_prefill", True):
             sched_kw.setdefault("max_num_batched_tokens", max(max_model_len, 2048))
+        graph_sizes = groups[DeviceConfig].get("cuda_graph_sizes")
+        max_num_seqs = sched_kw.get("max_num_seqs", SchedulerConfig.max_num_seqs)
+        if graph_sizes is not None and min(graph_sizes) > max_num_seqs:
+            raise ValueError(f"cuda_graph_sizes {list(graph_sizes)}: none is at most max_num_seqs {max_num_seqs}, "
+                             f"so no graph could ever run")
         return cls(model=model_cfg, cache=CacheConfig(**groups[CacheConfig]),
                    scheduler=SchedulerConfig(**sched_kw), parallel=parallel,
                    device=DeviceConfig(**groups[DeviceConfig]),
