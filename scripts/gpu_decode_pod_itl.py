@@ -139,8 +139,10 @@ def _decode_pod(conn: Any, kw: dict, secret: str, connector: str, options: dict,
 
 
 def _in_process(target: Any, *args: Any) -> tuple[Any, Any, Any]:
-    """Start ``target(conn, *args)`` in a fresh process; (process, parent end of its pipe, its result receiver)."""
-    ctx = mp.get_context("spawn")
+    """Start ``target(conn, *args)`` in a child process; (process, parent end of its pipe, its result receiver).
+
+    Forked: the parent imported the engine (not CUDA, which it never initializes), so children skip that."""
+    ctx = mp.get_context("fork")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=target, args=(child, *args), daemon=True)
     proc.start()
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.engine.security import ClusterSecret, load_cluster_secret
 
     args = parse_args(argv)
+    import pdserve.engine.engine_core  # noqa: F401  (imported once, before the children fork)
     kw = engine_kwargs(args)
     kw["max_num_seqs"] = max(kw["max_num_seqs"], args.batch)
     hf_config = resolve_model(kw["model"], kw["load_format"]).hf_config
