@@ -6,13 +6,14 @@ in flight, and the ordering of a finished prefill's handover. Every block ends f
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 
 from disagg_helpers import (MAX_TOKENS, connector_stats, disagg, engine, greedy, monolithic, options_for,
-                            prefill_all, prompts_of, settle)
+                            prefill_all, prompts_of, run_all, settle)
 from tests.helpers.tiny_models import make_tiny_model
 
 ASYNC = pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
@@ -138,4 +139,45 @@ def test_a_finished_prefill_is_handed_over_only_after_its_step_is_applied(model,
     _step_until(d, lambda: any(o.finished for o in rest.get("x", [])), rest)
     assert out.outputs[0].token_ids + rest["x"][-1].outputs[0].token_ids == monolithic(model, PROMPTS[:1])[0]
     assert d.core.num_computed_tokens_total == MAX_TOKENS - 1  # nothing of the prompt was computed
+    settle(p, d)
+
+
+def test_a_constrained_request_keeps_the_decode_pod_synchronous(tmp_path, redis_url):
+    """Structured output forces synchronous steps (the bitmask follows every token) on an asynchronous decode pod
+    too, while an unconstrained request decodes beside it; both give the monolithic engine's tokens."""
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.structured_output.params import StructuredOutputsParams
+
+    model, regex = "smollm2-135m-instruct", r"[A-Z][a-z]{2,6}"
+    opts = options_for("grpc", tmp_path, redis_url)
+    p = engine(model, "prefill", "grpc", asynchronous=True, **opts)
+    d = engine(model, "decode", "grpc", asynchronous=True, **opts)
+    prompts = [p.tokenizer(t).input_ids for t in ("Name a large city in Europe:", "The capital of France is")]
+
+    def params(n, prefix=None):
+        constraint = None if prefix is None else StructuredOutputsParams(regex=regex, num_prefix_tokens=prefix)
+        return SamplingParams(max_tokens=n, temperature=0.0, structured_outputs=constraint)
+
+    mono = engine(model)
+    for rid, prompt, prefix in (("c", prompts[0], 0), ("u", prompts[1], None)):
+        mono.add_request(prompt, params(8, prefix), request_id=rid)
+    want = {rid: out.outputs[0].token_ids for rid, out in run_all(mono, ["c", "u"]).items()}
+    for rid, prompt, prefix in (("c", prompts[0], 0), ("u", prompts[1], None)):
+        p.add_request(prompt, params(1, prefix), request_id=rid)
+    firsts = run_all(p, ["c", "u"])
+    p.step()  # the grpc worker registers the finished transfers
+    for rid, prompt, prefix in (("c", prompts[0], 1), ("u", prompts[1], None)):
+        first = firsts[rid]
+        d.add_request(prompt + first.outputs[0].token_ids, params(7, prefix), request_id=rid,
+                      kv_transfer_params=first.kv_transfer_params)
+    outs: dict = {}
+    while len([o for v in outs.values() for o in v if o.finished]) < 2:
+        constrained_running = d.core.scheduler.get_request("c") is not None
+        for out in d.step():
+            outs.setdefault(out.request_id, []).append(out)
+        if constrained_running:
+            assert d.core._in_flight is None  # the step ran synchronously
+    got = {rid: firsts[rid].outputs[0].token_ids + v[-1].outputs[0].token_ids for rid, v in outs.items()}
+    assert got == want
+    assert re.fullmatch(regex, p.tokenizer.decode(got["c"], skip_special_tokens=True).strip())
     settle(p, d)
