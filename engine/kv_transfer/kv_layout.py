@@ -155,8 +155,8 @@ def device_fence(kv_caches: Sequence[torch.Tensor]) -> Any:
     return event
 
 
-def wait_fence(fence: Any, stream: Any = None) -> None:
-    """Order the work queued next on ``stream`` (default: the calling thread's current stream) after ``fence``
-    (see :func:`device_fence`); no-op for None. The host does not wait."""
+def wait_fence(fence: Any, kv_caches: Sequence[torch.Tensor]) -> None:
+    """Order the copies the calling thread queues next into ``kv_caches`` (on its current stream of the cache's
+    device) after ``fence`` (see :func:`device_fence`); no-op for None. The host does not wait."""
     if fence is not None:
-        (stream if stream is not None else torch.cuda.current_stream(fence.device)).wait_event(fence)
+        torch.cuda.current_stream(kv_caches[0].device).wait_event(fence)

@@ -124,3 +124,26 @@ def test_kv_transfer_bench_ipc_moves_exact_bytes():
     rows = bench_connector("grpc", {"kv_transport": "ipc", "kv_load_timeout_s": 30.0}, "smollm2-135m",
                            "bfloat16", 16, "cuda", [100, 300], 1)
     assert [r["prompt_len"] for r in rows] == [100, 300] and all(r["load_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("after_fence", [True, False])
+def test_a_load_is_ordered_after_the_step_in_flight(after_fence):
+    """Asynchronous scheduling: a step still running may write into a block freed meanwhile, which a load now
+    fills on its copy stream (CUDA IPC path). Waiting on the fence taken when the load started orders the copy
+    after that step; without it the step's late write (here after a 50 ms spin) lands on top of the loaded KV."""
+    import torch
+
+    from pdserve.engine.kv_transfer import kv_layout
+    from pdserve.engine.kv_transfer.grpc import cuda_ipc
+
+    shape = (2, 4, 16, 2, 8)
+    peer = [torch.full(shape, 7.0, device="cuda")]
+    ours = [torch.zeros(shape, device="cuda")]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # the step in flight (~50 ms of GPU cycles) ...
+    ours[0][:, 1].fill_(-1.0)  # ... and its late write into block 1
+    fence = kv_layout.device_fence(ours)
+    cuda_ipc.copy_blocks(peer, [2], ours, [1], torch.cuda.Stream(), after=fence if after_fence else None)
+    torch.cuda.synchronize()
+    loaded = bool((ours[0][:, 1] == 7.0).all())
+    assert loaded == after_fence

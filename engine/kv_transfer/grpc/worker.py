@@ -197,7 +197,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
         def flush() -> None:
             nonlocal written
             if batch:
-                kv_layout.wait_fence(fence)
+                kv_layout.wait_fence(fence, self.kv_caches)
                 kv_layout.write_blocks(self.kv_caches, [r.block_id for r, _ in batch], [p for _, p in batch])
                 written += len(batch)
                 batch.clear()

@@ -98,7 +98,7 @@ class StoreConnectorWorker(KVConnectorWorker):
         try:
             # The blocks before a bad one are valid: copy them in, the failure says they count.
             if ids:
-                kv_layout.wait_fence(fence)
+                kv_layout.wait_fence(fence, self.kv_caches)
                 kv_layout.write_blocks(self.kv_caches, ids, payloads)
                 kv_layout.synchronize(self.kv_caches)
         except Exception as exc:  # a bug or a device error: still report, never leave the request waiting
