@@ -42,12 +42,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
     g.add_argument("--model", default=None, help="model name to send (default: the first one the server lists)")
     g.add_argument("--api-key", default=None)
+    add_request_arguments(g)
+    add_workload_arguments(parser)
+    g = add_load_arguments(parser)
+    g.add_argument("--sweep", action="store_true", help="bisect the highest request rate that meets the SLOs")
+    g.add_argument("--sweep-max-rate", type=float, default=256.0)
+    g.add_argument("--sweep-iterations", type=int, default=4, help="bisection steps after bracketing")
+    g = parser.add_argument_group("output")
+    g.add_argument("--result-dir", default="bench-results")
+    g.add_argument("--label", default=None, help="name of this run in the JSON and the plots")
+    g.add_argument("--save-detailed", action="store_true", help="also store every request's timings")
+    g.add_argument("--disable-tqdm", action="store_true")
+    add_peer_arguments(parser)
+
+
+def add_request_arguments(g: Any) -> None:
+    """How each request is sent (shared with ``pdserve bench tune``)."""
     g.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     g.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens (vLLM/pdserve extension)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--no-timing", dest="timing", action="store_false",
                    help="do not ask pdserve servers for each request's phase timeline (x-pdserve-timing); by "
                         "default the run reports where the time went, phase by phase")
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The requests of a run (shared with ``pdserve bench tune``); see :func:`build_dataset`."""
     g = parser.add_argument_group("workload")
     g.add_argument("--dataset", choices=["random", "sharegpt", "shared-prefix", "mixed"], default="random",
                    help="mixed: long prompts with short outputs (--mixed-*) among chat-like requests (--random-*)")
@@ -65,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-long-input-len", type=int, default=2000)
     g.add_argument("--mixed-long-output-len", type=int, default=16)
     g.add_argument("--seed", type=int, default=0)
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> Any:
+    """Arrivals, warm-up and SLOs (shared with ``pdserve bench tune``); returns the group for more flags."""
     g = parser.add_argument_group("load")
     g.add_argument("--request-rate", type=_rates, default=[math.inf],
                    help="requests/s, or a comma list for several runs; inf sends all at once (default)")
@@ -72,15 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     g.add_argument("--warmup", type=int, default=1, help="requests sent (and not measured) before each run")
     g.add_argument("--slo", action="append", default=[], help="e.g. ttft_p99=0.5 (repeatable)")
-    g.add_argument("--sweep", action="store_true", help="bisect the highest request rate that meets the SLOs")
-    g.add_argument("--sweep-max-rate", type=float, default=256.0)
-    g.add_argument("--sweep-iterations", type=int, default=4, help="bisection steps after bracketing")
-    g = parser.add_argument_group("output")
-    g.add_argument("--result-dir", default="bench-results")
-    g.add_argument("--label", default=None, help="name of this run in the JSON and the plots")
-    g.add_argument("--save-detailed", action="store_true", help="also store every request's timings")
-    g.add_argument("--disable-tqdm", action="store_true")
-    add_peer_arguments(parser)
+    return g
 
 
 def build_dataset(args: argparse.Namespace) -> list[Any]:

@@ -65,21 +65,17 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     # Long prompts are split into chunks that fit the budget; when False a prompt must fit in one step.
     enable_chunked_prefill: bool = True
-    # Schedule and launch step N+1 while the device runs step N (docs/engine.md). "auto": on for CUDA without a
-    # KV connector; True forces it (it also works on CPU, where there is nothing to overlap).
+    # Schedule and launch step N+1 while the device runs step N (docs/engine.md). "auto": on for CUDA, with or
+    # without a KV connector; True forces it (it also works on CPU, where there is nothing to overlap).
     async_scheduling: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.async_scheduling not in (True, False, "auto"):
             raise ValueError(f"async_scheduling must be True, False or 'auto', got {self.async_scheduling!r}")
 
-    def use_async_scheduling(self, device_type: str, has_kv_connector: bool) -> bool:
-        """Resolve ``async_scheduling`` for the device the model runs on. A KV connector's scheduler half
-        follows every step's outcome before the next is scheduled, so the two never go together."""
-        if has_kv_connector:
-            if self.async_scheduling is True:
-                raise ValueError("async_scheduling cannot be used with a KV connector")
-            return False
+    def use_async_scheduling(self, device_type: str) -> bool:
+        """Resolve ``async_scheduling`` for the device the model runs on (a KV connector's scheduler half
+        follows the steps one behind, as sampling does, so it makes no difference here)."""
         if self.async_scheduling == "auto":
             return device_type == "cuda"
         return bool(self.async_scheduling)
@@ -118,6 +114,16 @@ class DeviceConfig:
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # no CUDA graphs
+    # Decode batch sizes to capture CUDA graphs for (a larger batch is padded up to the next one; one above the
+    # largest runs eagerly). None: the default ladder up to max_num_seqs (engine/worker/cuda_graphs.py).
+    cuda_graph_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cuda_graph_sizes is not None:
+            sizes = tuple(self.cuda_graph_sizes)
+            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 512 for s in sizes):
+                raise ValueError(f"cuda_graph_sizes must be batch sizes from 1 to 512, got {self.cuda_graph_sizes!r}")
+            object.__setattr__(self, "cuda_graph_sizes", tuple(sorted(set(sizes))))
 
 
 @dataclass(frozen=True)
@@ -178,12 +184,15 @@ class EngineConfig:
         model_cfg = ModelConfig(model=model, max_model_len=max_model_len, path=resolved.path,
                                 tokenizer_path=resolved.tokenizer_path, hf_config=resolved.hf_config, **model_kw)
         sched_kw = groups[SchedulerConfig]
-        if groups[KVTransferConfig].get("connector"):  # fail here, not after loading the model
-            SchedulerConfig(**sched_kw).use_async_scheduling("", has_kv_connector=True)
         if parallel.world_size > 1:
             _check_parallel_fits(parallel, resolved.hf_config, groups)
         if not sched_kw.get("enable_chunked_prefill", True):
             sched_kw.setdefault("max_num_batched_tokens", max(max_model_len, 2048))
+        graph_sizes = groups[DeviceConfig].get("cuda_graph_sizes")
+        max_num_seqs = sched_kw.get("max_num_seqs", SchedulerConfig.max_num_seqs)
+        if graph_sizes is not None and min(graph_sizes) > max_num_seqs:
+            raise ValueError(f"cuda_graph_sizes {list(graph_sizes)}: none is at most max_num_seqs {max_num_seqs}, "
+                             f"so no graph could ever run")
         return cls(model=model_cfg, cache=CacheConfig(**groups[CacheConfig]),
                    scheduler=SchedulerConfig(**sched_kw), parallel=parallel,
                    device=DeviceConfig(**groups[DeviceConfig]),

@@ -111,7 +111,7 @@ class EngineCore:
             kv_scheduler_half, self.kv_connector = build_connector(config, self.runner.kv_caches)
             self.runner.attach_kv_connector(self.kv_connector)
         device_type = getattr(self.runner.device, "type", str(self.runner.device))
-        self.async_scheduling = sched.use_async_scheduling(device_type, self.kv_connector is not None)
+        self.async_scheduling = sched.use_async_scheduling(device_type)
         # Speculative decoding (engine/spec_decode). A step with drafts runs synchronously (its drafts follow from
         # the tokens the step before emitted): see _needs_sync_step.
         self.spec = _spec_decoder(config, self.vocab_size, self.runner)
@@ -245,7 +245,11 @@ class EngineCore:
         self.scheduler.allow_drafts = False  # launched without waiting: verification needs a synchronous step
         sched_out = self.scheduler.schedule()
         launched = None
-        if not sched_out.is_empty:
+        if sched_out.is_empty:
+            self._start_transfers(sched_out)
+            if self._in_flight is None:  # nothing runs: wait a little for transfers or grammars instead of spinning
+                return self._idle() + self._drain_finished_without_step()
+        else:
             try:
                 launched = self._launch(sched_out, start)
             except Exception as exc:
@@ -260,14 +264,8 @@ class EngineCore:
         self.scheduler.allow_drafts = True
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
-            if self.kv_connector is not None and sched_out.kv_connector_metadata is not None:
-                # No forward pass this step, but loads may have been queued: start them now.
-                self.kv_connector.bind_connector_metadata(sched_out.kv_connector_metadata)
-                self.kv_connector.start_load_kv()
-            self._poll_kv_transfers(idle=True)
-            if self.structured is not None:
-                self.structured.wait_for_compiles(timeout=0.01)  # nothing to run but grammars compiling: no spin
-            return self._drain_finished_without_step()
+            self._start_transfers(sched_out)
+            return self._idle() + self._drain_finished_without_step()
         try:
             logits = self._execute(sched_out)
         except Exception as exc:
@@ -294,6 +292,24 @@ class EngineCore:
         failed = self._fail_rows(sample_ids, {**result.errors, **mask_errors})
         return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens)
                 + self._drain_finished_without_step())
+
+    def _start_transfers(self, sched_out: SchedulerOutput) -> None:
+        """A step without a forward pass still carries the connector's instructions (loads queued at admission,
+        releases, finished prefills to serve): hand them to the worker half now, or they would be lost. Loads
+        started here (like those of a launched step) are ordered after every step already launched, which may
+        still write into blocks freed since (see :meth:`KVConnectorWorker.start_load_kv`)."""
+        if self.kv_connector is not None and sched_out.kv_connector_metadata is not None:
+            self.kv_connector.bind_connector_metadata(sched_out.kv_connector_metadata)
+            self.kv_connector.start_load_kv()
+
+    def _idle(self) -> list[EngineCoreOutput]:
+        """Nothing to run and no step in flight: pick up finished transfers, waiting briefly for them (or for
+        grammars still compiling) rather than spinning; returns the outputs of requests failed meanwhile."""
+        self._poll_kv_transfers(idle=True)
+        if self.structured is not None:
+            self.structured.wait_for_compiles(timeout=0.01)
+        failed, self._failed_outputs = self._failed_outputs, []
+        return failed
 
     def _launch(self, sched_out: SchedulerOutput, start: float) -> _InFlight:
         """Queue a step's forward pass and sampling on the device; nothing here waits for it. Placeholder

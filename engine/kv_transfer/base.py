@@ -18,6 +18,14 @@ fills them (other requests keep running), and ``get_finished`` reports it loaded
 ``load_failure_policy`` decides: ``recompute`` the missing tokens locally, or ``fail`` the request). A producer may
 ask to keep a finished request's blocks (``request_finished`` returns ``hold=True``) until its saves are written
 or its peer acknowledges a pull, under a lease; ``take_released`` hands them back to the scheduler.
+
+With asynchronous scheduling the scheduler half works one step behind, as sampling does: ``build_connector_meta``
+of step N+1 comes before the update of step N, which is when requests finish (``request_finished``) and the
+worker's results are applied (``update_connector_output``), after the host waited for step N. So a prefill's
+handle and blocks are handed over only once the step that computed them is done; saves are counted when their
+step is scheduled, so a request aborted while that step runs stays held until they are written; loads are
+ordered after the steps already launched (see :meth:`KVConnectorWorker.start_load_kv`). The built-in connectors
+never look a request up again once its load ended (preempted, it recomputes: the transfer is spent).
 """
 
 from __future__ import annotations
@@ -418,7 +426,10 @@ class KVConnectorWorker(ABC):
         self._meta = meta if meta is not None else KVConnectorMetadata()
 
     def start_load_kv(self) -> None:
-        """Begin the loads of this step's metadata (asynchronously)."""
+        """Begin the loads of this step's metadata (asynchronously). Called from the engine's thread; with
+        asynchronous scheduling a step launched earlier may still be running and writing into blocks that were
+        freed since and now belong to a load, so a worker orders its writes into the cache after the device work
+        queued so far (``kv_layout.device_fence``)."""
 
     def wait_for_layer_load(self, layer_idx: int) -> None:
         """Block until layer ``layer_idx`` of any load this forward pass depends on is in place."""

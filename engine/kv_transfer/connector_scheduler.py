@@ -64,6 +64,9 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         self._found: dict[str, tuple[list[PromptBlock], dict[str, Any]]] = {}  # looked up, not yet allocated
         self._pending_loads: list[LoadSpec] = []
         self._loading: set[str] = set()
+        # Requests whose load ended (loaded or failed). If preempted, they recompute from their own prefix cache:
+        # the transfer is spent (a grpc peer freed it on release), and asking again could only fail.
+        self._consumed: set[str] = set()
         self._producing: dict[str, _Producing] = {}
         self._pending_saves: Counter[str] = Counter()
         self._held: dict[str, int] = {}  # request id -> blocks held
@@ -75,9 +78,9 @@ class BlockConnectorScheduler(KVConnectorScheduler):
 
     # ------------------------------------------------------------------ consumer
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
-        if not self.ctx.is_consumer:
-            return 0
         rid = request.request_id
+        if not self.ctx.is_consumer or rid in self._consumed:
+            return 0
         try:
             handle = handle_of(request)
             if handle is not None and self.ctx.cluster_secret is not None:
@@ -155,6 +158,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         rid = request.request_id
         self._first_seen.pop(rid, None)
         self._found.pop(rid, None)
+        self._consumed.discard(rid)
         producing = self._producing.pop(rid, None)
         params = None
         if self.ctx.role is KVRole.PREFILL and getattr(request, "abort_reason", None) is None \
@@ -177,6 +181,8 @@ class BlockConnectorScheduler(KVConnectorScheduler):
                 del self._pending_saves[rid]
                 self._maybe_release(rid)
         for rid in output.finished_loading | set(output.failed_loading):
+            if rid in self._loading and rid not in self._held:  # (a held one finished while loading)
+                self._consumed.add(rid)
             self._loading.discard(rid)
             self._maybe_release(rid)
 

@@ -141,3 +141,22 @@ def synchronize(kv_caches: Sequence[torch.Tensor]) -> None:
     """Wait for copies into or out of a GPU cache issued by this thread."""
     if kv_caches and kv_caches[0].is_cuda:
         torch.cuda.current_stream(kv_caches[0].device).synchronize()
+
+
+def device_fence(kv_caches: Sequence[torch.Tensor]) -> Any:
+    """A CUDA event on the calling thread's current stream, marking the device work queued so far (None for a
+    CPU cache). A load started by the engine's thread takes one: with asynchronous scheduling a step may still be
+    running that writes into blocks freed since (the late row of a request that stopped, an aborted one), and
+    the load's copies into those blocks, issued from another thread or stream, must come after it."""
+    if not kv_caches or not kv_caches[0].is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(kv_caches[0].device))
+    return event
+
+
+def wait_fence(fence: Any, kv_caches: Sequence[torch.Tensor]) -> None:
+    """Order the copies the calling thread queues next into ``kv_caches`` (on its current stream of the cache's
+    device) after ``fence`` (see :func:`device_fence`); no-op for None. The host does not wait."""
+    if fence is not None:
+        torch.cuda.current_stream(kv_caches[0].device).wait_event(fence)

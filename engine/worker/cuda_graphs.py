@@ -47,11 +47,16 @@ logger = logging.getLogger(__name__)
 MAX_CAPTURE_SIZE = 512  # beyond this a decode step is long enough that launch overhead no longer matters
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
+def capture_sizes(max_num_seqs: int, sizes: tuple[int, ...] | None = None) -> list[int]:
     """The batch-size ladder: 1, 2, 4, 8, every multiple of 16 below the top, and the top itself
     (``max_num_seqs``, capped at :data:`MAX_CAPTURE_SIZE`). Padding a batch up costs little: decode reads
-    the weights once whatever the row count, and a padding row attends to a single key."""
+    the weights once whatever the row count, and a padding row attends to a single key.
+
+    ``sizes`` (``--cuda-graph-sizes``) replaces the ladder; those above the cap are dropped (no batch gets
+    that big), and a decode batch above the largest one left runs eagerly."""
     top = max(1, min(max_num_seqs, MAX_CAPTURE_SIZE))
+    if sizes is not None:
+        return sorted({s for s in sizes if s <= top}) or [top]
     return sorted({s for s in (1, 2, 4, 8) if s < top} | set(range(16, top, 16)) | {top})
 
 
@@ -71,10 +76,11 @@ class DecodeGraphRunner:
     """
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], *, max_num_seqs: int,
-                 max_model_len: int, block_size: int, num_blocks: int, device: torch.device) -> None:
+                 max_model_len: int, block_size: int, num_blocks: int, device: torch.device,
+                 sizes: tuple[int, ...] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.sizes = capture_sizes(max_num_seqs)
+        self.sizes = capture_sizes(max_num_seqs, sizes)
         self.max_size = self.sizes[-1]
         self.max_model_len = max_model_len
         self.block_size = block_size

@@ -132,7 +132,8 @@ class ModelRunner:
             return None
         runner = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs=self.config.scheduler.max_num_seqs,
                                    max_model_len=self.config.model.max_model_len, block_size=self.block_size,
-                                   num_blocks=self.num_blocks, device=self.device)
+                                   num_blocks=self.num_blocks, device=self.device,
+                                   sizes=self.config.device.cuda_graph_sizes)
         runner.capture()
         return runner
 

@@ -13,6 +13,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "decode-profile": ("pdserve.bench.decode_profile", "decode steps at a fixed batch and context, timed and profiled"),
     "structured": ("pdserve.bench.structured", "decode throughput with a JSON Schema vs unconstrained, cold compile"),
     "serve": ("pdserve.bench.serve", "online serving benchmark against an OpenAI-compatible endpoint"),
+    "tune": ("pdserve.bench.tune", "search engine settings for the highest goodput under SLOs"),
     "kv-transfer": ("pdserve.bench.kv_transfer", "KV transfer speed of a connector between two processes"),
     "kernels": ("pdserve.bench.kernels", "paged attention kernel vs scaled_dot_product_attention"),
 }

@@ -22,6 +22,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--cuda-graph-sizes", type=_int_list, default=None,
+                   help="decode batch sizes to capture CUDA graphs for, e.g. 1,8,32,64 (default: 1, 2, 4, 8, every "
+                        "multiple of 16, up to --max-num-seqs); a larger batch runs eagerly")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"])
@@ -32,8 +35,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the next step while the GPU runs this one (default: on for CUDA without a KV "
-                        "connector)")
+                   help="schedule the next step while the GPU runs this one (default: on for CUDA, prefill and "
+                        "decode pods included)")
     g.add_argument("--speculative-config", default=None, type=_speculative_config,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         "(methods: ngram, draft_model, oracle; see docs/speculative-decoding.md); refused on "
@@ -44,6 +47,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-parallel-size", type=_parallel_size("pipeline_parallel_size"), default=1,
                    help="pipeline stages per engine, each holding a contiguous range of layers (one batch in flight "
                         "at a time; not with a KV connector yet)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+_int_list.__name__ = "int_list"
 
 
 def positive_int(name: str) -> Callable[[str], int]:
@@ -83,7 +100,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
         model=args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         seed=args.seed, device=args.device, attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager, block_size=args.block_size, num_blocks=args.num_blocks,
+        enforce_eager=args.enforce_eager, cuda_graph_sizes=getattr(args, "cuda_graph_sizes", None),
+        block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_dtype=args.kv_cache_dtype, gpu_memory_utilization=args.gpu_memory_utilization,
         cpu_kv_cache_bytes=int(args.cpu_kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,

@@ -15,7 +15,7 @@ from pdserve import __version__
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pdserve.cli.generate", "generate text offline with a model"),
-    "bench": ("pdserve.cli.bench", "benchmarks: throughput, latency, serve, kv-transfer, kernels"),
+    "bench": ("pdserve.cli.bench", "benchmarks: throughput, latency, serve, tune, kv-transfer, kernels"),
     "serve": ("pdserve.services.api.cli", "run a monolithic OpenAI-compatible HTTP + gRPC server"),
     "prefill": ("pdserve.services.prefill.cli", "run a prefill server (disaggregated serving)"),
     "decode": ("pdserve.services.decode.cli", "run a decode server (disaggregated serving)"),

@@ -12,7 +12,7 @@ from pdserve.cli.main import build_parser, main
 
 def test_every_kind_lives_in_the_bench_package() -> None:
     assert {module for module, _ in KINDS.values()} == {f"pdserve.bench.{m}" for m in (
-        "throughput", "latency", "decode_profile", "serve", "kv_transfer", "kernels", "structured")}
+        "throughput", "latency", "decode_profile", "serve", "kv_transfer", "kernels", "structured", "tune")}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -187,15 +187,15 @@ def test_step_stats_count_completed_steps(model_dir: str, prompts) -> None:
 
 def test_async_scheduling_setting(model_dir: str) -> None:
     auto = SchedulerConfig()
-    assert auto.use_async_scheduling("cuda", has_kv_connector=False)
-    assert not auto.use_async_scheduling("cpu", has_kv_connector=False)
-    assert not auto.use_async_scheduling("cuda", has_kv_connector=True)
-    assert SchedulerConfig(async_scheduling=True).use_async_scheduling("cpu", has_kv_connector=False)
-    assert not SchedulerConfig(async_scheduling=False).use_async_scheduling("cuda", has_kv_connector=False)
+    assert auto.use_async_scheduling("cuda")
+    assert not auto.use_async_scheduling("cpu")
+    assert SchedulerConfig(async_scheduling=True).use_async_scheduling("cpu")
+    assert not SchedulerConfig(async_scheduling=False).use_async_scheduling("cuda")
     with pytest.raises(ValueError, match="async_scheduling"):
         SchedulerConfig(async_scheduling="yes")
-    with pytest.raises(ValueError, match="KV connector"):
-        EngineConfig.create(model_dir, async_scheduling=True, connector="shared_storage")
+    # With a KV connector too (prefill and decode pods; tests/kv_transfer/test_disagg_async.py).
+    with_connector = EngineConfig.create(model_dir, async_scheduling=True, connector="shared-fs", role="decode")
+    assert with_connector.scheduler.async_scheduling is True
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
     for argv, want in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):

@@ -28,11 +28,15 @@ def base_config(model: str, **overrides: Any) -> EngineConfig:
 
 
 def engine(model: str, role: str = "both", connector: str | None = None, config_overrides: dict | None = None,
-           **options: Any) -> LLMEngine:
-    cfg = base_config(model, **(config_overrides or {}))
+           asynchronous: bool = False, **options: Any) -> LLMEngine:
+    """An engine in ``role``; ``asynchronous`` forces asynchronous scheduling (off by default on CPU)."""
+    overrides = {**(config_overrides or {}), **({"async_scheduling": True} if asynchronous else {})}
+    cfg = base_config(model, **overrides)
     kvt = KVTransferConfig(role=role, connector=connector, options=tuple(sorted(options.items())),
                            cluster_secret=load_cluster_secret())
-    return LLMEngine(dataclasses.replace(cfg, kv_transfer=kvt))
+    eng = LLMEngine(dataclasses.replace(cfg, kv_transfer=kvt))
+    assert eng.core.async_scheduling == asynchronous
+    return eng
 
 
 def greedy(n: int) -> SamplingParams:

@@ -33,10 +33,15 @@ def tokens(firsts, rest, n):
     return [firsts[f"p{i}"].outputs[0].token_ids + rest[f"p{i}"].outputs[0].token_ids for i in range(n)]
 
 
-def test_prefill_gone_before_decode_loaded(model, tmp_path, redis_url):
+ASYNC = pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+
+
+@ASYNC
+def test_prefill_gone_before_decode_loaded(model, tmp_path, redis_url, asynchronous):
     """grpc: the prefill engine's KV server dies after it answered; the decode engine recomputes."""
     opts = options_for("grpc", tmp_path, redis_url)
-    p, d = engine(model, "prefill", "grpc", **opts), engine(model, "decode", "grpc", **opts)
+    p = engine(model, "prefill", "grpc", asynchronous=asynchronous, **opts)
+    d = engine(model, "decode", "grpc", asynchronous=asynchronous, **opts)
     firsts = prefill_all(p, PROMPTS)
     p.core.shutdown()  # the pod is gone: its KV server stops answering
     rest = decode_all(d, PROMPTS, firsts)
@@ -50,10 +55,12 @@ def _saved_files(opts):
     return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".kv"))
 
 
+@ASYNC
 @pytest.mark.parametrize("fault", ["missing", "corrupt"])
-def test_missing_or_corrupt_block_is_recomputed(fault, model, tmp_path, redis_url):
+def test_missing_or_corrupt_block_is_recomputed(fault, model, tmp_path, redis_url, asynchronous):
     opts = options_for("shared-fs", tmp_path, redis_url, kv_load_timeout_s=0.3)
-    p, d = engine(model, "prefill", "shared-fs", **opts), engine(model, "decode", "shared-fs", **opts)
+    p = engine(model, "prefill", "shared-fs", asynchronous=asynchronous, **opts)
+    d = engine(model, "decode", "shared-fs", asynchronous=asynchronous, **opts)
     firsts = prefill_all(p, PROMPTS)
     settle(p)  # every save written
     victim = p.core.scheduler.kv_connector.store.path_of(
@@ -110,11 +117,12 @@ def test_lease_expires_then_decode_recomputes(model, tmp_path, redis_url):
     settle(d)
 
 
+@ASYNC
 @pytest.mark.parametrize("connector", ["shared-fs", "grpc"])
-def test_fail_policy_ends_the_request_with_a_clear_error(connector, model, tmp_path, redis_url):
+def test_fail_policy_ends_the_request_with_a_clear_error(connector, model, tmp_path, redis_url, asynchronous):
     opts = options_for(connector, tmp_path, redis_url, kv_load_timeout_s=0.3)
     p = engine(model, "prefill", connector, **opts)
-    d = engine(model, "decode", connector, **{**opts, "load_failure_policy": "fail"})
+    d = engine(model, "decode", connector, asynchronous=asynchronous, **{**opts, "load_failure_policy": "fail"})
     firsts = prefill_all(p, PROMPTS[:1])
     settle(p) if connector == "shared-fs" else p.core.shutdown()
     if connector == "shared-fs":

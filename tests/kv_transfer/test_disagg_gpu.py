@@ -1,7 +1,8 @@
 """On a GPU (CUDA graphs on): prefill -> connector -> decode equals the monolithic engine, for every connector.
 
 Decode steps replay CUDA graphs, which run no per-layer hooks: this checks that the connector path and the graph
-path agree (and that the device-to-host staging and host-to-device loads are right).
+path agree (and that the device-to-host staging and host-to-device loads are right). The pods run with
+asynchronous scheduling (``auto``: on for CUDA) and synchronously.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def base(tmp_path_factory):
                                max_num_batched_tokens=512, gpu_memory_utilization=0.3)
 
 
+@pytest.mark.parametrize("async_scheduling", ["auto", False])
 @pytest.mark.parametrize("connector", ["shared-fs", "redis", "grpc"])
-def test_disaggregated_equals_monolithic_on_gpu(connector, base, tmp_path, request):
+def test_disaggregated_equals_monolithic_on_gpu(connector, async_scheduling, base, tmp_path, request):
     # Only the redis case needs a server; GPU machines may have none installed (CI's CPU tests always run Redis).
     if connector == "redis" and shutil.which("redis-server") is None:
         pytest.skip("no redis-server on this GPU machine")
@@ -46,9 +48,10 @@ def test_disaggregated_equals_monolithic_on_gpu(connector, base, tmp_path, reque
     if redis_url:
         opts["redis_url"] = redis_url
     opts = tuple(sorted(opts.items()))
-    p, d = (LLMEngine(dataclasses.replace(base, kv_transfer=KVTransferConfig(role, connector, opts,
-                                                                             cluster_secret=SECRET)))
-            for role in ("prefill", "decode"))
+    sched = dataclasses.replace(base.scheduler, async_scheduling=async_scheduling)
+    p, d = (LLMEngine(dataclasses.replace(base, scheduler=sched, kv_transfer=KVTransferConfig(
+        role, connector, opts, cluster_secret=SECRET))) for role in ("prefill", "decode"))
+    assert p.core.async_scheduling == d.core.async_scheduling == (async_scheduling == "auto")
     for rid, prompt in zip(ids, prompts):
         p.add_request(prompt, greedy(1), request_id=rid)
     firsts = run_all(p, ids)
@@ -95,6 +98,7 @@ def test_grpc_over_cuda_ipc_between_two_processes_equals_monolithic(base):
         firsts = parent.recv()
         decode_kvt = KVTransferConfig("decode", "grpc", opts, cluster_secret=SECRET)
         d = LLMEngine(dataclasses.replace(base, kv_transfer=decode_kvt))
+        assert d.core.async_scheduling  # "auto" on CUDA, with a connector too
         for rid, prompt in zip(ids, prompts):
             t0, params = firsts[rid]
             d.add_request(prompt + t0, greedy(7), request_id=rid, kv_transfer_params=params)
@@ -120,3 +124,26 @@ def test_kv_transfer_bench_ipc_moves_exact_bytes():
     rows = bench_connector("grpc", {"kv_transport": "ipc", "kv_load_timeout_s": 30.0}, "smollm2-135m",
                            "bfloat16", 16, "cuda", [100, 300], 1)
     assert [r["prompt_len"] for r in rows] == [100, 300] and all(r["load_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("after_fence", [True, False])
+def test_a_load_is_ordered_after_the_step_in_flight(after_fence):
+    """Asynchronous scheduling: a step still running may write into a block freed meanwhile, which a load now
+    fills on its copy stream (CUDA IPC path). Waiting on the fence taken when the load started orders the copy
+    after that step; without it the step's late write (here after a 50 ms spin) lands on top of the loaded KV."""
+    import torch
+
+    from pdserve.engine.kv_transfer import kv_layout
+    from pdserve.engine.kv_transfer.grpc import cuda_ipc
+
+    shape = (2, 4, 16, 2, 8)
+    peer = [torch.full(shape, 7.0, device="cuda")]
+    ours = [torch.zeros(shape, device="cuda")]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # the step in flight (~50 ms of GPU cycles) ...
+    ours[0][:, 1].fill_(-1.0)  # ... and its late write into block 1
+    fence = kv_layout.device_fence(ours)
+    cuda_ipc.copy_blocks(peer, [2], ours, [1], torch.cuda.Stream(), after=fence if after_fence else None)
+    torch.cuda.synchronize()
+    loaded = bool((ours[0][:, 1] == 7.0).all())
+    assert loaded == after_fence

@@ -2,7 +2,8 @@
 same greedy answers as from a monolithic ``pdserve serve``: completions and chat, streamed and not.
 
 The decode pod speculates (n-gram prompt lookup, ``--decode-args``) and the monolithic server does not, so every
-answer here also shows speculative decoding token-identical to plain decoding, after a KV handover."""
+answer here also shows speculative decoding token-identical to plain decoding, after a KV handover. Both pods run
+with asynchronous scheduling (forced), the monolithic server synchronously."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def servers(tmp_path_factory):
     work = tmp_path_factory.mktemp("up")
     up_port, mono_port, decode_metrics = free_port(), free_port(), free_port()
     decode_args = f"--speculative-config '{json.dumps(SPEC)}' --metrics-port {decode_metrics}"
-    up = PdserveProcess(["up", "--port", str(up_port), "--engine-args", ENGINE_FLAGS, "--decode-args", decode_args],
-                        work, "up.log")
+    # Both pods schedule asynchronously (forced: CPU defaults to off), the monolithic reference synchronously.
+    up = PdserveProcess(["up", "--port", str(up_port), "--engine-args", f"{ENGINE_FLAGS} --async-scheduling",
+                         "--decode-args", decode_args], work, "up.log")
     # The reference server holds the tests' cluster secret, so it takes calls with a token or its API key (given in
     # the environment, as PDSERVE_API_KEY): the key the client below sends.
     mono = PdserveProcess(["serve", "--model", MODEL, "--port", str(mono_port), *ENGINE_FLAGS.split()], work,
@@ -53,8 +55,10 @@ def answers(base_url: str) -> list[str]:
 
 
 def test_openai_client_gets_the_monolithic_answers(servers):
-    up_url, mono_url, _, _, _ = servers
+    up_url, mono_url, _, work, _ = servers
     assert answers(up_url) == answers(mono_url)
+    # Both pods' engine cores (their startup lines in up's log) scheduled asynchronously.
+    assert (work / "up.log").read_text(errors="replace").count("async scheduling on") == 2
 
 
 async def test_async_client_and_a_long_prompt_with_remote_prefill(servers):

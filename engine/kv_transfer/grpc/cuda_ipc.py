@@ -108,12 +108,15 @@ def open_cache(share: Any, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def copy_blocks(src_caches: Sequence[torch.Tensor], src_ids: Sequence[int], dst_caches: Sequence[torch.Tensor],
-                dst_ids: Sequence[int], stream: torch.cuda.Stream) -> None:
-    """Copy blocks ``src_ids`` of every layer of a peer's cache into blocks ``dst_ids`` of ours, on ``stream``,
-    and wait for it. Whole blocks move (a partial block's unused slots carry stale bytes, which the request
-    overwrites when it computes those positions). Bytes views: one path for every dtype, FP8 included."""
+                dst_ids: Sequence[int], stream: torch.cuda.Stream, after: torch.cuda.Event | None = None) -> None:
+    """Copy blocks ``src_ids`` of every layer of a peer's cache into blocks ``dst_ids`` of ours, on ``stream``
+    (after the event ``after``: work of ours that may still write those blocks), and wait for it. Whole blocks
+    move (a partial block's unused slots carry stale bytes, which the request overwrites when it computes those
+    positions). Bytes views: one path for every dtype, FP8 included."""
     dst_device = dst_caches[0].device
     with torch.cuda.stream(stream):
+        if after is not None:
+            stream.wait_event(after)
         src_idx = torch.tensor(list(src_ids), dtype=torch.long).to(src_caches[0].device)
         dst_idx = torch.tensor(list(dst_ids), dtype=torch.long).to(dst_device)
         for src, dst in zip(src_caches, dst_caches):

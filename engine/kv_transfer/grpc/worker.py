@@ -94,19 +94,24 @@ class GrpcConnectorWorker(KVConnectorWorker):
         for address, transfer_id in self._meta.releases:
             if not self._closed:  # after shutdown the peer's lease frees the blocks
                 self._loader.submit(self._client.release, address, transfer_id)
+        if not self._meta.loads:
+            return
+        from pdserve.engine.kv_transfer import kv_layout
+
+        fence = kv_layout.device_fence(self.kv_caches)  # after the steps already launched (asynchronous scheduling)
         for spec in self._meta.loads:
             with self._lock:
                 self._inflight += 1
             t0 = time.perf_counter()
             if self.transport != "stream" and self.kv_caches and self.kv_caches[0].is_cuda:
-                self._loader.submit(self._load_via_ipc, spec, t0)
+                self._loader.submit(self._load_via_ipc, spec, t0, fence)
             elif self.transport == "ipc":
                 self._pull_done(_PullJob.failed(spec, t0, "ipc_unavailable", "kv_transport ipc needs a KV cache on "
                                                                               "a GPU"))
             else:
-                self._stream(spec, t0)
+                self._stream(spec, t0, fence)
 
-    def _stream(self, spec: LoadSpec, t0: float) -> None:
+    def _stream(self, spec: LoadSpec, t0: float, fence: Any = None) -> None:
         # Several streams per transfer: one Python stream is bound by per-message work, not the network.
         n = max(1, min(self.streams, len(spec.blocks) // 8 or 1))
         size = -(-len(spec.blocks) // n)
@@ -115,9 +120,9 @@ class GrpcConnectorWorker(KVConnectorWorker):
         with self._lock:
             self.loads_by_transport["stream"] += 1
         for blocks in ranges:
-            self._loader.submit(self._pull_range, job, blocks)
+            self._loader.submit(self._pull_range, job, blocks, fence)
 
-    def _load_via_ipc(self, spec: LoadSpec, t0: float) -> None:
+    def _load_via_ipc(self, spec: LoadSpec, t0: float, fence: Any = None) -> None:
         """Copy a transfer's blocks device to device from a peer on this node (falls back to the stream under
         ``auto`` when the peer's cache cannot be mapped here)."""
         from pdserve.engine.kv_transfer.grpc import cuda_ipc
@@ -129,7 +134,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
             peer = self._ipc_peer(address)
             if peer is None:
                 if self.transport == "auto":
-                    return self._stream(spec, t0)
+                    return self._stream(spec, t0, fence)
                 failure = (0, "ipc_unavailable", f"cannot map the KV cache of {address} over CUDA IPC")
             else:
                 cache_id, src_ids = self._client.locate(address, transfer_id, spec.blocks, self.timeout_s)
@@ -141,7 +146,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
                     if self._copy_stream is None:
                         self._copy_stream = torch.cuda.Stream(device=self.kv_caches[0].device)
                     cuda_ipc.copy_blocks(peer.caches, src_ids, self.kv_caches, [b.block_id for b in spec.blocks],
-                                         self._copy_stream)
+                                         self._copy_stream, after=fence)
                     job.add_bytes(sum(self.ctx.descriptor.payload_bytes(b.num_tokens) for b in spec.blocks))
                     with self._lock:
                         self.loads_by_transport["ipc"] += 1
@@ -182,7 +187,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
                 self._ipc_peers.popitem(last=False)
             return peer
 
-    def _pull_range(self, job: "_PullJob", blocks: tuple) -> None:
+    def _pull_range(self, job: "_PullJob", blocks: tuple, fence: Any = None) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
         address, transfer_id = job.spec.source["kv_server"], job.spec.source["transfer_id"]
@@ -192,6 +197,7 @@ class GrpcConnectorWorker(KVConnectorWorker):
         def flush() -> None:
             nonlocal written
             if batch:
+                kv_layout.wait_fence(fence, self.kv_caches)
                 kv_layout.write_blocks(self.kv_caches, [r.block_id for r, _ in batch], [p for _, p in batch])
                 written += len(batch)
                 batch.clear()

@@ -61,14 +61,19 @@ class StoreConnectorWorker(KVConnectorWorker):
 
     # ------------------------------------------------------------------ loading
     def start_load_kv(self) -> None:
+        if not self._meta.loads:
+            return
+        from pdserve.engine.kv_transfer import kv_layout
+
+        fence = kv_layout.device_fence(self.kv_caches)  # after the steps already launched (asynchronous scheduling)
         for spec in self._meta.loads:
             groups = [spec.blocks[i:i + _GROUP] for i in range(0, len(spec.blocks), _GROUP)]
             job = _Job(len(groups), self._load_done, spec, time.perf_counter())
             self._track(+1)
             for start, group in zip(range(0, len(spec.blocks), _GROUP), groups):
-                self._pool.submit(self._load_group, job, start, group)
+                self._pool.submit(self._load_group, job, start, group, fence)
 
-    def _load_group(self, job: "_Job", start: int, group: tuple) -> None:
+    def _load_group(self, job: "_Job", start: int, group: tuple, fence: Any = None) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
         ids, payloads, failure = [], [], None
@@ -93,6 +98,7 @@ class StoreConnectorWorker(KVConnectorWorker):
         try:
             # The blocks before a bad one are valid: copy them in, the failure says they count.
             if ids:
+                kv_layout.wait_fence(fence, self.kv_caches)
                 kv_layout.write_blocks(self.kv_caches, ids, payloads)
                 kv_layout.synchronize(self.kv_caches)
         except Exception as exc:  # a bug or a device error: still report, never leave the request waiting

@@ -24,6 +24,28 @@ def test_capture_sizes_ladder() -> None:
     assert capture_sizes(4096)[-1] == 512
 
 
+def test_cuda_graph_sizes_option(tmp_path) -> None:
+    """``--cuda-graph-sizes`` replaces the ladder (sorted, deduplicated, cut at max_num_seqs); bad lists are
+    refused when the config is built."""
+    import argparse
+
+    from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
+
+    assert capture_sizes(64, (32, 8, 8, 128)) == [8, 32]
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    kw = engine_kwargs(parser.parse_args(["--cuda-graph-sizes", "16,4,16", "--max-num-seqs", "32"]))
+    model = make_tiny_model("llama", tmp_path / "llama")
+    config = EngineConfig.create(**{**kw, "model": model})
+    assert config.device.cuda_graph_sizes == (4, 16)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cuda-graph-sizes", "0,4"])
+    with pytest.raises(ValueError, match="cuda_graph_sizes"):
+        EngineConfig.create(model, cuda_graph_sizes=(1024,))
+    with pytest.raises(ValueError, match="none is at most max_num_seqs"):
+        EngineConfig.create(model, cuda_graph_sizes=(64,), max_num_seqs=32)
+
+
 def _prefill_then_decode_chunks(tokens: dict[str, list[int]], tables: dict[str, list[int]], prompt_len: int):
     prefill = [ScheduledChunk(r, t[:prompt_len], 0, tables[r], True) for r, t in tokens.items()]
     decode = [ScheduledChunk(r, t[prompt_len:prompt_len + 1], prompt_len, tables[r], True)
