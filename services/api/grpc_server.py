@@ -145,6 +145,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     stop_reason="" if comp.stop_reason is None else str(comp.stop_reason))])
                 if comp.index not in timed and comp.token_ids:
                     timed.add(comp.index)
+                    msg.choices[0].num_cached_tokens = out.num_cached_tokens
                     timing = self.pod_timing(out, received, span)
                     if timing is not None:
                         msg.timing.CopyFrom(timing)

@@ -78,6 +78,9 @@ class TokenDelta:
     pod_timing: PodMarks | None = None
     # With the first token, when the request asked for prompt_logprobs: a row per prompt token after the first.
     prompt_logprobs: list[list[Logprob]] | None = None
+    # With the first token of a Generate stream or a Prefill answer: prompt tokens the pod found in its prefix
+    # cache (None: the pod did not say).
+    num_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,9 @@ def _logprobs_of(entries: Any) -> list[list[Logprob]] | None:
 
 def _delta(choice: Any) -> TokenDelta:
     return TokenDelta(list(choice.token_ids), _logprobs_of(choice.logprobs), choice.finish_reason or None,
-                      _stop_reason(choice.stop_reason), prompt_logprobs=_logprobs_of(choice.prompt_logprobs))
+                      _stop_reason(choice.stop_reason), prompt_logprobs=_logprobs_of(choice.prompt_logprobs),
+                      num_cached_tokens=(choice.num_cached_tokens if choice.HasField("num_cached_tokens")
+                                         else None))
 
 
 def _stop_reason(text: str) -> int | str | None:
@@ -223,6 +228,7 @@ class GrpcPodBackend:
             raise self._error(pod, exc) from None
         handle = resp.kv_transfer_params if resp.HasField("kv_transfer_params") else None
         delta = _delta(resp.choice)
+        delta.num_cached_tokens = resp.num_cached_tokens
         if resp.HasField("timing"):
             delta.pod_timing = PodMarks.from_pb(resp.timing)
         return delta, handle

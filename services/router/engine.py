@@ -49,9 +49,9 @@ class ModelInfo:
 class RouterEngine:
     """Serves requests by routing each sequence to pods; see the module docstring."""
 
-    # The pods' streams do not carry their prefix-cache hits: usage leaves prompt_tokens_details out rather than
-    # report 0 (services/api/serving_common.py reads this).
-    reports_cached_tokens = False
+    # Usage's prompt_tokens_details.cached_tokens: the prefix-cache hits of the pod that computed the prompt (the
+    # prefill pod, or the pod a Generate stream ran on), which its first token carries.
+    reports_cached_tokens = True
 
     def __init__(self, model: ModelInfo, tokenizer: Any, runner: SequenceRunner,
                  stat_loggers: Iterable[StatLogger] = (), anatomy: AnatomyMetrics | None = None,
@@ -155,12 +155,17 @@ class RouterEngine:
         # Prompt logprobs come with the first token (from whichever pod computed the prompt); a one-token prompt
         # has none on the wire, but still an (empty) answer.
         want_prompt_logprobs = spec.params.prompt_logprobs is not None
+        cached = 0  # prompt tokens found in a prefix cache, from the first delta that says (a resume's is ignored)
+        cached_known = False
 
         timeline = spec.timeline
         trace_parent = current_context()  # the request's span: the phases' spans go under it
 
         def emit(delta: TokenDelta) -> None:
-            nonlocal finished, want_prompt_logprobs
+            nonlocal finished, want_prompt_logprobs, cached, cached_known
+            if not cached_known and delta.token_ids:
+                cached_known = True
+                cached = min(delta.num_cached_tokens or 0, len(spec.prompt_token_ids))
             it = IterationStats(timestamp=time.time())
             if delta.token_ids and timeline.first_token_at is None:
                 timeline.add("router_respond", it.timestamp, "router", "router")
@@ -170,7 +175,7 @@ class RouterEngine:
             if want_prompt_logprobs and delta.token_ids:
                 prompt_lp, want_prompt_logprobs = delta.prompt_logprobs or [], False
             out = EngineCoreOutput(spec.seq_id, list(delta.token_ids), delta.logprobs, delta.finish_reason,
-                                   delta.stop_reason, prompt_logprobs=prompt_lp)
+                                   delta.stop_reason, num_cached_tokens=cached, prompt_logprobs=prompt_lp)
             processed = self._processor.process([out])
             for ro in processed.request_outputs:
                 comp = ro.outputs[0]

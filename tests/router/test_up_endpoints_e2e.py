@@ -81,6 +81,25 @@ def test_messages_through_prefill_and_decode(up):
     assert m.content[0].text == streamed.content[0].text == want
 
 
+def test_usage_reports_cached_tokens_through_the_router(up):
+    """usage.prompt_tokens_details.cached_tokens behind the router: the prefix-cache hits of the pod that computed
+    the prompt. A long prompt is prefilled on the prefill pod (nothing cached); its repeat runs on the decode pod,
+    which holds the prompt's KV since the handover (a Generate stream). A short one runs on the decode pod twice."""
+    client = openai.OpenAI(base_url=f"{up}/v1", api_key="unused", max_retries=0, timeout=300)
+    short = " ".join(f"Fact {i}: the number {i} is odd." for i in range(701, 713, 2))  # under the P/D threshold
+    for prompt, remote in ((question(500), 1), (short, 0)):
+        before = remote_prefills(up)
+        first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+        second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+        usage = [c for c in second if c.usage is not None][-1].usage
+        assert remote_prefills(up) == before + remote, "only the long prompt's first run is prefilled remotely"
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        # The repeat finds at least every full 16-token block of the prompt, never its last token (recomputed).
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert (usage.prompt_tokens - 1) // 16 * 16 <= cached <= usage.prompt_tokens - 1 and cached >= 32, usage
+
+
 def test_admin_endpoints_through_the_router(up):
     r = httpx.post(f"{up}/reset_prefix_cache", timeout=30)
     assert r.status_code == 200, r.text
