@@ -166,6 +166,9 @@ class EngineCore:
             if structured.num_prefix_tokens >= len(req.prompt_token_ids):
                 raise ValueError(f"structured_outputs.num_prefix_tokens ({structured.num_prefix_tokens}) must be "
                                  f"less than the prompt's {len(req.prompt_token_ids)} tokens")
+        if req.sampling_params.num_generated_prompt_tokens >= len(req.prompt_token_ids):
+            raise ValueError(f"num_generated_prompt_tokens ({req.sampling_params.num_generated_prompt_tokens}) must "
+                             f"be less than the prompt's {len(req.prompt_token_ids)} tokens")
         if req.sampling_params.prompt_logprobs is not None and req.kv_transfer_params is not None:
             raise ValueError("prompt_logprobs cannot be combined with kv_transfer_params: a request whose KV is "
                              "loaded never computes its prompt's logits")

@@ -57,7 +57,7 @@ def apply_logits_processors(x: torch.Tensor, requests: list[Request]) -> None:
             row.fill_(float("-inf"))
             row.index_copy_(0, allowed, kept)
         if req.bad_words_token_ids:
-            banned = banned_tokens(req.bad_words_token_ids, req.output_token_ids)
+            banned = banned_tokens(req.bad_words_token_ids, req.generated_token_ids)
             if banned:
                 row[torch.tensor(banned, dtype=torch.long, device=x.device)] = float("-inf")
         if params.logit_bias:

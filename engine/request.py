@@ -123,6 +123,14 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def generated_token_ids(self) -> list[int]:
+        """The sequence's output so far, including the prompt tokens that were its output elsewhere
+        (``SamplingParams.num_generated_prompt_tokens``: a prefill pod's first token, a resumed stream)."""
+        n = self.sampling_params.num_generated_prompt_tokens
+        return self.prompt_token_ids[len(self.prompt_token_ids) - n:] + self.output_token_ids if n \
+            else self.output_token_ids
+
+    @property
     def is_finished(self) -> bool:
         return self.status.finished
 

@@ -210,8 +210,9 @@ class Sampler:
                 vals = x[i, seen]
                 x[i, seen] = torch.where(vals > 0, vals / params.repetition_penalty,
                                          vals * params.repetition_penalty)
-            if req.output_token_ids and (params.frequency_penalty or params.presence_penalty):
-                out = torch.tensor(req.output_token_ids, dtype=torch.long, device=x.device)
+            generated = req.generated_token_ids
+            if generated and (params.frequency_penalty or params.presence_penalty):
+                out = torch.tensor(generated, dtype=torch.long, device=x.device)
                 counts = torch.zeros(x.shape[1], device=x.device).scatter_add_(0, out, torch.ones_like(out,
                                                                                                    dtype=x.dtype))
                 x[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(x.dtype)

@@ -86,6 +86,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] added to its logit
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
     bad_words: list[str] | None = None  # each word's token sequence is never completed in the output
+    # The last that many prompt tokens are this sequence's own earlier output (a prefill pod's first token, a
+    # resumed stream's tokens; set by the router through ``after_tokens``): bad_words and presence/frequency
+    # penalties count them as generated. Not an API field.
+    num_generated_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.structured_outputs is not None:
@@ -146,6 +150,8 @@ class SamplingParams:
                                           <= MAX_CACHE_SALT_LEN and is_valid_text(self.cache_salt)),
               "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT_LEN} characters or None")
         check(isinstance(self.disable_speculation, bool), "disable_speculation", "must be true or false")
+        check(_is_int(self.num_generated_prompt_tokens) and self.num_generated_prompt_tokens >= 0,
+              "num_generated_prompt_tokens", "must be an integer >= 0")
 
         check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),

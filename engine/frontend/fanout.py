@@ -49,10 +49,12 @@ def with_default_max_tokens(params: SamplingParams, num_prompt_tokens: int, max_
 def after_tokens(params: SamplingParams, num_tokens: int) -> SamplingParams:
     """The parameters that continue a sequence after ``num_tokens`` of its tokens were generated elsewhere (a
     prefill pod's first token, a resumed stream): ``max_tokens`` and ``min_tokens`` shrink by that many, and a
-    structured-output constraint learns that the prompt ends with that many tokens generated under it."""
+    structured-output constraint, bad_words and the presence/frequency penalties learn that the prompt ends with
+    that many tokens of the sequence's own output."""
     structured = params.structured_outputs
     return dataclasses.replace(params, max_tokens=params.max_tokens - num_tokens,
                                min_tokens=max(0, params.min_tokens - num_tokens),
+                               num_generated_prompt_tokens=params.num_generated_prompt_tokens + num_tokens,
                                structured_outputs=structured.after_tokens(num_tokens) if structured else None)
 
 

@@ -9,6 +9,7 @@ by the interceptor of :mod:`.grpc_guard`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Iterable, NoReturn
@@ -68,6 +69,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             fields = request_fields(req)
         except ValueError as exc:  # a malformed message-typed field (structured_outputs without a constraint)
             raise bad_request(str(exc), param="structured_outputs") from None
+        # Not an HTTP field: the router's count of prompt tokens that are the sequence's own output (after a
+        # prefill pod's first token or a resume), applied to the engine's parameters below.
+        generated = fields.pop("num_generated_prompt_tokens", 0)
         kind = req.WhichOneof("prompt")
         try:
             if kind == "chat":
@@ -98,7 +102,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             max_tokens = model.max_tokens
         logprobs = fields.get("logprobs")
         structured = await structured_outputs_async(model)
-        return prompt_obj, self.serving.sampling_params(model, max_tokens, logprobs, structured)
+        params = self.serving.sampling_params(model, max_tokens, logprobs, structured)
+        if generated:
+            try:
+                params = dataclasses.replace(params, num_generated_prompt_tokens=generated)
+            except ValueError as exc:
+                raise bad_request(str(exc), param="num_generated_prompt_tokens") from None
+            if generated >= len(prompt_obj.token_ids):
+                raise bad_request(f"num_generated_prompt_tokens ({generated}) must be less than the prompt's "
+                                  f"{len(prompt_obj.token_ids)} tokens", param="num_generated_prompt_tokens")
+        return prompt_obj, params
 
     def pod_timing(self, out: Any, received: float, span: PodCallSpan | None = None) -> pb.PodTiming | None:
         """This pod's marks of a sequence whose output carries the engine's (``RequestOutput.timing``), for the

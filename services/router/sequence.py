@@ -9,7 +9,8 @@
 
 A resumed attempt is a new request whose prompt is the original prompt plus every token the client already
 got, with ``max_tokens`` and ``min_tokens`` reduced by that many, so the client sees one unbroken stream. (Under
-sampling, the continuation is a fresh sample; presence and frequency penalties restart counting at the resume.)
+sampling, the continuation is a fresh sample; presence/frequency penalties and bad_words still count the tokens
+sent before the resume, which the new prompt ends with.)
 """
 
 from __future__ import annotations

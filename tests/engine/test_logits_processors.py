@@ -68,3 +68,33 @@ def test_bad_parameters_are_refused(llm) -> None:
         llm.generate([[5]], SamplingParams(allowed_token_ids=[1, 512]))
     with pytest.raises(ValueError, match="bad_words needs the model's tokenizer"):
         llm.generate([[5]], SamplingParams(bad_words=["x"]))
+
+
+def test_a_continuation_counts_the_tokens_its_prompt_ends_with(llm) -> None:
+    """After a P/D handover or a resume the engine gets prompt + the tokens already sent, with ``after_tokens``'
+    params: presence/frequency penalties and bad_words must see those tokens as generated, so the continuation
+    equals the rest of one uninterrupted run."""
+    import torch
+
+    from pdserve.engine.frontend import after_tokens
+    from pdserve.engine.logits_processors import apply_logits_processors
+    from pdserve.engine.request import Request
+
+    params = SamplingParams(max_tokens=8, temperature=0.0, presence_penalty=2.0, frequency_penalty=1.5)
+    for prompt in PROMPTS:
+        whole = llm.generate([prompt], params)[0].outputs[0].token_ids
+        for sent in (1, 3):
+            rest = llm.generate([prompt + whole[:sent]], after_tokens(params, sent))[0].outputs[0].token_ids
+            assert rest == whole[sent:], (prompt, sent)
+    # bad_words across the handover: the word's first token ended the prefill pod's output (the decode pod's
+    # prompt), so its second token is masked in the decode pod's first row.
+    word = SamplingParams(max_tokens=4, bad_words=["tokenized at admission: [[40, 41]]"])
+    handed_over = Request("r", [5, 17, 40], after_tokens(word, 1))
+    handed_over.bad_words_token_ids = [[40, 41]]
+    fresh = Request("s", [5, 17, 40], word)
+    fresh.bad_words_token_ids = [[40, 41]]
+    logits = torch.zeros(2, 64)
+    apply_logits_processors(logits, [handed_over, fresh])
+    assert logits[0, 41] == float("-inf") and torch.isfinite(logits[1]).all()
+    with pytest.raises(ValueError, match="num_generated_prompt_tokens"):
+        llm.generate([[5]], after_tokens(SamplingParams(max_tokens=4), 1))
