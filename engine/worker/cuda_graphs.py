@@ -60,6 +60,25 @@ def capture_sizes(max_num_seqs: int, sizes: tuple[int, ...] | None = None) -> li
     return sorted({s for s in (1, 2, 4, 8) if s < top} | set(range(16, top, 16)) | {top})
 
 
+def capture_ladder(sizes: list[int], forward, pool) -> tuple[dict[int, torch.cuda.CUDAGraph],
+                                                             dict[int, torch.Tensor]]:
+    """One CUDA graph of ``forward(size)`` per size, the largest first (the smaller ones then fit in the memory
+    the pool already holds), each after an eager warm-up run of the same size: it compiles the Triton kernels
+    for the shape and lets cuBLAS pick its kernels and set up its workspace, none of which may happen during a
+    capture. Returns the graphs and their outputs (tensors in ``pool``) by size."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    for size in sorted(sizes, reverse=True):
+        forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs, outputs
+
+
 class DecodeGraphRunner:
     """Captures ``model``'s forward for decode batches and replays it; :meth:`run` returns hidden states.
 
@@ -124,17 +143,8 @@ class DecodeGraphRunner:
         if not self.use_graphs:
             return
         self._pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            # Eager warm-up: compiles the Triton kernels for this shape and lets cuBLAS pick its kernels and
-            # set up its workspace, neither of which may happen during capture. Every row is padding, so
-            # nothing is written to the KV cache.
-            self._forward(size)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._outputs[size] = self._forward(size)
-            self._graphs[size] = graph
-        torch.cuda.synchronize()
+        # Every row is padding, so the warm-up runs and the captures write nothing to the KV cache.
+        self._graphs, self._outputs = capture_ladder(self.sizes, self._forward, self._pool)
         logger.info("captured %d decode CUDA graphs (batch %s) in %.1fs", len(self.sizes),
                     ",".join(map(str, self.sizes)), time.perf_counter() - start)
 

@@ -30,6 +30,7 @@ import torch
 from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.worker.attention import AttentionMetadata
 from pdserve.engine.worker.block_table_rows import BlockTableRows
+from pdserve.engine.worker.cuda_graphs import capture_ladder
 from pdserve.engine.worker.verify_layout import fill_verify_layout, verify_graph_size
 
 logger = logging.getLogger(__name__)
@@ -93,17 +94,9 @@ class VerifyGraphRunner:
         reserved = torch.cuda.memory_reserved()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            # Eager warm-up: compiles the attention kernel's multi-token variant for this shape and lets cuBLAS
-            # pick its kernels, neither of which may happen during capture. Every sequence is padding (zero
-            # tokens) and every slot -1, so nothing is read from or written to the KV cache.
-            self._forward(size)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._outputs[size] = self._forward(size)
-            self._graphs[size] = graph
-        torch.cuda.synchronize()
+        # Every sequence is padding (zero tokens) and every slot -1, so the warm-up runs (which also compile the
+        # attention kernel's multi-token variant) and the captures read and write nothing of the KV cache.
+        self._graphs, self._outputs = capture_ladder(self.sizes, self._forward, self._pool)
         self.pool_bytes = torch.cuda.memory_reserved() - reserved
         logger.info("captured %d verify CUDA graphs (batch %s x %d tokens) in %.1fs, %.0f MiB more reserved",
                     len(self.sizes), ",".join(map(str, self.sizes)), self.q, time.perf_counter() - start,
