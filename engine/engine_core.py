@@ -70,6 +70,7 @@ class _InFlight:
     sample_ids: list[str]  # the requests of the sampled rows, in row order
     sample: Any  # a PendingSample
     start: float  # when the step() that launched it began
+    hidden: Any = None  # the step's hidden states, when a speculative proposer reads them (EAGLE, Medusa)
 
 
 @dataclass
@@ -272,6 +273,7 @@ class EngineCore:
             logits = self._execute(sched_out)
         except Exception as exc:
             return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
+        hidden = getattr(self.runner, "last_hidden", None)
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         spec_tokens: dict[str, list[int]] = {}
         if self.spec is not None:  # rows of chunks with drafts are verified; the others sampled as usual
@@ -286,7 +288,7 @@ class EngineCore:
         bitmask, mask_errors = self._fill_bitmask(requests)
         result = self.sampler.sample(logits, requests, bitmask)
         failed = self._fail_rows(sample_ids, {**result.errors, **mask_errors})
-        return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens)
+        return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens, hidden)
                 + self._drain_finished_without_step())
 
     def _launch(self, sched_out: SchedulerOutput, start: float) -> _InFlight:
@@ -307,7 +309,7 @@ class EngineCore:
         pending = self.sampler.launch(logits, requests, bitmask)
         # Failed rows are aborted now; the scheduler skips their placeholder tokens when the step is applied.
         self._failed_outputs.extend(self._fail_rows(sample_ids, {**pending.errors, **mask_errors}))
-        return _InFlight(sched_out, sample_ids, pending, start)
+        return _InFlight(sched_out, sample_ids, pending, start, getattr(self.runner, "last_hidden", None))
 
     def _execute(self, sched_out: SchedulerOutput, sampled: Any = None) -> Any:
         """The forward pass, plus the prompt logprobs of the requests that asked (stored on them until sent)."""
@@ -339,7 +341,8 @@ class EngineCore:
         if done is None:
             return []
         result = done.sample.result()  # the one wait for the device
-        return self._apply(done.sched_out, done.sample_ids, result, max(done.start, self._last_done))
+        return self._apply(done.sched_out, done.sample_ids, result, max(done.start, self._last_done),
+                           hidden=done.hidden)
 
     def _fill_bitmask(self, requests: list[Request]) -> tuple[Any, dict[int, str]]:
         if self.structured is None:
@@ -366,9 +369,11 @@ class EngineCore:
         return False
 
     def _apply(self, sched_out: SchedulerOutput, sample_ids: list[str], result: Any,
-               start: float, spec_tokens: dict[str, list[int]] | None = None) -> list[EngineCoreOutput]:
+               start: float, spec_tokens: dict[str, list[int]] | None = None,
+               hidden: Any = None) -> list[EngineCoreOutput]:
         """Hand a step's sampled tokens to the scheduler; returns the outputs of the requests that got one.
-        ``spec_tokens``: what verification emitted for the requests whose chunks carried drafts."""
+        ``spec_tokens``: what verification emitted for the requests whose chunks carried drafts; ``hidden``:
+        the step's hidden states when the proposer reads them."""
         sampled: dict[str, Any] = dict(zip(sample_ids, result.token_ids))
         num_before = {}
         if spec_tokens:
@@ -406,6 +411,7 @@ class EngineCore:
                     self.spec.finished(req, completed=True)
         if self.spec is not None:
             try:
+                self.spec.observe(sched_out, hidden, self.scheduler.get_request, self.scheduler.num_running)
                 self.spec.propose(updated, self.scheduler.num_running)
             except Exception as exc:  # a proposer's failure costs this step's guesses, not the requests
                 if is_device_fault(exc):

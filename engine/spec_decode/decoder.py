@@ -21,7 +21,7 @@ from pdserve.engine.request import Request
 from pdserve.engine.spec_decode.adaptive import AdaptiveK
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 from pdserve.engine.spec_decode.metrics import SpecDecodingStats
-from pdserve.engine.spec_decode.proposers import build_proposer
+from pdserve.engine.spec_decode.proposers import ObservedChunk, build_proposer
 from pdserve.engine.spec_decode.rejection import emitted_tokens, rejection_rows
 
 
@@ -55,6 +55,21 @@ class SpecDecoder:
         self.num_proposed = 0  # requests the last propose() gave drafts (the engine steps synchronously then)
 
     # ------------------------------------------------------------------ proposing
+    def observe(self, sched_out: SchedulerOutput, hidden, get_request, num_running: int) -> None:
+        """Hand the step just applied to a proposer that reads the target's hidden states (EAGLE, Medusa):
+        every chunk of a request that may speculate, with its rows of ``hidden`` (one per token of the step).
+        Skipped while adaptive k proposes nothing for the batch size (the head then restarts its context)."""
+        if self.proposer.hidden_states is None or hidden is None or self.adaptive.batch_k(num_running) == 0:
+            return
+        items, row = [], 0
+        for chunk in sched_out.chunks:
+            request = get_request(chunk.request_id)
+            if request is not None and not request.is_finished and may_speculate(request):
+                items.append(ObservedChunk(request, chunk, row))
+            row += chunk.num_tokens
+        if items:
+            self.proposer.observe(items, hidden)
+
     def propose(self, requests: list[Request], num_running: int) -> None:
         """Set ``spec_token_ids`` of each request (unfinished ones get guesses, the others none)."""
         limit = self.adaptive.batch_k(num_running)
