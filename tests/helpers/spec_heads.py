@@ -55,9 +55,10 @@ def make_eagle_head(target_dir: str, directory: Path, seed: int = 0, std: float 
 
 
 def make_eagle3_head(target_dir: str, directory: Path, seed: int = 0, std: float = 0.05,
-                     draft_vocab: int = 96, aux_layers: tuple[int, ...] = (0, 1, 1)) -> str:
+                     draft_vocab: int = 96, aux_layers: tuple[int, ...] | None = (0, 1, 1)) -> str:
     """An EAGLE-3 head: ``fc`` over three target layers, ``midlayer.*`` with 2D-wide q/k/v, its own norm and a
-    ``draft_vocab``-token head with ``d2t`` / ``t2d`` maps (draft id i -> target id 3 + 5 i, wrapping)."""
+    ``draft_vocab``-token head with ``d2t`` / ``t2d`` maps (draft id i -> target id 3 + 5 i, wrapping).
+    ``aux_layers`` None: the config names no layers (the loader's default ``(2, L // 2, L - 3)``)."""
     t = _target(target_dir)
     g = torch.Generator().manual_seed(seed)
     d, vocab = t["hidden_size"], t["vocab_size"]
@@ -73,8 +74,8 @@ def make_eagle3_head(target_dir: str, directory: Path, seed: int = 0, std: float
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[target_ids] = True
     tensors["t2d"] = t2d
-    config = _head_config(t, draft_vocab_size=draft_vocab,
-                          eagle_config={"eagle_aux_hidden_state_layer_ids": list(aux_layers)})
+    extra = {} if aux_layers is None else {"eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux_layers)}}
+    config = _head_config(t, draft_vocab_size=draft_vocab, **extra)
     save_eagle_checkpoint(directory, tensors, config)
     return str(directory)
 

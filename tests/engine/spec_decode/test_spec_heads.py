@@ -1,0 +1,192 @@
+"""EAGLE, EAGLE-3 and Medusa proposers end to end in the engine core on CPU: heads saved in the published checkpoint
+layouts and loaded through the loader; greedy outputs token-identical with speculation on and off (chunked
+prefill, prefix caching, preemption, asynchronous scheduling), on tiny Llama / Qwen3 configs and the bundled
+model; a head that predicts well gets its drafts accepted; sampling keeps its distribution; bad checkpoints are
+refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.spec_decode.eagle_head import save_eagle_checkpoint
+from tests.engine.spec_decode.chi_square import two_sample
+from tests.engine.spec_decode.test_spec_engine import GREEDY, engine, prompts, run
+from tests.helpers.spec_heads import make_eagle3_head, make_eagle_head, make_medusa_heads
+from tests.helpers.tiny_models import make_tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> str:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+def head_specs(target: str, directory: Path) -> list[dict]:
+    kv = {"draft_kv_cache_gib": 0.001}
+    return [{"method": "eagle", "model": make_eagle_head(target, directory / "eagle"), "num_speculative_tokens": 3,
+             **kv},
+            {"method": "eagle3", "model": make_eagle3_head(target, directory / "eagle3"),
+             "num_speculative_tokens": 3, **kv},
+            {"method": "medusa", "model": make_medusa_heads(target, directory / "medusa"), "num_speculative_tokens": 3},
+            {"method": "medusa", "model": make_medusa_heads(target, directory / "medusa-vllm", num_heads=2,
+                                                            num_layers=2, layout="vllm"),
+             "num_speculative_tokens": 2}]
+
+
+def assert_identical(model: str, specs: list[dict], configs: list[dict], requests=None, **kw) -> None:
+    requests = requests or [(p, GREEDY) for p in prompts()]
+    for config in configs:
+        base = run(engine(model, **config, **kw), requests)
+        for spec in specs:
+            core = engine(model, spec, **config, **kw)
+            assert run(core, requests) == base, (config, spec["method"])
+            assert core.get_stats().spec_decode["num_draft_tokens"] > 0, (config, spec)
+            if config.get("num_blocks"):
+                assert core.get_stats().num_preemptions > 0
+            if spec["method"] != "medusa":  # every block of the head's own cache came back
+                proposer = core.spec.proposer
+                assert not proposer._tables and len(proposer._free) == proposer.num_blocks
+
+
+def test_random_heads_greedy_identity_llama(llama, tmp_path) -> None:
+    """Default pool (chunked prefill: prompts of 25 to 41 tokens at 32 a step; prefix hits on the shared prefix),
+    a pool so small that requests are preempted, and asynchronous scheduling."""
+    assert_identical(llama, head_specs(llama, tmp_path),
+                     [{}, {"num_blocks": 6}, {"async_scheduling": True}])
+
+
+def test_random_heads_greedy_identity_qwen3(tmp_path) -> None:
+    qwen3 = make_tiny_model("qwen3", tmp_path / "qwen3")
+    assert_identical(qwen3, head_specs(qwen3, tmp_path)[:3], [{}])
+
+
+def test_random_heads_greedy_identity_bundled_model(tmp_path) -> None:
+    from pdserve.engine.model_loader.bundled import ensure_bundled
+
+    target = str(ensure_bundled("smollm2-135m-instruct"))
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(100, 10000, (20,), generator=g).tolist()
+    requests = [(shared + torch.randint(100, 10000, (n,), generator=g).tolist(),
+                 SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)) for n in (3, 20)]
+    specs = head_specs(target, tmp_path)
+    # EAGLE-3 reading the authors' default layers (2, 15, 27) of the 30.
+    specs[1]["model"] = make_eagle3_head(target, tmp_path / "e3-default", draft_vocab=512, aux_layers=None)
+    assert_identical("smollm2-135m-instruct", specs[:3], [{}], requests, max_num_batched_tokens=24)
+
+
+def copying_head(target: str, directory: Path) -> str:
+    """An EAGLE-1 head that reproduces a one-layer target: ``fc`` passes the token's embedding through, the layer
+    is the target's layer (input norm included) and the target's final norm precedes the shared lm_head. Its
+    context lacks the first token, so it is close to the target but not always right."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(target) / "model.safetensors"))
+    config = json.loads((Path(target) / "config.json").read_text())
+    d = config["hidden_size"]
+    tensors = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.layers.0.")}
+    tensors["fc.weight"] = torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1)
+    tensors["norm.weight"] = weights["model.norm.weight"]
+    save_eagle_checkpoint(directory, tensors, {**config, "architectures": ["LlamaForCausalLM"]})
+    return str(directory)
+
+
+def test_a_head_that_predicts_is_accepted(tmp_path) -> None:
+    target = make_tiny_model("llama", tmp_path / "one", num_hidden_layers=1)
+    spec = {"method": "eagle", "model": copying_head(target, tmp_path / "copy"), "num_speculative_tokens": 3,
+            "draft_kv_cache_gib": 0.001}
+    requests = [(p, GREEDY) for p in prompts()]
+    base = run(engine(target), requests)
+    core = engine(target, spec)
+    steps = core.num_steps
+    assert run(core, requests) == base
+    stats = core.get_stats().spec_decode
+    assert stats["num_accepted_tokens"] > 0.5 * stats["num_draft_tokens"] > 0
+    assert all(n > 0 for n in stats["accepted_per_pos"])  # every position accepts sometimes: mean length > 2
+    assert 1 + stats["num_accepted_tokens"] / stats["num_drafts"] > 2
+    assert core.num_steps - steps < 3 * 30 * 0.6  # far fewer steps than tokens
+
+
+def test_sampling_distribution_is_unchanged_with_eagle(tmp_path) -> None:
+    """Tokens 2 to 4 of many sampled continuations with a random EAGLE head (an 8-token vocabulary: its guesses
+    are right often enough to be verified both ways) have the distribution of plain sampling."""
+    model = make_tiny_model("llama", tmp_path / "v8", vocab_size=8, initializer_range=0.2)
+    spec = {"method": "eagle", "model": make_eagle_head(model, tmp_path / "eagle"), "num_speculative_tokens": 2,
+            "adaptive": False, "draft_kv_cache_gib": 0.01}
+    prompt = [3, 4, 5, 6, 7, 3, 5, 7]
+    sp = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.9, top_p=0.8)
+    n = 500
+    outs = []
+    for config in (None, spec):
+        torch.manual_seed(0)
+        core = engine(model, config, max_num_seqs=n, max_num_batched_tokens=8192)
+        outs.append(torch.tensor(run(core, [(prompt, sp)] * n)))
+        if config:
+            stats = core.get_stats().spec_decode
+            assert stats["num_drafts"] >= n and 0.05 < stats["num_accepted_tokens"] / stats["num_draft_tokens"] < 0.95
+    for pos in (1, 2, 3):
+        counts = [torch.bincount(o[:, pos], minlength=8) for o in outs]
+        assert two_sample(*counts) > 1e-3, (pos, counts)
+
+
+def test_bad_checkpoints_are_refused(llama, tmp_path) -> None:
+    eagle3 = make_eagle3_head(llama, tmp_path / "e3")
+    with pytest.raises(ValueError, match="use method eagle3"):
+        engine(llama, {"method": "eagle", "model": eagle3})
+    with pytest.raises(ValueError, match="not an EAGLE-3 checkpoint"):
+        engine(llama, {"method": "eagle3", "model": make_eagle_head(llama, tmp_path / "e1")})
+    with pytest.raises(ValueError, match="has 2 heads"):
+        engine(llama, {"method": "medusa", "model": make_medusa_heads(llama, tmp_path / "m", num_heads=2),
+                       "num_speculative_tokens": 3})
+    with pytest.raises(ValueError, match="needs \"model\""):
+        engine(llama, {"method": "eagle"})
+    with pytest.raises(ValueError, match="not a head checkpoint directory"):
+        engine(llama, {"method": "eagle", "model": str(tmp_path / "nowhere")})
+    other = make_tiny_model("llama", tmp_path / "wide", hidden_size=32, intermediate_size=64)
+    with pytest.raises(ValueError, match="hidden size"):
+        engine(llama, {"method": "eagle", "model": make_eagle_head(other, tmp_path / "e-wide")})
+
+
+def test_trainable_head_matches_the_engine_head(llama, tmp_path) -> None:
+    """The training script's head and the engine's, loaded from what the former saves, compute the same guesses
+    over a sequence (dense causal attention there, the paged cache here)."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.spec_decode.eagle_train import EagleTrainHead
+    from pdserve.engine.worker.model_runner import ModelRunner
+
+    runner = ModelRunner(EngineConfig.create(llama, device="cpu", attention_backend="torch"))
+    target = runner.model
+    torch.manual_seed(0)
+    train = EagleTrainHead(target.config)
+    with torch.no_grad():
+        train.post_attention_layernorm.weight.add_(0.1 * torch.randn_like(train.post_attention_layernorm.weight))
+    tensors, fields = train.checkpoint(torch.float32)
+    save_eagle_checkpoint(tmp_path / "head", tensors, fields)
+    from pdserve.engine.spec_decode.eagle import EagleProposer
+
+    proposer = EagleProposer(str(tmp_path / "head"), 1, runner, kv_cache_bytes=1 << 20, max_model_len=512)
+    tokens = torch.randint(3, 500, (1, 20))
+    hidden = torch.randn(1, 20, target.config.hidden_size)
+    with torch.no_grad():
+        dense = train(target.model.embed_tokens(tokens), hidden)[0]
+    from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
+    from pdserve.engine.worker.input_batch import build_inputs
+
+    proposer._reserve("r", 19)
+    inputs = build_inputs(SchedulerOutput([ScheduledChunk("r", tokens[0].tolist(), 0, proposer._tables["r"], True)]),
+                          runner.block_size, runner.device)
+    with torch.no_grad():
+        _, paged = proposer.head(inputs.input_ids, inputs.positions, hidden[0], proposer.kv_cache,
+                                 inputs.attn_metadata, True)
+    torch.testing.assert_close(paged, dense, atol=1e-4, rtol=1e-4)
