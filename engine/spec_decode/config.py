@@ -23,9 +23,10 @@ class SpeculativeConfig:
     n-gram sizes the ``ngram`` proposer matches (the longest first). ``model``: the ``draft_model`` proposer's
     model (same vocabulary as the target; ``draft_load_format`` as ``--load-format``), with a KV cache of
     ``draft_kv_cache_gib``; for ``eagle``, ``eagle3`` and ``medusa`` the head checkpoint's directory (or a
-    shipped head's name), the EAGLE head's own KV cache sized by ``draft_kv_cache_gib`` too. ``oracle_path``: a JSON file of earlier
-    outputs the ``oracle`` proposer replays (benchmarks; it also replays what this engine produced before), and
-    ``oracle_acceptance`` the share of each proposal it keeps correct (the rest is made wrong on purpose).
+    shipped head's name), the EAGLE head's own KV cache sized by ``draft_kv_cache_gib`` too. ``oracle_path``:
+    a JSON file of earlier outputs the ``oracle`` proposer replays (benchmarks; it also replays what this engine
+    produced before), and ``oracle_acceptance`` the share of each proposal it keeps correct (the rest is made
+    wrong on purpose).
 
     Adaptive k: with ``adaptive`` on, a request whose recent acceptance (an exponential average) falls below
     ``min_acceptance`` stops proposing, except for a probe every ``probe_interval`` steps; a step with

@@ -101,8 +101,9 @@ class EagleProposer(Proposer):
         ks = [min(k, self.max_model_len - r.num_tokens) for r, k in zip(requests, ks)]
         live = [i for i, (r, k) in enumerate(zip(requests, ks)) if k > 0 and r.request_id in self._last
                 and self._done[r.request_id] == r.num_tokens - 1]  # caught up with the known tokens
-        live = [i for i in live if self._reserve(requests[i].request_id,
-                                                 requests[i].num_tokens + ks[i] - 2 - self._base[requests[i].request_id])]
+        # Scratch positions up to num_tokens + k - 3 (see the module docstring), relative to the head's base.
+        live = [i for i in live if self._reserve(
+            requests[i].request_id, requests[i].num_tokens + ks[i] - 3 - self._base[requests[i].request_id])]
         if not live:
             return out
         for_logits = torch.stack([self._last[requests[i].request_id][0] for i in live])
