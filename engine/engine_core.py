@@ -138,6 +138,8 @@ class EngineCore:
         )
         self.sampler = Sampler(self.runner.device)
         self.structured = _structured_output_manager(config, self.vocab_size)
+        if self.spec is not None:
+            self.spec.structured = self.structured
         self._tokenizer: Any = None  # loaded on first use (bad_words)
         # Startup left millions of long-lived objects (torch, transformers, the model's modules) that every full
         # garbage collection would scan again: measured, a ~300 ms pause every hundred or so steps, 3 ms a step
