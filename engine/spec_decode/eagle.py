@@ -37,18 +37,22 @@ class EagleProposer(Proposer):
     head's cache and ``max_model_len``."""
 
     def __init__(self, model: str, version: int, runner, kv_cache_bytes: int, max_model_len: int) -> None:
-        from pdserve.engine.spec_decode.eagle_head import aux_layer_ids, load_eagle_head, read_head_config, \
-            resolve_head_dir
+        from pdserve.engine.spec_decode.eagle_head import (
+            aux_layer_ids,
+            llama_config,
+            load_eagle_head,
+            read_head_config,
+            resolve_head_dir,
+        )
         from pdserve.engine.worker.attention import get_attention_backend
         from pdserve.engine.worker.kv_cache import allocate_kv_caches, kv_cache_spec, num_blocks_for_bytes
 
         directory = resolve_head_dir(model)
         target = runner.model
-        self.device, self.block_size, self.max_model_len = runner.device, runner.block_size, max_model_len
+        self.device, self.dtype = runner.device, runner.dtype
+        self.block_size, self.max_model_len = runner.block_size, max_model_len
         fields = read_head_config(directory)
         self.hidden_states = "last" if version == 1 else aux_layer_ids(fields, target.config.num_hidden_layers)
-        from pdserve.engine.spec_decode.eagle_head import llama_config
-
         spec = kv_cache_spec(llama_config(fields), self.block_size, runner.dtype)
         backend = get_attention_backend(runner.config.device.attention_backend, self.device, spec.head_dim,
                                         self.block_size)
@@ -121,7 +125,7 @@ class EagleProposer(Proposer):
                 rid = r.request_id
                 chunks.append(ScheduledChunk(rid, [out[i][-1]], r.num_tokens - 2 + j - self._base[rid],
                                              self._tables[rid], True))
-            for_logits, hidden = self._forward(chunks, hidden, from_target=False, batched=True)
+            for_logits, hidden = self._forward(chunks, hidden, from_target=False)
             for i, g in zip(live, self.head.draft_tokens(for_logits).tolist()):
                 out[i].append(g)
         return out
@@ -141,10 +145,11 @@ class EagleProposer(Proposer):
         table.extend(self._free.pop() for _ in range(max(0, need)))
         return True
 
-    def _forward(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, from_target: bool,
-                 batched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of the head; ``hidden``: the rows of every chunk in order (``batched``: one row per chunk,
-        all one-token chunks). Returns each chunk's last row of ``(for_logits, next_hidden)``, in chunk order."""
+    def _forward(self, chunks: list[ScheduledChunk], hidden: torch.Tensor,
+                 from_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the head; ``hidden``: the rows of every chunk, in chunk order (target features when
+        ``from_target``, else the head's own outputs). Returns each chunk's last row of ``(for_logits,
+        next_hidden)``, in chunk order."""
         from pdserve.engine.worker.input_batch import build_inputs
 
         # The attention metadata's contract: one-token chunks first.
@@ -158,7 +163,7 @@ class EagleProposer(Proposer):
         inputs = build_inputs(SchedulerOutput(chunks=[chunks[i] for i in order]), self.block_size, self.device,
                               num_blocks=self.num_blocks)
         md = inputs.attn_metadata
-        for_logits, nxt = self.head(inputs.input_ids, inputs.positions, hidden.to(self.kv_cache.dtype),
+        for_logits, nxt = self.head(inputs.input_ids, inputs.positions, hidden.to(self.dtype),
                                     self.kv_cache, md, from_target)
         last = md.logits_indices
         inverse = torch.empty(len(order), dtype=torch.long)

@@ -126,11 +126,17 @@ class MedusaProposer(Proposer):
         self._last: dict[str, tuple[int, torch.Tensor]] = {}  # request id -> (position, hidden [D])
 
     def observe(self, items: list[ObservedChunk], hidden: torch.Tensor) -> None:
+        kept, rows = [], []
         for item in items:
             r, c = item.request, item.chunk
             n = min(c.start_pos + c.num_tokens, r.num_tokens - 1) - c.start_pos
             if n > 0:
-                self._last[r.request_id] = (c.start_pos + n - 1, hidden[item.row + n - 1])
+                kept.append((r.request_id, c.start_pos + n - 1))
+                rows.append(item.row + n - 1)
+        if kept:  # one gather: the rows kept must not hold the whole step's hidden states alive
+            picked = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+            for (rid, pos), h in zip(kept, picked):
+                self._last[rid] = (pos, h)
 
     def propose(self, request: Request, k: int) -> list[int]:
         return self.propose_batch([request], [k])[0]

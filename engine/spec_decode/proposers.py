@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class Proposer(ABC):
 
     # What of the target's hidden states the proposer reads after every step (see ModelRunner.
     # capture_hidden_states): None for proposers that read tokens only.
-    hidden_states: ClassVar[str | tuple[int, ...] | None] = None
+    hidden_states: str | tuple[int, ...] | None = None
 
     def observe(self, items: list[ObservedChunk], hidden: Any) -> None:
         """The step just run (only for proposers with ``hidden_states``): ``hidden`` has one row per token of
