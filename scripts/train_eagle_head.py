@@ -25,6 +25,7 @@ CPU smoke run (a minute or two on an idle 2-core machine; it checks the pipeline
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -162,13 +163,23 @@ def train(config, feats, seqs, embed, head, args) -> torch.nn.Module:
     return model
 
 
+def engine_kwargs(args) -> dict:
+    """Engine settings shared by the generating and the evaluating engine. On a GPU the KV cache has a fixed size
+    (8192 blocks of 16 tokens: 256 sequences of up to 512 tokens), not a share of free memory: the first engine's
+    memory is not necessarily returned before the second one starts."""
+    kwargs = dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=256)
+    if args.device.startswith("cuda"):
+        kwargs["num_blocks"] = 8192
+    return kwargs
+
+
 def evaluate(args, prompts_ids, expected) -> dict:
     from pdserve import LLM
     from pdserve.engine.sampling_params import SamplingParams
 
     spec = {"method": "eagle", "model": args.out, "num_speculative_tokens": args.k, "adaptive": False,
             "draft_kv_cache_gib": 0.25 if args.device.startswith("cuda") else 0.01}
-    llm = LLM(args.model, device=args.device, speculative_config=spec, max_model_len=args.max_model_len)
+    llm = LLM(args.model, speculative_config=spec, **engine_kwargs(args))
     start = time.time()
     outs = llm.generate(prompts_ids, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
     elapsed = time.time() - start
@@ -186,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True, help="where the head is saved (EAGLE checkpoint layout)")
-    ap.add_argument("--num-prompts", type=int, default=720, help="training prompts (templates x topics: 800 max)")
+    ap.add_argument("--num-prompts", type=int, default=736, help="training prompts (templates x topics: 800 in all)")
     ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (never trained on)")
     ap.add_argument("--max-tokens", type=int, default=256, help="answer length generated per prompt")
-    ap.add_argument("--sampled-share", type=float, default=0.5, help="share of prompts also answered by sampling")
+    ap.add_argument("--sampled-share", type=float, default=1.0, help="share of prompts also answered by sampling")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --epochs")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -198,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens for the evaluation")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="auto", help="the engines' dtype (auto: bfloat16 on a GPU, float32 on a CPU); "
+                    "float32 makes the speculative outputs comparable token for token with plain decoding")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -212,11 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     resolved = resolve_model(args.model)
     prompts = build_prompts(args.num_prompts + args.eval_prompts, args.seed)
     train_prompts, eval_prompts = prompts[:args.num_prompts], prompts[args.num_prompts:]
-    llm = LLM(args.model, device=args.device, max_model_len=args.max_model_len)
+    llm = LLM(args.model, **engine_kwargs(args))
     tokenizer = llm.get_tokenizer()
     _, _, seqs = generate(llm, tokenizer, train_prompts, args.max_tokens, args.sampled_share, args.seed)
     eval_ids, eval_expected, _ = generate(llm, tokenizer, eval_prompts, args.max_tokens, 0.0, args.seed)
+    llm.engine.core.shutdown()
     del llm
+    gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     print(f"generated {len(seqs)} training sequences ({sum(map(len, seqs))} tokens) in {time.time() - t0:.0f}s",
