@@ -190,3 +190,31 @@ def test_trainable_head_matches_the_engine_head(llama, tmp_path) -> None:
         _, paged = proposer.head(inputs.input_ids, inputs.positions, hidden[0], proposer.kv_cache,
                                  inputs.attn_metadata, True)
     torch.testing.assert_close(paged, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_runner_exposes_the_hidden_states_transformers_computes(llama) -> None:
+    """EAGLE-3's features (the residual stream entering the chosen layers) and EAGLE-1's (the final normed hidden
+    state) are those of transformers' ``output_hidden_states``, one row per token of the step."""
+    from transformers import AutoModelForCausalLM
+
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
+    from pdserve.engine.worker.model_runner import ModelRunner
+
+    tokens = prompts()[2][:20]
+    hf = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens]), output_hidden_states=True).hidden_states  # embeddings, then each layer
+    step = SchedulerOutput([ScheduledChunk("r", tokens, 0, [0, 1], True)])
+    runner = ModelRunner(EngineConfig.create(llama, device="cpu", attention_backend="torch", num_blocks=4))
+    runner.execute_model(step)
+    assert runner.last_hidden is None  # nothing kept unless a proposer asks
+    runner.capture_hidden_states("last")
+    runner.execute_model(step)
+    torch.testing.assert_close(runner.last_hidden, ref[-1][0], atol=1e-4, rtol=1e-4)
+    runner.capture_hidden_states((1, 0, 1))
+    runner.execute_model(step)
+    torch.testing.assert_close(runner.last_hidden, torch.cat([ref[1][0], ref[0][0], ref[1][0]], dim=-1),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="outside the target's 2 layers"):
+        runner.capture_hidden_states((0, 1, 2))
