@@ -18,7 +18,8 @@ pytestmark = pytest.mark.timeout(900)
 
 MODEL = "smollm2-135m-instruct"
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                           "temperature": {"type": "integer", "minimum": -50, "maximum": 60}, "sunny": {"type": "boolean"}},
+                                           "temperature": {"type": "integer", "minimum": -50, "maximum": 60},
+                                           "sunny": {"type": "boolean"}},
           "required": ["city", "temperature", "sunny"], "additionalProperties": False}
 # The prompt shows the JSON the answer repeats: the n-gram proposer finds its drafts there, and some of them
 # break the schema (the key order differs), so drafts are both accepted and cut by the grammar.
