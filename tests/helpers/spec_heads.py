@@ -101,3 +101,19 @@ def make_medusa_heads(target_dir: str, directory: Path, num_heads: int = 3, num_
               else {"num_heads": num_heads, "num_hidden_layers": num_layers, "hidden_size": d, "vocab_size": vocab})
     save_eagle_checkpoint(directory, tensors, config)
     return str(directory)
+
+
+def copying_head(target: str, directory: Path) -> str:
+    """An EAGLE-1 head that reproduces a one-layer target: ``fc`` passes the token's embedding through, the layer
+    is the target's layer (input norm included) and the target's final norm precedes the shared lm_head. Its
+    context lacks the first token, so it is close to the target but not always right."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(target) / "model.safetensors"))
+    config = json.loads((Path(target) / "config.json").read_text())
+    d = config["hidden_size"]
+    tensors = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.layers.0.")}
+    tensors["fc.weight"] = torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1)
+    tensors["norm.weight"] = weights["model.norm.weight"]
+    save_eagle_checkpoint(directory, tensors, {**config, "architectures": ["LlamaForCausalLM"]})
+    return str(directory)

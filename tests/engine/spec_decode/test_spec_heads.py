@@ -6,7 +6,6 @@ refused."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_decode.eagle_head import save_eagle_checkpoint
 from tests.engine.spec_decode.chi_square import two_sample
 from tests.engine.spec_decode.test_spec_engine import GREEDY, engine, prompts, run
-from tests.helpers.spec_heads import make_eagle3_head, make_eagle_head, make_medusa_heads
+from tests.helpers.spec_heads import copying_head, make_eagle3_head, make_eagle_head, make_medusa_heads
 from tests.helpers.tiny_models import make_tiny_model
 
 
@@ -84,22 +83,6 @@ def test_random_heads_greedy_identity_bundled_model(tmp_path) -> None:
     # EAGLE-3 reading the authors' default layers (2, 15, 27) of the 30.
     specs[1]["model"] = make_eagle3_head(target, tmp_path / "e3-default", draft_vocab=512, aux_layers=None)
     assert_identical("smollm2-135m-instruct", specs[:3], [{}], requests, max_num_batched_tokens=24)
-
-
-def copying_head(target: str, directory: Path) -> str:
-    """An EAGLE-1 head that reproduces a one-layer target: ``fc`` passes the token's embedding through, the layer
-    is the target's layer (input norm included) and the target's final norm precedes the shared lm_head. Its
-    context lacks the first token, so it is close to the target but not always right."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(Path(target) / "model.safetensors"))
-    config = json.loads((Path(target) / "config.json").read_text())
-    d = config["hidden_size"]
-    tensors = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.layers.0.")}
-    tensors["fc.weight"] = torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1)
-    tensors["norm.weight"] = weights["model.norm.weight"]
-    save_eagle_checkpoint(directory, tensors, {**config, "architectures": ["LlamaForCausalLM"]})
-    return str(directory)
 
 
 def test_a_head_that_predicts_is_accepted(tmp_path) -> None:
