@@ -198,7 +198,7 @@ def load_eagle_head(directory: Path, version: int, target: nn.Module, backend: A
     if config.num_hidden_layers != 1:
         raise ValueError(f"EAGLE head in {directory} has {config.num_hidden_layers} layers; pdserve runs one-layer "
                          f"heads")
-    names = {name.removeprefix("model.") for name, _ in _names(directory)}
+    names = {name.removeprefix("model.") for name in _tensor_names(directory)}
     if version == 3 and not any(n.startswith(("midlayer.", "layers.0.")) and "hidden_norm" in n for n in names):
         raise ValueError(f"{directory} is not an EAGLE-3 checkpoint (no midlayer.hidden_norm); use method eagle")
     if version == 1 and "fc.weight" in names and any("hidden_norm" in n for n in names):
@@ -222,7 +222,8 @@ def load_eagle_head(directory: Path, version: int, target: nn.Module, backend: A
     return head.eval(), config
 
 
-def _names(directory: Path):
+def _tensor_names(directory: Path):
+    """The tensor names of the checkpoint's safetensors files (read from their headers only)."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -230,8 +231,7 @@ def _names(directory: Path):
         raise ValueError(f"no *.safetensors files in {directory}")
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, None
+            yield from f.keys()
 
 
 def save_eagle_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
