@@ -1,7 +1,7 @@
 """EAGLE and EAGLE-3 draft heads: one decoder layer over the target model's hidden states, and their loader.
 
 Both read checkpoints as the EAGLE authors publish them (a directory with ``config.json``, a Llama config of the
-head, and ``*.safetensors``), the layout vLLM and SGLang load too:
+head, and ``*.safetensors`` or ``pytorch_model.bin``), the layout vLLM and SGLang load too:
 
 * **EAGLE-1** -- ``fc.weight`` ``[D, 2D]`` (``fc.bias`` optional) mixes ``[embed(token), hidden]``, where
   ``hidden`` is the target's final (normed) hidden state; one Llama decoder layer ``layers.0.*`` follows, without
@@ -187,8 +187,6 @@ def load_eagle_head(directory: Path, version: int, target: nn.Module, backend: A
                     device: torch.device, dtype: torch.dtype) -> tuple[EagleHead, Any]:
     """Build the head of ``directory`` for ``target`` (a loaded causal LM) and load its weights; returns
     ``(head, its Llama config)``. Refuses heads whose shapes cannot fit the target."""
-    from pdserve.engine.model_loader.weights import iter_safetensors
-
     fields = read_head_config(directory)
     config = llama_config(fields)
     target_config = target.config
@@ -210,7 +208,7 @@ def load_eagle_head(directory: Path, version: int, target: nn.Module, backend: A
                          final_norm="norm.weight" in names, fc_bias="fc.bias" in names,
                          embed=target.model.embed_tokens, target_logits=target.compute_logits)
     head.requires_grad_(False)
-    loaded = head.load_weights(iter_safetensors(directory))
+    loaded = head.load_weights(iter_head_tensors(directory))
     own = {n for n, _ in head.named_parameters()}
     missing = sorted(own - loaded)
     if version == 3 and "d2t" not in loaded:
@@ -222,13 +220,29 @@ def load_eagle_head(directory: Path, version: int, target: nn.Module, backend: A
     return head.eval(), config
 
 
-def _tensor_names(directory: Path):
-    """The tensor names of the checkpoint's safetensors files (read from their headers only)."""
-    from safetensors import safe_open
+def iter_head_tensors(directory: Path):
+    """Every tensor of a head checkpoint: its ``*.safetensors`` files, or else the PyTorch pickles many
+    published heads ship (``*.bin`` / ``*.pt``, read with ``weights_only``: tensors only, no code)."""
+    if any(directory.glob("*.safetensors")):
+        from pdserve.engine.model_loader.weights import iter_safetensors
 
+        yield from iter_safetensors(directory)
+        return
+    files = sorted([*directory.glob("*.bin"), *directory.glob("*.pt")])
+    if not files:
+        raise ValueError(f"no weights in {directory} (*.safetensors, *.bin or *.pt)")
+    for file in files:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def _tensor_names(directory: Path):
+    """The tensor names of a head checkpoint (safetensors: read from their headers only)."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"no *.safetensors files in {directory}")
+        yield from (name for name, _ in iter_head_tensors(directory))
+        return
+    from safetensors import safe_open
+
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             yield from f.keys()

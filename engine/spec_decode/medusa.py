@@ -6,7 +6,7 @@ published:
 
 * Medusa's own layout -- ``medusa_head.{i}.{j}.linear.weight/bias`` for block ``j`` of head ``i`` and
   ``medusa_head.{i}.{L}.weight`` for its vocabulary head; ``config.json`` has ``medusa_num_heads`` and
-  ``medusa_num_layers`` (files ``*.safetensors``, or ``medusa_lm_head.pt``);
+  ``medusa_num_layers`` (files ``*.safetensors``, or PyTorch's ``medusa_lm_head.pt`` / ``*.bin``);
 * vLLM's layout -- ``blocks.{i}.layers.{j}.weight/bias`` and ``lm_heads.{i}.weight``, with ``num_heads`` and
   ``num_hidden_layers`` in ``config.json``.
 
@@ -58,14 +58,9 @@ class MedusaHeads(nn.Module):
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    if list(directory.glob("*.safetensors")):
-        from pdserve.engine.model_loader.weights import iter_safetensors
+    from pdserve.engine.spec_decode.eagle_head import iter_head_tensors
 
-        return {name.removeprefix("model."): t for name, t in iter_safetensors(directory)}
-    pt = directory / "medusa_lm_head.pt"
-    if pt.is_file():
-        return dict(torch.load(pt, map_location="cpu", weights_only=True))
-    raise ValueError(f"no Medusa weights in {directory} (*.safetensors or medusa_lm_head.pt)")
+    return {name.removeprefix("model."): t for name, t in iter_head_tensors(directory)}
 
 
 def load_medusa_heads(directory: Path, target: nn.Module, device: torch.device, dtype: torch.dtype) -> MedusaHeads:

@@ -117,3 +117,14 @@ def copying_head(target: str, directory: Path) -> str:
     tensors["norm.weight"] = weights["model.norm.weight"]
     save_eagle_checkpoint(directory, tensors, {**config, "architectures": ["LlamaForCausalLM"]})
     return str(directory)
+
+
+def as_pickle(directory: str, filename: str) -> str:
+    """Rewrite a head saved as safetensors into a PyTorch pickle ``filename`` (``pytorch_model.bin``,
+    ``medusa_lm_head.pt``), as many published heads are shipped."""
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    torch.save(load_file(str(path / "model.safetensors")), path / filename)
+    (path / "model.safetensors").unlink()
+    return directory

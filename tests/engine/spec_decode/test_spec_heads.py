@@ -15,7 +15,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_decode.eagle_head import save_eagle_checkpoint
 from tests.engine.spec_decode.chi_square import two_sample
 from tests.engine.spec_decode.test_spec_engine import GREEDY, engine, prompts, run
-from tests.helpers.spec_heads import copying_head, make_eagle3_head, make_eagle_head, make_medusa_heads
+from tests.helpers.spec_heads import as_pickle, copying_head, make_eagle3_head, make_eagle_head, make_medusa_heads
 from tests.helpers.tiny_models import make_tiny_model
 
 
@@ -121,6 +121,19 @@ def test_sampling_distribution_is_unchanged_with_eagle(tmp_path) -> None:
     for pos in (1, 2, 3):
         counts = [torch.bincount(o[:, pos], minlength=8) for o in outs]
         assert two_sample(*counts) > 1e-3, (pos, counts)
+
+
+def test_pickled_checkpoints_load_too(llama, tmp_path) -> None:
+    """Heads shipped as ``pytorch_model.bin`` (EAGLE) and ``medusa_lm_head.pt`` (Medusa) load like safetensors."""
+    eagle = as_pickle(make_eagle_head(llama, tmp_path / "e1"), "pytorch_model.bin")
+    medusa = as_pickle(make_medusa_heads(llama, tmp_path / "m"), "medusa_lm_head.pt")
+    requests = [(prompts()[0], GREEDY)]
+    base = run(engine(llama), requests)
+    for spec in ({"method": "eagle", "model": eagle, "draft_kv_cache_gib": 0.001},
+                 {"method": "medusa", "model": medusa, "num_speculative_tokens": 3}):
+        core = engine(llama, spec)
+        assert run(core, requests) == base
+        assert core.get_stats().spec_decode["num_draft_tokens"] > 0
 
 
 def test_bad_checkpoints_are_refused(llama, tmp_path) -> None:
