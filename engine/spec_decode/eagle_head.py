@@ -69,7 +69,7 @@ class EagleHead(nn.Module):
     ``embed`` and ``target_logits`` are the target's embedding and logits functions (shared, not copied)."""
 
     def __init__(self, config, version: int, backend: AttentionBackend, *, input_norm: bool, final_norm: bool,
-                 fc_bias: bool, embed, target_logits) -> None:
+                 fc_bias: bool, embed, target_logits, qkv_bias: bool = False, o_bias: bool = False) -> None:
         super().__init__()
         self.version = version
         # The target's modules, not submodules of the head (not its parameters, never saved with it).
@@ -78,16 +78,15 @@ class EagleHead(nn.Module):
         d = config.hidden_size
         rotary = RotaryEmbedding(head_dim_of(config), *rope_parameters(config),
                                  max_position=config.max_position_embeddings)
-        bias = bool(getattr(config, "attention_bias", False))
         if version == 1:
             self.fc = Linear(2 * d, d, bias=fc_bias)
-            self.layer = LlamaDecoderLayer(config, backend, rotary, bias, bias, False)
+            self.layer = LlamaDecoderLayer(config, backend, rotary, qkv_bias, o_bias, False)
             if not input_norm:
                 self.layer.input_layernorm = nn.Identity()
             self.norm = RMSNorm(d, config.rms_norm_eps) if final_norm else None
         else:
             self.fc = Linear(3 * d, d, bias=fc_bias)
-            self.layer = Eagle3Layer(config, backend, rotary)
+            self.layer = Eagle3Layer(config, backend, rotary, qkv_bias, o_bias)
             self.norm = RMSNorm(d, config.rms_norm_eps)
             draft_vocab = int(getattr(config, "draft_vocab_size", None) or config.vocab_size)
             self.lm_head = Linear(d, draft_vocab)
@@ -144,14 +143,14 @@ class Eagle3Layer(nn.Module):
     """EAGLE-3's decoder layer: attention over ``[input_layernorm(embed), hidden_norm(hidden)]`` (``2D`` wide),
     the residual stream starting from ``hidden`` (or from its normed value with ``norm_before_residual``)."""
 
-    def __init__(self, config, backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config, backend: AttentionBackend, rotary: RotaryEmbedding, qkv_bias: bool,
+                 o_bias: bool) -> None:
         super().__init__()
         d = config.hidden_size
         wide = copy.copy(config)
         wide.hidden_size, wide.head_dim = 2 * d, head_dim_of(config)
-        bias = bool(getattr(config, "attention_bias", False))
-        self.self_attn = LlamaAttention(wide, backend, rotary, bias, bias, False)
-        self.self_attn.o_proj = Linear(config.num_attention_heads * head_dim_of(config), d, bias)
+        self.self_attn = LlamaAttention(wide, backend, rotary, qkv_bias, o_bias, False)
+        self.self_attn.o_proj = Linear(config.num_attention_heads * head_dim_of(config), d, o_bias)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
         self.hidden_norm = RMSNorm(d, config.rms_norm_eps)
@@ -206,7 +205,10 @@ def load_eagle_head(directory: Path, version: int, target: nn.Module, backend: A
     with torch.device(device), _default_dtype(dtype):
         head = EagleHead(config, version, backend, input_norm="layers.0.input_layernorm.weight" in names,
                          final_norm="norm.weight" in names, fc_bias="fc.bias" in names,
-                         embed=target.model.embed_tokens, target_logits=target.compute_logits)
+                         embed=target.model.embed_tokens, target_logits=target.compute_logits,
+                         # Qwen2 targets' heads carry q/k/v biases: taken from the checkpoint, as the norms are
+                         qkv_bias=any(n.endswith("self_attn.q_proj.bias") for n in names),
+                         o_bias=any(n.endswith("self_attn.o_proj.bias") for n in names))
     head.requires_grad_(False)
     loaded = head.load_weights(iter_head_tensors(directory))
     own = {n for n, _ in head.named_parameters()}

@@ -40,9 +40,10 @@ def _layer(t: dict, prefix: str, g: torch.Generator, in_dim: int, std: float) ->
             f"{prefix}.post_attention_layernorm.weight": 1 + 0.1 * torch.randn(d, generator=g)}
 
 
-def make_eagle_head(target_dir: str, directory: Path, seed: int = 0, std: float = 0.05) -> str:
+def make_eagle_head(target_dir: str, directory: Path, seed: int = 0, std: float = 0.05, qkv_bias: bool = False) -> str:
     """An EAGLE-1 head: ``fc.weight`` (with a bias) and ``layers.0.*`` without an input norm, plus the frozen
-    ``embed_tokens.weight`` copy published heads carry (ignored by the loader)."""
+    ``embed_tokens.weight`` copy published heads carry (ignored by the loader); ``qkv_bias``: q/k/v biases, as
+    the heads of Qwen2 targets have."""
     t = _target(target_dir)
     g = torch.Generator().manual_seed(seed)
     d = t["hidden_size"]
@@ -50,6 +51,10 @@ def make_eagle_head(target_dir: str, directory: Path, seed: int = 0, std: float 
     tensors["fc.weight"] = torch.randn(d, 2 * d, generator=g) * std
     tensors["fc.bias"] = torch.randn(d, generator=g) * std
     tensors["embed_tokens.weight"] = torch.randn(t["vocab_size"], d, generator=g)
+    if qkv_bias:
+        for part in ("q", "k", "v"):
+            rows = tensors[f"layers.0.self_attn.{part}_proj.weight"].shape[0]
+            tensors[f"layers.0.self_attn.{part}_proj.bias"] = torch.randn(rows, generator=g) * 0.1
     save_eagle_checkpoint(directory, tensors, _head_config(t))
     return str(directory)
 

@@ -32,10 +32,10 @@ def llama(tmp_path_factory) -> str:
     return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
 
 
-def head_specs(target: str, directory: Path) -> list[dict]:
+def head_specs(target: str, directory: Path, qkv_bias: bool = False) -> list[dict]:
     kv = {"draft_kv_cache_gib": 0.001}
-    return [{"method": "eagle", "model": make_eagle_head(target, directory / "eagle"), "num_speculative_tokens": 3,
-             **kv},
+    return [{"method": "eagle", "model": make_eagle_head(target, directory / "eagle", qkv_bias=qkv_bias),
+             "num_speculative_tokens": 3, **kv},
             {"method": "eagle3", "model": make_eagle3_head(target, directory / "eagle3"),
              "num_speculative_tokens": 3, **kv},
             {"method": "medusa", "model": make_medusa_heads(target, directory / "medusa"), "num_speculative_tokens": 3},
@@ -68,7 +68,7 @@ def test_random_heads_greedy_identity_llama(llama, tmp_path) -> None:
 
 def test_random_heads_greedy_identity_qwen3(tmp_path) -> None:
     qwen3 = make_tiny_model("qwen3", tmp_path / "qwen3")
-    assert_identical(qwen3, head_specs(qwen3, tmp_path)[:3], [{}])
+    assert_identical(qwen3, head_specs(qwen3, tmp_path, qkv_bias=True)[:3], [{}])  # a head with q/k/v biases
 
 
 def test_random_heads_greedy_identity_bundled_model(tmp_path) -> None:
