@@ -172,8 +172,8 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         residual = None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            if i in wanted:  # a new tensor: the fused norm updates ``residual`` in place later
-                kept[i] = x if residual is None else x + residual
+            if i in wanted:  # a new tensor: the fused norm updates the residual stream in place later
+                kept[i] = x.clone() if residual is None else x + residual
             x, residual = layer(positions, x, residual, kv_cache, md)
         self.aux_hidden_states = [kept[i] for i in wanted]
         x, _ = self.norm(x, residual)
