@@ -5,7 +5,8 @@
    target's final hidden states over prompt + answer are computed (transformers, same weights).
 3. Training: :class:`~pdserve.engine.spec_decode.eagle_train.EagleTrainHead` -- regression of the next hidden
    state (smooth L1) plus the target's next-token distribution through its lm_head (cross-entropy, weight
-   ``--cls-weight``), as EAGLE trains; inputs get a little uniform noise.
+   ``--cls-weight``), as EAGLE trains; inputs get a little uniform noise. A second pass trains the condition of
+   the second guess too (the head fed its own previous output, ``--second-step-weight``).
 4. Saving: the published EAGLE layout (``config.json`` + ``model.safetensors``, bf16, no embedding or lm_head:
    the engine shares the target's).
 5. Evaluation: held-out prompts through the engine with ``{"method": "eagle", "model": OUT}``; prints the
@@ -104,6 +105,19 @@ def target_features(model_dir: str, seqs: list[list[int]], device: str, dtype: t
     return feats, embed, head, hf.config
 
 
+def step_losses(out, h_out, p_target, mask, head, autocast):
+    """Regression to the next hidden state (smooth L1), cross-entropy against the target's next-token
+    distribution, and top-1 agreement, each averaged over ``mask``."""
+    total = mask.sum()
+    reg = (F.smooth_l1_loss(out, h_out, reduction="none").mean(-1) * mask).sum() / total
+    with autocast:
+        logp = F.log_softmax((out @ head.t()).float(), dim=-1)
+    cls = (-(p_target * logp).sum(-1) * mask).sum() / total
+    with torch.no_grad():
+        hit = ((logp.argmax(-1) == p_target.argmax(-1)).float() * mask).sum() / total
+    return reg, cls, hit
+
+
 def train(config, feats, seqs, embed, head, args) -> torch.nn.Module:
     from pdserve.engine.spec_decode.eagle_train import EagleTrainHead
 
@@ -140,17 +154,20 @@ def train(config, feats, seqs, embed, head, args) -> torch.nn.Module:
                 nxt[j, :n] = torch.tensor(seqs[i][1:], device=device)
                 mask[j, :n] = 1
             noisy = h_in + (torch.rand_like(h_in) - 0.5) * args.noise
+            with torch.no_grad(), autocast:
+                p_target = F.softmax((h_out @ head.t()).float(), dim=-1)
             with autocast:
-                out = model(embed[nxt], noisy).float()
-            reg = (F.smooth_l1_loss(out, h_out, reduction="none").mean(-1) * mask).sum() / mask.sum()
-            with autocast:
-                logp = F.log_softmax((out @ head.t()).float(), dim=-1)
-                with torch.no_grad():
-                    p_target = F.softmax((h_out @ head.t()).float(), dim=-1)
-            cls = (-(p_target * logp).sum(-1) * mask).sum() / mask.sum()
-            with torch.no_grad():
-                hit = ((logp.argmax(-1) == p_target.argmax(-1)).float() * mask).sum() / mask.sum()
+                if args.second_step_weight > 0:
+                    out, out2 = (o.float() for o in model.forward_two_steps(embed[nxt], noisy))
+                else:
+                    out, out2 = model(embed[nxt], noisy).float(), None
+            reg, cls, hit = step_losses(out, h_out, p_target, mask, head, autocast)
             loss = reg + args.cls_weight * cls
+            if out2 is not None:  # the second guess's condition (see EagleTrainHead.forward_two_steps)
+                mask2 = mask.clone()
+                mask2[:, 0] = 0
+                reg2, cls2, hit2 = step_losses(out2, h_out, p_target, mask2, head, autocast)
+                loss = loss + args.second_step_weight * (reg2 + args.cls_weight * cls2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -158,8 +175,9 @@ def train(config, feats, seqs, embed, head, args) -> torch.nn.Module:
             sched.step()
             step += 1
             if step % args.log_every == 0 or step == total:
+                second = f"  top-1 (2nd guess) {hit2.item():.3f}" if out2 is not None else ""
                 print(f"step {step}/{total}  loss {loss.item():.4f}  reg {reg.item():.4f}  cls {cls.item():.4f}  "
-                      f"top-1 {hit.item():.3f}  {time.time() - start:.0f}s", flush=True)
+                      f"top-1 {hit.item():.3f}{second}  {time.time() - start:.0f}s", flush=True)
     return model
 
 
@@ -207,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cls-weight", type=float, default=0.1)
     ap.add_argument("--noise", type=float, default=0.2)
+    ap.add_argument("--second-step-weight", type=float, default=1.0,
+                    help="weight of the second-guess loss (the head fed its own output; 0: first guess only)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens for the evaluation")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--dtype", default="auto", help="the engines' dtype (auto: bfloat16 on a GPU, float32 on a CPU); "

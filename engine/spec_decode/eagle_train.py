@@ -43,8 +43,35 @@ class EagleTrainHead(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """``embeds``: embeddings of ``x_{i+1}``, ``hidden``: ``h_i``, both ``[B, T, D]`` -> outputs ``[B, T, D]``."""
-        B, T, _ = hidden.shape
         x = self.fc(torch.cat((embeds, hidden), dim=-1))
+        q, k, v = self._qkv(x)
+        return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def forward_two_steps(self, embeds: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first pass (:meth:`forward`), and a second one that sees what the head sees at its second guess:
+        at position ``i`` its input hidden state is the first pass's output at ``i - 1`` (its own prediction of
+        ``h_i``), while it attends to the first pass's keys and values of the positions before ``i`` (computed
+        from the target's features, as the head's cache holds them) and to its own at ``i``. Both passes have the
+        same targets; the second's row 0 has no previous output (leave it out of the loss)."""
+        B, T, D = hidden.shape
+        x1 = self.fc(torch.cat((embeds, hidden), dim=-1))
+        q1, k1, v1 = self._qkv(x1)
+        out1 = self._finish(x1, F.scaled_dot_product_attention(q1, k1, v1, is_causal=True))
+        prev = torch.cat((out1.new_zeros(B, 1, D), out1[:, :-1]), dim=1)
+        x2 = self.fc(torch.cat((embeds, prev), dim=-1))
+        q2, k2, v2 = self._qkv(x2)
+        scale = self.head_dim ** -0.5
+        earlier = (q2 @ k1.transpose(-1, -2)) * scale  # [B, H, T, T]: row i attends to pass-1 keys j < i
+        strictly_before = torch.ones(T, T, dtype=torch.bool, device=x2.device).tril(-1)
+        earlier = earlier.masked_fill(~strictly_before, float("-inf"))
+        itself = (q2 * k2).sum(-1, keepdim=True) * scale  # [B, H, T, 1]
+        weights = torch.softmax(torch.cat((earlier, itself), dim=-1).float(), dim=-1).to(q2.dtype)
+        o2 = weights[..., :T] @ v1 + weights[..., T:] * v2
+        return out1, self._finish(x2, o2)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries, keys and values ``[B, H, T, Dh]`` (keys and values repeated over the query groups)."""
+        B, T, _ = x.shape
         positions = torch.arange(T, device=x.device).repeat(B)
         q = self.q_proj(x).view(B * T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B * T, self.num_kv_heads, self.head_dim)
@@ -54,8 +81,11 @@ class EagleTrainHead(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.transpose(1, 2)
         group = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, Dh]
+        return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+    def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Attention output ``o [B, H, T, Dh]`` through ``o_proj``, the residual and the MLP -> ``[B, T, D]``."""
+        B, _, T, _ = o.shape
         h = x + self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         n = self.post_attention_layernorm(h)
         return h + self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))

@@ -156,7 +156,8 @@ def test_bad_checkpoints_are_refused(llama, tmp_path) -> None:
 
 def test_trainable_head_matches_the_engine_head(llama, tmp_path) -> None:
     """The training script's head and the engine's, loaded from what the former saves, compute the same guesses
-    over a sequence (dense causal attention there, the paged cache here)."""
+    over a sequence (dense causal attention there, the paged cache here), and the script's second pass is the
+    engine's second guess."""
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.spec_decode.eagle_train import EagleTrainHead
     from pdserve.engine.worker.model_runner import ModelRunner
@@ -186,6 +187,22 @@ def test_trainable_head_matches_the_engine_head(llama, tmp_path) -> None:
         _, paged = proposer.head(inputs.input_ids, inputs.positions, hidden[0], proposer.kv_cache,
                                  inputs.attn_metadata, True)
     torch.testing.assert_close(paged, dense, atol=1e-4, rtol=1e-4)
+
+    # The second pass the script also trains is the head's second guess: positions 0 .. 18 from the target's
+    # features in the cache, then position 19 fed with the head's own output at 18.
+    with torch.no_grad():
+        first, second = train.forward_two_steps(target.model.embed_tokens(tokens), hidden)
+    torch.testing.assert_close(first[0], dense, atol=1e-5, rtol=1e-5)
+    inputs = build_inputs(SchedulerOutput([ScheduledChunk("r", tokens[0, :19].tolist(), 0, proposer._tables["r"],
+                                                          True)]), runner.block_size, runner.device)
+    step = build_inputs(SchedulerOutput([ScheduledChunk("r", [int(tokens[0, 19])], 19, proposer._tables["r"], True)]),
+                        runner.block_size, runner.device)
+    with torch.no_grad():
+        _, out = proposer.head(inputs.input_ids, inputs.positions, hidden[0, :19], proposer.kv_cache,
+                               inputs.attn_metadata, True)
+        _, guess = proposer.head(step.input_ids, step.positions, out[18:19], proposer.kv_cache,
+                                 step.attn_metadata, False)
+    torch.testing.assert_close(guess[0], second[0, 19], atol=1e-4, rtol=1e-4)
 
 
 def test_runner_exposes_the_hidden_states_transformers_computes(llama) -> None:
