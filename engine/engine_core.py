@@ -70,6 +70,7 @@ class _InFlight:
     sample_ids: list[str]  # the requests of the sampled rows, in row order
     sample: Any  # a PendingSample
     start: float  # when the step() that launched it began
+    hidden: Any = None  # the step's hidden states, when a speculative proposer reads them (EAGLE, Medusa)
 
 
 @dataclass
@@ -137,6 +138,8 @@ class EngineCore:
         )
         self.sampler = Sampler(self.runner.device)
         self.structured = _structured_output_manager(config, self.vocab_size)
+        if self.spec is not None:
+            self.spec.structured = self.structured
         self._tokenizer: Any = None  # loaded on first use (bad_words)
         # Startup left millions of long-lived objects (torch, transformers, the model's modules) that every full
         # garbage collection would scan again: measured, a ~300 ms pause every hundred or so steps, 3 ms a step
@@ -273,6 +276,7 @@ class EngineCore:
             logits = self._execute(sched_out)
         except Exception as exc:
             return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
+        hidden = getattr(self.runner, "last_hidden", None)
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         spec_tokens: dict[str, list[int]] = {}
         split = None
@@ -293,7 +297,7 @@ class EngineCore:
             except Exception as exc:
                 return self._fail_step(sched_out, exc) + self._drain_finished_without_step()
         failed = self._fail_rows(sample_ids, {**result.errors, **mask_errors})
-        return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens)
+        return (failed + self._apply(sched_out, sample_ids, result, start, spec_tokens, hidden)
                 + self._drain_finished_without_step())
 
     def _start_transfers(self, sched_out: SchedulerOutput) -> None:
@@ -332,7 +336,7 @@ class EngineCore:
         pending = self.sampler.launch(logits, requests, bitmask)
         # Failed rows are aborted now; the scheduler skips their placeholder tokens when the step is applied.
         self._failed_outputs.extend(self._fail_rows(sample_ids, {**pending.errors, **mask_errors}))
-        return _InFlight(sched_out, sample_ids, pending, start)
+        return _InFlight(sched_out, sample_ids, pending, start, getattr(self.runner, "last_hidden", None))
 
     def _execute(self, sched_out: SchedulerOutput, sampled: Any = None) -> Any:
         """The forward pass, plus the prompt logprobs of the requests that asked (stored on them until sent)."""
@@ -364,7 +368,8 @@ class EngineCore:
         if done is None:
             return []
         result = done.sample.result()  # the one wait for the device
-        return self._apply(done.sched_out, done.sample_ids, result, max(done.start, self._last_done))
+        return self._apply(done.sched_out, done.sample_ids, result, max(done.start, self._last_done),
+                           hidden=done.hidden)
 
     def _fill_bitmask(self, requests: list[Request]) -> tuple[Any, dict[int, str]]:
         if self.structured is None:
@@ -391,9 +396,11 @@ class EngineCore:
         return False
 
     def _apply(self, sched_out: SchedulerOutput, sample_ids: list[str], result: Any,
-               start: float, spec_tokens: dict[str, list[int]] | None = None) -> list[EngineCoreOutput]:
+               start: float, spec_tokens: dict[str, list[int]] | None = None,
+               hidden: Any = None) -> list[EngineCoreOutput]:
         """Hand a step's sampled tokens to the scheduler; returns the outputs of the requests that got one.
-        ``spec_tokens``: what verification emitted for the requests whose chunks carried drafts."""
+        ``spec_tokens``: what verification emitted for the requests whose chunks carried drafts; ``hidden``:
+        the step's hidden states when the proposer reads them."""
         sampled: dict[str, Any] = dict(zip(sample_ids, result.token_ids))
         num_before = {}
         if spec_tokens:
@@ -431,6 +438,7 @@ class EngineCore:
                     self.spec.finished(req, completed=True)
         if self.spec is not None:
             try:
+                self.spec.observe(sched_out, hidden, self.scheduler.get_request, self.scheduler.num_running)
                 self.spec.propose(updated, self.scheduler.num_running)
             except Exception as exc:  # a proposer's failure costs this step's guesses, not the requests
                 if is_device_fault(exc):

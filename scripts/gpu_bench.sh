@@ -49,6 +49,12 @@ COPY_PROMPT=$(python3 -c "print(' '.join(f'Fact {i}: the number {i} is {\"even\"
 step spec_ngram_smollm2 200 $PD bench latency --model smollm2-135m-instruct --max-model-len 2048 --output-len 128 \
     --iters 3 --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --prompt "$COPY_PROMPT" \
     --json-out "$RES/spec_ngram_smollm2.json"
+# The trained EAGLE head of the bundled model (once scripts/train_eagle_head.py has written it), on a chat question.
+if [[ -f engine/spec_decode/heads/smollm2-135m-eagle/model.safetensors ]]; then
+  step spec_eagle_smollm2 200 $PD bench latency --model smollm2-135m-instruct --max-model-len 2048 --output-len 128 \
+      --iters 3 --speculative-config '{"method": "eagle", "model": "smollm2-135m-eagle", "num_speculative_tokens": 3}' \
+      --prompt "Explain how vaccines work in simple terms." --json-out "$RES/spec_eagle_smollm2.json"
+fi
 step kv_transfer 150 $PD bench kv-transfer --connector grpc-ipc,grpc,shared-fs --shape llama-3.1-8b --prompt-lens 4096 \
     --device cuda --model llama-3.1-8b --output "$RES/kv_transfer.json"
 # Prefix caching's cost at a 0 % hit rate: with and without, interleaved, twice each (one run each is too noisy).

@@ -138,10 +138,16 @@ class LlamaModel(nn.Module):
             if self.start_layer <= i < self.end_layer else MissingLayer() for i in range(config.num_hidden_layers))
         if shard.is_last_stage:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # EAGLE-3 (engine/spec_decode): the inputs of these layers are kept in ``aux_hidden_states`` on every
+        # forward pass; empty (the default) keeps the plain loop below untouched.
+        self.aux_hidden_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: list[torch.Tensor] = []
 
     def forward(self, input_ids, positions, kv_caches, md, intermediate=None):
         """``kv_caches``: one per layer of this stage. A stage after the first takes ``intermediate``, a stage
         before the last returns it: the ``(x, residual)`` pair, each ``[T, D]``."""
+        if self.aux_hidden_layers and self.shard.pp_size == 1:
+            return self._forward_keeping_aux(input_ids, positions, kv_caches, md)
         if self.shard.pp_size == 1:  # the single-stage path, as it always was
             x = self.embed_tokens(input_ids)  # [T, D]
             residual = None
@@ -155,6 +161,21 @@ class LlamaModel(nn.Module):
             x, residual = layer(positions, x, residual, kv_cache, md)
         if not self.shard.is_last_stage:
             return x, residual
+        x, _ = self.norm(x, residual)
+        return x
+
+    def _forward_keeping_aux(self, input_ids, positions, kv_caches, md):
+        """The single-stage forward, keeping the residual stream entering each layer of ``aux_hidden_layers``
+        (``[T, D]`` each, in that order) in ``aux_hidden_states``."""
+        wanted = self.aux_hidden_layers
+        kept: dict[int, torch.Tensor] = {}
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if i in wanted:  # a new tensor: the fused norm updates the residual stream in place later
+                kept[i] = x.clone() if residual is None else x + residual
+            x, residual = layer(positions, x, residual, kv_cache, md)
+        self.aux_hidden_states = [kept[i] for i in wanted]
         x, _ = self.norm(x, residual)
         return x
 

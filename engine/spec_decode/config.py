@@ -1,8 +1,7 @@
 """``SpeculativeConfig``: what ``--speculative-config`` (a JSON object, vLLM's shape) turns into.
 
 Example: ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}``.
-Methods that are not implemented (``eagle``, ``eagle3``, ``medusa``) are refused by name with a clear error rather
-than accepted and ignored.
+Unknown methods are refused by name with a clear error rather than accepted and ignored.
 """
 
 from __future__ import annotations
@@ -11,12 +10,9 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "draft_model", "oracle")
-NOT_IMPLEMENTED = {
-    "eagle": "EAGLE heads are not implemented yet",
-    "eagle3": "EAGLE-3 heads are not implemented yet",
-    "medusa": "Medusa heads are not implemented yet",
-}
+METHODS = ("ngram", "draft_model", "oracle", "eagle", "eagle3", "medusa")
+NEEDS_MODEL = {"draft_model": "the draft model to load", "eagle": "the EAGLE head's checkpoint directory",
+               "eagle3": "the EAGLE-3 head's checkpoint directory", "medusa": "the Medusa heads' checkpoint directory"}
 
 
 @dataclass(frozen=True)
@@ -26,9 +22,11 @@ class SpeculativeConfig:
     ``num_speculative_tokens`` (k) is the most drafts a request gets per step. ``prompt_lookup_min/max``: the
     n-gram sizes the ``ngram`` proposer matches (the longest first). ``model``: the ``draft_model`` proposer's
     model (same vocabulary as the target; ``draft_load_format`` as ``--load-format``), with a KV cache of
-    ``draft_kv_cache_gib``. ``oracle_path``: a JSON file of earlier
-    outputs the ``oracle`` proposer replays (benchmarks; it also replays what this engine produced before), and
-    ``oracle_acceptance`` the share of each proposal it keeps correct (the rest is made wrong on purpose).
+    ``draft_kv_cache_gib``; for ``eagle``, ``eagle3`` and ``medusa`` the head checkpoint's directory (or a
+    shipped head's name), the EAGLE head's own KV cache sized by ``draft_kv_cache_gib`` too. ``oracle_path``:
+    a JSON file of earlier outputs the ``oracle`` proposer replays (benchmarks; it also replays what this engine
+    produced before), and ``oracle_acceptance`` the share of each proposal it keeps correct (the rest is made
+    wrong on purpose).
     ``oracle_forced`` (timing only): the verifier accepts exactly that share whatever the target computes, and the
     oracle keeps proposing after the output leaves its record. For bf16 benchmarks on random weights, whose logits
     are near ties, so a verify step's argmax parts from a plain decode step's and the record stops matching; the
@@ -56,9 +54,6 @@ class SpeculativeConfig:
     disable_by_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.method in NOT_IMPLEMENTED:
-            raise ValueError(f"speculative method {self.method!r}: {NOT_IMPLEMENTED[self.method]}; "
-                             f"supported: {', '.join(METHODS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown speculative method {self.method!r}; supported: {', '.join(METHODS)}")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "probe_interval",
@@ -73,8 +68,8 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"speculative_config.{name} must be a number in [0, 1], got {value!r}")
-        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
-            raise ValueError('speculative method "draft_model" needs "model": the draft model to load')
+        if self.method in NEEDS_MODEL and not (isinstance(self.model, str) and self.model):
+            raise ValueError(f'speculative method "{self.method}" needs "model": {NEEDS_MODEL[self.method]}')
         if self.draft_load_format not in ("auto", "dummy"):
             raise ValueError(f"speculative_config.draft_load_format must be auto or dummy, got "
                              f"{self.draft_load_format!r}")

@@ -20,7 +20,7 @@ from pdserve.engine.request import Request
 from pdserve.engine.spec_decode.adaptive import AdaptiveK
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 from pdserve.engine.spec_decode.metrics import SpecDecodingStats
-from pdserve.engine.spec_decode.proposers import build_proposer
+from pdserve.engine.spec_decode.proposers import ObservedChunk, build_proposer
 from pdserve.engine.spec_decode.rejection import emitted_tokens, rejection_rows
 from pdserve.engine.worker.input_batch import small_tensor_to
 
@@ -67,14 +67,15 @@ class _HostCopy:
         return [t.tolist() for t in self._host]
 
 
-def may_speculate(request: Request) -> bool:
-    """Requests that never get drafts: those that opted out (``disable_speculation``), constrained ones (their
-    matcher would have to check and roll back drafts), those asking for logprobs (reported per sampled row only)
-    and those with logits processing (``bad_words`` depends on the tokens before each position, which a verify
-    step's later positions would not see)."""
+def may_speculate(request: Request, constrained_ok: bool = True) -> bool:
+    """Requests that never get drafts: those that opted out (``disable_speculation``), those asking for logprobs
+    (reported per sampled row only) and those with logits processing (``bad_words`` depends on the tokens before
+    each position, which a verify step's later positions would not see). Constrained requests (structured
+    output) speculate when ``constrained_ok``: their drafts are cut where the grammar rejects a token and each
+    verified row is masked by the grammar's state after the drafts before it."""
     params = request.sampling_params
-    return (not params.disable_speculation and params.structured_outputs is None and params.logprobs is None
-            and not params.needs_logits_processing)
+    return (not params.disable_speculation and (constrained_ok or params.structured_outputs is None)
+            and params.logprobs is None and not params.needs_logits_processing)
 
 
 class SpecDecoder:
@@ -86,8 +87,26 @@ class SpecDecoder:
         self.adaptive = AdaptiveK(config)
         self.stats = SpecDecodingStats(config.num_speculative_tokens)
         self.num_proposed = 0  # requests the last propose() gave drafts (the engine steps synchronously then)
+        # The engine's structured-output manager (set by the engine core when it has one): drafts of constrained
+        # requests are checked and verified under their grammar.
+        self.structured = None
 
     # ------------------------------------------------------------------ proposing
+    def observe(self, sched_out: SchedulerOutput, hidden, get_request, num_running: int) -> None:
+        """Hand the step just applied to a proposer that reads the target's hidden states (EAGLE, Medusa):
+        every chunk of a request that may speculate, with its rows of ``hidden`` (one per token of the step).
+        Skipped while adaptive k proposes nothing for the batch size (the head then restarts its context)."""
+        if self.proposer.hidden_states is None or hidden is None or self.adaptive.batch_k(num_running) == 0:
+            return
+        items, row = [], 0
+        for chunk in sched_out.chunks:
+            request = get_request(chunk.request_id)
+            if request is not None and not request.is_finished and may_speculate(request, self.structured is not None):
+                items.append(ObservedChunk(request, chunk, row))
+            row += chunk.num_tokens
+        if items:
+            self.proposer.observe(items, hidden)
+
     def propose(self, requests: list[Request], num_running: int) -> None:
         """Set ``spec_token_ids`` of each request (unfinished ones get guesses, the others none)."""
         limit = self.adaptive.batch_k(num_running)
@@ -95,7 +114,7 @@ class SpecDecoder:
         asking, ks = [], []
         for request in requests:
             request.spec_token_ids = []
-            if limit == 0 or request.is_finished or not may_speculate(request):
+            if limit == 0 or request.is_finished or not may_speculate(request, self.structured is not None):
                 continue
             k = self.adaptive.request_k(request.request_id, limit)
             if k:
@@ -104,7 +123,13 @@ class SpecDecoder:
         if not asking:
             return
         for request, k, guesses in zip(asking, ks, self.proposer.propose_batch(asking, ks)):
-            request.spec_token_ids = guesses[:k]
+            guesses = guesses[:k]
+            if guesses and getattr(request, "grammar", None) is not None:
+                try:
+                    guesses = self.structured.draft_prefix(request, guesses)
+                except ValueError:  # a grammar that failed: the plain path reports it for this request
+                    guesses = []
+            request.spec_token_ids = guesses
             self.num_proposed += bool(guesses)
 
     def finished(self, request: Request, completed: bool) -> None:
@@ -157,6 +182,18 @@ class SpecDecoder:
 
         return SplitStep(plain, plain_ids, resolve)
 
+    def _draft_bitmask(self, requests: list[Request], drafts: list[list[int]], num_rows: int):
+        """Structured output: the bitmask of every verified row (all ones for unconstrained requests), or None."""
+        if self.structured is None or all(getattr(r, "grammar", None) is None for r in requests):
+            return None
+        bitmask = torch.full((num_rows, self.structured.backend().bitmask_width), -1, dtype=torch.int32)
+        row = 0
+        for request, ds in zip(requests, drafts):
+            if request.grammar is not None:
+                self.structured.fill_draft_bitmasks(request, ds, bitmask, row)
+            row += len(ds) + 1
+        return bitmask
+
     def _verify_rows(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]], sampler):
         """``logits``: ``[R, V]``, each request's ``len(drafts) + 1`` rows in order. Queues the verification and a
         non-blocking copy of its outcome; returns a function that waits for it and gives what each request
@@ -173,7 +210,7 @@ class SpecDecoder:
                 else:
                     rows.append(request)
         device = logits.device
-        x = sampler.process_logits(logits.float(), rows)
+        x = sampler.process_logits(logits.float(), rows, self._draft_bitmask(requests, drafts, len(rows)))
         argmax = x.argmax(dim=-1)
         num_drafts = [len(ds) for ds in drafts]
         draft_ids = small_tensor_to([t for ds in drafts for t in ds + [0]], torch.long, device)

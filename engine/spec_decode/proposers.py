@@ -9,16 +9,36 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.request import Request
 from pdserve.engine.spec_decode.config import SpeculativeConfig
 
 
+@dataclass
+class ObservedChunk:
+    """A chunk of the step just run, for a proposer that reads the target's hidden states: its request (tokens
+    already updated with what the step emitted) and the row of the step's hidden states its first token has."""
+
+    request: Request
+    chunk: ScheduledChunk
+    row: int
+
+
 class Proposer(ABC):
     """Guesses continuations; one instance serves every request of an engine."""
+
+    # What of the target's hidden states the proposer reads after every step (see ModelRunner.
+    # capture_hidden_states): None for proposers that read tokens only.
+    hidden_states: str | tuple[int, ...] | None = None
+
+    def observe(self, items: list[ObservedChunk], hidden: Any) -> None:
+        """The step just run (only for proposers with ``hidden_states``): ``hidden`` has one row per token of
+        the step, in chunk order. Called after the scheduler applied the step and before :meth:`propose_batch`."""
 
     @abstractmethod
     def propose(self, request: Request, k: int) -> list[int]:
@@ -127,6 +147,18 @@ def build_proposer(config: SpeculativeConfig, vocab_size: int, runner: Any = Non
             max_model_len=runner.config.model.max_model_len, device=runner.device, dtype=runner.dtype,
             attention_backend=runner.config.device.attention_backend, block_size=runner.block_size,
             kv_cache_bytes=int(config.draft_kv_cache_gib * (1 << 30)), max_k=config.num_speculative_tokens)
+    if config.method in ("eagle", "eagle3"):
+        from pdserve.engine.spec_decode.eagle import EagleProposer
+
+        assert config.model is not None
+        return EagleProposer(config.model, 1 if config.method == "eagle" else 3, runner,
+                             kv_cache_bytes=int(config.draft_kv_cache_gib * (1 << 30)),
+                             max_model_len=runner.config.model.max_model_len)
+    if config.method == "medusa":
+        from pdserve.engine.spec_decode.medusa import MedusaProposer
+
+        assert config.model is not None
+        return MedusaProposer(config.model, runner, config.num_speculative_tokens, runner.config.model.max_model_len)
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "oracle":

@@ -142,6 +142,43 @@ class StructuredOutputManager:
                 self.stats.num_failed += 1
         return bitmask, errors
 
+    # ------------------------------------------------------------------ speculative decoding
+    def draft_prefix(self, request: Request, drafts: list[int]) -> list[int]:
+        """The longest prefix of a proposer's ``drafts`` the grammar allows after the request's known tokens (a
+        draft token it rejects ends the draft there); the matcher is left where it was. ``ValueError`` as
+        :meth:`fill_bitmask` reports (the request then simply gets no drafts)."""
+        matcher = self._synced_matcher(request)
+        n = 0
+        for token in drafts:
+            if not matcher.accept_token(token):
+                break
+            n += 1
+        if n:
+            matcher.rollback(n)
+        return drafts[:n]
+
+    def fill_draft_bitmasks(self, request: Request, drafts: list[int], bitmask: torch.Tensor, row: int) -> None:
+        """Rows ``row .. row + len(drafts)`` of ``bitmask``: the tokens allowed after the known tokens and after
+        each draft in turn (what verification masks each of the chunk's logits rows with). The matcher advances
+        over the drafts (which :meth:`draft_prefix` checked) and is rolled back to the known tokens."""
+        matcher = self._synced_matcher(request)
+        matcher.fill_next_token_bitmask(bitmask, row)
+        for j, token in enumerate(drafts):
+            if not matcher.accept_token(token):
+                matcher.rollback(j)
+                raise ValueError(f"draft token {token} does not follow the request's {request.grammar.params.kind} "
+                                 f"constraint")
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(bitmask, row + j + 1)
+            else:  # the draft ended the output (its stop token); the row is never emitted, but keep it a
+                # distribution (a point mass on the stop token) rather than all -inf
+                bitmask[row + j + 1].zero_()
+                if request.eos_token_id is not None:
+                    bit = 1 << (request.eos_token_id % 32)
+                    bitmask[row + j + 1, request.eos_token_id // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit
+        if drafts:
+            matcher.rollback(len(drafts))
+
     def _synced_matcher(self, request: Request) -> Any:
         """The request's matcher, advanced (or rolled back) to its current tokens."""
         state = request.grammar

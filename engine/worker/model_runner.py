@@ -58,6 +58,9 @@ class ModelRunner:
         self.kv_connector = None  # a KV connector's worker half (engine/kv_transfer), see attach_kv_connector
         # The last step's prompt logprobs (engine/prompt_logprobs.py): request id -> (start_pos, rows).
         self.prompt_logprobs_output: dict[str, tuple[int, list]] = {}
+        # Hidden states for EAGLE / Medusa proposers (see capture_hidden_states); None: nothing is kept.
+        self.hidden_capture: str | tuple[int, ...] | None = None
+        self.last_hidden: torch.Tensor | None = None
         if self.device.type == "cuda" and self.attn_backend.triton_kernels:
             self._warm_up_kernels()
         self.graph_runner = self._make_graph_runner()
@@ -101,6 +104,29 @@ class ModelRunner:
         if connector is not None:
             connector.wait_for_save()
         return logits
+
+    def capture_hidden_states(self, what: str | tuple[int, ...]) -> None:
+        """Keep each step's hidden states in ``last_hidden``: one row per token of the step, in chunk order.
+
+        ``"last"``: the final (normed) hidden state, ``[T, D]``, what EAGLE-1 and Medusa heads read; it is the
+        tensor the forward pass returns anyway, so this costs nothing. A tuple of layer indices (EAGLE-3): the
+        residual stream entering each of those layers, concatenated, ``[T, len * D]``; decode CUDA graphs are
+        dropped then (their outputs are the final hidden states only), so every step runs eagerly.
+        """
+        if self.shard is not None:
+            raise ValueError("EAGLE and Medusa proposers need a single-device model runner")
+        self.hidden_capture = what
+        if isinstance(what, tuple):
+            inner = getattr(self.model, "model", None)
+            if inner is None or not hasattr(inner, "aux_hidden_layers"):
+                raise ValueError(f"{type(self.model).__name__} cannot expose intermediate hidden states")
+            num_layers = len(inner.layers)
+            bad = [i for i in what if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"auxiliary hidden-state layers {bad} are outside the target's {num_layers} layers")
+            inner.aux_hidden_layers = what
+            self.graph_runner = None
+            self.verify_graph_runner = None  # its graphs, too, return the final hidden states only
 
     def attach_kv_connector(self, connector) -> None:
         """Drive a KV connector's worker half from now on (after the profiling run, on the real cache).
@@ -163,12 +189,17 @@ class ModelRunner:
 
     def _run_verify_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:
         hidden, rows = self.verify_graph_runner.run(sched_out.chunks, size)  # [size * (k + 1), D], [S]
+        if self.hidden_capture is not None:  # "last" (aux layers drop the graphs); the next replay overwrites it
+            # The step's tokens are the graph's first rows, packed chunk after chunk (verify_layout.py).
+            self.last_hidden = hidden[:sum(c.num_tokens for c in sched_out.chunks)].clone()
         # Logits of every row, then the wanted ones: the LM head's matmul keeps one shape per graph size (see
         # engine/worker/verify_graphs.py).
         return self.model.compute_logits(hidden).index_select(0, rows).float()  # [S, V]
 
     def _run_graph(self, sched_out: SchedulerOutput, size: int, sampled: SampledTokens | None) -> torch.Tensor:
         hidden = self.graph_runner.run(sched_out.chunks, size, sampled)  # [B, D]
+        if self.hidden_capture is not None:  # the graph's output buffer is overwritten by the next replay
+            self.last_hidden = hidden.clone()
         if not all(c.sample for c in sched_out.chunks):
             hidden = hidden[small_tensor_to([i for i, c in enumerate(sched_out.chunks) if c.sample], torch.long,
                                             self.device)]
@@ -180,6 +211,9 @@ class ModelRunner:
                               sampled=sampled)
         md = inputs.attn_metadata
         hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, md)  # [T, D]
+        if self.hidden_capture is not None:
+            self.last_hidden = hidden if self.hidden_capture == "last" else torch.cat(
+                self.model.model.aux_hidden_states, dim=-1)
         if sched_out.prompt_logprobs:  # only steps with requests that asked: logits of their prompt positions
             self.prompt_logprobs_output = prompt_logprobs.compute(
                 self.model.compute_logits, hidden, sched_out, md.query_start_loc_cpu, sched_out.prompt_logprobs)

@@ -39,8 +39,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "decode pods included)")
     g.add_argument("--speculative-config", default=None, type=_speculative_config,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                        "(methods: ngram, draft_model, oracle; see docs/speculative-decoding.md); refused on "
-                        "prefill pods and with tensor/pipeline/data parallelism")
+                        "(methods: ngram, draft_model, eagle, eagle3, medusa, oracle; see "
+                        "docs/speculative-decoding.md); refused on prefill pods and with tensor/pipeline/data "
+                        "parallelism")
     g.add_argument("--tensor-parallel-size", type=_parallel_size("tensor_parallel_size"), default=1,
                    help="devices per pipeline stage, each holding a slice of every layer's heads (one worker "
                         "process per device; not with a KV connector yet)")

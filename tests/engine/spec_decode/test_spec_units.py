@@ -13,9 +13,10 @@ from pdserve.engine.spec_decode.proposers import NgramProposer, OracleProposer, 
 
 
 @pytest.mark.parametrize("method", ["eagle", "eagle3", "medusa"])
-def test_unimplemented_methods_are_refused_by_name(method: str) -> None:
-    with pytest.raises(ValueError, match="not implemented"):
+def test_head_methods_need_their_checkpoint(method: str) -> None:
+    with pytest.raises(ValueError, match=f'"{method}" needs "model"'):
         SpeculativeConfig.parse({"method": method})
+    assert SpeculativeConfig.parse({"method": method, "model": "/heads/x"}).model == "/heads/x"
 
 
 @pytest.mark.parametrize("value, match", [
