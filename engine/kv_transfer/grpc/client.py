@@ -56,17 +56,19 @@ class KVPullClient:
         return list(self.secret.call_headers(AUTH_SCOPE).items()) if self.secret is not None else []
 
     def pull(self, address: str, transfer_id: str, blocks: Sequence[BlockRef], timeout_s: float,
-             on_block: Callable[[BlockRef, memoryview], None]) -> int:
+             on_block: Callable[[BlockRef, memoryview], None], descriptor: KVDescriptor | None = None) -> int:
         """Stream ``blocks`` (consecutive, by index) of a transfer; call ``on_block`` for each verified payload.
 
-        Returns the payload bytes received. Raises :class:`PullError` (after calling ``on_block`` for the blocks
-        that did arrive whole and valid).
+        ``descriptor``: the server's cache, when it is another tensor-parallel shard of this model than the
+        client's own (see head_shards). Returns the payload bytes received. Raises :class:`PullError` (after
+        calling ``on_block`` for the blocks that did arrive whole and valid).
         """
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
+        desc = descriptor or self.descriptor
         stub = self._stub(address)
         by_index = {b.index: b for b in blocks}
-        req = pb.PullBlocksRequest(transfer_id=transfer_id, descriptor=self.descriptor.to_proto(),
+        req = pb.PullBlocksRequest(transfer_id=transfer_id, descriptor=desc.to_proto(),
                                    first_block=blocks[0].index, num_blocks=len(blocks),
                                    chunk_bytes=self.chunk_bytes)
         done, nbytes = 0, 0
@@ -78,7 +80,7 @@ class KVPullClient:
                     if ref is None or done >= len(blocks) or ref.index != blocks[done].index:
                         raise KVFormatError(f"KV server sent block {msg.block_index} out of order")
                     header = header_from_proto(msg.header)
-                    check_header(header, self.descriptor, ref.block_hash, ref.num_tokens)
+                    check_header(header, desc, ref.block_hash, ref.num_tokens)
                     if len(msg.data) == header.payload_bytes:  # the whole block in one message: no copy
                         self._verify(header, msg.data)
                         on_block(ref, memoryview(msg.data))
@@ -149,7 +151,13 @@ class KVPullClient:
         return reply.cache_id, [loc.block_id for loc in theirs]
 
     def release(self, address: str, transfer_id: str, timeout_s: float = 2.0) -> bool:
-        """Tell the KV server to free the transfer's blocks (best effort: False if it could not be told)."""
+        """Tell the KV server to free the transfer's blocks (best effort: False if it could not be told).
+
+        ``address`` may name several servers, comma-separated (a tensor-parallel prefill engine: one per rank);
+        each is told."""
+        if "," in address:
+            told = [self.release(a, transfer_id, timeout_s) for a in address.split(",")]
+            return all(told)
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
         try:
