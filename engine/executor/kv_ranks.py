@@ -30,9 +30,14 @@ from pdserve.engine.kv_transfer.metrics import KVTransferStats
 
 
 def connector_context(config: Any, descriptor: KVDescriptor, engine_id: str) -> KVConnectorContext:
-    """The connector context of one rank (or of the core's scheduler half: rank 0's descriptor)."""
+    """The connector context of one rank (or of the core's scheduler half: rank 0's descriptor).
+
+    A fixed ``kv_port`` is rank 0's: rank ``r``'s KV server (grpc) listens on ``kv_port + r``."""
     kvt, hf = config.kv_transfer, config.model.hf_config
-    return KVConnectorContext(role=kvt.role, descriptor=descriptor, engine_id=engine_id, options=dict(kvt.options),
+    options = dict(kvt.options)
+    if int(options.get("kv_port") or 0) > 0:
+        options["kv_port"] = int(options["kv_port"]) + descriptor.tp_rank
+    return KVConnectorContext(role=kvt.role, descriptor=descriptor, engine_id=engine_id, options=options,
                               hash_seed=config.cache.hash_seed, cluster_secret=kvt.cluster_secret,
                               redis_password=kvt.redis_password,
                               total_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
