@@ -14,6 +14,10 @@ them device to device out of the prefill pod's GPU cache over CUDA IPC (same nod
 and fails the load when that is impossible; ``auto`` (the default) uses IPC where the peer is on this node and
 both caches are on GPUs, else the stream.
 
+With tensor parallelism every rank runs this worker half on its own KV heads, with its own KV server; the handle
+names every rank's server, comma-separated in rank order, and a loading rank pulls its heads from the servers
+that hold them (:mod:`..head_shards`). Such a transfer is released by the scheduler half once every rank loaded.
+
 This worker half owns the transfer registry the KV server serves from; the scheduler half (:mod:`.scheduler`)
 tells it what to serve through the step's metadata and learns what was released or expired from
 :meth:`get_finished` (it knows the server's address from construction). The KV server binds ``kv_host:kv_port``
