@@ -6,9 +6,11 @@ Every call carries a fresh call token of the cluster secret. Channels are cached
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import grpc
@@ -33,10 +35,52 @@ class PullError(Exception):
 
 
 MAX_CHANNELS = 64
+_DEADLINE_GRACE_S = 1.0  # past a pull's deadline, the client cancels the call itself (see pull)
 
 _CODE_REASONS = {grpc.StatusCode.UNAVAILABLE: "peer_gone", grpc.StatusCode.NOT_FOUND: "lease_expired",
                  grpc.StatusCode.DEADLINE_EXCEEDED: "timeout", grpc.StatusCode.FAILED_PRECONDITION: "incompatible",
                  grpc.StatusCode.UNAUTHENTICATED: "unauthenticated"}
+
+
+class _Stalled(Exception):
+    """The stream missed its deadline without ending (see :func:`_messages`)."""
+
+
+_END = object()
+
+
+def _messages(call: Any, deadline: float) -> Iterator[Any]:
+    """The messages of a server stream, read by a daemon thread and handed over here, until ``deadline``.
+
+    grpc enforces the call's own deadline, but a stream whose server stops under it can hang past it in grpc's
+    core, even through ``cancel()`` (seen with both ends in one process: a KV server shut down while a pull
+    starts). The caller's thread never waits in grpc: past ``deadline`` it cancels the call, raises
+    :class:`_Stalled` and leaves the reader thread behind; every block is verified and written by the caller,
+    so an abandoned reader never touches the cache."""
+    handed: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            for msg in call:
+                handed.put(msg)
+            handed.put(_END)
+        except BaseException as exc:  # grpc.RpcError, or anything else: the caller raises it
+            handed.put(exc)
+
+    threading.Thread(target=read, name="kv-pull-stream", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = handed.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise _Stalled() from None
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        call.cancel()  # stalled, or the caller stopped reading (a bad block): end the stream (no-op once ended)
 
 
 class KVPullClient:
@@ -73,8 +117,9 @@ class KVPullClient:
                                    chunk_bytes=self.chunk_bytes)
         done, nbytes = 0, 0
         ref, header, buf, filled = None, None, None, 0
+        call = stub.PullBlocks(req, timeout=timeout_s, metadata=self._metadata())
         try:
-            for msg in stub.PullBlocks(req, timeout=timeout_s, metadata=self._metadata()):
+            for msg in _messages(call, time.monotonic() + timeout_s + _DEADLINE_GRACE_S):
                 if msg.HasField("header"):
                     ref = by_index.get(msg.block_index)
                     if ref is None or done >= len(blocks) or ref.index != blocks[done].index:
@@ -102,6 +147,9 @@ class KVPullClient:
             code = exc.code()
             raise PullError(_CODE_REASONS.get(code, "error"), f"pulling KV transfer {transfer_id} from {address} "
                                                               f"failed: {code.name}: {exc.details()}", done) from None
+        except _Stalled:
+            raise PullError("timeout", f"pulling KV transfer {transfer_id} from {address}: no answer "
+                                       f"{_DEADLINE_GRACE_S:.0f} s past the {timeout_s:g} s deadline", done) from None
         except KVFormatError as exc:
             raise PullError(exc.reason, str(exc), done) from None
         if done < len(blocks):

@@ -268,12 +268,12 @@ class GrpcConnectorWorker(KVConnectorWorker):
             self._results.put(lambda out: out.loaded_bytes.__setitem__(spec.request_id, nbytes))
             # The blocks are in place: the request may run now; the acknowledgement's round trip follows.
             self._results.put(lambda out: out.finished_loading.add(spec.request_id))
-            if not sharded:
+            if not sharded and not self._closed:
                 self._client.release(address, transfer_id)
         else:
             valid, reason, message = job.failure
             self.stats.record_failure(reason)
-            if reason not in ("peer_gone", "lease_expired") and not sharded:
+            if reason not in ("peer_gone", "lease_expired") and not sharded and not self._closed:
                 self._client.release(address, transfer_id)  # let the peer free its blocks now
             failure = LoadFailure(reason, message, valid)
             self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
@@ -292,10 +292,12 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._closed = True
         if self.server is not None:
             self.server.stop(grace=1.0)
+        # Closing the channels first cancels the pulls in flight: the loader threads end now, not at a deadline.
+        self._client.close()
         self._loader.shutdown(wait=True, cancel_futures=True)
         with self._ipc_lock:
             self._ipc_peers.clear()  # unmap peers' caches
-        self._client.close()
+        self._client.close()  # channels a thread opened while ending (a release is skipped once closed)
 
 
 def is_sharded(spec: LoadSpec, tp_size: int) -> bool:
