@@ -161,9 +161,12 @@ class ParallelKVConnector(KVConnectorWorker):
     """The core's stand-in for the ranks' worker halves (what the engine core calls on its connector)."""
 
     def __init__(self, ctx: KVConnectorContext, poll: Callable[[KVConnectorMetadata | None], list[RankKVReport]],
-                 stats: ParallelKVStats, num_ranks: int) -> None:
+                 stats: ParallelKVStats, num_ranks: int, has_pending: Callable[[], bool]) -> None:
         super().__init__(ctx)
         self._poll = poll
+        # The scheduler half tracks every load, save and held transfer the ranks can report on: while it has
+        # none, a poll would come back empty, so steps without transfers skip the round trip.
+        self._has_pending = has_pending
         self._stats = stats
         self._merger = RankOutputMerger(num_ranks)
         self._to_start: KVConnectorMetadata | None = None
@@ -175,6 +178,8 @@ class ParallelKVConnector(KVConnectorWorker):
 
     def get_finished(self) -> KVConnectorOutput:
         meta, self._to_start = self._to_start, None
+        if meta is None and not self._has_pending():
+            return KVConnectorOutput()
         reports = self._poll(meta)
         self._stats.ranks = [KVTransferStats.from_dict(r.stats) for r in reports if r.stats is not None]
         return self._merger.merge([r.output for r in reports])
@@ -191,4 +196,4 @@ def build_parallel_connector(config: Any, infos: list[RankKVInfo],
     ctx = connector_context(config, descriptor, uuid.uuid4().hex[:12])
     stats = ParallelKVStats(connector=config.kv_transfer.connector)  # exported: the scheduler's plus the ranks'
     sched = create_scheduler_half(config.kv_transfer.connector, ctx, [i.kv_server for i in infos], stats)
-    return sched, ParallelKVConnector(ctx, poll, stats, len(infos))
+    return sched, ParallelKVConnector(ctx, poll, stats, len(infos), sched.has_pending_work)
