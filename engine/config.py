@@ -206,10 +206,18 @@ def _check_parallel_fits(parallel: ParallelConfig, hf_config: Any, groups: dict[
     heads = hf_config.num_attention_heads
     heads_per_rank(heads, getattr(hf_config, "num_key_value_heads", None) or heads, parallel.tensor_parallel_size)
     ModelShard(pp_size=parallel.pipeline_parallel_size).layer_range(hf_config.num_hidden_layers)
-    if groups[KVTransferConfig].get("connector"):
-        raise ValueError("a KV connector (prefill/decode disaggregation) cannot be combined with tensor or pipeline "
-                         "parallelism yet; run the prefill and decode engines with tensor_parallel_size=1 and "
-                         "pipeline_parallel_size=1")
+    connector = groups[KVTransferConfig].get("connector")
+    if connector and parallel.pipeline_parallel_size > 1:
+        # A stage's ranks hold only some layers, and blocks travel with every layer: not done yet.
+        raise ValueError("a KV connector (prefill/decode disaggregation) cannot be combined with pipeline "
+                         "parallelism yet; run the prefill and decode engines with pipeline_parallel_size=1 "
+                         "(tensor parallelism is supported)")
+    if connector:
+        from pdserve.engine.kv_transfer.registry import BUILTIN_CONNECTORS
+
+        if connector not in BUILTIN_CONNECTORS:
+            raise ValueError(f"the KV connector {connector!r} cannot run with tensor_parallel_size > 1: only the "
+                             f"built-in connectors ({', '.join(BUILTIN_CONNECTORS)}) save and load per rank")
     if groups[SchedulerConfig].get("async_scheduling") is True:
         raise ValueError("async_scheduling cannot be used with tensor or pipeline parallelism yet")
 

@@ -106,7 +106,10 @@ class EngineCore:
         # Disaggregation: the connector's worker half runs in the model runner, its scheduler half in the
         # scheduler (engine/kv_transfer). Built now that the cache it describes exists.
         self.kv_connector, kv_scheduler_half = None, None
-        if config.kv_transfer.connector:
+        if config.kv_transfer.connector and hasattr(self.runner, "build_kv_connector"):
+            # Tensor parallel: a worker half in every rank on its own heads, a stand-in here (executor/kv_ranks).
+            kv_scheduler_half, self.kv_connector = self.runner.build_kv_connector()
+        elif config.kv_transfer.connector:
             from pdserve.engine.kv_transfer.factory import build_connector
 
             kv_scheduler_half, self.kv_connector = build_connector(config, self.runner.kv_caches)

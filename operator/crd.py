@@ -125,13 +125,13 @@ def _pod_props(gpus: bool) -> dict[str, Schema]:
 
 def engine_role(description: str) -> Schema:
     props = _pod_props(gpus=True)
-    # maximum 1 until the engine runs several ranks with a KV connector (every prefill and decode pod has one):
-    # the API server refuses larger sizes at admission.
-    later = "; only 1 until parallel engines run with a KV connector."
-    props["parallelism"] = obj({"tensor": integer("Tensor-parallel size" + later, 1, minimum=1,
-                                                  maximum=s.MAX_PARALLEL),
-                                "pipeline": integer("Pipeline-parallel size" + later, 1, minimum=1,
-                                                    maximum=s.MAX_PARALLEL)},
+    # Pipeline: maximum 1 until pipeline stages run with a KV connector (every prefill and decode pod has one):
+    # the API server refuses larger sizes at admission. Prefill and decode may differ in tensor size.
+    props["parallelism"] = obj({"tensor": integer("Tensor-parallel size (GPUs per model replica); prefill and "
+                                                  "decode pods may differ.", 1, minimum=1),
+                                "pipeline": integer("Pipeline-parallel size; only 1 until pipeline stages run "
+                                                    "with a KV connector.", 1, minimum=1,
+                                                    maximum=s.MAX_PIPELINE_PARALLEL)},
                                "How one model replica is split over GPUs.", default={})
     shards = "self.parallelism.tensor * self.parallelism.pipeline"
     return obj(props, description, default={}, rules=[rule(

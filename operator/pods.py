@@ -59,6 +59,12 @@ def redis_url(s: ServiceSpec) -> str | None:
     return s.kv.redis_url or f"redis://{s.name}-redis.{s.namespace}.svc:{c.REDIS_PORT}/0"
 
 
+def kv_ports(s: ServiceSpec) -> list[int]:
+    """The prefill pods' KV server ports (grpc connector): rank ``r`` of a tensor-parallel engine listens on
+    ``KV_PORT + r``."""
+    return [c.KV_PORT + rank for rank in range(s.role("prefill").tensor_parallel)]
+
+
 def engine_args(s: ServiceSpec, role: str) -> list[str]:
     """The ``pdserve prefill|decode`` command line of one engine role."""
     r, e = s.role(role), s.engine
@@ -230,8 +236,9 @@ def engine_pod(s: ServiceSpec, role: str, config_hash: str) -> Obj:
     ports = [{"name": "http", "containerPort": c.HTTP_PORT, "protocol": "TCP"},
              {"name": "grpc", "containerPort": c.GRPC_PORT, "protocol": "TCP"},
              {"name": "kv-events", "containerPort": c.KV_EVENTS_PORT, "protocol": "TCP"}]
-    if s.kv.type == "grpc" and role == "prefill":  # the KV server; decode pods run none
-        ports.append({"name": "kv", "containerPort": c.KV_PORT, "protocol": "TCP"})
+    if s.kv.type == "grpc" and role == "prefill":  # the KV servers, one per tensor rank; decode pods run none
+        ports += [{"name": "kv" if rank == 0 else f"kv-{rank}", "containerPort": port, "protocol": "TCP"}
+                  for rank, port in enumerate(kv_ports(s))]
     ports.append({"name": "metrics", "containerPort": c.METRICS_PORT, "protocol": "TCP"})
     # Caches of torch, Triton and Hugging Face land in /tmp: the root filesystem is read-only.
     env = _env([{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},

@@ -59,7 +59,7 @@ def network_policies(s: ServiceSpec) -> list[Obj]:
     api = {"from": _from_role(s.name, "router"), "ports": _ports(c.HTTP_PORT, c.GRPC_PORT, c.KV_EVENTS_PORT)}
     prefill = [api]
     if s.kv.type == "grpc":
-        prefill.append({"from": _from_role(s.name, "decode"), "ports": _ports(c.KV_PORT)})
+        prefill.append({"from": _from_role(s.name, "decode"), "ports": _ports(*pods.kv_ports(s))})
     out = [_policy(s, "prefill", [*prefill, metrics]), _policy(s, "decode", [api, metrics]),
            _policy(s, "router", [{"ports": _ports(c.HTTP_PORT)}, metrics])]
     if s.kv.type == "redis" and s.kv.redis_deploy:

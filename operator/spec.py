@@ -33,9 +33,10 @@ DEFAULT_BUNDLED_MODEL = "smollm2-135m-instruct"
 # The router's scorers (services/router/plugins/scorers.py) and the weights of its "prefix-load" preset.
 ROUTER_SCORERS = ("prefix-cache", "load", "queue", "kv-usage", "session-affinity")
 DEFAULT_PLUGINS = (("prefix-cache", 3.0), ("load", 1.0), ("session-affinity", 1.0))
-# Parallelism above 1 is refused until the engine runs more than one rank (issue 12, item 5): a pod that asks for
-# two GPUs and uses one would promise what the code does not do.
-MAX_PARALLEL = 1
+# Every prefill and decode pod runs a KV connector; connectors run with tensor parallelism (each rank moves its
+# own KV heads, and prefill and decode pods may differ in size) but not yet with pipeline parallelism, so a pod
+# asking for pipeline stages is refused at admission instead of failing to start.
+MAX_PIPELINE_PARALLEL = 1
 # Who may scrape the pods' metrics port when NetworkPolicies are on: pods of the namespace called "monitoring".
 DEFAULT_PROMETHEUS_NAMESPACES: dict[str, Any] = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 
@@ -309,11 +310,11 @@ def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
 
 def _role(f: _Fields) -> RoleSpec:
     par = f.sub("parallelism", ("tensor", "pipeline"))
-    for key in ("tensor", "pipeline"):
-        size = par.int(key, 1, minimum=1)
-        if size > MAX_PARALLEL:
-            raise SpecError(f"{par.path}.{key}", f"must be 1: {key} parallelism does not run with a KV connector "
-                                                 f"yet, and every prefill and decode pod uses one, got {size}")
+    size = par.int("pipeline", 1, minimum=1)
+    if size > MAX_PIPELINE_PARALLEL:
+        raise SpecError(f"{par.path}.pipeline", f"must be 1: pipeline parallelism does not run with a KV connector "
+                                                f"yet, and every prefill and decode pod uses one (tensor "
+                                                f"parallelism does), got {size}")
     role = RoleSpec(tensor_parallel=par.int("tensor", RoleSpec.tensor_parallel, minimum=1),
                     pipeline_parallel=par.int("pipeline", RoleSpec.pipeline_parallel, minimum=1),
                     **_pod_fields(f, gpus=True))

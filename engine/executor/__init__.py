@@ -5,8 +5,9 @@
 - Several: :class:`~pdserve.engine.executor.multiproc.MultiProcExecutor` starts one worker process per rank and
   broadcasts each step to them through a shared-memory ring buffer (:mod:`pdserve.engine.executor.shm_queue`).
 
-Both offer the runner's interface that the core uses: ``device``, ``vocab_size``, ``num_blocks``, ``kv_caches``,
-``execute_model(sched_out, sampled=None)`` and ``attach_kv_connector``.
+Both offer the runner's interface that the core uses: ``device``, ``vocab_size``, ``num_blocks``, ``kv_caches``
+and ``execute_model(sched_out, sampled=None)``. A KV connector is attached to the runner
+(``attach_kv_connector``), or, in parallel, runs in every rank (``build_kv_connector``, see ``kv_ranks``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import torch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import SchedulerOutput
 from pdserve.engine.executor.shm_queue import ShmRingBuffer
-from pdserve.engine.executor.worker import WorkerArgs, decode_result, run_worker
+from pdserve.engine.executor.worker import KVPoll, WorkerArgs, decode_result, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ class MultiProcExecutor:
         ready, _ = decode_result(self._results.read(0, on_idle=self._check))
         self.num_blocks: int = ready["num_blocks"]
         self.vocab_size: int = ready["vocab_size"]
+        self._kv_infos = ready.get("kv_infos")  # each rank's KV connector (kv_ranks.RankKVInfo), or None
+        self._config = config
         logger.info("%d workers ready (tensor %d x pipeline %d), pids %s", self.world_size, self.tp_size,
                     self.pp_size, [p.pid for p in self._procs])
 
@@ -101,8 +103,23 @@ class MultiProcExecutor:
             raise ExecutorFailedError(f"unexpected result from the output rank: {meta}")
         return logits
 
-    def attach_kv_connector(self, connector: Any) -> None:
-        raise ValueError("a KV connector cannot run with tensor or pipeline parallelism yet")
+    def build_kv_connector(self) -> tuple[Any, Any]:
+        """The KV connector's scheduler half and the stand-in for the ranks' worker halves, which every rank
+        started on its own cache (see :mod:`pdserve.engine.executor.kv_ranks`)."""
+        from pdserve.engine.executor.kv_ranks import build_parallel_connector
+
+        if not self._kv_infos:
+            raise ValueError("the workers were started without a KV connector")
+        return build_parallel_connector(self._config, self._kv_infos, self.poll_kv)
+
+    def poll_kv(self, meta: Any = None) -> list[Any]:
+        """Every rank's KV connector report (``kv_ranks.RankKVReport``), after starting ``meta``'s loads."""
+        self._check()
+        self._broadcast.write(pickle.dumps(KVPoll(meta), protocol=pickle.HIGHEST_PROTOCOL), on_idle=self._check)
+        reply, _ = decode_result(self._results.read(0, on_idle=self._check))
+        if reply["kind"] != "kv":
+            raise ExecutorFailedError(f"unexpected result from the output rank: {reply}")
+        return reply["reports"]
 
     def check_health(self) -> None:
         """Raise :class:`ExecutorFailedError` if a worker died (the core calls this while idle, too)."""

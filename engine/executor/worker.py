@@ -27,6 +27,7 @@ import torch
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import SchedulerOutput
+from pdserve.engine.executor.kv_ranks import build_rank_connector, rank_info, rank_report
 from pdserve.engine.executor.shm_queue import ShmRingBuffer
 from pdserve.engine.models.parallel_layers import ModelShard
 from pdserve.engine.worker.input_batch import SampledTokens, build_inputs
@@ -35,6 +36,14 @@ from pdserve.engine.worker.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<I")  # length of the pickled header that precedes a result's raw tensor bytes
+
+
+@dataclass(frozen=True)
+class KVPoll:
+    """A broadcast message besides steps: report the KV connector's progress (after starting ``meta``'s loads,
+    for an idle step that had no forward pass to carry them)."""
+
+    meta: Any = None
 
 
 @dataclass(frozen=True)
@@ -133,14 +142,17 @@ def run_worker(args: WorkerArgs, error_conn: Any) -> None:
     logging.basicConfig(level=args.log_level,
                         format=f"%(asctime)s %(levelname)s [rank {args.rank}] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine core decides when workers stop
-    broadcast = results = None
+    broadcast = results = kv = None
     try:
         runner = _start(args)
-        broadcast = ShmRingBuffer.attach(args.broadcast)
+        kv = _start_kv_connector(args, runner)
         is_output = args.rank == args.output_rank
+        kv_infos = _gather(runner, args, rank_info(kv) if kv is not None else None)
+        broadcast = ShmRingBuffer.attach(args.broadcast)
         if is_output:
             results = ShmRingBuffer.attach(args.results)
-            results.write(*encode_result("ready", num_blocks=runner.num_blocks, vocab_size=runner.vocab_size))
+            results.write(*encode_result("ready", num_blocks=runner.num_blocks, vocab_size=runner.vocab_size,
+                                         kv_infos=kv_infos if kv is not None else None))
 
         def parent_alive() -> None:
             if os.getppid() != args.parent_pid:
@@ -150,6 +162,12 @@ def run_worker(args: WorkerArgs, error_conn: Any) -> None:
             sched_out = pickle.loads(broadcast.read(args.rank, on_idle=parent_alive))
             if sched_out is None:  # shutdown
                 break
+            if isinstance(sched_out, KVPoll):
+                assert kv is not None, "a KV poll reached an engine without a connector"
+                reports = _gather(runner, args, rank_report(kv, sched_out.meta))
+                if results is not None:
+                    results.write(*encode_result("kv", reports=reports), on_idle=parent_alive)
+                continue
             logits = runner.execute_model(sched_out)
             if results is not None:
                 results.write(*encode_result("logits", logits), on_idle=parent_alive)
@@ -161,12 +179,31 @@ def run_worker(args: WorkerArgs, error_conn: Any) -> None:
             pass
         sys.stderr.flush()
         os._exit(1)
+    if kv is not None:
+        kv.shutdown()  # stop the KV server, finish the writes in flight
     for queue in (broadcast, results):
         if queue is not None:
             queue.close()
     torch.distributed.destroy_process_group()
     logging.shutdown()
     os._exit(0)  # skip the interpreter's teardown of torch (seconds); nothing is left to flush
+
+
+def _start_kv_connector(args: WorkerArgs, runner: StageRunner) -> Any:
+    """This rank's worker half of the KV connector, on its own heads (None without a connector)."""
+    if not args.config.kv_transfer.connector:
+        return None
+    kv = build_rank_connector(args.config, runner.kv_caches, args.rank % args.tp_size, args.tp_size,
+                              engine_id=f"rank{args.rank}")
+    runner.attach_kv_connector(kv)
+    return kv
+
+
+def _gather(runner: StageRunner, args: WorkerArgs, obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on the output rank (None elsewhere), over the CPU group."""
+    gathered: list[Any] | None = [None] * (args.tp_size * args.pp_size) if args.rank == args.output_rank else None
+    torch.distributed.gather_object(obj, gathered, dst=args.output_rank, group=runner.cpu_group)
+    return gathered
 
 
 def _start(args: WorkerArgs) -> StageRunner:

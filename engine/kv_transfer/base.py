@@ -95,6 +95,8 @@ class KVConnectorContext:
     # The deployment's secret (signs handles, call tokens and stored blocks); None only in tests of the halves.
     cluster_secret: ClusterSecret | None = field(default=None, compare=False, repr=False)
     redis_password: str | None = field(default=None, compare=False, repr=False)
+    # The model's KV heads (all ranks together); 0: the descriptor's (a single-rank cache holds them all).
+    total_kv_heads: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -115,6 +117,11 @@ class KVConnectorContext:
     def is_consumer(self) -> bool:
         """Loads KV computed elsewhere (decode pods; a monolithic engine with a shared store)."""
         return self.role in (KVRole.BOTH, KVRole.DECODE)
+
+    @property
+    def kv_heads(self) -> int:
+        """The model's KV heads, whatever share of them this engine's ranks hold (see :mod:`.head_shards`)."""
+        return self.total_kv_heads or self.descriptor.num_kv_heads * self.descriptor.tp_size
 
     @property
     def load_failure_policy(self) -> LoadFailurePolicy:

@@ -25,6 +25,7 @@ from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVCon
                                              KVConnectorOutput, KVConnectorScheduler, KVHandleError, KVLoadError,
                                              KVRole, KVTransferParams, LoadFailurePolicy, LoadSpec, SaveSpec)
 from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError
+from pdserve.engine.kv_transfer.head_shards import check_shard_compatible
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 from pdserve.engine.kv_transfer.prompt_blocks import PromptBlock, extra_keys_of, prompt_blocks, tokens_covered
 from pdserve.engine.kv_transfer.stores.store import StoreUnavailableError
@@ -119,7 +120,7 @@ class BlockConnectorScheduler(KVConnectorScheduler):
         if found == 0:
             return 0
         got = wanted[:found]
-        self._found[rid] = (got, source)
+        self._found[rid] = (got, {**source, "sender_tp": self.sender_tp(handle)})
         return min(num_computed_tokens + tokens_covered(got), limit) - num_computed_tokens
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
@@ -202,6 +203,13 @@ class BlockConnectorScheduler(KVConnectorScheduler):
     def _kv_server_address(self) -> str | None:
         return None
 
+    def sender_tp(self, handle: KVTransferParams | None) -> int:
+        """The tensor-parallel size of the engine whose KV a load reads: the handle's producer, else this
+        engine's own layout (a store lookup without a handle finds what engines like this one saved)."""
+        if handle is None:
+            return self.ctx.descriptor.tp_size
+        return int(handle.descriptor.get("tp_size", 1))
+
     def _is_held_elsewhere(self, request_id: str) -> bool:
         """Whether something besides saves and loads keeps the request's blocks (the grpc connector's lease)."""
         return False
@@ -223,9 +231,10 @@ class BlockConnectorScheduler(KVConnectorScheduler):
             theirs = KVDescriptor.from_dict(handle.descriptor)
         except KVFormatError as exc:
             return str(exc)
-        diff = self.ctx.descriptor.mismatches(theirs)
-        if diff:
-            return "the prefill's KV cache is incompatible with this engine's (" + "; ".join(diff) + ")"
+        try:  # another tensor-parallel layout is fine: the loading ranks pick their heads from its shards
+            check_shard_compatible(self.ctx.descriptor, theirs, self.ctx.kv_heads)
+        except KVFormatError as exc:
+            return str(exc)
         if tuple(b.block_hash for b in blocks) != handle.block_hashes[:len(blocks)]:
             return "the prompt's block hashes differ from the prefill's (other tokens or hash settings)"
         return None

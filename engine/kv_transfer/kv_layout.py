@@ -115,11 +115,18 @@ def write_block(kv_caches: Sequence[torch.Tensor], block_id: int, payload: np.nd
     write_blocks(kv_caches, [block_id], [payload])
 
 
-def write_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], payloads: Sequence[np.ndarray]
-                 ) -> None:
+def write_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], payloads: Sequence[np.ndarray],
+                 first_head: int | None = None) -> None:
     """Copy several payloads into their blocks. On a GPU: one pinned staging tensor, one host-to-device copy and
     one ``index_copy_`` per layer for the whole batch (a partial block's unused slots get stale bytes, which is
-    harmless: they belong to the same request and are written when their tokens are computed)."""
+    harmless: they belong to the same request and are written when their tokens are computed).
+
+    ``first_head``: the payloads hold only some of the cache's heads (a tensor-parallel peer's shard, see
+    :mod:`.head_shards`); they go to heads ``[first_head, first_head + their head count)``, the others untouched.
+    """
+    if first_head is not None:
+        _write_heads(kv_caches, block_ids, payloads, first_head)
+        return
     if not kv_caches[0].is_cuda:
         for block_id, payload in zip(block_ids, payloads):
             n = payload.shape[2]
@@ -135,6 +142,19 @@ def write_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], pa
     ids = torch.tensor(list(block_ids), dtype=torch.long, device=device)
     for layer_idx, kv_layer in enumerate(kv_caches):
         as_bytes(kv_layer).index_copy_(1, ids, src[layer_idx])
+
+
+def _write_heads(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], payloads: Sequence[np.ndarray],
+                 first_head: int) -> None:
+    """Payloads ``[L, 2, n, h, D * elem]`` into heads ``[first_head, first_head + h)`` of their blocks."""
+    for block_id, payload in zip(block_ids, payloads):
+        n, h = payload.shape[2], payload.shape[3]
+        for layer_idx, kv_layer in enumerate(kv_caches):
+            if kv_layer.is_cuda:
+                src = torch.from_numpy(np.ascontiguousarray(payload[layer_idx])).to(kv_layer.device)
+                as_bytes(kv_layer)[:, block_id, :n, first_head:first_head + h] = src
+            else:
+                as_bytes(kv_layer).numpy()[:, block_id, :n, first_head:first_head + h] = payload[layer_idx]
 
 
 def synchronize(kv_caches: Sequence[torch.Tensor]) -> None:

@@ -32,7 +32,8 @@ def add_kv_transfer_arguments(parser: argparse.ArgumentParser, default_connector
                    help="redis: the server, e.g. redis://redis:6379/0 (rediss:// for TLS); no password in it: "
                         f"the password comes from the environment variable {REDIS_PASSWORD_ENV}")
     g.add_argument("--redis-ttl", type=int, default=3600, help="redis: seconds a block lives unread")
-    g.add_argument("--kv-port", type=int, default=0, help="grpc: port of this prefill pod's KV server (0: any)")
+    g.add_argument("--kv-port", type=int, default=0, help="grpc: port of this prefill pod's KV server (0: any); with "
+                   "tensor parallelism rank r's server listens on this port + r")
     g.add_argument("--kv-advertise-host", default="127.0.0.1",
                    help="grpc: the address decode pods reach this pod's KV server at (a pod's IP)")
     g.add_argument("--kv-lease", type=float, default=60.0,

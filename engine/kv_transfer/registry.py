@@ -49,35 +49,65 @@ def resolve_factory(name: str) -> Callable[[KVConnectorContext], ConnectorPair]:
     return factory
 
 
-def _store_pair(ctx: KVConnectorContext, name: str, store: Any) -> ConnectorPair:
+def _store_pair(ctx: KVConnectorContext, name: str, open_namespace: Callable[[str], Any]) -> ConnectorPair:
+    from pdserve.engine.kv_transfer.stores.worker import StoreConnectorWorker
+
+    sched = _store_scheduler(ctx, name, open_namespace, KVTransferStats(connector=name))
+    return sched, StoreConnectorWorker(ctx, sched.stats, sched.store, open_namespace)
+
+
+def _store_scheduler(ctx: KVConnectorContext, name: str, open_namespace: Callable[[str], Any],
+                     stats: KVTransferStats) -> Any:
     if ctx.cluster_secret is None:
         raise ValueError(f"the {name} KV connector signs and checks every stored block with the cluster secret: "
                          f"set PDSERVE_CLUSTER_SECRET or PDSERVE_CLUSTER_SECRET_FILE (the same on every pod)")
     from pdserve.engine.kv_transfer.stores.scheduler import StoreConnectorScheduler
-    from pdserve.engine.kv_transfer.stores.worker import StoreConnectorWorker
 
-    stats = KVTransferStats(connector=name)
-    return StoreConnectorScheduler(ctx, name, stats, store), StoreConnectorWorker(ctx, stats, store)
+    return StoreConnectorScheduler(ctx, name, stats, open_namespace(ctx.descriptor.namespace), open_namespace)
 
 
-def _shared_fs(ctx: KVConnectorContext) -> ConnectorPair:
+def _shared_fs_opener(ctx: KVConnectorContext) -> Callable[[str], Any]:
     from pdserve.engine.kv_transfer.stores.shared_fs import DEFAULT_MAX_AGE_S, SharedFSStore
 
     # The largest block object: a full block's payload plus its header (a few hundred bytes; 64 KiB of room).
-    max_object = ctx.descriptor.payload_bytes() + (64 << 10)
-    store = SharedFSStore(ctx.option("kv_path", ""), ctx.descriptor.namespace, int(ctx.option("kv_max_bytes", 0)),
-                          float(ctx.option("kv_max_age_s", DEFAULT_MAX_AGE_S)), max_object,
-                          fault_write_delay_s=float(ctx.option("fault_write_delay_s", 0.0)))
-    return _store_pair(ctx, "shared-fs", store)
+    max_object = ctx.descriptor.payload_bytes() * ctx.kv_heads // ctx.descriptor.num_kv_heads + (64 << 10)
+    return lambda namespace: SharedFSStore(
+        ctx.option("kv_path", ""), namespace, int(ctx.option("kv_max_bytes", 0)),
+        float(ctx.option("kv_max_age_s", DEFAULT_MAX_AGE_S)), max_object,
+        fault_write_delay_s=float(ctx.option("fault_write_delay_s", 0.0)))
+
+
+def _redis_opener(ctx: KVConnectorContext) -> Callable[[str], Any]:
+    from pdserve.engine.kv_transfer.stores.redis_store import RedisStore
+
+    return lambda namespace: RedisStore(ctx.option("redis_url", ""), namespace, int(ctx.option("redis_ttl_s", 3600)),
+                                        int(ctx.option("kv_max_bytes", 0)),
+                                        float(ctx.option("redis_timeout_s", 2.0)), password=ctx.redis_password)
+
+
+def _shared_fs(ctx: KVConnectorContext) -> ConnectorPair:
+    return _store_pair(ctx, "shared-fs", _shared_fs_opener(ctx))
 
 
 def _redis(ctx: KVConnectorContext) -> ConnectorPair:
-    from pdserve.engine.kv_transfer.stores.redis_store import RedisStore
+    return _store_pair(ctx, "redis", _redis_opener(ctx))
 
-    store = RedisStore(ctx.option("redis_url", ""), ctx.descriptor.namespace, int(ctx.option("redis_ttl_s", 3600)),
-                       int(ctx.option("kv_max_bytes", 0)), float(ctx.option("redis_timeout_s", 2.0)),
-                       password=ctx.redis_password)
-    return _store_pair(ctx, "redis", store)
+
+def create_scheduler_half(name: str, ctx: KVConnectorContext, kv_servers: list[str | None],
+                          stats: KVTransferStats) -> KVConnectorScheduler:
+    """The scheduler half alone, for an engine whose worker halves run in its tensor-parallel worker processes
+    (``kv_servers``: each rank's KV server address, grpc; the handle names them all, in rank order). Built-in
+    connectors only."""
+    if name in ("shared-fs", "redis"):
+        opener = _shared_fs_opener(ctx) if name == "shared-fs" else _redis_opener(ctx)
+        return _store_scheduler(ctx, name, opener, stats)
+    if name == "grpc":
+        from pdserve.engine.kv_transfer.grpc.scheduler import GrpcConnectorScheduler
+
+        address = ",".join(a or "" for a in kv_servers) if any(kv_servers) else None
+        return GrpcConnectorScheduler(ctx, stats, address)
+    raise ValueError(f"the KV connector {name!r} cannot run with tensor_parallel_size > 1: only the built-in "
+                     f"connectors ({', '.join(BUILTIN_CONNECTORS)}) save and load per rank")
 
 
 def _grpc(ctx: KVConnectorContext) -> ConnectorPair:

@@ -147,3 +147,55 @@ def test_a_load_is_ordered_after_the_step_in_flight(after_fence):
     torch.cuda.synchronize()
     loaded = bool((ours[0][:, 1] == 7.0).all())
     assert loaded == after_fence
+
+
+@pytest.mark.parametrize("connector", ["shared-fs", "grpc"])
+def test_tensor_parallel_sides_of_different_sizes_on_gpus(connector, base, tmp_path):
+    """TP=1 -> TP=2 and back on two GPUs (NCCL ranks, CUDA graphs, float32): each rank saves or serves its own KV
+    heads and the loading ranks pick theirs out of the producer's shards (issue 15, acceptance 3 on CUDA)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    def config(tp: int) -> EngineConfig:
+        return EngineConfig.create(base.model.model, device="cuda", dtype="float32", num_blocks=256, block_size=16,
+                                   max_model_len=512, max_num_batched_tokens=512, gpu_memory_utilization=0.3,
+                                   tensor_parallel_size=tp)
+
+    fp32 = config(1)
+    prompts = prompts_of([5, 16, 17, 40, 100, 33], vocab=400)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    mono = LLMEngine(fp32)
+    for rid, p in zip(ids, prompts):
+        mono.add_request(p, greedy(8), request_id=rid)
+    ref = run_all(mono, ids)
+    mono.core.shutdown()
+    del mono
+    opts = tuple(sorted({"kv_path": str(tmp_path / "kv"), "kv_load_timeout_s": 30.0}.items()))
+    for prefill_tp, decode_tp in ((1, 2), (2, 1)):
+        p, d = (LLMEngine(dataclasses.replace(config(tp), kv_transfer=KVTransferConfig(role, connector, opts,
+                                                                                        cluster_secret=SECRET)))
+                for role, tp in (("prefill", prefill_tp), ("decode", decode_tp)))
+        try:
+            for rid, prompt in zip(ids, prompts):
+                p.add_request(prompt, greedy(1), request_id=rid)
+            firsts = run_all(p, ids)
+            if p.has_unfinished_requests():
+                p.step()
+            for rid, prompt in zip(ids, prompts):
+                d.add_request(prompt + firsts[rid].outputs[0].token_ids, greedy(7), request_id=rid,
+                              kv_transfer_params=firsts[rid].kv_transfer_params)
+            rest = run_all(d, ids)
+            for rid in ids:
+                got = firsts[rid].outputs[0].token_ids + rest[rid].outputs[0].token_ids
+                assert got == ref[rid].outputs[0].token_ids, f"TP={prefill_tp} -> TP={decode_tp}"
+            assert d.core.num_computed_tokens_total == len(prompts) * 7
+            for eng in (p, d):
+                for _ in range(500):
+                    if not eng.has_unfinished_requests():
+                        break
+                    eng.step()
+                assert eng.core.scheduler.kv_cache_manager.usage == 0.0
+        finally:
+            p.core.shutdown()
+            d.core.shutdown()

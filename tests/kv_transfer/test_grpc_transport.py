@@ -5,6 +5,7 @@ load as ``ipc_unavailable`` (the prefill side is still released), and the KV ser
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 
@@ -112,3 +113,41 @@ def test_pin_keeps_a_transfer_past_its_lease():
     assert reg.expire(time.monotonic() + 10) == []
     assert reg.expire(time.monotonic() + 31) == ["t"]
     assert reg.pin("t", 30.0) is None
+
+
+class _StuckStream:
+    """A server stream as grpc's core can leave one when its server stops under it (both ends in one process): no
+    message, no end, no deadline, and ``cancel()`` does not wake the reader."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._never = threading.Event()
+
+    def __iter__(self):
+        self._never.wait()
+        return iter(())
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+def test_a_stream_that_misses_its_deadline_still_ends_the_pull(desc, monkeypatch):
+    """The pull gives up a grace period past its deadline and cancels the call; the load fails as a timeout (the
+    race once hung test_request_without_first_token_still_computes_its_last_prompt_token[grpc] in shutdown)."""
+    from pdserve.engine.kv_transfer.grpc import client as client_module
+
+    monkeypatch.setattr(client_module, "_DEADLINE_GRACE_S", 0.2)
+    stuck = _StuckStream()
+
+    class Stub:
+        def PullBlocks(self, *args, **kwargs):
+            return stuck
+
+    client = KVPullClient(desc, load_cluster_secret())
+    monkeypatch.setattr(client, "_stub", lambda address: Stub())
+    start = time.monotonic()
+    with pytest.raises(PullError) as err:
+        client.pull("127.0.0.1:1", "t", [BlockRef(0, 1, 4, 0)], 0.1, lambda ref, payload: None)
+    assert err.value.reason == "timeout" and "past the 0.1 s deadline" in str(err.value)
+    assert stuck.cancelled and time.monotonic() - start < 2.0

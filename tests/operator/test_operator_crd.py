@@ -175,8 +175,8 @@ INVALID = [
     (isvc({"kvConnector": {"type": "shared-fs"}}), "the shared-fs connector needs sharedFs.claimName"),
     (isvc({"model": {"source": {"bundled": "a", "pvc": {"claimName": "w"}}}}), "set exactly one of"),
     (isvc({"model": {"source": {"huggingFace": {"id": "noslash"}}}}), "does not match"),
-    (isvc({"decode": {"parallelism": {"tensor": 2}}}), "spec.decode.parallelism.tensor: 2 is greater than the "
-                                                       "maximum of 1"),
+    (isvc({"decode": {"parallelism": {"pipeline": 2}}}), "spec.decode.parallelism.pipeline: 2 is greater than the "
+                                                         "maximum of 1"),
     (isvc({"prefill": {"parallelism": {"pipeline": 4}}}), "spec.prefill.parallelism.pipeline: 4 is greater"),
     (isvc({"engine": {"requestTimeoutSeconds": 0}}), "spec.engine.requestTimeoutSeconds: 0 is less than"),
     (isvc({"engine": {"maxWaiting": 10**6}}), "spec.engine.maxWaiting: 1000000 is greater than the maximum"),

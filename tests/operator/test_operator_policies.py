@@ -50,8 +50,21 @@ def test_managed_redis_only_from_this_services_engines() -> None:
     assert got["chat-prefill"]["ingress"] == [FROM_ROUTER, PROMETHEUS]  # no KV server without the grpc connector
 
 
+def test_a_tensor_parallel_prefill_pod_opens_one_kv_port_per_rank() -> None:
+    """Rank r of a prefill engine serves its KV heads on KV_PORT + r: decode pods reach every rank's server."""
+    s = {**GRPC_KV, "prefill": {"parallelism": {"tensor": 3}}}
+    got = policies(s)
+    assert got["chat-prefill"]["ingress"][1] == {"from": [role_peer("decode")],
+                                                 "ports": ports(c.KV_PORT, c.KV_PORT + 1, c.KV_PORT + 2)}
+    objs = render.render(spec.parse("chat", "ns", s))
+    prefill = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "chat-prefill")
+    declared = [(p["name"], p["containerPort"]) for p in prefill["spec"]["template"]["spec"]["containers"][0]["ports"]]
+    assert [p for p in declared if p[1] >= c.KV_PORT] == [
+        ("kv", c.KV_PORT), ("kv-1", c.KV_PORT + 1), ("kv-2", c.KV_PORT + 2)]
+
+
 @pytest.mark.parametrize("kv", [GRPC_KV, REDIS, {"kvConnector": {"type": "shared-fs", "sharedFs": {
-    "claimName": "kv"}}}])
+    "claimName": "kv"}}}, {**GRPC_KV, "prefill": {"parallelism": {"tensor": 2}}}])
 def test_every_declared_port_is_reachable_by_someone(kv: dict) -> None:
     """A port no rule admits would be dead (e.g. metrics unscraped); a rule for an undeclared port a leftover."""
     objs = render.render(spec.parse("chat", "ns", kv))

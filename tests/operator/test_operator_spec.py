@@ -46,14 +46,20 @@ def test_gpus_follow_the_parallelism_unless_set() -> None:
     assert parse({"decode": {"resources": {"gpus": 0}}}).decode.gpu_count == 0
 
 
-@pytest.mark.parametrize("role, key", [("prefill", "tensor"), ("decode", "pipeline")])
-def test_parallelism_above_one_is_refused_until_it_exists(role: str, key: str) -> None:
-    """Issue 12 item 5 / issue 15: engines run tensor and pipeline parallel, but not yet with the KV connector that
-    every prefill and decode pod has, so a pod would fail to start: refused at admission instead."""
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_pipeline_parallelism_is_refused_until_it_runs_with_a_connector(role: str) -> None:
+    """Issue 15: engines run pipeline parallel, but not yet with the KV connector that every prefill and decode
+    pod has, so a pod would fail to start: refused at admission instead."""
     with pytest.raises(SpecError) as err:
-        parse({role: {"parallelism": {key: 2}}})
-    assert err.value.path == f"spec.{role}.parallelism.{key}"
+        parse({role: {"parallelism": {"pipeline": 2}}})
+    assert err.value.path == f"spec.{role}.parallelism.pipeline"
     assert "does not run with a KV connector yet" in str(err.value) and "got 2" in str(err.value)
+
+
+def test_prefill_and_decode_take_different_tensor_parallel_sizes() -> None:
+    """Issue 15: connectors run with tensor parallelism, each side its own size; one GPU per shard by default."""
+    s = parse({"prefill": {"parallelism": {"tensor": 1}}, "decode": {"parallelism": {"tensor": 4}}})
+    assert (s.prefill.tensor_parallel, s.decode.tensor_parallel, s.decode.gpu_count) == (1, 4, 4)
 
 
 def test_bounded_limits_have_finite_defaults() -> None:
@@ -119,8 +125,8 @@ INVALID = [
     ({"engine": {"extraArgs": [1]}}, "spec.engine.extraArgs", "list of strings"),
     ({"engine": {"blockSzie": 16}}, "spec.engine", "unknown field(s) blockSzie"),
     ({"prefill": {"parallelism": {"tensor": 0}}}, "spec.prefill.parallelism.tensor", ">= 1"),
-    ({"prefill": {"parallelism": {"tensor": 4}, "resources": {"gpus": 2}}}, "spec.prefill.parallelism.tensor",
-     "must be 1"),
+    ({"prefill": {"parallelism": {"tensor": 4}, "resources": {"gpus": 2}}}, "spec.prefill.resources.gpus",
+     "cannot hold tensor x pipeline = 4"),
     ({"engine": {"maxWaiting": 0}}, "spec.engine.maxWaiting", ">= 1"),
     ({"networkPolicy": {"prometheusNamespaceSelector": {"name": "monitoring"}}},
      "spec.networkPolicy.prometheusNamespaceSelector", "unknown field(s) name"),

@@ -6,9 +6,11 @@ Every call carries a fresh call token of the cluster secret. Channels are cached
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import grpc
@@ -33,10 +35,52 @@ class PullError(Exception):
 
 
 MAX_CHANNELS = 64
+_DEADLINE_GRACE_S = 1.0  # past a pull's deadline, the client cancels the call itself (see pull)
 
 _CODE_REASONS = {grpc.StatusCode.UNAVAILABLE: "peer_gone", grpc.StatusCode.NOT_FOUND: "lease_expired",
                  grpc.StatusCode.DEADLINE_EXCEEDED: "timeout", grpc.StatusCode.FAILED_PRECONDITION: "incompatible",
                  grpc.StatusCode.UNAUTHENTICATED: "unauthenticated"}
+
+
+class _Stalled(Exception):
+    """The stream missed its deadline without ending (see :func:`_messages`)."""
+
+
+_END = object()
+
+
+def _messages(call: Any, deadline: float) -> Iterator[Any]:
+    """The messages of a server stream, read by a daemon thread and handed over here, until ``deadline``.
+
+    grpc enforces the call's own deadline, but a stream whose server stops under it can hang past it in grpc's
+    core, even through ``cancel()`` (seen with both ends in one process: a KV server shut down while a pull
+    starts). The caller's thread never waits in grpc: past ``deadline`` it cancels the call, raises
+    :class:`_Stalled` and leaves the reader thread behind; every block is verified and written by the caller,
+    so an abandoned reader never touches the cache."""
+    handed: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            for msg in call:
+                handed.put(msg)
+            handed.put(_END)
+        except BaseException as exc:  # grpc.RpcError, or anything else: the caller raises it
+            handed.put(exc)
+
+    threading.Thread(target=read, name="kv-pull-stream", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = handed.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise _Stalled() from None
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        call.cancel()  # stalled, or the caller stopped reading (a bad block): end the stream (no-op once ended)
 
 
 class KVPullClient:
@@ -56,29 +100,32 @@ class KVPullClient:
         return list(self.secret.call_headers(AUTH_SCOPE).items()) if self.secret is not None else []
 
     def pull(self, address: str, transfer_id: str, blocks: Sequence[BlockRef], timeout_s: float,
-             on_block: Callable[[BlockRef, memoryview], None]) -> int:
+             on_block: Callable[[BlockRef, memoryview], None], descriptor: KVDescriptor | None = None) -> int:
         """Stream ``blocks`` (consecutive, by index) of a transfer; call ``on_block`` for each verified payload.
 
-        Returns the payload bytes received. Raises :class:`PullError` (after calling ``on_block`` for the blocks
-        that did arrive whole and valid).
+        ``descriptor``: the server's cache, when it is another tensor-parallel shard of this model than the
+        client's own (see head_shards). Returns the payload bytes received. Raises :class:`PullError` (after
+        calling ``on_block`` for the blocks that did arrive whole and valid).
         """
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
+        desc = descriptor or self.descriptor
         stub = self._stub(address)
         by_index = {b.index: b for b in blocks}
-        req = pb.PullBlocksRequest(transfer_id=transfer_id, descriptor=self.descriptor.to_proto(),
+        req = pb.PullBlocksRequest(transfer_id=transfer_id, descriptor=desc.to_proto(),
                                    first_block=blocks[0].index, num_blocks=len(blocks),
                                    chunk_bytes=self.chunk_bytes)
         done, nbytes = 0, 0
         ref, header, buf, filled = None, None, None, 0
+        call = stub.PullBlocks(req, timeout=timeout_s, metadata=self._metadata())
         try:
-            for msg in stub.PullBlocks(req, timeout=timeout_s, metadata=self._metadata()):
+            for msg in _messages(call, time.monotonic() + timeout_s + _DEADLINE_GRACE_S):
                 if msg.HasField("header"):
                     ref = by_index.get(msg.block_index)
                     if ref is None or done >= len(blocks) or ref.index != blocks[done].index:
                         raise KVFormatError(f"KV server sent block {msg.block_index} out of order")
                     header = header_from_proto(msg.header)
-                    check_header(header, self.descriptor, ref.block_hash, ref.num_tokens)
+                    check_header(header, desc, ref.block_hash, ref.num_tokens)
                     if len(msg.data) == header.payload_bytes:  # the whole block in one message: no copy
                         self._verify(header, msg.data)
                         on_block(ref, memoryview(msg.data))
@@ -100,6 +147,9 @@ class KVPullClient:
             code = exc.code()
             raise PullError(_CODE_REASONS.get(code, "error"), f"pulling KV transfer {transfer_id} from {address} "
                                                               f"failed: {code.name}: {exc.details()}", done) from None
+        except _Stalled:
+            raise PullError("timeout", f"pulling KV transfer {transfer_id} from {address}: no answer "
+                                       f"{_DEADLINE_GRACE_S:.0f} s past the {timeout_s:g} s deadline", done) from None
         except KVFormatError as exc:
             raise PullError(exc.reason, str(exc), done) from None
         if done < len(blocks):
@@ -149,7 +199,13 @@ class KVPullClient:
         return reply.cache_id, [loc.block_id for loc in theirs]
 
     def release(self, address: str, transfer_id: str, timeout_s: float = 2.0) -> bool:
-        """Tell the KV server to free the transfer's blocks (best effort: False if it could not be told)."""
+        """Tell the KV server to free the transfer's blocks (best effort: False if it could not be told).
+
+        ``address`` may name several servers, comma-separated (a tensor-parallel prefill engine: one per rank);
+        each is told."""
+        if "," in address:
+            told = [self.release(a, transfer_id, timeout_s) for a in address.split(",")]
+            return all(told)
         from pdserve.proto.pdserve.v1 import kv_transfer_pb2 as pb
 
         try:

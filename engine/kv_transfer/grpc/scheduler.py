@@ -40,6 +40,9 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
         self._pulled: set[str] = set()
         self._pending_releases: list[tuple[str, str, str]] = []  # (request id, KV server, transfer id)
         self._pending_serve: list[ServeSpec] = []  # producer: transfers for the worker to start serving
+        # Consumer: loads read by several tensor-parallel ranks (or from several): request id -> (KV servers,
+        # transfer id), released once every rank reported the load (no rank releases what another still reads).
+        self._sharded_pulls: dict[str, tuple[str, str]] = {}
 
     @property
     def handle_ttl_s(self) -> float:
@@ -56,8 +59,12 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         super().update_state_after_alloc(request, block_ids, num_external_tokens)
-        if request.request_id in self._loading:
-            self._pulled.add(request.request_id)
+        rid = request.request_id
+        if rid in self._loading:
+            self._pulled.add(rid)
+            source = self._pending_loads[-1].source  # the load just queued
+            if self.ctx.descriptor.tp_size > 1 or int(source.get("sender_tp", 1)) > 1:
+                self._sharded_pulls[rid] = (source["kv_server"], source["transfer_id"])
 
     def build_connector_meta(self, sched_out: SchedulerOutput) -> KVConnectorMetadata:
         meta = super().build_connector_meta(sched_out)
@@ -97,6 +104,10 @@ class GrpcConnectorScheduler(BlockConnectorScheduler):
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         super().update_connector_output(output)
+        for rid in output.finished_loading | set(output.failed_loading):
+            pulled = self._sharded_pulls.pop(rid, None)
+            if pulled is not None:
+                self._pending_releases.append((rid, *pulled))
         for transfer_id in output.released:
             self._maybe_release(self._forget(transfer_id))
         for transfer_id in output.expired:

@@ -14,6 +14,10 @@ them device to device out of the prefill pod's GPU cache over CUDA IPC (same nod
 and fails the load when that is impossible; ``auto`` (the default) uses IPC where the peer is on this node and
 both caches are on GPUs, else the stream.
 
+With tensor parallelism every rank runs this worker half on its own KV heads, with its own KV server; the handle
+names every rank's server, comma-separated in rank order, and a loading rank pulls its heads from the servers
+that hold them (:mod:`..head_shards`). Such a transfer is released by the scheduler half once every rank loaded.
+
 This worker half owns the transfer registry the KV server serves from; the scheduler half (:mod:`.scheduler`)
 tells it what to serve through the step's metadata and learns what was released or expired from
 :meth:`get_finished` (it knows the server's address from construction). The KV server binds ``kv_host:kv_port``
@@ -40,6 +44,8 @@ from pdserve.engine.kv_transfer.base import (BlockRef, KVConnectorContext, KVCon
 from pdserve.engine.kv_transfer.grpc.client import KVPullClient, PullError
 from pdserve.engine.kv_transfer.grpc.kv_server import DEFAULT_CHUNK_BYTES, KVTransferServicer, start_kv_server
 from pdserve.engine.kv_transfer.grpc.transfers import TransferRegistry
+from pdserve.engine.kv_transfer.head_shards import ShardPiece, load_plan, shard_descriptor
+from pdserve.engine.kv_transfer.block_format import KVDescriptor
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
 
 logger = logging.getLogger(__name__)
@@ -91,7 +97,8 @@ class GrpcConnectorWorker(KVConnectorWorker):
             self.registry.add(spec.transfer_id, spec.blocks, spec.lease_s)
 
     def start_load_kv(self) -> None:
-        for address, transfer_id in self._meta.releases:
+        # Releases name every rank's KV server of a transfer (comma-separated): tensor rank 0 sends them.
+        for address, transfer_id in self._meta.releases if self.ctx.descriptor.tp_rank == 0 else ():
             if not self._closed:  # after shutdown the peer's lease frees the blocks
                 self._loader.submit(self._client.release, address, transfer_id)
         if not self._meta.loads:
@@ -103,7 +110,15 @@ class GrpcConnectorWorker(KVConnectorWorker):
             with self._lock:
                 self._inflight += 1
             t0 = time.perf_counter()
-            if self.transport != "stream" and self.kv_caches and self.kv_caches[0].is_cuda:
+            if is_sharded(spec, self.ctx.descriptor.tp_size):
+                # Tensor-parallel peers: pull this rank's heads from the shards that hold them (the stream only:
+                # CUDA IPC copies whole blocks of one cache).
+                if self.transport == "ipc":
+                    self._pull_done(_PullJob.failed(spec, t0, "ipc_unavailable", "kv_transport ipc copies whole "
+                                                    "blocks: it needs tensor_parallel_size 1 on both sides"))
+                else:
+                    self._stream(spec, t0, fence)
+            elif self.transport != "stream" and self.kv_caches and self.kv_caches[0].is_cuda:
                 self._loader.submit(self._load_via_ipc, spec, t0, fence)
             elif self.transport == "ipc":
                 self._pull_done(_PullJob.failed(spec, t0, "ipc_unavailable", "kv_transport ipc needs a KV cache on "
@@ -116,11 +131,31 @@ class GrpcConnectorWorker(KVConnectorWorker):
         n = max(1, min(self.streams, len(spec.blocks) // 8 or 1))
         size = -(-len(spec.blocks) // n)
         ranges = [spec.blocks[i:i + size] for i in range(0, len(spec.blocks), size)]
-        job = _PullJob(spec, len(ranges), t0)
+        try:
+            pieces = self._pieces(spec)
+        except ValueError as exc:  # a handle whose servers do not match its layout (it was signed: a bug)
+            return self._pull_done(_PullJob.failed(spec, t0, "incompatible", str(exc)))
+        job = _PullJob(spec, len(ranges) * len(pieces), t0)
         with self._lock:
             self.loads_by_transport["stream"] += 1
-        for blocks in ranges:
-            self._loader.submit(self._pull_range, job, blocks, fence)
+        for piece in pieces:
+            for blocks in ranges:
+                self._loader.submit(self._pull_range, job, blocks, piece, fence)
+
+    def _pieces(self, spec: LoadSpec) -> list["_Source"]:
+        """The KV servers (and heads of theirs) this rank's part of a load comes from (see head_shards)."""
+        desc = self.ctx.descriptor
+        addresses = spec.source["kv_server"].split(",")
+        sender_tp = int(spec.source.get("sender_tp", 1))
+        if not is_sharded(spec, desc.tp_size):
+            return [_Source(addresses[0], desc, None)]
+        if len(addresses) != sender_tp:
+            raise ValueError(f"the transfer handle names {len(addresses)} KV servers for {sender_tp} ranks")
+        out = []
+        for p in load_plan(self.ctx.kv_heads, sender_tp, desc.tp_size, desc.tp_rank):
+            shard = shard_descriptor(desc, self.ctx.kv_heads, sender_tp, p.sender_rank)
+            out.append(_Source(addresses[p.sender_rank], shard, None if sender_tp == desc.tp_size else p))
+        return out
 
     def _load_via_ipc(self, spec: LoadSpec, t0: float, fence: Any = None) -> None:
         """Copy a transfer's blocks device to device from a peer on this node (falls back to the stream under
@@ -187,10 +222,11 @@ class GrpcConnectorWorker(KVConnectorWorker):
                 self._ipc_peers.popitem(last=False)
             return peer
 
-    def _pull_range(self, job: "_PullJob", blocks: tuple, fence: Any = None) -> None:
+    def _pull_range(self, job: "_PullJob", blocks: tuple, source: "_Source", fence: Any = None) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
-        address, transfer_id = job.spec.source["kv_server"], job.spec.source["transfer_id"]
+        address, transfer_id = source.address, job.spec.source["transfer_id"]
+        heads = source.heads
         batch: list[tuple[BlockRef, Any]] = []
         written = 0
 
@@ -198,18 +234,20 @@ class GrpcConnectorWorker(KVConnectorWorker):
             nonlocal written
             if batch:
                 kv_layout.wait_fence(fence, self.kv_caches)
-                kv_layout.write_blocks(self.kv_caches, [r.block_id for r, _ in batch], [p for _, p in batch])
+                kv_layout.write_blocks(self.kv_caches, [r.block_id for r, _ in batch], [p for _, p in batch],
+                                       None if heads is None else heads.dst_head)
                 written += len(batch)
                 batch.clear()
 
         def on_block(ref: BlockRef, payload: memoryview) -> None:
-            batch.append((ref, kv_layout.payload_array(payload, self.ctx.descriptor, ref.num_tokens)))
+            arr = kv_layout.payload_array(payload, source.descriptor, ref.num_tokens)
+            batch.append((ref, arr if heads is None else arr[:, :, :, heads.src_head:heads.src_head + heads.count]))
             if len(batch) >= 8:
                 flush()
 
         failure = None
         try:
-            nbytes = self._client.pull(address, transfer_id, blocks, self.timeout_s, on_block)
+            nbytes = self._client.pull(address, transfer_id, blocks, self.timeout_s, on_block, source.descriptor)
             job.add_bytes(nbytes)
         except PullError as exc:
             failure = (blocks[0].index - job.spec.blocks[0].index + exc.num_valid_blocks, exc.reason, str(exc))
@@ -228,17 +266,20 @@ class GrpcConnectorWorker(KVConnectorWorker):
     def _pull_done(self, job: "_PullJob") -> None:
         spec = job.spec
         address, transfer_id = spec.source["kv_server"], spec.source["transfer_id"]
+        # Several ranks read a sharded transfer: the scheduler half releases it once all of them are done.
+        sharded = is_sharded(spec, self.ctx.descriptor.tp_size)
         if job.failure is None:
             self.stats.record_transfer("load", len(spec.blocks), job.nbytes, time.perf_counter() - job.t0)
             nbytes = job.nbytes
             self._results.put(lambda out: out.loaded_bytes.__setitem__(spec.request_id, nbytes))
             # The blocks are in place: the request may run now; the acknowledgement's round trip follows.
             self._results.put(lambda out: out.finished_loading.add(spec.request_id))
-            self._client.release(address, transfer_id)
+            if not sharded and not self._closed:
+                self._client.release(address, transfer_id)
         else:
             valid, reason, message = job.failure
             self.stats.record_failure(reason)
-            if reason not in ("peer_gone", "lease_expired"):
+            if reason not in ("peer_gone", "lease_expired") and not sharded and not self._closed:
                 self._client.release(address, transfer_id)  # let the peer free its blocks now
             failure = LoadFailure(reason, message, valid)
             self._results.put(lambda out: out.failed_loading.__setitem__(spec.request_id, failure))
@@ -257,10 +298,26 @@ class GrpcConnectorWorker(KVConnectorWorker):
         self._closed = True
         if self.server is not None:
             self.server.stop(grace=1.0)
+        # Closing the channels first cancels the pulls in flight: the loader threads end now, not at a deadline.
+        self._client.close()
         self._loader.shutdown(wait=True, cancel_futures=True)
         with self._ipc_lock:
             self._ipc_peers.clear()  # unmap peers' caches
-        self._client.close()
+        self._client.close()  # channels a thread opened while ending (a release is skipped once closed)
+
+
+def is_sharded(spec: LoadSpec, tp_size: int) -> bool:
+    """Whether a load involves tensor-parallel ranks on either side (then every rank pulls its heads)."""
+    return tp_size > 1 or int(spec.source.get("sender_tp", 1)) > 1
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A KV server a rank pulls from, the descriptor of its shard, and (another layout) which heads go where."""
+
+    address: str
+    descriptor: KVDescriptor
+    heads: ShardPiece | None
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ twice writes the same bytes, anything may be evicted at any time, and a reader v
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 # A whole object, or its parts in order (written without joining them where the store can).
 Blob = Union[bytes, bytearray, memoryview, Sequence[Any]]
@@ -86,3 +87,31 @@ def join_blob(blob: Blob) -> Any:
 
 def blob_size(blob: Blob) -> int:
     return sum(memoryview(p).nbytes for p in blob) if isinstance(blob, (list, tuple)) else memoryview(blob).nbytes
+
+
+class ShardStores:
+    """The store of each tensor-parallel shard's namespace (see :mod:`..head_shards`): ``own`` for this cache's,
+    others opened with ``open_namespace`` on first use and kept (a cross-TP load reads a peer layout's shards)."""
+
+    def __init__(self, own: BlockStore, own_namespace: str, open_namespace: Callable[[str], BlockStore] | None
+                 ) -> None:
+        self.own = own
+        self._open = open_namespace
+        self._stores: dict[str, BlockStore] = {own_namespace: own}
+        self._lock = threading.Lock()
+
+    def get(self, namespace: str) -> BlockStore:
+        with self._lock:
+            store = self._stores.get(namespace)
+            if store is None:
+                if self._open is None:
+                    raise StoreUnavailableError(f"no store for KV namespace {namespace} (this connector reads only "
+                                                f"its own tensor-parallel layout)")
+                store = self._stores[namespace] = self._open(namespace)
+            return store
+
+    def close(self) -> None:
+        with self._lock:
+            for store in self._stores.values():
+                store.close()
+            self._stores.clear()

@@ -20,13 +20,15 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pdserve.engine.kv_transfer.base import (KVConnectorContext, KVConnectorOutput, KVConnectorWorker, LoadFailure,
                                              LoadSpec, SaveSpec)
-from pdserve.engine.kv_transfer.block_format import KVFormatError, decode_block, encode_block_parts
+from pdserve.engine.kv_transfer.block_format import KVDescriptor, KVFormatError, decode_block, encode_block_parts
+from pdserve.engine.kv_transfer.head_shards import ShardPiece, load_plan, shard_descriptor
 from pdserve.engine.kv_transfer.metrics import KVTransferStats
-from pdserve.engine.kv_transfer.stores.store import BlockStore, StoreUnavailableError, block_key
+from pdserve.engine.kv_transfer.stores.store import BlockStore, ShardStores, StoreUnavailableError, block_key
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +43,11 @@ class StoreConnectorWorker(KVConnectorWorker):
     I/O and numpy copies release the GIL); a load or a save is reported once all of its groups are done.
     """
 
-    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, store: BlockStore) -> None:
+    def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, store: BlockStore,
+                 open_namespace: Callable[[str], BlockStore] | None = None) -> None:
         super().__init__(ctx)
         self.store = store
+        self.shards = ShardStores(store, ctx.descriptor.namespace, open_namespace)
         self.stats = stats
         self.desc = ctx.descriptor
         # Every block written carries a MAC under this key and every block read must carry a valid one.
@@ -67,31 +71,47 @@ class StoreConnectorWorker(KVConnectorWorker):
 
         fence = kv_layout.device_fence(self.kv_caches)  # after the steps already launched (asynchronous scheduling)
         for spec in self._meta.loads:
-            groups = [spec.blocks[i:i + _GROUP] for i in range(0, len(spec.blocks), _GROUP)]
-            job = _Job(len(groups), self._load_done, spec, time.perf_counter())
+            pieces = self._pieces(spec)
+            starts = range(0, len(spec.blocks), _GROUP)
+            job = _Job(len(starts) * len(pieces), self._load_done, spec, time.perf_counter())
             self._track(+1)
-            for start, group in zip(range(0, len(spec.blocks), _GROUP), groups):
-                self._pool.submit(self._load_group, job, start, group, fence)
+            for piece in pieces:
+                for start in starts:
+                    self._pool.submit(self._load_group, job, start, spec.blocks[start:start + _GROUP], piece,
+                                      fence)
 
-    def _load_group(self, job: "_Job", start: int, group: tuple, fence: Any = None) -> None:
+    def _pieces(self, spec: LoadSpec) -> list["_Piece"]:
+        """Where this rank's heads of the load are: its own layout's shard, or a peer layout's shards."""
+        desc = self.desc
+        sender_tp = int(spec.source.get("sender_tp", desc.tp_size))
+        out = []
+        for p in load_plan(self.ctx.kv_heads, sender_tp, desc.tp_size, desc.tp_rank):
+            shard = shard_descriptor(desc, self.ctx.kv_heads, sender_tp, p.sender_rank)
+            whole = sender_tp == desc.tp_size
+            out.append(_Piece(shard, self.shards.get(shard.namespace), None if whole else p))
+        return out
+
+    def _load_group(self, job: "_Job", start: int, group: tuple, piece: "_Piece", fence: Any = None) -> None:
         from pdserve.engine.kv_transfer import kv_layout
 
         ids, payloads, failure = [], [], None
+        heads = piece.heads
         try:
-            blobs = self.store.get_many([block_key(b.block_hash) for b in group])
+            blobs = piece.store.get_many([block_key(b.block_hash) for b in group])
             for i, (ref, blob) in enumerate(zip(group, blobs)):
                 if blob is None:
                     failure = _Failure(start + i, "missing", f"KV block {block_key(ref.block_hash)} is not in the "
                                                              f"{self.store.name} store (evicted or never written)")
                     break
                 try:
-                    header, payload = decode_block(blob, self.desc, ref.block_hash, ref.num_tokens,
+                    header, payload = decode_block(blob, piece.descriptor, ref.block_hash, ref.num_tokens,
                                                    self.mac_key)
                 except KVFormatError as exc:
                     failure = _Failure(start + i, exc.reason, str(exc))
                     break
                 ids.append(ref.block_id)
-                payloads.append(kv_layout.payload_array(payload, self.desc, header.num_tokens))
+                arr = kv_layout.payload_array(payload, piece.descriptor, header.num_tokens)
+                payloads.append(arr if heads is None else arr[:, :, :, heads.src_head:heads.src_head + heads.count])
                 job.add_bytes(header.payload_bytes)
         except StoreUnavailableError as exc:
             failure = _Failure(start, exc.reason, str(exc))
@@ -99,7 +119,7 @@ class StoreConnectorWorker(KVConnectorWorker):
             # The blocks before a bad one are valid: copy them in, the failure says they count.
             if ids:
                 kv_layout.wait_fence(fence, self.kv_caches)
-                kv_layout.write_blocks(self.kv_caches, ids, payloads)
+                kv_layout.write_blocks(self.kv_caches, ids, payloads, None if heads is None else heads.dst_head)
                 kv_layout.synchronize(self.kv_caches)
         except Exception as exc:  # a bug or a device error: still report, never leave the request waiting
             logger.exception("KV load group failed")
@@ -223,11 +243,20 @@ class StoreConnectorWorker(KVConnectorWorker):
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self.store.close()
+        self.shards.close()
 
     def _track(self, delta: int) -> None:
         with self._inflight_lock:
             self._inflight += delta
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One shard a load reads: its descriptor and store, and (another layout) which of its heads go where."""
+
+    descriptor: KVDescriptor
+    store: BlockStore
+    heads: ShardPiece | None  # None: the shard is this rank's own layout, copied whole
 
 
 class _Failure(Exception):

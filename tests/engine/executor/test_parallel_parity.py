@@ -74,7 +74,9 @@ def test_bundled_model_matches_one_device(tp: int, pp: int) -> None:
      "tensor_parallel_size=6 does not divide the model's 9 attention heads"),
     ("tiny-llama", {"tensor_parallel_size": 3}, "tensor_parallel_size=3 does not divide the model's 4 attention heads"),
     ("tiny-llama", {"pipeline_parallel_size": 3}, "pipeline_parallel_size=3 exceeds the model's 2 layers"),
-    ("tiny-llama", {"tensor_parallel_size": 2, "connector": "shared_fs"}, "cannot be combined with tensor"),
+    ("tiny-llama", {"pipeline_parallel_size": 2, "connector": "shared-fs"}, "cannot be combined with pipeline"),
+    ("tiny-llama", {"tensor_parallel_size": 2, "connector": "mypkg.kv:factory"},
+     "'mypkg.kv:factory' cannot run with tensor_parallel_size > 1"),
     ("tiny-llama", {"tensor_parallel_size": 2, "async_scheduling": True}, "async_scheduling cannot be used"),
 ])
 def test_layouts_the_model_cannot_take_are_refused_before_any_worker_starts(tiny, model, kwargs, message) -> None:
