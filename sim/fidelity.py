@@ -164,7 +164,9 @@ def replay_sim(profile: CostProfile, trace: list[TraceRequest], *, model: str, m
     errors = [r.error for r in done if r.error]
     if errors:
         raise RuntimeError(f"the simulation failed requests: {errors[:3]}")
-    return _timings(trace, [r.token_times for r in done])
+    if any(r.num_tokens != r.trace.max_tokens for r in done):
+        raise RuntimeError("a simulated request got fewer tokens than it asked for")
+    return Timings([r.ttft_s for r in done], [r.tpot_s for r in done])
 
 
 def relative_error(simulated: float, measured: float) -> float:
