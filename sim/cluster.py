@@ -29,7 +29,7 @@ from pdserve.operator.autoscaler import AutoscalerState, AutoscalingPolicy, Deci
 from pdserve.sim.clock import VirtualClock
 from pdserve.sim.core import SimEngineCore
 from pdserve.sim.cost_model import CostProfile
-from pdserve.sim.fast_decode import FastStep, fast_decode_step
+from pdserve.sim.fast_decode import FastRun, fast_decode_steps
 from pdserve.sim.kv import KVFaults
 from pdserve.sim.records import Histogram, SimRequest
 from pdserve.sim.workload import TraceRequest
@@ -68,7 +68,8 @@ class _Pod:
     requests: dict[str, SimRequest] = field(default_factory=dict)
     stepping: bool = False
     lazy: bool = False  # stepped on demand (see Cluster._catch_up), not by events
-    fast_steps: int = 0  # steps that took fast_decode_step's short path
+    fast_steps: int = 0  # steps that took fast_decode_steps' short path
+    quiet_until: float = math.inf  # (lazy pods) no request ends in a step of it that starts before this
     born: float = 0.0
     gone_at: float | None = None
     prompt_tokens: int = 0  # prompt tokens of the requests it holds (the router's prefill load signal)
@@ -236,11 +237,14 @@ class Cluster:
             req.waiting_for = role
             return
         for p in pods:  # the choice reads their sequence counts as of now
-            self._catch_up(p, self.now)
+            if p.quiet_until < self.now:
+                self._catch_up(p, self.now)
         if role == "prefill":
             pod = min(pods, key=lambda p: p.prompt_tokens)
         else:
             pod = min(pods, key=lambda p: len(p.requests))
+        self._catch_up(pod, self.now)  # its steps before now run without the new request
+        pod.quiet_until = -math.inf
         prompt = list(req.trace.prompt)
         if role == "decode":
             prompt.append(req.first_token)  # type: ignore[arg-type]
@@ -276,25 +280,24 @@ class Cluster:
         if not pod.lazy:
             return
         while pod.stepping and pod.state != "gone" and pod.core.clock.now() < t:
-            self._run_step(pod)
+            self._run_step(pod, t)
 
     def _catch_up_all(self, t: float) -> None:
         for pod in list(self.pods.values()):
             self._catch_up(pod, t)
 
-    def _run_step(self, pod: _Pod) -> None:
-        """One engine step of ``pod`` at its clock, and what its outputs set off."""
+    def _run_step(self, pod: _Pod, until: float = math.inf) -> None:
+        """One engine step of ``pod`` at its clock (a lazy pod: a run of pure-decode steps that start before
+        ``until``, or one general step), and what its outputs set off."""
         core = pod.core
         start, running = core.clock.now(), core.scheduler.num_running
-        fast = fast_decode_step(core) if pod.lazy else None
+        fast = fast_decode_steps(core, until) if pod.lazy else None
         if fast is not None:
-            t = core.clock.now()
-            pod.fast_steps += 1
-            pod.steps += 1
-            pod.batch_sum += running
-            pod.step_sum += t - start
-            self._on_fast_step(pod, fast, start, t)
+            t = fast.step_ends[-1]
+            pod.quiet_until = fast.quiet_until
+            self._on_fast_run(pod, fast, start, running)
         else:
+            pod.quiet_until = -math.inf
             outputs = core.step()
             t = core.clock.now()
             if core.runner.last_step_s and t > start:
@@ -308,6 +311,7 @@ class Cluster:
                 core.clock.advance_to(start + 1e-3)
         else:
             pod.stepping = False
+            pod.quiet_until = math.inf
             if pod.state == "draining" and not pod.requests:
                 self._gone(pod, t)
 
@@ -322,23 +326,38 @@ class Cluster:
             self._window["ttfts"].append(t - req.trace.arrival_s)
         req.add_token(token, t)
 
-    def _on_fast_step(self, pod: _Pod, fast: FastStep, start: float, t: float) -> None:
-        """A fast-forwarded step's tokens: as :meth:`_on_output` would record them, the equal gaps counted at
-        once (a request whose last token came at this step's start waited exactly the step)."""
-        same = 0
-        for rid, token in zip(fast.request_ids, fast.token_ids):
+    def _on_fast_run(self, pod: _Pod, run: FastRun, start: float, batch: int) -> None:
+        """A fast-forwarded run's tokens and step statistics, as single steps would record them."""
+        prev = start
+        gaps = []
+        for end in run.step_ends:  # summed in the order single steps add them
+            pod.step_sum += end - prev
+            pod.batch_sum += batch
+            gaps.append(end - prev)
+            prev = end
+        k = len(gaps)
+        pod.steps += k
+        pod.fast_steps += k
+        same = 0  # requests whose last token came at the run's start: their gaps are the steps'
+        for rid, tokens in zip(run.request_ids, run.tokens):
             req = pod.requests[rid]
             if req.num_tokens and req.last_token_s == start:
                 same += 1
-                req.add_token(token, t)
             else:
-                self._add_token(req, token, t)
+                self._add_token(req, tokens[0], run.step_ends[0])
+                tokens, ends = tokens[1:], run.step_ends[1:]
+                req.add_tokens(tokens, ends)
+                continue
+            req.add_tokens(tokens, run.step_ends)
+        n = len(run.request_ids)
         if same:
-            self._gap(t - start, same)
-        for rid in fast.finished:
+            self._gap(gaps[0], same)
+        for gap in gaps[1:]:
+            self._gap(gap, n)
+        for rid in run.finished:
             req = pod.requests.pop(rid)
             pod.prompt_tokens -= req.trace.num_prompt_tokens
-            self._end(req, None, t)
+            self._end(req, None, run.step_ends[-1])
 
     def _on_output(self, pod: _Pod, out: Any, t: float) -> None:
         req = pod.requests.get(out.request_id)

@@ -52,6 +52,24 @@ class SimRequest:
             self.tokens.append(token)
             self.token_times.append(t)  # type: ignore[union-attr]
 
+    def add_tokens(self, tokens: list[int], times: list[float]) -> None:
+        """``add_token`` for each pair, for a request that has two tokens or more already (or none to add)."""
+        if not tokens:
+            return
+        if self.num_tokens < 2:
+            for token, t in zip(tokens, times):
+                self.add_token(token, t)
+            return
+        digest = self.digest
+        for token in tokens:
+            digest = (digest * 1_000_003 + token + 1) % _MOD  # digest_step, inlined: a few 10^8 tokens a run
+        self.digest = digest
+        self.num_tokens += len(tokens)
+        self.last_token_s = times[len(tokens) - 1]
+        if self.tokens is not None:
+            self.tokens.extend(tokens)
+            self.token_times.extend(times[:len(tokens)])  # type: ignore[union-attr]
+
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_token_s is None else self.first_token_s - self.trace.arrival_s

@@ -110,6 +110,10 @@ class KVCacheManager:
                      or min(total_slots, request.num_tokens) // self.block_size
                      <= self._num_cached[request.request_id]))
 
+    def num_held_slots(self, request: Request) -> int:
+        """Token slots the request's blocks hold (0 without blocks)."""
+        return len(self._table_ids.get(request.request_id, ())) * self.block_size
+
     # ------------------------------------------------------------------ updates
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: Sequence[KVCacheBlock] | None = None,
