@@ -6,8 +6,9 @@ outputs, the cluster reading them) costs tens of microseconds a token in Python,
 few 10^4 simulated tokens per second of wall time. :func:`fast_decode_steps` makes the state changes that path
 makes for a run of such steps, in one pass over the batch:
 
-- the same tokens (:func:`~pdserve.sim.core.sim_next_token`, inlined), and each step's time from the cost model for the same batched
-  tokens and growing total context, spent on the core's clock step by step (the same float sums);
+- the same tokens (:func:`~pdserve.sim.core.sim_next_token`, inlined), and each step's time from the cost model
+  for the same batched tokens and growing total context, spent on the core's clock step by step (the same
+  float sums);
 - each request's blocks for the whole run in one ``allocate_slots`` of the real :class:`KVCacheManager`, after
   its tokens are known, so the pool, evictions and the prefix cache end where the single steps leave them
   (which request got which free block may differ; no result depends on block ids);
@@ -17,7 +18,8 @@ makes for a run of such steps, in one pass over the batch:
 A run stops before a step that starts at ``until`` or later (the caller's next event for this pod), after the
 step in which a request ends, and before the pool could run short. It declines (returns None, and the caller
 runs the general step) whenever the next step could be anything else: a request waiting, loading or held, a
-prompt chunk, drafts or stop tokens, a KV load in flight, or too few free blocks (a preemption). ``tests/sim/test_sim_fast_forward.py`` checks a cluster run with it against one without it.
+prompt chunk, drafts or stop tokens, a KV load in flight, or too few free blocks (a preemption).
+``tests/sim/test_sim_fast_forward.py`` checks a cluster run with it against one without it.
 """
 
 from __future__ import annotations
