@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The simulated results of docs/autoscaling.md: every number there comes from one of these commands.
-#   scripts/sim_experiments.sh OUTDIR [autoscale|static|colocation|faults|scale]...
+#   scripts/sim_experiments.sh OUTDIR [autoscale|static|colocation|faults|scale|autoscale100|static100|colocation100]...
 set -euo pipefail
 out=${1:?usage: $0 OUTDIR [experiment...]}; shift
 mkdir -p "$out"
@@ -40,9 +40,15 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
         --gpu-budget 140 --interval 5 --scale-down-window 30 --startup-s 10 --trace "$SHIFT20" $SLO \
         --output "$out/autoscale100.json" ;;
     static100)  # the static splits around each phase's peak needs on SHIFT20
-      for pd in ${SPLITS:-55:40 60:40 55:45 60:45 65:45}; do
+      for pd in ${SPLITS:-50:45 45:45 50:40}; do
         nice $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT20" $SLO \
           --output "$out/static100_${pd%:*}p${pd#*:}d.json"
+      done ;;
+    colocation100)  # DistServe-style at 100 GPUs: 50 prefill + 50 decode vs 100 colocated, long prompts
+      for load in ${LOADS100:-duration=30,in=2000,out=200,rate=600 duration=30,in=2000,out=200,rate=900}; do
+        tag=$(echo "$load" | tr ',=' '__')
+        nice $PD sim --prefill 50 --decode 50 --trace "$load" $SLO --output "$out/pd100_$tag.json"
+        nice $PD sim --prefill 0 --decode 100 --trace "$load" $SLO --output "$out/colo100_$tag.json"
       done ;;
     gpu-check)  # docs/performance.md's 1,000-request ShareGPT-like run (54.7 req/s on an H100), all at once
       $PD sim --prefill 0 --decode 1 --trace "duration=0.01,rate=100000,in=30:400,out=30:370" \
