@@ -407,7 +407,11 @@ class Cluster:
             for r in p.requests.values():  # prompt tokens not computed yet
                 engine_req = p.core.scheduler.get_request(r.id)
                 queued += r.trace.num_prompt_tokens - (engine_req.num_computed_tokens if engine_req else 0)
-        samples = tuple((p.batch_sum / p.steps, p.step_sum / p.steps) for p in dec if p.steps)
+        samples = tuple((p.batch_sum / p.steps, p.step_sum / p.steps,
+                         _usage_at_batch(p.core.scheduler.kv_cache_manager.usage, p.core.scheduler.num_running,
+                                         p.batch_sum / p.steps)) for p in dec if p.steps)
+        running = sum(p.core.scheduler.num_running for p in dec)
+        usage = sum(p.core.scheduler.kv_cache_manager.usage for p in dec)
         for p in dec:
             p.batch_sum = p.step_sum = 0.0
             p.steps = 0
@@ -418,7 +422,7 @@ class Cluster:
             ttft_p=_quantile(win["ttfts"], percentile), decode_sequences=float(sum(len(p.requests) for p in dec)),
             itl_p=win["gaps"].quantile(percentile), itl_samples=samples,
             kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
-            mean_prompt_tokens=win["arrived"] / n_arrived)
+            mean_prompt_tokens=win["arrived"] / n_arrived, kv_usage_per_sequence=usage / running if running else 0.0)
         self._window = self._new_window()
         return obs
 
@@ -450,3 +454,8 @@ def _quantile(values: list[float], q: float) -> float | None:
         return None
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _usage_at_batch(usage: float, running: int, batch: float) -> float:
+    """A pod's KV usage now, scaled to the window's mean batch (usage per sequence now, times that batch)."""
+    return usage / running * batch if running else usage
