@@ -1,10 +1,10 @@
 """A cluster of simulated prefill and decode pods in virtual time, with faults and the autoscaler.
 
 One process, one event queue: every pod is a :class:`SimEngineCore` (the real scheduler and KV cache manager) on
-its own :class:`VirtualClock`; an event runs one engine step, which advances that pod's clock by the cost model's
-step time. Nothing sleeps, so a 100-pod, 10-minute trace runs as fast as the schedulers can step (minutes on one
-core) — this is how ``pdserve sim`` reaches 100+ pods on a laptop, where 100 ``pdserve sim-engine`` processes
-would not fit. The HTTP/gRPC path of a pod is ``pdserve sim-engine``'s; here requests enter the cores directly.
+its own :class:`VirtualClock`; a step advances that pod's clock by the cost model's step time. Prefill pods step
+by events; decode pods step on demand, runs of pure-decode steps fast-forwarded (see :class:`Cluster`). Nothing
+sleeps, so a 100-pod trace runs as fast as the schedulers can step — this is how ``pdserve sim`` reaches 100+ pods
+on one machine, where 100 ``pdserve sim-engine`` processes would not fit. The HTTP/gRPC path of a pod is ``pdserve sim-engine``'s; here requests enter the cores directly.
 
 Routing follows the router's disaggregated flow: a request goes to the prefill pod with the least queued prompt
 tokens, its first token comes back from prefill (TTFT), and the KV handle goes with it to the decode pod with the
