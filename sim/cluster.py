@@ -4,7 +4,8 @@ One process, one event queue: every pod is a :class:`SimEngineCore` (the real sc
 its own :class:`VirtualClock`; a step advances that pod's clock by the cost model's step time. Prefill pods step
 by events; decode pods step on demand, runs of pure-decode steps fast-forwarded (see :class:`Cluster`). Nothing
 sleeps, so a 100-pod trace runs as fast as the schedulers can step — this is how ``pdserve sim`` reaches 100+ pods
-on one machine, where 100 ``pdserve sim-engine`` processes would not fit. The HTTP/gRPC path of a pod is ``pdserve sim-engine``'s; here requests enter the cores directly.
+on one machine, where 100 ``pdserve sim-engine`` processes would not fit. The HTTP/gRPC path of a pod is
+``pdserve sim-engine``'s; here requests enter the cores directly.
 
 Routing follows the router's disaggregated flow: a request goes to the prefill pod with the least queued prompt
 tokens, its first token comes back from prefill (TTFT), and the KV handle goes with it to the decode pod with the
