@@ -8,12 +8,18 @@ Prefill. Demand is the prompt tokens that arrived in the window plus the backlog
 capacity ``mu`` is the prompt tokens it computed per second *of busy time* (an exponentially weighted average, so
 it follows the prompt mix and the prefix-cache hit rate). The pool must run below a utilization ``headroom`` for
 queueing to stay short; the headroom is itself learned from the observed TTFT percentile: above target it shrinks
-(more pods for the same load), far below target it grows back. ``prefill = ceil(demand / (mu * headroom))``.
+(more pods for the same load), far below target it grows back; it does not shrink while a backlog explains the
+miss (queued prompt tokens over a quarter of the window's arrivals: the backlog term already asks for pods, and
+shrinking too would size every later window for the transient). ``prefill = ceil(demand / (mu * headroom))``.
 
-Decode. Each decode pod's step time is its ITL; it grows with the batch: ``itl(b) = a + c*b`` is fitted by
-exponentially weighted least squares over (batch, ITL) samples of every pod and window. The largest batch that
-keeps the ITL under target is ``b* = (itl_target * headroom_d - a) / c`` (capped by ``max_batch``), and
-``decode = ceil(concurrent sequences / b*)``. Until the fit is usable (two distinct batch sizes seen) the decode
+Decode. Each decode pod's step time is its ITL; it grows with the batch and with the context the batch attends
+to (its KV): ``itl = a + c_b * batch + c_u * kv_usage`` is fitted by exponentially weighted least squares over
+(batch, ITL, KV usage) samples of every pod and window (with ``c_u = 0`` while the usage does not vary apart from
+the batch, or samples carry none). At the KV usage per sequence seen now, ``u``, a sequence costs ``c = c_b +
+c_u * u``; the largest batch that keeps the ITL under target is ``b* = (itl_target * headroom_d - a) / c``
+(capped by ``max_batch``), and ``decode = ceil(concurrent sequences / b*)``. (A slope fitted on batch alone,
+from short-context sequences, sized decode far too small once long prompts came back: a sequence of 4,000
+context tokens costs several times one of 700.) Until the fit is usable (two distinct batch sizes seen) the decode
 count follows the observed ITL proportionally. Never fewer pods than ``sequences / max_batch`` (a full pod queues
 instead of slowing down), and KV memory above 90 % adds a pod.
 
@@ -84,9 +90,11 @@ class Observation:
     ttft_p: float | None  # observed TTFT at the policy's percentile (None: no request finished prefill)
     decode_sequences: float  # sequences running or waiting on decode pods (mean over the window)
     itl_p: float | None  # observed ITL at the percentile
-    itl_samples: tuple[tuple[float, float], ...] = ()  # (batch, mean ITL) per decode pod in the window
+    # (batch, mean ITL) or (batch, mean ITL, KV usage in [0, 1]) per decode pod in the window
+    itl_samples: tuple[tuple[float, ...], ...] = ()
     kv_usage: float = 0.0  # highest KV cache usage among decode pods, in [0, 1]
     mean_prompt_tokens: float = 0.0
+    kv_usage_per_sequence: float = 0.0  # decode pods' KV usage summed, over their sequences (now)
 
 
 @dataclass(frozen=True)
@@ -107,22 +115,41 @@ class AutoscalerState:
     prefill_mu: float | None = None  # prompt tokens per busy second of one prefill pod
     prefill_headroom: float = 0.7
     decode_headroom: float = 0.9
-    # exponentially weighted sums for the least-squares fit of itl = a + c * batch
-    fit: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])  # w, wb, wi, wbb, wbi
+    # exponentially weighted sums for the least-squares fit of itl = a + c_b * batch + c_u * kv_usage:
+    # w, wb, wu, wbb, wbu, wuu, wi, wbi, wui
+    fit: list[float] = field(default_factory=lambda: [0.0] * 9)
     history: list[tuple[float, int, int]] = field(default_factory=list)  # (time, wanted prefill, wanted decode)
     last_prefill: int = 0  # the prefill count last decided
 
-    def itl_line(self) -> tuple[float, float] | None:
-        """``(a, c)`` of ``itl = a + c * batch``, or None until two batch sizes make the slope meaningful."""
-        w, wb, wi, wbb, wbi = self.fit
+    def itl_model(self) -> tuple[float, float, float] | None:
+        """``(a, c_b, c_u)`` of ``itl = a + c_b * batch + c_u * kv_usage``, or None until two batch sizes make
+        the batch slope meaningful. ``c_u`` is 0 unless the usage varied apart from the batch."""
+        w, wb, wu, wbb, wbu, wuu, wi, wbi, wui = self.fit
         if w <= 0:
             return None
-        var = wbb / w - (wb / w) ** 2
-        if var < 1.0:  # batches too alike to see a slope
+        mb, mu, mi = wb / w, wu / w, wi / w
+        vbb, vbu, vuu = wbb / w - mb * mb, wbu / w - mb * mu, wuu / w - mu * mu
+        vbi, vui = wbi / w - mb * mi, wui / w - mu * mi
+        if vbb < 1.0:  # batches too alike to see a slope
             return None
-        c = (wbi / w - (wb / w) * (wi / w)) / var
-        a = wi / w - c * wb / w
-        return (a, c) if c > 0 else None
+        det = vbb * vuu - vbu * vbu
+        cb, cu = vbi / vbb, 0.0
+        if vuu > 1e-8 and det > 1e-3 * vbb * vuu:  # the usage varies apart from the batch: both slopes
+            cb2, cu2 = (vbi * vuu - vui * vbu) / det, (vui * vbb - vbi * vbu) / det
+            if cb2 >= 0 and cu2 >= 0:
+                cb, cu = cb2, cu2
+        if cb <= 0 and cu <= 0:
+            return None
+        return mi - cb * mb - cu * mu, cb, cu
+
+    def itl_line(self) -> tuple[float, float] | None:
+        """``(a, c)`` of the fitted ITL against the batch alone, at the mean KV usage of the samples (or None)."""
+        model = self.itl_model()
+        if model is None:
+            return None
+        a, cb, cu = model
+        w, wu = self.fit[0], self.fit[2]
+        return (a + cu * wu / w, cb) if cb > 0 else None
 
 
 EWMA = 0.3  # weight of the newest window in the running estimates
@@ -134,8 +161,9 @@ def _prefill_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obse
         state.prefill_mu = mu if state.prefill_mu is None else (1 - EWMA) * state.prefill_mu + EWMA * mu
     # Learn the headroom only once the pods last decided are ready: a TTFT that misses while new pods still start
     # says nothing about the headroom (without this it winds down to its floor during every scale-up).
+    backlog = obs.queued_prompt_tokens > 0.25 * obs.arrived_prompt_tokens
     if obs.ttft_p is not None and obs.prefill_pods >= state.last_prefill:
-        if obs.ttft_p > policy.ttft_target_s:
+        if obs.ttft_p > policy.ttft_target_s and not backlog:
             state.prefill_headroom = max(0.3, state.prefill_headroom * 0.85)
         elif obs.ttft_p < 0.5 * policy.ttft_target_s:
             state.prefill_headroom = min(0.9, state.prefill_headroom * 1.05)
@@ -148,18 +176,17 @@ def _prefill_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obse
 def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation) -> int:
     decay = 1 - EWMA
     state.fit = [v * decay for v in state.fit]
-    for b, itl in obs.itl_samples:
+    for sample in obs.itl_samples:
+        b, itl = sample[0], sample[1]
+        u = sample[2] if len(sample) > 2 else 0.0
         if b > 0 and itl > 0:
-            f = state.fit
-            f[0] += EWMA
-            f[1] += EWMA * b
-            f[2] += EWMA * itl
-            f[3] += EWMA * b * b
-            f[4] += EWMA * b * itl
-    line = state.itl_line()
-    if line is not None:
-        a, c = line
-        best = (policy.itl_target_s * state.decode_headroom - a) / c
+            for i, v in enumerate((1.0, b, u, b * b, b * u, u * u, itl, b * itl, u * itl)):
+                state.fit[i] += EWMA * v
+    model = state.itl_model()
+    if model is not None:
+        a, cb, cu = model
+        c = cb + cu * obs.kv_usage_per_sequence
+        best = (policy.itl_target_s * state.decode_headroom - a) / c if c > 0 else float(policy.max_batch)
         best = max(1.0, min(float(policy.max_batch), best))
         wanted = math.ceil(obs.decode_sequences / best) if obs.decode_sequences > 0 else policy.min_decode
     elif obs.itl_p is not None and obs.decode_pods > 0:
@@ -217,11 +244,11 @@ def decide(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, 
     colocate = (obs.mean_prompt_tokens > 0 and obs.mean_prompt_tokens < policy.colocate_max_prompt_tokens
                 and mu is not None
                 and (obs.arrived_prompt_tokens / obs.window_s) / mu < policy.colocate_max_prefill_load)
-    line = state.itl_line()
+    model = state.itl_model()
     reason = (f"prefill {obs.prefill_pods}->{p} (wants {raw_p}: mu={mu or 0:.0f} tok/s, "
               f"headroom {state.prefill_headroom:.2f}, ttft_p={_fmt(obs.ttft_p)}); "
               f"decode {obs.decode_pods}->{d} (wants {raw_d}: {obs.decode_sequences:.0f} seqs, "
-              f"itl fit {'a=%.4f c=%.6f' % line if line else 'none'}, itl_p={_fmt(obs.itl_p)})"
+              f"itl fit {'a=%.4f c_b=%.6f c_u=%.4f' % model if model else 'none'}, itl_p={_fmt(obs.itl_p)})"
               + ("; GPU budget binds" if limited else ""))
     return Decision(p, d, want_p, want_d, limited, colocate, reason)
 

@@ -184,7 +184,10 @@ class PodMetricsSource:
             steps = _delta(last.get(p, z), m, "pdserve:iteration_tokens_total", "count")
             if n and steps:  # the window's mean batch: tokens per step (a decode step computes one per sequence)
                 batch = _delta(last.get(p, z), m, "pdserve:iteration_tokens_total", "sum") / steps
-                samples.append((batch, _delta(last.get(p, z), m, "pdserve:inter_token_latency_seconds", "sum") / n))
+                running = m.get("pdserve:num_requests_running", 0.0)
+                usage = m.get("pdserve:kv_cache_usage_perc", 0.0)
+                samples.append((batch, _delta(last.get(p, z), m, "pdserve:inter_token_latency_seconds", "sum") / n,
+                                usage / running * batch if running else usage))  # KV usage at the mean batch
         return Observation(
             window_s=window, prefill_pods=len(pre), decode_pods=len(dec), arrived_prompt_tokens=arrived,
             queued_prompt_tokens=waiting * mean_prompt, prefill_computed_tokens=arrived, prefill_busy_s=busy,
@@ -192,7 +195,14 @@ class PodMetricsSource:
                                               + m.get("pdserve:num_requests_waiting", 0.0) for m in dec.values()),
             itl_p=itl, itl_samples=tuple(samples),
             kv_usage=max((m.get("pdserve:kv_cache_usage_perc", 0.0) for m in dec.values()), default=0.0),
-            mean_prompt_tokens=mean_prompt)
+            mean_prompt_tokens=mean_prompt, kv_usage_per_sequence=_usage_per_sequence(dec))
+
+
+def _usage_per_sequence(pods: dict) -> float:
+    """The decode pods' KV usage summed, over their running sequences (0 when none run)."""
+    running = sum(m.get("pdserve:num_requests_running", 0.0) for m in pods.values())
+    usage = sum(m.get("pdserve:kv_cache_usage_perc", 0.0) for m in pods.values())
+    return usage / running if running else 0.0
 
 
 def _merged_quantile(last: dict, pods: dict, key: str, q: float) -> float | None:

@@ -5,8 +5,10 @@
         --trace "duration=30,rate=8,in=200:2000,out=50:300"
 
 With ``--profile fit`` (the default) the cost profile is fitted on this machine first, from a calibration
-workload run through the same engine (see :mod:`pdserve.sim.fidelity`); with a shipped profile's name, that
-profile is what is checked. The scheduler limits (``--max-num-seqs``, ``--max-num-batched-tokens``) and the KV pool
+workload run through the same engine (see :mod:`pdserve.sim.fidelity`); with ``--profile fit-run`` it is fitted
+to the steps of the measured replay itself (what the CPU test does: on a loaded machine the steps' cost drifts
+between a calibration and the run); with a shipped profile's name, that profile is what is checked. The
+scheduler limits (``--max-num-seqs``, ``--max-num-batched-tokens``) and the KV pool
 are the real engine's in both runs.
 """
 
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="phases 'key=value,...;...' as for pdserve sim (see pdserve/sim/workload.py)")
     g.add_argument("--trace-seed", type=int, default=1)
     g.add_argument("--profile", default="fit",
-                   help="'fit': fit one on this machine first; or a shipped profile's name / a JSON file")
+                   help="'fit': fit one on this machine first; 'fit-run': fit it to the measured run's own steps; "
+                        "or a shipped profile's name / a JSON file")
     g.add_argument("--json-out", default=None, help="write the results here as JSON")
     add_engine_arguments(parser)
 
@@ -40,8 +43,15 @@ def run(args: argparse.Namespace) -> int:
     config = llm.config
     hf = config.model.hf_config
     manager = core.scheduler.kv_cache_manager
-    if args.profile == "fit":
-        stats = fidelity.calibrate(core, hf.vocab_size)
+    trace = generate(parse_trace(args.trace), vocab_size=hf.vocab_size, seed=args.trace_seed)
+    if not trace:
+        raise SystemExit("the trace has no request: raise its rate or duration")
+    real = None
+    if args.profile in ("fit", "fit-run"):
+        if args.profile == "fit":
+            stats = fidelity.calibrate(core, hf.vocab_size)
+        else:
+            real, stats = fidelity.replay_real_with_steps(core, trace)
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         # Only KV transfers read it (none between the sim's one colocated pod): the cache's element size.
@@ -52,10 +62,8 @@ def run(args: argparse.Namespace) -> int:
                                        block_size=manager.block_size)
     else:
         profile = load_profile(args.profile)
-    trace = generate(parse_trace(args.trace), vocab_size=hf.vocab_size, seed=args.trace_seed)
-    if not trace:
-        raise SystemExit("the trace has no request: raise its rate or duration")
-    real = fidelity.replay_real(core, trace)
+    if real is None:
+        real = fidelity.replay_real(core, trace)
     sched = config.scheduler
     sim = fidelity.replay_sim(profile, trace, model=args.model, max_num_seqs=sched.max_num_seqs,
                               max_num_batched_tokens=sched.max_num_batched_tokens,

@@ -26,9 +26,10 @@ from pdserve.sim.cost_model import CostProfile, load_profile
 from pdserve.sim.kv import KVFaults, SimKVScheduler, SimKVState, SimKVWorker
 
 
-def sim_next_token(token_ids: list[int], vocab_size: int, eos_token_id: int | None) -> int:
-    """The stand-in model: the next token depends only on the sequence so far; never 0, never EOS."""
-    token = 1 + (token_ids[-1] * 31 + len(token_ids) * 7) % (vocab_size - 1)
+def sim_next_token(last_token: int, num_tokens: int, vocab_size: int, eos_token_id: int | None) -> int:
+    """The stand-in model: the next token of a sequence of ``num_tokens`` tokens ending in ``last_token``
+    (a function of the sequence so far); never 0, never EOS."""
+    token = 1 + (last_token * 31 + num_tokens * 7) % (vocab_size - 1)
     if token == eos_token_id:
         token = 1 if eos_token_id != 1 else 2
     return token
@@ -76,7 +77,8 @@ class SimSampler:
 
     def sample(self, logits: Any, requests: list[Any], bitmask: Any = None) -> _Sample:
         vocab = self.vocab_size
-        ids = [sim_next_token(r.all_token_ids, vocab, r.eos_token_id) for r in requests]
+        ids = [sim_next_token(r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1],
+                              r.num_tokens, vocab, r.eos_token_id) for r in requests]
         rows = [[Logprob(t, -0.5, 1)] + [Logprob((t + j) % vocab, -1.0 - j, j + 1)
                                          for j in range(1, (r.sampling_params.logprobs or 0) + 1)]
                 if r.sampling_params.logprobs is not None else None for t, r in zip(ids, requests)]

@@ -153,6 +153,27 @@ def replay_real(core: Any, trace: list[TraceRequest]) -> Timings:
     return _timings(trace, [times[f"t{i}"] for i in range(len(trace))])
 
 
+def replay_real_with_steps(core: Any, trace: list[TraceRequest]) -> tuple[Timings, list[Any]]:
+    """:func:`replay_real`, also returning the engine's record of every step it ran (to fit a profile to)."""
+    core.record_step_stats(True)
+    try:
+        timings = replay_real(core, trace)
+        steps = list(core.step_stats or [])
+    finally:
+        core.record_step_stats(False)
+    return timings, steps
+
+
+def busy_s_per_request(profile: CostProfile, trace: list[TraceRequest], **limits: Any) -> float:
+    """Modelled engine-busy seconds per request of ``trace`` run alone (to pick a rate that loads an engine to
+    a given utilization)."""
+    from pdserve.sim.cluster import Cluster, ClusterConfig
+
+    cluster = Cluster(ClusterConfig(profile=profile, prefill=0, decode=1, **limits))
+    cluster.run(trace)
+    return sum(p.core.runner.busy_s for p in cluster.pods.values()) / max(1, len(trace))
+
+
 def replay_sim(profile: CostProfile, trace: list[TraceRequest], *, model: str, max_num_seqs: int,
                max_num_batched_tokens: int, max_model_len: int) -> Timings:
     """``trace`` through one simulated colocated pod with the same scheduler limits, in virtual time."""
@@ -164,7 +185,9 @@ def replay_sim(profile: CostProfile, trace: list[TraceRequest], *, model: str, m
     errors = [r.error for r in done if r.error]
     if errors:
         raise RuntimeError(f"the simulation failed requests: {errors[:3]}")
-    return _timings(trace, [r.token_times for r in done])
+    if any(r.num_tokens != r.trace.max_tokens for r in done):
+        raise RuntimeError("a simulated request got fewer tokens than it asked for")
+    return Timings([r.ttft_s for r in done], [r.tpot_s for r in done])
 
 
 def relative_error(simulated: float, measured: float) -> float:

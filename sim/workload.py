@@ -58,8 +58,9 @@ class TraceRequest:
     @property
     def prompt(self) -> tuple[int, ...]:
         # A random start and a fixed stride: distinct prompts, cheap to make.
-        v = self.vocab_size - 1
-        return self.head + tuple((self.body_start + i * 2654435761) % v + 1 for i in range(self.body_len))
+        v, stride = self.vocab_size - 1, 2654435761
+        start = self.body_start
+        return self.head + tuple([x % v + 1 for x in range(start, start + self.body_len * stride, stride)])
 
 
 def _span(text: str) -> tuple[int, int]:

@@ -96,6 +96,24 @@ class KVCacheManager:
             blocks.append(block)
         return blocks, len(blocks) * self.block_size
 
+    def allocation_is_noop(self, request: Request, num_new_tokens: int, delay_caching: bool = False) -> bool:
+        """Whether :meth:`allocate_slots` for ``num_new_tokens`` more tokens of a request that holds blocks would
+        change nothing: they fit in its blocks and no block became full (nothing to register in the prefix
+        cache). The common decode step, decided in a few lookups."""
+        table_ids = self._table_ids.get(request.request_id)
+        if table_ids is None:
+            return False
+        total_slots = request.num_computed_tokens + num_new_tokens
+        return (total_slots <= len(table_ids) * self.block_size
+                and (self.max_model_len is None or total_slots <= self.max_model_len)
+                and (not self.enable_prefix_caching or delay_caching
+                     or min(total_slots, request.num_tokens) // self.block_size
+                     <= self._num_cached[request.request_id]))
+
+    def num_held_slots(self, request: Request) -> int:
+        """Token slots the request's blocks hold (0 without blocks)."""
+        return len(self._table_ids.get(request.request_id, ())) * self.block_size
+
     # ------------------------------------------------------------------ updates
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: Sequence[KVCacheBlock] | None = None,
@@ -111,15 +129,9 @@ class KVCacheManager:
         """
         rid = request.request_id
         table_ids = self._table_ids.get(rid)
-        if table_ids is not None and not new_computed_blocks and not num_new_computed_tokens:
-            # The common decode step, decided in a few lookups: the new tokens fit in the blocks the request
-            # holds and no block became full (nothing to register in the prefix cache), so nothing changes.
-            total_slots = request.num_computed_tokens + num_new_tokens
-            if (total_slots <= len(table_ids) * self.block_size
-                    and (self.max_model_len is None or total_slots <= self.max_model_len)
-                    and (not self.enable_prefix_caching or delay_caching
-                         or min(total_slots, request.num_tokens) // self.block_size <= self._num_cached[rid])):
-                return list(table_ids)
+        if (not new_computed_blocks and not num_new_computed_tokens
+                and self.allocation_is_noop(request, num_new_tokens, delay_caching)):
+            return list(table_ids)  # type: ignore[arg-type]
         computed = list(new_computed_blocks or ())
         if num_new_computed_tokens != len(computed) * self.block_size:
             raise ValueError(f"{num_new_computed_tokens} computed tokens do not fill {len(computed)} blocks")

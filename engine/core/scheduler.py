@@ -266,6 +266,20 @@ class Scheduler:
         done, self._finished_without_output = self._finished_without_output, []
         return done
 
+    def pure_decode_batch(self) -> list[Request] | None:
+        """The running requests, in order, if the next :meth:`schedule` would give each of them exactly one
+        decode token and do nothing else: no request waiting, loading or held, no drafts, no step in flight,
+        the whole batch within the token budget. None otherwise. (The simulator fast-forwards such steps,
+        :mod:`pdserve.sim.fast_decode`; the engine itself does not read it.)"""
+        if (not self._running or self._waiting or self._loading or self._held or self._sampled_in
+                or len(self._running) > self.max_num_batched_tokens):
+            return None
+        for request in self._running:
+            if (request.num_tokens - request.num_computed_tokens != 1 or request.num_pending_tokens
+                    or request.spec_token_ids):
+                return None
+        return self._running
+
     # ------------------------------------------------------------------ stats and cache
     def get_stats(self) -> SchedulerStats:
         kv = self.kv_cache_manager

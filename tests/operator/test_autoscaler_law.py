@@ -120,3 +120,38 @@ def test_pods_still_starting_are_kept():
     calm = dict(arrived_prompt_tokens=70_000, prefill_computed_tokens=25_000, prefill_busy_s=5.0, ttft_p=0.8)
     d = decide(POLICY, state, obs(prefill_pods=3, **calm), now=10.0)
     assert d.wanted_prefill == 3 and d.prefill == 4  # 7000 / (5000 * 0.595) = 2.35 -> 3
+
+
+def test_decode_fit_separates_batch_and_context_cost():
+    """ITL = 0.005 + 0.0002 * batch + 0.02 * kv_usage, seen at short and at long contexts: sized at the KV usage
+    per sequence seen now: long contexts (0.004 of the pool a sequence) need more pods than short ones."""
+    state = AutoscalerState()
+    samples = tuple((b, 0.005 + 0.0002 * b + 0.02 * b * u, b * u) for b, u in ((10, 0.0005), (40, 0.0005),
+                                                                           (10, 0.004), (40, 0.004)))
+    short = obs(decode_sequences=400, itl_samples=samples, kv_usage_per_sequence=0.0005)
+    d = decide(POLICY, state, short, now=0.0)
+    a, cb, cu = state.itl_model()
+    assert (a, cb, cu) == pytest.approx((0.005, 0.0002, 0.02))
+    # b* = (0.045 - 0.005) / (0.0002 + 0.02 * 0.0005) = 190.5 -> 400 / 190.5 -> 3
+    assert d.wanted_decode == 3
+    # 1,600 sequences: short contexts 1600 / 190.5 -> 9 pods; long ones b* = 0.04 / 0.00028 = 142.9 -> 12 pods
+    more = dataclasses.replace(short, itl_samples=(), decode_sequences=1600)
+    assert decide(POLICY, AutoscalerState(fit=list(state.fit)), more, now=10.0).wanted_decode == 9
+    long = dataclasses.replace(more, kv_usage_per_sequence=0.004)
+    assert decide(POLICY, AutoscalerState(fit=list(state.fit)), long, now=10.0).wanted_decode == 12
+
+
+def test_decode_fit_without_usage_is_the_batch_line():
+    state = AutoscalerState()
+    decide(POLICY, state, obs(decode_sequences=100, itl_samples=((10, 0.02), (30, 0.04))), now=0.0)
+    assert state.itl_model() == pytest.approx((0.01, 0.001, 0.0))
+    assert state.itl_line() == pytest.approx((0.01, 0.001))
+
+
+def test_headroom_is_not_shrunk_while_a_backlog_explains_the_miss():
+    state = AutoscalerState()
+    backlog = dict(arrived_prompt_tokens=100_000, queued_prompt_tokens=60_000, prefill_computed_tokens=25_000,
+                   prefill_busy_s=5.0, ttft_p=5.0)
+    d = decide(POLICY, state, obs(prefill_pods=2, **backlog), now=0.0)
+    assert state.prefill_headroom == pytest.approx(0.7)
+    assert d.prefill == 5  # (100k + 60k) / 10 s / (5000 * 0.7) = 4.57 -> 5: the backlog term asks for the pods

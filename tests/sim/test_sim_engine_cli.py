@@ -133,8 +133,8 @@ def test_the_operators_pod_metrics_source_observes_real_pods(pods):
     assert (obs.prefill_pods, obs.decode_pods) == (1, 1)
     assert obs.arrived_prompt_tokens == first.usage.prompt_tokens
     assert obs.prefill_busy_s > 0 and obs.ttft_p is not None and obs.ttft_p < 0.5  # prefill: no KV load
-    (batch, itl), = obs.itl_samples
-    assert batch == 1 and 0 < itl < 0.1  # one sequence a step; 7 gaps of ~6 ms
+    (batch, itl, usage), = obs.itl_samples
+    assert batch == 1 and 0 < itl < 0.1 and 0 <= usage <= 1  # one sequence a step; 7 gaps of ~6 ms
     assert obs.decode_sequences == 0 and 0 <= obs.kv_usage <= 1
 
 
