@@ -231,3 +231,23 @@ def test_runner_exposes_the_hidden_states_transformers_computes(llama) -> None:
                                atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="outside the target's 2 layers"):
         runner.capture_hidden_states((0, 1, 2))
+
+
+def test_the_shipped_head_predicts_the_bundled_model() -> None:
+    """The EAGLE head shipped for SmolLM2 (``smollm2-135m-eagle``, trained by scripts/train_eagle_head.py on the
+    model's own answers) loads by name, keeps greedy answers identical, and gets drafts accepted on questions it
+    was not trained on."""
+    from pdserve.engine.model_loader.bundled import ensure_bundled
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_bundled("smollm2-135m-instruct"))
+    questions = ["What is the boiling point of water at sea level?", "Give two tips for writing clear emails."]
+    requests = [(list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    return_dict=False)),
+                 SamplingParams(max_tokens=24, temperature=0.0)) for q in questions]
+    spec = {"method": "eagle", "model": "smollm2-135m-eagle", "num_speculative_tokens": 3}
+    base = run(engine("smollm2-135m-instruct", max_num_batched_tokens=512), requests)
+    core = engine("smollm2-135m-instruct", spec, max_num_batched_tokens=512)
+    assert run(core, requests) == base
+    stats = core.get_stats().spec_decode
+    assert stats["num_accepted_tokens"] > 0.05 * stats["num_draft_tokens"] > 0, stats
