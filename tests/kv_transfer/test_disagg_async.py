@@ -83,8 +83,10 @@ def test_abort_while_a_load_is_pending(model, tmp_path, redis_url, asynchronous)
 def test_a_preempted_decode_request_recomputes_instead_of_pulling_again(model, tmp_path, redis_url, asynchronous):
     """Three loaded requests outgrow a 10-block pool, so the newest is preempted. Its transfer is spent (the
     prefill pod freed it on release): it recomputes from the decode pod's own prefix cache, and the ``fail``
-    policy proves no second pull is tried (it would end the request)."""
-    prompts, max_tokens = prompts_of([40, 40, 40], seed=5), 16  # 41 tokens: 3 blocks each, then a 4th
+    policy proves no second pull is tried (it would end the request). 41 tokens load as 3 blocks each; with 40
+    more, any two requests decoding at once need 12 blocks, so the preemption does not hang on the loads landing
+    together (with 16 more, one request could finish before the last load landed, and none was preempted)."""
+    prompts, max_tokens = prompts_of([40, 40, 40], seed=5), 40
     opts = options_for("grpc", tmp_path, redis_url, load_failure_policy="fail")
     p = engine(model, "prefill", "grpc", asynchronous=asynchronous, **opts)
     d = engine(model, "decode", "grpc", config_overrides={"num_blocks": 10}, asynchronous=asynchronous, **opts)
