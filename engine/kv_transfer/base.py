@@ -420,6 +420,12 @@ class KVConnectorScheduler(ABC):
 class KVConnectorWorker(ABC):
     """The worker half: moves bytes between the KV cache tensors and the outside."""
 
+    # Whether a step may run as a CUDA graph replay, which calls no per-layer hook: the worker's
+    # :meth:`wait_for_save` then saves every layer :meth:`save_kv_layer` was not told about. Steps that start a
+    # load always run eagerly. A worker that relies on the per-layer calls keeps this False, and steps with
+    # prompt chunks then run eagerly (``engine/worker/mixed_graphs.py``).
+    saves_unreported_layers: bool = False
+
     def __init__(self, ctx: KVConnectorContext) -> None:
         self.ctx = ctx
         self.kv_caches: list[Any] = []

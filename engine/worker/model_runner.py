@@ -14,6 +14,7 @@ from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtyp
 from pdserve.engine.models.parallel_layers import ModelShard
 from pdserve.engine.worker.attention import get_attention_backend
 from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
+from pdserve.engine.worker.mixed_graphs import MixedGraphRunner, mixed_capture_sizes
 from pdserve.engine.worker.verify_graphs import VerifyGraphRunner
 from pdserve.engine.worker.verify_layout import verify_capture_sizes
 from pdserve.engine.worker.warmup import warm_up, warmup_cases
@@ -65,6 +66,7 @@ class ModelRunner:
             self._warm_up_kernels()
         self.graph_runner = self._make_graph_runner()
         self.verify_graph_runner = self._make_verify_graph_runner()
+        self.mixed_graph_runner = self._make_mixed_graph_runner()
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s, backend %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self.kv_spec.bytes_per_block / 2**30, self.kv_spec.dtype,
                     self.attn_backend.name)
@@ -96,6 +98,10 @@ class ModelRunner:
                 verify_size = self.verify_graph_runner.padded_size(sched_out.chunks)
                 if verify_size is not None:
                     logits = self._run_verify_graph(sched_out, verify_size)
+            if logits is None and self._mixed_graph_allowed(sched_out):
+                mixed_size = self.mixed_graph_runner.padded_size(sched_out.chunks)
+                if mixed_size is not None:
+                    logits = self._run_mixed_graph(sched_out, mixed_size, sampled)
             if logits is not None:
                 if connector is not None:
                     connector.wait_for_save()  # a replay runs no hooks: this stages every layer it must save
@@ -127,6 +133,7 @@ class ModelRunner:
             inner.aux_hidden_layers = what
             self.graph_runner = None
             self.verify_graph_runner = None  # its graphs, too, return the final hidden states only
+            self.mixed_graph_runner = None
 
     def attach_kv_connector(self, connector) -> None:
         """Drive a KV connector's worker half from now on (after the profiling run, on the real cache).
@@ -186,6 +193,47 @@ class ModelRunner:
             raise RuntimeError(f"capturing the speculative verify CUDA graphs failed ({exc}); "
                                f"PDSERVE_VERIFY_CUDA_GRAPHS=0 runs verify steps eagerly instead") from exc
         return runner
+
+    def _make_mixed_graph_runner(self) -> MixedGraphRunner | None:
+        """CUDA graphs of steps with prompt chunks (``engine/worker/mixed_graphs.py``): wherever decode graphs are
+        captured, unless ``PDSERVE_MIXED_CUDA_GRAPHS=0`` (then such steps run eagerly; for A/B measurements)."""
+        if self.graph_runner is None:
+            return None
+        if os.environ.get("PDSERVE_MIXED_CUDA_GRAPHS", "1") == "0":
+            logger.info("PDSERVE_MIXED_CUDA_GRAPHS=0: steps with prompt chunks run eagerly")
+            return None
+        sched = self.config.scheduler
+        runner = MixedGraphRunner(self.model, self.kv_caches, self.graph_runner.rows,
+                                  sizes=mixed_capture_sizes(sched.max_num_batched_tokens),
+                                  max_num_seqs=sched.max_num_seqs, max_model_len=self.config.model.max_model_len,
+                                  block_size=self.block_size, num_blocks=self.num_blocks, device=self.device,
+                                  pool=self.graph_runner.pool)
+        try:
+            runner.capture()
+        except Exception as exc:
+            raise RuntimeError(f"capturing the mixed-step CUDA graphs failed ({exc}); "
+                               f"PDSERVE_MIXED_CUDA_GRAPHS=0 runs steps with prompt chunks eagerly") from exc
+        return runner
+
+    def _mixed_graph_allowed(self, sched_out: SchedulerOutput) -> bool:
+        """A mixed graph may run this step: graphs exist, no prompt logprobs are wanted (they need every prompt
+        position's logits), and a KV connector, if any, copes with a replay, which runs no layer hooks: no load
+        starts in the step (no layer could wait for its loaded KV) and the worker saves the layers no hook
+        reported (``saves_unreported_layers``)."""
+        if self.mixed_graph_runner is None or sched_out.prompt_logprobs:
+            return False
+        connector = self.kv_connector
+        if connector is None:
+            return True
+        meta = sched_out.kv_connector_metadata
+        return getattr(connector, "saves_unreported_layers", False) and (meta is None or not meta.loads)
+
+    def _run_mixed_graph(self, sched_out: SchedulerOutput, size: int,
+                         sampled: SampledTokens | None) -> torch.Tensor:
+        hidden, rows, num_tokens = self.mixed_graph_runner.run(sched_out.chunks, size, sampled)  # [size, D]
+        if self.hidden_capture is not None:  # "last" (aux layers drop the graphs); the next replay overwrites it
+            self.last_hidden = hidden[:num_tokens].clone()
+        return self.model.compute_logits(hidden.index_select(0, rows)).float()  # [S, V]
 
     def _run_verify_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:
         hidden, rows = self.verify_graph_runner.run(sched_out.chunks, size)  # [size * (k + 1), D], [S]

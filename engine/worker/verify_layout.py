@@ -26,6 +26,7 @@ import bisect
 import numpy as np
 
 from pdserve.engine.core.sched_output import ScheduledChunk
+from pdserve.engine.worker.packed_layout import fill_packed_layout
 
 # Beyond this batch a verify step of k + 1 tokens per sequence is compute-heavy enough that launch overhead no
 # longer matters, and speculation rarely pays there (adaptive k switches it off at 32 running requests).
@@ -66,44 +67,9 @@ def verify_graph_size(chunks: list[ScheduledChunk], sizes: list[int], tokens_per
 def fill_verify_layout(chunks: list[ScheduledChunk], size: int, tokens_per_seq: int, block_size: int, *,
                        ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, query_start_loc: np.ndarray,
                        seq_lens: np.ndarray, context_lens: np.ndarray, logits_rows: np.ndarray) -> int:
-    """Write a step's layout (module docstring) into host arrays; returns the number of logits rows.
-
-    ``ids``, ``positions``, ``slots``: ``[size * tokens_per_seq]``; ``query_start_loc``: ``[size + 1]``;
-    ``seq_lens``, ``context_lens``: ``[size]``; ``logits_rows``: at least as long as the step's logits rows
-    (each chunk's last ``num_logits_rows`` rows, in chunk order, as the eager runner returns them).
-    Raises ValueError when a block table is too short for its chunk.
+    """Write a verify step's layout into host arrays of a ``size``-sequence graph (``size * tokens_per_seq``
+    rows); returns the number of logits rows. See :func:`~pdserve.engine.worker.packed_layout.fill_packed_layout`.
     """
-    b = len(chunks)
-    lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=b)
-    starts = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=b)
-    query_start_loc[0] = 0
-    np.cumsum(lens, out=query_start_loc[1:b + 1])
-    total = int(query_start_loc[b])
-    query_start_loc[b + 1:size + 1] = total
-    seq_lens[:b] = starts + lens
-    seq_lens[b:size] = 0
-    context_lens[:b] = starts
-    context_lens[b:size] = 0
-
-    seq_of_row = np.repeat(np.arange(b), lens)  # [S]
-    pos = np.arange(total) - query_start_loc[:b][seq_of_row] + starts[seq_of_row]
-    block_index = pos // block_size
-    table_lens = np.fromiter((len(c.block_ids) for c in chunks), dtype=np.int64, count=b)
-    if (block_index >= table_lens[seq_of_row]).any():
-        raise ValueError("a block table is too short for its sequence")
-    flat_tables = np.fromiter((x for c in chunks for x in c.block_ids), dtype=np.int64, count=int(table_lens.sum()))
-    table_start = np.concatenate(([0], np.cumsum(table_lens)[:-1]))
-    ids[:total] = [t for c in chunks for t in c.token_ids]
-    positions[:total] = pos
-    slots[:total] = flat_tables[table_start[seq_of_row] + block_index] * block_size + pos % block_size
-    end = size * tokens_per_seq
-    ids[total:end] = 0
-    positions[total:end] = 0
-    slots[total:end] = -1
-
-    n = 0
-    for c, stop in zip(chunks, query_start_loc[1:b + 1].tolist()):
-        k = c.num_logits_rows
-        logits_rows[n:n + k] = range(stop - k, stop)
-        n += k
-    return n
+    return fill_packed_layout(chunks, size, size * tokens_per_seq, block_size, ids=ids, positions=positions,
+                              slots=slots, query_start_loc=query_start_loc, seq_lens=seq_lens,
+                              context_lens=context_lens, logits_rows=logits_rows)

@@ -58,6 +58,8 @@ MAX_IPC_PEERS = 16
 class GrpcConnectorWorker(KVConnectorWorker):
     """Runs the KV server (producer) and pulls transfers in loader threads (consumer)."""
 
+    saves_unreported_layers = True  # it saves nothing per step: prefill pods serve KV from the cache
+
     def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats) -> None:
         super().__init__(ctx)
         self.stats = stats

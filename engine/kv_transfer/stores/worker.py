@@ -43,6 +43,8 @@ class StoreConnectorWorker(KVConnectorWorker):
     I/O and numpy copies release the GIL); a load or a save is reported once all of its groups are done.
     """
 
+    saves_unreported_layers = True  # wait_for_save stages the layers no hook reported
+
     def __init__(self, ctx: KVConnectorContext, stats: KVTransferStats, store: BlockStore,
                  open_namespace: Callable[[str], BlockStore] | None = None) -> None:
         super().__init__(ctx)

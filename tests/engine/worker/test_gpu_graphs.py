@@ -62,3 +62,23 @@ def test_bf16_graphs_every_ladder_size(tmp_path) -> None:
         eager = runner._run(SchedulerOutput(chunks), runner.kv_caches)
         assert logits.shape == (b, runner.vocab_size) and torch.isfinite(logits).all()
         torch.testing.assert_close(logits, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_mixed_graphs_every_ladder_size(tmp_path) -> None:
+    """Steps with a prompt chunk (and decode rows beside it) replay the mixed-step graphs; their logits match the
+    eager step's."""
+    model_dir = make_tiny_model("llama", tmp_path)
+    runner = ModelRunner(EngineConfig.create(model_dir, device="cuda", num_blocks=256, max_num_seqs=40,
+                                             max_num_batched_tokens=512))
+    mixed = runner.mixed_graph_runner
+    assert mixed is not None and mixed.sizes == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    for decodes, prompt_len in ((0, 5), (3, 13), (1, 16), (8, 93), (20, 300), (0, 512), (39, 400)):
+        chunks = [ScheduledChunk(f"d{i}", [5 + i], 20, [100 + 2 * i, 101 + 2 * i], True) for i in range(decodes)]
+        chunks.append(ScheduledChunk("p", list(range(7, 7 + prompt_len)), 0, list(range(-(-prompt_len // 16))),
+                                     True))
+        before = mixed.num_replays
+        logits = runner.execute_model(SchedulerOutput(chunks))
+        assert mixed.num_replays == before + 1, (decodes, prompt_len)
+        eager = runner._run(SchedulerOutput(chunks), runner.kv_caches)
+        assert logits.shape == (decodes + 1, runner.vocab_size) and torch.isfinite(logits).all()
+        torch.testing.assert_close(logits, eager, rtol=2e-2, atol=2e-2)
