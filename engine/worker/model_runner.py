@@ -54,14 +54,15 @@ class ModelRunner:
         self.attn_backend = get_attention_backend(config.device.attention_backend, self.device,
                                                   self.kv_spec.head_dim, self.block_size)
         self.model = load_model(config.model, self.device, self.dtype, self.attn_backend, shard=shard)
-        self.num_blocks = self._decide_num_blocks()
-        self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
         self.kv_connector = None  # a KV connector's worker half (engine/kv_transfer), see attach_kv_connector
         # The last step's prompt logprobs (engine/prompt_logprobs.py): request id -> (start_pos, rows).
         self.prompt_logprobs_output: dict[str, tuple[int, list]] = {}
-        # Hidden states for EAGLE / Medusa proposers (see capture_hidden_states); None: nothing is kept.
+        # Hidden states for EAGLE / Medusa proposers (see capture_hidden_states); None: nothing is kept. Set
+        # before the profiling run, which runs a step.
         self.hidden_capture: str | tuple[int, ...] | None = None
         self.last_hidden: torch.Tensor | None = None
+        self.num_blocks = self._decide_num_blocks()
+        self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
         if self.device.type == "cuda" and self.attn_backend.triton_kernels:
             self._warm_up_kernels()
         self.graph_runner = self._make_graph_runner()
