@@ -72,6 +72,7 @@ def test_a_batch_adaptive_k_turns_off_runs_the_plain_step(llama, async_schedulin
     kw = dict(max_num_batched_tokens=256, async_scheduling=async_scheduling)
     plain_steps, plain_sampled, plain_out = traced_run(engine(llama, **kw), repetitive_prompts())
     core = engine(llama, NGRAM, **kw)
+    assert core.async_scheduling == async_scheduling
     proposals = count_calls(core.spec.proposer, "propose_batch")
     verifies = count_calls(core.spec, "verify")
     steps, sampled, out = traced_run(core, repetitive_prompts())
