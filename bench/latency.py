@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences prefilled and decoded together: one value, or one per --input-len")
     parser.add_argument("--oracle-acceptance", default="1.0,0.5,0.0",
                         help="acceptances the oracle proposer replays at, comma-separated")
+    parser.add_argument("--spec-baseline", choices=["opt-out", "off"], default="opt-out",
+                        help="with --speculative-config, the baseline run: requests opting out of speculation, "
+                             "or 'off', the engine core with its speculative decoder detached (the path of an "
+                             "engine without speculation, in the same process)")
     parser.add_argument("--prompt", default=None,
                         help="with --speculative-config: this text (e.g. a copy-heavy task for the n-gram "
                              "proposer) as every prompt, instead of --input-len random tokens")
@@ -222,7 +226,7 @@ def _run_speculative(args: argparse.Namespace, llm, rng: random.Random) -> int:
     else:
         prompts = [[rng.randint(100, vocab - 1) for _ in range(args.input_len)] for _ in range(args.batch_size)]
     acceptances = [float(a) for a in args.oracle_acceptance.split(",") if a.strip()]
-    results = run_sweep(llm, prompts, args.output_len, args.iters, acceptances)
+    results = run_sweep(llm, prompts, args.output_len, args.iters, acceptances, args.spec_baseline)
     print(f"model={llm.config.model.model} device={llm.engine.core.runner.device}")
     graphs = getattr(llm.engine.core.runner, "verify_graph_runner", None)
     print("verify CUDA graphs: " + (f"batch {','.join(map(str, graphs.sizes))} x {graphs.q} tokens, "

@@ -1,8 +1,10 @@
 """Speculative decoding in ``pdserve bench latency --speculative-config ...``: decode speed with and without it.
 
 One engine serves every run. The baseline opts out per request (``disable_speculation``), so it is the same
-engine, graphs and memory; with the ``oracle`` method the proposer then replays a reference output at each
-acceptance of ``--oracle-acceptance`` (benchmark models have random weights, so real proposers accept nothing).
+engine, graphs and memory (or, with ``--spec-baseline off``, runs with the engine core's speculative decoder
+detached: the code path of an engine without speculation); with the ``oracle`` method the proposer then replays
+a reference output at each acceptance of ``--oracle-acceptance`` (benchmark models have random weights, so real
+proposers accept nothing).
 
 The oracle's reference: in float32 the baseline's output serves. In bf16 on random weights the top logits are near
 ties, and a verify step (``k + 1`` query rows, other matmul shapes) rounds differently from a one-token decode step,
@@ -41,24 +43,40 @@ class SpecResult:
 
 
 def run_sweep(llm, prompts: list[list[int]], output_len: int, iters: int,
-              acceptances: list[float]) -> list[SpecResult]:
+              acceptances: list[float], baseline: str = "opt-out") -> list[SpecResult]:
     """Baseline, then the configured proposer (each oracle acceptance in turn); decode tokens/s counts every
-    sequence of the batch: ``batch * (output_len - 1) / (total - prefill)``."""
+    sequence of the batch: ``batch * (output_len - 1) / (total - prefill)``.
+
+    ``baseline``: ``"opt-out"`` (mode ``baseline``): the requests opt out of speculation; ``"off"`` (mode
+    ``off``): the engine core runs with its speculative decoder detached, i.e. the code path of an engine
+    without ``--speculative-config`` (same process, weights, KV cache and decode graphs)."""
     from pdserve.engine.sampling_params import SamplingParams
 
+    if baseline not in ("opt-out", "off"):
+        raise ValueError(f"baseline must be 'opt-out' or 'off', not {baseline!r}")
     core = llm.engine.core
     spec = core.spec
     outputs: dict[str, list[list[int]]] = {}
 
     def gen(n: int, opt_out: bool, mode: str) -> None:
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, disable_speculation=opt_out)
-        out = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        detach = mode == "off"
+        keep_hidden = getattr(core.runner, "keep_hidden", True)
+        if detach:  # a non-speculative engine core: no proposer, no hidden states kept, no verification
+            core.spec, core.runner.keep_hidden = None, False
+        try:
+            out = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        finally:
+            if detach:
+                core.spec, core.runner.keep_hidden = spec, keep_hidden
         if n == output_len:
             outputs.setdefault(mode, out)
 
     graphs = getattr(core.runner, "verify_graph_runner", None)  # None: verify steps run eagerly
 
-    def measure(mode: str, opt_out: bool, reference: str = "baseline") -> SpecResult:
+    base_mode = "off" if baseline == "off" else "baseline"
+
+    def measure(mode: str, opt_out: bool, reference: str = base_mode) -> SpecResult:
         gen(min(output_len, 16), opt_out, mode)  # warm-up, verify steps included (their first kernel compiles)
         before = dict(spec.stats.to_dict())
         replays = graphs.num_replays if graphs is not None else 0
@@ -72,14 +90,14 @@ def run_sweep(llm, prompts: list[list[int]], output_len: int, iters: int,
         return SpecResult(mode, prefill, total, rate,
                           accepted / draft_tokens if draft_tokens else None,
                           1 + accepted / drafts if drafts else None,
-                          greedy_match=_common_prefix_share(outputs[mode], outputs["baseline"]),
+                          greedy_match=_common_prefix_share(outputs[mode], outputs[base_mode]),
                           oracle_match=(_common_prefix_share(outputs[mode], outputs[reference])
-                                        if mode != "baseline" and spec.config.method == "oracle" else None),
+                                        if mode != base_mode and spec.config.method == "oracle" else None),
                           verify_graph_steps=graphs.num_replays - replays if graphs is not None else None)
 
-    results = [measure("baseline", True)]
+    results = [measure(base_mode, baseline == "opt-out")]
     if spec.config.method == "oracle":
-        reference = "baseline"
+        reference = base_mode
         # At batches where adaptive k proposes nothing there is nothing to replay; a forced oracle (oracle_forced)
         # accepts its share whatever the target computes, so it needs no record in verify-step numerics.
         if spec.adaptive.batch_k(len(prompts)) and not spec.proposer.forced:

@@ -22,14 +22,13 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 from pdserve.bench.serve import _finite, add_load_arguments, add_request_arguments, add_workload_arguments
 from pdserve.bench.tune_search import Trial, best_trial, coordinate_descent, format_table, grid_size
+from pdserve.cli.local_servers import free_port, wait_http_ok
 
 # tune flag (and Trial.settings key) -> the `pdserve serve` flag it sets
 SETTINGS = {"max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-num-batched-tokens",
@@ -126,7 +125,7 @@ class Candidates:
     def measure(self, settings: dict[str, Any]) -> Trial:
         self.count += 1
         trial = Trial(self.count, dict(settings), candidate_flags(settings))
-        port = _free_port()
+        port = free_port()
         log_path = os.path.join(self.args.result_dir, f"trial-{trial.index}.log")
         argv = [sys.executable, "-P", "-m", "pdserve.cli.main", *self.command(trial.flags, port)[1:]]
         print(f"trial {trial.index}: {shlex.join(self.command(trial.flags))}", flush=True)
@@ -162,29 +161,14 @@ class Candidates:
         return summary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_healthy(proc: subprocess.Popen, base_url: str, timeout_s: float, log_path: str) -> str:
     """"" once ``/health`` answers 200; else why not (the server exited, e.g. refusing the settings)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
-            return f"server exited ({proc.returncode}): {lines[-1] if lines else 'no output'}"
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return ""
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return f"server not healthy within {timeout_s:g} s"
+    error = wait_http_ok(f"{base_url}/health", proc, timeout_s)
+    if error and proc.poll() is not None:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+        return f"server exited ({proc.returncode}): {lines[-1] if lines else 'no output'}"
+    return error
 
 
 def _stop(proc: subprocess.Popen) -> None:

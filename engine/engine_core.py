@@ -270,7 +270,10 @@ class EngineCore:
 
     def _step_sync(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
-        self.scheduler.allow_drafts = True
+        # Drafts only when the last proposal gave some; otherwise this is the non-speculative step exactly (no
+        # drafts scheduled, nothing verified, the plain sampler), decided in O(1).
+        drafting = self.spec is not None and self.spec.drafting
+        self.scheduler.allow_drafts = drafting
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             self._start_transfers(sched_out)
@@ -283,7 +286,7 @@ class EngineCore:
         sample_ids = [c.request_id for c in sched_out.chunks if c.sample]
         spec_tokens: dict[str, list[int]] = {}
         split = None
-        if self.spec is not None:  # rows of chunks with drafts are verified; the others sampled as usual
+        if drafting:  # rows of chunks with drafts are verified; the others sampled as usual
             try:
                 split = self.spec.verify(logits, sched_out, {rid: self.scheduler.get_request(rid)
                                                              for rid in sample_ids}, self.sampler)
@@ -386,7 +389,7 @@ class EngineCore:
         last proposal gave some request drafts (speculative decoding: drafts are guessed from every earlier
         token, and the scheduler attaches them only when no step is in flight): then the step in flight must land
         first. When adaptive k proposes nothing (large batches, low acceptance) the steps overlap again."""
-        if self.spec is not None and self.spec.num_proposed:
+        if self.spec is not None and self.spec.drafting:
             return True
         for rid in list(self._host_token_ids):
             req = self.scheduler.get_request(rid)

@@ -24,6 +24,7 @@ Layout of the work (why it is shaped this way):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from pdserve.kernels.smem import SLACK_BYTES, pipelined_kv_tiles, shared_memory_limit
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
@@ -197,20 +200,33 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_config(group: int, head_dim: int, max_query_len: int, device: torch.device,
-                   kv_fp8: bool = False, num_seqs: int = 1, num_kv_heads: int = 1) -> AttentionConfig:
-    """Tile shape for a launch: small query tiles for decode-like batches, large ones for prefill.
+                   kv_fp8: bool = False, num_seqs: int = 1, num_kv_heads: int = 1,
+                   dtype: torch.dtype = torch.bfloat16) -> AttentionConfig:
+    """Tile shape for a launch: small query tiles for decode-like batches, large ones for prefill; shrunk to
+    the device's shared memory for ``dtype`` (the queries' and the cache's element type; see
+    :func:`fit_shared_memory`).
 
     Picked from sweeps on an H200 (``pdserve bench kernels --sweep``).
     """
     if device.type != "cuda":  # the interpreter: small tiles keep numpy fast
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16)
+    many = 2 * num_seqs * num_kv_heads >= _num_sms(device.index or 0)
+    cfg = tuned_config(group, head_dim, max_query_len, kv_fp8, many)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return fit_shared_memory(cfg, head_dim, 2 if kv_fp8 else elem, 1 if kv_fp8 else elem,
+                             shared_memory_limit(device), max(16, triton.next_power_of_2(group)))
+
+
+def tuned_config(group: int, head_dim: int, max_query_len: int, kv_fp8: bool = False,
+                 many: bool = False) -> AttentionConfig:
+    """The tile shape tuned in bf16 on an H200 (a pure function of the shapes). ``many``: the launch has at
+    least half a program per multiprocessor before splitting the KV range."""
     rows = group * max_query_len
     if rows <= 64:  # decode and short speculative chunks: memory-bound, keep M small
         # Key tiles of 128 keep the most bytes in flight per program, which small batches (few programs,
         # even after splitting) need; from about half a program per multiprocessor on, 64 wins: it leaves
         # room for two programs per multiprocessor. One-byte FP8 elements halve a tile's bytes, so FP8
         # always takes 128.
-        many = 2 * num_seqs * num_kv_heads >= _num_sms(device.index or 0)
         block_n = 64 if many and not kv_fp8 else 128
         block_n = min(block_n, 16384 // head_dim)  # head_dim 256+: keep a K + V stage within ~64 KB of smem
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(rows)), block_n=block_n, num_warps=4,
@@ -220,6 +236,36 @@ def default_config(group: int, head_dim: int, max_query_len: int, device: torch.
     if head_dim <= 128:
         return AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
     return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)  # untuned: fits shared memory
+
+
+def shared_memory_bytes(cfg: AttentionConfig, head_dim: int, q_bytes: int, kv_bytes: int) -> int:
+    """Estimated shared memory of a launch: the pipelined K and V tiles ``[block_n, head_dim]`` (``kv_bytes``
+    per element; :func:`~pdserve.kernels.smem.pipelined_kv_tiles`) and the query tile ``[block_m, head_dim]``
+    (``q_bytes``; an FP8 cache's query is float16)."""
+    kv = pipelined_kv_tiles(cfg.num_stages) * cfg.block_n * head_dim * kv_bytes
+    return kv + cfg.block_m * head_dim * q_bytes
+
+
+def fit_shared_memory(cfg: AttentionConfig, head_dim: int, q_bytes: int, kv_bytes: int, limit: int,
+                      min_block_m: int = 16) -> AttentionConfig:
+    """``cfg``, or the nearest smaller shape whose :func:`shared_memory_bytes` (plus slack) fits ``limit``:
+    fewer pipeline stages first (down to 2), then narrower key tiles (down to 16), then fewer query rows (down
+    to ``min_block_m``, which must hold the GQA group). A shape that fits is returned unchanged, so bf16 on an
+    H100 / H200 keeps the tuned tiles; float32 at ``head_dim`` 128 (320 KiB for the prefill tiles) gets 2
+    stages and 64-key tiles."""
+    def fits(c: AttentionConfig) -> bool:
+        return shared_memory_bytes(c, head_dim, q_bytes, kv_bytes) + SLACK_BYTES <= limit
+
+    while not fits(cfg):
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_n > 16:
+            cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+        elif cfg.block_m > min_block_m:
+            cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2)
+        else:
+            break  # the smallest tiles: let Triton report it
+    return cfg
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
@@ -309,7 +355,7 @@ def paged_attention(
     if max_query_len is None:
         max_query_len = num_tokens - num_seqs + 1
     cfg = config or default_config(group, head_dim, max_query_len, q.device, kv_cache.dtype == torch.float8_e4m3fn,
-                                   num_seqs, num_kv_heads)
+                                   num_seqs, num_kv_heads, q.dtype)
     if cfg.block_m < group:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the GQA group {group}")
     if max_seq_len is None:

@@ -22,11 +22,14 @@ So the kernel is shaped for memory, not for the tensor cores:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from pdserve.kernels.smem import SLACK_BYTES, pipelined_tiles, shared_memory_limit
 
 MAX_ROWS = 16  # the kernel handles any M; it was tuned up to this many rows (and is chosen only for 1 or 2)
 
@@ -105,16 +108,37 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def default_config(m: int, n: int, k: int) -> SkinnyConfig:
+def default_config(m: int, n: int, k: int, element_size: int = 2, smem_limit: int | None = None) -> SkinnyConfig:
     """The tile shape used when none is given, from ``pdserve bench kernels --mode gemv --sweep`` on
     an H200. One row, or two rows of a narrow weight: 2-row blocks with 1024-wide prefetched steps (best or
     near-best on every Llama-3.1-8B and Qwen3-0.6B projection; thin blocks give N = 1024 enough programs).
-    Two rows of a wider weight: 8-row blocks of 256. More rows: the tensor-core path."""
+    Two rows of a wider weight: 8-row blocks of 256. More rows: the tensor-core path.
+
+    ``smem_limit``: the device's shared memory per block; the tensor-core path's pipelined tiles
+    (:func:`shared_memory_bytes`, ``element_size`` bytes per element) are shrunk to fit it, fewer stages first
+    (bf16 fits an H100 / H200 unchanged; the FMA paths keep their tiles in registers)."""
     if m == 1 or (m == 2 and n <= 2048):
         return SkinnyConfig(block_n=2, block_k=1024, num_warps=4, num_stages=1, prefetch=True)
     if m == 2:
         return SkinnyConfig(block_n=8, block_k=256, num_warps=4, num_stages=1, prefetch=True)
-    return SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=4, use_dot=True)
+    cfg = SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=4, use_dot=True)
+    while smem_limit is not None and shared_memory_bytes(cfg, m, element_size) + SLACK_BYTES > smem_limit:
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_k > 32:
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+        else:
+            break  # the smallest tiles: let Triton report it
+    return cfg
+
+
+def shared_memory_bytes(cfg: SkinnyConfig, m: int, element_size: int) -> int:
+    """Estimated shared memory of a launch: the tensor-core path's pipelined ``x`` tile ``[max(16, M), BK]``
+    and weight tile ``[BN, BK]``; the FMA paths load into registers (none)."""
+    if not cfg.use_dot:
+        return 0
+    block_m = max(16, triton.next_power_of_2(m))
+    return pipelined_tiles(cfg.num_stages) * (block_m + cfg.block_n) * cfg.block_k * element_size
 
 
 # Largest weight (N * K elements) for which the skinny kernel beats cuBLAS, by rows of x.
@@ -171,7 +195,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or default_config(m, n, k)
+    cfg = config or default_config(m, n, k, x.element_size(), shared_memory_limit(x.device) if x.is_cuda else None)
     block_m = max(16, triton.next_power_of_2(m)) if cfg.use_dot else triton.next_power_of_2(m)
     _skinny_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),

@@ -4,7 +4,7 @@
 # (PDSERVE_VERIFY_CUDA_GRAPHS=0, the A/B), and batch 64 with adaptive k. Each benchmark's baseline row is the same
 # engine without speculation (its requests opt out).
 # Usage (repository root, CUDA machine, pdserve installed): bash scripts/gpu_verify_graphs.sh [RESULT_DIR]
-# STEPS="tests b1" runs only the named steps (tests b1 b1_eager b64).
+# STEPS="tests b1" runs only the named steps (tests b1 b1_eager b64 b64_off fp32_kernels fp32_b1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${1:-${OUT:-bench-results}}
@@ -39,4 +39,14 @@ PDSERVE_VERIFY_CUDA_GRAPHS=0 step b1_eager 90 $PD "${BENCH[@]}" --batch-size 1 -
     --oracle-acceptance 1.0 --json-out "$RES/spec_verify_eager_b1.json"
 step b64 120 $PD "${BENCH[@]}" --batch-size 64 --speculative-config "$SPEC" --oracle-acceptance 1.0,0.0 \
     --json-out "$RES/spec_verify_graphs_b64.json"
+# Batch 64, adaptive k against speculation off in one process (--spec-baseline off: the baseline run detaches the
+# speculative decoder): adaptive k proposes nothing there, so the step is the plain one and must not be slower.
+step b64_off 150 $PD "${BENCH[@]}" --output-len 256 --iters 5 --batch-size 64 --spec-baseline off \
+    --speculative-config '{"method": "oracle", "num_speculative_tokens": 4, "oracle_forced": true}' \
+    --oracle-acceptance 1.0,0.0 --json-out "$RES/spec_b64_adaptive_vs_off.json"
+# Float32 Llama-3.1-8B shapes (tile shapes fitted to the shared memory, kernels/smem.py): the kernel test, then the
+# batch-1 sweep in float32, where the plain oracle needs no forcing (outputs equal: greedy = 100 %).
+step fp32_kernels 120 "$PY" -P -m pytest -q -x -p no:cacheprovider tests/kernels/test_smem_configs.py
+step fp32_b1 240 $PD "${BENCH[@]}" --output-len 64 --dtype float32 --batch-size 1 --speculative-config "$SPEC" \
+    --oracle-acceptance 1.0,0.0 --json-out "$RES/spec_fp32_b1.json"
 exit $status

@@ -118,6 +118,9 @@ def step_losses(out, h_out, p_target, mask, head, autocast):
     return reg, cls, hit
 
 
+PACE_STEPS = 20  # steps timed before --train-seconds decides how many fit
+
+
 def train(config, feats, seqs, embed, head, args) -> torch.nn.Module:
     from pdserve.engine.spec_decode.eagle_train import EagleTrainHead
 
@@ -129,16 +132,17 @@ def train(config, feats, seqs, embed, head, args) -> torch.nn.Module:
     steps_per_epoch = math.ceil(len(order) / args.batch_size)
     total = args.steps or args.epochs * steps_per_epoch
     warmup = max(1, total // 20)
+    plan = {"total": total}  # cut by --train-seconds after the first steps; the cosine then ends in time
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / plan["total"]))))
     rng = random.Random(args.seed)
     step, start = 0, time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
-    while step < total:
+    while step < plan["total"]:
         rng.shuffle(order)
         for b in range(0, len(order), args.batch_size):
-            if step >= total:
+            if step >= plan["total"]:
                 break
             idx = order[b:b + args.batch_size]
             width = max(len(seqs[i]) for i in idx) - 1
@@ -174,10 +178,18 @@ def train(config, feats, seqs, embed, head, args) -> torch.nn.Module:
             opt.step()
             sched.step()
             step += 1
+            if args.train_seconds and step == PACE_STEPS:  # the steps that fit the time budget, at this pace
+                fit = int(args.train_seconds * step / max(1e-3, time.time() - start))
+                if fit < plan["total"]:
+                    print(f"--train-seconds {args.train_seconds:g}: {fit} steps instead of {plan['total']}",
+                          flush=True)
+                    plan["total"] = max(step, fit)
+            total = plan["total"]
             if step % args.log_every == 0 or step == total:
                 second = f"  top-1 (2nd guess) {hit2.item():.3f}" if out2 is not None else ""
                 print(f"step {step}/{total}  loss {loss.item():.4f}  reg {reg.item():.4f}  cls {cls.item():.4f}  "
                       f"top-1 {hit.item():.3f}{second}  {time.time() - start:.0f}s", flush=True)
+    args.steps_trained = step  # for the report
     return model
 
 
@@ -221,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampled-share", type=float, default=1.0, help="share of prompts also answered by sampling")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --epochs")
+    ap.add_argument("--train-seconds", type=float, default=0,
+                    help="time budget of the training loop: after the first steps, fewer steps if needed (0: none)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cls-weight", type=float, default=0.1)
@@ -266,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {args.out} ({size / 1e6:.1f} MB) at {time.time() - t0:.0f}s", flush=True)
     del feats
     report = evaluate(args, eval_ids, eval_expected)
-    report["total_seconds"] = round(time.time() - t0)
+    report.update(train_sequences=len(seqs), train_tokens=sum(map(len, seqs)), total_seconds=round(time.time() - t0))
     print(json.dumps(report, indent=2))
     (Path(args.out) / "training_report.json").write_text(json.dumps({**report, "args": vars(args)}, indent=2))
     return 0

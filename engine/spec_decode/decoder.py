@@ -83,13 +83,22 @@ class SpecDecoder:
 
     def __init__(self, config: SpeculativeConfig, vocab_size: int, runner=None) -> None:
         self.config = config
+        self.runner = runner
         self.proposer = build_proposer(config, vocab_size, runner)
         self.adaptive = AdaptiveK(config)
         self.stats = SpecDecodingStats(config.num_speculative_tokens)
-        self.num_proposed = 0  # requests the last propose() gave drafts (the engine steps synchronously then)
+        # Requests the last propose() gave drafts. While 0 the engine runs exactly its non-speculative step: the
+        # scheduler attaches no drafts, nothing is verified, the plain sampler samples (see :attr:`drafting`).
+        self.num_proposed = 0
         # The engine's structured-output manager (set by the engine core when it has one): drafts of constrained
         # requests are checked and verified under their grammar.
         self.structured = None
+
+    @property
+    def drafting(self) -> bool:
+        """Whether the next step may carry drafts (the last proposal gave some). When not, the step is the
+        non-speculative engine's: same scheduler output, decode CUDA graph, plain sampler, no verification."""
+        return self.num_proposed > 0
 
     # ------------------------------------------------------------------ proposing
     def observe(self, sched_out: SchedulerOutput, hidden, get_request, num_running: int) -> None:
@@ -108,8 +117,20 @@ class SpecDecoder:
             self.proposer.observe(items, hidden)
 
     def propose(self, requests: list[Request], num_running: int) -> None:
-        """Set ``spec_token_ids`` of each request (unfinished ones get guesses, the others none)."""
+        """Set ``spec_token_ids`` of each request (unfinished ones get guesses, the others none).
+
+        O(1) while adaptive k proposes nothing for the batch size (at ``disable_by_batch_size`` running requests
+        or more): no request is visited, the proposer is not run, and the runner stops keeping hidden states.
+        Only the first such step clears the drafts the proposal before it left (the scheduler clears a request's
+        drafts whenever it schedules it, and attaches none while :attr:`drafting` is off)."""
         limit = self.adaptive.batch_k(num_running)
+        self._keep_hidden(limit > 0)
+        if limit == 0:
+            if self.num_proposed:
+                for request in requests:
+                    request.spec_token_ids = []
+                self.num_proposed = 0
+            return
         self.num_proposed = 0
         asking, ks = [], []
         for request in requests:
@@ -131,6 +152,12 @@ class SpecDecoder:
                     guesses = []
             request.spec_token_ids = guesses
             self.num_proposed += bool(guesses)
+
+    def _keep_hidden(self, keep: bool) -> None:
+        """Hidden-state proposers (EAGLE, Medusa): the runner copies each step's hidden states (after a graph
+        replay) only while proposals may follow; a step not kept is a gap the head restarts after."""
+        if self.proposer.hidden_states is not None and self.runner is not None:
+            self.runner.keep_hidden = keep
 
     def finished(self, request: Request, completed: bool) -> None:
         """A request left the engine; ``completed`` when it stopped or hit its length (not aborted)."""

@@ -79,7 +79,63 @@ def capture_ladder(sizes: list[int], forward, pool) -> tuple[dict[int, torch.cud
     return graphs, outputs
 
 
-class DecodeGraphRunner:
+class GraphReplayer:
+    """What the decode and verify graph runners share around a replay. A subclass has ``rows``
+    (:class:`BlockTableRows`), ``num_blocks``, the static int32 metadata ``_meta`` (device) with its pinned host
+    copy ``_host`` / ``_host_np``, the ``_copied`` event (None on CPU), ``use_graphs``, ``_graphs`` and
+    ``_outputs`` by size, and ``_forward(size)``. A step: :meth:`_assign_rows`, fill the host buffer,
+    :meth:`_upload`, then :meth:`_replay` (the decode runner fills placeholders between the last two)."""
+
+    rows: BlockTableRows
+    num_blocks: int
+    use_graphs: bool
+    _meta: torch.Tensor
+    _host: torch.Tensor
+    _host_np: np.ndarray
+    _copied: torch.cuda.Event | None
+    _graphs: dict[int, torch.cuda.CUDAGraph]
+    _outputs: dict[int, torch.Tensor]
+
+    def _forward(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _assign_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[int]]:
+        """Wait until the pinned buffer is free again (the previous step's copy out of it finished), then give
+        each chunk its block-table row. Returns the rows and the (flat index, block id) updates the rows lack."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        rows: list[int] = []
+        update_index: list[int] = []
+        update_ids: list[int] = []
+        self.rows.assign(chunks, rows, update_index, update_ids)
+        if update_ids and (max(update_ids) >= self.num_blocks or min(update_ids) < 0):
+            raise ValueError(f"a block id is outside the KV cache's {self.num_blocks} blocks")
+        return rows, update_index, update_ids
+
+    def _upload(self, update_start: int, update_index: list[int], update_ids: list[int]) -> None:
+        """Write the block-table updates at ``update_start`` of the host buffer, send everything up to their end
+        in one non-blocking copy, and scatter them into the device rows (before the graph gathers its rows)."""
+        h, k = self._host_np, len(update_ids)
+        u, end = update_start, update_start + 2 * len(update_ids)
+        if k:
+            h[u:u + k] = update_index
+            h[u + k:end] = update_ids
+        self._meta[:end].copy_(self._host[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        if k:
+            self.rows.table.view(-1)[self._meta[u:u + k]] = self._meta[u + k:end]
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """Replay the ``size`` graph and return its output (valid until the next replay); on CPU run the same
+        forward eagerly on the static buffers."""
+        if not self.use_graphs:
+            return self._forward(size)
+        self._graphs[size].replay()
+        return self._outputs[size]
+
+
+class DecodeGraphRunner(GraphReplayer):
     """Captures ``model``'s forward for decode batches and replays it; :meth:`run` returns hidden states.
 
     Args:
@@ -187,14 +243,7 @@ class DecodeGraphRunner:
         states ``[B, D]`` of the live rows, valid until the next replay. Placeholder ids (negative) take their
         value from ``sampled``."""
         b, n, bs = len(chunks), self.max_size, self.block_size
-        if self._copied is not None:
-            self._copied.synchronize()
-        rows: list[int] = []
-        update_index: list[int] = []
-        update_ids: list[int] = []
-        self.rows.assign(chunks, rows, update_index, update_ids)
-        if update_ids and (max(update_ids) >= self.num_blocks or min(update_ids) < 0):
-            raise ValueError(f"a block id is outside the KV cache's {self.num_blocks} blocks")
+        rows, update_index, update_ids = self._assign_rows(chunks)
         positions = [c.start_pos for c in chunks]
         try:
             slots = [c.block_ids[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
@@ -212,25 +261,12 @@ class DecodeGraphRunner:
         np.add(h[n:n + b], 1, out=h[3 * n:3 * n + b])
         h[4 * n:4 * n + b] = rows
         self._write_padding(b, size)
-        k = len(update_ids)
-        u = 7 * n  # where the update region starts
-        end = u + 2 * k
-        if k:
-            h[u:u + k] = update_index
-            h[u + k:end] = update_ids
-        self._meta[:end].copy_(self._host[:end], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
-        if k:  # the ids the rows lacked, scattered before the graph gathers the rows
-            self.rows.table.view(-1)[self._meta[u:u + k]] = self._meta[u + k:end]
+        self._upload(7 * n, update_index, update_ids)  # the update region starts at 7 N
         if f:  # placeholders: the previous step's sampled ids, gathered into the static ids buffer
             m = self._meta
             fill = sampled.token_ids.index_select(0, m[6 * n:6 * n + f]).to(torch.int32)
             m[:n].index_copy_(0, m[5 * n:5 * n + f].long(), fill)
-        if not self.use_graphs:
-            return self._forward(size)[:b]
-        self._graphs[size].replay()
-        return self._outputs[size][:b]
+        return self._replay(size)[:b]
 
     def _write_padding(self, start: int, stop: int) -> None:
         """Host-side values of padding rows ``start .. stop - 1`` (see the module docstring)."""

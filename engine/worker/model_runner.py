@@ -61,6 +61,8 @@ class ModelRunner:
         # before the profiling run, which runs a step.
         self.hidden_capture: str | tuple[int, ...] | None = None
         self.last_hidden: torch.Tensor | None = None
+        # Cleared by the speculative decoder while adaptive k proposes nothing: no copy of the hidden states then.
+        self.keep_hidden = True
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = allocate_kv_caches(self.kv_spec, self.num_blocks, self.device)
         if self.device.type == "cuda" and self.attn_backend.triton_kernels:
@@ -232,14 +234,16 @@ class ModelRunner:
     def _run_mixed_graph(self, sched_out: SchedulerOutput, size: int,
                          sampled: SampledTokens | None) -> torch.Tensor:
         hidden, rows, num_tokens = self.mixed_graph_runner.run(sched_out.chunks, size, sampled)  # [size, D]
-        if self.hidden_capture is not None:  # "last" (aux layers drop the graphs); the next replay overwrites it
+        if self.hidden_capture is not None and self.keep_hidden:  # "last" (aux layers drop the graphs); the next replay overwrites it
             self.last_hidden = hidden[:num_tokens].clone()
         return self.model.compute_logits(hidden.index_select(0, rows)).float()  # [S, V]
 
     def _run_verify_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:
         hidden, rows = self.verify_graph_runner.run(sched_out.chunks, size)  # [size * (k + 1), D], [S]
-        if self.hidden_capture is not None:  # "last" (aux layers drop the graphs); the next replay overwrites it
-            # The step's tokens are the graph's first rows, packed chunk after chunk (verify_layout.py).
+        self.last_hidden = None
+        if self.hidden_capture is not None and self.keep_hidden:  # "last" (aux layers drop the graphs)
+            # The step's tokens are the graph's first rows, packed chunk after chunk (verify_layout.py); the next
+            # replay overwrites them.
             self.last_hidden = hidden[:sum(c.num_tokens for c in sched_out.chunks)].clone()
         # Logits of every row, then the wanted ones: the LM head's matmul keeps one shape per graph size (see
         # engine/worker/verify_graphs.py).
@@ -247,7 +251,8 @@ class ModelRunner:
 
     def _run_graph(self, sched_out: SchedulerOutput, size: int, sampled: SampledTokens | None) -> torch.Tensor:
         hidden = self.graph_runner.run(sched_out.chunks, size, sampled)  # [B, D]
-        if self.hidden_capture is not None:  # the graph's output buffer is overwritten by the next replay
+        self.last_hidden = None
+        if self.hidden_capture is not None and self.keep_hidden:  # the next replay overwrites the graph's output
             self.last_hidden = hidden.clone()
         if not all(c.sample for c in sched_out.chunks):
             hidden = hidden[small_tensor_to([i for i, c in enumerate(sched_out.chunks) if c.sample], torch.long,
@@ -260,7 +265,8 @@ class ModelRunner:
                               sampled=sampled)
         md = inputs.attn_metadata
         hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, md)  # [T, D]
-        if self.hidden_capture is not None:
+        self.last_hidden = None
+        if self.hidden_capture is not None and self.keep_hidden:
             self.last_hidden = hidden if self.hidden_capture == "last" else torch.cat(
                 self.model.model.aux_hidden_states, dim=-1)
         if sched_out.prompt_logprobs:  # only steps with requests that asked: logits of their prompt positions

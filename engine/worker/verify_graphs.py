@@ -30,13 +30,13 @@ import torch
 from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.worker.attention import AttentionMetadata
 from pdserve.engine.worker.block_table_rows import BlockTableRows
-from pdserve.engine.worker.cuda_graphs import capture_ladder
+from pdserve.engine.worker.cuda_graphs import GraphReplayer, capture_ladder
 from pdserve.engine.worker.verify_layout import fill_verify_layout, verify_graph_size
 
 logger = logging.getLogger(__name__)
 
 
-class VerifyGraphRunner:
+class VerifyGraphRunner(GraphReplayer):
     """Captures ``model``'s forward for verify steps and replays it; :meth:`run` returns hidden states.
 
     Args:
@@ -133,14 +133,7 @@ class VerifyGraphRunner:
         row, ``[size * Q, D]`` (valid until the next replay), and the logits rows' indices into them ``[S]``
         (int32; each sampled chunk's last ``num_logits_rows`` rows, in chunk order)."""
         b, o, h = len(chunks), self._off, self._host_np
-        if self._copied is not None:
-            self._copied.synchronize()
-        rows: list[int] = []
-        update_index: list[int] = []
-        update_ids: list[int] = []
-        self.rows.assign(chunks, rows, update_index, update_ids)
-        if update_ids and (max(update_ids) >= self.num_blocks or min(update_ids) < 0):
-            raise ValueError(f"a block id is outside the KV cache's {self.num_blocks} blocks")
+        rows, update_index, update_ids = self._assign_rows(chunks)
         t = size * self.q
         num_logits = fill_verify_layout(
             chunks, size, self.q, self.block_size, ids=h[:t], positions=h[o["pos"]:o["pos"] + t],
@@ -149,25 +142,12 @@ class VerifyGraphRunner:
             logits_rows=h[o["logits"]:o["logits"] + t])
         h[o["rows"]:o["rows"] + b] = rows
         h[o["rows"] + b:o["rows"] + size] = self.rows.pad_row
-        k = len(update_ids)
-        u = o["update"]
-        end = u + 2 * k
-        if k:
-            h[u:u + k] = update_index
-            h[u + k:end] = update_ids
         # One copy of everything up to the last region this step uses (the regions of sizes above it go too:
         # they are small, and contiguous is one copy).
-        self._meta[:end].copy_(self._host[:end], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
-        if k:  # the ids the rows lacked, scattered before the graph gathers the rows
-            self.rows.table.view(-1)[self._meta[u:u + k]] = self._meta[u + k:end]
+        self._upload(o["update"], update_index, update_ids)
         logits_rows = self._meta[o["logits"]:o["logits"] + num_logits]
         self.num_replays += 1
-        if not self.use_graphs:
-            return self._forward(size), logits_rows
-        self._graphs[size].replay()
-        return self._outputs[size], logits_rows
+        return self._replay(size), logits_rows
 
     def _write_all_padding(self) -> None:
         """Host values of an all-padding step of the largest size (what the capture's warm-up runs on)."""

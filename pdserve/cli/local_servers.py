@@ -26,6 +26,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_http_ok(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 400.0,
+                 poll_s: float = 0.5) -> str:
+    """Poll ``url`` (a server's ``/health``) until it answers 200. Returns "" then, else why not: ``proc`` (the
+    server's process, when given) exited first, or ``timeout_s`` passed. Used by ``pdserve bench tune`` and the
+    end-to-end tests' process helpers."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return f"process exited with code {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return ""
+        except (OSError, ValueError):  # refused, reset, timed out, an HTTP error status: not up yet
+            pass
+        time.sleep(poll_s)
+    return f"{url} not healthy within {timeout_s:g} s"
+
+
 def redis_server_argv(port: int, *, workdir: str | None = None, maxmemory: str | None = None,
                       executable: str = "redis-server") -> list[str]:
     """The command line of a throwaway Redis on 127.0.0.1:``port`` (no persistence, warnings only)."""

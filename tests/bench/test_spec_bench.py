@@ -47,3 +47,25 @@ def test_forced_oracle_sweep_needs_no_calibration(tmp_path) -> None:
     assert llm.engine.core.spec.proposer is oracle  # not replaced by a calibrated one
     assert (full.acceptance_rate, full.mean_acceptance_length) == (1.0, 5.0)
     assert abs(half.acceptance_rate - 0.5) < 0.05
+
+
+def test_off_baseline_detaches_the_speculative_decoder(tmp_path) -> None:
+    """``--spec-baseline off``: the baseline runs the non-speculative engine core's path in the same process (no
+    proposer, no verification); the decoder is attached again for the proposer's runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(make_tiny_model("llama", tmp_path), device="cpu", attention_backend="torch", num_blocks=64,
+                  speculative_config={"method": "oracle", "num_speculative_tokens": 4, "oracle_forced": True})
+        spec = llm.engine.core.spec
+        seen = []
+        verify = spec.verify
+        spec.verify = lambda *a, **kw: seen.append(llm.engine.core.spec) or verify(*a, **kw)
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(3, 500, (12,), generator=g).tolist() for _ in range(2)]
+        off, full = run_sweep(llm, prompts, output_len=17, iters=1, acceptances=[1.0], baseline="off")
+    finally:
+        torch.set_num_threads(threads)
+    assert llm.engine.core.spec is spec and seen and all(s is spec for s in seen)
+    assert (off.mode, off.acceptance_rate, off.greedy_match, off.speedup) == ("off", None, 1.0, 1.0)
+    assert (full.acceptance_rate, full.mean_acceptance_length) == (1.0, 5.0)

@@ -5,14 +5,15 @@ reaps the process and closes its log."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pdserve.cli.local_servers import free_port, wait_http_ok
+
+__all__ = ["ENGINE_FLAGS", "LAUNCH", "MODEL", "PdserveProcess", "free_port", "running_pdserve", "wait_http"]
 
 # ``python -P -c LAUNCH ...`` runs the CLI without the repository root on sys.path (its operator/ folder would
 # shadow the standard library's ``operator``).
@@ -21,26 +22,10 @@ MODEL = "smollm2-135m-instruct"
 ENGINE_FLAGS = "--device cpu --max-model-len 1024 --cpu-kv-cache-gib 0.25 --max-num-seqs 8"
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 400.0) -> None:
     """Poll ``url`` until it answers 200; fail if ``proc`` exits first or ``timeout`` passes."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"process exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} not healthy in time")
+    error = wait_http_ok(url, proc, timeout, poll_s=1.0)
+    assert not error, error
 
 
 class PdserveProcess:

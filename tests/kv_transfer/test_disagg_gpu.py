@@ -30,6 +30,59 @@ def base(tmp_path_factory):
                                max_num_batched_tokens=512, gpu_memory_utilization=0.3)
 
 
+PROMPTS = prompts_of([5, 16, 17, 40, 100, 33], vocab=400)
+IDS = [f"r{i}" for i in range(len(PROMPTS))]
+
+
+def monolithic(config: EngineConfig, graphs: bool = False) -> dict:
+    """The reference: each prompt's 8 greedy tokens from one engine (shut down after); ``graphs``: check that
+    its decode steps replay CUDA graphs."""
+    mono = LLMEngine(config)
+    assert not graphs or mono.core.runner.graph_runner is not None
+    for rid, p in zip(IDS, PROMPTS):
+        mono.add_request(p, greedy(8), request_id=rid)
+    ref = run_all(mono, IDS)
+    mono.core.shutdown()
+    return ref
+
+
+def pair(prefill: EngineConfig, decode: EngineConfig, connector: str, opts: tuple) -> tuple[LLMEngine, LLMEngine]:
+    """A prefill engine and a decode engine joined by ``connector``."""
+    return tuple(LLMEngine(dataclasses.replace(config, kv_transfer=KVTransferConfig(
+        role, connector, opts, cluster_secret=SECRET))) for role, config in (("prefill", prefill), ("decode", decode)))
+
+
+def hand_over(p: LLMEngine, d: LLMEngine, ref: dict, label: str = "", check=None) -> None:
+    """Prefill (one token) on ``p``, the other 7 on ``d`` after the KV handover: the tokens equal ``ref``, the
+    decode side recomputed nothing (then ``check(d)``, if given), and both sides end with every block free
+    (shut down after)."""
+    try:
+        for rid, prompt in zip(IDS, PROMPTS):
+            p.add_request(prompt, greedy(1), request_id=rid)
+        firsts = run_all(p, IDS)
+        if p.has_unfinished_requests():
+            p.step()  # as a pod's engine loop does next: the grpc worker registers the finished transfers
+        for rid, prompt in zip(IDS, PROMPTS):
+            d.add_request(prompt + firsts[rid].outputs[0].token_ids, greedy(7), request_id=rid,
+                          kv_transfer_params=firsts[rid].kv_transfer_params)
+        rest = run_all(d, IDS)
+        for rid in IDS:
+            got = firsts[rid].outputs[0].token_ids + rest[rid].outputs[0].token_ids
+            assert got == ref[rid].outputs[0].token_ids, label
+        assert d.core.num_computed_tokens_total == len(PROMPTS) * 7
+        if check is not None:
+            check(d)
+        for eng in (p, d):
+            for _ in range(500):
+                if not eng.has_unfinished_requests():
+                    break
+                eng.step()
+            assert eng.core.scheduler.kv_cache_manager.usage == 0.0
+    finally:
+        p.core.shutdown()
+        d.core.shutdown()
+
+
 @pytest.mark.parametrize("async_scheduling", ["auto", False])
 @pytest.mark.parametrize("connector", ["shared-fs", "redis", "grpc"])
 def test_disaggregated_equals_monolithic_on_gpu(connector, async_scheduling, base, tmp_path, request):
@@ -37,55 +90,27 @@ def test_disaggregated_equals_monolithic_on_gpu(connector, async_scheduling, bas
     if connector == "redis" and shutil.which("redis-server") is None:
         pytest.skip("no redis-server on this GPU machine")
     redis_url = request.getfixturevalue("redis_url") if connector == "redis" else None
-    prompts = prompts_of([5, 16, 17, 40, 100, 33], vocab=400)
-    ids = [f"r{i}" for i in range(len(prompts))]
-    mono = LLMEngine(base)
-    assert mono.core.runner.graph_runner is not None
-    for rid, p in zip(ids, prompts):
-        mono.add_request(p, greedy(8), request_id=rid)
-    ref = run_all(mono, ids)
+    ref = monolithic(base, graphs=True)
     opts = {"kv_path": str(tmp_path / "kv")}
     if redis_url:
         opts["redis_url"] = redis_url
-    opts = tuple(sorted(opts.items()))
     sched = dataclasses.replace(base.scheduler, async_scheduling=async_scheduling)
-    p, d = (LLMEngine(dataclasses.replace(base, scheduler=sched, kv_transfer=KVTransferConfig(
-        role, connector, opts, cluster_secret=SECRET))) for role in ("prefill", "decode"))
+    config = dataclasses.replace(base, scheduler=sched)
+    p, d = pair(config, config, connector, tuple(sorted(opts.items())))
     assert p.core.async_scheduling == d.core.async_scheduling == (async_scheduling == "auto")
-    for rid, prompt in zip(ids, prompts):
-        p.add_request(prompt, greedy(1), request_id=rid)
-    firsts = run_all(p, ids)
-    if p.has_unfinished_requests():
-        p.step()  # as a pod's engine loop does next: the grpc worker registers the finished transfers
-    for rid, prompt in zip(ids, prompts):
-        t0 = firsts[rid].outputs[0].token_ids
-        d.add_request(prompt + t0, greedy(7), request_id=rid, kv_transfer_params=firsts[rid].kv_transfer_params)
-    rest = run_all(d, ids)
-    for rid in ids:
-        assert firsts[rid].outputs[0].token_ids + rest[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
-    assert d.core.num_computed_tokens_total == len(prompts) * 7
+    check = None
     if connector == "grpc":  # one process: CUDA IPC cannot map its own memory, so auto falls back to the stream
-        assert d.core.kv_connector.loads_by_transport == {"stream": len(prompts), "ipc": 0}
-    for eng in (p, d):
-        for _ in range(500):
-            if not eng.has_unfinished_requests():
-                break
-            eng.step()
-        assert eng.core.scheduler.kv_cache_manager.usage == 0.0
-        eng.core.shutdown()
+        def check(d: LLMEngine) -> None:
+            assert d.core.kv_connector.loads_by_transport == {"stream": len(PROMPTS), "ipc": 0}
+    hand_over(p, d, ref, check=check)
 
 
 def test_grpc_over_cuda_ipc_between_two_processes_equals_monolithic(base):
     """The grpc connector's same-node path: the decode engine maps the prefill process's GPU cache over CUDA
     IPC and copies the blocks device to device; outputs equal the monolithic engine's, and both sides end with
     every block free."""
-    prompts = prompts_of([5, 16, 17, 40, 100, 33], vocab=400)
-    ids = [f"r{i}" for i in range(len(prompts))]
-    mono = LLMEngine(base)
-    for rid, p in zip(ids, prompts):
-        mono.add_request(p, greedy(8), request_id=rid)
-    ref = run_all(mono, ids)
-    del mono
+    prompts, ids = PROMPTS, IDS
+    ref = monolithic(base)
     opts = tuple(sorted({"kv_transport": "ipc", "kv_load_timeout_s": 30.0}.items()))
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -162,40 +187,8 @@ def test_tensor_parallel_sides_of_different_sizes_on_gpus(connector, base, tmp_p
                                    max_model_len=512, max_num_batched_tokens=512, gpu_memory_utilization=0.3,
                                    tensor_parallel_size=tp)
 
-    fp32 = config(1)
-    prompts = prompts_of([5, 16, 17, 40, 100, 33], vocab=400)
-    ids = [f"r{i}" for i in range(len(prompts))]
-    mono = LLMEngine(fp32)
-    for rid, p in zip(ids, prompts):
-        mono.add_request(p, greedy(8), request_id=rid)
-    ref = run_all(mono, ids)
-    mono.core.shutdown()
-    del mono
+    ref = monolithic(config(1))
     opts = tuple(sorted({"kv_path": str(tmp_path / "kv"), "kv_load_timeout_s": 30.0}.items()))
     for prefill_tp, decode_tp in ((1, 2), (2, 1)):
-        p, d = (LLMEngine(dataclasses.replace(config(tp), kv_transfer=KVTransferConfig(role, connector, opts,
-                                                                                        cluster_secret=SECRET)))
-                for role, tp in (("prefill", prefill_tp), ("decode", decode_tp)))
-        try:
-            for rid, prompt in zip(ids, prompts):
-                p.add_request(prompt, greedy(1), request_id=rid)
-            firsts = run_all(p, ids)
-            if p.has_unfinished_requests():
-                p.step()
-            for rid, prompt in zip(ids, prompts):
-                d.add_request(prompt + firsts[rid].outputs[0].token_ids, greedy(7), request_id=rid,
-                              kv_transfer_params=firsts[rid].kv_transfer_params)
-            rest = run_all(d, ids)
-            for rid in ids:
-                got = firsts[rid].outputs[0].token_ids + rest[rid].outputs[0].token_ids
-                assert got == ref[rid].outputs[0].token_ids, f"TP={prefill_tp} -> TP={decode_tp}"
-            assert d.core.num_computed_tokens_total == len(prompts) * 7
-            for eng in (p, d):
-                for _ in range(500):
-                    if not eng.has_unfinished_requests():
-                        break
-                    eng.step()
-                assert eng.core.scheduler.kv_cache_manager.usage == 0.0
-        finally:
-            p.core.shutdown()
-            d.core.shutdown()
+        p, d = pair(config(prefill_tp), config(decode_tp), connector, opts)
+        hand_over(p, d, ref, f"TP={prefill_tp} -> TP={decode_tp}")

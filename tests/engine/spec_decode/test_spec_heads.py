@@ -19,17 +19,7 @@ from tests.helpers.spec_heads import as_pickle, copying_head, make_eagle3_head, 
 from tests.helpers.tiny_models import make_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> str:
-    return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: conftest.py
 
 
 def head_specs(target: str, directory: Path, qkv_bias: bool = False) -> list[dict]:
