@@ -80,7 +80,7 @@ def capture_ladder(sizes: list[int], forward, pool) -> tuple[dict[int, torch.cud
 
 
 class GraphReplayer:
-    """What the decode and verify graph runners share around a replay. A subclass has ``rows``
+    """What the decode, verify and mixed-step graph runners share around a replay. A subclass has ``rows``
     (:class:`BlockTableRows`), ``num_blocks``, the static int32 metadata ``_meta`` (device) with its pinned host
     copy ``_host`` / ``_host_np``, the ``_copied`` event (None on CPU), ``use_graphs``, ``_graphs`` and
     ``_outputs`` by size, and ``_forward(size)``. A step: :meth:`_assign_rows`, fill the host buffer,

@@ -33,7 +33,7 @@ import torch
 from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.worker.attention import AttentionMetadata
 from pdserve.engine.worker.block_table_rows import BlockTableRows
-from pdserve.engine.worker.cuda_graphs import capture_ladder
+from pdserve.engine.worker.cuda_graphs import GraphReplayer, capture_ladder
 from pdserve.engine.worker.input_batch import SampledTokens, placeholder_sources
 from pdserve.engine.worker.packed_layout import fill_packed_layout
 
@@ -52,7 +52,7 @@ def mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
     return sorted({s for s in _LADDER if s < top} | {top})
 
 
-class MixedGraphRunner:
+class MixedGraphRunner(GraphReplayer):
     """Captures ``model``'s forward for steps with prompt chunks and replays it; :meth:`run` returns hidden states.
 
     Args:
@@ -162,14 +162,7 @@ class MixedGraphRunner:
         sampled chunk's last ``num_logits_rows`` rows, in chunk order) and the number of live token rows.
         Placeholder ids (negative) take their value from ``sampled``."""
         b, o, h, n = len(chunks), self._off, self._host_np, self.num_seqs(size)
-        if self._copied is not None:
-            self._copied.synchronize()
-        rows: list[int] = []
-        update_index: list[int] = []
-        update_ids: list[int] = []
-        self.rows.assign(chunks, rows, update_index, update_ids)
-        if update_ids and (max(update_ids) >= self.num_blocks or min(update_ids) < 0):
-            raise ValueError(f"a block id is outside the KV cache's {self.num_blocks} blocks")
+        rows, update_index, update_ids = self._assign_rows(chunks)
         ids = h[:size]
         num_logits = fill_packed_layout(
             chunks, n, size, self.block_size, ids=ids, positions=h[o["pos"]:o["pos"] + size],
@@ -186,29 +179,15 @@ class MixedGraphRunner:
             ids[holes] = 0
         h[o["rows"]:o["rows"] + b] = rows
         h[o["rows"] + b:o["rows"] + n] = self.rows.pad_row
-        k = len(update_ids)
-        u = o["update"]
-        end = u + 2 * k
-        if k:
-            h[u:u + k] = update_index
-            h[u + k:end] = update_ids
         # One copy of everything up to the last region this step uses (the regions of sizes above it go too:
         # they are small, and contiguous is one copy).
-        self._meta[:end].copy_(self._host[:end], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self._upload(o["update"], update_index, update_ids)
         m = self._meta
-        if k:  # the ids the rows lacked, scattered before the graph gathers the rows
-            self.rows.table.view(-1)[m[u:u + k]] = m[u + k:end]
         if f:  # the previous step's sampled ids, gathered into the static ids buffer
             fill = sampled.token_ids.index_select(0, m[o["src"]:o["src"] + f]).to(torch.int32)
             m[:size].index_copy_(0, m[o["fill"]:o["fill"] + f].long(), fill)
-        logits_rows = m[o["logits"]:o["logits"] + num_logits]
         self.num_replays += 1
-        if not self.use_graphs:
-            return self._forward(size), logits_rows, total
-        self._graphs[size].replay()
-        return self._outputs[size], logits_rows, total
+        return self._replay(size), m[o["logits"]:o["logits"] + num_logits], total
 
     def _write_all_padding(self) -> None:
         """Host values of an all-padding step of the largest size (what the capture's warm-up runs on)."""

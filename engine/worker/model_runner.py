@@ -234,8 +234,8 @@ class ModelRunner:
     def _run_mixed_graph(self, sched_out: SchedulerOutput, size: int,
                          sampled: SampledTokens | None) -> torch.Tensor:
         hidden, rows, num_tokens = self.mixed_graph_runner.run(sched_out.chunks, size, sampled)  # [size, D]
-        if self.hidden_capture is not None and self.keep_hidden:  # "last" (aux layers drop the graphs); the next replay overwrites it
-            self.last_hidden = hidden[:num_tokens].clone()
+        if self.hidden_capture is not None and self.keep_hidden:  # "last" (aux layers drop the graphs)
+            self.last_hidden = hidden[:num_tokens].clone()  # the next replay overwrites the graph's output
         return self.model.compute_logits(hidden.index_select(0, rows)).float()  # [S, V]
 
     def _run_verify_graph(self, sched_out: SchedulerOutput, size: int) -> torch.Tensor:

@@ -74,8 +74,8 @@ def test_bf16_mixed_graphs_every_ladder_size(tmp_path) -> None:
     assert mixed is not None and mixed.sizes == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
     for decodes, prompt_len in ((0, 5), (3, 13), (1, 16), (8, 93), (20, 300), (0, 512), (39, 400)):
         chunks = [ScheduledChunk(f"d{i}", [5 + i], 20, [100 + 2 * i, 101 + 2 * i], True) for i in range(decodes)]
-        chunks.append(ScheduledChunk("p", [7 + i % 500 for i in range(prompt_len)], 0, list(range(-(-prompt_len // 16))),
-                                     True))
+        prompt = [7 + i % 500 for i in range(prompt_len)]  # within the tiny vocabulary
+        chunks.append(ScheduledChunk("p", prompt, 0, list(range(-(-prompt_len // 16))), True))
         before = mixed.num_replays
         logits = runner.execute_model(SchedulerOutput(chunks))
         assert mixed.num_replays == before + 1, (decodes, prompt_len)
