@@ -95,6 +95,8 @@ class GraphReplayer:
     _copied: torch.cuda.Event | None
     _graphs: dict[int, torch.cuda.CUDAGraph]
     _outputs: dict[int, torch.Tensor]
+    _pool: object
+    pool_bytes: int
 
     def _forward(self, size: int) -> torch.Tensor:
         raise NotImplementedError
@@ -125,6 +127,28 @@ class GraphReplayer:
             self._copied.record()
         if k:
             self.rows.table.view(-1)[self._meta[u:u + k]] = self._meta[u + k:end]
+
+    def _capture_padded(self, sizes: list[int], pool, what: str) -> None:
+        """The verify and mixed-step runners' capture: write an all-padding step of the largest size
+        (``_write_all_padding``) into the static buffers, then capture one graph per size into ``pool`` (a new
+        pool if None; kept in ``_pool``), recording how much memory the capture added in ``pool_bytes``. On CPU
+        only the buffers are written. ``what`` names the graphs in the log line."""
+        start = time.perf_counter()
+        self._write_all_padding()
+        self._meta.copy_(self._host)
+        if not self.use_graphs:
+            return
+        reserved = torch.cuda.memory_reserved()
+        self._pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        # Every sequence is padding (zero tokens) and every slot -1, so the warm-up runs (which also compile the
+        # kernels' variants for these shapes) and the captures read and write nothing of the KV cache.
+        self._graphs, self._outputs = capture_ladder(sizes, self._forward, self._pool)
+        self.pool_bytes = torch.cuda.memory_reserved() - reserved
+        logger.info("captured %d %s CUDA graphs in %.1fs, %.0f MiB more reserved", len(sizes), what,
+                    time.perf_counter() - start, self.pool_bytes / 2**20)
+
+    def _write_all_padding(self) -> None:
+        raise NotImplementedError
 
     def _replay(self, size: int) -> torch.Tensor:
         """Replay the ``size`` graph and return its output (valid until the next replay); on CPU run the same

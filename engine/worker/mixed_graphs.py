@@ -24,8 +24,6 @@ metadata copy, from the previous step's sampled ids, as the decode runner does.
 from __future__ import annotations
 
 import bisect
-import logging
-import time
 
 import numpy as np
 import torch
@@ -33,11 +31,9 @@ import torch
 from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.worker.attention import AttentionMetadata
 from pdserve.engine.worker.block_table_rows import BlockTableRows
-from pdserve.engine.worker.cuda_graphs import GraphReplayer, capture_ladder
+from pdserve.engine.worker.cuda_graphs import GraphReplayer
 from pdserve.engine.worker.input_batch import SampledTokens, placeholder_sources
 from pdserve.engine.worker.packed_layout import fill_packed_layout
-
-logger = logging.getLogger(__name__)
 
 # Beyond this many tokens a step's kernels run long enough (an 8B model: ~10 ms at 512 tokens on an H100) that
 # launching them from Python is hidden behind them.
@@ -108,21 +104,7 @@ class MixedGraphRunner(GraphReplayer):
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture one graph per ladder size, largest first so that the smaller ones reuse its memory."""
-        start = time.perf_counter()
-        self._write_all_padding()
-        self._meta.copy_(self._host)
-        if not self.use_graphs:
-            return
-        reserved = torch.cuda.memory_reserved()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        # Every sequence is padding (zero tokens) and every slot -1, so the warm-up runs (which also compile the
-        # kernels' variants for these shapes) and the captures read and write nothing of the KV cache.
-        self._graphs, self._outputs = capture_ladder(self.sizes, self._forward, self._pool)
-        self.pool_bytes = torch.cuda.memory_reserved() - reserved
-        logger.info("captured %d mixed-step CUDA graphs (%s tokens) in %.1fs, %.0f MiB more reserved",
-                    len(self.sizes), ",".join(map(str, self.sizes)), time.perf_counter() - start,
-                    self.pool_bytes / 2**20)
+        self._capture_padded(self.sizes, self._pool, f"mixed-step ({','.join(map(str, self.sizes))} tokens)")
 
     def _forward(self, size: int) -> torch.Tensor:
         """What a graph runs: gather the batch's block-table rows, then the model. Returns ``[size, D]``."""

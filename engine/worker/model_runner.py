@@ -190,12 +190,7 @@ class ModelRunner:
                                    num_speculative_tokens=spec.num_speculative_tokens,
                                    max_model_len=self.config.model.max_model_len, block_size=self.block_size,
                                    num_blocks=self.num_blocks, device=self.device, pool=self.graph_runner.pool)
-        try:
-            runner.capture()
-        except Exception as exc:
-            raise RuntimeError(f"capturing the speculative verify CUDA graphs failed ({exc}); "
-                               f"PDSERVE_VERIFY_CUDA_GRAPHS=0 runs verify steps eagerly instead") from exc
-        return runner
+        return _capture_or_explain(runner, "the speculative verify", "PDSERVE_VERIFY_CUDA_GRAPHS=0 runs verify steps")
 
     def _make_mixed_graph_runner(self) -> MixedGraphRunner | None:
         """CUDA graphs of steps with prompt chunks (``engine/worker/mixed_graphs.py``): wherever decode graphs are
@@ -211,12 +206,8 @@ class ModelRunner:
                                   max_num_seqs=sched.max_num_seqs, max_model_len=self.config.model.max_model_len,
                                   block_size=self.block_size, num_blocks=self.num_blocks, device=self.device,
                                   pool=self.graph_runner.pool)
-        try:
-            runner.capture()
-        except Exception as exc:
-            raise RuntimeError(f"capturing the mixed-step CUDA graphs failed ({exc}); "
-                               f"PDSERVE_MIXED_CUDA_GRAPHS=0 runs steps with prompt chunks eagerly") from exc
-        return runner
+        return _capture_or_explain(runner, "the mixed-step",
+                                   "PDSERVE_MIXED_CUDA_GRAPHS=0 runs steps with prompt chunks")
 
     def _mixed_graph_allowed(self, sched_out: SchedulerOutput) -> bool:
         """A mixed graph may run this step: graphs exist, no prompt logprobs are wanted (they need every prompt
@@ -310,3 +301,12 @@ class ModelRunner:
         del scratch
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _capture_or_explain(runner, what: str, switch_off: str):
+    """``runner.capture()``, or a RuntimeError naming the graphs and the switch that runs their steps eagerly."""
+    try:
+        runner.capture()
+    except Exception as exc:
+        raise RuntimeError(f"capturing {what} CUDA graphs failed ({exc}); {switch_off} eagerly instead") from exc
+    return runner

@@ -22,18 +22,14 @@ cost nothing in a weight-bound matmul).
 
 from __future__ import annotations
 
-import logging
-import time
 
 import torch
 
 from pdserve.engine.core.sched_output import ScheduledChunk
 from pdserve.engine.worker.attention import AttentionMetadata
 from pdserve.engine.worker.block_table_rows import BlockTableRows
-from pdserve.engine.worker.cuda_graphs import GraphReplayer, capture_ladder
+from pdserve.engine.worker.cuda_graphs import GraphReplayer
 from pdserve.engine.worker.verify_layout import fill_verify_layout, verify_graph_size
-
-logger = logging.getLogger(__name__)
 
 
 class VerifyGraphRunner(GraphReplayer):
@@ -86,21 +82,8 @@ class VerifyGraphRunner(GraphReplayer):
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture one graph per ladder size, largest first so that the smaller ones reuse its memory."""
-        start = time.perf_counter()
-        self._write_all_padding()
-        self._meta.copy_(self._host)
-        if not self.use_graphs:
-            return
-        reserved = torch.cuda.memory_reserved()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        # Every sequence is padding (zero tokens) and every slot -1, so the warm-up runs (which also compile the
-        # attention kernel's multi-token variant) and the captures read and write nothing of the KV cache.
-        self._graphs, self._outputs = capture_ladder(self.sizes, self._forward, self._pool)
-        self.pool_bytes = torch.cuda.memory_reserved() - reserved
-        logger.info("captured %d verify CUDA graphs (batch %s x %d tokens) in %.1fs, %.0f MiB more reserved",
-                    len(self.sizes), ",".join(map(str, self.sizes)), self.q, time.perf_counter() - start,
-                    self.pool_bytes / 2**20)
+        self._capture_padded(self.sizes, self._pool,
+                             f"verify (batch {','.join(map(str, self.sizes))} x {self.q} tokens)")
 
     def _forward(self, size: int) -> torch.Tensor:
         """What a graph runs: gather the batch's block-table rows, then the model. Returns ``[size * Q, D]``."""
