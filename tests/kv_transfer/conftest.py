@@ -16,6 +16,16 @@ def redis_url():
         yield server.url
 
 
+@pytest.fixture(autouse=True)
+def _shut_down_engines():
+    """After each test, shut down the engines it started through ``disagg_helpers.engine`` (their connector threads
+    would otherwise keep each engine's weights and KV cache in memory for the rest of the run)."""
+    yield
+    from disagg_helpers import shut_down_started
+
+    shut_down_started()
+
+
 @pytest.fixture
 def descriptor() -> KVDescriptor:
     return KVDescriptor(model_fingerprint="test-model", dtype="float32", block_size=4, num_layers=3,

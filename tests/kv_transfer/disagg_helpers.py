@@ -35,8 +35,20 @@ def engine(model: str, role: str = "both", connector: str | None = None, config_
     kvt = KVTransferConfig(role=role, connector=connector, options=tuple(sorted(options.items())),
                            cluster_secret=load_cluster_secret())
     eng = LLMEngine(dataclasses.replace(cfg, kv_transfer=kvt))
+    STARTED.append(eng)
     assert eng.core.async_scheduling == asynchronous
     return eng
+
+
+# Engines started by :func:`engine` and not shut down yet. A connector's threads and servers keep an engine (its
+# weights and KV cache) alive, so the tests' conftest shuts these down after each test.
+STARTED: list[LLMEngine] = []
+
+
+def shut_down_started() -> None:
+    """Shut down every engine :func:`engine` started (their connectors' threads and servers), so they can be freed."""
+    while STARTED:
+        STARTED.pop().core.shutdown()
 
 
 def greedy(n: int) -> SamplingParams:
