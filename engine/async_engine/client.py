@@ -287,7 +287,8 @@ class AsyncLLM:
                 self._processor.add_sequence(r.request_id, internal_id, index, text, token_ids, r.sampling_params,
                                              stream=stream)
                 self._times[r.request_id] = SequenceTimes(arrival=r.arrival_time,
-                                                          num_prompt_tokens=len(token_ids))
+                                                          num_prompt_tokens=len(token_ids),
+                                                          max_tokens=r.sampling_params.max_tokens or 0)
                 self._parent_of[r.request_id] = internal_id
                 self._unscheduled.add(r.request_id)
             if not self._send_frame(frame, "AddRequests"):

@@ -1,0 +1,118 @@
+"""The autoscaler law's terms for shifting mixes (operator/autoscaler.py): decode sized from what enters it,
+the fill of max_tokens, the prefill step cost, and scale-up checks between decisions. Exact numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from pdserve.operator.autoscaler import AutoscalerState, AutoscalingPolicy, Observation, decide, decide_scale_up
+
+POLICY = AutoscalingPolicy(ttft_target_s=1.0, itl_target_s=0.05, min_prefill=1, max_prefill=20, min_decode=1,
+                           max_decode=20, scale_down_window_s=300, tolerance=0.0, interval_s=30.0,
+                           scale_up_interval_s=5.0)
+# ITL = 0.01 + 0.001 * batch (two pods at batch 10 and 30): b* = (0.05 * 0.9 - 0.01) / 0.001 = 35 a pod
+FIT = ((10, 0.02), (30, 0.04))
+
+
+def obs(**kw) -> Observation:
+    base = dict(window_s=10.0, prefill_pods=2, decode_pods=2, arrived_prompt_tokens=0.0, queued_prompt_tokens=0.0,
+                prefill_computed_tokens=0.0, prefill_busy_s=0.0, ttft_p=None, decode_sequences=0.0, itl_p=None)
+    base.update(kw)
+    return Observation(**base)
+
+
+def test_decode_is_sized_from_what_enters_it():
+    """6,000 output tokens a second enter decode: at ITL 0.045 s, 6000 * 0.045 = 270 sequences decode at once in
+    steady state, 35 a pod: 7.7 -> 8 pods, although only 100 sequences decode now (which alone would ask 3)."""
+    d = decide(POLICY, AutoscalerState(), obs(decode_sequences=100, itl_samples=FIT, arrived_output_tokens=60_000),
+               now=0.0)
+    assert d.wanted_decode == 8
+    # and once the inflow stops, the sequences still decoding no longer hold pods (only slots would)
+    idle = decide(POLICY, AutoscalerState(), obs(decode_sequences=100, itl_samples=FIT, arrived_output_tokens=0.0),
+                  now=0.0)
+    assert idle.wanted_decode == 1
+
+
+def test_pods_that_do_not_report_the_inflow_keep_the_sequence_count_law():
+    d = decide(POLICY, AutoscalerState(), obs(decode_sequences=100, itl_samples=FIT), now=0.0)
+    assert d.wanted_decode == 3  # 100 / 35 = 2.86 -> 3
+
+
+def test_the_fill_of_max_tokens_is_learned_from_finished_requests():
+    """Finished requests generated half their max_tokens: fill 1 -> 0.7 + 0.3 * 0.5 = 0.85; 60,000 * 0.85 / 10 s
+    = 5,100 tok/s; 5100 * 0.045 / 35 = 6.56 -> 7 pods."""
+    state = AutoscalerState()
+    d = decide(POLICY, state, obs(itl_samples=FIT, arrived_output_tokens=60_000, finished_output_tokens=50_000,
+                                  finished_max_tokens=100_000), now=0.0)
+    assert state.output_fill == pytest.approx(0.85)
+    assert d.wanted_decode == 7
+
+
+def test_prefill_step_cost_separates_fixed_and_per_token_time():
+    """busy = 0.015 s a step + 2e-5 s a token, seen with 4,000-token and with 200-token steps: the capacity for a
+    new mix of 2,000-token prompts is 2000 / (0.015 + 0.04) = 36,364 tok/s at once (the running average of what
+    was computed, 32,632, would size for the old mixes)."""
+    state = AutoscalerState()
+    for steps, tokens in ((100, 400_000), (500, 100_000)):
+        decide(POLICY, state, obs(prefill_computed_tokens=tokens, prefill_busy_s=0.015 * steps + 2e-5 * tokens,
+                                  prefill_steps=steps), now=0.0)
+    assert state.prefill_cost() == pytest.approx((0.015, 2e-5))
+    assert state.prefill_capacity(2000) == pytest.approx(36_363.64, rel=1e-6)
+    assert state.prefill_mu == pytest.approx(32_631.58, rel=1e-6)
+    # 200,000 tok/s of 2,000-token prompts: 200000 / (36364 * 0.7) = 7.86 -> 8 (with the average: 8.76 -> 9)
+    d = decide(POLICY, state, obs(arrived_prompt_tokens=2_000_000, mean_prompt_tokens=2000), now=10.0)
+    assert d.wanted_prefill == 8
+
+
+def test_prefill_step_cost_needs_two_mixes():
+    state = AutoscalerState()
+    for _ in range(3):  # the same tokens per step every window: fixed and per-token time cannot be told apart
+        decide(POLICY, state, obs(prefill_computed_tokens=400_000, prefill_busy_s=9.5, prefill_steps=100), now=0.0)
+    assert state.prefill_cost() is None
+    assert state.prefill_capacity(2000) == pytest.approx(400_000 / 9.5)
+
+
+def _decided() -> AutoscalerState:
+    """A decision at t=0: mu 5000 tok/s, 10k tok/s arrive: 10000 / (5000 * 0.7) = 2.86 -> 3 prefill pods; 3,000
+    output tok/s enter decode: 3000 * 0.045 / 35 = 3.86 -> 4 decode pods."""
+    state = AutoscalerState()
+    d = decide(POLICY, state, obs(arrived_prompt_tokens=100_000, prefill_computed_tokens=25_000, prefill_busy_s=5.0,
+                                  ttft_p=0.8, itl_samples=FIT, decode_sequences=60, arrived_output_tokens=30_000),
+               now=0.0)
+    assert (d.prefill, d.decode) == (3, 4)
+    return state
+
+
+def test_scale_up_check_raises_a_role_at_once_and_never_lowers():
+    state = _decided()
+    # 2 s later: 20k tok/s arrive and 30k tokens are queued, drained within the decision interval (30 s):
+    # (20000 + 1000) / 3500 = 6 prefill pods; decode: 10,000 tok/s enter: 10000 * 0.045 / 35 = 12.9 -> 13
+    check = obs(window_s=2.0, prefill_pods=3, arrived_prompt_tokens=40_000, queued_prompt_tokens=30_000,
+                arrived_output_tokens=20_000)
+    d = decide_scale_up(POLICY, state, check, now=2.0)
+    assert d is not None and (d.prefill, d.decode) == (6, 13)
+    assert (state.last_prefill, state.last_decode) == (6, 13)
+    # a quiet check changes nothing (scaling down waits for a decision and its window)
+    assert decide_scale_up(POLICY, state, obs(window_s=2.0), now=4.0) is None
+    # the next decision keeps what the check wanted within the scale-down window
+    d = decide(POLICY, state, obs(prefill_pods=6, decode_pods=13, arrived_prompt_tokens=10_000,
+                                  prefill_computed_tokens=25_000, prefill_busy_s=5.0), now=30.0)
+    assert (d.prefill, d.decode) == (6, 13)
+
+
+def test_scale_up_check_needs_a_decision_first_and_respects_budget_and_tolerance():
+    assert decide_scale_up(POLICY, AutoscalerState(), obs(arrived_prompt_tokens=10**7), now=1.0) is None
+    state = _decided()
+    tolerant = dataclasses.replace(POLICY, tolerance=0.5)
+    # 4 prefill pods wanted against 3 decided: within 50 %, ignored
+    assert decide_scale_up(tolerant, state, obs(window_s=2.0, arrived_prompt_tokens=26_000), now=2.0) is None
+    budget = dataclasses.replace(POLICY, gpu_budget=8)
+    d = decide_scale_up(budget, state, obs(window_s=2.0, arrived_prompt_tokens=40_000, arrived_output_tokens=20_000),
+                        now=2.0)
+    assert d is not None and d.prefill + d.decode <= 8 and d.budget_limited
+
+
+def test_scale_up_interval_must_lie_within_the_interval():
+    with pytest.raises(ValueError, match="scale-up interval"):
+        dataclasses.replace(POLICY, scale_up_interval_s=60.0)
