@@ -104,6 +104,11 @@ class Observation:
     # decode: the prefill pods' pdserve:request_params_max_tokens. None: the pods do not report it.
     arrived_output_tokens: float | None = None
     prefill_steps: float = 0.0  # engine steps the prefill pods ran in the window (pdserve:iteration_tokens_total)
+    # Sequences that entered decode in the window (the decode pods' first tokens) and the tokens a decode pod's KV
+    # pool holds (pdserve:kv_cache_capacity_tokens; 0: not reported): with the prompts' mean length they give the
+    # KV usage a sequence entering now will hold, which sets its cost per step.
+    arrived_decode_sequences: float = 0.0
+    kv_capacity_tokens: float = 0.0
     # Of the requests that finished on decode pods in the window: tokens generated (pdserve:request_generation_
     # tokens) and max_tokens asked for (pdserve:request_params_max_tokens); their ratio is how much of max_tokens
     # requests really use (EOS and stop strings end them sooner).
@@ -241,12 +246,23 @@ def decode_inflow(state: AutoscalerState, obs: Observation) -> float | None:
     return obs.arrived_output_tokens * state.output_fill / obs.window_s
 
 
+def inflow_usage_per_sequence(state: AutoscalerState, obs: Observation) -> float:
+    """The KV usage (fraction of a pod's pool) of a sequence entering decode now, over its life: its prompt plus
+    half what it will generate, over the pool; the usage per sequence decoding now when that is not known."""
+    if obs.kv_capacity_tokens > 0 and obs.arrived_decode_sequences > 0 and obs.mean_prompt_tokens > 0 \
+            and obs.arrived_output_tokens is not None:
+        generated = obs.arrived_output_tokens * state.output_fill / obs.arrived_decode_sequences
+        return (obs.mean_prompt_tokens + generated / 2) / obs.kv_capacity_tokens
+    return obs.kv_usage_per_sequence
+
+
 def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation) -> int:
     model = state.itl_model()
     inflow = decode_inflow(state, obs)
     if model is not None:
         a, cb, cu = model
-        c = cb + cu * obs.kv_usage_per_sequence
+        # A sequence's cost per step at the context of the sequences entering now (feed-forward) or decoding now
+        c = cb + cu * (inflow_usage_per_sequence(state, obs) if inflow is not None else obs.kv_usage_per_sequence)
         itl = policy.itl_target_s * state.decode_headroom
         best = (itl - a) / c if c > 0 else float(policy.max_batch)
         best = max(1.0, min(float(policy.max_batch), best))
@@ -259,7 +275,13 @@ def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obser
         else:
             wanted = math.ceil(obs.decode_sequences / best) if obs.decode_sequences > 0 else policy.min_decode
     elif obs.itl_p is not None and obs.decode_pods > 0:
-        wanted = math.ceil(obs.decode_pods * obs.itl_p / (policy.itl_target_s * state.decode_headroom))
+        target = policy.itl_target_s * state.decode_headroom
+        wanted = math.ceil(obs.decode_pods * obs.itl_p / target)
+        if inflow is not None and obs.decode_sequences > 0:
+            # No slope yet (every pod ran alike batches): take the ITL as proportional to the batch (an upper
+            # bound: it ignores the fixed part of a step), and the batch to grow from the sequences decoding now
+            # to the steady state of what enters, ``inflow * target``.
+            wanted = math.ceil(obs.decode_pods * obs.itl_p * inflow / obs.decode_sequences)
     else:
         wanted = obs.decode_pods
     # Sequence slots: beyond max_batch a pod queues sequences instead of slowing its ITL, which the fit cannot see.

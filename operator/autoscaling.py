@@ -218,7 +218,10 @@ class PodMetricsSource:
             arrived_output_tokens=dsum(dec, "pdserve:requested_output_tokens_total") if reports else None,
             finished_output_tokens=dsum(dec, "pdserve:request_generation_tokens", "sum"),
             finished_max_tokens=dsum(dec, "pdserve:request_params_max_tokens", "sum"),
-            prefill_steps=dsum(pre, "pdserve:iteration_tokens_total", "count"))
+            prefill_steps=dsum(pre, "pdserve:iteration_tokens_total", "count"),
+            arrived_decode_sequences=dsum(dec, "pdserve:time_to_first_token_seconds", "count"),
+            kv_capacity_tokens=max((m.get("pdserve:kv_cache_capacity_tokens", 0.0) for m in dec.values()),
+                                   default=0.0))
 
 
 def _usage_per_sequence(pods: dict) -> float:

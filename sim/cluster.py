@@ -132,7 +132,7 @@ class Cluster:
         # arrived: prompt tokens at the router; out: max_tokens of requests entering decode (what a decode pod's
         # pdserve:requested_output_tokens counts); fin_out / fin_max: generated and asked-for tokens of requests
         # finished on decode pods (pdserve:request_generation_tokens / pdserve:request_params_max_tokens)
-        return {"arrived": 0.0, "n": 0, "out": 0.0, "fin_out": 0.0, "fin_max": 0.0, "ttfts": [], "gaps": Histogram()}
+        return {"arrived": 0.0, "n": 0, "out": 0.0, "nd": 0, "fin_out": 0.0, "fin_max": 0.0, "ttfts": [], "gaps": Histogram()}
 
     # ------------------------------------------------------------------ pods
     def _add_pod(self, role: str, ready_at: float) -> _Pod:
@@ -273,6 +273,8 @@ class Cluster:
         if role == "decode":
             self._window["out"] += max_tokens
             self._quick_window["out"] += max_tokens
+            self._window["nd"] += 1
+            self._quick_window["nd"] += 1
         pod.requests[req.id] = req
         pod.prompt_tokens += req.trace.num_prompt_tokens
         pod.core.add_request(EngineCoreRequest(req.id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
@@ -448,6 +450,7 @@ class Cluster:
             kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
             mean_prompt_tokens=win["arrived"] / n_arrived, kv_usage_per_sequence=usage / running if running else 0.0,
             arrived_output_tokens=win["out"], finished_output_tokens=win["fin_out"], prefill_steps=steps,
+            arrived_decode_sequences=win["nd"], kv_capacity_tokens=_capacity(dec),
             finished_max_tokens=win["fin_max"])
         self._window = self._new_window()
         self._quick_window = self._new_window()
@@ -473,7 +476,8 @@ class Cluster:
             prefill_busy_s=0.0, ttft_p=None, decode_sequences=float(sum(len(p.requests) for p in dec)), itl_p=None,
             kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
             kv_usage_per_sequence=usage / running if running else 0.0, arrived_output_tokens=win["out"],
-            mean_prompt_tokens=win["arrived"] / win["n"] if win["n"] else 0.0)
+            mean_prompt_tokens=win["arrived"] / win["n"] if win["n"] else 0.0,
+            arrived_decode_sequences=win["nd"], kv_capacity_tokens=_capacity(dec))
         self._quick_window = self._new_window()
         self._quick_mark = self.now
         return obs
@@ -524,3 +528,8 @@ def _quantile(values: list[float], q: float) -> float | None:
 def _usage_at_batch(usage: float, running: int, batch: float) -> float:
     """A pod's KV usage now, scaled to the window's mean batch (usage per sequence now, times that batch)."""
     return usage / running * batch if running else usage
+
+
+def _capacity(pods: list[_Pod]) -> float:
+    """Tokens a decode pod's KV pool holds (what its pdserve:kv_cache_capacity_tokens says), 0 without pods."""
+    return pods[0].core.scheduler.num_blocks * pods[0].core.scheduler.block_size if pods else 0.0

@@ -49,6 +49,8 @@ class ServingMetrics:
         self.num_requests_running = gauge("num_requests_running", "Sequences in model execution batches.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
+        self.kv_cache_capacity_tokens = gauge("kv_cache_capacity_tokens", "Tokens the KV cache holds (blocks x "
+                                              "block size): KV usage per token is its inverse.")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
@@ -112,6 +114,7 @@ class ServingMetrics:
             self.num_requests_running.set(stats.num_running)
             self.num_requests_waiting.set(stats.num_waiting)
             self.kv_cache_usage_perc.set(stats.kv_cache_usage)
+            self.kv_cache_capacity_tokens.set(stats.kv_capacity_tokens)
             self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - self._last_queries))
             self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - self._last_hits))
             self.num_preemptions.inc(max(0, stats.num_preemptions - self._last_preemptions))
