@@ -11,6 +11,8 @@ queueing to stay short; the headroom is itself learned from the observed TTFT pe
 (more pods for the same load), far below target it grows back; it does not shrink while a backlog explains the
 miss (queued prompt tokens over a quarter of the window's arrivals: the backlog term already asks for pods, and
 shrinking too would size every later window for the transient). ``prefill = ceil(demand / (mu * headroom))``.
+Once windows of different prompt mixes separate a step's fixed and per-token cost (``busy = alpha * steps +
+beta * tokens``), ``mu`` is the capacity for the prompts arriving now, ``P / (alpha + beta * P)``.
 
 Decode. Each decode pod's step time is its ITL; it grows with the batch and with the context the batch attends
 to (its KV): ``itl = a + c_b * batch + c_u * kv_usage`` is fitted by exponentially weighted least squares over
@@ -22,6 +24,12 @@ from short-context sequences, sized decode far too small once long prompts came 
 context tokens costs several times one of 700.) Until the fit is usable (two distinct batch sizes seen) the decode
 count follows the observed ITL proportionally. Never fewer pods than ``sequences / max_batch`` (a full pod queues
 instead of slowing down), and KV memory above 90 % adds a pod.
+Where the decode pods report what enters them (``max_tokens`` at a sequence's first token), decode is sized
+feed-forward instead: ``inflow * fill * T`` sequences decode at once in steady state (Little's law; ``fill`` is
+how much of max_tokens finished requests used), ``b*`` to a pod, at the KV usage an entering sequence will hold.
+
+Scale-up checks (``scale_up_interval_s``): between decisions, :func:`decide_scale_up` sizes both roles from a
+short window's demand with the last decision's estimates and only ever raises a count.
 
 Then min/max per role, the GPU budget (shared in proportion to need, each role keeping its minimum), and
 hysteresis: scaling up happens at once, scaling down only to the highest count wanted during the last

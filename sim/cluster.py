@@ -129,10 +129,12 @@ class Cluster:
 
     @staticmethod
     def _new_window() -> dict[str, Any]:
-        # arrived: prompt tokens at the router; out: max_tokens of requests entering decode (what a decode pod's
-        # pdserve:requested_output_tokens counts); fin_out / fin_max: generated and asked-for tokens of requests
-        # finished on decode pods (pdserve:request_generation_tokens / pdserve:request_params_max_tokens)
-        return {"arrived": 0.0, "n": 0, "out": 0.0, "nd": 0, "fin_out": 0.0, "fin_max": 0.0, "ttfts": [], "gaps": Histogram()}
+        # arrived / n: prompt tokens and requests at the router; out / nd: max_tokens and sequences entering
+        # decode (what a decode pod's pdserve:requested_output_tokens and TTFT count say); fin_out / fin_max:
+        # generated and asked-for tokens of requests finished on decode pods (pdserve:request_generation_tokens /
+        # pdserve:request_params_max_tokens)
+        return {"arrived": 0.0, "n": 0, "out": 0.0, "nd": 0, "fin_out": 0.0, "fin_max": 0.0, "ttfts": [],
+                "gaps": Histogram()}
 
     # ------------------------------------------------------------------ pods
     def _add_pod(self, role: str, ready_at: float) -> _Pod:

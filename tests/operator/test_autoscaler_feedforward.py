@@ -116,3 +116,27 @@ def test_scale_up_check_needs_a_decision_first_and_respects_budget_and_tolerance
 def test_scale_up_interval_must_lie_within_the_interval():
     with pytest.raises(ValueError, match="scale-up interval"):
         dataclasses.replace(POLICY, scale_up_interval_s=60.0)
+
+
+def test_entering_sequences_are_costed_at_their_own_context():
+    """ITL = 0.005 + 0.0002 * batch + 0.02 * kv_usage. 100,000 tok/s enter, 500 tokens a sequence after prompts
+    of 750, on pools of 10^6 tokens: a sequence holds (750 + 250) / 10^6 = 0.001 of a pool over its life, costs
+    0.0002 + 0.02 * 0.001 = 0.00022 s a step; b* = 0.04 / 0.00022 = 181.8; 100000 * 0.045 = 4,500 sequences:
+    24.75 -> 25 pods. Costed at the long sequences decoding now (0.004 a sequence): 0.04 / 0.00028 = 142.9 a
+    pod, 31.5 -> 32."""
+    policy = dataclasses.replace(POLICY, max_decode=100)
+    samples = tuple((b, 0.005 + 0.0002 * b + 0.02 * b * u, b * u) for b, u in ((10, 0.0005), (40, 0.0005),
+                                                                           (10, 0.004), (40, 0.004)))
+    entering = obs(itl_samples=samples, kv_usage_per_sequence=0.004, arrived_output_tokens=1_000_000,
+                   arrived_decode_sequences=2000, mean_prompt_tokens=750, kv_capacity_tokens=1_000_000)
+    assert decide(policy, AutoscalerState(), entering, now=0.0).wanted_decode == 25
+    unknown_pool = dataclasses.replace(entering, kv_capacity_tokens=0.0)
+    assert decide(policy, AutoscalerState(), unknown_pool, now=0.0).wanted_decode == 32
+
+
+def test_without_a_slope_the_inflow_scales_the_itl_rule():
+    """Every pod ran batches of 25 (no slope to fit); ITL 0.02 s at 100 sequences on 4 pods; 20,000 tok/s enter:
+    steady state 20000 * 0.045 = 900 sequences, ITL taken as proportional to the batch: 4 * 0.02 / 0.045 * 9 = 16."""
+    d = decide(POLICY, AutoscalerState(), obs(decode_pods=4, itl_p=0.02, decode_sequences=100,
+                                              itl_samples=((25, 0.02),), arrived_output_tokens=200_000), now=0.0)
+    assert d.wanted_decode == 16
