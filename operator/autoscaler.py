@@ -108,14 +108,16 @@ class Observation:
     kv_usage: float = 0.0  # highest KV cache usage among decode pods, in [0, 1]
     mean_prompt_tokens: float = 0.0
     kv_usage_per_sequence: float = 0.0  # decode pods' KV usage summed, over their sequences (now)
-    # Output tokens asked for (max_tokens) by the requests that finished prefill in the window, i.e. entered
-    # decode: the prefill pods' pdserve:request_params_max_tokens. None: the pods do not report it.
+    # Output tokens asked for (max_tokens) by the requests that arrived in the window: the larger of the prefill
+    # pods' and the decode pods' pdserve:requested_output_tokens (the prefill pods see requests first; the decode
+    # pods also see those that skip prefill, and the burst when a prefill backlog drains). None: not reported.
     arrived_output_tokens: float | None = None
     prefill_steps: float = 0.0  # engine steps the prefill pods ran in the window (pdserve:iteration_tokens_total)
-    # Sequences that entered decode in the window (the decode pods' first tokens) and the tokens a decode pod's KV
-    # pool holds (pdserve:kv_cache_capacity_tokens; 0: not reported): with the prompts' mean length they give the
-    # KV usage a sequence entering now will hold, which sets its cost per step.
-    arrived_decode_sequences: float = 0.0
+    # The mean max_tokens of the sequences that entered decode pods in the window (their requested_output_tokens
+    # over their first tokens; 0: none) and the tokens a decode pod's KV pool holds (pdserve:kv_cache_capacity_
+    # tokens; 0: not reported): with the prompts' mean length they give the KV usage a sequence entering now will
+    # hold, which sets its cost per step.
+    mean_output_tokens: float = 0.0
     kv_capacity_tokens: float = 0.0
     # Of the requests that finished on decode pods in the window: tokens generated (pdserve:request_generation_
     # tokens) and max_tokens asked for (pdserve:request_params_max_tokens); their ratio is how much of max_tokens
@@ -246,27 +248,31 @@ def _learn_decode(state: AutoscalerState, obs: Observation) -> None:
         state.output_fill = (1 - EWMA) * state.output_fill + EWMA * fill
 
 
-def decode_inflow(state: AutoscalerState, obs: Observation) -> float | None:
+def decode_inflow(state: AutoscalerState, obs: Observation, backlog_s: float) -> float | None:
     """Output tokens per second the requests entering decode will generate (max_tokens times the fill learned
-    from finished requests), or None when the pods do not report what enters."""
+    from finished requests), or None when the pods do not report what arrives. The prefill backlog enters decode
+    too, within ``backlog_s`` (as the prefill law drains it): its prompt tokens times the output tokens asked per
+    prompt token of the window's arrivals."""
     if obs.arrived_output_tokens is None:
         return None
-    return obs.arrived_output_tokens * state.output_fill / obs.window_s
+    queued = 0.0
+    if obs.arrived_prompt_tokens > 0:
+        queued = obs.queued_prompt_tokens * obs.arrived_output_tokens / obs.arrived_prompt_tokens
+    return (obs.arrived_output_tokens / obs.window_s + queued / backlog_s) * state.output_fill
 
 
 def inflow_usage_per_sequence(state: AutoscalerState, obs: Observation) -> float:
     """The KV usage (fraction of a pod's pool) of a sequence entering decode now, over its life: its prompt plus
     half what it will generate, over the pool; the usage per sequence decoding now when that is not known."""
-    if obs.kv_capacity_tokens > 0 and obs.arrived_decode_sequences > 0 and obs.mean_prompt_tokens > 0 \
-            and obs.arrived_output_tokens is not None:
-        generated = obs.arrived_output_tokens * state.output_fill / obs.arrived_decode_sequences
+    if obs.kv_capacity_tokens > 0 and obs.mean_output_tokens > 0 and obs.mean_prompt_tokens > 0:
+        generated = obs.mean_output_tokens * state.output_fill
         return (obs.mean_prompt_tokens + generated / 2) / obs.kv_capacity_tokens
     return obs.kv_usage_per_sequence
 
 
-def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation) -> int:
+def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, backlog_s: float) -> int:
     model = state.itl_model()
-    inflow = decode_inflow(state, obs)
+    inflow = decode_inflow(state, obs, backlog_s)
     if model is not None:
         a, cb, cu = model
         # A sequence's cost per step at the context of the sequences entering now (feed-forward) or decoding now
@@ -330,7 +336,7 @@ def decide(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, 
     _learn_prefill(policy, state, obs)
     _learn_decode(state, obs)
     raw_p = _prefill_wanted(state, obs, obs.window_s)
-    raw_d = _decode_wanted(policy, state, obs)
+    raw_d = _decode_wanted(policy, state, obs, obs.window_s)
     want_p = min(policy.max_prefill, max(policy.min_prefill, raw_p))
     want_d = min(policy.max_decode, max(policy.min_decode, raw_d))
     state.history = [h for h in state.history if now - h[0] < policy.scale_down_window_s]
@@ -349,7 +355,7 @@ def decide(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, 
     reason = (f"prefill {obs.prefill_pods}->{p} (wants {raw_p}: mu={mu or 0:.0f} tok/s, "
               f"headroom {state.prefill_headroom:.2f}, ttft_p={_fmt(obs.ttft_p)}); "
               f"decode {obs.decode_pods}->{d} (wants {raw_d}: {obs.decode_sequences:.0f} seqs, "
-              f"inflow {_fmt_rate(decode_inflow(state, obs))}, "
+              f"inflow {_fmt_rate(decode_inflow(state, obs, obs.window_s))}, "
               f"itl fit {'a=%.4f c_b=%.6f c_u=%.4f' % model if model else 'none'}, itl_p={_fmt(obs.itl_p)})"
               + ("; GPU budget binds" if limited else ""))
     return Decision(p, d, want_p, want_d, limited, colocate, reason)
@@ -366,7 +372,7 @@ def decide_scale_up(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obse
     # The backlog is drained within a decision interval, as a decision would: over this short window it would
     # ask for several times the pods, for tokens already queued on pods that new ones cannot take over.
     want_p = min(policy.max_prefill, max(policy.min_prefill, _prefill_wanted(state, obs, policy.interval_s)))
-    want_d = min(policy.max_decode, max(policy.min_decode, _decode_wanted(policy, state, obs)))
+    want_d = min(policy.max_decode, max(policy.min_decode, _decode_wanted(policy, state, obs, policy.interval_s)))
     if not state.history:  # no decision yet: nothing learned to size with
         return None
     p, d = max(state.last_prefill, obs.prefill_pods), max(state.last_decode, obs.decode_pods)
@@ -383,7 +389,7 @@ def decide_scale_up(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obse
         return None
     state.last_prefill, state.last_decode = p2, d2
     reason = (f"scale-up check: prefill {p}->{p2} (wants {want_p}), decode {d}->{d2} (wants {want_d}: "
-              f"{obs.decode_sequences:.0f} seqs, inflow {_fmt_rate(decode_inflow(state, obs))})"
+              f"{obs.decode_sequences:.0f} seqs, inflow {_fmt_rate(decode_inflow(state, obs, policy.interval_s))})"
               + ("; GPU budget binds" if limited else ""))
     return Decision(p2, d2, want_p, want_d, limited, False, reason)
 

@@ -205,8 +205,10 @@ class PodMetricsSource:
         def dsum(pods: dict, key: str, part: str | None = None) -> float:
             return sum(_delta(last.get(p, z), m, key, part) for p, m in pods.items())
 
-        # What enters decode (None while no decode pod reports it: pods of an older image)
-        reports = any("pdserve:requested_output_tokens_total" in m for m in dec.values())
+        # What arrives (None while no pod reports it: pods of an older image)
+        out_key = "pdserve:requested_output_tokens_total"
+        reports = any(out_key in m for m in (*pre.values(), *dec.values()))
+        entered = dsum(dec, "pdserve:time_to_first_token_seconds", "count")
         return Observation(
             window_s=window, prefill_pods=len(pre), decode_pods=len(dec), arrived_prompt_tokens=arrived,
             queued_prompt_tokens=waiting * mean_prompt, prefill_computed_tokens=arrived, prefill_busy_s=busy,
@@ -215,11 +217,11 @@ class PodMetricsSource:
             itl_p=itl, itl_samples=tuple(samples),
             kv_usage=max((m.get("pdserve:kv_cache_usage_perc", 0.0) for m in dec.values()), default=0.0),
             mean_prompt_tokens=mean_prompt, kv_usage_per_sequence=_usage_per_sequence(dec),
-            arrived_output_tokens=dsum(dec, "pdserve:requested_output_tokens_total") if reports else None,
+            arrived_output_tokens=max(dsum(pre, out_key), dsum(dec, out_key)) if reports else None,
             finished_output_tokens=dsum(dec, "pdserve:request_generation_tokens", "sum"),
             finished_max_tokens=dsum(dec, "pdserve:request_params_max_tokens", "sum"),
             prefill_steps=dsum(pre, "pdserve:iteration_tokens_total", "count"),
-            arrived_decode_sequences=dsum(dec, "pdserve:time_to_first_token_seconds", "count"),
+            mean_output_tokens=dsum(dec, out_key) / entered if entered else 0.0,
             kv_capacity_tokens=max((m.get("pdserve:kv_cache_capacity_tokens", 0.0) for m in dec.values()),
                                    default=0.0))
 

@@ -130,10 +130,11 @@ class Cluster:
     @staticmethod
     def _new_window() -> dict[str, Any]:
         # arrived / n: prompt tokens and requests at the router; out / nd: max_tokens and sequences entering
-        # decode (what a decode pod's pdserve:requested_output_tokens and TTFT count say); fin_out / fin_max:
+        # decode (what a decode pod's pdserve:requested_output_tokens and TTFT count say); pout: max_tokens of
+        # requests entering prefill (the prefill pods' requested_output_tokens); fin_out / fin_max:
         # generated and asked-for tokens of requests finished on decode pods (pdserve:request_generation_tokens /
         # pdserve:request_params_max_tokens)
-        return {"arrived": 0.0, "n": 0, "out": 0.0, "nd": 0, "fin_out": 0.0, "fin_max": 0.0, "ttfts": [],
+        return {"arrived": 0.0, "n": 0, "out": 0.0, "pout": 0.0, "nd": 0, "fin_out": 0.0, "fin_max": 0.0, "ttfts": [],
                 "gaps": Histogram()}
 
     # ------------------------------------------------------------------ pods
@@ -272,6 +273,9 @@ class Cluster:
         max_tokens = 1 if role == "prefill" else req.trace.max_tokens - (1 if role == "decode" else 0)
         if role != "prefill":
             req.decode_pod = pod.name
+        if role == "prefill":  # a prefill pod is sent the request's max_tokens (it stops after the first)
+            self._window["pout"] += req.trace.max_tokens
+            self._quick_window["pout"] += req.trace.max_tokens
         if role == "decode":
             self._window["out"] += max_tokens
             self._quick_window["out"] += max_tokens
@@ -451,8 +455,9 @@ class Cluster:
             itl_p=win["gaps"].quantile(percentile), itl_samples=samples,
             kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
             mean_prompt_tokens=win["arrived"] / n_arrived, kv_usage_per_sequence=usage / running if running else 0.0,
-            arrived_output_tokens=win["out"], finished_output_tokens=win["fin_out"], prefill_steps=steps,
-            arrived_decode_sequences=win["nd"], kv_capacity_tokens=_capacity(dec),
+            arrived_output_tokens=max(win["out"], win["pout"]), finished_output_tokens=win["fin_out"],
+            prefill_steps=steps, mean_output_tokens=win["out"] / win["nd"] if win["nd"] else 0.0,
+            kv_capacity_tokens=_capacity(dec),
             finished_max_tokens=win["fin_max"])
         self._window = self._new_window()
         self._quick_window = self._new_window()
@@ -477,9 +482,10 @@ class Cluster:
             arrived_prompt_tokens=win["arrived"], queued_prompt_tokens=queued, prefill_computed_tokens=0.0,
             prefill_busy_s=0.0, ttft_p=None, decode_sequences=float(sum(len(p.requests) for p in dec)), itl_p=None,
             kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
-            kv_usage_per_sequence=usage / running if running else 0.0, arrived_output_tokens=win["out"],
+            kv_usage_per_sequence=usage / running if running else 0.0,
+            arrived_output_tokens=max(win["out"], win["pout"]),
             mean_prompt_tokens=win["arrived"] / win["n"] if win["n"] else 0.0,
-            arrived_decode_sequences=win["nd"], kv_capacity_tokens=_capacity(dec))
+            mean_output_tokens=win["out"] / win["nd"] if win["nd"] else 0.0, kv_capacity_tokens=_capacity(dec))
         self._quick_window = self._new_window()
         self._quick_mark = self.now
         return obs

@@ -301,6 +301,8 @@ class AsyncLLM:
             for sid in state.seq_ids:
                 self._forget_seq(sid, "error", time.time(), IterationStats(timestamp=time.time()))
             raise
+        self._log(None, IterationStats(timestamp=time.time(), num_requested_output_tokens=sum(
+            r.sampling_params.max_tokens or 0 for r in reqs)))
         return RequestStream(self, state)
 
     async def abort(self, request_id: str) -> None:

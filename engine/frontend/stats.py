@@ -41,8 +41,8 @@ class IterationStats:
     num_prefix_cached_tokens: int = 0
     num_connector_cached_tokens: int = 0
     num_generation_tokens: int = 0
-    # max_tokens of the sequences whose first token came in this step: what they may still generate (the
-    # autoscaler sizes decode from it before those sequences load the pods)
+    # max_tokens of the sequences that arrived (what they may generate; the autoscaler sizes decode from it:
+    # counted on a prefill pod, it leads the decode pods by the prefill queue)
     num_requested_output_tokens: int = 0
     num_step_tokens: int = 0  # tokens the model computed in the step (prefill chunks + decodes)
     time_to_first_tokens: list[float] = field(default_factory=list)
@@ -89,7 +89,6 @@ class SequenceTimes:
             it.num_prompt_tokens += self.num_prompt_tokens
             it.num_prefix_cached_tokens += max(0, num_cached - num_external_cached)
             it.num_connector_cached_tokens += num_external_cached
-            it.num_requested_output_tokens += self.max_tokens
             it.time_to_first_tokens.append(now - self.arrival)
         elif self.last_token is not None:
             it.inter_token_latencies.append(now - self.last_token)

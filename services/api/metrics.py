@@ -57,8 +57,8 @@ class ServingMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Generation tokens processed.")
         self.requested_output_tokens = counter(
-            "requested_output_tokens", "max_tokens of the sequences whose first token this engine produced (what "
-            "they may still generate; the autoscaler sizes decode from it).")
+            "requested_output_tokens", "max_tokens of the sequences that arrived (what they may generate; the "
+            "autoscaler sizes decode from it).")
         # Prompt tokens not computed, by where their KV came from: this engine's prefix cache, or a KV connector
         # (a decode pod loading what a prefill pod computed). What usage.prompt_tokens_details.cached_tokens sums.
         cached = Counter("pdserve:prompt_tokens_cached", "Prompt tokens not computed, by the source of their KV.",

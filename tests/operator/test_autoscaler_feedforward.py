@@ -87,18 +87,19 @@ def _decided() -> AutoscalerState:
 def test_scale_up_check_raises_a_role_at_once_and_never_lowers():
     state = _decided()
     # 2 s later: 20k tok/s arrive and 30k tokens are queued, drained within the decision interval (30 s):
-    # (20000 + 1000) / 3500 = 6 prefill pods; decode: 10,000 tok/s enter: 10000 * 0.045 / 35 = 12.9 -> 13
+    # (20000 + 1000) / 3500 = 6 prefill pods; decode: 10,000 tok/s arrive, and the queue's 30,000 prompt tokens
+    # will ask 0.5 output tokens each within 30 s: 10500 * 0.045 / 35 = 13.5 -> 14
     check = obs(window_s=2.0, prefill_pods=3, arrived_prompt_tokens=40_000, queued_prompt_tokens=30_000,
                 arrived_output_tokens=20_000)
     d = decide_scale_up(POLICY, state, check, now=2.0)
-    assert d is not None and (d.prefill, d.decode) == (6, 13)
-    assert (state.last_prefill, state.last_decode) == (6, 13)
+    assert d is not None and (d.prefill, d.decode) == (6, 14)
+    assert (state.last_prefill, state.last_decode) == (6, 14)
     # a quiet check changes nothing (scaling down waits for a decision and its window)
     assert decide_scale_up(POLICY, state, obs(window_s=2.0), now=4.0) is None
     # the next decision keeps what the check wanted within the scale-down window
-    d = decide(POLICY, state, obs(prefill_pods=6, decode_pods=13, arrived_prompt_tokens=10_000,
+    d = decide(POLICY, state, obs(prefill_pods=6, decode_pods=14, arrived_prompt_tokens=10_000,
                                   prefill_computed_tokens=25_000, prefill_busy_s=5.0), now=30.0)
-    assert (d.prefill, d.decode) == (6, 13)
+    assert (d.prefill, d.decode) == (6, 14)
 
 
 def test_scale_up_check_needs_a_decision_first_and_respects_budget_and_tolerance():
@@ -128,7 +129,7 @@ def test_entering_sequences_are_costed_at_their_own_context():
     samples = tuple((b, 0.005 + 0.0002 * b + 0.02 * b * u, b * u) for b, u in ((10, 0.0005), (40, 0.0005),
                                                                            (10, 0.004), (40, 0.004)))
     entering = obs(itl_samples=samples, kv_usage_per_sequence=0.004, arrived_output_tokens=1_000_000,
-                   arrived_decode_sequences=2000, mean_prompt_tokens=750, kv_capacity_tokens=1_000_000)
+                   mean_output_tokens=500, mean_prompt_tokens=750, kv_capacity_tokens=1_000_000)
     assert decide(policy, AutoscalerState(), entering, now=0.0).wanted_decode == 25
     unknown_pool = dataclasses.replace(entering, kv_capacity_tokens=0.0)
     assert decide(policy, AutoscalerState(), unknown_pool, now=0.0).wanted_decode == 32
@@ -140,3 +141,15 @@ def test_without_a_slope_the_inflow_scales_the_itl_rule():
     d = decide(POLICY, AutoscalerState(), obs(decode_pods=4, itl_p=0.02, decode_sequences=100,
                                               itl_samples=((25, 0.02),), arrived_output_tokens=200_000), now=0.0)
     assert d.wanted_decode == 16
+
+
+def test_the_prefill_backlog_counts_as_decode_inflow():
+    """200,000 prompt tokens arrived with 50,000 output tokens asked (0.25 a prompt token) in 10 s; 400,000 prompt
+    tokens queue on prefill pods: they enter decode within the window too, 100,000 output tokens: (50000 +
+    100000) / 10 = 15,000 tok/s; 15000 * 0.045 / 35 = 19.3 -> 20 pods (without the backlog: 6.4 -> 7)."""
+    policy = dataclasses.replace(POLICY, max_decode=100, max_prefill=100)
+    backlog = obs(itl_samples=FIT, arrived_prompt_tokens=200_000, queued_prompt_tokens=400_000,
+                  arrived_output_tokens=50_000)
+    assert decide(policy, AutoscalerState(), backlog, now=0.0).wanted_decode == 20
+    none = dataclasses.replace(backlog, queued_prompt_tokens=0.0)
+    assert decide(policy, AutoscalerState(), none, now=0.0).wanted_decode == 7
