@@ -291,10 +291,12 @@ def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obser
     elif obs.itl_p is not None and obs.decode_pods > 0:
         target = policy.itl_target_s * state.decode_headroom
         wanted = math.ceil(obs.decode_pods * obs.itl_p / target)
-        if inflow is not None and obs.decode_sequences > 0:
-            # No slope yet (every pod ran alike batches): take the ITL as proportional to the batch (an upper
-            # bound: it ignores the fixed part of a step), and the batch to grow from the sequences decoding now
-            # to the steady state of what enters, ``inflow * target``.
+        if inflow is not None and obs.decode_sequences > 0 and inflow * target > 2 * obs.decode_sequences:
+            # No slope yet (every pod ran alike batches), and what enters will more than double the sequences
+            # decoding now: take the ITL as proportional to the batch (an upper bound: it ignores the fixed part
+            # of a step) and the batch to grow to the steady state of what enters, ``inflow * target``. Smaller
+            # moves are left to the rule above (with tiny batches, where the fixed part is most of a step, the
+            # proportional bound asked for pods that then asked for more).
             wanted = math.ceil(obs.decode_pods * obs.itl_p * inflow / obs.decode_sequences)
     else:
         wanted = obs.decode_pods
