@@ -151,6 +151,7 @@ class AutoscalerState:
     last_prefill: int = 0  # the prefill count last decided
     last_decode: int = 0  # the decode count last decided
     output_fill: float = 1.0  # generated / max_tokens of finished requests (EWMA); 1 until a request finished
+    itl_p: float | None = None  # the ITL percentile the last decision saw (a scale-up check's window has none)
     # exponentially weighted sums for busy = alpha * steps + beta * tokens of the prefill pods: w, ss, sn, nn, sb, nb
     prefill_fit: list[float] = field(default_factory=lambda: [0.0] * 6)
 
@@ -288,16 +289,17 @@ def _decode_wanted(policy: AutoscalingPolicy, state: AutoscalerState, obs: Obser
             wanted = math.ceil(inflow * itl / best - 1e-9)
         else:
             wanted = math.ceil(obs.decode_sequences / best) if obs.decode_sequences > 0 else policy.min_decode
-    elif obs.itl_p is not None and obs.decode_pods > 0:
+    elif (obs.itl_p or state.itl_p) is not None and obs.decode_pods > 0:
+        itl_p: float = obs.itl_p or state.itl_p  # type: ignore[assignment]
         target = policy.itl_target_s * state.decode_headroom
-        wanted = math.ceil(obs.decode_pods * obs.itl_p / target)
+        wanted = math.ceil(obs.decode_pods * itl_p / target)
         if inflow is not None and obs.decode_sequences > 0 and inflow * target > 2 * obs.decode_sequences:
             # No slope yet (every pod ran alike batches), and what enters will more than double the sequences
             # decoding now: take the ITL as proportional to the batch (an upper bound: it ignores the fixed part
             # of a step) and the batch to grow to the steady state of what enters, ``inflow * target``. Smaller
             # moves are left to the rule above (with tiny batches, where the fixed part is most of a step, the
             # proportional bound asked for pods that then asked for more).
-            wanted = math.ceil(obs.decode_pods * obs.itl_p * inflow / obs.decode_sequences)
+            wanted = math.ceil(obs.decode_pods * itl_p * inflow / obs.decode_sequences)
     else:
         wanted = obs.decode_pods
     # Sequence slots: beyond max_batch a pod queues sequences instead of slowing its ITL, which the fit cannot see.
@@ -337,6 +339,8 @@ def decide(policy: AutoscalingPolicy, state: AutoscalerState, obs: Observation, 
         raise ValueError("an observation window must be positive")
     _learn_prefill(policy, state, obs)
     _learn_decode(state, obs)
+    if obs.itl_p is not None:
+        state.itl_p = obs.itl_p
     raw_p = _prefill_wanted(state, obs, obs.window_s)
     raw_d = _decode_wanted(policy, state, obs, obs.window_s)
     want_p = min(policy.max_prefill, max(policy.min_prefill, raw_p))

@@ -153,3 +153,15 @@ def test_the_prefill_backlog_counts_as_decode_inflow():
     assert decide(policy, AutoscalerState(), backlog, now=0.0).wanted_decode == 20
     none = dataclasses.replace(backlog, queued_prompt_tokens=0.0)
     assert decide(policy, AutoscalerState(), none, now=0.0).wanted_decode == 7
+
+
+def test_a_check_without_a_slope_uses_the_decisions_itl():
+    """A check's short window carries no ITL: the last decision's (0.02 s at 100 sequences on 4 pods) scales with
+    what enters: 20,000 tok/s, 4 * 0.02 * 20000 / 100 = 16 pods, at once."""
+    state = AutoscalerState()
+    d = decide(POLICY, state, obs(decode_pods=4, itl_p=0.02, decode_sequences=100, itl_samples=((25, 0.02),),
+                                  arrived_output_tokens=10_000), now=0.0)
+    assert d.decode == 2  # 1,000 tok/s enter: no doubling; the ITL rule: 4 * 0.02 / 0.045 = 1.8 -> 2
+    check = decide_scale_up(POLICY, state, obs(window_s=2.0, decode_pods=4, decode_sequences=100,
+                                               arrived_output_tokens=40_000), now=2.0)
+    assert check is not None and check.decode == 16
