@@ -41,7 +41,7 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
         --gpu-budget 140 --interval 5 --scale-up-interval 1 --scale-down-window 30 --startup-s 10 --trace "$SHIFT20" $SLO \
         --output "$out/autoscale100.json" ;;
     static100)  # the static splits around each phase's peak needs on SHIFT20
-      for pd in ${SPLITS:-50:45 45:45 50:40}; do
+      for pd in ${SPLITS:-50:45 45:45 45:42 50:40}; do
         nice $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT20" $SLO \
           --output "$out/static100_${pd%:*}p${pd#*:}d.json"
       done ;;
