@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from pdserve.operator import constants as c
-from pdserve.operator.autoscaler import AutoscalerState, AutoscalingPolicy, Decision, Observation, decide
+from pdserve.operator.autoscaler import (AutoscalerState, AutoscalingPolicy, Decision, Observation, decide,
+                                        decide_scale_up)
 from pdserve.operator.fields import Fields, SpecError
 
 log = logging.getLogger(__name__)
 
 AUTOSCALING_FIELDS = ("ttftTargetSeconds", "itlTargetSeconds", "percentile", "minPrefill", "maxPrefill",
-                      "minDecode", "maxDecode", "gpuBudget", "intervalSeconds", "scaleDownWindowSeconds",
+                      "minDecode", "maxDecode", "gpuBudget", "intervalSeconds", "scaleUpIntervalSeconds",
+                      "scaleDownWindowSeconds",
                       "tolerance", "dryRun")
 
 
@@ -46,6 +48,7 @@ def parse_autoscaling(f: Fields, s: Any) -> AutoscalingPolicy:
             max_decode=f.int("maxDecode", d.max_decode, minimum=1), gpu_budget=budget,
             gpus_per_prefill=max(1, s.prefill.gpu_count), gpus_per_decode=max(1, s.decode.gpu_count),
             interval_s=f.number("intervalSeconds", d.interval_s),
+            scale_up_interval_s=f.number("scaleUpIntervalSeconds", None) if f.has("scaleUpIntervalSeconds") else None,
             scale_down_window_s=f.number("scaleDownWindowSeconds", d.scale_down_window_s),
             tolerance=f.number("tolerance", d.tolerance), max_batch=s.engine.max_num_seqs,
             dry_run=f.bool("dryRun", False))
@@ -62,8 +65,10 @@ def parse_autoscaling(f: Fields, s: Any) -> AutoscalingPolicy:
 class MetricsSource(Protocol):
     """Where the loop's observations come from (one per InferenceService, kept across rounds)."""
 
-    def observe(self, api: Any, namespace: str, name: str, policy: AutoscalingPolicy) -> Observation | None:
-        """The window since the previous call, or None when nothing can be observed yet (first round)."""
+    def observe(self, api: Any, namespace: str, name: str, policy: AutoscalingPolicy,
+                check: bool = False) -> Observation | None:
+        """The window since the previous decision (``check``: since the previous scale-up check or decision), or
+        None when nothing can be observed yet (first round)."""
 
 
 # ---------------------------------------------------------------------------------------------------------- scraping
@@ -96,7 +101,8 @@ def parse_metrics(text: str) -> dict[str, Any]:
 
 
 _HISTOGRAMS = {"pdserve:time_to_first_token_seconds", "pdserve:inter_token_latency_seconds",
-               "pdserve:request_prefill_time_seconds", "pdserve:iteration_tokens_total"}
+               "pdserve:request_prefill_time_seconds", "pdserve:iteration_tokens_total",
+               "pdserve:request_generation_tokens", "pdserve:request_params_max_tokens"}
 
 
 def histogram_quantile(prev: dict | None, cur: dict | None, q: float) -> float | None:
@@ -153,6 +159,8 @@ class PodMetricsSource:
     fetch: Callable[[str], str] = _fetch
     _last: dict[str, dict] = field(default_factory=dict)
     _last_time: float | None = None
+    _check: dict[str, dict] = field(default_factory=dict)  # the scrape the next scale-up check differences from
+    _check_time: float | None = None
 
     def _scrape(self, api: Any, namespace: str, name: str, role: str) -> dict[str, dict]:
         out = {}
@@ -163,11 +171,17 @@ class PodMetricsSource:
                 log.info("metrics of %s/%s unavailable: %s", namespace, pod, exc)
         return out
 
-    def observe(self, api: Any, namespace: str, name: str, policy: AutoscalingPolicy) -> Observation | None:
+    def observe(self, api: Any, namespace: str, name: str, policy: AutoscalingPolicy,
+                check: bool = False) -> Observation | None:
         now = time.monotonic()
         pre, dec = self._scrape(api, namespace, name, "prefill"), self._scrape(api, namespace, name, "decode")
-        last, window = self._last, (now - self._last_time) if self._last_time is not None else None
-        self._last, self._last_time = {**pre, **dec}, now
+        if check:
+            last, since = self._check, self._check_time
+        else:
+            last, since = self._last, self._last_time
+            self._last, self._last_time = {**pre, **dec}, now
+        self._check, self._check_time = {**pre, **dec}, now  # a decision starts the next check's window too
+        window = (now - since) if since is not None else None
         if window is None or window <= 0:
             return None
         z: dict = {}
@@ -188,6 +202,13 @@ class PodMetricsSource:
                 usage = m.get("pdserve:kv_cache_usage_perc", 0.0)
                 samples.append((batch, _delta(last.get(p, z), m, "pdserve:inter_token_latency_seconds", "sum") / n,
                                 usage / running * batch if running else usage))  # KV usage at the mean batch
+        def dsum(pods: dict, key: str, part: str | None = None) -> float:
+            return sum(_delta(last.get(p, z), m, key, part) for p, m in pods.items())
+
+        # What arrives (None while no pod reports it: pods of an older image)
+        out_key = "pdserve:requested_output_tokens_total"
+        reports = any(out_key in m for m in (*pre.values(), *dec.values()))
+        entered = dsum(dec, "pdserve:time_to_first_token_seconds", "count")
         return Observation(
             window_s=window, prefill_pods=len(pre), decode_pods=len(dec), arrived_prompt_tokens=arrived,
             queued_prompt_tokens=waiting * mean_prompt, prefill_computed_tokens=arrived, prefill_busy_s=busy,
@@ -195,7 +216,14 @@ class PodMetricsSource:
                                               + m.get("pdserve:num_requests_waiting", 0.0) for m in dec.values()),
             itl_p=itl, itl_samples=tuple(samples),
             kv_usage=max((m.get("pdserve:kv_cache_usage_perc", 0.0) for m in dec.values()), default=0.0),
-            mean_prompt_tokens=mean_prompt, kv_usage_per_sequence=_usage_per_sequence(dec))
+            mean_prompt_tokens=mean_prompt, kv_usage_per_sequence=_usage_per_sequence(dec),
+            arrived_output_tokens=max(dsum(pre, out_key), dsum(dec, out_key)) if reports else None,
+            finished_output_tokens=dsum(dec, "pdserve:request_generation_tokens", "sum"),
+            finished_max_tokens=dsum(dec, "pdserve:request_params_max_tokens", "sum"),
+            prefill_steps=dsum(pre, "pdserve:iteration_tokens_total", "count"),
+            mean_output_tokens=dsum(dec, out_key) / entered if entered else 0.0,
+            kv_capacity_tokens=max((m.get("pdserve:kv_cache_capacity_tokens", 0.0) for m in dec.values()),
+                                   default=0.0))
 
 
 def _usage_per_sequence(pods: dict) -> float:
@@ -224,6 +252,14 @@ class AutoscalerRun:
 
     source: MetricsSource
     state: AutoscalerState = field(default_factory=AutoscalerState)
+    last_decision: float | None = None  # monotonic time of the last full decision (the rest are scale-up checks)
+
+    def next_delay(self, policy: AutoscalingPolicy) -> float:
+        """Seconds to the next round: a scale-up check, or the decision when it comes first."""
+        if policy.scale_up_interval_s is None or self.last_decision is None:
+            return policy.interval_s
+        to_decision = self.last_decision + policy.interval_s - time.monotonic()
+        return max(0.0, min(policy.scale_up_interval_s, to_decision))
 
 
 def status_fields(decision: Decision, policy: AutoscalingPolicy, when: str) -> dict[str, Any]:
@@ -242,10 +278,23 @@ def autoscale_round(api: Any, namespace: str, name: str, parsed: Any, run: Autos
     from pdserve.operator import kube
 
     policy = parsed.autoscaling
-    obs = run.source.observe(api, namespace, name, policy)
+    now = time.monotonic()
+    # A decision when its interval has passed (a little early counts: the loop's sleeps are not exact), else a
+    # scale-up check.
+    check = (policy.scale_up_interval_s is not None and run.last_decision is not None
+             and now - run.last_decision < policy.interval_s - 0.1 * policy.scale_up_interval_s)
+    obs = (run.source.observe(api, namespace, name, policy, check=True) if check
+           else run.source.observe(api, namespace, name, policy))
     if obs is None:
         return None
-    decision = decide(policy, run.state, obs, time.monotonic())
+    if check:
+        checked = decide_scale_up(policy, run.state, obs, now)
+        if checked is None:
+            return None
+        decision = checked
+    else:
+        decision = decide(policy, run.state, obs, now)
+        run.last_decision = now
     changes = []
     for role, want in (("prefill", decision.prefill), ("decode", decision.decode)):
         dep = kube.read_deployment(api, namespace, f"{name}-{role}")

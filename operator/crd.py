@@ -255,6 +255,8 @@ def autoscaling_schema() -> Schema:
         "maxDecode": integer("Most decode pods.", d.max_decode, minimum=1),
         "gpuBudget": integer("Most GPUs of both roles together (default: only the maxima bound).", minimum=1),
         "intervalSeconds": number("Seconds between two decisions.", d.interval_s),
+        "scaleUpIntervalSeconds": number("Seconds between two scale-up checks between decisions (only up; "
+                                         "default: no checks)."),
         "scaleDownWindowSeconds": number("A count goes down only to the highest one wanted within this window.",
                                          d.scale_down_window_s),
         "tolerance": number("Relative changes smaller than this are ignored, in [0, 1).", d.tolerance),

@@ -175,11 +175,11 @@ def autoscale_step(api: kubernetes.client.ApiClient, namespace: str, name: str, 
         run = autoscaling.AutoscalerRun((options.metrics_source or autoscaling.PodMetricsSource)())
     result = autoscaling.autoscale_round(api, namespace, name, parsed, run, now_rfc3339())
     if result is None or not result[1]:
-        return True, run, policy.interval_s, None
+        return True, run, run.next_delay(policy), None
     decision, changes = result
     reason = "AutoscaleDryRun" if policy.dry_run else "Autoscaled"
     verb = "would scale" if policy.dry_run else "scaled"
-    return True, run, policy.interval_s, (body, reason, f"{verb} {', '.join(changes)}: {decision.reason}"[:1000])
+    return True, run, run.next_delay(policy), (body, reason, f"{verb} {', '.join(changes)}: {decision.reason}"[:1000])
 
 
 async def autoscale_loop(api: kubernetes.client.ApiClient, namespace: str, name: str,

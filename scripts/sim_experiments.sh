@@ -14,7 +14,8 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
   case $exp in
     autoscale)
       $PD sim --prefill 3 --decode 1 --autoscale --min-prefill 1 --max-prefill 12 --max-decode 12 --gpu-budget 14 \
-        --interval 5 --scale-down-window 30 --startup-s 10 --trace "$SHIFT" $SLO --output "$out/autoscale.json" ;;
+        --interval 5 --scale-up-interval 1 --scale-down-window 30 --startup-s 10 --trace "$SHIFT" $SLO \
+        --output "$out/autoscale.json" ;;
     static)  # the static splits around the peak needs of each phase (fewer GPUs miss the SLOs in one phase)
       for pd in 2:2 3:1 3:2 2:3 4:2; do
         $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT" $SLO --output "$out/static_${pd%:*}p${pd#*:}d.json"
@@ -37,10 +38,10 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
         $SLO --output "$out/scale_autoscale.json" ;;
     autoscale100)  # acceptance 2 at 100+ pods: the autoscaler on SHIFT20
       nice $PD sim --prefill 50 --decode 8 --autoscale --min-prefill 1 --max-prefill 100 --max-decode 100 \
-        --gpu-budget 140 --interval 5 --scale-down-window 30 --startup-s 10 --trace "$SHIFT20" $SLO \
+        --gpu-budget 140 --interval 5 --scale-up-interval 1 --scale-down-window 30 --startup-s 10 --trace "$SHIFT20" $SLO \
         --output "$out/autoscale100.json" ;;
     static100)  # the static splits around each phase's peak needs on SHIFT20
-      for pd in ${SPLITS:-50:45 45:45 50:40}; do
+      for pd in ${SPLITS:-50:45 45:45 45:42 50:40}; do
         nice $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT20" $SLO \
           --output "$out/static100_${pd%:*}p${pd#*:}d.json"
       done ;;

@@ -26,7 +26,8 @@ from typing import Any
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_core import EngineCoreRequest
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.operator.autoscaler import AutoscalerState, AutoscalingPolicy, Decision, Observation, decide
+from pdserve.operator.autoscaler import (AutoscalerState, AutoscalingPolicy, Decision, Observation, decide,
+                                        decide_scale_up)
 from pdserve.sim.clock import VirtualClock
 from pdserve.sim.core import SimEngineCore
 from pdserve.sim.cost_model import CostProfile
@@ -76,6 +77,7 @@ class _Pod:
     prompt_tokens: int = 0  # prompt tokens of the requests it holds (the router's prefill load signal)
     # window counters for the autoscaler
     busy_mark: float = 0.0
+    steps_mark: int = 0
     computed_mark: int = 0
     batch_sum: float = 0.0
     step_sum: float = 0.0
@@ -115,7 +117,9 @@ class Cluster:
         self.itl = Histogram()  # every gap between two tokens of a request
         self._end_s = 0.0
         self._state = AutoscalerState()
+        self._quick_mark = 0.0  # when the scale-up check's window began
         self._window: dict[str, Any] = self._new_window()
+        self._quick_window: dict[str, Any] = self._new_window()  # since the last scale-up check
         roles = ("prefill", "decode") if cfg.prefill else ("both",)
         counts = (cfg.prefill, cfg.decode) if cfg.prefill else (cfg.decode,)
         for role, n in zip(roles, counts):
@@ -125,7 +129,13 @@ class Cluster:
 
     @staticmethod
     def _new_window() -> dict[str, Any]:
-        return {"arrived": 0.0, "ttfts": [], "gaps": Histogram()}
+        # arrived / n: prompt tokens and requests at the router; out / nd: max_tokens and sequences entering
+        # decode (what a decode pod's pdserve:requested_output_tokens and TTFT count say); pout: max_tokens of
+        # requests entering prefill (the prefill pods' requested_output_tokens); fin_out / fin_max:
+        # generated and asked-for tokens of requests finished on decode pods (pdserve:request_generation_tokens /
+        # pdserve:request_params_max_tokens)
+        return {"arrived": 0.0, "n": 0, "out": 0.0, "pout": 0.0, "nd": 0, "fin_out": 0.0, "fin_max": 0.0, "ttfts": [],
+                "gaps": Histogram()}
 
     # ------------------------------------------------------------------ pods
     def _add_pod(self, role: str, ready_at: float) -> _Pod:
@@ -184,6 +194,8 @@ class Cluster:
             self._push(self.cfg.kill_decode_every_s, "kill", None)
         if self.cfg.autoscaling is not None:
             self._push(self.cfg.autoscaling.interval_s, "tick", None)
+            if self.cfg.autoscaling.scale_up_interval_s is not None:
+                self._push(self.cfg.autoscaling.scale_up_interval_s, "uptick", None)
         self.remaining = len(self.requests)
         return self.requests
 
@@ -192,12 +204,14 @@ class Cluster:
         while self._events and self.remaining and (until is None or self._events[0][0] <= until):
             t, _, kind, data = heapq.heappop(self._events)
             self.now = t
-            if kind in ("kill", "tick"):
+            if kind in ("kill", "tick", "uptick"):
                 self._catch_up_all(t)
                 if not self.remaining:
                     break  # the last request ended in a step that began before this event
             if kind == "arrive":
                 self._window["arrived"] += data.trace.num_prompt_tokens
+                self._quick_window["arrived"] += data.trace.num_prompt_tokens
+                self._quick_window["n"] += 1
                 self._dispatch(data, "prefill" if self.cfg.prefill else "both")
             elif kind == "step":
                 self._step(data)
@@ -213,6 +227,9 @@ class Cluster:
             elif kind == "tick" and t <= self._end_s + 60:
                 self._autoscale()
                 self._push(t + self.cfg.autoscaling.interval_s, "tick", None)  # type: ignore[union-attr]
+            elif kind == "uptick" and t <= self._end_s + 60:
+                self._autoscale_check()
+                self._push(t + self.cfg.autoscaling.scale_up_interval_s, "uptick", None)  # type: ignore
         if self.remaining:  # lazy pods run on to ``until`` (or until they are idle)
             self._catch_up_all(math.inf if until is None else until)
         if until is not None and until > self.now:
@@ -227,6 +244,10 @@ class Cluster:
         return self.requests
 
     def _end(self, req: SimRequest, error: str | None = None, t: float | None = None) -> None:
+        if error is None and req.decode_pod is not None and self.cfg.prefill:
+            n = req.trace.max_tokens - 1  # what the decode pod was asked for and generated (never EOS)
+            self._window["fin_out"] += n
+            self._window["fin_max"] += n
         req.error, req.done = error, True
         req.ended_s = self.now if t is None else t
         self.remaining -= 1
@@ -252,6 +273,14 @@ class Cluster:
         max_tokens = 1 if role == "prefill" else req.trace.max_tokens - (1 if role == "decode" else 0)
         if role != "prefill":
             req.decode_pod = pod.name
+        if role == "prefill":  # a prefill pod is sent the request's max_tokens (it stops after the first)
+            self._window["pout"] += req.trace.max_tokens
+            self._quick_window["pout"] += req.trace.max_tokens
+        if role == "decode":
+            self._window["out"] += max_tokens
+            self._quick_window["out"] += max_tokens
+            self._window["nd"] += 1
+            self._quick_window["nd"] += 1
         pod.requests[req.id] = req
         pod.prompt_tokens += req.trace.num_prompt_tokens
         pod.core.add_request(EngineCoreRequest(req.id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
@@ -400,8 +429,10 @@ class Cluster:
         self._catch_up_all(self.now)
         w, win = window_s, self._window
         pre, dec = self._live("prefill", ("ready",)), self._live("decode", ("ready",))
-        busy = computed = queued = 0.0
+        busy = computed = queued = steps = 0.0
         for p in pre:
+            steps += p.core.num_steps - p.steps_mark
+            p.steps_mark = p.core.num_steps
             busy += p.core.runner.busy_s - p.busy_mark
             computed += p.core.num_computed_tokens_total - p.computed_mark
             p.busy_mark, p.computed_mark = p.core.runner.busy_s, p.core.num_computed_tokens_total
@@ -423,9 +454,54 @@ class Cluster:
             ttft_p=_quantile(win["ttfts"], percentile), decode_sequences=float(sum(len(p.requests) for p in dec)),
             itl_p=win["gaps"].quantile(percentile), itl_samples=samples,
             kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
-            mean_prompt_tokens=win["arrived"] / n_arrived, kv_usage_per_sequence=usage / running if running else 0.0)
+            mean_prompt_tokens=win["arrived"] / n_arrived, kv_usage_per_sequence=usage / running if running else 0.0,
+            arrived_output_tokens=max(win["out"], win["pout"]), finished_output_tokens=win["fin_out"],
+            prefill_steps=steps, mean_output_tokens=win["out"] / win["nd"] if win["nd"] else 0.0,
+            kv_capacity_tokens=_capacity(dec),
+            finished_max_tokens=win["fin_max"])
         self._window = self._new_window()
+        self._quick_window = self._new_window()
+        self._quick_mark = self.now
         return obs
+
+    def observe_demand(self) -> Observation:
+        """The scale-up check's view since the last check or decision: demand only (arrivals, the prefill
+        backlog, decode sequences and what enters decode); the learned estimates are the last decision's."""
+        self._catch_up_all(self.now)
+        win = self._quick_window
+        pre, dec = self._live("prefill", ("ready",)), self._live("decode", ("ready",))
+        queued = 0.0
+        for p in pre:
+            for r in p.requests.values():
+                engine_req = p.core.scheduler.get_request(r.id)
+                queued += r.trace.num_prompt_tokens - (engine_req.num_computed_tokens if engine_req else 0)
+        running = sum(p.core.scheduler.num_running for p in dec)
+        usage = sum(p.core.scheduler.kv_cache_manager.usage for p in dec)
+        obs = Observation(
+            window_s=self.now - self._quick_mark, prefill_pods=len(pre), decode_pods=len(dec),
+            arrived_prompt_tokens=win["arrived"], queued_prompt_tokens=queued, prefill_computed_tokens=0.0,
+            prefill_busy_s=0.0, ttft_p=None, decode_sequences=float(sum(len(p.requests) for p in dec)), itl_p=None,
+            kv_usage=max((p.core.scheduler.kv_cache_manager.usage for p in dec), default=0.0),
+            kv_usage_per_sequence=usage / running if running else 0.0,
+            arrived_output_tokens=max(win["out"], win["pout"]),
+            mean_prompt_tokens=win["arrived"] / win["n"] if win["n"] else 0.0,
+            mean_output_tokens=win["out"] / win["nd"] if win["nd"] else 0.0, kv_capacity_tokens=_capacity(dec))
+        self._quick_window = self._new_window()
+        self._quick_mark = self.now
+        return obs
+
+    def _autoscale_check(self) -> None:
+        policy = self.cfg.autoscaling
+        assert policy is not None
+        if self.now - self._quick_mark < 1e-9:  # a decision just looked at this moment
+            return
+        decision = decide_scale_up(policy, self._state, self.observe_demand(), self.now)
+        if decision is None:
+            return
+        self.decisions.append((self.now, decision))
+        if not policy.dry_run:
+            self.scale_to("prefill", decision.prefill)
+            self.scale_to("decode", decision.decode)
 
     def _autoscale(self) -> None:
         policy = self.cfg.autoscaling
@@ -460,3 +536,8 @@ def _quantile(values: list[float], q: float) -> float | None:
 def _usage_at_batch(usage: float, running: int, batch: float) -> float:
     """A pod's KV usage now, scaled to the window's mean batch (usage per sequence now, times that batch)."""
     return usage / running * batch if running else usage
+
+
+def _capacity(pods: list[_Pod]) -> float:
+    """Tokens a decode pod's KV pool holds (what its pdserve:kv_cache_capacity_tokens says), 0 without pods."""
+    return pods[0].core.scheduler.num_blocks * pods[0].core.scheduler.block_size if pods else 0.0

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--max-decode", type=int, default=64)
     a.add_argument("--gpu-budget", type=int, default=None, help="total GPUs of both roles (one GPU a pod)")
     a.add_argument("--interval", type=float, default=15.0, help="seconds between decisions")
+    a.add_argument("--scale-up-interval", type=float, default=None,
+                   help="seconds between scale-up checks between two decisions (default: none)")
     a.add_argument("--scale-down-window", type=float, default=120.0)
     a.add_argument("--dry-run", action="store_true", help="decide and report, never change the pods")
 
@@ -74,6 +76,7 @@ def config_from_args(args: argparse.Namespace):  # -> ClusterConfig
                                    min_prefill=args.min_prefill, max_prefill=args.max_prefill,
                                    min_decode=args.min_decode, max_decode=args.max_decode,
                                    gpu_budget=args.gpu_budget, interval_s=args.interval,
+                                   scale_up_interval_s=args.scale_up_interval,
                                    scale_down_window_s=args.scale_down_window, dry_run=args.dry_run,
                                    max_batch=args.max_num_seqs)
     elif args.dry_run or args.gpu_budget is not None:

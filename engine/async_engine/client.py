@@ -287,7 +287,8 @@ class AsyncLLM:
                 self._processor.add_sequence(r.request_id, internal_id, index, text, token_ids, r.sampling_params,
                                              stream=stream)
                 self._times[r.request_id] = SequenceTimes(arrival=r.arrival_time,
-                                                          num_prompt_tokens=len(token_ids))
+                                                          num_prompt_tokens=len(token_ids),
+                                                          max_tokens=r.sampling_params.max_tokens or 0)
                 self._parent_of[r.request_id] = internal_id
                 self._unscheduled.add(r.request_id)
             if not self._send_frame(frame, "AddRequests"):
@@ -300,6 +301,8 @@ class AsyncLLM:
             for sid in state.seq_ids:
                 self._forget_seq(sid, "error", time.time(), IterationStats(timestamp=time.time()))
             raise
+        self._log(None, IterationStats(timestamp=time.time(), num_requested_output_tokens=sum(
+            r.sampling_params.max_tokens or 0 for r in reqs)))
         return RequestStream(self, state)
 
     async def abort(self, request_id: str) -> None:

@@ -180,6 +180,7 @@ class _StatsSum:
             prefix_cache_queries=sum(s.prefix_cache_queries for s in known),
             prefix_cache_hits=sum(s.prefix_cache_hits for s in known),
             num_preemptions=sum(s.num_preemptions for s in known),
+            kv_capacity_tokens=sum(s.kv_capacity_tokens for s in known),
             structured_output=structured or None)
 
 

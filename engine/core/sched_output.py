@@ -85,6 +85,7 @@ class SchedulerStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int  # of which found (cumulative)
     num_preemptions: int  # cumulative
+    kv_capacity_tokens: int = 0  # tokens the KV pool holds (blocks x block size)
     kv_transfer: dict[str, Any] | None = None  # the KV connector's counters (KVTransferStats.to_dict()), if any
     # Structured output's counters (StructuredOutputStats.to_dict()), on engines that can constrain outputs.
     structured_output: dict[str, Any] | None = None

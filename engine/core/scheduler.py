@@ -287,6 +287,7 @@ class Scheduler:
                               kv_cache_usage=kv.usage, num_free_blocks=kv.get_num_free_blocks(),
                               num_total_blocks=self.num_blocks, prefix_cache_queries=kv.prefix_cache_queries,
                               prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self._num_preemptions,
+                              kv_capacity_tokens=self.num_blocks * self.block_size,
                               kv_transfer=self._kv_transfer_stats())
 
     def take_kv_events(self) -> list[KVCacheEvent]:

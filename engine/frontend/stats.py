@@ -28,6 +28,7 @@ class FinishedSequenceStats:
     prefill_time: float | None = None  # first scheduled -> first token
     decode_time: float | None = None  # first token -> last token
     mean_time_per_output_token: float | None = None  # decode_time / (tokens - 1), None for a single token
+    max_tokens: int = 0  # what the sequence was allowed to generate (0: not known)
 
 
 @dataclass
@@ -40,6 +41,9 @@ class IterationStats:
     num_prefix_cached_tokens: int = 0
     num_connector_cached_tokens: int = 0
     num_generation_tokens: int = 0
+    # max_tokens of the sequences that arrived (what they may generate; the autoscaler sizes decode from it:
+    # counted on a prefill pod, it leads the decode pods by the prefill queue)
+    num_requested_output_tokens: int = 0
     num_step_tokens: int = 0  # tokens the model computed in the step (prefill chunks + decodes)
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
@@ -72,6 +76,7 @@ class SequenceTimes:
     first_token: float | None = None
     last_token: float | None = None
     num_generation_tokens: int = 0
+    max_tokens: int = 0  # the sequence's max_tokens (0: not known)
 
     def on_tokens(self, now: float, count: int, it: IterationStats, num_cached: int = 0,
                   num_external_cached: int = 0) -> None:
@@ -101,4 +106,4 @@ class SequenceTimes:
             queue_time=(self.scheduled - self.arrival) if self.scheduled is not None else None,
             prefill_time=(self.first_token - self.scheduled)
             if self.first_token is not None and self.scheduled is not None else None,
-            decode_time=decode, mean_time_per_output_token=tpot)
+            decode_time=decode, mean_time_per_output_token=tpot, max_tokens=self.max_tokens)

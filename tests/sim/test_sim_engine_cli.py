@@ -136,6 +136,12 @@ def test_the_operators_pod_metrics_source_observes_real_pods(pods):
     (batch, itl, usage), = obs.itl_samples
     assert batch == 1 and 0 < itl < 0.1 and 0 <= usage <= 1  # one sequence a step; 7 gaps of ~6 ms
     assert obs.decode_sequences == 0 and 0 <= obs.kv_usage <= 1
+    # what entered decode (its max_tokens, counted at its first token) and what finished there: 8 of 8 asked
+    assert (obs.arrived_output_tokens, obs.finished_output_tokens, obs.finished_max_tokens) == (8, 8, 8)
+    assert obs.prefill_steps >= 1 and obs.mean_output_tokens == 8 and obs.kv_capacity_tokens > 0
+    # a scale-up check differences from the decision's scrape: nothing entered since
+    check = source.observe(None, "default", "chat", policy, check=True)
+    assert check.arrived_output_tokens == 0 and check.arrived_prompt_tokens == 0 and check.window_s < obs.window_s
 
 
 def test_a_failed_load_under_the_fail_policy_is_a_clear_409(pods):
