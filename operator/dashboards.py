@@ -178,6 +178,17 @@ def serving() -> Obj:
         rate("pdserve:spec_decode_num_accepted_tokens_per_pos_total", ENGINES, "position")], "ops",
         "Acceptance falls along the proposal: position 0 is accepted most often.")
     b.row("Replicas")
+    b.panel("Output tokens requested vs generated", [
+        rate("pdserve:requested_output_tokens_total", ENGINES, "role"),
+        rate("pdserve:generation_tokens_total", ENGINES, "role")], "tok/s",
+        "max_tokens of the requests arriving (counted once on arrival, on prefill and decode pods) against the tokens "
+        "generated: the autoscaler sizes decode from the first, scaled by the share of max_tokens requests use.")
+    b.panel("Share of max_tokens generated", [
+        (f"sum by (role) (rate(pdserve:request_generation_tokens_sum{{{ENGINES}}}[{RATE}])) / "
+         f"sum by (role) (rate(pdserve:request_params_max_tokens_sum{{{ENGINES}}}[{RATE}]))", "{{role}}")],
+        "percentunit", "Tokens finished requests generated, of the max_tokens they asked for (the autoscaler's fill).")
+    b.panel("KV cache capacity", [(f"sum by (role) (pdserve:kv_cache_capacity_tokens{{{ENGINES}}})", "{{role}}")],
+            "short", "Tokens the engine pods' KV caches hold together, by role (what decode's sequences fill).")
     b.panel("Prefill and decode pods", [
         (f"count by (role) (pdserve:num_requests_running{{{ENGINES}}})", "{{role}}")],
         "short", "Engine pods reporting metrics, by role.")

@@ -14,6 +14,10 @@ METRICS: list[tuple[str, str, tuple[str, ...]]] = [
     ("pdserve:num_requests_running", "gauge", ("model_name",)),
     ("pdserve:num_requests_waiting", "gauge", ("model_name",)),
     ("pdserve:kv_cache_usage_perc", "gauge", ("model_name",)),
+    ("pdserve:kv_cache_capacity_tokens", "gauge", ("model_name",)),  # the autoscaler costs sequences with it
+    ("pdserve:requested_output_tokens_total", "counter", ("model_name",)),  # max_tokens, counted at arrival
+    ("pdserve:request_generation_tokens", "histogram", ("model_name",)),
+    ("pdserve:request_params_max_tokens", "histogram", ("model_name",)),
     ("pdserve:prefix_cache_queries_total", "counter", ("model_name",)),
     ("pdserve:prefix_cache_hits_total", "counter", ("model_name",)),
     ("pdserve:num_preemptions_total", "counter", ("model_name",)),
