@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The simulated results of docs/autoscaling.md: every number there comes from one of these commands.
-#   scripts/sim_experiments.sh OUTDIR [autoscale|static|colocation|faults|scale|autoscale100|static100|colocation100]...
+#   scripts/sim_experiments.sh OUTDIR [autoscale|static|colocation|faults|scale|autoscale100|static100|autoscale100long|
+#                                      static100long|colocation100]...
 set -euo pipefail
 out=${1:?usage: $0 OUTDIR [experiment...]}; shift
 mkdir -p "$out"
@@ -10,6 +11,8 @@ SHIFT="duration=90,rate=20,in=4000,out=50;duration=30,rate=20,in=2000,out=500;du
 SLO="--ttft-slo 1 --tpot-slo 0.012"
 # The same shift at 20x the rate (400 req/s; 60 s phases and 20 s ramps to keep a run within minutes): 100+ pods.
 SHIFT20="duration=60,rate=400,in=4000,out=50;duration=20,rate=400,in=2000,out=500;duration=60,rate=400,in=200,out=1000;duration=20,rate=400,in=2000,out=500;duration=60,rate=400,in=4000,out=50"
+# SHIFT20 with 120 s phases and 30 s ramps: the same mixes, held twice as long (167,848 requests).
+SHIFT20L="duration=120,rate=400,in=4000,out=50;duration=30,rate=400,in=2000,out=500;duration=120,rate=400,in=200,out=1000;duration=30,rate=400,in=2000,out=500;duration=120,rate=400,in=4000,out=50"
 for exp in "${@:-autoscale static colocation faults scale}"; do
   case $exp in
     autoscale)
@@ -44,6 +47,15 @@ for exp in "${@:-autoscale static colocation faults scale}"; do
       for pd in ${SPLITS:-50:45 45:45 45:42 50:40}; do
         nice $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT20" $SLO \
           --output "$out/static100_${pd%:*}p${pd#*:}d.json"
+      done ;;
+    autoscale100long)  # acceptance 2 at 100+ pods on SHIFT20L (the autoscale100 settings)
+      nice $PD sim --prefill 50 --decode 8 --autoscale --min-prefill 1 --max-prefill 100 --max-decode 100 \
+        --gpu-budget 140 --interval 5 --scale-up-interval 1 --scale-down-window 30 --startup-s 10 --trace "$SHIFT20L" \
+        $SLO --output "$out/autoscale100long.json" ;;
+    static100long)  # the static split that met 90 % on SHIFT20 with the fewest GPU-hours, on SHIFT20L
+      for pd in ${SPLITS:-45:42}; do
+        nice $PD sim --prefill ${pd%:*} --decode ${pd#*:} --trace "$SHIFT20L" $SLO \
+          --output "$out/static100long_${pd%:*}p${pd#*:}d.json"
       done ;;
     colocation100)  # DistServe-style at 100 GPUs: 50 prefill + 50 decode vs 100 colocated, long prompts
       for load in ${LOADS100:-duration=30,in=2000,out=200,rate=600 duration=30,in=2000,out=200,rate=900}; do
