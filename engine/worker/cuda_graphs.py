@@ -99,6 +99,7 @@ class GraphReplayer:
     pool_bytes: int
 
     def _forward(self, size: int) -> torch.Tensor:
+        """What a graph of ``size`` runs on the static buffers (every runner defines it)."""
         raise NotImplementedError
 
     def _assign_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[int]]:
@@ -148,6 +149,8 @@ class GraphReplayer:
                     time.perf_counter() - start, self.pool_bytes / 2**20)
 
     def _write_all_padding(self) -> None:
+        """Host values of an all-padding step of the largest size (defined by the runners that capture through
+        :meth:`_capture_padded`: verify and mixed-step; the decode runner captures its own way)."""
         raise NotImplementedError
 
     def _replay(self, size: int) -> torch.Tensor:
