@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from pdserve.bench.peer import PEER_HELP, PROCESS_PEERS, add_offline_arguments, refuse_unused_peer_flags
+from pdserve.bench.step_profile import (StepWindowProfiler, format_breakdown, parse_window,
+                                        step_breakdown)
 from pdserve.bench.workload import BenchRequest, random_requests, sharegpt_requests
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
 
@@ -88,12 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer-batch-size", type=int, default=0,
                         help="hf peer on CPU: static batches of this size (0: all at once)")
     parser.add_argument("--json-out", default=None, help="write the results here as JSON")
+    parser.add_argument("--step-breakdown", action="store_true",
+                        help="print the timed run's steps by kind: pure decode, mixed steps a CUDA graph holds, "
+                             "eager mixed steps (bench/step_profile.py)")
+    parser.add_argument("--profile-steps", default=None, metavar="A:B",
+                        help="record steps A..B-1 of the timed run with torch.profiler and print their GPU kernel "
+                             "time by category against the wall time (implies --step-breakdown)")
     add_engine_arguments(parser)
     add_offline_arguments(parser)
 
 
-def run_pdserve(llm, requests: list[BenchRequest]) -> tuple[ThroughputResult, list]:
-    """Time the workload; returns the result and the engine core's per-step records of the timed run."""
+def run_pdserve(llm, requests: list[BenchRequest], profiler=None) -> tuple[ThroughputResult, list]:
+    """Time the workload; returns the result and the engine core's per-step records of the timed run.
+    ``profiler``: a :class:`~pdserve.bench.step_profile.StepWindowProfiler` armed for the timed run only."""
     from pdserve.engine.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
@@ -101,9 +110,15 @@ def run_pdserve(llm, requests: list[BenchRequest]) -> tuple[ThroughputResult, li
     llm.generate([r.prompt_token_ids for r in requests[:4]], SamplingParams(max_tokens=4, ignore_eos=True))
     core = llm.engine.core
     core.record_step_stats()
+    if profiler is not None:
+        profiler.arm()
     start = time.perf_counter()
-    outs = llm.generate([r.prompt_token_ids for r in requests], params)
-    elapsed = time.perf_counter() - start
+    try:
+        outs = llm.generate([r.prompt_token_ids for r in requests], params)
+    finally:
+        elapsed = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disarm()
     stats = core.step_stats
     core.record_step_stats(False)
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -125,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.engine.llm import LLM
 
     refuse_unused_peer_flags(args, PROCESS_PEERS)
+    window = parse_window(args.profile_steps)
+    if args.peer in PROCESS_PEERS and (window or args.step_breakdown):
+        raise ValueError("--step-breakdown and --profile-steps profile pdserve alone: run them without --peer")
     if args.peer in PROCESS_PEERS:
         from pdserve.bench.throughput_peer import run_with_peer
 
@@ -137,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
                                      args.bench_seed)
     else:
         requests = random_requests(args.num_prompts, args.input_len, args.output_len, vocab, args.bench_seed)
-    result, stats = run_pdserve(llm, requests)
+    profiler = StepWindowProfiler(llm.engine.core, window) if window else None
+    result, stats = run_pdserve(llm, requests, profiler)
     results = [result]
     device = llm.engine.core.runner.device
     device_name = torch_device_name(device)
@@ -150,11 +169,22 @@ def run(args: argparse.Namespace) -> int:
         results.append(hf_throughput(cfg, requests, args.peer_batch_size))
     print_table(results, device_name, cfg.model.model, cfg.model.dtype)
     print_roofline(roof)
+    if args.step_breakdown or profiler is not None:
+        print_step_profile(llm, stats, result.elapsed_s, profiler)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": device_name, "model": cfg.model.model, "results": [r.as_dict() for r in results],
                        "decode_roofline": roof.as_dict()}, f, indent=2)
     return 0
+
+
+def print_step_profile(llm, stats: list, wall_s: float, profiler) -> None:
+    mixed = getattr(llm.engine.core.runner, "mixed_graph_runner", None)
+    top = mixed.max_size if mixed is not None else 0
+    print(f"steps by kind (mixed-step graphs up to {top} tokens; {wall_s:.2f} s of wall time):")
+    print(format_breakdown(step_breakdown(stats, top), wall_s))
+    if profiler is not None:
+        print(profiler.result.format() if profiler.result else "the run ended before --profile-steps' window")
 
 
 def torch_device_name(device) -> str:
