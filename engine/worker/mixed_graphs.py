@@ -38,14 +38,30 @@ from pdserve.engine.worker.packed_layout import fill_packed_layout
 # Beyond this many tokens a step's kernels run long enough (an 8B model: ~10 ms at 512 tokens on an H100) that
 # launching them from Python is hidden behind them.
 MAX_MIXED_CAPTURE_TOKENS = 512
-_LADDER = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # at most 50 % padding up to 64 tokens, 33 % above
+# At most 50 % padding up to 64 tokens, 33 % above. The sizes past 512 are used only when the top is raised
+# (``PDSERVE_MIXED_CUDA_GRAPHS=N``): a small model's steps stay host-bound well past 512 tokens.
+_LADDER = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120,
+           6144, 8192)
 
 
-def mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
+def mixed_capture_sizes(max_num_batched_tokens: int, top: int = MAX_MIXED_CAPTURE_TOKENS) -> list[int]:
     """The token-count ladder: :data:`_LADDER` below the top, and the top itself (the step token budget, at most
-    :data:`MAX_MIXED_CAPTURE_TOKENS`)."""
-    top = max(1, min(max_num_batched_tokens, MAX_MIXED_CAPTURE_TOKENS))
+    ``top``)."""
+    top = max(1, min(max_num_batched_tokens, top))
     return sorted({s for s in _LADDER if s < top} | {top})
+
+
+def mixed_graph_top(setting: str) -> int:
+    """``PDSERVE_MIXED_CUDA_GRAPHS``'s value as the ladder's top: ``0`` none (eager), ``1`` the default
+    (:data:`MAX_MIXED_CAPTURE_TOKENS`), ``N`` > 1 that many tokens."""
+    try:
+        value = int(setting)
+    except ValueError:
+        raise ValueError(f"PDSERVE_MIXED_CUDA_GRAPHS takes 0 (off), 1 (on, up to {MAX_MIXED_CAPTURE_TOKENS} "
+                         f"tokens) or a larger token count, got {setting!r}") from None
+    if value < 0:
+        raise ValueError(f"PDSERVE_MIXED_CUDA_GRAPHS must not be negative, got {setting!r}")
+    return MAX_MIXED_CAPTURE_TOKENS if value == 1 else value
 
 
 class MixedGraphRunner(GraphReplayer):

@@ -14,7 +14,7 @@ from pdserve.engine.model_loader import load_model, resolve_device, resolve_dtyp
 from pdserve.engine.models.parallel_layers import ModelShard
 from pdserve.engine.worker.attention import get_attention_backend
 from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
-from pdserve.engine.worker.mixed_graphs import MixedGraphRunner, mixed_capture_sizes
+from pdserve.engine.worker.mixed_graphs import MixedGraphRunner, mixed_capture_sizes, mixed_graph_top
 from pdserve.engine.worker.verify_graphs import VerifyGraphRunner
 from pdserve.engine.worker.verify_layout import verify_capture_sizes
 from pdserve.engine.worker.warmup import warm_up, warmup_cases
@@ -197,15 +197,17 @@ class ModelRunner:
 
     def _make_mixed_graph_runner(self) -> MixedGraphRunner | None:
         """CUDA graphs of steps with prompt chunks (``engine/worker/mixed_graphs.py``): wherever decode graphs are
-        captured, unless ``PDSERVE_MIXED_CUDA_GRAPHS=0`` (then such steps run eagerly; for A/B measurements)."""
+        captured, unless ``PDSERVE_MIXED_CUDA_GRAPHS=0`` (then such steps run eagerly; for A/B measurements).
+        ``PDSERVE_MIXED_CUDA_GRAPHS=N`` (N > 1) raises the ladder's top from 512 to ``N`` tokens."""
         if self.graph_runner is None:
             return None
-        if os.environ.get("PDSERVE_MIXED_CUDA_GRAPHS", "1") == "0":
+        top = mixed_graph_top(os.environ.get("PDSERVE_MIXED_CUDA_GRAPHS", "1"))
+        if top == 0:
             logger.info("PDSERVE_MIXED_CUDA_GRAPHS=0: steps with prompt chunks run eagerly")
             return None
         sched = self.config.scheduler
         runner = MixedGraphRunner(self.model, self.kv_caches, self.graph_runner.rows,
-                                  sizes=mixed_capture_sizes(sched.max_num_batched_tokens),
+                                  sizes=mixed_capture_sizes(sched.max_num_batched_tokens, top),
                                   max_num_seqs=sched.max_num_seqs, max_model_len=self.config.model.max_model_len,
                                   block_size=self.block_size, num_blocks=self.num_blocks, device=self.device,
                                   pool=self.graph_runner.pool)

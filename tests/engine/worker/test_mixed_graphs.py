@@ -17,7 +17,7 @@ from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.prompt_logprobs import PromptLogprobsTask
 from pdserve.engine.worker.block_table_rows import BlockTableRows
 from pdserve.engine.worker.input_batch import SampledTokens
-from pdserve.engine.worker.mixed_graphs import MixedGraphRunner, mixed_capture_sizes
+from pdserve.engine.worker.mixed_graphs import MixedGraphRunner, mixed_capture_sizes, mixed_graph_top
 from pdserve.engine.worker.model_runner import ModelRunner
 from pdserve.engine.worker.packed_layout import fill_packed_layout
 from tests.helpers.tiny_models import make_tiny_model
@@ -28,6 +28,16 @@ def test_token_ladder_tops_out_at_the_step_budget() -> None:
     assert mixed_capture_sizes(200) == [16, 32, 48, 64, 96, 128, 192, 200]
     assert mixed_capture_sizes(64) == [16, 32, 48, 64]
     assert mixed_capture_sizes(10) == [10]
+    # A raised top (PDSERVE_MIXED_CUDA_GRAPHS=N) goes on with the same at-most-33 % steps.
+    assert mixed_capture_sizes(8192, 2048)[9:] == [512, 640, 768, 1024, 1280, 1536, 2048]
+    assert mixed_capture_sizes(1500, 2048)[-2:] == [1280, 1500]
+
+
+def test_the_environment_setting_names_the_top() -> None:
+    assert [mixed_graph_top(v) for v in ("0", "1", "2048")] == [0, 512, 2048]
+    for bad in ("on", "-4"):
+        with pytest.raises(ValueError, match="PDSERVE_MIXED_CUDA_GRAPHS"):
+            mixed_graph_top(bad)
 
 
 def _runner_stub(sizes: list[int], max_num_seqs: int) -> MixedGraphRunner:
