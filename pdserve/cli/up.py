@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(sequential), which engines sharing a GPU need: each sizes its KV cache from the "
                              "memory the others left free. auto (default): parallel when every engine runs with "
                              "--device cpu, else sequential")
-    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for healthy parts")
+    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for healthy engines (all of them, "
+                        "together)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
 
 
@@ -323,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"pdserve up: {exc}", file=sys.stderr)
             return 2
         if args.dry_run:
+            waves = start_waves(parts, args.start)
+            print(f"# engines start {'one after the other' if len(waves) > 1 else 'at once'}")
             for p in parts:
                 print(f"{p.name}: {shlex.join(p.argv)}")
             return 0

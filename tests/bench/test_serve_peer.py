@@ -237,6 +237,8 @@ def test_pdserve_up_is_a_third_engine_driven_with_the_same_trace(tmp_path, tiny_
     cpu = "--device cpu --attention-backend torch"
     code = main(["bench", "serve", "--peer", "pdserve", "--pdserve-up", "--serve-model", tiny_model_with_tokenizer,
                  "--serve-load-format", "auto", "--serve-max-model-len", "256", "--pdserve-server-args", cpu,
+                 # As on a GPU (where auto means it): the decode engine starts once the prefill engine is healthy.
+                 "--pdserve-up-args=--start sequential",
                  "--peer-server-args", cpu, "--dataset", "random", "--random-input-len", "12",
                  "--random-output-len", "4", "--num-prompts", "4", "--request-rate", "50", "--slo", "ttft_p99=30",
                  "--disable-tqdm", "--result-dir", str(tmp_path / "res"), "--peer-log-dir", str(tmp_path / "logs")])
@@ -258,6 +260,7 @@ def test_pdserve_up_is_a_third_engine_driven_with_the_same_trace(tmp_path, tiny_
     # `pdserve up` was started with the engine settings both servers got, split into router and engines.
     log = (tmp_path / "logs" / "pdserve-up.server.log").read_text()
     assert "[prefill-0]" in log and "[decode-0]" in log and "[router]" in log
+    assert "starting 2 part(s) one after the other" in log
     assert not _servers_left(tiny_model_with_tokenizer), "a server outlived the benchmark"
     assert not _up_parts_left(tiny_model_with_tokenizer), "a part of pdserve up outlived the benchmark"
 
