@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(sequential), which engines sharing a GPU need: each sizes its KV cache from the "
                              "memory the others left free. auto (default): parallel when every engine runs with "
                              "--device cpu, else sequential")
-    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for healthy engines (all of them, "
-                        "together)")
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="seconds to wait for healthy engines (all of them, together)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
 
 
