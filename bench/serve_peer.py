@@ -7,6 +7,8 @@ Each server runs in a process group of its own on a free port, is polled on ``/h
 group afterwards. Requests always ignore EOS, so both servers generate the same number of tokens. A dummy preset
 is served from a directory with the preset's config and the bundled tokenizer padded to its vocabulary
 (bench/model_dir.py). ``--peer pdserve`` starts ``pdserve serve`` twice: a self-check of this path.
+``--pdserve-up`` adds ``pdserve up`` as a third engine (bench/serve_up.py); it needs ``--peer`` (use ``--peer
+pdserve`` to compare ``pdserve up`` with ``pdserve serve`` alone), and is refused without it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 from pdserve.bench.peer import DEFAULT_TIMEOUT_S, PROCESS_FLAGS, add_process_arguments, log_dir, peer_label, ratio
 from pdserve.bench.peer_process import (PeerError, ServerProcess, check_importable, free_port, peer_env,
                                        terminate_as_exit)
+from pdserve.bench.serve_up import (UP, UP_FLAGS, UpProcess, add_up_arguments, add_up_ratios, format_up_ratios,
+                                    up_command)
 
 SERVE_PEERS = ("vllm", "pdserve")
 # Both servers get these unless the flags say otherwise. Explicit batch limits: vLLM's own defaults depend on the
@@ -32,7 +36,7 @@ SERVE_DEFAULTS: dict[str, Any] = {"serve_load_format": "dummy", "serve_dtype": "
                                   "serve_max_num_batched_tokens": 8192, "serve_gpu_memory_utilization": 0.9,
                                   "server_start_timeout": 900.0}
 SERVE_FLAGS = (*PROCESS_FLAGS, *SERVE_DEFAULTS, "serve_model", "serve_max_model_len", "serve_no_prefix_caching",
-               "pdserve_server_args", "peer_server_args")
+               "pdserve_server_args", "peer_server_args", *UP_FLAGS)
 # Summary fields compared side by side (bench/metrics.py's names).
 COMPARED = ("completed", "failed", "request_throughput", "output_throughput", "goodput", "meets_slos",
             "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p50_tpot_ms", "p99_tpot_ms")
@@ -67,9 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--server-start-timeout", type=float, default=None,
                    help="seconds each server may take to answer /health before it is killed (default "
                         f"{SERVE_DEFAULTS['server_start_timeout']:g})")
+    add_up_arguments(g)
 
 
-def _common_flags(args: argparse.Namespace, port: int, name: str) -> list[str]:
+def common_flags(args: argparse.Namespace, port: int, name: str) -> list[str]:
     flags = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", name,
              "--load-format", args.serve_load_format, "--dtype", args.serve_dtype,
              "--max-num-seqs", str(args.serve_max_num_seqs),
@@ -88,20 +93,22 @@ def server_command(engine: str, python: str, model_dir: str, args: argparse.Name
     would shadow the standard library's) stays off ``sys.path``."""
     if engine == "vllm":
         # Access logging off: pdserve's server does not log each request either.
-        return [python, "-P", "-m", "vllm.entrypoints.cli.main", "serve", model_dir, *_common_flags(args, port, name),
+        return [python, "-P", "-m", "vllm.entrypoints.cli.main", "serve", model_dir, *common_flags(args, port, name),
                 "--disable-uvicorn-access-log", *shlex.split(extra)]
     # No admission limit: vLLM has none, so a burst must not be refused (429) by one server and queued by the other.
-    return [python, "-P", "-m", "pdserve.cli.main", "serve", "--model", model_dir, *_common_flags(args, port, name),
+    return [python, "-P", "-m", "pdserve.cli.main", "serve", "--model", model_dir, *common_flags(args, port, name),
             "--max-waiting", "0", *shlex.split(extra)]
 
 
 def compare(results: dict[str, dict[str, Any]], peer: str) -> dict[str, Any]:
-    """Per request rate both servers were run at: each one's compared summary fields and pdserve's ratios."""
+    """Per request rate every server was run at: each one's compared summary fields and pdserve's ratios (and
+    pdserve-up's, when it ran)."""
     theirs = {t["request_rate"]: t["summary"] for t in results[peer]["runs"]}
     rows = []
+    up = {t["request_rate"]: t["summary"] for t in results[UP]["runs"]} if UP in results else None
     for trial in results["pdserve"]["runs"]:
         rate = trial["request_rate"]
-        if rate not in theirs:
+        if rate not in theirs or (up is not None and rate not in up):
             continue  # a sweep may try different rates on each server
         ours = trial["summary"]
         row: dict[str, Any] = {"request_rate": rate, "pdserve": {k: ours.get(k) for k in COMPARED},
@@ -109,9 +116,11 @@ def compare(results: dict[str, dict[str, Any]], peer: str) -> dict[str, Any]:
         row["output_throughput_ratio"] = ratio(ours["output_throughput"], theirs[rate]["output_throughput"])
         if "goodput" in ours:
             row["goodput_ratio"] = ratio(ours["goodput"], theirs[rate]["goodput"])
+        if up is not None:
+            add_up_ratios(row, up[rate], peer)
         rows.append(row)
     return {"peer": peer, "rows": rows, "max_rate_meeting_slos": {
-        name: results[name]["max_rate_meeting_slos"] for name in ("pdserve", peer)}}
+        name: results[name]["max_rate_meeting_slos"] for name in ("pdserve", peer, UP) if name in results}}
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:
@@ -123,13 +132,14 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         return "-" if v is None or v != v else f"{v:.1f}"
 
     for row in comparison["rows"]:
-        for name in (peer, "pdserve"):
+        for name in (n for n in (peer, "pdserve", UP) if n in row):
             s = row[name]
             values = [s["p50_ttft_ms"], s["p99_ttft_ms"], s["p50_itl_ms"], s["p99_itl_ms"]]
             lines.append(f"{row['request_rate']:>8g} {name:<10}{s['completed']:>10}{fmt(s['output_throughput']):>10}"
                          f"{fmt(s.get('goodput')):>10}" + "".join(f"{fmt(v):>10}" for v in values))
         good = f", goodput {row['goodput_ratio']:.2f}x" if "goodput_ratio" in row else ""
         lines.append(f"{'':>8} pdserve / {peer}: output throughput {row['output_throughput_ratio']:.2f}x{good}")
+        lines += format_up_ratios(row, peer)
     best = comparison["max_rate_meeting_slos"]
     if any(v is not None for v in best.values()):
         lines.append("highest rate meeting the SLOs: " + ", ".join(
@@ -163,6 +173,14 @@ def _bench_one(args: argparse.Namespace, srv: ServerProcess, label: str, name: s
     return result
 
 
+def _serve_and_bench(args: argparse.Namespace, srv: ServerProcess, name: str) -> dict[str, Any]:
+    """Start ``srv``, wait for its ``/health``, run the trace against it, stop it."""
+    print(f"starting {srv.name}: {shlex.join(srv.cmd)}", flush=True)
+    with srv:
+        print(f"{srv.name} healthy after {srv.wait_healthy(args.server_start_timeout):.1f} s", flush=True)
+        return _bench_one(args, srv, srv.name, name)
+
+
 def _unsigned(env: dict[str, str]) -> dict[str, str]:
     """The environment without pdserve's cluster secret: a pdserve server that has one takes only signed calls
     from pdserve's own parts, and the benchmark is a client like any other (both servers listen on 127.0.0.1)."""
@@ -183,6 +201,11 @@ def _run_with_peer(args: argparse.Namespace) -> int:
     if not args.serve_model:
         print("error: --peer needs --serve-model (the model both servers load)", file=sys.stderr)
         return 2
+    if not args.pdserve_up and (args.up_kv_connector or args.pdserve_up_args):
+        print("error: --up-kv-connector and --pdserve-up-args need --pdserve-up", file=sys.stderr)
+        return 2
+    # Only a memory share the user chose goes to `pdserve up`'s engines; otherwise up splits the GPU between them.
+    explicit_memory_share = args.serve_gpu_memory_utilization is not None
     for key, value in SERVE_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -202,11 +225,15 @@ def _run_with_peer(args: argparse.Namespace) -> int:
         for engine, tag, python, engine_env, extra in servers:
             port = free_port()
             cmd = server_command(engine, python, model_dir, args, port, name, extra)
-            print(f"starting {tag}: {shlex.join(cmd)}", flush=True)
-            log = directory / f"{tag}.server.log"
-            with ServerProcess(tag, cmd, engine_env, log, f"http://127.0.0.1:{port}") as srv:
-                print(f"{tag} healthy after {srv.wait_healthy(args.server_start_timeout):.1f} s", flush=True)
-                results[tag] = _bench_one(args, srv, tag, name)
+            srv = ServerProcess(tag, cmd, engine_env, directory / f"{tag}.server.log", f"http://127.0.0.1:{port}")
+            results[tag] = _serve_and_bench(args, srv, name)
+        if args.pdserve_up:
+            port = free_port()
+            cmd = up_command(sys.executable, model_dir, common_flags(args, port, name), args, port,
+                             explicit_memory_share)
+            srv = UpProcess(UP, cmd, _unsigned(peer_env(None, "pdserve")), directory / f"{UP}.server.log",
+                            f"http://127.0.0.1:{port}")
+            results[UP] = _serve_and_bench(args, srv, name)
     except (PeerError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

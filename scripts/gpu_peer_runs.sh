@@ -14,10 +14,12 @@
 #   llama1000     ~125 s   Llama-3.1-8B, 1,000 requests, ShareGPT-like 30-400 / 30-370   (row 2)
 #   llama_latency ~165 s   Llama-3.1-8B on one engine each: batch-1 decode and prefill at 128, prefill 4k and
 #                          32k, batch 64 decoding at 1k context                          (rows 3-6, plus 32k)
-#   serve_mixed   ~125 s   `bench serve --peer vllm` rate sweep (3 rates x 200 requests) of a mixed workload:
-#                          20 % long prompts (2,000 words) with 16-token answers among chat-like requests
-#                          (256 +- 50 % in and out), Qwen3-0.6B, TTFT/ITL quantiles and goodput at the SLOs
-# Total ~8.3 min: one device command runs at most 10 min, so a cautious split is
+#   serve_mixed   ~165 s   `bench serve --peer vllm --pdserve-up` rate sweep (3 rates x 200 requests) of a mixed
+#                          workload: 20 % long prompts (2,000 words) with 16-token answers among chat-like requests
+#                          (256 +- 50 % in and out), Qwen3-0.6B, TTFT/ITL quantiles and goodput at the SLOs of
+#                          vllm serve, pdserve serve and pdserve up (1 prefill + 1 decode on the GPU, grpc KV over
+#                          CUDA IPC; its two engines start one after the other: ~+40 s)
+# Total ~9 min: one device command runs at most 10 min, so a cautious split is
 #   STEPS="qwen256 llama1000" then STEPS="llama_latency serve_mixed" (the machine must stay the same: /tmp/vsite).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,8 +56,9 @@ step llama1000 300 $PD bench throughput --model llama-3.1-8b --load-format dummy
 step llama_latency 420 $PD bench latency --model llama-3.1-8b --load-format dummy \
     --input-len 128,4096,32768,1024 --batch-size 1,1,1,64 --output-len 129 --iters 3 --max-model-len 33024 \
     --max-num-seqs 256 "${PEER[@]}" --peer-log-dir "$RES/llama_latency-logs" --json-out "$RES/llama_latency.json"
-# vllm serve, then pdserve serve, on the same model directory; the same 200-request trace at each rate.
-step serve_mixed 420 $PD bench serve "${PEER[@]}" --serve-model qwen3-0.6b --serve-max-model-len 4096 \
+# vllm serve, then pdserve serve, then pdserve up, on the same model directory; the same 200-request trace at each
+# rate.
+step serve_mixed 540 $PD bench serve "${PEER[@]}" --pdserve-up --serve-model qwen3-0.6b --serve-max-model-len 4096 \
     --serve-max-num-seqs 256 --serve-max-num-batched-tokens 8192 --dataset mixed --num-prompts 200 \
     --mixed-long-fraction 0.2 --mixed-long-input-len 2000 --mixed-long-output-len 16 --random-input-len 256 \
     --random-output-len 256 --random-range-ratio 0.5 --request-rate 15,30,60 --warmup 8 --no-timing \

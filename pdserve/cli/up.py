@@ -8,6 +8,9 @@ Starts the parts as child processes, prefixes each line of their logs with the p
 engine answers its health check and the router's ``/health`` is ready, then prints the URL and a curl example.
 Ctrl-C (or SIGTERM) stops everything; if any part dies, everything else is stopped too and the exit code is 1.
 
+Engines on a GPU start one after the other and, unless told otherwise, split 90 % of its memory evenly
+(``--start`` and :func:`_split_gpu_memory` say why); engines on the CPU start all at once.
+
 Each run generates its own cluster secret and hands it to every part in the environment
 (``PDSERVE_CLUSTER_SECRET``, never on a command line, where ``ps`` shows it): the engines then take calls only
 from this run's router (or a user with the engines' API key), and nothing else on the machine can call them.
@@ -36,6 +39,10 @@ from pdserve.engine.security import SECRET_ENV, SECRET_FILE_ENV, ClusterSecret
 # Children run `pdserve <role> ...` through this interpreter. -P: the working directory is not put on sys.path, so
 # a repository root there (its `operator/` and `kernels/`) never shadows the standard library or installed packages.
 _LAUNCH = ["-P", "-m", "pdserve.cli.main"]
+START_MODES = ("auto", "parallel", "sequential")
+# The share of the GPU's memory the engines of one stack split among themselves when no engine is given
+# --gpu-memory-utilization (the engines' own default when alone on a GPU).
+GPU_SHARE = 0.9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-command", default="decode", choices=["decode", "serve"],
                         help="run decode pods as `pdserve decode` (default) or monolithic `pdserve serve` engines")
     parser.add_argument("--engine-args", default="", help="extra flags for every engine, e.g. '--device cpu'")
+    parser.add_argument("--prefill-args", default="", help="extra flags for the prefill pods only")
     parser.add_argument("--decode-args", default="",
                         help="extra flags for the decode pods only, e.g. '--speculative-config {...}' (prefill pods "
                              "never decode, so they refuse it)")
     parser.add_argument("--router-args", default="", help="extra flags for the router")
-    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for healthy parts")
+    parser.add_argument("--start", choices=list(START_MODES), default="auto",
+                        help="start the engines all at once (parallel) or each once the one before is healthy "
+                             "(sequential), which engines sharing a GPU need: each sizes its KV cache from the "
+                             "memory the others left free. auto (default): parallel when every engine runs with "
+                             "--device cpu, else sequential")
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="seconds to wait for healthy engines (all of them, together)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
 
 
@@ -110,14 +124,14 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
         if command != "serve":  # a monolithic engine moves no KV
             argv += ["--kv-connector", args.kv_connector, *kv_opts]
         argv += engine_extra
-        if role == "decode":
-            argv += shlex.split(args.decode_args)
+        argv += shlex.split(args.decode_args if role == "decode" else args.prefill_args)
         name = f"{role}-{i}"
         parts.append(Part(name, argv, ("grpc", f"127.0.0.1:{grpc}")))
         flag = "prefill" if role == "prefill" else ("decode" if command == "decode" else "both")
         events_opt = f",events=tcp://127.0.0.1:{events}" if has_events else ""
         routes.setdefault(flag, []).append(
             f"grpc://127.0.0.1:{grpc}{events_opt},http=http://127.0.0.1:{http},name={name}")
+    _split_gpu_memory([p for p in parts if p.name != "redis"])
     router = [py, *_LAUNCH, "router", "--model", args.model, "--host", args.host, "--port", str(args.port),
               "--block-size", str(args.block_size)]
     for flag in ("prefill", "decode", "both"):
@@ -135,6 +149,48 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     parts.append(Part("router", router, ("http", f"http://{host}:{args.port}/health")))
     return parts
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last ``flag X`` or ``flag=X`` in ``argv`` (argparse's last one wins), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def on_cpu(part: Part) -> bool:
+    """Whether an engine's final command line runs it on the CPU (``--device cpu``)."""
+    return _flag_value(part.argv, "--device") == "cpu"
+
+
+def _split_gpu_memory(engines: list[Part]) -> None:
+    """Engines on a GPU, when none was given ``--gpu-memory-utilization``: engine i of n (in start order) gets
+    ``GPU_SHARE * (i + 1) / n``. Each engine's budget is that fraction of the whole GPU minus everything already
+    in use there, which counts the earlier engines' memory (they start one after the other, see ``--start``), so
+    the cumulative fractions give each engine an equal share. All engines are assumed to share one GPU: engines on
+    separate GPUs should be given ``--gpu-memory-utilization`` (``--engine-args``) instead."""
+    gpu = [p for p in engines if not on_cpu(p)]
+    if not gpu or any(_flag_value(p.argv, "--gpu-memory-utilization") is not None for p in engines):
+        return
+    for i, part in enumerate(gpu):
+        part.argv += ["--gpu-memory-utilization", str(round(GPU_SHARE * (i + 1) / len(gpu), 4))]
+
+
+def start_waves(parts: list[Part], mode: str) -> list[list[Part]]:
+    """The parts before the router, grouped into waves started one after the other (each wave healthy before the
+    next starts). ``sequential``: one part per wave. Two engines profiling one GPU at once would both see it
+    empty and both claim most of it, so ``auto`` is sequential unless every engine runs on the CPU."""
+    if mode not in START_MODES:
+        raise ValueError(f"--start must be one of {', '.join(START_MODES)}")
+    before_router = [p for p in parts if p.name != "router"]
+    engines = [p for p in before_router if p.name != "redis"]
+    if mode == "auto":
+        mode = "parallel" if all(on_cpu(p) for p in engines) else "sequential"
+    return [before_router] if mode == "parallel" else [[p] for p in before_router]
 
 
 def _other_kv_flags(args: argparse.Namespace) -> list[str]:
@@ -268,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"pdserve up: {exc}", file=sys.stderr)
             return 2
         if args.dry_run:
+            waves = start_waves(parts, args.start)
+            print(f"# engines start {'one after the other' if len(waves) > 1 else 'at once'}")
             for p in parts:
                 print(f"{p.name}: {shlex.join(p.argv)}")
             return 0
@@ -285,10 +343,14 @@ def _run_stack(parts: list[Part], workdir: str, args: argparse.Namespace) -> int
     router = parts[-1]
     code = 0
     try:
-        for p in engines:
-            sup.start(p, workdir)
-        sup.say("up", f"starting {len(engines)} part(s); loading the model can take a while")
-        _wait(sup, engines, args.startup_timeout, stop)
+        waves = start_waves(parts, args.start)
+        how = "one after the other" if len(waves) > 1 else "at once"
+        sup.say("up", f"starting {len(engines)} part(s) {how}; loading the model can take a while")
+        deadline = time.monotonic() + args.startup_timeout
+        for wave in waves:
+            for p in wave:
+                sup.start(p, workdir)
+            _wait(sup, wave, max(0.1, deadline - time.monotonic()), stop)
         sup.start(router, workdir)
         _wait(sup, [router], 120.0, stop)
         host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 
@@ -229,3 +230,98 @@ def test_a_server_that_hangs_mid_run_ends_the_benchmark_at_the_time_limit(tmp_pa
             time.sleep(0.05)
         with pytest.raises(PeerError, match=r"the benchmark of vllm did not finish within 2 s \(--peer-timeout\)"):
             _bench_one(args, srv, "vllm", "bench")
+
+
+def test_pdserve_up_is_a_third_engine_driven_with_the_same_trace(tmp_path, tiny_model_with_tokenizer,
+                                                                 capsys) -> None:
+    cpu = "--device cpu --attention-backend torch"
+    code = main(["bench", "serve", "--peer", "pdserve", "--pdserve-up", "--serve-model", tiny_model_with_tokenizer,
+                 "--serve-load-format", "auto", "--serve-max-model-len", "256", "--pdserve-server-args", cpu,
+                 # As on a GPU (where auto means it): the decode engine starts once the prefill engine is healthy.
+                 "--pdserve-up-args=--start sequential",
+                 "--peer-server-args", cpu, "--dataset", "random", "--random-input-len", "12",
+                 "--random-output-len", "4", "--num-prompts", "4", "--request-rate", "50", "--slo", "ttft_p99=30",
+                 "--disable-tqdm", "--result-dir", str(tmp_path / "res"), "--peer-log-dir", str(tmp_path / "logs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = json.loads((tmp_path / "res" / "comparison.json").read_text())["rows"][0]
+    for name in ("pdserve", "self-check", "pdserve-up"):
+        assert row[name]["completed"] == 4 and row[name]["failed"] == 0 and row[name]["goodput"] > 0
+    up = json.loads((tmp_path / "res" / "pdserve-up" / "serve.json").read_text())["runs"][0]["summary"]
+    serve = json.loads((tmp_path / "res" / "pdserve" / "serve.json").read_text())["runs"][0]["summary"]
+    assert (up["total_input_tokens"], up["total_output_tokens"]) == (serve["total_input_tokens"],
+                                                                     serve["total_output_tokens"])
+    for key, other in (("up", "pdserve"), ("up_peer", "self-check")):
+        assert row[f"{key}_goodput_ratio"] == pytest.approx(row["pdserve-up"]["goodput"] / row[other]["goodput"])
+        assert row[f"{key}_output_throughput_ratio"] == pytest.approx(
+            row["pdserve-up"]["output_throughput"] / row[other]["output_throughput"])
+    assert row["up_goodput_target_met"] == (row["up_goodput_ratio"] >= 0.85)
+    assert "pdserve-up / pdserve: output throughput" in out and "pdserve-up / self-check:" in out
+    # `pdserve up` was started with the engine settings both servers got, split into router and engines.
+    log = (tmp_path / "logs" / "pdserve-up.server.log").read_text()
+    assert "[prefill-0]" in log and "[decode-0]" in log and "[router]" in log
+    assert "starting 2 part(s) one after the other" in log
+    assert not _servers_left(tiny_model_with_tokenizer), "a server outlived the benchmark"
+    assert not _up_parts_left(tiny_model_with_tokenizer), "a part of pdserve up outlived the benchmark"
+
+
+def _up_parts_left(model_dir: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if model_dir in line and not line.startswith("Z")
+            and any(f"pdserve.cli.main {role}" in line for role in ("up", "prefill", "decode", "router"))]
+
+
+def test_pdserve_up_gets_the_shared_engine_settings_and_splits_the_gpu_itself() -> None:
+    import shlex
+
+    from pdserve.bench.serve_peer import common_flags
+    from pdserve.bench.serve_up import up_command
+
+    args = argparse.Namespace(**SERVE_DEFAULTS, serve_max_model_len=4096, serve_no_prefix_caching=False,
+                              pdserve_server_args="--enforce-eager", pdserve_up_args="--start sequential",
+                              up_kv_connector=None)
+    cmd = up_command("py", "/m", common_flags(args, 9000, "bench"), args, 9000, explicit_memory_share=False)
+    assert cmd[:11] == ["py", "-P", "-m", "pdserve.cli.main", "up", "--model", "/m", "--prefill", "1", "--decode", "1"]
+    assert cmd[cmd.index("--port") + 1] == "9000" and cmd[cmd.index("--kv-connector") + 1] == "grpc"
+    assert cmd[-2:] == ["--start", "sequential"]
+    engine = shlex.split(cmd[cmd.index("--engine-args") + 1])
+    assert engine == ["--served-model-name", "bench", "--load-format", "dummy", "--dtype", "auto", "--max-num-seqs",
+                      "256", "--max-num-batched-tokens", "8192", "--seed", "0", "--max-model-len", "4096",
+                      "--max-waiting", "0", "--max-concurrent-rpcs", "0", "--enforce-eager"]
+    chosen = up_command("py", "/m", common_flags(args, 9000, "bench"), args, 9000, explicit_memory_share=True)
+    assert "--gpu-memory-utilization 0.9" in chosen[chosen.index("--engine-args") + 1]
+    args.pdserve_up_args = "--engine-args '--device cpu'"
+    with pytest.raises(ValueError, match="must not set --engine-args"):
+        up_command("py", "/m", [], args, 9000, explicit_memory_share=False)
+
+
+def test_pdserve_up_needs_a_peer(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit, match="--pdserve-up: only with --peer vllm or pdserve"):
+        main(["bench", "serve", "--pdserve-up", "--num-prompts", "1", "--result-dir", str(tmp_path)])
+
+
+def test_descendants_are_found_across_sessions() -> None:
+    import sys
+    import time
+
+    from pdserve.bench.serve_up import _alive, descendants
+
+    # A parent whose child runs in a session of its own, as `pdserve up`'s parts do.
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "start_new_session=True); print('ok', flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ok"
+        children = descendants(parent.pid)
+        assert len(children) == 1 and _alive(children[0])
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in children:
+            os.kill(pid, 9)
+    for _ in range(100):
+        if not _alive(children[0]):
+            break
+        time.sleep(0.05)
+    assert not _alive(children[0])

@@ -116,3 +116,56 @@ def test_each_run_hands_its_own_secret_to_the_parts_in_the_environment():
             time.sleep(0.01)
         seen.append(ClusterSecret.from_text(out.getvalue().split("] ", 1)[1].strip()).fingerprint())
     assert seen[0] != seen[1]
+
+
+def util(part) -> str | None:
+    return up._flag_value(part.argv, "--gpu-memory-utilization")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], ["0.45", "0.9"]),  # 1 prefill + 1 decode: each half of 90 %, cumulative in start order
+    (["--prefill", "2", "--decode", "1"], ["0.3", "0.6", "0.9"]),
+    (["--prefill", "3", "--decode", "4"], ["0.1286", "0.2571", "0.3857", "0.5143", "0.6429", "0.7714", "0.9"]),
+    (["--prefill", "0", "--decode", "1"], ["0.9"]),
+    (["--engine-args", "--device cpu"], [None, None]),  # no GPU: nothing to split
+    (["--engine-args=--device=cpu"], [None, None]),
+    (["--engine-args", "--device cpu", "--decode-args", "--device cuda"], [None, "0.9"]),  # only the GPU engine
+    (["--engine-args", "--gpu-memory-utilization 0.5"], ["0.5", "0.5"]),  # the user's own setting stays alone
+    (["--decode-args=--gpu-memory-utilization=0.7"], [None, "0.7"]),
+    (["--prefill-args", "--gpu-memory-utilization 0.2"], ["0.2", None]),
+])
+def test_engines_on_one_gpu_split_its_memory_evenly(argv, expected):
+    engines = plan(*argv)[:-1]
+    assert [util(p) for p in engines] == expected
+    assert "--gpu-memory-utilization" not in plan(*argv)[-1].argv  # the router holds no GPU memory
+
+
+def test_prefill_args_reach_prefill_pods_only():
+    parts = plan("--prefill-args", "--max-num-seqs 7", "--decode-args", "--max-num-seqs 9")
+    assert [flag(p.argv, "--max-num-seqs") for p in parts] == ["7", "9", None]
+
+
+def test_the_redis_server_gets_no_memory_share(monkeypatch):
+    monkeypatch.setattr(up.shutil, "which", lambda name: "/usr/bin/redis-server")
+    parts = plan("--kv-connector", "redis")
+    assert [util(p) for p in parts] == [None, "0.45", "0.9", None]
+
+
+@pytest.mark.parametrize("argv,mode,waves", [
+    ([], "auto", [["prefill-0"], ["decode-0"]]),  # on a GPU (or maybe): one after the other
+    (["--engine-args", "--device cpu"], "auto", [["prefill-0", "decode-0"]]),
+    (["--engine-args", "--device cpu", "--decode-args", "--device cuda:0"], "auto", [["prefill-0"], ["decode-0"]]),
+    (["--engine-args", "--device cpu"], "sequential", [["prefill-0"], ["decode-0"]]),
+    (["--prefill", "2"], "parallel", [["prefill-0", "prefill-1", "decode-0"]]),
+])
+def test_start_waves(argv, mode, waves):
+    parts = plan(*argv)
+    assert [[p.name for p in wave] for wave in up.start_waves(parts, mode)] == waves
+
+
+def test_redis_starts_in_the_first_wave(monkeypatch):
+    monkeypatch.setattr(up.shutil, "which", lambda name: "/usr/bin/redis-server")
+    parts = plan("--kv-connector", "redis", "--engine-args", "--device cpu")
+    assert [[p.name for p in w] for w in up.start_waves(parts, "auto")] == [["redis", "prefill-0", "decode-0"]]
+    assert [[p.name for p in w] for w in up.start_waves(parts, "sequential")] == [["redis"], ["prefill-0"],
+                                                                                 ["decode-0"]]
