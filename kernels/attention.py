@@ -101,28 +101,38 @@ def _paged_attention_kernel(
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, QUERY_KIND: tl.constexpr,
 ):
-    # Highest query tiles first: under a causal mask they have the most keys, and starting the longest work
-    # first shortens the tail of the launch.
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-
-    # Find the sequence whose program range holds pid: the last b with qsl[b] // BLOCK_Q + b <= pid.
-    lo = tl.full([], 0, tl.int32)
-    hi = lo + num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        lo = tl.where(first <= pid, mid, lo)
-        hi = tl.where(first <= pid, hi, mid - 1)
-    seq = lo
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_tile = pid - (q_start // BLOCK_Q + seq)
-    if q_tile * BLOCK_Q >= q_len:
-        return
+    if QUERY_KIND == 1:
+        # One-token sequences only: program b is sequence b.
+        seq = tl.program_id(0)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        if q_len != 1:
+            return
+        q_tile = 0
+    else:
+        # Highest query tiles first: under a causal mask they have the most keys, and starting the longest work
+        # first shortens the tail of the launch.
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+        # Find the sequence whose program range holds pid: the last b with qsl[b] // BLOCK_Q + b <= pid.
+        lo = tl.full([], 0, tl.int32)
+        hi = lo + num_seqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+            lo = tl.where(first <= pid, mid, lo)
+            hi = tl.where(first <= pid, hi, mid - 1)
+        seq = lo
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        q_tile = pid - (q_start // BLOCK_Q + seq)
+        if q_tile * BLOCK_Q >= q_len:
+            return
+        if QUERY_KIND == 2 and q_len == 1:  # the one-token sequences have a launch of their own
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix = seq_len - q_len
 
@@ -304,6 +314,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_kv_splits: int | None = None,
     config: AttentionConfig | None = None,
+    separate_decodes: bool = False,
 ) -> torch.Tensor:
     """Causal attention of varlen queries over a paged KV cache; the contract of ``paged_attention_ref``.
 
@@ -322,6 +333,11 @@ def paged_attention(
         max_seq_len: host-side bound on ``seq_lens``, only used to cap the number of KV splits.
         num_kv_splits: force the split-KV factor (1 disables the second kernel); chosen from shapes if None.
         config: force a tile shape (tuning and tests).
+        separate_decodes: when ``max_query_len`` calls for prefill-sized query tiles, run the one-token
+            sequences (a mixed step's decodes) in a launch of their own with the decode tile shape, and the
+            rest in the prefill-shaped launch. In one launch each decode would fill a 128-row query tile with
+            its ``G`` rows, which makes a mixed step's attention compute-bound on padding (measured: 2.3x the
+            time its K/V reads take on an H100). Both launches have static grids, so a CUDA graph can hold them.
     """
     _check("q", q, 3, (torch.float16, torch.bfloat16, torch.float32))
     _check("kv_cache", kv_cache, 5, (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn))
@@ -354,37 +370,35 @@ def paged_attention(
     group = num_heads // num_kv_heads
     if max_query_len is None:
         max_query_len = num_tokens - num_seqs + 1
-    cfg = config or default_config(group, head_dim, max_query_len, q.device, kv_cache.dtype == torch.float8_e4m3fn,
-                                   num_seqs, num_kv_heads, q.dtype)
+    kv_fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    cfg = config or default_config(group, head_dim, max_query_len, q.device, kv_fp8, num_seqs, num_kv_heads, q.dtype)
     if cfg.block_m < group:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the GQA group {group}")
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    # Apart only where the decodes' own tile is smaller; then without split-KV, so that no combine pass runs
+    # over the other launch's rows.
+    decode_cfg = default_config(group, head_dim, 1, q.device, kv_fp8, num_seqs, num_kv_heads, q.dtype)
+    apart = separate_decodes and max_query_len > 1 and cfg.block_m > decode_cfg.block_m
+    if apart:
+        _launch(q, kv_cache, out, out, out, query_start_loc, seq_lens, block_tables, (num_seqs, num_kv_heads, 1),
+                decode_cfg, 1, sm_scale * k_scale, v_scale, group, query_kind=1)
+        num_kv_splits = 1
     splits = num_kv_splits or default_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len,
                                                  cfg.block_n, q.device)
     if not 1 <= splits <= _MAX_SPLITS:
         raise ValueError(f"num_kv_splits must be in [1, {_MAX_SPLITS}], got {splits}")
     block_q = cfg.block_m // group
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(head_dim)
     if splits > 1:
         ws_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         ws_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
     else:
         ws_out = ws_lse = out  # unused by the kernel
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
-    _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, ws_out, ws_lse,
-        query_start_loc, seq_lens, block_tables,
-        num_seqs, splits, sm_scale * k_scale * _LOG2E, v_scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, SPLIT_KV=splits > 1,
-        KV_FP8=kv_cache.dtype == torch.float8_e4m3fn,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _launch(q, kv_cache, out, ws_out, ws_lse, query_start_loc, seq_lens, block_tables,
+            (num_tokens // block_q + num_seqs, num_kv_heads, splits), cfg, splits, sm_scale * k_scale, v_scale,
+            group, query_kind=2 if apart else 0)
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             ws_out, ws_lse, out, num_heads, splits, out.stride(0), out.stride(1),
@@ -392,3 +406,21 @@ def paged_attention(
             num_warps=4,
         )
     return out
+
+
+def _launch(q, kv_cache, out, ws_out, ws_lse, query_start_loc, seq_lens, block_tables, grid, cfg: AttentionConfig,
+            splits: int, qk_scale: float, v_scale: float, group: int, query_kind: int) -> None:
+    """One launch of the attention kernel; ``query_kind`` 0: every sequence, 1: one-token sequences only (grid
+    ``(B, Hkv, 1)``), 2: the others only."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, ws_out, ws_lse,
+        query_start_loc, seq_lens, block_tables,
+        seq_lens.shape[0], splits, qk_scale * _LOG2E, v_scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // group, BLOCK_N=cfg.block_n, SPLIT_KV=splits > 1,
+        KV_FP8=kv_cache.dtype == torch.float8_e4m3fn, QUERY_KIND=query_kind,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

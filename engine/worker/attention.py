@@ -42,6 +42,9 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     context_lens_cpu: list[int]
+    # One-token sequences may sit among prompt chunks anywhere in the batch though ``num_decodes`` is 0: a
+    # mixed-step CUDA graph, whose mix is data. The Triton backend then gives them a launch of their own.
+    separate_decodes: bool = False
 
     @property
     def num_seqs(self) -> int:

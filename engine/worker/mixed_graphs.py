@@ -4,7 +4,7 @@ A step with a prompt chunk of a few hundred tokens is host-bound when launched e
 launched from Python take longer than they run (a 128-token prefill of Llama-3.1-8B: 15.5 ms of wall time for
 6.7 ms of kernels on an H100). So, beside the decode graphs (:mod:`pdserve.engine.worker.cuda_graphs`), the
 model's forward is captured once per size ``T`` of a token-count ladder (16, 32, 48, 64, 96, 128, 192, 256, 384,
-512, capped at the step token budget), each graph with ``T`` token rows and ``min(T, max_num_seqs)`` sequences.
+512, 640, 768, 1024, 1280, 1536, 2048, capped at the step token budget), each graph with ``T`` token rows and ``min(T, max_num_seqs)`` sequences.
 A step of ``S <= T`` tokens in ``B`` chunks replays the smallest graph that holds it; its tokens are packed as
 an eager step packs them and the rest is padding that reads and writes no KV
 (:mod:`pdserve.engine.worker.packed_layout`). Larger steps are compute-bound, so launching them eagerly costs
@@ -35,11 +35,12 @@ from pdserve.engine.worker.cuda_graphs import GraphReplayer
 from pdserve.engine.worker.input_batch import SampledTokens, placeholder_sources
 from pdserve.engine.worker.packed_layout import fill_packed_layout
 
-# Beyond this many tokens a step's kernels run long enough (an 8B model: ~10 ms at 512 tokens on an H100) that
-# launching them from Python is hidden behind them.
-MAX_MIXED_CAPTURE_TOKENS = 512
-# At most 50 % padding up to 64 tokens, 33 % above. The sizes past 512 are used only when the top is raised
-# (``PDSERVE_MIXED_CUDA_GRAPHS=N``): a small model's steps stay host-bound well past 512 tokens.
+# Beyond this many tokens a step's kernels run long enough that launching them from Python is hidden behind
+# them. Measured on an H100 (Llama-3.1-8B shapes, 1,000 ShareGPT-like requests): a top of 2048 instead of 512
+# made the run 4.5 % faster, its steps of 512-2048 tokens (256 decodes with a new prompt or two) were not yet
+# hidden (docs/performance.md).
+MAX_MIXED_CAPTURE_TOKENS = 2048
+# At most 50 % padding up to 64 tokens, 33 % above (``PDSERVE_MIXED_CUDA_GRAPHS=N`` may raise the top further).
 _LADDER = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120,
            6144, 8192)
 

@@ -63,4 +63,6 @@ class TritonAttentionBackend(AttentionBackend):
             k_scale=k_scale, v_scale=v_scale,
             max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
             num_kv_splits=self.num_kv_splits,
+            # A mixed step's decodes get the decode tile shape (kernels/attention.py says why).
+            separate_decodes=metadata.num_decodes > 0 or metadata.separate_decodes,
         )

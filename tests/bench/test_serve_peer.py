@@ -40,6 +40,27 @@ def test_a_preset_is_served_with_the_bundled_tokenizer_padded_to_its_vocabulary(
     assert config["eos_token_id"] == bundled.eos_token_id  # the tokenizer's own EOS
 
 
+@pytest.mark.parametrize(("decoder", "pre_tokenizer", "pads"), [
+    ({"type": "ByteLevel"}, None, True),
+    # transformers 5.17's conversion of the bundled GGUF says it inside Sequences
+    ({"type": "Sequence", "decoders": [{"type": "ByteLevel"}]}, None, True),
+    (None, {"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]}, True),
+    ({"type": "Metaspace"}, {"type": "Metaspace"}, False)])
+def test_only_byte_level_bpe_vocabularies_are_padded(tmp_path, decoder, pre_tokenizer, pads: bool) -> None:
+    from pdserve.bench.model_dir import pad_tokenizer_vocab
+
+    data = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}, "decoder": decoder,
+            "pre_tokenizer": pre_tokenizer, "added_tokens": [{"id": 2, "content": "<s>"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    if not pads:
+        with pytest.raises(ValueError, match="only a byte-level BPE tokenizer.*Metaspace"):
+            pad_tokenizer_vocab(tmp_path, 6)
+        return
+    assert pad_tokenizer_vocab(tmp_path, 6) == 3
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab == {"a": 0, "b": 1, "\u0120~3": 3, "\u0120~4": 4, "\u0120~5": 5}
+
+
 def test_mixed_workload() -> None:
     reqs = mixed_dataset(400, 0.25, 500, 8, 60, 40, range_ratio=0.5, seed=1)
     long = [r for r in reqs if len(r.prompt.split()) >= 250]

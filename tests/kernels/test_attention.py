@@ -41,6 +41,18 @@ def test_mixed_batch(device, splits):
     check(case, 2e-3 if device.type == "cuda" else 1e-5, num_kv_splits=splits)
 
 
+@pytest.mark.parametrize(("q_lens", "ctx_lens"), [
+    ([1, 1, 7, 20], [1, 37, 7, 50]),  # decodes first, as the scheduler orders them
+    ([7, 1, 0, 20, 1], [7, 37, 4, 50, 70]),  # any order, and an empty (padding) sequence
+    ([20, 7], [50, 7])])  # no decode at all: the decode launch does nothing
+def test_decodes_apart_from_prefill_chunks(device, q_lens, ctx_lens):
+    case = make_case(q_lens, ctx_lens, num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+                     dtype=torch.float32, device=device, pad_tokens=3)
+    # A prefill-sized query tile (32 rows) makes the one-token sequences run in a launch of their own.
+    check(case, 2e-3 if device.type == "cuda" else 1e-5, separate_decodes=True,
+          config=AttentionConfig(block_m=32, block_n=16))
+
+
 def test_odd_group_decode_split(device):
     # 3 query heads per KV head: the tile holds 5 tokens x 3 heads, one row idle.
     case = make_case([1, 1, 1], [70, 5, 33], num_heads=6, num_kv_heads=2, head_dim=16, block_size=32,
@@ -107,6 +119,16 @@ def test_gpu_shapes(head_dim, group, block_size, scenario):
     case = make_case(q_lens, ctx_lens, num_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
                      block_size=block_size, dtype=torch.bfloat16, device="cuda", pad_tokens=5)
     check(case, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gpu_decodes_apart_in_a_mixed_step(group):
+    # Decodes among prefill chunks; the chunks' max query length picks 128-row tiles for the prefill launch.
+    q_lens, ctx_lens = [1] * 40 + [300, 1, 77], [900] * 20 + [33] * 20 + [300, 5000, 1077]
+    case = make_case(q_lens, ctx_lens, num_heads=2 * group, num_kv_heads=2, head_dim=128, block_size=16,
+                     dtype=torch.bfloat16, device="cuda", pad_tokens=5)
+    check(case, 1e-2, separate_decodes=True, max_query_len=300)
 
 
 @pytest.mark.gpu

@@ -24,17 +24,19 @@ from tests.helpers.tiny_models import make_tiny_model
 
 
 def test_token_ladder_tops_out_at_the_step_budget() -> None:
-    assert mixed_capture_sizes(8192) == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    assert mixed_capture_sizes(8192) == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536,
+                                         2048]
     assert mixed_capture_sizes(200) == [16, 32, 48, 64, 96, 128, 192, 200]
     assert mixed_capture_sizes(64) == [16, 32, 48, 64]
     assert mixed_capture_sizes(10) == [10]
-    # A raised top (PDSERVE_MIXED_CUDA_GRAPHS=N) goes on with the same at-most-33 % steps.
-    assert mixed_capture_sizes(8192, 2048)[9:] == [512, 640, 768, 1024, 1280, 1536, 2048]
-    assert mixed_capture_sizes(1500, 2048)[-2:] == [1280, 1500]
+    # Another top (PDSERVE_MIXED_CUDA_GRAPHS=N) keeps the same at-most-33 % steps.
+    assert mixed_capture_sizes(8192, 4096)[-4:] == [2048, 2560, 3072, 4096]
+    assert mixed_capture_sizes(8192, 512)[-2:] == [384, 512]
+    assert mixed_capture_sizes(1500)[-2:] == [1280, 1500]
 
 
 def test_the_environment_setting_names_the_top() -> None:
-    assert [mixed_graph_top(v) for v in ("0", "1", "2048")] == [0, 512, 2048]
+    assert [mixed_graph_top(v) for v in ("0", "1", "512")] == [0, 2048, 512]
     for bad in ("on", "-4"):
         with pytest.raises(ValueError, match="PDSERVE_MIXED_CUDA_GRAPHS"):
             mixed_graph_top(bad)
