@@ -45,14 +45,28 @@ def model_directory(model: str, load_format: str, out: str | os.PathLike[str]) -
     raise ValueError(f"model {model!r} is not a dummy preset, a bundled name or a local directory")
 
 
+def _byte_level(node: object) -> bool:
+    """Whether a tokenizer.json component is, or contains, a ByteLevel step."""
+    if isinstance(node, dict):
+        return node.get("type") == "ByteLevel" or any(_byte_level(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_byte_level(v) for v in node)
+    return False
+
+
 def pad_tokenizer_vocab(directory: Path, vocab_size: int) -> int:
     """Give every id below ``vocab_size`` that the byte-level BPE tokenizer in ``directory`` lacks a vocabulary
     entry of its own; returns how many were added."""
     path = directory / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    model, decoder = data.get("model") or {}, data.get("decoder") or {}
-    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
-        raise ValueError(f"{path}: only a byte-level BPE tokenizer can be padded")
+    model = data.get("model") or {}
+    is_bpe = model.get("type", "BPE" if "merges" in model else None) == "BPE" and isinstance(model.get("vocab"), dict)
+    # Converters differ in where they say "byte-level": the decoder, the pre-tokenizer, or inside a Sequence of
+    # either (transformers 5.17 and 5.25 write different files from the same GGUF).
+    if not is_bpe or not (_byte_level(data.get("decoder")) or _byte_level(data.get("pre_tokenizer"))):
+        raise ValueError(f"{path}: only a byte-level BPE tokenizer can be padded (model {model.get('type')!r}, "
+                         f"decoder {json.dumps(data.get('decoder'))[:200]}, "
+                         f"pre-tokenizer {json.dumps(data.get('pre_tokenizer'))[:200]})")
     vocab: dict[str, int] = model["vocab"]
     taken = set(vocab.values()) | {int(t["id"]) for t in data.get("added_tokens") or []}
     added = 0

@@ -140,7 +140,7 @@ class MixedGraphRunner(GraphReplayer):
             slot_mapping=m[o["slots"]:o["slots"] + size], max_query_len=size, max_seq_len=self.max_model_len,
             num_decodes=0, logits_indices=m[o["logits"]:o["logits"] + size],
             query_start_loc_cpu=[0] * n + [size], seq_lens_cpu=[self.max_model_len] * n,
-            context_lens_cpu=[self.max_model_len - 1] * n)
+            context_lens_cpu=[self.max_model_len - 1] * n, separate_decodes=True)
         return m[:size], m[o["pos"]:o["pos"] + size], md
 
     # ------------------------------------------------------------------ replay

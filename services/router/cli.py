@@ -93,7 +93,9 @@ def build_config(args: argparse.Namespace, cluster_secret=None):
     if args.block_size <= 0:
         raise ValueError(f"--block-size must be positive, got {args.block_size}")
     check_edge_limits(args)
-    resolved = resolve_model(args.model, "auto")
+    # The router reads the model's config and tokenizer, never its weights: a directory served with random
+    # weights (`--load-format dummy` on the engines) has none.
+    resolved = resolve_model(args.model, "dummy")
     tokenizer = load_tokenizer(resolved.tokenizer_path)
     hf = resolved.hf_config
     max_len = args.max_model_len or getattr(hf, "max_position_embeddings", 2048)
