@@ -4,13 +4,14 @@ A step with a prompt chunk of a few hundred tokens is host-bound when launched e
 launched from Python take longer than they run (a 128-token prefill of Llama-3.1-8B: 15.5 ms of wall time for
 6.7 ms of kernels on an H100). So, beside the decode graphs (:mod:`pdserve.engine.worker.cuda_graphs`), the
 model's forward is captured once per size ``T`` of a token-count ladder (16, 32, 48, 64, 96, 128, 192, 256, 384,
-512, 640, 768, 1024, 1280, 1536, 2048, capped at the step token budget), each graph with ``T`` token rows and ``min(T, max_num_seqs)`` sequences.
-A step of ``S <= T`` tokens in ``B`` chunks replays the smallest graph that holds it; its tokens are packed as
+512, 640, 768, 1024, 1280, 1536, 2048, capped at the step token budget), each graph with ``T`` token rows and
+``min(T, max_num_seqs)`` sequences. A step of ``S <= T`` tokens in ``B`` chunks replays the smallest graph that holds it; its tokens are packed as
 an eager step packs them and the rest is padding that reads and writes no KV
 (:mod:`pdserve.engine.worker.packed_layout`). Larger steps are compute-bound, so launching them eagerly costs
 nothing that matters, and they run eagerly.
 
-What is fixed at capture: the attention kernel's grid (``T`` rows, ``N`` sequences), its tile shape (from the
+What is fixed at capture: the attention kernel's grids (``T`` rows, ``N`` sequences; one-token sequences run in a
+launch of their own with the decode tile shape, kernels/attention.py), its tile shape (from the
 ``max_query_len = T`` hint) and split-KV factor (``max_seq_len = max_model_len``), and every matmul's shape. Chunk
 lengths, positions, contexts and block tables are data, so any mix of prompt chunks (first or later ones, over a
 cached prefix) and decode rows replays the same graph. The graphs return the hidden states of all ``T`` rows and
