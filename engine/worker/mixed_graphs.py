@@ -5,8 +5,8 @@ launched from Python take longer than they run (a 128-token prefill of Llama-3.1
 6.7 ms of kernels on an H100). So, beside the decode graphs (:mod:`pdserve.engine.worker.cuda_graphs`), the
 model's forward is captured once per size ``T`` of a token-count ladder (16, 32, 48, 64, 96, 128, 192, 256, 384,
 512, 640, 768, 1024, 1280, 1536, 2048, capped at the step token budget), each graph with ``T`` token rows and
-``min(T, max_num_seqs)`` sequences. A step of ``S <= T`` tokens in ``B`` chunks replays the smallest graph that holds it; its tokens are packed as
-an eager step packs them and the rest is padding that reads and writes no KV
+``min(T, max_num_seqs)`` sequences. A step of ``S <= T`` tokens in ``B`` chunks replays the smallest graph that
+holds it; its tokens are packed as an eager step packs them and the rest is padding that reads and writes no KV
 (:mod:`pdserve.engine.worker.packed_layout`). Larger steps are compute-bound, so launching them eagerly costs
 nothing that matters, and they run eagerly.
 
