@@ -227,16 +227,22 @@ def _run_with_peer(args: argparse.Namespace) -> int:
             cmd = server_command(engine, python, model_dir, args, port, name, extra)
             srv = ServerProcess(tag, cmd, engine_env, directory / f"{tag}.server.log", f"http://127.0.0.1:{port}")
             results[tag] = _serve_and_bench(args, srv, name)
-        if args.pdserve_up:
+    except (PeerError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    up_failed = False
+    if args.pdserve_up:
+        # The two servers' results stand on their own: a failing `pdserve up` still leaves their comparison.
+        try:
             port = free_port()
             cmd = up_command(sys.executable, model_dir, common_flags(args, port, name), args, port,
                              explicit_memory_share)
             srv = UpProcess(UP, cmd, _unsigned(peer_env(None, "pdserve")), directory / f"{UP}.server.log",
                             f"http://127.0.0.1:{port}")
             results[UP] = _serve_and_bench(args, srv, name)
-    except (PeerError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        except (PeerError, ValueError, OSError) as exc:
+            print(f"error: {exc}\n(the comparison below leaves {UP} out)", file=sys.stderr)
+            up_failed = True
     comparison = compare(results, label)
     print(format_comparison(comparison))
     os.makedirs(args.result_dir, exist_ok=True)
@@ -246,5 +252,7 @@ def _run_with_peer(args: argparse.Namespace) -> int:
     with open(path, "w") as f:
         json.dump(_finite(comparison), f, indent=2)
     print(f"wrote {path} (server logs in {directory})")
+    if up_failed:
+        return 2
     failed = sum(t["summary"]["failed"] for r in results.values() for t in r["runs"])
     return 1 if failed and not args.sweep else 0

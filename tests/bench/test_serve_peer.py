@@ -168,6 +168,22 @@ def test_a_server_that_cannot_start_gives_its_log(tmp_path, tiny_model_with_toke
     assert "unrecognized arguments: --no-such-flag" in err
 
 
+def test_a_failing_pdserve_up_leaves_the_two_servers_comparison(tmp_path, tiny_model_with_tokenizer,
+                                                                  capsys) -> None:
+    cpu = "--device cpu --attention-backend torch"
+    code = main(["bench", "serve", "--peer", "pdserve", "--pdserve-up", "--pdserve-up-args=--no-such-flag",
+                 "--serve-model", tiny_model_with_tokenizer, "--serve-load-format", "auto",
+                 "--serve-max-model-len", "256", "--pdserve-server-args", cpu, "--peer-server-args", cpu,
+                 "--dataset", "random", "--random-input-len", "8", "--random-output-len", "2", "--num-prompts", "2",
+                 "--request-rate", "50", "--disable-tqdm", "--result-dir", str(tmp_path / "res"),
+                 "--peer-log-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pdserve-up exited with code 2 before it was healthy" in err
+    assert "the comparison below leaves pdserve-up out" in err
+    row = json.loads((tmp_path / "res" / "comparison.json").read_text())["rows"][0]
+    assert row["pdserve"]["completed"] == 2 and row["self-check"]["completed"] == 2 and "pdserve-up" not in row
+
+
 def _vllm_stream(chat: bool) -> bytes:
     """A stream in vLLM 0.20's format (serving_completion.py / serving_chat.py: every chunk carries
     ``"usage": null``, then one ``choices: []`` chunk with the usage, then ``[DONE]``). Only its shape matters here:
