@@ -102,6 +102,29 @@ class GraphReplayer:
         """What a graph of ``size`` runs on the static buffers (every runner defines it)."""
         raise NotImplementedError
 
+    def _allocate_regions(self, regions: list[tuple[str, int]], num_seqs: int, device: torch.device,
+                          pool) -> None:
+        """The verify and mixed-step runners' static buffers: ``regions`` (name, length) laid end to end in one
+        int32 metadata buffer (``_off``: name -> start), on ``device`` with a pinned host copy so that one copy
+        sends them all; the ``[num_seqs, W]`` block table the graphs gather their rows into; empty graphs and
+        outputs by size; ``pool`` (a CUDA graph memory pool to share, or None for a new one at capture)."""
+        self._off: dict[str, int] = {}
+        start = 0
+        for name, length in regions:
+            self._off[name] = start
+            start += length
+        self._meta_len = start
+        self._meta = torch.zeros(self._meta_len, dtype=torch.int32, device=device)
+        self.use_graphs = device.type == "cuda"
+        self._host = torch.zeros(self._meta_len, dtype=torch.int32, pin_memory=self.use_graphs)
+        self._host_np = self._host.numpy()
+        self._copied = torch.cuda.Event() if self.use_graphs else None  # the pinned buffer is free again
+        self._block_tables = torch.zeros(num_seqs, self.rows.width, dtype=torch.int32, device=device)  # [N, W]
+        self._graphs = {}
+        self._outputs = {}  # size -> the graph's hidden states, in the graph pool
+        self._pool = pool
+        self.pool_bytes = 0  # memory the capture added to the CUDA caching allocator (reserved)
+
     def _assign_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[int]]:
         """Wait until the pinned buffer is free again (the previous step's copy out of it finished), then give
         each chunk its block-table row. Returns the rows and the (flat index, block id) updates the rows lack."""

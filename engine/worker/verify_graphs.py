@@ -63,19 +63,8 @@ class VerifyGraphRunner(GraphReplayer):
         n, t, w = self.max_size, self.max_size * self.q, rows.width
         # int32 regions, sent in one copy: [ids T | positions T | slots T | logits rows T | query_start_loc N+1 |
         # seq_lens N | context_lens N | table rows N | update index N*W | update ids N*W]
-        self._off = {"ids": 0, "pos": t, "slots": 2 * t, "logits": 3 * t, "qsl": 4 * t, "seq": 4 * t + n + 1,
-                     "ctx": 4 * t + 2 * n + 1, "rows": 4 * t + 3 * n + 1, "update": 4 * t + 4 * n + 1}
-        self._meta_len = self._off["update"] + 2 * n * w
-        self._meta = torch.zeros(self._meta_len, dtype=torch.int32, device=device)
-        self.use_graphs = device.type == "cuda"
-        self._host = torch.zeros(self._meta_len, dtype=torch.int32, pin_memory=self.use_graphs)
-        self._host_np = self._host.numpy()
-        self._copied = torch.cuda.Event() if self.use_graphs else None  # the pinned buffer is free again
-        self._block_tables = torch.zeros(n, w, dtype=torch.int32, device=device)  # [N, W]
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}  # size -> [size * Q, D] hidden states, in the graph pool
-        self._pool = pool
-        self.pool_bytes = 0  # memory the capture added to the CUDA caching allocator (reserved)
+        self._allocate_regions([("ids", t), ("pos", t), ("slots", t), ("logits", t), ("qsl", n + 1), ("seq", n),
+                                ("ctx", n), ("rows", n), ("update", 2 * n * w)], n, device, pool)
         self.num_replays = 0  # verify steps run through :meth:`run` (benchmarks and tests read it)
 
     # ------------------------------------------------------------------ capture
