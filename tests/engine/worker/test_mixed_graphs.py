@@ -20,6 +20,7 @@ from pdserve.engine.worker.input_batch import SampledTokens
 from pdserve.engine.worker.mixed_graphs import MixedGraphRunner, mixed_capture_sizes, mixed_graph_top
 from pdserve.engine.worker.model_runner import ModelRunner
 from pdserve.engine.worker.packed_layout import fill_packed_layout
+from tests.helpers.graph_steps import each_step_from, prefilled_runner, restore, snapshot
 from tests.helpers.tiny_models import make_tiny_model
 
 
@@ -84,15 +85,8 @@ def test_packed_layout_of_a_mixed_step() -> None:
 
 
 def test_padded_mixed_step_matches_eager_step(tmp_path) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = make_tiny_model("llama", tmp_path)
-    runner = ModelRunner(EngineConfig.create(model_dir, device=device, dtype="float32", num_blocks=24,
-                                             block_size=16, attention_backend="triton", max_num_seqs=8,
-                                             enforce_eager=True))
-    g = torch.Generator().manual_seed(0)
-    prompt = {r: torch.randint(3, 500, (n,), generator=g).tolist() for r, n in (("a", 20), ("b", 14), ("c", 30))}
     tables = {"a": [5, 9], "b": [1, 12], "c": [20, 3, 11], "n": [7, 8]}
-    runner.execute_model(SchedulerOutput([ScheduledChunk(r, p, 0, tables[r], True) for r, p in prompt.items()]))
+    runner, g = prefilled_runner(tmp_path, tables)
     new = torch.randint(3, 500, (23,), generator=g).tolist()
 
     def step(a_token: int, c_token: int) -> list[ScheduledChunk]:
@@ -101,11 +95,10 @@ def test_padded_mixed_step_matches_eager_step(tmp_path) -> None:
                 ScheduledChunk("b", [40, 41, 42], 14, tables["b"], True),  # continues its prompt past block 1
                 ScheduledChunk("n", new, 0, tables["n"], False)]  # a new prompt's first chunk, not sampled
 
-    cache_before = [c.clone() for c in runner.kv_caches]
+    cache_before = snapshot(runner.kv_caches)
     want = runner.execute_model(SchedulerOutput(step(7, 8)))  # eager (enforce_eager)
-    cache_eager = [c.clone() for c in runner.kv_caches]
-    for c, saved in zip(runner.kv_caches, cache_before):
-        c.copy_(saved)
+    cache_eager = snapshot(runner.kv_caches)
+    restore(runner.kv_caches, cache_before)
 
     graphs = MixedGraphRunner(runner.model, runner.kv_caches, BlockTableRows(16, 512 // 16, runner.device),
                               sizes=[16, 32, 48], max_num_seqs=8, max_model_len=512, block_size=16,
@@ -145,22 +138,15 @@ def test_model_runner_routes_prompt_steps_to_the_mixed_graphs(tmp_path, monkeypa
     assert runner.mixed_graph_runner is None  # CPU: eager
     steps = [[ScheduledChunk("a", list(range(3, 21)), 0, [4, 7], True)],  # 18 tokens: the 32 graph
              [ScheduledChunk("a", list(range(3, 36)), 0, [4, 7, 9], True)]]  # 33 tokens: above the ladder
-    saved = [c.clone() for c in runner.kv_caches]
-    want = []
-    for chunks in steps:
-        for c, s in zip(runner.kv_caches, saved):
-            c.copy_(s)
-        want.append(runner.execute_model(SchedulerOutput(chunks)))
+    saved = snapshot(runner.kv_caches)
+    want = list(each_step_from(runner, steps, saved))
 
     runner.graph_runner = DecodeGraphRunner(runner.model, runner.kv_caches, max_num_seqs=4, max_model_len=256,
                                             block_size=16, num_blocks=16, device=runner.device)
     runner.graph_runner.capture()
     runner.mixed_graph_runner = runner._make_mixed_graph_runner()
     assert runner.mixed_graph_runner.sizes == [16, 32]
-    for chunks, ref in zip(steps, want):
-        for c, s in zip(runner.kv_caches, saved):
-            c.copy_(s)
-        got = runner.execute_model(SchedulerOutput(chunks))
+    for got, ref in zip(each_step_from(runner, steps, saved), want):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert runner.mixed_graph_runner.num_replays == 1  # the 33-token step ran eagerly
     task = PromptLogprobsTask(num_top=0, start_pos=0, target_ids=list(range(4, 21)))

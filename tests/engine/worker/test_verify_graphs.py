@@ -18,6 +18,7 @@ from pdserve.engine.worker.cuda_graphs import capture_sizes
 from pdserve.engine.worker.model_runner import ModelRunner
 from pdserve.engine.worker.verify_graphs import VerifyGraphRunner
 from pdserve.engine.worker.verify_layout import fill_verify_layout, verify_capture_sizes, verify_graph_size
+from tests.helpers.graph_steps import each_step_from, prefilled_runner, restore, snapshot
 from tests.helpers.tiny_models import make_tiny_model
 
 
@@ -73,23 +74,15 @@ def test_layout_packs_live_tokens_and_pads_the_rest() -> None:
 
 
 def test_padded_verify_step_matches_eager_step(tmp_path) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = make_tiny_model("llama", tmp_path)
-    runner = ModelRunner(EngineConfig.create(model_dir, device=device, dtype="float32", num_blocks=24,
-                                             block_size=16, attention_backend="triton", max_num_seqs=8,
-                                             enforce_eager=True))
-    g = torch.Generator().manual_seed(0)
-    prompt = {r: torch.randint(3, 500, (n,), generator=g).tolist() for r, n in (("a", 20), ("b", 14), ("c", 30))}
     tables = {"a": [5, 9], "b": [1], "c": [20, 3, 11]}
-    runner.execute_model(SchedulerOutput([ScheduledChunk(r, p, 0, tables[r], True) for r, p in prompt.items()]))
+    runner, _ = prefilled_runner(tmp_path, tables)
     verify = [_chunk("a", [7, 8, 9, 10, 11], 20, tables["a"], 4),  # k drafts
               _chunk("b", [12], 14, tables["b"], 0),  # a plain decode in the same step
               _chunk("c", [13, 14, 15], 30, tables["c"], 2)]  # its drafts cross into block 11
-    cache_before = [c.clone() for c in runner.kv_caches]
+    cache_before = snapshot(runner.kv_caches)
     want = runner.execute_model(SchedulerOutput(verify))  # eager (enforce_eager)
-    cache_eager = [c.clone() for c in runner.kv_caches]
-    for c, saved in zip(runner.kv_caches, cache_before):
-        c.copy_(saved)
+    cache_eager = snapshot(runner.kv_caches)
+    restore(runner.kv_caches, cache_before)
 
     width = 512 // 16
     graphs = VerifyGraphRunner(runner.model, runner.kv_caches, BlockTableRows(16, width, runner.device),
@@ -126,21 +119,14 @@ def test_model_runner_routes_verify_steps_to_the_verify_graphs(tmp_path) -> None
     prompt = list(range(3, 21))
     runner.execute_model(SchedulerOutput([ScheduledChunk("a", prompt, 0, [4, 7], True)]))
     steps = [[_chunk("a", [30, 31, 32], 18, [4, 7], 2)], [_chunk("a", [30], 18, [4, 7], 0)]]
-    saved = [c.clone() for c in runner.kv_caches]
-    want = []
-    for chunks in steps:
-        for c, s in zip(runner.kv_caches, saved):
-            c.copy_(s)
-        want.append(runner.execute_model(SchedulerOutput(chunks)))
+    saved = snapshot(runner.kv_caches)
+    want = list(each_step_from(runner, steps, saved))
 
     runner.graph_runner = DecodeGraphRunner(runner.model, runner.kv_caches, max_num_seqs=4, max_model_len=256,
                                             block_size=16, num_blocks=16, device=runner.device)
     runner.graph_runner.capture()
     runner.verify_graph_runner = runner._make_verify_graph_runner()
     assert runner.verify_graph_runner.sizes == [1, 2, 4] and runner.verify_graph_runner.q == 3
-    for chunks, ref in zip(steps, want):
-        for c, s in zip(runner.kv_caches, saved):
-            c.copy_(s)
-        got = runner.execute_model(SchedulerOutput(chunks))
+    for got, ref in zip(each_step_from(runner, steps, saved), want):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert runner.verify_graph_runner.num_replays == 1  # the verify step; the decode step took the decode graph
