@@ -8,13 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${1:-${OUT:-bench-results}}
-mkdir -p "$RES"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-"$PY" -P -c "import pdserve.engine" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-  || { echo "pdserve does not import with $PY and the editable install failed" >&2; exit 1; }
-"$PY" -P -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-  || { echo "no CUDA device visible to torch" >&2; exit 1; }
+source scripts/gpu_common.sh  # RES made, PY set, pdserve installed, a CUDA device seen
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/gpu.txt"
 PD="$PY -P -m pdserve.cli.main"
 status=0
