@@ -68,6 +68,24 @@ def greedy_matrix(model: str, tmp_path, configs: list[tuple[dict, list[dict]]], 
                 assert stats.num_preemptions > 0
 
 
+def assert_sampling_distribution_unchanged(model: str, spec: dict, prompt: list[int], sp: SamplingParams,
+                                           n: int) -> None:
+    """``n`` continuations of ``prompt`` sampled with ``sp`` (at least 4 tokens; ``model`` has an 8-token
+    vocabulary) without and with ``spec``, each run from seed 0: tokens 2 to 4 have the same distribution (a
+    two-sample chi-square test), and with ``spec`` there were at least ``n`` drafts, some but not all accepted."""
+    outs = []
+    for config in (None, spec):
+        torch.manual_seed(0)
+        core = engine(model, config, max_num_seqs=n, max_num_batched_tokens=8192)
+        outs.append(torch.tensor(run(core, [(prompt, sp)] * n)))
+        if config:
+            stats = core.get_stats().spec_decode
+            assert stats["num_drafts"] >= n and 0.05 < stats["num_accepted_tokens"] / stats["num_draft_tokens"] < 0.95
+    for pos in (1, 2, 3):
+        counts = [torch.bincount(o[:, pos], minlength=8) for o in outs]
+        assert two_sample(*counts) > 1e-3, (pos, counts)
+
+
 ORACLE = {"method": "oracle", "num_speculative_tokens": 3, "oracle_acceptance": 0.5}
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
@@ -177,14 +195,4 @@ def test_sampling_distribution_is_unchanged(tmp_path_factory, params) -> None:
     n = 600
     spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2,
             "adaptive": False}
-    outs = []
-    for config in (None, spec):
-        torch.manual_seed(0)
-        core = engine(model, config, max_num_seqs=n, max_num_batched_tokens=8192)
-        outs.append(torch.tensor(run(core, [(prompt, sp)] * n)))
-        if config:
-            stats = core.get_stats().spec_decode
-            assert stats["num_drafts"] >= n and 0.05 < stats["num_accepted_tokens"] / stats["num_draft_tokens"] < 0.95
-    for pos in (1, 2, 3):
-        counts = [torch.bincount(o[:, pos], minlength=8) for o in outs]
-        assert two_sample(*counts) > 1e-3, (pos, counts)
+    assert_sampling_distribution_unchanged(model, spec, prompt, sp, n)

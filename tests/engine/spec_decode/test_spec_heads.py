@@ -13,8 +13,8 @@ import torch
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_decode.eagle_head import save_eagle_checkpoint
-from tests.engine.spec_decode.chi_square import two_sample
-from tests.engine.spec_decode.test_spec_engine import GREEDY, engine, prompts, run
+from tests.engine.spec_decode.test_spec_engine import (GREEDY, assert_sampling_distribution_unchanged, engine,
+                                                       prompts, run)
 from tests.helpers.spec_heads import as_pickle, copying_head, make_eagle3_head, make_eagle_head, make_medusa_heads
 from tests.helpers.tiny_models import make_tiny_model
 
@@ -100,17 +100,7 @@ def test_sampling_distribution_is_unchanged_with_eagle(tmp_path) -> None:
     prompt = [3, 4, 5, 6, 7, 3, 5, 7]
     sp = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.9, top_p=0.8)
     n = 500
-    outs = []
-    for config in (None, spec):
-        torch.manual_seed(0)
-        core = engine(model, config, max_num_seqs=n, max_num_batched_tokens=8192)
-        outs.append(torch.tensor(run(core, [(prompt, sp)] * n)))
-        if config:
-            stats = core.get_stats().spec_decode
-            assert stats["num_drafts"] >= n and 0.05 < stats["num_accepted_tokens"] / stats["num_draft_tokens"] < 0.95
-    for pos in (1, 2, 3):
-        counts = [torch.bincount(o[:, pos], minlength=8) for o in outs]
-        assert two_sample(*counts) > 1e-3, (pos, counts)
+    assert_sampling_distribution_unchanged(model, spec, prompt, sp, n)
 
 
 def test_pickled_checkpoints_load_too(llama, tmp_path) -> None:
