@@ -150,29 +150,46 @@ def test_gpu_fp8(group, scenario):
     check(case, 1e-2, scale=0.02)
 
 
+def capture_launch(static: dict, max_query_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """One attention launch on ``static``'s buffers captured in a CUDA graph (after an eager run that compiles
+    the kernel); the graph and its output buffer."""
+    torch.cuda.synchronize()
+    paged_attention(**static, max_query_len=max_query_len, max_seq_len=4096)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(**static, max_query_len=max_query_len, max_seq_len=4096)
+    return graph, out
+
+
+def load_case(static: dict, new: dict, names: tuple[str, ...]) -> None:
+    """Copy case ``new`` into the captured buffers: its KV blocks, its block tables (the rest of each row points
+    at the NaN block), and the tensors ``names``."""
+    nb = new["kv_cache"].shape[1]
+    static["kv_cache"][:, :nb].copy_(new["kv_cache"])
+    width = new["block_tables"].shape[1]
+    static["block_tables"].fill_(nb - 1)  # NaN block
+    static["block_tables"][:, :width].copy_(new["block_tables"])
+    for name in names:
+        static[name].copy_(new[name])
+
+
+def reference_of(case: dict) -> torch.Tensor:
+    """The torch reference of a head-dim-128 case."""
+    return paged_attention_ref(case["q"], case["kv_cache"], case["query_start_loc"], case["seq_lens"],
+                               case["block_tables"], 1.0 / math.sqrt(128))
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay():
     # Capture one decode launch on static buffers, then replay it on other lengths and block tables.
     shape = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
     static = make_case([1] * 4, [3000] * 4, **shape)
-    torch.cuda.synchronize()
-    out = paged_attention(**static, max_query_len=1, max_seq_len=4096)  # compile before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = paged_attention(**static, max_query_len=1, max_seq_len=4096)
+    graph, out = capture_launch(static, max_query_len=1)
     for seed, lens in enumerate([[5, 2999, 17, 1024], [3000, 1, 64, 700]]):
         new = make_case([1] * 4, lens, **shape, seed=seed + 1)
-        nb = new["kv_cache"].shape[1]
-        static["kv_cache"][:, :nb].copy_(new["kv_cache"])
-        width = new["block_tables"].shape[1]
-        static["block_tables"].fill_(nb - 1)  # NaN block
-        static["block_tables"][:, :width].copy_(new["block_tables"])
-        static["seq_lens"].copy_(new["seq_lens"])
-        static["q"].copy_(new["q"])
+        load_case(static, new, ("seq_lens", "q"))
         graph.replay()
-        ref = paged_attention_ref(static["q"], static["kv_cache"], static["query_start_loc"], static["seq_lens"],
-                                  static["block_tables"], 1.0 / math.sqrt(128))
-        assert rel_err(out, ref) < 1e-2
+        assert rel_err(out, reference_of(static)) < 1e-2
 
 
 def test_verify_graph_layout_zero_length_padding_sequences(device):
@@ -188,24 +205,13 @@ def test_gpu_verify_graph_replay_with_varlen_layouts():
     # One capture at N = 4 sequences x 5 rows; replays with other query_start_loc layouts (query lengths are data).
     shape = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
     static = make_case([5] * 4, [3000] * 4, **shape)
-    torch.cuda.synchronize()
-    out = paged_attention(**static, max_query_len=5, max_seq_len=4096)  # compile before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = paged_attention(**static, max_query_len=5, max_seq_len=4096)
+    graph, out = capture_launch(static, max_query_len=5)
     for seed, (q_lens, ctx) in enumerate([([5, 1, 3, 0], [2999, 17, 1024, 0]), ([2, 0, 0, 0], [700, 0, 0, 0]),
                                           ([5, 5, 5, 5], [5, 64, 3000, 129])]):
         new = make_case(q_lens, ctx, **shape, seed=seed + 1, pad_tokens=20 - sum(q_lens))
-        nb = new["kv_cache"].shape[1]
-        static["kv_cache"][:, :nb].copy_(new["kv_cache"])
-        width = new["block_tables"].shape[1]
-        static["block_tables"].fill_(nb - 1)  # NaN block
-        static["block_tables"][:, :width].copy_(new["block_tables"])
-        for name in ("seq_lens", "query_start_loc", "q"):
-            static[name].copy_(new[name])
+        load_case(static, new, ("seq_lens", "query_start_loc", "q"))
         graph.replay()
         real = sum(q_lens)
-        ref = paged_attention_ref(static["q"], static["kv_cache"], static["query_start_loc"], static["seq_lens"],
-                                  static["block_tables"], 1.0 / math.sqrt(128))
+        ref = reference_of(static)
         assert not out[:real].isnan().any()
         assert rel_err(out[:real], ref[:real]) < 1e-2

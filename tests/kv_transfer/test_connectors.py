@@ -3,9 +3,11 @@ partial last blocks included; prefix reuse; and each failure is a counted miss (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -42,6 +44,16 @@ def settle(side, held: bool) -> None:
     wait_for(side, lambda: not side.worker.has_pending_work())
 
 
+@contextlib.contextmanager
+def sides(p, d) -> Iterator[tuple]:
+    """Close both sides (the producer first) however the test ends."""
+    try:
+        yield p, d
+    finally:
+        p.close()
+        d.close()
+
+
 def _pair(connector, desc, options, **extra):
     return (make_side(connector, "prefill", desc, options(connector, **extra)),
             make_side(connector, "decode", desc, options(connector, **extra), fill="zeros"))
@@ -50,8 +62,7 @@ def _pair(connector, desc, options, **extra):
 @pytest.mark.parametrize("connector", CONNECTORS)
 @pytest.mark.parametrize("prompt_len,chunk", [(8, None), (11, None), (11, 3), (1, None)])
 def test_prefill_to_decode_moves_exactly_the_prompt_kv(connector, prompt_len, chunk, desc, options):
-    p, d = _pair(connector, desc, options)
-    try:
+    with sides(*_pair(connector, desc, options)) as (p, d):
         prompt = list(range(100, 100 + prompt_len))
         p_blocks, d_blocks = [3, 7, 1, 9], [5, 2, 8, 0]
         hold, params = prefill(p, make_request("r1", prompt), p_blocks, chunk)
@@ -67,15 +78,11 @@ def test_prefill_to_decode_moves_exactly_the_prompt_kv(connector, prompt_len, ch
         wait_for(p, lambda: not p.sched.has_pending_work())
         assert p.sched.stats.blocks_held == 0 and not p.sched.has_pending_work()
         assert d.sched.stats.snapshot().blocks["load"] == -(-prompt_len // desc.block_size)
-    finally:
-        p.close()
-        d.close()
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_decode_loads_only_the_blocks_it_lacks(connector, desc, options):
-    p, d = _pair(connector, desc, options)
-    try:
+    with sides(*_pair(connector, desc, options)) as (p, d):
         prompt = list(range(14))
         hold, params = prefill(p, make_request("r1", prompt), [0, 1, 2, 3])
         settle(p, hold and connector != "grpc")
@@ -85,22 +92,15 @@ def test_decode_loads_only_the_blocks_it_lacks(connector, desc, options):
         assert d.sched.stats.snapshot().blocks["load"] == 2
         assert same_kv(p, [2, 3], d, [6, 7], 6, desc.block_size)
         assert not d.caches[0][:, 4].any()  # local blocks untouched
-    finally:
-        p.close()
-        d.close()
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_request_without_first_token_still_computes_its_last_prompt_token(connector, desc, options):
-    p, d = _pair(connector, desc, options)
-    try:
+    with sides(*_pair(connector, desc, options)) as (p, d):
         prompt = list(range(8))
         hold, params = prefill(p, make_request("r1", prompt), [0, 1])
         settle(p, hold and connector != "grpc")
         assert admit(d, make_request("r1", prompt, params=params), [0, 1]) == 7
-    finally:
-        p.close()
-        d.close()
 
 
 def _corrupt_second_block(connector, p, params, tmp_path):
@@ -113,8 +113,7 @@ def _corrupt_second_block(connector, p, params, tmp_path):
 
 @pytest.mark.parametrize("connector", ["shared-fs", "redis"])
 def test_corrupted_block_loads_the_valid_prefix_and_reports_checksum(connector, desc, options, tmp_path):
-    p, d = _pair(connector, desc, options)
-    try:
+    with sides(*_pair(connector, desc, options)) as (p, d):
         prompt = list(range(12))
         hold, params = prefill(p, make_request("r1", prompt), [0, 1, 2])
         settle(p, hold)
@@ -124,15 +123,11 @@ def test_corrupted_block_loads_the_valid_prefix_and_reports_checksum(connector, 
         failure = d.output.failed_loading["r1"]
         assert failure.reason == "checksum" and failure.num_valid_blocks == 1
         assert d.sched.stats.snapshot().failures == {"checksum": 1}
-    finally:
-        p.close()
-        d.close()
 
 
 @pytest.mark.parametrize("connector", ["shared-fs", "redis"])
 def test_missing_block_waits_then_loads_what_is_there(connector, desc, options):
-    p, d = _pair(connector, desc, options)
-    try:
+    with sides(*_pair(connector, desc, options)) as (p, d):
         prompt = list(range(12))
         hold, params = prefill(p, make_request("r1", prompt), [0, 1, 2])
         settle(p, hold)
@@ -142,9 +137,6 @@ def test_missing_block_waits_then_loads_what_is_there(connector, desc, options):
         time.sleep(0.6)
         assert admit(d, req, [3, 4, 5]) == 8  # timed out: the two blocks that exist
         assert d.sched.stats.snapshot().failures == {"missing": 1}
-    finally:
-        p.close()
-        d.close()
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
@@ -152,13 +144,10 @@ def test_fail_policy_raises_a_clear_error(connector, desc, options):
     p = make_side(connector, "prefill", desc, options(connector))
     other = dataclasses.replace(desc, dtype="bfloat16")
     d = make_side(connector, "decode", other, options(connector, load_failure_policy="fail"), fill="zeros")
-    try:
+    with sides(p, d):
         _, params = prefill(p, make_request("r1", list(range(6))), [0, 1])
         with pytest.raises(KVLoadError, match="incompatible.*dtype"):
             admit(d, make_request("r1", list(range(6)), [1], params), [0, 1])
-    finally:
-        p.close()
-        d.close()
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
@@ -166,13 +155,10 @@ def test_incompatible_peer_is_a_miss_under_recompute(connector, desc, options):
     p = make_side(connector, "prefill", desc, options(connector))
     d = make_side(connector, "decode", dataclasses.replace(desc, dtype="bfloat16"), options(connector),
                   fill="zeros")
-    try:
+    with sides(p, d):
         _, params = prefill(p, make_request("r1", list(range(6))), [0, 1])
         assert admit(d, make_request("r1", list(range(6)), [1], params), [0, 1]) == 0
         assert d.sched.stats.snapshot().failures == {"incompatible": 1}
-    finally:
-        p.close()
-        d.close()
 
 
 def test_redis_down_is_a_miss(desc, options):
@@ -181,20 +167,16 @@ def test_redis_down_is_a_miss(desc, options):
     opts = options("redis", redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.3)
     d = make_side("redis", "decode", desc, opts, fill="zeros")
     p = make_side("redis", "prefill", desc, opts)
-    try:
+    with sides(p, d):
         hold, params = prefill(p, make_request("r1", list(range(6))), [0, 1])
         settle(p, hold)  # the failed save still releases the blocks
         assert admit(d, make_request("r1", list(range(6)), [1], params), [0, 1]) == 0
         assert d.sched.stats.snapshot().failures == {"store_unavailable": 1}
         assert p.sched.stats.snapshot().failures == {"store_unavailable": 1}
-    finally:
-        p.close()
-        d.close()
 
 
 def test_grpc_lease_expires_and_a_late_pull_fails_as_lease_expired(desc, options):
-    p, d = _pair("grpc", desc, options, kv_lease_s=0.2)
-    try:
+    with sides(*_pair("grpc", desc, options, kv_lease_s=0.2)) as (p, d):
         _, params = prefill(p, make_request("r1", list(range(6))), [0, 1])
         assert p.sched.stats.blocks_held == 2
         wait_for(p, lambda: "r1" in p.released)
@@ -202,9 +184,6 @@ def test_grpc_lease_expires_and_a_late_pull_fails_as_lease_expired(desc, options
         assert admit(d, make_request("r1", list(range(6)), [1], params), [0, 1]) == 6
         wait_for(d, lambda: "r1" in d.output.failed_loading)
         assert d.output.failed_loading["r1"].reason == "lease_expired"
-    finally:
-        p.close()
-        d.close()
 
 
 def test_grpc_dead_prefill_is_peer_gone(desc, options):
@@ -222,26 +201,19 @@ def test_grpc_dead_prefill_is_peer_gone(desc, options):
 @pytest.mark.parametrize("connector", ["shared-fs", "redis"])
 def test_store_prefix_is_reused_without_a_handle(connector, desc, options):
     """Any decode pod reuses any prefix that any prefill pod stored, even for a request it gets directly."""
-    p, d = _pair(connector, desc, options)
-    try:
+    with sides(*_pair(connector, desc, options)) as (p, d):
         hold, _ = prefill(p, make_request("r1", list(range(10))), [0, 1, 2])
         settle(p, hold)
         req = make_request("r2", list(range(9)) + [99, 98, 97])  # shares two full blocks
         assert admit(d, req, [4, 5, 6]) == 8
         wait_for(d, lambda: "r2" in d.output.finished_loading)
         assert same_kv(p, [0, 1], d, [4, 5], 8, desc.block_size)
-    finally:
-        p.close()
-        d.close()
 
 
 def test_handle_from_another_connector_is_refused_at_once(desc, options):
     p = make_side("grpc", "prefill", desc, options("grpc"))
     d = make_side("shared-fs", "decode", desc, options("shared-fs"), fill="zeros")
-    try:
+    with sides(p, d):
         _, params = prefill(p, make_request("r1", list(range(6))), [0, 1])
         assert admit(d, make_request("r1", list(range(6)), [1], params), [0, 1]) == 0  # no waiting for writes
         assert d.sched.stats.snapshot().failures == {"incompatible": 1}
-    finally:
-        p.close()
-        d.close()
