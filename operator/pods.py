@@ -11,7 +11,7 @@ from typing import Any
 
 from pdserve.operator import constants as c
 from pdserve.operator import secrets
-from pdserve.operator.spec import RoleSpec, RouterSpec, ServiceSpec
+from pdserve.operator.spec import PodSpec, ServiceSpec
 
 Obj = dict[str, Any]
 
@@ -171,7 +171,7 @@ def _http_probe(period: int, failures: int, timeout: int = 5) -> Obj:
             "failureThreshold": failures}
 
 
-def _placement(spec: Obj, r: RoleSpec | RouterSpec) -> None:
+def _placement(spec: Obj, r: PodSpec) -> None:
     if r.node_selector:
         spec["nodeSelector"] = dict(r.node_selector)
     if r.tolerations:

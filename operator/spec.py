@@ -93,14 +93,12 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
-class RoleSpec:
-    """One engine role (prefill or decode). Pass-through Kubernetes fields are plain data, treated as read-only."""
+class PodSpec:
+    """What every pod-running part (an engine role, the router) sets the same way (``_POD_FIELDS``: replicas,
+    resources, placement, env, extra arguments). Pass-through Kubernetes fields are plain data, treated as
+    read-only."""
 
     replicas: int = 1
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    gpus: int | None = None  # None: one GPU per model shard (tensor x pipeline)
-    gpu_resource: str = "nvidia.com/gpu"
     requests: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
@@ -108,6 +106,16 @@ class RoleSpec:
     affinity: dict[str, Any] = field(default_factory=dict)
     env: list[dict[str, Any]] = field(default_factory=list)
     extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoleSpec(PodSpec):
+    """One engine role (prefill or decode)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    gpus: int | None = None  # None: one GPU per model shard (tensor x pipeline)
+    gpu_resource: str = "nvidia.com/gpu"
 
     @property
     def gpu_count(self) -> int:
@@ -115,20 +123,12 @@ class RoleSpec:
 
 
 @dataclass(frozen=True)
-class RouterSpec:
-    replicas: int = 1
+class RouterSpec(PodSpec):
     plugins: tuple[tuple[str, float], ...] = DEFAULT_PLUGINS
     pd_threshold: int = 256
     max_waiting: int = 64
     request_timeout: int = 600  # --request-timeout of the router, seconds
     api_key_secret: SecretKeyRef | None = None
-    requests: dict[str, Any] = field(default_factory=dict)
-    limits: dict[str, Any] = field(default_factory=dict)
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = field(default_factory=list)
-    affinity: dict[str, Any] = field(default_factory=dict)
-    env: list[dict[str, Any]] = field(default_factory=list)
-    extra_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ MAX_TIMEOUT_S = 86_400
 
 def _pod_fields(f: _Fields, gpus: bool) -> dict[str, Any]:
     res = f.sub("resources", ("gpus", "gpuResource", "requests", "limits") if gpus else ("requests", "limits"))
-    out = dict(replicas=f.int("replicas", RoleSpec.replicas, minimum=0), requests=res.data("requests", dict),
+    out = dict(replicas=f.int("replicas", PodSpec.replicas, minimum=0), requests=res.data("requests", dict),
                limits=res.data("limits", dict), node_selector=f.data("nodeSelector", dict),
                tolerations=f.data("tolerations", list), affinity=f.data("affinity", dict),
                env=f.data("env", list), extra_args=f.strings("extraArgs"))
