@@ -184,13 +184,19 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
         body, content_type = metrics.render_for(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
-        req = await _parse(request, TokenizeRequest)
+    async def tokenizer_call(request: Request, model: type[BaseModel], param: str) -> tuple[Any, Any]:
+        """/tokenize's and /detokenize's start: the parsed body (its model checked) and the engine's tokenizer; a
+        400 naming ``param`` where the model has none."""
+        req = await _parse(request, model)
         completion.check_model(req.model)
         tok = engine.tokenizer
         if tok is None:
-            raise bad_request("this model has no tokenizer", param="prompt")
+            raise bad_request("this model has no tokenizer", param=param)
+        return req, tok
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req, tok = await tokenizer_call(request, TokenizeRequest, "prompt")
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of 'prompt' and 'messages'", param="prompt")
         if req.messages is not None:
@@ -205,11 +211,7 @@ def build_app(engine: EngineClient, settings: ServerSettings, metrics: ServingMe
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        req = await _parse(request, DetokenizeRequest)
-        completion.check_model(req.model)
-        tok = engine.tokenizer
-        if tok is None:
-            raise bad_request("this model has no tokenizer", param="tokens")
+        req, tok = await tokenizer_call(request, DetokenizeRequest, "tokens")
         vocab = len(tok)
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:
