@@ -4,6 +4,8 @@ over fake pods (``router_fakes``). Fault cases are table-driven; each checks the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -44,6 +46,16 @@ async def started(backend, **kw):
     return running
 
 
+@contextlib.asynccontextmanager
+async def serving(backend, **kw) -> AsyncIterator:
+    """:func:`started`, stopped however the test ends."""
+    running = await started(backend, **kw)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
 async def tokens_of(engine, prompt, max_tokens=12, **params):
     stream = engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, **params))
     out = []
@@ -67,8 +79,7 @@ FAULTS = [
 async def test_faults_give_the_same_tokens(behaviours, n_prompt, expect):
     knobs = {k: v for k, v in behaviours.items() if not isinstance(v, PodBehaviour)}
     backend = FakePodBackend({k: PodBehaviour(**vars(v)) for k, v in behaviours.items() if k not in knobs}, **knobs)
-    running = await started(backend)
-    try:
+    async with serving(backend) as running:
         prompt = PROMPT[:n_prompt]
         assert await tokens_of(running.engine, prompt) == expected_tokens(prompt, 12)
         m = running.router.metrics
@@ -79,14 +90,11 @@ async def test_faults_give_the_same_tokens(behaviours, n_prompt, expect):
                         if s.name.endswith("_total"))
             assert total == expect["retries"]
         assert all(p.in_flight == 0 for p in running.pods.all())
-    finally:
-        await running.stop()
 
 
 async def test_remote_prefill_then_decode_with_handle():
     backend = FakePodBackend()
-    running = await started(backend)
-    try:
+    async with serving(backend) as running:
         assert await tokens_of(running.engine, PROMPT) == expected_tokens(PROMPT, 12)
         kinds = [(k, pod) for k, pod, _ in backend.calls]
         assert kinds[0] == ("prefill", "prefill-0") and kinds[1][0] == "generate"
@@ -94,29 +102,23 @@ async def test_remote_prefill_then_decode_with_handle():
         assert decode_req.kv_transfer_params["from"] == "prefill-0"
         assert decode_req.prompt_token_ids == PROMPT + expected_tokens(PROMPT, 1)
         assert decode_req.params.max_tokens == 11
-    finally:
-        await running.stop()
 
 
 async def test_a_transfer_no_decode_pod_took_over_is_released():
     """The decode pod refuses the stream after the prefill answered: the router gives the prefill's transfer back
     (the retry makes a new one); a decode pod that streams answers for its transfer itself (issue 11)."""
     backend = FakePodBackend(refuse_first_stream=True)
-    running = await started(backend)
-    try:
+    async with serving(backend) as running:
         assert await tokens_of(running.engine, PROMPT) == expected_tokens(PROMPT, 12)
         for _ in range(20):
             await asyncio.sleep(0)  # the release runs as a task
         handles = [req.kv_transfer_params for kind, _, req in backend.calls if kind == "generate"]
         assert len(handles) == 2 and backend.released == [handles[0]]
-    finally:
-        await running.stop()
 
 
 async def test_a_client_gone_after_the_prefill_releases_the_transfer():
     backend = FakePodBackend({"decode-0": PodBehaviour(delay_s=5.0), "decode-1": PodBehaviour(delay_s=5.0)})
-    running = await started(backend)
-    try:
+    async with serving(backend) as running:
         task = asyncio.ensure_future(tokens_of(running.engine, PROMPT))
         for _ in range(200):
             if any(kind == "generate" for kind, _, _ in backend.calls):
@@ -128,14 +130,11 @@ async def test_a_client_gone_after_the_prefill_releases_the_transfer():
         for _ in range(20):
             await asyncio.sleep(0)
         assert backend.released == [backend.calls[1][2].kv_transfer_params]
-    finally:
-        await running.stop()
 
 
 async def test_no_pod_left_fails_cleanly_and_a_returning_pod_gets_traffic():
     backend = FakePodBackend({"decode-0": PodBehaviour(healthy=False)})
-    running = await started(backend, prefill=0, decode=1)
-    try:
+    async with serving(backend, prefill=0, decode=1) as running:
         assert not running.engine.is_ready
         with pytest.raises(Exception, match="no decode pod is ready"):
             running.engine.generate(PROMPT[:8], SamplingParams(max_tokens=2))
@@ -145,39 +144,30 @@ async def test_no_pod_left_fails_cleanly_and_a_returning_pod_gets_traffic():
                 break
             await asyncio.sleep(0.01)
         assert await tokens_of(running.engine, PROMPT[:8], 4) == expected_tokens(PROMPT[:8], 4)
-    finally:
-        await running.stop()
 
 
 async def test_all_attempts_fail_reports_503_not_a_hang():
     backend = FakePodBackend({"decode-0": PodBehaviour(fail_at_start=True),
                               "decode-1": PodBehaviour(fail_at_start=True)})
-    running = await started(backend, prefill=0)
-    try:
+    async with serving(backend, prefill=0) as running:
         with pytest.raises(Exception, match="could not be served"):
             await asyncio.wait_for(tokens_of(running.engine, PROMPT[:8]), 5)
         assert all(p.in_flight == 0 for p in running.pods.all())
-    finally:
-        await running.stop()
 
 
 async def test_same_prefix_goes_to_the_same_decode_pod_without_events():
     backend = FakePodBackend()
-    running = await started(backend, prefill=0)
-    try:
+    async with serving(backend, prefill=0) as running:
         for tail in range(6):
             await tokens_of(running.engine, PROMPT + [500 + tail], 2)
         decode_pods = {pod for kind, pod, _ in backend.calls if kind == "generate"}
         assert len(decode_pods) == 1
-    finally:
-        await running.stop()
 
 
 async def test_http_api_session_header_stop_string_and_n():
     backend = FakePodBackend()
-    running = await started(backend, prefill=0)
-    transport = httpx.ASGITransport(app=running.asgi_app())
-    try:
+    async with serving(backend, prefill=0) as running:
+        transport = httpx.ASGITransport(app=running.asgi_app())
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
             want = expected_tokens(PROMPT[:8], 6)
             text = "".join(f" w{t}" for t in want)
@@ -210,22 +200,17 @@ async def test_http_api_session_header_stop_string_and_n():
             r = await client.get("/router/pods")
             assert {p["name"] for p in r.json()["pods"]} == {"decode-0", "decode-1"}
             assert "pdserve:router_pd_decisions_total" in (await client.get("/metrics")).text
-    finally:
-        await running.stop()
 
 
 async def test_client_abort_cancels_the_pod_stream():
     backend = FakePodBackend({"decode-0": PodBehaviour(delay_s=0.02), "decode-1": PodBehaviour(delay_s=0.02)})
-    running = await started(backend, prefill=0)
-    try:
+    async with serving(backend, prefill=0) as running:
         stream = running.engine.generate(PROMPT[:8], SamplingParams(max_tokens=100, temperature=0.0))
         await stream.__anext__()
         stream.close()
         await asyncio.sleep(0.1)
         assert sum(backend.active.values()) == 0
         assert all(p.in_flight == 0 for p in running.pods.all())
-    finally:
-        await running.stop()
 
 
 async def test_grpc_generate_through_the_router():
@@ -235,8 +220,7 @@ async def test_grpc_generate_through_the_router():
     from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 
     backend = FakePodBackend()
-    running = await started(backend, prefill=0)
-    try:
+    async with serving(backend, prefill=0) as running:
         port = await running.start_grpc("127.0.0.1", 0)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GenerationStub(channel)
@@ -250,8 +234,6 @@ async def test_grpc_generate_through_the_router():
                     usage = resp.usage
         assert tokens == expected_tokens(PROMPT[:8], 5)
         assert (usage.prompt_tokens, usage.completion_tokens) == (8, 5)
-    finally:
-        await running.stop()
 
 
 BAD_REQUESTS = [
@@ -267,14 +249,11 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("body,status,param", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
 async def test_bad_requests_never_reach_a_pod(body, status, param):
     backend = FakePodBackend()
-    running = await started(backend, prefill=0)
-    transport = httpx.ASGITransport(app=running.asgi_app())
-    try:
+    async with serving(backend, prefill=0) as running:
+        transport = httpx.ASGITransport(app=running.asgi_app())
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
             r = await client.post("/v1/completions", json={"model": "fake", **body})
         assert r.status_code == status, r.text
         if param is not None:
             assert r.json()["error"]["param"] == param
         assert backend.calls == []
-    finally:
-        await running.stop()
