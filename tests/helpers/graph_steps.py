@@ -1,5 +1,6 @@
-"""The graph-runner tests' shared setup: a tiny model runner with prompts already prefilled, and steps run from one
-saved KV cache (to compare a step's eager and graph paths)."""
+"""The graph-runner tests' shared setup: tiny model runners (one with prompts already prefilled, one for the CPU
+wiring tests, given the decode graphs a GPU runner would have), and steps run from one saved KV cache (to compare a
+step's eager and graph paths)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
+from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
 from pdserve.engine.worker.model_runner import ModelRunner
 from tests.helpers.tiny_models import make_tiny_model
 
@@ -27,6 +29,26 @@ def prefilled_runner(directory: Path, tables: dict[str, list[int]]) -> tuple[Mod
     prompt = {r: torch.randint(3, 500, (n,), generator=g).tolist() for r, n in (("a", 20), ("b", 14), ("c", 30))}
     runner.execute_model(SchedulerOutput([ScheduledChunk(r, p, 0, tables[r], True) for r, p in prompt.items()]))
     return runner, g
+
+
+# The wiring tests' engine shape: the config of :func:`wiring_runner` and the decode graphs of
+# :func:`attach_decode_graphs` agree on it.
+WIRING = dict(num_blocks=16, block_size=16, max_num_seqs=4, max_model_len=256)
+
+
+def wiring_runner(directory: Path, **config) -> ModelRunner:
+    """A CPU ModelRunner of a tiny Qwen3 saved in ``directory`` (float32, Triton attention in the interpreter, the
+    :data:`WIRING` shape), eager as on any CPU; ``config``: more EngineConfig settings."""
+    model_dir = make_tiny_model("qwen3", directory)
+    return ModelRunner(EngineConfig.create(model_dir, device="cpu", dtype="float32", attention_backend="triton",
+                                           **WIRING, **config))
+
+
+def attach_decode_graphs(runner: ModelRunner) -> None:
+    """Give a :func:`wiring_runner` the decode graph runner a GPU runner builds (on CPU its capture only writes the
+    static buffers), so that the verify and mixed-step graph runners made next share its rows as on a GPU."""
+    runner.graph_runner = DecodeGraphRunner(runner.model, runner.kv_caches, device=runner.device, **WIRING)
+    runner.graph_runner.capture()
 
 
 def snapshot(caches: list[torch.Tensor]) -> list[torch.Tensor]:

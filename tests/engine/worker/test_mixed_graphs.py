@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import PLACEHOLDER_TOKEN_ID as P
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.prompt_logprobs import PromptLogprobsTask
 from pdserve.engine.worker.block_table_rows import BlockTableRows
 from pdserve.engine.worker.input_batch import SampledTokens
 from pdserve.engine.worker.mixed_graphs import MixedGraphRunner, mixed_capture_sizes, mixed_graph_top
-from pdserve.engine.worker.model_runner import ModelRunner
 from pdserve.engine.worker.packed_layout import fill_packed_layout
-from tests.helpers.graph_steps import each_step_from, prefilled_runner, restore, snapshot
-from tests.helpers.tiny_models import make_tiny_model
+from tests.helpers.graph_steps import (attach_decode_graphs, each_step_from, prefilled_runner, restore,
+                                      snapshot, wiring_runner)
 
 
 def test_token_ladder_tops_out_at_the_step_budget() -> None:
@@ -128,22 +126,14 @@ def test_model_runner_routes_prompt_steps_to_the_mixed_graphs(tmp_path, monkeypa
     """The runner's wiring, on CPU: graph runners built as on a GPU (capture is a no-op here) take a step with a
     prompt chunk; a step wanting prompt logprobs, or one too big for the ladder, runs eagerly; the logits equal
     the eager step's."""
-    from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
-
-    model_dir = make_tiny_model("qwen3", tmp_path)
-    config = EngineConfig.create(model_dir, device="cpu", dtype="float32", num_blocks=16, block_size=16,
-                                 attention_backend="triton", max_num_seqs=4, max_model_len=256,
-                                 max_num_batched_tokens=32)
-    runner = ModelRunner(config)
+    runner = wiring_runner(tmp_path, max_num_batched_tokens=32)
     assert runner.mixed_graph_runner is None  # CPU: eager
     steps = [[ScheduledChunk("a", list(range(3, 21)), 0, [4, 7], True)],  # 18 tokens: the 32 graph
              [ScheduledChunk("a", list(range(3, 36)), 0, [4, 7, 9], True)]]  # 33 tokens: above the ladder
     saved = snapshot(runner.kv_caches)
     want = list(each_step_from(runner, steps, saved))
 
-    runner.graph_runner = DecodeGraphRunner(runner.model, runner.kv_caches, max_num_seqs=4, max_model_len=256,
-                                            block_size=16, num_blocks=16, device=runner.device)
-    runner.graph_runner.capture()
+    attach_decode_graphs(runner)
     runner.mixed_graph_runner = runner._make_mixed_graph_runner()
     assert runner.mixed_graph_runner.sizes == [16, 32]
     for got, ref in zip(each_step_from(runner, steps, saved), want):

@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.core.sched_output import ScheduledChunk, SchedulerOutput
 from pdserve.engine.worker.block_table_rows import BlockTableRows
 from pdserve.engine.worker.cuda_graphs import capture_sizes
-from pdserve.engine.worker.model_runner import ModelRunner
 from pdserve.engine.worker.verify_graphs import VerifyGraphRunner
 from pdserve.engine.worker.verify_layout import fill_verify_layout, verify_capture_sizes, verify_graph_size
-from tests.helpers.graph_steps import each_step_from, prefilled_runner, restore, snapshot
-from tests.helpers.tiny_models import make_tiny_model
+from tests.helpers.graph_steps import (attach_decode_graphs, each_step_from, prefilled_runner, restore,
+                                      snapshot, wiring_runner)
 
 
 def test_verify_ladder_stops_at_the_largest_batch_that_can_speculate() -> None:
@@ -108,13 +106,7 @@ def test_padded_verify_step_matches_eager_step(tmp_path) -> None:
 def test_model_runner_routes_verify_steps_to_the_verify_graphs(tmp_path) -> None:
     """The runner's wiring, on CPU: graph runners built as on a GPU (capture is a no-op here) take a verify step,
     a plain decode step goes to the decode graphs, and both give the eager step's logits."""
-    from pdserve.engine.worker.cuda_graphs import DecodeGraphRunner
-
-    model_dir = make_tiny_model("qwen3", tmp_path)
-    config = EngineConfig.create(model_dir, device="cpu", dtype="float32", num_blocks=16, block_size=16,
-                                 attention_backend="triton", max_num_seqs=4, max_model_len=256,
-                                 speculative_config={"method": "ngram", "num_speculative_tokens": 2})
-    runner = ModelRunner(config)
+    runner = wiring_runner(tmp_path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     assert runner.graph_runner is None and runner.verify_graph_runner is None  # CPU: eager
     prompt = list(range(3, 21))
     runner.execute_model(SchedulerOutput([ScheduledChunk("a", prompt, 0, [4, 7], True)]))
@@ -122,9 +114,7 @@ def test_model_runner_routes_verify_steps_to_the_verify_graphs(tmp_path) -> None
     saved = snapshot(runner.kv_caches)
     want = list(each_step_from(runner, steps, saved))
 
-    runner.graph_runner = DecodeGraphRunner(runner.model, runner.kv_caches, max_num_seqs=4, max_model_len=256,
-                                            block_size=16, num_blocks=16, device=runner.device)
-    runner.graph_runner.capture()
+    attach_decode_graphs(runner)
     runner.verify_graph_runner = runner._make_verify_graph_runner()
     assert runner.verify_graph_runner.sizes == [1, 2, 4] and runner.verify_graph_runner.q == 3
     for got, ref in zip(each_step_from(runner, steps, saved), want):
