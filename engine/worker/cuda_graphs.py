@@ -103,7 +103,7 @@ class GraphReplayer:
         raise NotImplementedError
 
     def _allocate_regions(self, regions: list[tuple[str, int]], num_seqs: int, device: torch.device,
-                          pool) -> None:
+                          pool: object) -> None:
         """The verify and mixed-step runners' static buffers: ``regions`` (name, length) laid end to end in one
         int32 metadata buffer (``_off``: name -> start), on ``device`` with a pinned host copy so that one copy
         sends them all; the ``[num_seqs, W]`` block table the graphs gather their rows into; empty graphs and
