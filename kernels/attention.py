@@ -380,8 +380,10 @@ def paged_attention(
         sm_scale = 1.0 / math.sqrt(head_dim)
     # Apart only where the decodes' own tile is smaller; then without split-KV, so that no combine pass runs
     # over the other launch's rows.
-    decode_cfg = default_config(group, head_dim, 1, q.device, kv_fp8, num_seqs, num_kv_heads, q.dtype)
-    apart = separate_decodes and max_query_len > 1 and cfg.block_m > decode_cfg.block_m
+    apart = False
+    if separate_decodes and max_query_len > 1:
+        decode_cfg = default_config(group, head_dim, 1, q.device, kv_fp8, num_seqs, num_kv_heads, q.dtype)
+        apart = cfg.block_m > decode_cfg.block_m
     if apart:
         _launch(q, kv_cache, out, out, out, query_start_loc, seq_lens, block_tables, (num_seqs, num_kv_heads, 1),
                 decode_cfg, 1, sm_scale * k_scale, v_scale, group, query_kind=1)
