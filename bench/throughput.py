@@ -140,9 +140,12 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.engine.llm import LLM
 
     refuse_unused_peer_flags(args, PROCESS_PEERS)
-    window = parse_window(args.profile_steps)
+    try:
+        window = parse_window(args.profile_steps)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if args.peer in PROCESS_PEERS and (window or args.step_breakdown):
-        raise ValueError("--step-breakdown and --profile-steps profile pdserve alone: run them without --peer")
+        raise SystemExit("--step-breakdown and --profile-steps profile pdserve alone: run them without --peer")
     if args.peer in PROCESS_PEERS:
         from pdserve.bench.throughput_peer import run_with_peer
 

@@ -91,6 +91,8 @@ def test_throughput_prints_the_breakdown_and_a_profiled_window(capsys) -> None:
     assert "kernels of 2 steps" in out
 
 
-def test_profiling_with_a_peer_is_refused() -> None:
-    with pytest.raises(ValueError, match="without --peer"):
+def test_profiling_with_a_peer_or_a_bad_window_is_refused_with_a_message() -> None:
+    with pytest.raises(SystemExit, match="without --peer"):
         main(["bench", "throughput", "--peer", "pdserve", "--step-breakdown"])
+    with pytest.raises(SystemExit, match="--profile-steps A:B needs 0 <= A < B"):
+        main(["bench", "throughput", "--profile-steps", "5:2"])
