@@ -143,8 +143,9 @@ def plan(args: argparse.Namespace, port_of=free_port, kv_path: str | None = None
                else ["--routing-preset", args.routing_preset])
     # Settings the router must share with the engines, when given to the engines.
     for shared in ("--max-model-len", "--served-model-name", "--hash-seed", "--hash-algo"):
-        if shared in engine_extra and shared not in args.router_args:
-            router += [shared, engine_extra[engine_extra.index(shared) + 1]]
+        value = _flag_value(engine_extra, shared)  # either spelling, `--flag V` or `--flag=V`
+        if value is not None and shared not in args.router_args:
+            router += [shared, value]
     router += shlex.split(args.router_args)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     parts.append(Part("router", router, ("http", f"http://{host}:{args.port}/health")))
