@@ -33,7 +33,8 @@ from pdserve.kernels.reference import quantize_fp8
 
 _PREFILL_SWEEP = [AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 4, 3), AttentionConfig(128, 128, 8, 3),
                   AttentionConfig(128, 32, 4, 3), AttentionConfig(64, 64, 4, 3), AttentionConfig(64, 64, 4, 4),
-                  AttentionConfig(128, 64, 8, 4), AttentionConfig(64, 128, 4, 3)]
+                  AttentionConfig(128, 64, 8, 4), AttentionConfig(64, 128, 4, 3), AttentionConfig(128, 128, 8, 2),
+                  AttentionConfig(128, 128, 8, 4), AttentionConfig(256, 64, 8, 3), AttentionConfig(256, 32, 8, 3)]
 _DECODE_SWEEP_N = [(64, 4, 3), (128, 4, 3), (128, 4, 2)]  # (block_n, num_warps, num_stages)
 _SWEEP_SPLITS = (None, 1, 4, 8, 16, 32)
 

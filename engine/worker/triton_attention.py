@@ -4,6 +4,8 @@ Unlike the torch backend it never loops over chunks on the host and never reads 
 costs the same two launches whatever its mix of decodes and prefill chunks, and the decode step can be captured
 in a CUDA graph: every launch grid follows from tensor shapes, and the host-side hints it reads
 (``max_query_len``, ``max_seq_len``) only pick tile shapes and the split-KV factor, never correctness.
+Opt-in (``PDSERVE_DENSE_PREFILL``), eager steps of fresh long prompts attend with cuDNN instead
+(:mod:`~pdserve.engine.worker.dense_prefill`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.engine.worker.attention import AttentionBackend, AttentionMetadata
+from pdserve.engine.worker.dense_prefill import DensePrefill
 from pdserve.kernels.attention import paged_attention
 from pdserve.kernels.kv_cache import write_kv_cache
 from pdserve.kernels.rotary import rotary_embedding_and_write_kv
@@ -34,13 +37,14 @@ class TritonAttentionBackend(AttentionBackend):
         self.k_scale = k_scale
         self.v_scale = v_scale
         self.num_kv_splits = num_kv_splits
+        self.dense_prefill = DensePrefill()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
         """Write ``k``/``v`` ``[T, Hkv, D]`` into ``kv_cache`` and attend: ``q [T, Hq, D] -> [T, Hq, D]``."""
         k_scale, v_scale = self._scales(kv_cache)
         write_kv_cache(k, v, kv_cache, metadata.slot_mapping, k_scale, v_scale)
-        return self._attend(q, kv_cache, metadata, scale, k_scale, v_scale)
+        return self._attend(q, k, v, kv_cache, metadata, scale, k_scale, v_scale)
 
     def forward_with_rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cos_sin: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
@@ -49,15 +53,19 @@ class TritonAttentionBackend(AttentionBackend):
         attend. Rows with a negative slot (CUDA-graph padding) are rotated but not written."""
         k_scale, v_scale = self._scales(kv_cache)
         rotary_embedding_and_write_kv(positions, q, k, v, cos_sin, kv_cache, metadata.slot_mapping, k_scale, v_scale)
-        return self._attend(q, kv_cache, metadata, scale, k_scale, v_scale)
+        return self._attend(q, k, v, kv_cache, metadata, scale, k_scale, v_scale)
 
     def _scales(self, kv_cache: torch.Tensor) -> tuple[float, float]:
         if kv_cache.dtype == torch.float8_e4m3fn:
             return self.k_scale, self.v_scale
         return 1.0, 1.0
 
-    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float | None,
-                k_scale: float, v_scale: float) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata, scale: float | None, k_scale: float, v_scale: float) -> torch.Tensor:
+        if self.dense_prefill.applies(q, kv_cache, metadata):
+            out = self.dense_prefill.attend(q, k, v, metadata, scale)
+            if out is not None:
+                return out
         return paged_attention(
             q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_tables, scale,
             k_scale=k_scale, v_scale=v_scale,

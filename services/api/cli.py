@@ -20,6 +20,7 @@ import signal
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pdserve.cli.engine_args import add_engine_arguments, engine_kwargs
+from pdserve.engine.heap import freeze_startup_heap
 from pdserve.services.api.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger("pdserve.serve")
@@ -312,6 +313,8 @@ async def serve(args: argparse.Namespace, *, engine_overrides: dict[str, Any] | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.request_exit)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    # Start-up is done: keep full GC passes from stalling every open stream at once (engine/heap.py).
+    freeze_startup_heap()
     try:
         await server.serve()
     finally:

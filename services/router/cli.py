@@ -18,6 +18,7 @@ import logging
 
 from pdserve.engine.core.block_hash import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, SUPPORTED_ALGOS
 from pdserve.engine.security import ClusterSecret, load_cluster_secret
+from pdserve.engine.heap import freeze_startup_heap
 
 logger = logging.getLogger("pdserve.router")
 
@@ -184,6 +185,7 @@ async def serve(config, tokenizer, args: argparse.Namespace) -> int:
         logger.info("gRPC on %s:%d", args.host, port)
     logger.info("router for %s on http://%s:%d (%d pods known so far)", config.model.name, args.host, args.port,
                 len(running.pods.all()))
+    freeze_startup_heap()  # start-up is done: short GC pauses for every open stream (engine/heap.py)
     try:
         await server.serve()
     finally:
