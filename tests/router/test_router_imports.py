@@ -15,7 +15,8 @@ ALLOWED = ("pdserve.engine.frontend", "pdserve.engine.core", "pdserve.engine.sec
 # engine does; the KV-event subscriber decodes the engine publisher's wire format; the pod backend verifies a KV
 # handle and releases a transfer no decode pod took over (the KV handle contract and its torch-free client); the
 # CLI freezes its start-up heap as every pdserve server does (a torch-free helper).
-EXCEPTIONS = {("cli.py", "pdserve.engine.model_loader"), ("cli.py", "pdserve.engine.heap"), ("kv_events.py", "pdserve.engine.kv_event_publisher"),
+EXCEPTIONS = {("cli.py", "pdserve.engine.model_loader"), ("cli.py", "pdserve.engine.heap"),
+              ("kv_events.py", "pdserve.engine.kv_event_publisher"),
               ("backend.py", "pdserve.engine.kv_transfer.base"),
               ("backend.py", "pdserve.engine.kv_transfer.grpc.client")}
 
