@@ -61,14 +61,19 @@ class DensePrefill:
     """Decides per step whether the fresh-prompt path applies, and runs it.
 
     Args:
-        min_tokens: shortest prompt (tokens in the step) that takes the path; ``None`` turns it off. Defaults to
-            ``PDSERVE_DENSE_PREFILL`` (off when unset).
+        min_tokens: shortest prompt (tokens in the step) that takes the path; ``None`` turns it off
+            (:meth:`from_env` reads it from ``PDSERVE_DENSE_PREFILL``).
     """
 
-    def __init__(self, min_tokens: int | None | str = "env") -> None:
-        self.min_tokens = _min_tokens_from_env() if min_tokens == "env" else min_tokens
+    def __init__(self, min_tokens: int | None) -> None:
+        self.min_tokens = min_tokens
         self._gqa_native = True  # cleared once if this build's cuDNN path refuses enable_gqa
         self._unavailable = False  # set once if cuDNN attention cannot run here at all
+
+    @classmethod
+    def from_env(cls) -> "DensePrefill":
+        """The setting of ``PDSERVE_DENSE_PREFILL``: off when unset or 0; a bad value raises ValueError."""
+        return cls(_min_tokens_from_env())
 
     def applies(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> bool:
         """Whether this step's attention can run on its own K/V (see the module docstring)."""

@@ -37,7 +37,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.k_scale = k_scale
         self.v_scale = v_scale
         self.num_kv_splits = num_kv_splits
-        self.dense_prefill = DensePrefill()
+        self.dense_prefill = DensePrefill.from_env()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:

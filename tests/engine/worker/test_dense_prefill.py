@@ -25,14 +25,14 @@ def test_fresh_long_prompts(q_lens, ctx_lens, want):
 
 def test_setting_from_environment(monkeypatch):
     monkeypatch.delenv("PDSERVE_DENSE_PREFILL", raising=False)
-    assert DensePrefill().min_tokens is None  # off by default (the module docstring says why)
+    assert DensePrefill.from_env().min_tokens is None  # off by default (the module docstring says why)
     monkeypatch.setenv("PDSERVE_DENSE_PREFILL", "0")
-    assert DensePrefill().min_tokens is None
+    assert DensePrefill.from_env().min_tokens is None
     monkeypatch.setenv("PDSERVE_DENSE_PREFILL", "8192")
-    assert DensePrefill().min_tokens == 8192
+    assert DensePrefill.from_env().min_tokens == 8192
     monkeypatch.setenv("PDSERVE_DENSE_PREFILL", "yes")
     with pytest.raises(ValueError, match="PDSERVE_DENSE_PREFILL"):
-        DensePrefill()
+        DensePrefill.from_env()
 
 
 def test_never_applies_off_gpu_and_falls_back_without_cudnn():
