@@ -23,6 +23,7 @@ class RequestResult:
 
     success: bool
     start: float = 0.0  # time.perf_counter() at send, relative to the run's start
+    sent_at: float = 0.0  # time.time() at send: wall clock, to match against server-side traces (PDSERVE_STEP_TRACE)
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
@@ -96,7 +97,7 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, req: Bench
     """Send ``req`` and time it; never raises for a failed request (the result carries the error)."""
     result = RequestResult(success=False, tenant=req.tenant)
     start = time.perf_counter()
-    result.start = start - t0
+    result.start, result.sent_at = start - t0, time.time()
     last = start
     chunks = 0
     try:

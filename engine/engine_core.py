@@ -37,6 +37,7 @@ from pdserve.engine.faults import describe, is_device_fault
 from pdserve.engine.outputs import EngineCoreOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.step_trace import StepTrace
 from pdserve.engine.frontend.validation import validate_prompt
 from pdserve.engine.heap import freeze_startup_heap
 
@@ -121,6 +122,7 @@ class EngineCore:
         self._in_flight: _InFlight | None = None
         self._failed_outputs: list[EngineCoreOutput] = []  # requests aborted by a failure, not yet reported
         self._last_done = 0.0  # when the last step completed (perf_counter), for StepStat durations
+        self._step_trace = StepTrace.from_env(config.kv_transfer.role)  # PDSERVE_STEP_TRACE (engine/step_trace)
         # Unfinished requests whose sampling may read their tokens on the host (penalties, min_tokens): while
         # one needs it, steps run synchronously (see _needs_sync_step).
         self._host_token_ids: set[str] = set()
@@ -413,11 +415,14 @@ class EngineCore:
         self.num_steps += 1
         self.num_computed_tokens_total += sched_out.total_num_tokens
         self._last_done = time.perf_counter()
-        if self.step_stats is not None:
+        if self.step_stats is not None or self._step_trace is not None:
             chunks = sched_out.chunks
-            self.step_stats.append(StepStat(
-                self._last_done - start, sched_out.total_num_tokens, len(chunks),
-                sum(1 for c in chunks if c.num_tokens == 1), sum(c.context_len for c in chunks)))
+            stat = StepStat(self._last_done - start, sched_out.total_num_tokens, len(chunks),
+                            sum(1 for c in chunks if c.num_tokens == 1), sum(c.context_len for c in chunks))
+            if self.step_stats is not None:
+                self.step_stats.append(stat)
+            if self._step_trace is not None:
+                self._step_trace.write(stat)
         row_of = {rid: i for i, rid in enumerate(sample_ids)}
         now = time.time()
         outputs = []
@@ -509,6 +514,8 @@ class EngineCore:
             stop_workers()
         if self.structured is not None:
             self.structured.shutdown()
+        if self._step_trace is not None:
+            self._step_trace.close()
 
     def _drain_finished_without_step(self) -> list[EngineCoreOutput]:
         """Requests the scheduler finished on its own (e.g. one that can never fit the KV pool)."""

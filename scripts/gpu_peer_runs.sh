@@ -60,12 +60,14 @@ step llama_latency 420 $PD bench latency --model llama-3.1-8b --load-format dumm
     --input-len 128,4096,32768,1024 --batch-size 1,1,1,64 --output-len 129 --iters 3 --max-model-len 33024 \
     --max-num-seqs 256 "${PEER[@]}" --peer-log-dir "$RES/llama_latency-logs" --json-out "$RES/llama_latency.json"
 # vllm serve, then pdserve serve, then pdserve up, on the same model directory; the same 200-request trace at each
-# rate.
-step serve_mixed 540 $PD bench serve "${PEER[@]}" --pdserve-up --serve-model "${SERVE_MODEL:-qwen3-0.6b}" --serve-max-model-len 4096 \
+# rate. pdserve's engines trace their steps (engine/step_trace.py) so serve_gaps.py can tell engine stalls from others.
+rm -f "$RES/serve_mixed-steps.jsonl"
+PDSERVE_STEP_TRACE="$RES/serve_mixed-steps.jsonl" step serve_mixed 540 $PD bench serve "${PEER[@]}" --pdserve-up --serve-model "${SERVE_MODEL:-qwen3-0.6b}" --serve-max-model-len 4096 \
     --serve-max-num-seqs 256 --serve-max-num-batched-tokens 8192 --dataset mixed --num-prompts 200 \
     --mixed-long-fraction 0.2 --mixed-long-input-len 2000 --mixed-long-output-len 16 --random-input-len 256 \
     --random-output-len 256 --random-range-ratio 0.5 --request-rate 15,30,60 --warmup 8 --no-timing \
     --slo ttft_p99=0.5 --slo itl_p99=0.05 --disable-tqdm --save-detailed --peer-log-dir "$RES/serve_mixed-logs" \
     --result-dir "$RES/serve_mixed"
-[[ -z "${STEPS:-}" || " $STEPS " == *" serve_mixed "* ]] && "$PY" scripts/serve_gaps.py "$RES/serve_mixed"
+[[ -z "${STEPS:-}" || " $STEPS " == *" serve_mixed "* ]] && "$PY" scripts/serve_gaps.py "$RES/serve_mixed" \
+    --steps "$RES/serve_mixed-steps.jsonl"
 echo "results in $RES"

@@ -34,3 +34,28 @@ def test_says_when_the_run_kept_no_requests(tmp_path):
     out = subprocess.run([sys.executable, "-P", str(SCRIPT), str(tmp_path)], capture_output=True, text=True,
                          check=True).stdout
     assert "no per-request data (run with --save-detailed)" in out
+
+
+def test_matches_each_stall_against_the_engine_steps(tmp_path):
+    """Wall-clock stalls against a step trace: a 90 ms gap two requests share while an 85 ms step ran is the
+    engine's; a 100 ms gap no step overlapped is outside it; a 70 ms gap over 5 ms steps is not explained."""
+    t0 = 1000.0
+    run = {"request_rate": 60.0, "summary": {}, "requests": [
+        {"success": True, "start": 0.0, "sent_at": t0, "ttft": 0.1, "latency": 0.5,
+         "itl": [0.1, 0.09, 0.01, 0.07]},  # gaps over 50 ms: 0.1-0.2, 0.2-0.29, 0.3-0.37
+        {"success": True, "start": 0.15, "sent_at": t0 + 0.15, "ttft": 0.05, "latency": 0.3, "itl": [0.09]},
+    ]}
+    (tmp_path / "serve.json").write_text(json.dumps({"runs": [run]}))
+    steps = [{"pid": 1, "role": "both", "end": t0 + 0.29, "ms": 85.0, "tokens": 4096, "seqs": 3, "decodes": 2,
+              "context": 0}]
+    steps += [{"pid": 1, "role": "both", "end": t0 + 0.3 + 0.005 * i, "ms": 5.0, "tokens": 2, "seqs": 2,
+               "decodes": 2, "context": 10} for i in range(1, 15)]
+    trace = tmp_path / "steps.jsonl"
+    trace.write_text("".join(json.dumps(s) + "\n" for s in steps) + '{"torn')
+    out = subprocess.run([sys.executable, "-P", str(SCRIPT), str(tmp_path), "--steps", str(trace)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "engine steps (both): 15, p50 5.0 ms, p99 85.0 ms, max 85.0 ms, 1 over 50 ms" in out
+    assert "at    0.100 s:  100.0 ms, 1 request(s); no engine step overlapped: outside the engine" in out
+    assert "at    0.200 s:   90.0 ms, 2 request(s); longest step 85.0 ms (both, 4096 tokens, 3 seqs, 2 decodes)\n" in out
+    assert "at    0.300 s:   70.0 ms, 1 request(s); longest step 5.0 ms (both, 2 tokens, 2 seqs, 2 decodes): " \
+           "the steps do not explain it" in out

@@ -185,6 +185,25 @@ def test_step_stats_count_completed_steps(model_dir: str, prompts) -> None:
     assert sum(s.num_tokens for s in c.step_stats) == c.num_computed_tokens_total
 
 
+def test_step_trace_writes_one_line_per_step(model_dir: str, prompts, tmp_path, monkeypatch) -> None:
+    """PDSERVE_STEP_TRACE: a JSON line per completed step, the same numbers as the recorded StepStats."""
+    import json
+
+    trace = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("PDSERVE_STEP_TRACE", str(trace))
+    c = core(model_dir, True)
+    c.record_step_stats()
+    run(c, greedy(prompts[:2], max_tokens=5))
+    c.shutdown()
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(lines) == c.num_steps == len(c.step_stats)
+    assert [(d["tokens"], d["seqs"], d["decodes"], d["context"]) for d in lines] == [
+        (s.num_tokens, s.num_seqs, s.num_decodes, s.total_context) for s in c.step_stats]
+    assert [d["ms"] for d in lines] == [round(s.duration_s * 1e3, 3) for s in c.step_stats]
+    assert {d["role"] for d in lines} == {"both"} and all(d["end"] > 1.7e9 for d in lines)
+    assert lines == sorted(lines, key=lambda d: d["end"])
+
+
 def test_async_scheduling_setting(model_dir: str) -> None:
     auto = SchedulerConfig()
     assert auto.use_async_scheduling("cuda")
