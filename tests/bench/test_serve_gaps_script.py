@@ -56,6 +56,7 @@ def test_matches_each_stall_against_the_engine_steps(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "engine steps (both): 15, p50 5.0 ms, p99 85.0 ms, max 85.0 ms, 1 over 50 ms" in out
     assert "at    0.100 s:  100.0 ms, 1 request(s); no engine step overlapped: outside the engine" in out
-    assert "at    0.200 s:   90.0 ms, 2 request(s); longest step 85.0 ms (both, 4096 tokens, 3 seqs, 2 decodes)\n" in out
+    assert ("at    0.200 s:   90.0 ms, 2 request(s); longest step 85.0 ms (both, 4096 tokens, 3 seqs, "
+            "2 decodes)\n") in out
     assert "at    0.300 s:   70.0 ms, 1 request(s); longest step 5.0 ms (both, 2 tokens, 2 seqs, 2 decodes): " \
            "the steps do not explain it" in out
