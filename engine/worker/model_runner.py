@@ -163,6 +163,14 @@ class ModelRunner:
         group = self.config.model.hf_config.num_attention_heads // tp_size // spec.num_kv_heads
         num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         cases = warmup_cases(group, spec.num_kv_heads, num_sms, sched.max_num_seqs, sched.max_num_batched_tokens)
+        dense = getattr(self.attn_backend, "dense_prefill", None)
+        if dense is not None and dense.enabled:
+            # cuDNN prefill (PDSERVE_DENSE_PREFILL): one fresh prompt at the threshold makes the first call, which
+            # builds every prompt-length bucket's graph now instead of in live traffic (dense_prefill.py).
+            longest = min(sched.max_num_batched_tokens, self.config.model.max_model_len)
+            dense.limit(longest)
+            if dense.min_tokens <= longest:
+                cases.append((1, dense.min_tokens, 0))
         warm_up(lambda out: self._run(out, self.kv_caches), cases, self.block_size, self.num_blocks)
 
     def _make_graph_runner(self) -> DecodeGraphRunner | None:
