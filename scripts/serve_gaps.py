@@ -107,8 +107,9 @@ def main() -> None:
                 t0 = min(r["sent_at"] - r["start"] for r in requests)
                 end = max(r["sent_at"] + r["latency"] for r in requests)
                 window = [s for s in steps if t0 <= s["end"] <= end]
-                if window:
-                    print(step_summary(window, args.itl * 1e3))
+                if not window:  # another engine's run (the peer writes no trace): nothing to match against
+                    continue
+                print(step_summary(window, args.itl * 1e3))
                 for stall in wall_stalls(requests, args.itl):
                     print(explain(stall, window, t0))
 

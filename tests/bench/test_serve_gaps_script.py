@@ -60,3 +60,8 @@ def test_matches_each_stall_against_the_engine_steps(tmp_path):
             "2 decodes)\n") in out
     assert "at    0.300 s:   70.0 ms, 1 request(s); longest step 5.0 ms (both, 2 tokens, 2 seqs, 2 decodes): " \
            "the steps do not explain it" in out
+    # A run the trace does not cover (the peer's) gets no step matching at all.
+    trace.write_text(json.dumps(dict(steps[0], end=t0 + 100)) + "\n")
+    out = subprocess.run([sys.executable, "-P", str(SCRIPT), str(tmp_path), "--steps", str(trace)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "2 with a gap over 50 ms" in out and "engine steps" not in out and " at " not in out
