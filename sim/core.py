@@ -122,6 +122,7 @@ class SimEngineCore(EngineCore):
         self.async_scheduling = False
         self._in_flight = None
         self._last_done = 0.0
+        self._step_trace = None  # PDSERVE_STEP_TRACE is the real engine's: a simulated step's time is the model's
         self._failed_outputs: list = []  # requests aborted by a failure, not yet reported (the engine's)
         self._host_token_ids: set[str] = set()
         self.scheduler = Scheduler(
