@@ -7,9 +7,10 @@ pipeline) runs the same causal attention faster once the prompt is long enough f
 (measured on an H100, docs/performance.md "Prefill at 4k and 32k"). The K/V are still written to the cache by
 the caller, so later chunks and decodes read them from there as before.
 
-Off by default; ``PDSERVE_DENSE_PREFILL=N`` turns it on for prompts of at least ``N`` tokens. Torch builds a
-cuDNN graph for every distinct shape, the first time it sees it, and a build takes long enough to stall every
-stream of a serving engine (SGLang's cuDNN backend measured ~400 ms). So prompts never reach cuDNN at their own
+Off by default; ``PDSERVE_DENSE_PREFILL=N`` turns it on for prompts of at least ``N`` tokens (it pays off only
+where attention is a large share of a step: long prompts, large models; docs/engine.md). Torch builds a cuDNN
+graph for every distinct shape, the first time it sees it, and a build (~70 ms for Llama-3.1-8B's heads on an
+H100) would stall every stream of a serving engine. So prompts never reach cuDNN at their own
 length: each is padded to a *bucket* (:func:`bucket_len`: a multiple of 1/16 of its power-of-two ceiling, at least
 256), whose padded rows are zeros that no real row sees (the mask is causal and the padding comes last), and the
 engine builds every bucket's graph up front: the first call, which the runner's warm-up makes, builds them all
