@@ -61,3 +61,39 @@ def test_bulk_detokenization_equals_incremental(tokenizer, text: str) -> None:
     bulk = IncrementalDetokenizer(tokenizer, prompt)
     bulk.append_all(ids)
     assert bulk.text == incremental.text
+
+
+def test_fast_decoder_is_the_tokenizers_own_decode(tokenizer) -> None:
+    """The direct backend decode is taken for the bundled (stock fast) tokenizer and gives the same text as
+    ``tokenizer.decode`` on random id windows, special tokens included, with and without skipping them; a tokenizer
+    with clean-up on, or with a decode of its own, keeps its own decode."""
+    import random
+
+    from pdserve.engine.frontend.detokenizer import decoder_for
+
+    decode = decoder_for(tokenizer)
+    assert decode.__code__ is not decoder_for(object()).__code__  # the direct path was chosen
+    rng = random.Random(0)
+    specials = list(tokenizer.all_special_ids)
+    for _ in range(500):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 9))] + rng.sample(specials, 1)
+        rng.shuffle(ids)
+        for skip in (True, False):
+            assert decode(ids, skip) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+    class OwnDecode(type(tokenizer)):
+        def decode(self, ids, **kwargs):
+            return "custom"
+
+    custom = OwnDecode.__new__(OwnDecode)
+    custom.__dict__.update(tokenizer.__dict__)
+    assert decoder_for(custom)([1, 2], True) == "custom"
+
+    class CleanUp:  # a stand-in with clean-up on: the direct path would skip it
+        backend_tokenizer = tokenizer.backend_tokenizer
+        clean_up_tokenization_spaces = True
+
+        def decode(self, ids, skip_special_tokens):
+            return "cleaned"
+
+    assert decoder_for(CleanUp())([1, 2], True) == "cleaned"
