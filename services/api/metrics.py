@@ -128,11 +128,14 @@ class ServingMetrics:
                 self._record_spec(stats.spec_decode)
         if it.num_step_tokens:
             self.iteration_tokens.observe(it.num_step_tokens)
-        self.prompt_tokens.inc(it.num_prompt_tokens)
-        self.prompt_tokens_cached["prefix_cache"].inc(it.num_prefix_cached_tokens)
-        self.prompt_tokens_cached["connector"].inc(it.num_connector_cached_tokens)
-        self.generation_tokens.inc(it.num_generation_tokens)
-        self.requested_output_tokens.inc(it.num_requested_output_tokens)
+        # Zero increments skipped: the router records every streamed delta, and each inc takes a lock.
+        for counter, n in ((self.prompt_tokens, it.num_prompt_tokens),
+                           (self.prompt_tokens_cached["prefix_cache"], it.num_prefix_cached_tokens),
+                           (self.prompt_tokens_cached["connector"], it.num_connector_cached_tokens),
+                           (self.generation_tokens, it.num_generation_tokens),
+                           (self.requested_output_tokens, it.num_requested_output_tokens)):
+            if n:
+                counter.inc(n)
         for v in it.time_to_first_tokens:
             self.time_to_first_token.observe(v)
         for v in it.inter_token_latencies:
