@@ -33,7 +33,12 @@ class StepTrace:
     def from_env(cls, role: str = "both") -> "StepTrace | None":
         """The trace ``PDSERVE_STEP_TRACE`` names, or None when it is unset or empty."""
         path = os.environ.get(ENV, "").strip()
-        return cls(path, role) if path else None
+        if not path:
+            return None
+        try:
+            return cls(path, role)
+        except OSError as err:
+            raise ValueError(f"{ENV}={path!r}: cannot append to it ({err.strerror})") from None
 
     def write(self, stat: Any, end: float | None = None) -> None:
         """One step: ``stat`` is a :class:`~pdserve.engine.engine_core.StepStat`; ``end`` its wall-clock end."""

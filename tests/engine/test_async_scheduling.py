@@ -204,6 +204,12 @@ def test_step_trace_writes_one_line_per_step(model_dir: str, prompts, tmp_path, 
     assert lines == sorted(lines, key=lambda d: d["end"])
 
 
+def test_step_trace_that_cannot_be_opened_is_refused(model_dir: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PDSERVE_STEP_TRACE", str(tmp_path / "missing" / "steps.jsonl"))
+    with pytest.raises(ValueError, match="PDSERVE_STEP_TRACE=.*missing.*cannot append to it"):
+        core(model_dir, True)
+
+
 def test_async_scheduling_setting(model_dir: str) -> None:
     auto = SchedulerConfig()
     assert auto.use_async_scheduling("cuda")
