@@ -54,8 +54,17 @@ def longest_step(steps: list[dict], start: float, end: float) -> dict | None:
     return max(inside, key=lambda s: s["ms"], default=None)
 
 
-def explain(stall: tuple[float, float, int], steps: list[dict], t0: float) -> str:
-    """One line: when, how long, how many requests, and the engine step behind it (if any)."""
+def slow_cover(steps: list[dict], start: float, end: float, bound_ms: float) -> float:
+    """The share of ``[start, end]`` during which some engine step over ``bound_ms`` was running (steps of one
+    engine do not overlap; a stall may span a chain of long steps, none as long as the stall)."""
+    covered = sum(max(0.0, min(end, s["end"]) - max(start, s["end"] - s["ms"] / 1e3))
+                  for s in steps if s["ms"] > bound_ms)
+    return min(1.0, covered / (end - start)) if end > start else 0.0
+
+
+def explain(stall: tuple[float, float, int], steps: list[dict], t0: float, bound_ms: float) -> str:
+    """One line: when, how long, how many requests, and the engine step behind it (if any). A stall is the
+    engine's when one step ran for at least half of it or long steps cover at least half of it."""
     start, end, count = stall
     gap_ms = (end - start) * 1e3
     step = longest_step(steps, start, end)
@@ -64,7 +73,12 @@ def explain(stall: tuple[float, float, int], steps: list[dict], t0: float) -> st
         return head + "no engine step overlapped: outside the engine"
     what = (f"longest step {step['ms']:.1f} ms ({step['role']}, {step['tokens']} tokens, {step['seqs']} seqs, "
             f"{step['decodes']} decodes)")
-    return head + what + ("" if step["ms"] >= gap_ms / 2 else ": the steps do not explain it")
+    if step["ms"] >= gap_ms / 2:
+        return head + what
+    cover = slow_cover(steps, start, end, bound_ms)
+    if cover >= 0.5:
+        return head + what + f"; steps over {bound_ms:g} ms ran for {cover:.0%} of it"
+    return head + what + ": the steps do not explain it"
 
 
 def step_summary(steps: list[dict], bound_ms: float) -> str:
@@ -106,12 +120,12 @@ def main() -> None:
             if steps and all(r.get("sent_at") for r in requests):
                 t0 = min(r["sent_at"] - r["start"] for r in requests)
                 end = max(r["sent_at"] + r["latency"] for r in requests)
-                window = [s for s in steps if t0 <= s["end"] <= end]
+                window = [s for s in steps if s["end"] >= t0 and s["end"] - s["ms"] / 1e3 <= end]  # overlapping
                 if not window:  # another engine's run (the peer writes no trace): nothing to match against
                     continue
                 print(step_summary(window, args.itl * 1e3))
                 for stall in wall_stalls(requests, args.itl):
-                    print(explain(stall, window, t0))
+                    print(explain(stall, window, t0, args.itl * 1e3))
 
 
 def _read_steps(path: str) -> list[dict]:

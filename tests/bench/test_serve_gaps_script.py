@@ -65,3 +65,23 @@ def test_matches_each_stall_against_the_engine_steps(tmp_path):
     out = subprocess.run([sys.executable, "-P", str(SCRIPT), str(tmp_path), "--steps", str(trace)],
                          capture_output=True, text=True, check=True).stdout
     assert "2 with a gap over 50 ms" in out and "engine steps" not in out and " at " not in out
+
+
+def test_a_stall_over_a_chain_of_long_steps_is_the_engines(tmp_path):
+    """A slow engine (say on a CPU): gaps of 60 ms back to back for 0.6 s merge into one stall that no single
+    80 ms step spans, but steps over the bound ran for all of it."""
+    t0 = 2000.0
+    run = {"request_rate": 8.0, "summary": {}, "requests": [
+        {"success": True, "start": 0.0, "sent_at": t0, "ttft": 0.1, "latency": 0.7, "itl": [0.06] * 10},
+        {"success": True, "start": 0.0, "sent_at": t0, "ttft": 0.13, "latency": 0.7, "itl": [0.06] * 9},
+    ]}
+    (tmp_path / "serve.json").write_text(json.dumps({"runs": [run]}))
+    steps = [{"pid": 1, "role": "both", "end": t0 + 0.1 + 0.08 * i, "ms": 80.0, "tokens": 2, "seqs": 2,
+              "decodes": 2, "context": 10} for i in range(10)]
+    trace = tmp_path / "steps.jsonl"
+    trace.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    out = subprocess.run([sys.executable, "-P", str(SCRIPT), str(tmp_path), "--steps", str(trace)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "at    0.100 s:  600.0 ms, 19 request(s); longest step 80.0 ms (both, 2 tokens, 2 seqs, 2 decodes); " \
+           "steps over 50 ms ran for 100% of it" in out
+    assert "do not explain" not in out
