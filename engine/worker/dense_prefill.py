@@ -116,7 +116,7 @@ class DensePrefill:
 
     def applies(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> bool:
         """Whether this step's attention can run on its own K/V (see the module docstring)."""
-        if self.min_tokens is None or self._unavailable:
+        if not self.enabled:
             return False
         if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or kv_cache.dtype != q.dtype:
             return False
