@@ -24,6 +24,7 @@ from pdserve.engine.frontend.tokenizer import tokenize_async
 from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.app import validation_error
+from pdserve.services.api.delta_hub import DeltaHub
 from pdserve.services.api.engine_client import EngineClient
 from pdserve.services.api.errors import GRPC_CODES, ApiError, bad_request, from_exception
 from pdserve.services.api.grpc_guard import EdgeInterceptor
@@ -56,6 +57,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.engine = engine
         self.settings = settings
         self.serving = ChatServing(engine, settings)  # its ServingBase checks serve both prompt kinds
+        self.hub = DeltaHub()  # routers' Deltas subscriptions (services/api/delta_hub.py)
 
     async def abort_call(self, context: grpc.aio.ServicerContext, err: ApiError) -> NoReturn:
         """End the call with the error's status code (``context.abort`` raises)."""
@@ -132,8 +134,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         received = time.time()
         with PodCallSpan("pdserve.v1.Generation/Generate", context) as span:
-            async for msg in self._generate(request, context, received, span):
+            async for msg in self.hub.deliver(request, context, self._generate(request, context, received, span)):
                 yield msg
+
+    async def Deltas(self, request: pb.DeltasRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DeltaBatch]:
+        async for batch in self.hub.serve(request, context):
+            yield batch
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, received: float,
                         span: PodCallSpan) -> AsyncIterator[pb.GenerateResponse]:
@@ -207,13 +214,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 class GrpcServer:
     """A started ``grpc.aio`` server with the generation and health services; :meth:`stop` shuts it down."""
 
-    def __init__(self, server: grpc.aio.Server, health_task: asyncio.Task, port: int) -> None:
+    def __init__(self, server: grpc.aio.Server, health_task: asyncio.Task, port: int,
+                 hub: DeltaHub | None = None) -> None:
         self.server = server
         self.port = port
         self._health_task = health_task
+        self._hub = hub
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self._health_task.cancel()
+        if self._hub is not None:
+            self._hub.close()  # the Deltas streams end as their last calls do, not at the grace's end
         await self.server.stop(grace_s)
 
 
@@ -257,4 +268,4 @@ async def start_grpc_server(engine: EngineClient, settings: ServerSettings, host
                 last = status
             await asyncio.sleep(0.5)
 
-    return GrpcServer(server, asyncio.create_task(track_health()), bound)
+    return GrpcServer(server, asyncio.create_task(track_health()), bound, generation.hub)

@@ -37,7 +37,8 @@ class DecodeServicer(disagg_pb2_grpc.DecodeServicer):
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         received = time.time()
         with PodCallSpan("pdserve.v1.Decode/Decode", context) as span:
-            async for msg in self._decode(request, context, received, span):
+            responses = self._decode(request, context, received, span)
+            async for msg in self.gen.hub.deliver(request.request, context, responses):
                 yield msg
 
     async def _decode(self, request: Any, context: grpc.aio.ServicerContext, received: float,

@@ -29,6 +29,7 @@ from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 from pdserve.proto.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.services.api.auth import ENGINE_SCOPE
 from pdserve.services.api.tracing import outgoing_metadata
+from pdserve.services.router.delta_mux import DeltaSubscription, SubscriptionLost, call_responses
 from pdserve.services.router.types import Endpoint
 
 # The longest a channel waits before reconnecting to a pod that went away (so a restarted pod rejoins within about
@@ -161,6 +162,9 @@ class GrpcPodBackend:
                          ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
                          ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)]
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Per pod target: its Deltas subscription (services/router/delta_mux.py), and the pods without the method.
+        self._subscriptions: dict[str, DeltaSubscription] = {}
+        self._no_deltas: set[str] = set()
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
         """The call token of one call (none without a secret) and the current trace context (W3C
@@ -177,8 +181,29 @@ class GrpcPodBackend:
             ch = self._channels[pod.grpc_target] = grpc.aio.insecure_channel(pod.grpc_target, options=self._options)
         return ch
 
+    def _subscription(self, pod: Endpoint, channel: grpc.aio.Channel) -> DeltaSubscription | None:
+        """The pod's Deltas subscription when it is open; opens one (for later calls) when there is none."""
+        target = pod.grpc_target or ""
+        sub = self._subscriptions.get(target)
+        if sub is not None and sub.closed:
+            if sub.unimplemented:
+                self._no_deltas.add(target)
+            sub = None
+        if sub is None:
+            if target in self._no_deltas:
+                return None
+            # Only the call token: the stream outlives the request whose call opened it, so no trace context.
+            auth = tuple(self.cluster_secret.call_headers(ENGINE_SCOPE).items()) if self.cluster_secret else None
+            self._subscriptions[target] = DeltaSubscription(channel, auth)
+            return None
+        return sub if sub.ready else None
+
     async def forget(self, pod: Endpoint) -> None:
         """Close the channel of a pod that left (a later pod at the same address gets a fresh one)."""
+        sub = self._subscriptions.pop(pod.grpc_target or "", None)
+        if sub is not None:
+            await sub.close()
+        self._no_deltas.discard(pod.grpc_target or "")
         ch = self._channels.pop(pod.grpc_target or "", None)
         if ch is not None:
             await ch.close()
@@ -202,14 +227,21 @@ class GrpcPodBackend:
         """``Decode`` with the handle after a remote prefill, else the plain ``Generate`` stream."""
         channel = self._channel(pod)
         decoding_kv = req.kv_transfer_params is not None
+        request = self._request(req)
+        sub = self._subscription(pod, channel)
+        queue = None
+        if sub is not None:  # the pod sends this call's tokens over its Deltas stream, batched with the others'
+            delivery, queue = sub.register()
+            request.delivery.CopyFrom(delivery)
         if decoding_kv:
             call = disagg_pb2_grpc.DecodeStub(channel).Decode(
-                disagg_pb2.DecodeRequest(request=self._request(req), kv_transfer_params=req.kv_transfer_params),
+                disagg_pb2.DecodeRequest(request=request, kv_transfer_params=req.kv_transfer_params),
                 metadata=self._metadata())
         else:
-            call = pb_grpc.GenerationStub(channel).Generate(self._request(req), metadata=self._metadata())
+            call = pb_grpc.GenerationStub(channel).Generate(request, metadata=self._metadata())
+        responses = call if queue is None else call_responses(call, queue)
         try:
-            async for resp in call:
+            async for resp in responses:
                 for choice in resp.choices:
                     delta = _delta(choice)
                     if resp.HasField("timing"):
@@ -217,8 +249,13 @@ class GrpcPodBackend:
                     yield delta
         except grpc.aio.AioRpcError as exc:
             raise self._error(pod, exc, decoding_kv) from None
+        except SubscriptionLost as exc:
+            raise PodError(pod.name, f"its Deltas stream closed mid-sequence: {exc}") from None
         finally:
             call.cancel()  # a no-op when finished; aborts the pod's request when the router gives up early
+            if sub is not None and queue is not None:
+                sub.unregister(request.delivery.key)
+                await responses.aclose()  # type: ignore[union-attr]
 
     async def prefill(self, pod: Endpoint, req: BackendRequest) -> tuple[TokenDelta, Any]:
         stub = disagg_pb2_grpc.PrefillStub(self._channel(pod))
@@ -264,6 +301,9 @@ class GrpcPodBackend:
         return resp.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
+        subs, self._subscriptions = list(self._subscriptions.values()), {}
+        for sub in subs:
+            await sub.close()
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdserve/v1/generate.proto\x12\npdserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"o\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\xe4\x08\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0c \x01(\x03H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\x0f\x88\x01\x01\x12\x39\n\x12structured_outputs\x18\x13 \x01(\x0b\x32\x1d.pdserve.v1.StructuredOutputs\x12 \n\x13\x64isable_speculation\x18\x1e \x01(\x08H\x10\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x03H\x11\x88\x01\x01\x12=\n\nlogit_bias\x18\x15 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x16 \x03(\x03\x12\x11\n\tbad_words\x18\x17 \x03(\t\x12(\n\x1bnum_generated_prompt_tokens\x18\x1f \x01(\x03H\x12\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_cache_saltB\x16\n\x14_disable_speculationB\x12\n\x10_prompt_logprobsB\x1e\n\x1c_num_generated_prompt_tokens\"\xb1\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x19\n\x11num_prefix_tokens\x18\x06 \x01(\x03\x42\x0c\n\nconstraint\"\x1c\n\nChoiceList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xde\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12 \n\x04\x63hat\x18\x05 \x01(\x0b\x32\x10.pdserve.v1.ChatH\x00\x12\x33\n\x0fsampling_params\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0c\n\x04user\x18\x07 \x01(\tB\x08\n\x06prompt\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"|\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x03\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"\xf9\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x31\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x1e\n\x11num_cached_tokens\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x14\n\x12_num_cached_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x12.pdserve.v1.Choice\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.pdserve.v1.PodTiming\"\xb7\x01\n\tPodTiming\x12\x10\n\x08received\x18\x01 \x01(\x01\x12\x15\n\rkv_load_start\x18\x02 \x01(\x01\x12\x13\n\x0bkv_load_end\x18\x03 \x01(\x01\x12\x15\n\rkv_load_bytes\x18\x04 \x01(\x04\x12\x11\n\tscheduled\x18\x05 \x01(\x01\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\x01\x12\x0c\n\x04sent\x18\x07 \x01(\x01\x12\x0c\n\x04role\x18\x08 \x01(\t\x12\x11\n\tconnector\x18\t \x01(\t\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x12\n\x10ModelInfoRequest\"f\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12served_model_names\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r2\xe1\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12\x43\n\x0cGetModelInfo\x12\x1c.pdserve.v1.ModelInfoRequest\x1a\x15.pdserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdserve/v1/generate.proto\x12\npdserve.v1\"#\n\rDeltasRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\"+\n\x08\x44\x65livery\x12\x12\n\nsubscriber\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"H\n\tDeltaItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.pdserve.v1.GenerateResponse\"2\n\nDeltaBatch\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.DeltaItem\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"o\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\xe4\x08\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0c \x01(\x03H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\x0f\x88\x01\x01\x12\x39\n\x12structured_outputs\x18\x13 \x01(\x0b\x32\x1d.pdserve.v1.StructuredOutputs\x12 \n\x13\x64isable_speculation\x18\x1e \x01(\x08H\x10\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x03H\x11\x88\x01\x01\x12=\n\nlogit_bias\x18\x15 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x16 \x03(\x03\x12\x11\n\tbad_words\x18\x17 \x03(\t\x12(\n\x1bnum_generated_prompt_tokens\x18\x1f \x01(\x03H\x12\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_cache_saltB\x16\n\x14_disable_speculationB\x12\n\x10_prompt_logprobsB\x1e\n\x1c_num_generated_prompt_tokens\"\xb1\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x19\n\x11num_prefix_tokens\x18\x06 \x01(\x03\x42\x0c\n\nconstraint\"\x1c\n\nChoiceList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x86\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12 \n\x04\x63hat\x18\x05 \x01(\x0b\x32\x10.pdserve.v1.ChatH\x00\x12\x33\n\x0fsampling_params\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x0c\n\x04user\x18\x07 \x01(\t\x12&\n\x08\x64\x65livery\x18\x08 \x01(\x0b\x32\x14.pdserve.v1.DeliveryB\x08\n\x06prompt\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"|\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x03\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"\xf9\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x31\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x1e\n\x11num_cached_tokens\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x14\n\x12_num_cached_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x12.pdserve.v1.Choice\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.pdserve.v1.PodTiming\"\xb7\x01\n\tPodTiming\x12\x10\n\x08received\x18\x01 \x01(\x01\x12\x15\n\rkv_load_start\x18\x02 \x01(\x01\x12\x13\n\x0bkv_load_end\x18\x03 \x01(\x01\x12\x15\n\rkv_load_bytes\x18\x04 \x01(\x04\x12\x11\n\tscheduled\x18\x05 \x01(\x01\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\x01\x12\x0c\n\x04sent\x18\x07 \x01(\x01\x12\x0c\n\x04role\x18\x08 \x01(\t\x12\x11\n\tconnector\x18\t \x01(\t\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"\x12\n\x10ModelInfoRequest\"f\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12served_model_names\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r2\xa0\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.pdserve.v1.TokenizeRequest\x1a\x1c.pdserve.v1.TokenizeResponse\x12\x43\n\x0cGetModelInfo\x12\x1c.pdserve.v1.ModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12=\n\x06\x44\x65ltas\x12\x19.pdserve.v1.DeltasRequest\x1a\x16.pdserve.v1.DeltaBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,42 +33,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_TOKENIDS']._serialized_start=41
-  _globals['_TOKENIDS']._serialized_end=64
-  _globals['_CHATMESSAGE']._serialized_start=66
-  _globals['_CHATMESSAGE']._serialized_end=110
-  _globals['_CHAT']._serialized_start=112
-  _globals['_CHAT']._serialized_end=223
-  _globals['_SAMPLINGPARAMS']._serialized_start=226
-  _globals['_SAMPLINGPARAMS']._serialized_end=1350
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=971
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1019
-  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1353
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1530
-  _globals['_CHOICELIST']._serialized_start=1532
-  _globals['_CHOICELIST']._serialized_end=1560
-  _globals['_GENERATEREQUEST']._serialized_start=1563
-  _globals['_GENERATEREQUEST']._serialized_end=1785
-  _globals['_TOPLOGPROB']._serialized_start=1787
-  _globals['_TOPLOGPROB']._serialized_end=1849
-  _globals['_TOKENLOGPROB']._serialized_start=1851
-  _globals['_TOKENLOGPROB']._serialized_end=1975
-  _globals['_CHOICE']._serialized_start=1978
-  _globals['_CHOICE']._serialized_end=2227
-  _globals['_USAGE']._serialized_start=2229
-  _globals['_USAGE']._serialized_end=2308
-  _globals['_GENERATERESPONSE']._serialized_start=2311
-  _globals['_GENERATERESPONSE']._serialized_end=2459
-  _globals['_PODTIMING']._serialized_start=2462
-  _globals['_PODTIMING']._serialized_end=2645
-  _globals['_TOKENIZEREQUEST']._serialized_start=2647
-  _globals['_TOKENIZEREQUEST']._serialized_end=2749
-  _globals['_TOKENIZERESPONSE']._serialized_start=2751
-  _globals['_TOKENIZERESPONSE']._serialized_end=2826
-  _globals['_MODELINFOREQUEST']._serialized_start=2828
-  _globals['_MODELINFOREQUEST']._serialized_end=2846
-  _globals['_MODELINFO']._serialized_start=2848
-  _globals['_MODELINFO']._serialized_end=2950
-  _globals['_GENERATION']._serialized_start=2953
-  _globals['_GENERATION']._serialized_end=3178
+  _globals['_DELTASREQUEST']._serialized_start=41
+  _globals['_DELTASREQUEST']._serialized_end=76
+  _globals['_DELIVERY']._serialized_start=78
+  _globals['_DELIVERY']._serialized_end=121
+  _globals['_DELTAITEM']._serialized_start=123
+  _globals['_DELTAITEM']._serialized_end=195
+  _globals['_DELTABATCH']._serialized_start=197
+  _globals['_DELTABATCH']._serialized_end=247
+  _globals['_TOKENIDS']._serialized_start=249
+  _globals['_TOKENIDS']._serialized_end=272
+  _globals['_CHATMESSAGE']._serialized_start=274
+  _globals['_CHATMESSAGE']._serialized_end=318
+  _globals['_CHAT']._serialized_start=320
+  _globals['_CHAT']._serialized_end=431
+  _globals['_SAMPLINGPARAMS']._serialized_start=434
+  _globals['_SAMPLINGPARAMS']._serialized_end=1558
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1179
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1227
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1561
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1738
+  _globals['_CHOICELIST']._serialized_start=1740
+  _globals['_CHOICELIST']._serialized_end=1768
+  _globals['_GENERATEREQUEST']._serialized_start=1771
+  _globals['_GENERATEREQUEST']._serialized_end=2033
+  _globals['_TOPLOGPROB']._serialized_start=2035
+  _globals['_TOPLOGPROB']._serialized_end=2097
+  _globals['_TOKENLOGPROB']._serialized_start=2099
+  _globals['_TOKENLOGPROB']._serialized_end=2223
+  _globals['_CHOICE']._serialized_start=2226
+  _globals['_CHOICE']._serialized_end=2475
+  _globals['_USAGE']._serialized_start=2477
+  _globals['_USAGE']._serialized_end=2556
+  _globals['_GENERATERESPONSE']._serialized_start=2559
+  _globals['_GENERATERESPONSE']._serialized_end=2707
+  _globals['_PODTIMING']._serialized_start=2710
+  _globals['_PODTIMING']._serialized_end=2893
+  _globals['_TOKENIZEREQUEST']._serialized_start=2895
+  _globals['_TOKENIZEREQUEST']._serialized_end=2997
+  _globals['_TOKENIZERESPONSE']._serialized_start=2999
+  _globals['_TOKENIZERESPONSE']._serialized_end=3074
+  _globals['_MODELINFOREQUEST']._serialized_start=3076
+  _globals['_MODELINFOREQUEST']._serialized_end=3094
+  _globals['_MODELINFO']._serialized_start=3096
+  _globals['_MODELINFO']._serialized_end=3198
+  _globals['_GENERATION']._serialized_start=3201
+  _globals['_GENERATION']._serialized_end=3489
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,11 @@ class GenerationStub:
                 request_serializer=pdserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_generate__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Deltas = channel.unary_stream(
+                '/pdserve.v1.Generation/Deltas',
+                request_serializer=pdserve_dot_v1_dot_generate__pb2.DeltasRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_generate__pb2.DeltaBatch.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -73,6 +78,17 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deltas(self, request, context):
+        """One long-lived stream per router and pod: the responses of every Generate or Decode call that names this
+        subscription in its `delivery`, batched (all that are waiting go in one message). A router streaming many
+        sequences from one pod reads one message per engine step instead of one per token per call. The pod first
+        sends an empty batch (the subscription is open) and ends the stream when it shuts down and no call delivers
+        to it any more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +106,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=pdserve_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_generate__pb2.ModelInfo.SerializeToString,
+            ),
+            'Deltas': grpc.unary_stream_rpc_method_handler(
+                    servicer.Deltas,
+                    request_deserializer=pdserve_dot_v1_dot_generate__pb2.DeltasRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_generate__pb2.DeltaBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +194,33 @@ class Generation:
             '/pdserve.v1.Generation/GetModelInfo',
             pdserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
             pdserve_dot_v1_dot_generate__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deltas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.Generation/Deltas',
+            pdserve_dot_v1_dot_generate__pb2.DeltasRequest.SerializeToString,
+            pdserve_dot_v1_dot_generate__pb2.DeltaBatch.FromString,
             options,
             channel_credentials,
             insecure,
