@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -311,14 +310,17 @@ class GuardedEvents:
             s.close()
 
     async def _run(self, events: AsyncIterator[str], timeout_s: float, retry_after: int) -> AsyncIterator[str]:
-        deadline = time.monotonic() + timeout_s if timeout_s else None
+        # asyncio.timeout_at, not wait_for: wait_for wrapped every event in a new task (Python 3.11), a cost paid
+        # per streamed token; the deadline's timer is only moved here.
+        deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None
         try:
             while True:
                 try:
                     if deadline is None:
                         event = await events.__anext__()
                     else:
-                        event = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.monotonic()))
+                        async with asyncio.timeout_at(deadline):
+                            event = await events.__anext__()
                 except StopAsyncIteration:
                     return
                 yield event
