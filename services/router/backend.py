@@ -181,6 +181,11 @@ class GrpcPodBackend:
             ch = self._channels[pod.grpc_target] = grpc.aio.insecure_channel(pod.grpc_target, options=self._options)
         return ch
 
+    @property
+    def subscriptions(self) -> dict[str, DeltaSubscription]:
+        """The Deltas subscriptions by pod gRPC target (a copy; closed ones stay until the pod's next call)."""
+        return dict(self._subscriptions)
+
     def _subscription(self, pod: Endpoint, channel: grpc.aio.Channel) -> DeltaSubscription | None:
         """The pod's Deltas subscription when it is open; opens one (for later calls) when there is none."""
         target = pod.grpc_target or ""

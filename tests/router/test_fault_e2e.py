@@ -147,16 +147,26 @@ async def test_decode_pod_killed_mid_stream_resumes_and_a_restarted_pod_gets_tra
             await asyncio.sleep(0.1)
         assert max(matched.values()) == len(prompt_hashes) > 0, matched
         assert all(p.events_live() and p.load is not None for p in running.pods.all())
+        # The first call opened that pod's Deltas subscription: the next stream's tokens come over it, and the
+        # kill below loses it mid-sequence (services/router/delta_mux.py).
+        for _ in range(50):
+            subs = running.backend.subscriptions
+            if any(s.ready for s in subs.values()):
+                break
+            await asyncio.sleep(0.1)
         victim: list[str] = []
+        lost = []
 
         async def kill_serving_pod(n_tokens: int) -> None:
             if n_tokens >= 8 and not victim:
                 busy = next(p for p in running.pods.all() if p.in_flight > 0)
                 victim.append(busy.name)
+                lost.append(subs[busy.endpoint.grpc_target])
                 next(e for e in pool if e.name == busy.name).kill()
 
         resumed = await asyncio.wait_for(generate(running.engine, tokenizer, 48, kill_serving_pod), 120)
         assert victim, "the stream finished before a pod could be killed"
+        assert lost[0].closed and lost[0].items >= 8, "the killed stream did not come over the subscription"
         assert resumed == reference  # one unbroken stream, token for token
         assert running.router.metrics.resumes._value.get() == 1
         assert all(p.in_flight == 0 for p in running.pods.all())
