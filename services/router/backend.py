@@ -13,6 +13,7 @@ changing. Failures are sorted into two kinds, because the router treats them dif
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +33,8 @@ from pdserve.services.api.tracing import outgoing_metadata
 from pdserve.services.router.delta_mux import DeltaSubscription, SubscriptionLost, call_responses
 from pdserve.services.router.types import Endpoint
 
+# After a pod's Deltas stream closed, its calls stream on their own for this long before the router subscribes again.
+RESUBSCRIBE_AFTER_S = 1.0
 # The longest a channel waits before reconnecting to a pod that went away (so a restarted pod rejoins within about
 # one health interval plus this).
 RECONNECT_BACKOFF_MS = 1000
@@ -193,6 +196,8 @@ class GrpcPodBackend:
         if sub is not None and sub.closed:
             if sub.unimplemented:
                 self._no_deltas.add(target)
+            if time.monotonic() - sub.closed_at < RESUBSCRIBE_AFTER_S:
+                return None  # not a new stream per call while a pod refuses them (overloaded, a wrong secret)
             sub = None
         if sub is None:
             if target in self._no_deltas:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -67,6 +68,7 @@ class DeltaSubscription:
         self.id = uuid.uuid4().hex
         self.ready = False
         self.closed = False
+        self.closed_at = 0.0  # time.monotonic() when it closed
         self.unimplemented = False  # the pod has no Deltas method (an older pod)
         self.batches = 0  # batches and items read, for tests and debugging
         self.items = 0
@@ -92,6 +94,7 @@ class DeltaSubscription:
             reason = "the router closed the stream"
         finally:
             self.closed = True
+            self.closed_at = time.monotonic()
             for queue in self._queues.values():
                 queue.put_nowait(_Closed(reason))
         if not self.unimplemented:

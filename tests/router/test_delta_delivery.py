@@ -190,3 +190,39 @@ def test_a_stopping_pod_ends_an_idle_subscription_at_once():
     finally:
         pod.__exit__(None, None, None)
     assert took < 0.9, took  # the idle stream did not hold the server's stop for its grace
+
+
+class _RefusingPod(_OldPod):
+    """A pod that refuses every subscription (as when its RPC limit is reached), counting the attempts."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def Deltas(self, request, context):
+        self.attempts += 1
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent RPCs")
+        yield pb.DeltaBatch()  # never reached: makes this a streaming handler
+
+
+def test_a_pod_refusing_subscriptions_is_asked_again_after_a_pause_not_per_call():
+    async def run():
+        server = grpc.aio.server()
+        pod = _RefusingPod()
+        pb_grpc.add_GenerationServicer_to_server(pod, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        target = Endpoint(name="busy-0", role=Role.BOTH, url="", grpc_target=f"127.0.0.1:{port}")
+        backend = GrpcPodBackend()
+        try:
+            results = []
+            for i in range(20):  # ~0.5 s of calls
+                results.append(await tokens(backend, target, request(i)))
+                await asyncio.sleep(0.02)
+            return results, pod.attempts
+        finally:
+            await backend.close()
+            await server.stop(0)
+
+    results, attempts = asyncio.run(run())
+    assert results == [([1, 2], "length")] * 20
+    assert attempts == 1, attempts
