@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -157,9 +156,9 @@ def worker_command(python: str, spec_path: str | os.PathLike[str], result_path: 
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from pdserve.cli.local_servers import free_port as local_free_port
+
+    return local_free_port()
 
 
 class ServerProcess:

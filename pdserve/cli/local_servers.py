@@ -12,6 +12,7 @@ process it started, and only that one.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -19,11 +20,45 @@ import tempfile
 import time
 
 
+_FIRST_PORT = 10000  # the lowest port free_port picks
+_handed_out: set[int] = set()  # ports this process was given: never given twice
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; the common default elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (another process may still take it before we do)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port nothing listens on right now, for a server this process starts a moment later.
+
+    Taken below the kernel's ephemeral range where it can: a port the kernel picked (``bind(0)``) comes from the
+    range that outgoing connections also draw from, and one of those (a health poll, a client) took such a port
+    before the server bound it once on CI (``address already in use``). A port below the range can only be taken
+    by an explicit bind. Ports already handed out by this process are skipped."""
+    low, _ = _ephemeral_ports()
+    if low - _FIRST_PORT >= 1000:
+        for _ in range(200):
+            port = random.randint(_FIRST_PORT, low - 1)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a machine with no room below the range
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
 def wait_http_ok(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 400.0,

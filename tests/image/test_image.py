@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -185,9 +184,9 @@ def test_every_rendered_command_line_parses_in_the_image(image: Mounted) -> None
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from pdserve.cli.local_servers import free_port
+
+    return free_port()
 
 
 def wait_healthy(url: str, container: Container, timeout: float) -> None:

@@ -25,11 +25,9 @@ MODEL = "smollm2-135m-instruct"
 
 
 def free_port() -> int:
-    import socket
+    from pdserve.cli.local_servers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 class Engine:

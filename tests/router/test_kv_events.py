@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from router_builders import hasher
 
@@ -20,9 +19,9 @@ from pdserve.services.router.types import Endpoint, Role
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from pdserve.cli.local_servers import free_port
+
+    return free_port()
 
 
 def stats(waiting=0, running=0, usage=0.0):

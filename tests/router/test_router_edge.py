@@ -30,9 +30,9 @@ KEY = "router-key"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from pdserve.cli.local_servers import free_port
+
+    return free_port()
 
 
 async def serve_router(settings: ServerSettings):

@@ -9,7 +9,6 @@ the three processes start in seconds; the decode pod's KV load takes an injected
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +30,9 @@ CLIENT_SPAN = "00f067aa0ba902b7"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from pdserve.cli.local_servers import free_port
+
+    return free_port()
 
 
 class OtlpReceiver:

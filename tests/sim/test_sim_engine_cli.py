@@ -4,7 +4,6 @@ client), KV handles between them, the real ``/metrics``, injected KV faults endi
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +19,9 @@ PROMPT = "The simulator answers with the time a cost model says, and loads KV ha
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from pdserve.cli.local_servers import free_port
+
+    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -232,11 +232,9 @@ async def test_kv_events_are_published_for_routers():
 
 
 def _free_port() -> int:
-    import socket
+    from pdserve.cli.local_servers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 async def test_a_request_refused_late_leaves_no_phantom_sequences():
