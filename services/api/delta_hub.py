@@ -26,6 +26,10 @@ from pdserve.proto.pdserve.v1 import generate_pb2 as pb
 DELIVERY_METADATA = "x-pdserve-delivery"
 DELIVERY_VALUE = "deltas"
 MAX_SUBSCRIBER_ID = 64
+# A batch stops growing at this size (one larger item still goes alone): batching must not make a message that the
+# router's receive limit (64 MiB) refuses where the calls' own messages would pass, e.g. several prompt_logprobs
+# answers of long prompts waiting at once.
+MAX_BATCH_BYTES = 4 << 20
 
 
 class _Subscriber:
@@ -70,7 +74,13 @@ class DeltaHub:
                     sub.wake.clear()
                     await sub.wake.wait()
                     continue
-                batch, sub.items = sub.items, []
+                take, size = 0, 0
+                for item in sub.items:
+                    size += item.ByteSize()
+                    if take and size > MAX_BATCH_BYTES:
+                        break
+                    take += 1
+                batch, sub.items = sub.items[:take], sub.items[take:]
                 yield pb.DeltaBatch(items=batch)
         finally:
             sub.closed = True

@@ -226,3 +226,41 @@ def test_a_pod_refusing_subscriptions_is_asked_again_after_a_pause_not_per_call(
     results, attempts = asyncio.run(run())
     assert results == [([1, 2], "length")] * 20
     assert attempts == 1, attempts
+
+
+class _Context:
+    """What DeltaHub needs of a grpc.aio ServicerContext."""
+
+    async def send_initial_metadata(self, metadata) -> None:
+        self.metadata = metadata
+
+    async def abort(self, code, details):
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+def test_a_batch_stops_growing_at_its_byte_limit():
+    from pdserve.services.api import delta_hub
+
+    async def run():
+        hub = delta_hub.DeltaHub()
+        stream = hub.serve(pb.DeltasRequest(subscriber="s"), _Context())
+        assert list((await stream.__anext__()).items) == []  # the subscription is open
+        # Five 1.5 MB responses (prompt logprobs of long prompts, say) wait at once.
+        big = pb.GenerateResponse(choices=[pb.Choice(text="x" * 1_500_000)])
+
+        async def responses():
+            for _ in range(5):
+                yield big
+
+        async for _ in hub.deliver(pb.GenerateRequest(delivery=pb.Delivery(subscriber="s", key="k")), _Context(),
+                                   responses()):
+            raise AssertionError("a delivered call yields nothing on its own stream")
+        sizes = []
+        while sum(sizes) < 5:
+            batch = await stream.__anext__()
+            assert batch.ByteSize() <= delta_hub.MAX_BATCH_BYTES
+            sizes.append(len(batch.items))
+        await stream.aclose()
+        return sizes
+
+    assert asyncio.run(run()) == [2, 2, 1]
