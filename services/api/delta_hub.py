@@ -49,10 +49,6 @@ class DeltaHub:
         self._subs: dict[str, _Subscriber] = {}
         self._closing = False
 
-    @property
-    def subscribers(self) -> int:
-        return len(self._subs)
-
     async def serve(self, request: pb.DeltasRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DeltaBatch]:
         """The ``Deltas`` stream of ``request.subscriber``: an empty batch once open, then batches until the hub
         closes and no call delivers here."""

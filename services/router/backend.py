@@ -263,7 +263,8 @@ class GrpcPodBackend:
             raise PodError(pod.name, f"its Deltas stream closed mid-sequence: {exc}") from None
         finally:
             call.cancel()  # a no-op when finished; aborts the pod's request when the router gives up early
-            if sub is not None and queue is not None:
+            if queue is not None:  # only a registered call has one
+                assert sub is not None
                 sub.unregister(request.delivery.key)
                 await responses.aclose()  # type: ignore[union-attr]
 

@@ -146,25 +146,28 @@ class _OldPod(pb_grpc.GenerationServicer):
         yield pb.GenerateResponse(choices=[pb.Choice(token_ids=[2], finish_reason="length")])
 
 
-def test_a_pod_without_deltas_is_remembered_and_served_on_its_calls():
-    async def run():
-        server = grpc.aio.server()
-        pb_grpc.add_GenerationServicer_to_server(_OldPod(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        target = Endpoint(name="old-0", role=Role.BOTH, url="", grpc_target=f"127.0.0.1:{port}")
-        backend = GrpcPodBackend()
-        try:
-            results = []
-            for i in range(4):
-                results.append(await tokens(backend, target, request(i)))
-                await asyncio.sleep(0.05)
-            return results, set(backend._no_deltas)
-        finally:
-            await backend.close()
-            await server.stop(0)
+async def call_bare_pod(servicer, name: str, calls: int, pause_s: float) -> tuple[list, set[str]]:
+    """``calls`` calls, ``pause_s`` apart, through a fresh backend to a gRPC server with only ``servicer``: their
+    results and the targets the backend marked as having no Deltas method."""
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = Endpoint(name=name, role=Role.BOTH, url="", grpc_target=f"127.0.0.1:{port}")
+    backend = GrpcPodBackend()
+    try:
+        results = []
+        for i in range(calls):
+            results.append(await tokens(backend, target, request(i)))
+            await asyncio.sleep(pause_s)
+        return results, set(backend._no_deltas)
+    finally:
+        await backend.close()
+        await server.stop(0)
 
-    results, no_deltas = asyncio.run(run())
+
+def test_a_pod_without_deltas_is_remembered_and_served_on_its_calls():
+    results, no_deltas = asyncio.run(call_bare_pod(_OldPod(), "old-0", 4, 0.05))
     assert results == [([1, 2], "length")] * 4
     assert len(no_deltas) == 1
 
@@ -205,27 +208,10 @@ class _RefusingPod(_OldPod):
 
 
 def test_a_pod_refusing_subscriptions_is_asked_again_after_a_pause_not_per_call():
-    async def run():
-        server = grpc.aio.server()
-        pod = _RefusingPod()
-        pb_grpc.add_GenerationServicer_to_server(pod, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        target = Endpoint(name="busy-0", role=Role.BOTH, url="", grpc_target=f"127.0.0.1:{port}")
-        backend = GrpcPodBackend()
-        try:
-            results = []
-            for i in range(20):  # ~0.5 s of calls
-                results.append(await tokens(backend, target, request(i)))
-                await asyncio.sleep(0.02)
-            return results, pod.attempts
-        finally:
-            await backend.close()
-            await server.stop(0)
-
-    results, attempts = asyncio.run(run())
+    pod = _RefusingPod()
+    results, _ = asyncio.run(call_bare_pod(pod, "busy-0", 20, 0.02))  # ~0.5 s of calls
     assert results == [([1, 2], "length")] * 20
-    assert attempts == 1, attempts
+    assert pod.attempts == 1, pod.attempts
 
 
 class _Context:
